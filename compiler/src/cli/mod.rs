@@ -1,0 +1,83 @@
+//! The `compile-model` command line. Every error is one line on stderr and a non-zero exit.
+
+mod check;
+mod ir;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[derive(Parser)]
+#[command(
+    name = "compile-model",
+    version,
+    about = "Lamina: an ahead-of-time compiler for hybrid LLMs",
+    after_help = "MODEL is a native spec (.toml, see examples/) or a Hugging Face checkpoint directory \
+(config.json + model.safetensors or a sharded index).\n\nExamples:\n  \
+compile-model check examples/kimi-linear-48b-a3b.toml\n  \
+compile-model ir examples/qwen3-next-tiny.toml --stage graph\n  \
+compile-model run tests/fixtures/oracle/qwen3_next/model --reference --tokens 1,2,3 --max-new-tokens 8"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Validate a model and print its layer pattern, parameters, weight bytes and cache sizes.
+    #[command(after_help = "Example:\n  compile-model check examples/deepseek-v3.toml")]
+    Check {
+        model: PathBuf,
+    },
+    /// Print an intermediate representation of a model.
+    #[command(after_help = "Example:\n  compile-model ir examples/minimax-tiny.toml --stage graph")]
+    Ir {
+        model: PathBuf,
+        #[arg(long, value_enum, default_value = "graph")]
+        stage: Stage,
+    },
+    /// Run a model: prefill the prompt, then greedy-decode.
+    #[command(after_help = "Example:\n  compile-model run examples/kimi-linear-tiny.toml --reference --tokens 1,2,3 \
+--max-new-tokens 8 --logits-out out.safetensors")]
+    Run(run::RunArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Stage {
+    /// The graph IR (after the verifier).
+    Graph,
+    /// The kernel IR (not implemented yet).
+    Kernel,
+    /// MLIR (not implemented yet).
+    Mlir,
+    /// PTX (not implemented yet).
+    Ptx,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    F64,
+}
+
+/// Errors of the CLI: one line each.
+pub type CliResult = Result<(), String>;
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Check { model } => check::check(&model),
+        Cmd::Ir { model, stage } => ir::ir(&model, stage),
+        Cmd::Run(args) => run::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
