@@ -11,10 +11,18 @@ pub enum Error {
     Io { path: String, msg: String },
     /// A native TOML spec (or the spec an importer produced) is malformed or inconsistent.
     #[error("{file}: {}{msg}", field_prefix(field))]
-    Spec { file: String, field: String, msg: String },
+    Spec {
+        file: String,
+        field: String,
+        msg: String,
+    },
     /// A Hugging Face config.json key is missing, mistyped or unsupported.
     #[error("{file}: {}{msg}", field_prefix(field))]
-    Config { file: String, field: String, msg: String },
+    Config {
+        file: String,
+        field: String,
+        msg: String,
+    },
     /// Safetensors files that are unreadable or do not match the graph.
     #[error("{file}: {msg}")]
     Weights { file: String, msg: String },

@@ -47,10 +47,17 @@ impl Model {
                 },
             )
         } else {
-            (ModelSpec::from_toml_file(path)?, ModelSource::Spec(path.to_path_buf()))
+            (
+                ModelSpec::from_toml_file(path)?,
+                ModelSource::Spec(path.to_path_buf()),
+            )
         };
         let graph = build_graph(&spec).map_err(|e| e.in_file(path))?;
-        Ok(Model { spec, graph, source })
+        Ok(Model {
+            spec,
+            graph,
+            source,
+        })
     }
 
     /// Checkpoint weights for a Hugging Face directory; deterministic random weights from
@@ -68,7 +75,9 @@ impl Model {
     pub fn describe_source(&self) -> String {
         match &self.source {
             ModelSource::Spec(p) => format!("spec {}", p.display()),
-            ModelSource::HuggingFace { dir, model_type, .. } => {
+            ModelSource::HuggingFace {
+                dir, model_type, ..
+            } => {
                 format!("Hugging Face {model_type} checkpoint {}", dir.display())
             }
         }

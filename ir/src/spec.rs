@@ -241,7 +241,9 @@ pub struct MlaSpec {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum FfnSpec {
     /// Dense SwiGLU MLP: down(silu(gate(x)) * up(x)).
-    Swiglu { intermediate: usize },
+    Swiglu {
+        intermediate: usize,
+    },
     Moe(MoeSpec),
 }
 
@@ -395,7 +397,10 @@ impl ModelSpec {
         positive("hidden_size", self.hidden_size)?;
         positive("num_layers", self.num_layers)?;
         if !(self.norm.eps > 0.0 && self.norm.eps < 1.0) {
-            return Err(bad("norm.eps", format!("{} is not in (0, 1)", self.norm.eps)));
+            return Err(bad(
+                "norm.eps",
+                format!("{} is not in (0, 1)", self.norm.eps),
+            ));
         }
         if self.layers.pattern.is_empty() {
             return Err(bad("layers.pattern", "is empty".into()));
@@ -425,13 +430,19 @@ impl ModelSpec {
                 if l >= self.num_layers {
                     return Err(bad(
                         &format!("{field}.layers"),
-                        format!("layer {l} is out of range (num_layers = {})", self.num_layers),
+                        format!(
+                            "layer {l} is out of range (num_layers = {})",
+                            self.num_layers
+                        ),
                     ));
                 }
             }
             if let Some(m) = &o.mixer {
                 if !self.mixer.contains_key(m) {
-                    return Err(bad(&format!("{field}.mixer"), format!("no [mixer.{m}] table")));
+                    return Err(bad(
+                        &format!("{field}.mixer"),
+                        format!("no [mixer.{m}] table"),
+                    ));
                 }
             }
             if let Some(f) = &o.ffn {
@@ -477,7 +488,8 @@ fn check_positive(prefix: &str, fields: &[(&str, usize)]) -> Result<()> {
 impl RopeSpec {
     fn validate(&self, prefix: &str, head_dim: usize) -> Result<()> {
         let field = format!("{prefix}.rope.rotary_dim");
-        if self.rotary_dim == 0 || self.rotary_dim % 2 != 0 || self.rotary_dim > head_dim {
+        if self.rotary_dim == 0 || !self.rotary_dim.is_multiple_of(2) || self.rotary_dim > head_dim
+        {
             return Err(Error::spec_field(
                 &field,
                 format!(
@@ -493,7 +505,9 @@ impl RopeSpec {
             ));
         }
         if let Some(y) = &self.yarn {
-            if y.factor < 1.0 || y.original_max_position_embeddings == 0 || y.beta_fast <= y.beta_slow
+            if y.factor < 1.0
+                || y.original_max_position_embeddings == 0
+                || y.beta_fast <= y.beta_slow
             {
                 return Err(Error::spec_field(
                     &format!("{prefix}.rope.yarn"),
@@ -600,7 +614,9 @@ impl MixerSpec {
 impl FfnSpec {
     fn validate(&self, p: &str) -> Result<()> {
         match self {
-            FfnSpec::Swiglu { intermediate } => check_positive(p, &[("intermediate", *intermediate)]),
+            FfnSpec::Swiglu { intermediate } => {
+                check_positive(p, &[("intermediate", *intermediate)])
+            }
             FfnSpec::Moe(m) => {
                 check_positive(
                     p,
@@ -652,7 +668,7 @@ impl FfnSpec {
                         "needs a shared expert (shared_intermediate > 0)".into(),
                     ));
                 }
-                if !(m.routed_scaling > 0.0) {
+                if m.routed_scaling.is_nan() || m.routed_scaling <= 0.0 {
                     return Err(Error::spec_field(
                         &format!("{p}.routed_scaling"),
                         "must be positive".into(),

@@ -10,6 +10,8 @@ pub struct ModelStats {
     /// Parameters touched per token: everything but the routed experts, plus top-k experts per
     /// MoE layer (embeddings and LM head included).
     pub active_params: u64,
+    /// The same without embeddings and LM head (how MiniMax and Kimi quote "activated").
+    pub active_non_embedding: u64,
     pub params_by_kind: BTreeMap<&'static str, u64>,
     pub weight_bytes_by_dtype: BTreeMap<&'static str, u64>,
     /// Recurrent state (f32) plus conv state per sequence.
@@ -33,6 +35,7 @@ pub fn model_stats(g: &Graph) -> ModelStats {
     let mut s = ModelStats {
         total_params: 0,
         active_params: 0,
+        active_non_embedding: 0,
         params_by_kind: BTreeMap::new(),
         weight_bytes_by_dtype: BTreeMap::new(),
         recurrent_state_bytes: 0,
@@ -53,6 +56,9 @@ pub fn model_stats(g: &Graph) -> ModelStats {
             s.active_params += (moe.top_k * 3 * moe.intermediate * hidden) as u64;
         }
     }
+    s.active_non_embedding = s.active_params
+        - s.params_by_kind.get("embedding").copied().unwrap_or(0)
+        - s.params_by_kind.get("lm_head").copied().unwrap_or(0);
     for st in &g.states {
         let b = st.bytes() as u64;
         match st.kind {
@@ -61,6 +67,9 @@ pub fn model_stats(g: &Graph) -> ModelStats {
             StateKind::KvCache | StateKind::MlaLatent => s.kv_bytes_per_token += b,
         }
     }
-    debug_assert!(g.states.iter().all(|s| s.kind != StateKind::Recurrent || s.dtype == DType::F32));
+    debug_assert!(g
+        .states
+        .iter()
+        .all(|s| s.kind != StateKind::Recurrent || s.dtype == DType::F32));
     s
 }

@@ -71,7 +71,12 @@ impl Source {
 /// Maps a canonical weight name to its source; `has` tells which checkpoint tensors exist, so a
 /// map can accept several layouts.
 pub trait SourceMap {
-    fn source(&self, canonical: &str, shape: &[usize], has: &dyn Fn(&str) -> bool) -> Option<Source>;
+    fn source(
+        &self,
+        canonical: &str,
+        shape: &[usize],
+        has: &dyn Fn(&str) -> bool,
+    ) -> Option<Source>;
     /// Checkpoint tensors that are not weights of the graph and may be ignored (persistent
     /// buffers, multi-token-prediction layers).
     fn ignorable(&self, _tensor: &str) -> bool {
@@ -83,7 +88,12 @@ pub trait SourceMap {
 pub struct IdentityMap;
 
 impl SourceMap for IdentityMap {
-    fn source(&self, canonical: &str, shape: &[usize], _has: &dyn Fn(&str) -> bool) -> Option<Source> {
+    fn source(
+        &self,
+        canonical: &str,
+        shape: &[usize],
+        _has: &dyn Fn(&str) -> bool,
+    ) -> Option<Source> {
         Some(Source::whole(canonical, shape))
     }
 }
@@ -101,20 +111,29 @@ impl Checkpoint {
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
         let paths: Vec<PathBuf> = if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
+            let text =
+                std::fs::read_to_string(&index_path).map_err(|e| Error::io(&index_path, e))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::weights(&index_path, format!("invalid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::weights(&index_path, "field `weight_map` is missing or not an object"))?;
+                .ok_or_else(|| {
+                    Error::weights(
+                        &index_path,
+                        "field `weight_map` is missing or not an object",
+                    )
+                })?;
             let mut files = BTreeSet::new();
             for (name, f) in map {
                 let f = f.as_str().ok_or_else(|| {
                     Error::weights(&index_path, format!("weight_map.{name} is not a file name"))
                 })?;
                 if f.contains('/') || f.contains("..") {
-                    return Err(Error::weights(&index_path, format!("weight_map.{name}: bad file name {f}")));
+                    return Err(Error::weights(
+                        &index_path,
+                        format!("weight_map.{name}: bad file name {f}"),
+                    ));
                 }
                 files.insert(dir.join(f));
             }
@@ -137,7 +156,9 @@ impl Checkpoint {
             let st = SafeTensors::deserialize(&mmap)
                 .map_err(|e| Error::weights(&p, format!("not a valid safetensors file: {e:?}")))?;
             for (name, view) in st.tensors() {
-                if let Some((prev, _)) = index.insert(name.to_string(), (files.len(), view.shape().to_vec())) {
+                if let Some((prev, _)) =
+                    index.insert(name.to_string(), (files.len(), view.shape().to_vec()))
+                {
                     let prev: &(PathBuf, Mmap) = &files[prev];
                     return Err(Error::weights(
                         &p,
@@ -177,7 +198,10 @@ impl Checkpoint {
             .map_err(|e| Error::weights(path, format!("tensor {name}: {e:?}")))?;
         let b = t.data();
         let data: Vec<f32> = match t.dtype() {
-            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F32 => b
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
             Dtype::BF16 => b
                 .chunks_exact(2)
                 .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -200,7 +224,10 @@ impl Checkpoint {
         let data = if data.iter().all(|v| v.is_finite()) {
             data
         } else {
-            return Err(Error::weights(path, format!("tensor {name} holds NaN or infinite values")));
+            return Err(Error::weights(
+                path,
+                format!("tensor {name} holds NaN or infinite values"),
+            ));
         };
         Ok(HostTensor {
             shape: t.shape().to_vec(),
@@ -211,7 +238,12 @@ impl Checkpoint {
 
 /// Loads every weight of `graph` from `ckpt` through `map`. Missing, mis-shaped and unexpected
 /// tensors are collected and reported together in one error.
-pub fn load_weights(graph: &Graph, ckpt: &Checkpoint, map: &dyn SourceMap, dir: &Path) -> Result<WeightStore> {
+pub fn load_weights(
+    graph: &Graph,
+    ckpt: &Checkpoint,
+    map: &dyn SourceMap,
+    dir: &Path,
+) -> Result<WeightStore> {
     let has = |n: &str| ckpt.has(n);
     let mut missing = Vec::new();
     let mut misshaped = Vec::new();
@@ -229,7 +261,10 @@ pub fn load_weights(graph: &Graph, ckpt: &Checkpoint, map: &dyn SourceMap, dir: 
         used.insert(src.tensor.clone());
         let actual = ckpt.shape(&src.tensor).unwrap_or_default();
         if actual != src.shape {
-            misshaped.push(format!("{} is {:?}, expected {:?}", src.tensor, actual, src.shape));
+            misshaped.push(format!(
+                "{} is {:?}, expected {:?}",
+                src.tensor, actual, src.shape
+            ));
             continue;
         }
         plan.push((name.clone(), decl.shape.clone(), src));
@@ -244,19 +279,34 @@ pub fn load_weights(graph: &Graph, ckpt: &Checkpoint, map: &dyn SourceMap, dir: 
         let mut parts = Vec::new();
         let list = |v: &[String]| {
             let shown: Vec<&str> = v.iter().take(12).map(|s| s.as_str()).collect();
-            let more = if v.len() > 12 { format!(" and {} more", v.len() - 12) } else { String::new() };
+            let more = if v.len() > 12 {
+                format!(" and {} more", v.len() - 12)
+            } else {
+                String::new()
+            };
             format!("{}{more}", shown.join(", "))
         };
         if !missing.is_empty() {
             parts.push(format!("{} missing: {}", missing.len(), list(&missing)));
         }
         if !misshaped.is_empty() {
-            parts.push(format!("{} mis-shaped: {}", misshaped.len(), list(&misshaped)));
+            parts.push(format!(
+                "{} mis-shaped: {}",
+                misshaped.len(),
+                list(&misshaped)
+            ));
         }
         if !unexpected.is_empty() {
-            parts.push(format!("{} unexpected: {}", unexpected.len(), list(&unexpected)));
+            parts.push(format!(
+                "{} unexpected: {}",
+                unexpected.len(),
+                list(&unexpected)
+            ));
         }
-        return Err(Error::weights(dir, format!("weights do not match the model: {}", parts.join("; "))));
+        return Err(Error::weights(
+            dir,
+            format!("weights do not match the model: {}", parts.join("; ")),
+        ));
     }
     let mut store = WeightStore::default();
     let mut cache: BTreeMap<String, HostTensor> = BTreeMap::new();
@@ -276,7 +326,11 @@ pub fn load_weights(graph: &Graph, ckpt: &Checkpoint, map: &dyn SourceMap, dir: 
                 if start + len > rows {
                     return Err(Error::weights(
                         ckpt.file_of(&src.tensor),
-                        format!("tensor {}: rows {start}..{} out of range", src.tensor, start + len),
+                        format!(
+                            "tensor {}: rows {start}..{} out of range",
+                            src.tensor,
+                            start + len
+                        ),
                     ));
                 }
                 d.extend_from_slice(&t.data[start * rest..(start + len) * rest]);
@@ -314,8 +368,12 @@ pub fn random_weights(graph: &Graph, seed: u64) -> WeightStore {
                 (0..n).map(|_| rng.random_range(-a..a)).collect()
             }
             WeightKind::Small => match leaf {
-                "A_log" => (0..n).map(|_| rng.random_range(0.02f32..1.0).ln()).collect(),
-                "dt_bias" | "router_bias" => (0..n).map(|_| rng.random_range(-0.2f32..0.2)).collect(),
+                "A_log" => (0..n)
+                    .map(|_| rng.random_range(0.02f32..1.0).ln())
+                    .collect(),
+                "dt_bias" | "router_bias" => {
+                    (0..n).map(|_| rng.random_range(-0.2f32..0.2)).collect()
+                }
                 l if l.ends_with("_conv") => {
                     let k = decl.shape.last().copied().unwrap_or(1) as f32;
                     let a = k.sqrt().recip();
@@ -323,7 +381,9 @@ pub fn random_weights(graph: &Graph, seed: u64) -> WeightStore {
                 }
                 // Norm weights: near one (near zero for zero-centred norms is handled by the
                 // norm itself: 1 + w with w small is also fine).
-                _ => (0..n).map(|_| 1.0 + rng.random_range(-0.2f32..0.2)).collect(),
+                _ => (0..n)
+                    .map(|_| 1.0 + rng.random_range(-0.2f32..0.2))
+                    .collect(),
             },
         };
         store.tensors.insert(

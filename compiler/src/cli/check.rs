@@ -18,7 +18,12 @@ pub fn human(n: u64) -> String {
 
 pub fn bytes(n: u64) -> String {
     let f = n as f64;
-    for (div, suffix) in [(1u64 << 40, "TiB"), (1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")] {
+    for (div, suffix) in [
+        (1u64 << 40, "TiB"),
+        (1 << 30, "GiB"),
+        (1 << 20, "MiB"),
+        (1 << 10, "KiB"),
+    ] {
         if f >= div as f64 {
             return format!("{:.2} {suffix}", f / div as f64);
         }
@@ -36,7 +41,11 @@ pub fn check(model: &Path) -> CliResult {
         spec.vocab_size,
         spec.hidden_size,
         spec.num_layers,
-        if spec.tie_embeddings { ", tied embeddings" } else { "" }
+        if spec.tie_embeddings {
+            ", tied embeddings"
+        } else {
+            ""
+        }
     );
     let plan = spec.layer_plan();
     let pattern: String = plan.iter().map(|l| l.mixer_letter.as_str()).collect();
@@ -55,16 +64,33 @@ pub fn check(model: &Path) -> CliResult {
                 "moe {} experts top-{}{}",
                 m.experts,
                 m.top_k,
-                if m.shared_intermediate > 0 { " + shared" } else { "" }
+                if m.shared_intermediate > 0 {
+                    " + shared"
+                } else {
+                    ""
+                }
             ),
         };
         println!("  {letter} = {kind:<28} x{n}");
     }
-    println!("parameters  {} total, {} active per token", human(s.total_params), human(s.active_params));
-    let kinds: Vec<String> = s.params_by_kind.iter().map(|(k, v)| format!("{k} {}", human(*v))).collect();
+    println!(
+        "parameters  {} total, {} active per token ({} without embeddings and LM head)",
+        human(s.total_params),
+        human(s.active_params),
+        human(s.active_non_embedding)
+    );
+    let kinds: Vec<String> = s
+        .params_by_kind
+        .iter()
+        .map(|(k, v)| format!("{k} {}", human(*v)))
+        .collect();
     println!("  by kind   {}", kinds.join(", "));
     let total_bytes: u64 = s.weight_bytes_by_dtype.values().sum();
-    let by: Vec<String> = s.weight_bytes_by_dtype.iter().map(|(k, v)| format!("{k} {}", bytes(*v))).collect();
+    let by: Vec<String> = s
+        .weight_bytes_by_dtype
+        .iter()
+        .map(|(k, v)| format!("{k} {}", bytes(*v)))
+        .collect();
     println!("weights     {} ({})", bytes(total_bytes), by.join(", "));
     println!(
         "state       {} per sequence (recurrent f32 {}, conv {})",
@@ -72,6 +98,9 @@ pub fn check(model: &Path) -> CliResult {
         bytes(s.recurrent_state_bytes),
         bytes(s.conv_state_bytes)
     );
-    println!("kv cache    {} per token (KV + MLA latent, bf16, all layers)", bytes(s.kv_bytes_per_token));
+    println!(
+        "kv cache    {} per token (KV + MLA latent, bf16, all layers)",
+        bytes(s.kv_bytes_per_token)
+    );
     Ok(())
 }

@@ -29,19 +29,21 @@ struct Cli {
 enum Cmd {
     /// Validate a model and print its layer pattern, parameters, weight bytes and cache sizes.
     #[command(after_help = "Example:\n  compile-model check examples/deepseek-v3.toml")]
-    Check {
-        model: PathBuf,
-    },
+    Check { model: PathBuf },
     /// Print an intermediate representation of a model.
-    #[command(after_help = "Example:\n  compile-model ir examples/minimax-tiny.toml --stage graph")]
+    #[command(
+        after_help = "Example:\n  compile-model ir examples/minimax-tiny.toml --stage graph"
+    )]
     Ir {
         model: PathBuf,
         #[arg(long, value_enum, default_value = "graph")]
         stage: Stage,
     },
     /// Run a model: prefill the prompt, then greedy-decode.
-    #[command(after_help = "Example:\n  compile-model run examples/kimi-linear-tiny.toml --reference --tokens 1,2,3 \
---max-new-tokens 8 --logits-out out.safetensors")]
+    #[command(
+        after_help = "Example:\n  compile-model run examples/kimi-linear-tiny.toml --reference --tokens 1,2,3 \
+--max-new-tokens 8 --logits-out out.safetensors"
+    )]
     Run(run::RunArgs),
 }
 

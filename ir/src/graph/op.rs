@@ -69,11 +69,14 @@ impl Recurrence {
 }
 
 /// MiniMax-01 per-head decay rates: `slope_h = 2^(-8(h+1)/H) * (1 - l/(L-1+1e-5) + 1e-5)`.
+///
+/// Computed in f32 like transformers' `slope_rate` buffer (which the checkpoint also stores), so
+/// f64 runs agree with it exactly.
 pub fn lightning_slopes(heads: usize, layer: usize, num_layers: usize) -> Vec<f64> {
-    let base = 1.0 / 2f64.powf(8.0 / heads as f64);
-    let factor = 1.0 - layer as f64 / (num_layers as f64 - 1.0 + 1e-5) + 1e-5;
+    let base = (1.0 / 2f64.powf(8.0 / heads as f64)) as f32;
+    let factor = (1.0 - layer as f64 / (num_layers as f64 - 1.0 + 1e-5) + 1e-5) as f32;
     (0..heads)
-        .map(|h| base.powi(h as i32 + 1) * factor)
+        .map(|h| (base.powi(h as i32 + 1) * factor) as f64)
         .collect()
 }
 
@@ -101,27 +104,37 @@ pub struct Rope {
 
 impl Rope {
     /// Inverse frequencies of the rotary pairs, with YaRN blending where configured.
+    ///
+    /// Computed in f32, as transformers does (its `inv_freq` buffer is created in float32 and
+    /// only then cast to the model dtype), so f64 runs agree with it to ~1e-15, not ~1e-8.
     pub fn inv_freq(&self) -> Vec<f64> {
         let d = self.rotary_dim;
-        let base: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / self.theta.powf((2 * i) as f64 / d as f64))
+        let theta = self.theta as f32;
+        let pos_freq: Vec<f32> = (0..d / 2)
+            .map(|i| theta.powf((2 * i) as f32 / d as f32))
             .collect();
-        let Some(y) = self.yarn else { return base };
+        let Some(y) = self.yarn else {
+            return pos_freq.iter().map(|&p| (1.0f32 / p) as f64).collect();
+        };
         // transformers `_compute_yarn_parameters` (truncate = true).
         let corr_dim = |rot: f64| {
-            d as f64 * (y.original_max_position_embeddings as f64 / (rot * 2.0 * std::f64::consts::PI)).ln()
+            d as f64
+                * (y.original_max_position_embeddings as f64 / (rot * 2.0 * std::f64::consts::PI))
+                    .ln()
                 / (2.0 * self.theta.ln())
         };
-        let low = corr_dim(y.beta_fast).floor().max(0.0);
-        let high = corr_dim(y.beta_slow).ceil().min(d as f64 - 1.0);
+        let low = corr_dim(y.beta_fast).floor().max(0.0) as f32;
+        let high = corr_dim(y.beta_slow).ceil().min(d as f64 - 1.0) as f32;
         let high = if low == high { high + 0.001 } else { high };
-        base.iter()
+        let factor = y.factor as f32;
+        pos_freq
+            .iter()
             .enumerate()
-            .map(|(i, &extra)| {
-                let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
+            .map(|(i, &p)| {
+                let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
                 let extrapolation_weight = 1.0 - ramp;
-                let inter = extra / y.factor;
-                inter * (1.0 - extrapolation_weight) + extra * extrapolation_weight
+                let (extra, inter) = (1.0 / p, 1.0 / (factor * p));
+                (inter * (1.0 - extrapolation_weight) + extra * extrapolation_weight) as f64
             })
             .collect()
     }
@@ -291,8 +304,10 @@ impl Op {
             }
         };
         let divides = |c: usize, g: usize, what: &str| -> Result<(), String> {
-            if g == 0 || c % g != 0 {
-                Err(format!("{what}: {c} columns are not a multiple of group {g}"))
+            if g == 0 || !c.is_multiple_of(g) {
+                Err(format!(
+                    "{what}: {c} columns are not a multiple of group {g}"
+                ))
             } else {
                 Ok(())
             }
@@ -333,7 +348,9 @@ impl Op {
                 expect(1, c)?;
                 TensorType::act(c)
             }
-            Op::Linear { in_dim, out_dim, .. } => {
+            Op::Linear {
+                in_dim, out_dim, ..
+            } => {
                 arity(1)?;
                 expect(0, *in_dim)?;
                 TensorType::act(*out_dim)
@@ -343,7 +360,10 @@ impl Op {
                 let c = cols(0)?;
                 divides(c, *group, "slice")?;
                 if start + len > *group || *len == 0 {
-                    return Err(format!("slice {start}..{} outside group {group}", start + len));
+                    return Err(format!(
+                        "slice {start}..{} outside group {group}",
+                        start + len
+                    ));
                 }
                 TensorType::act(c / group * len)
             }
@@ -418,7 +438,9 @@ impl Op {
                 expect(1, kv_heads * head_dim)?;
                 expect(2, kv_heads * v_dim)?;
                 if heads % kv_heads != 0 {
-                    return Err(format!("{heads} heads do not share {kv_heads} KV heads evenly"));
+                    return Err(format!(
+                        "{heads} heads do not share {kv_heads} KV heads evenly"
+                    ));
                 }
                 TensorType::act(heads * v_dim)
             }

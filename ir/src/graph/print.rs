@@ -153,7 +153,12 @@ pub fn print_graph(g: &Graph) -> String {
     for (i, (m, f)) in g.layer_kinds.iter().enumerate() {
         let _ = writeln!(out, "  // layer {i}: {m} + {f}");
     }
-    let _ = writeln!(out, "  // weights: {} tensors, {} parameters", g.weights.len(), params);
+    let _ = writeln!(
+        out,
+        "  // weights: {} tensors, {} parameters",
+        g.weights.len(),
+        params
+    );
     for (i, s) in g.states.iter().enumerate() {
         let kind = match s.kind {
             StateKind::Conv => "conv",

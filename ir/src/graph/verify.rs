@@ -19,20 +19,29 @@ pub fn verify(g: &Graph) -> Result<()> {
         let inputs = g.inputs(n);
         for &i in &inputs {
             if i >= n {
-                return Err(err(name, format!("operand {} is defined after its use", g.node(i).name)));
+                return Err(err(
+                    name,
+                    format!("operand {} is defined after its use", g.node(i).name),
+                ));
             }
         }
         let tys: Vec<_> = inputs.iter().map(|&i| g.node(i).ty).collect();
         let ty = node.op.infer(&tys).map_err(|m| err(name, m))?;
         if ty != node.ty {
-            return Err(err(name, format!("recorded type {:?} but operands give {:?}", node.ty, ty)));
+            return Err(err(
+                name,
+                format!("recorded type {:?} but operands give {:?}", node.ty, ty),
+            ));
         }
         let weight = |w: &str, shape: &[usize]| -> Result<()> {
             match g.weights.get(w) {
                 None => Err(err(name, format!("weight {w} is not declared"))),
                 Some(d) if d.shape != shape => Err(err(
                     name,
-                    format!("weight {w} is declared {:?}, the op needs {:?}", d.shape, shape),
+                    format!(
+                        "weight {w} is declared {:?}, the op needs {:?}",
+                        d.shape, shape
+                    ),
                 )),
                 Some(_) => Ok(()),
             }
@@ -42,13 +51,21 @@ pub fn verify(g: &Graph) -> Result<()> {
                 return Err(err(name, format!("state #{} is not declared", id.0)));
             };
             if s.kind != kind {
-                return Err(err(name, format!("state {} is {:?}, expected {kind:?}", s.name, s.kind)));
+                return Err(err(
+                    name,
+                    format!("state {} is {:?}, expected {kind:?}", s.name, s.kind),
+                ));
             }
             if let Some(dt) = dtype {
                 if s.dtype != dt {
                     return Err(err(
                         name,
-                        format!("state {} is {}: the precision rule requires {}", s.name, s.dtype.name(), dt.name()),
+                        format!(
+                            "state {} is {}: the precision rule requires {}",
+                            s.name,
+                            s.dtype.name(),
+                            dt.name()
+                        ),
                     ));
                 }
             }
@@ -56,11 +73,23 @@ pub fn verify(g: &Graph) -> Result<()> {
         };
         match &node.op {
             Op::Embed { weight: w, dim } => weight(w, &[g.vocab_size, *dim])?,
-            Op::RmsNorm { weight: w, group, .. } | Op::GatedRmsNorm { weight: w, group, .. } => {
-                weight(w, &[*group])?
+            Op::RmsNorm {
+                weight: w, group, ..
             }
-            Op::Linear { weight: w, in_dim, out_dim } => weight(w, &[*out_dim, *in_dim])?,
-            Op::ShortConv { weight: w, channels, kernel, state: s } => {
+            | Op::GatedRmsNorm {
+                weight: w, group, ..
+            } => weight(w, &[*group])?,
+            Op::Linear {
+                weight: w,
+                in_dim,
+                out_dim,
+            } => weight(w, &[*out_dim, *in_dim])?,
+            Op::ShortConv {
+                weight: w,
+                channels,
+                kernel,
+                state: s,
+            } => {
                 weight(w, &[*channels, *kernel])?;
                 state(*s, StateKind::Conv, Some(DType::F32))?;
                 let want = vec![*channels, kernel - 1];
@@ -68,7 +97,13 @@ pub fn verify(g: &Graph) -> Result<()> {
                     return Err(err(name, format!("conv state shape must be {want:?}")));
                 }
             }
-            Op::DecayGate { a_log, dt_bias, heads, width, .. } => {
+            Op::DecayGate {
+                a_log,
+                dt_bias,
+                heads,
+                width,
+                ..
+            } => {
                 weight(a_log, &[*heads])?;
                 weight(dt_bias, &[heads * width])?;
                 if node.ty.dtype != DType::F32 {
@@ -87,20 +122,42 @@ pub fn verify(g: &Graph) -> Result<()> {
                     }
                 }
             }
-            Op::Attention { kv_heads, head_dim, v_dim, cache, .. } => {
+            Op::Attention {
+                kv_heads,
+                head_dim,
+                v_dim,
+                cache,
+                ..
+            } => {
                 state(*cache, StateKind::KvCache, None)?;
                 if g.state(*cache).numel() != kv_heads * (head_dim + v_dim) {
                     return Err(err(name, "KV cache entry size does not match the heads"));
                 }
             }
-            Op::MlaAttention { heads, kv_lora_rank, nope, rope, v_dim, kv_b, cache, .. } => {
+            Op::MlaAttention {
+                heads,
+                kv_lora_rank,
+                nope,
+                rope,
+                v_dim,
+                kv_b,
+                cache,
+                ..
+            } => {
                 weight(kv_b, &[heads * (nope + v_dim), *kv_lora_rank])?;
                 state(*cache, StateKind::MlaLatent, None)?;
                 if g.state(*cache).numel() != kv_lora_rank + rope {
-                    return Err(err(name, "latent cache entry must be kv_lora_rank + rope dims"));
+                    return Err(err(
+                        name,
+                        "latent cache entry must be kv_lora_rank + rope dims",
+                    ));
                 }
             }
-            Op::Moe { moe, prefix, hidden } => {
+            Op::Moe {
+                moe,
+                prefix,
+                hidden,
+            } => {
                 weight(&format!("{prefix}.router"), &[moe.experts, *hidden])?;
                 if moe.correction_bias {
                     weight(&format!("{prefix}.router_bias"), &[moe.experts])?;

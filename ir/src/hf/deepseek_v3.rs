@@ -12,28 +12,63 @@ use crate::weights::{Source, SourceMap};
 
 pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn SourceMap>)> {
     c.require_silu()?;
-    c.require("attention_bias", &json!(false), "biased projections are not supported")?;
-    c.require("scoring_func", &json!("sigmoid"), "only sigmoid router scores")?;
-    c.require("topk_method", &json!("noaux_tc"), "only the noaux_tc (correction-bias) router")?;
+    c.require(
+        "attention_bias",
+        &json!(false),
+        "biased projections are not supported",
+    )?;
+    c.require(
+        "scoring_func",
+        &json!("sigmoid"),
+        "only sigmoid router scores",
+    )?;
+    c.require(
+        "topk_method",
+        &json!("noaux_tc"),
+        "only the noaux_tc (correction-bias) router",
+    )?;
     let layers = c.usize("num_hidden_layers")?;
     let heads = c.usize("num_attention_heads")?;
     let nope = c.usize("qk_nope_head_dim")?;
     let rope_dim = c.usize("qk_rope_head_dim")?;
     if let Some(qk) = c.opt_usize("qk_head_dim")? {
         if qk != nope + rope_dim {
-            return Err(c.err("qk_head_dim", format!("{qk} != qk_nope_head_dim + qk_rope_head_dim = {}", nope + rope_dim)));
+            return Err(c.err(
+                "qk_head_dim",
+                format!(
+                    "{qk} != qk_nope_head_dim + qk_rope_head_dim = {}",
+                    nope + rope_dim
+                ),
+            ));
         }
     }
     // head_dim is the rotary dim in transformers' DeepseekV3Config; num_key_value_heads equals
     // the head count for MLA. Neither changes the math beyond the keys above.
-    c.ignore(&["head_dim", "num_key_value_heads", "num_nextn_predict_layers"]);
+    c.ignore(&[
+        "head_dim",
+        "num_key_value_heads",
+        "num_nextn_predict_layers",
+    ]);
     let interleave = c.bool_or("rope_interleave", true)?;
-    let rope = c.rope(rope_dim, if interleave { RopeStyle::Interleaved } else { RopeStyle::Half })?;
+    let rope = c.rope(
+        rope_dim,
+        if interleave {
+            RopeStyle::Interleaved
+        } else {
+            RopeStyle::Half
+        },
+    )?;
     let dense = c.usize_or("first_k_dense_replace", 0)?;
     let freq = c.usize_or("moe_layer_freq", 1)?;
     let experts = c.usize("n_routed_experts")?;
     let ffn_pattern: String = (0..layers)
-        .map(|i| if i >= dense && i % freq.max(1) == 0 { 'M' } else { 'D' })
+        .map(|i| {
+            if i >= dense && i % freq.max(1) == 0 {
+                'M'
+            } else {
+                'D'
+            }
+        })
         .collect();
     let mut mixer = BTreeMap::new();
     mixer.insert(
@@ -51,7 +86,12 @@ pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn Source
     );
     let moe_inter = c.usize("moe_intermediate_size")?;
     let mut ffn = BTreeMap::new();
-    ffn.insert("D".into(), FfnSpec::Swiglu { intermediate: c.usize("intermediate_size")? });
+    ffn.insert(
+        "D".into(),
+        FfnSpec::Swiglu {
+            intermediate: c.usize("intermediate_size")?,
+        },
+    );
     ffn.insert(
         "M".into(),
         FfnSpec::Moe(MoeSpec {
@@ -109,7 +149,12 @@ struct DeepseekMap {
 }
 
 impl SourceMap for DeepseekMap {
-    fn source(&self, canonical: &str, shape: &[usize], has: &dyn Fn(&str) -> bool) -> Option<Source> {
+    fn source(
+        &self,
+        canonical: &str,
+        shape: &[usize],
+        has: &dyn Fn(&str) -> bool,
+    ) -> Option<Source> {
         if let Some(t) = common_source(canonical) {
             return Some(Source::whole(t, shape));
         }
@@ -131,7 +176,15 @@ impl SourceMap for DeepseekMap {
                         FfnSpec::Moe(m) => m.experts,
                         _ => return None,
                     };
-                    return expert_source(&base, e.parse().ok()?, which, ["gate_proj", "up_proj", "down_proj"], shape, experts, has);
+                    return expert_source(
+                        &base,
+                        e.parse().ok()?,
+                        which,
+                        ["gate_proj", "up_proj", "down_proj"],
+                        shape,
+                        experts,
+                        has,
+                    );
                 } else {
                     Source::whole(format!("{base}.{f}.weight"), shape)
                 }

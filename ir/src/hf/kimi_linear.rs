@@ -14,70 +14,136 @@ use crate::weights::{Source, SourceMap};
 
 pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn SourceMap>)> {
     c.require_silu()?;
-    c.require("attention_bias", &json!(false), "biased projections are not supported")?;
-    c.require("mla_use_nope", &json!(true), "Kimi Linear's MLA layers use no rotary embedding")?;
-    c.require("moe_router_activation_func", &json!("sigmoid"), "only sigmoid router scores")?;
-    c.ignore(&["use_grouped_topk", "head_dim", "num_key_value_heads", "qk_head_dim"]);
+    c.require(
+        "attention_bias",
+        &json!(false),
+        "biased projections are not supported",
+    )?;
+    c.require(
+        "mla_use_nope",
+        &json!(true),
+        "Kimi Linear's MLA layers use no rotary embedding",
+    )?;
+    c.require(
+        "moe_router_activation_func",
+        &json!("sigmoid"),
+        "only sigmoid router scores",
+    )?;
+    c.ignore(&[
+        "use_grouped_topk",
+        "head_dim",
+        "num_key_value_heads",
+        "qk_head_dim",
+    ]);
     let layers = c.usize("num_hidden_layers")?;
     let hidden = c.usize("hidden_size")?;
 
     // Layer kinds: transformers `layer_types`, or 1-based lists in `linear_attn_config`.
-    let (pattern, lin_heads, lin_dim, conv) = if let Some(lac) = c.get("linear_attn_config").cloned() {
-        let key = |k: &str| format!("linear_attn_config.{k}");
-        let get = |k: &str| -> Result<usize> {
-            lac.get(k)
+    let (pattern, lin_heads, lin_dim, conv) =
+        if let Some(lac) = c.get("linear_attn_config").cloned() {
+            let key = |k: &str| format!("linear_attn_config.{k}");
+            let get = |k: &str| -> Result<usize> {
+                lac.get(k)
+                    .and_then(Value::as_u64)
+                    .map(|v| v as usize)
+                    .ok_or_else(|| c.err(&key(k), "missing or not an integer"))
+            };
+            let full: Vec<usize> = c.usize_list(
+                lac.get("full_attn_layers").unwrap_or(&json!([])),
+                &key("full_attn_layers"),
+            )?;
+            let kda: Vec<usize> = c.usize_list(
+                lac.get("kda_layers").unwrap_or(&json!([])),
+                &key("kda_layers"),
+            )?;
+            let mut p = vec!['?'; layers];
+            for (list, letter, k) in [(&kda, 'K', "kda_layers"), (&full, 'A', "full_attn_layers")] {
+                for &l in list {
+                    if l == 0 || l > layers {
+                        return Err(c.err(
+                            &key(k),
+                            format!("layer {l} is outside 1..={layers} (the lists are 1-based)"),
+                        ));
+                    }
+                    p[l - 1] = letter;
+                }
+            }
+            if let Some(i) = p.iter().position(|&x| x == '?') {
+                return Err(c.err(
+                    &key("kda_layers"),
+                    format!(
+                        "layer {} is in neither kda_layers nor full_attn_layers",
+                        i + 1
+                    ),
+                ));
+            }
+            if let Some(obj) = lac.as_object() {
+                for k in obj.keys() {
+                    if ![
+                        "full_attn_layers",
+                        "kda_layers",
+                        "num_heads",
+                        "head_dim",
+                        "short_conv_kernel_size",
+                    ]
+                    .contains(&k.as_str())
+                    {
+                        return Err(c.err(&key(k), "unsupported key"));
+                    }
+                }
+            }
+            let conv = lac
+                .get("short_conv_kernel_size")
                 .and_then(Value::as_u64)
-                .map(|v| v as usize)
-                .ok_or_else(|| c.err(&key(k), "missing or not an integer"))
+                .unwrap_or(4) as usize;
+            (
+                p.into_iter().collect::<String>(),
+                get("num_heads")?,
+                get("head_dim")?,
+                conv,
+            )
+        } else {
+            let types = c
+                .str_list("layer_types")?
+                .ok_or_else(|| c.err("layer_types", "missing (and no linear_attn_config)"))?;
+            if types.len() != layers {
+                return Err(c.err(
+                    "layer_types",
+                    format!("has {} entries for {layers} layers", types.len()),
+                ));
+            }
+            let mut p = String::new();
+            for (i, t) in types.iter().enumerate() {
+                p.push(match t.as_str() {
+                    "linear_attention" | "kda" => 'K',
+                    "full_attention" | "mla" => 'A',
+                    other => {
+                        return Err(c.err(
+                            &format!("layer_types[{i}]"),
+                            format!("unknown layer type \"{other}\""),
+                        ))
+                    }
+                });
+            }
+            (
+                p,
+                c.usize_any(&["linear_num_heads", "linear_num_key_heads"])?,
+                c.usize_any(&["linear_head_dim", "linear_key_head_dim"])?,
+                c.usize_or("linear_conv_kernel_dim", 4)?,
+            )
         };
-        let full: Vec<usize> = c.usize_list(lac.get("full_attn_layers").unwrap_or(&json!([])), &key("full_attn_layers"))?;
-        let kda: Vec<usize> = c.usize_list(lac.get("kda_layers").unwrap_or(&json!([])), &key("kda_layers"))?;
-        let mut p = vec!['?'; layers];
-        for (list, letter, k) in [(&kda, 'K', "kda_layers"), (&full, 'A', "full_attn_layers")] {
-            for &l in list {
-                if l == 0 || l > layers {
-                    return Err(c.err(&key(k), format!("layer {l} is outside 1..={layers} (the lists are 1-based)")));
-                }
-                p[l - 1] = letter;
-            }
-        }
-        if let Some(i) = p.iter().position(|&x| x == '?') {
-            return Err(c.err(&key("kda_layers"), format!("layer {} is in neither kda_layers nor full_attn_layers", i + 1)));
-        }
-        if let Some(obj) = lac.as_object() {
-            for k in obj.keys() {
-                if !["full_attn_layers", "kda_layers", "num_heads", "head_dim", "short_conv_kernel_size"].contains(&k.as_str()) {
-                    return Err(c.err(&key(k), "unsupported key"));
-                }
-            }
-        }
-        let conv = lac.get("short_conv_kernel_size").and_then(Value::as_u64).unwrap_or(4) as usize;
-        (p.into_iter().collect::<String>(), get("num_heads")?, get("head_dim")?, conv)
-    } else {
-        let types = c.str_list("layer_types")?.ok_or_else(|| c.err("layer_types", "missing (and no linear_attn_config)"))?;
-        if types.len() != layers {
-            return Err(c.err("layer_types", format!("has {} entries for {layers} layers", types.len())));
-        }
-        let mut p = String::new();
-        for (i, t) in types.iter().enumerate() {
-            p.push(match t.as_str() {
-                "linear_attention" | "kda" => 'K',
-                "full_attention" | "mla" => 'A',
-                other => return Err(c.err(&format!("layer_types[{i}]"), format!("unknown layer type \"{other}\""))),
-            });
-        }
-        (
-            p,
-            c.usize_any(&["linear_num_heads", "linear_num_key_heads"])?,
-            c.usize_any(&["linear_head_dim", "linear_key_head_dim"])?,
-            c.usize_or("linear_conv_kernel_dim", 4)?,
-        )
-    };
     for k in ["linear_num_value_heads", "linear_value_head_dim"] {
         if let Some(v) = c.get(k) {
-            let want = if k.ends_with("heads") { lin_heads } else { lin_dim };
+            let want = if k.ends_with("heads") {
+                lin_heads
+            } else {
+                lin_dim
+            };
             if v.as_u64() != Some(want as u64) {
-                return Err(c.err(k, format!("{v} differs from the key heads/dims {want}: KDA needs them equal")));
+                return Err(c.err(
+                    k,
+                    format!("{v} differs from the key heads/dims {want}: KDA needs them equal"),
+                ));
             }
         }
     }
@@ -86,21 +152,35 @@ pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn Source
     let ffn_pattern: String = match c.str_list("mlp_layer_types")? {
         Some(t) => {
             if t.len() != layers {
-                return Err(c.err("mlp_layer_types", format!("has {} entries for {layers} layers", t.len())));
+                return Err(c.err(
+                    "mlp_layer_types",
+                    format!("has {} entries for {layers} layers", t.len()),
+                ));
             }
             t.iter()
                 .enumerate()
                 .map(|(i, s)| match s.as_str() {
                     "dense" => Ok('D'),
                     "sparse" | "moe" => Ok('M'),
-                    other => Err(c.err(&format!("mlp_layer_types[{i}]"), format!("unknown MLP type \"{other}\""))),
+                    other => Err(c.err(
+                        &format!("mlp_layer_types[{i}]"),
+                        format!("unknown MLP type \"{other}\""),
+                    )),
                 })
                 .collect::<Result<String>>()?
         }
         None => {
             let dense = c.usize_or("first_k_dense_replace", 1)?;
             let freq = c.usize_or("moe_layer_freq", 1)?;
-            (0..layers).map(|i| if i >= dense && i % freq.max(1) == 0 { 'M' } else { 'D' }).collect()
+            (0..layers)
+                .map(|i| {
+                    if i >= dense && i % freq.max(1) == 0 {
+                        'M'
+                    } else {
+                        'D'
+                    }
+                })
+                .collect()
         }
     };
     c.ignore(&["first_k_dense_replace", "moe_layer_freq"]);
@@ -135,7 +215,12 @@ pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn Source
     c.ignore(&["rope_theta", "rope_scaling", "rope_parameters"]);
     let moe_inter = c.usize("moe_intermediate_size")?;
     let mut ffn = BTreeMap::new();
-    ffn.insert("D".into(), FfnSpec::Swiglu { intermediate: c.usize("intermediate_size")? });
+    ffn.insert(
+        "D".into(),
+        FfnSpec::Swiglu {
+            intermediate: c.usize("intermediate_size")?,
+        },
+    );
     let renorm = match c.get_any(&["moe_renormalize", "norm_topk_prob"]) {
         Some((_, Value::Bool(b))) => *b,
         Some((k, v)) => return Err(c.err(k, format!("expected true or false, found {v}"))),
@@ -149,12 +234,17 @@ pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn Source
             intermediate: moe_inter,
             router: RouterKind::Sigmoid,
             correction_bias: true,
-            groups: c.opt_usize("num_expert_group")?.or(c.opt_usize("n_group")?).unwrap_or(1),
+            groups: c
+                .opt_usize("num_expert_group")?
+                .or(c.opt_usize("n_group")?)
+                .unwrap_or(1),
             topk_groups: c.usize_or("topk_group", 1)?,
             renormalize: renorm,
             routed_scaling: c.f64_or("routed_scaling_factor", 1.0)?,
             shared_intermediate: moe_inter
-                * c.opt_usize("num_shared_experts")?.or(c.opt_usize("n_shared_experts")?).unwrap_or(0),
+                * c.opt_usize("num_shared_experts")?
+                    .or(c.opt_usize("n_shared_experts")?)
+                    .unwrap_or(0),
             shared_gate: false,
         }),
     );
@@ -186,7 +276,12 @@ struct KimiMap {
 }
 
 impl SourceMap for KimiMap {
-    fn source(&self, canonical: &str, shape: &[usize], has: &dyn Fn(&str) -> bool) -> Option<Source> {
+    fn source(
+        &self,
+        canonical: &str,
+        shape: &[usize],
+        has: &dyn Fn(&str) -> bool,
+    ) -> Option<Source> {
         if let Some(t) = common_source(canonical) {
             return Some(Source::whole(t, shape));
         }
@@ -209,7 +304,9 @@ impl SourceMap for KimiMap {
         }
         let f = rest.strip_prefix("ffn.")?;
         // The original checkpoint writes even the dense MLP under `block_sparse_moe`.
-        let base = if has(&format!("model.layers.{i}.mlp.gate.weight")) || has(&format!("model.layers.{i}.mlp.down_proj.weight")) {
+        let base = if has(&format!("model.layers.{i}.mlp.gate.weight"))
+            || has(&format!("model.layers.{i}.mlp.down_proj.weight"))
+        {
             format!("model.layers.{i}.mlp")
         } else {
             format!("model.layers.{i}.block_sparse_moe")
@@ -218,13 +315,23 @@ impl SourceMap for KimiMap {
             FfnSpec::Swiglu { .. } => Some(Source::whole(format!("{base}.{f}.weight"), shape)),
             FfnSpec::Moe(moe) => Some(match f {
                 "router" => Source::whole(format!("{base}.gate.weight"), shape),
-                "router_bias" => Source::whole(format!("{base}.gate.e_score_correction_bias"), shape),
+                "router_bias" => {
+                    Source::whole(format!("{base}.gate.e_score_correction_bias"), shape)
+                }
                 _ => {
                     if let Some(w) = f.strip_prefix("shared.") {
                         Source::whole(format!("{base}.shared_experts.{w}.weight"), shape)
                     } else {
                         let (e, which) = f.strip_prefix("experts.")?.split_once('.')?;
-                        return expert_source(&base, e.parse().ok()?, which, ["w1", "w3", "w2"], shape, moe.experts, has);
+                        return expert_source(
+                            &base,
+                            e.parse().ok()?,
+                            which,
+                            ["w1", "w3", "w2"],
+                            shape,
+                            moe.experts,
+                            has,
+                        );
                     }
                 }
             }),

@@ -15,11 +15,25 @@ const DECAY_BUFFERS: &[&str] = &["slope_rate", "query_decay", "key_decay", "diag
 
 pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn SourceMap>)> {
     c.require_silu()?;
-    c.require("sliding_window", &json!(null), "sliding-window attention is not supported")?;
-    c.require("postnorm", &json!(true), "MiniMax-01's residual scheme is post-norm")?;
-    c.ignore(&["block_size", "layernorm_full_attention_alpha", "layernorm_full_attention_beta",
-        "layernorm_linear_attention_alpha", "layernorm_linear_attention_beta",
-        "layernorm_mlp_alpha", "layernorm_mlp_beta"]);
+    c.require(
+        "sliding_window",
+        &json!(null),
+        "sliding-window attention is not supported",
+    )?;
+    c.require(
+        "postnorm",
+        &json!(true),
+        "MiniMax-01's residual scheme is post-norm",
+    )?;
+    c.ignore(&[
+        "block_size",
+        "layernorm_full_attention_alpha",
+        "layernorm_full_attention_beta",
+        "layernorm_linear_attention_alpha",
+        "layernorm_linear_attention_beta",
+        "layernorm_mlp_alpha",
+        "layernorm_mlp_beta",
+    ]);
     let layers = c.usize("num_hidden_layers")?;
     let hidden = c.usize("hidden_size")?;
     let heads = c.usize("num_attention_heads")?;
@@ -27,20 +41,29 @@ pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn Source
     // transformers: layer_types; the original config: attn_type_list (0 = lightning, 1 = softmax).
     let pattern: String = if let Some(t) = c.str_list("layer_types")? {
         if t.len() != layers {
-            return Err(c.err("layer_types", format!("has {} entries for {layers} layers", t.len())));
+            return Err(c.err(
+                "layer_types",
+                format!("has {} entries for {layers} layers", t.len()),
+            ));
         }
         t.iter()
             .enumerate()
             .map(|(i, s)| match s.as_str() {
                 "linear_attention" => Ok('L'),
                 "full_attention" => Ok('A'),
-                other => Err(c.err(&format!("layer_types[{i}]"), format!("unknown layer type \"{other}\""))),
+                other => Err(c.err(
+                    &format!("layer_types[{i}]"),
+                    format!("unknown layer type \"{other}\""),
+                )),
             })
             .collect::<Result<String>>()?
     } else if let Some(v) = c.get("attn_type_list") {
         let l = c.usize_list(v, "attn_type_list")?;
         if l.len() != layers {
-            return Err(c.err("attn_type_list", format!("has {} entries for {layers} layers", l.len())));
+            return Err(c.err(
+                "attn_type_list",
+                format!("has {} entries for {layers} layers", l.len()),
+            ));
         }
         l.iter().map(|&x| if x == 1 { 'A' } else { 'L' }).collect()
     } else {
@@ -125,7 +148,12 @@ struct MiniMaxMap {
 }
 
 impl SourceMap for MiniMaxMap {
-    fn source(&self, canonical: &str, shape: &[usize], has: &dyn Fn(&str) -> bool) -> Option<Source> {
+    fn source(
+        &self,
+        canonical: &str,
+        shape: &[usize],
+        has: &dyn Fn(&str) -> bool,
+    ) -> Option<Source> {
         if let Some(t) = common_source(canonical) {
             return Some(Source::whole(t, shape));
         }
@@ -141,16 +169,28 @@ impl SourceMap for MiniMaxMap {
         }
         let f = rest.strip_prefix("ffn.")?;
         let base = format!("model.layers.{i}.block_sparse_moe");
-        let FfnSpec::Moe(moe) = layer.ffn else { return None };
+        let FfnSpec::Moe(moe) = layer.ffn else {
+            return None;
+        };
         if f == "router" {
             return Some(Source::whole(format!("{base}.gate.weight"), shape));
         }
         let (e, which) = f.strip_prefix("experts.")?.split_once('.')?;
-        expert_source(&base, e.parse().ok()?, which, ["w1", "w3", "w2"], shape, moe.experts, has)
+        expert_source(
+            &base,
+            e.parse().ok()?,
+            which,
+            ["w1", "w3", "w2"],
+            shape,
+            moe.experts,
+            has,
+        )
     }
 
     fn ignorable(&self, tensor: &str) -> bool {
         tensor.starts_with("model.layers.")
-            && DECAY_BUFFERS.iter().any(|b| tensor.ends_with(&format!("self_attn.{b}")))
+            && DECAY_BUFFERS
+                .iter()
+                .any(|b| tensor.ends_with(&format!("self_attn.{b}")))
     }
 }

@@ -34,10 +34,22 @@ pub fn import_dir(dir: &Path) -> Result<Imported> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
     let v: Value = serde_json::from_str(&text).map_err(|e| {
-        Error::config(&path, "", format!("invalid JSON at line {} column {}: {e}", e.line(), e.column()))
+        Error::config(
+            &path,
+            "",
+            format!(
+                "invalid JSON at line {} column {}: {e}",
+                e.line(),
+                e.column()
+            ),
+        )
     })?;
     let Value::Object(obj) = v else {
-        return Err(Error::config(&path, "", "the top level must be a JSON object"));
+        return Err(Error::config(
+            &path,
+            "",
+            "the top level must be a JSON object",
+        ));
     };
     let name = dir
         .canonicalize()
@@ -55,15 +67,24 @@ pub fn import_dir(dir: &Path) -> Result<Imported> {
             return Err(Error::config(
                 &path,
                 "model_type",
-                format!("unsupported model_type \"{other}\"; supported: {}", SUPPORTED.join(", ")),
+                format!(
+                    "unsupported model_type \"{other}\"; supported: {}",
+                    SUPPORTED.join(", ")
+                ),
             ))
         }
     };
     spec.validate().map_err(|e| match e {
-        Error::Spec { field, msg, .. } => Error::config(&path, "", format!("derived spec field `{field}`: {msg}")),
+        Error::Spec { field, msg, .. } => {
+            Error::config(&path, "", format!("derived spec field `{field}`: {msg}"))
+        }
         other => other,
     })?;
-    Ok(Imported { model_type, spec, map })
+    Ok(Imported {
+        model_type,
+        spec,
+        map,
+    })
 }
 
 /// Keys that never change inference math, in any family.
@@ -133,7 +154,8 @@ impl Cfg {
 
     pub fn usize_any(&self, keys: &[&str]) -> Result<usize> {
         match self.get_any(keys) {
-            Some((k, v)) => as_usize(v).ok_or_else(|| self.err(k, format!("expected a non-negative integer, found {v}"))),
+            Some((k, v)) => as_usize(v)
+                .ok_or_else(|| self.err(k, format!("expected a non-negative integer, found {v}"))),
             None => Err(self.err(keys[0], "missing")),
         }
     }
@@ -145,9 +167,12 @@ impl Cfg {
     pub fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => as_usize(v)
-                .map(Some)
-                .ok_or_else(|| self.err(key, format!("expected a non-negative integer or null, found {v}"))),
+            Some(v) => as_usize(v).map(Some).ok_or_else(|| {
+                self.err(
+                    key,
+                    format!("expected a non-negative integer or null, found {v}"),
+                )
+            }),
         }
     }
 
@@ -190,7 +215,11 @@ impl Cfg {
             None => Ok(None),
             Some(Value::Array(a)) => a
                 .iter()
-                .map(|v| v.as_str().map(str::to_string).ok_or_else(|| self.err(key, "expected a list of strings")))
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| self.err(key, "expected a list of strings"))
+                })
                 .collect::<Result<Vec<_>>>()
                 .map(Some),
             Some(_) => Err(self.err(key, "expected a list of strings")),
@@ -230,8 +259,16 @@ impl Cfg {
                 format!(
                     "unsupported config key{} ({}): Lamina does not know whether {} the math",
                     if unknown.len() > 1 { "s" } else { "" },
-                    unknown.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
-                    if unknown.len() > 1 { "they change" } else { "it changes" }
+                    unknown
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    if unknown.len() > 1 {
+                        "they change"
+                    } else {
+                        "it changes"
+                    }
                 ),
             ));
         }
@@ -243,17 +280,30 @@ impl Cfg {
         match self.get("hidden_act") {
             None => Ok(()),
             Some(Value::String(s)) if s == "silu" || s == "swish" => Ok(()),
-            Some(v) => Err(self.err("hidden_act", format!("unsupported activation {v} (only silu)"))),
+            Some(v) => Err(self.err(
+                "hidden_act",
+                format!("unsupported activation {v} (only silu)"),
+            )),
         }
     }
 
     /// Rotary settings from `rope_parameters` (transformers v5), `rope_scaling` and top-level
     /// `rope_theta` / `partial_rotary_factor` (older configs). `rotary_dim` is the default.
     pub fn rope(&self, rotary_dim: usize, style: RopeStyle) -> Result<RopeSpec> {
-        let params = self.get("rope_parameters").and_then(|v| v.as_object()).cloned();
-        let scaling = self.get("rope_scaling").and_then(|v| v.as_object()).cloned();
+        let params = self
+            .get("rope_parameters")
+            .and_then(|v| v.as_object())
+            .cloned();
+        let scaling = self
+            .get("rope_scaling")
+            .and_then(|v| v.as_object())
+            .cloned();
         let merged: Map<String, Value> = params.clone().or(scaling.clone()).unwrap_or_default();
-        let pkey = if params.is_some() { "rope_parameters" } else { "rope_scaling" };
+        let pkey = if params.is_some() {
+            "rope_parameters"
+        } else {
+            "rope_scaling"
+        };
         let num = |k: &str| merged.get(k).and_then(|v| v.as_f64());
         let theta = num("rope_theta")
             .or(self.opt_f64("rope_theta")?)
@@ -267,10 +317,15 @@ impl Cfg {
         let yarn = match rope_type.as_str() {
             "default" => None,
             "yarn" => Some(YarnSpec {
-                factor: num("factor").ok_or_else(|| self.err(&format!("{pkey}.factor"), "missing for yarn"))?,
+                factor: num("factor")
+                    .ok_or_else(|| self.err(&format!("{pkey}.factor"), "missing for yarn"))?,
                 original_max_position_embeddings: num("original_max_position_embeddings")
-                    .ok_or_else(|| self.err(&format!("{pkey}.original_max_position_embeddings"), "missing for yarn"))?
-                    as usize,
+                    .ok_or_else(|| {
+                        self.err(
+                            &format!("{pkey}.original_max_position_embeddings"),
+                            "missing for yarn",
+                        )
+                    })? as usize,
                 beta_fast: num("beta_fast").unwrap_or(32.0),
                 beta_slow: num("beta_slow").unwrap_or(1.0),
                 mscale: num("mscale").unwrap_or(1.0),
@@ -285,11 +340,17 @@ impl Cfg {
         };
         if let Some(t) = merged.get("truncate") {
             if t != &Value::Bool(true) {
-                return Err(self.err(&format!("{pkey}.truncate"), "only truncate = true is supported"));
+                return Err(self.err(
+                    &format!("{pkey}.truncate"),
+                    "only truncate = true is supported",
+                ));
             }
         }
         if let Some(f) = merged.get("attention_factor").filter(|v| !v.is_null()) {
-            return Err(self.err(&format!("{pkey}.attention_factor"), format!("explicit attention_factor {f} is not supported")));
+            return Err(self.err(
+                &format!("{pkey}.attention_factor"),
+                format!("explicit attention_factor {f} is not supported"),
+            ));
         }
         let factor = num("partial_rotary_factor").or(self.opt_f64("partial_rotary_factor")?);
         let rotary_dim = match factor {
@@ -311,7 +372,12 @@ fn as_usize(v: &Value) -> Option<usize> {
 
 /// Layer index parsed from `model.layers.{i}.…`.
 pub(crate) fn layer_of(tensor: &str) -> Option<usize> {
-    tensor.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+    tensor
+        .strip_prefix("model.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Splits `layers.{i}.{rest}` into `(i, rest)`.
@@ -362,8 +428,20 @@ pub(crate) fn expert_source(
     }
     let (r, c) = (shape[0], shape[1]);
     Some(match idx {
-        0 => Source::rows(format!("{base}.experts.gate_up_proj"), &[experts, 2 * r, c], vec![(e * 2 * r, r)]),
-        1 => Source::rows(format!("{base}.experts.gate_up_proj"), &[experts, 2 * r, c], vec![(e * 2 * r + r, r)]),
-        _ => Source::rows(format!("{base}.experts.down_proj"), &[experts, r, c], vec![(e * r, r)]),
+        0 => Source::rows(
+            format!("{base}.experts.gate_up_proj"),
+            &[experts, 2 * r, c],
+            vec![(e * 2 * r, r)],
+        ),
+        1 => Source::rows(
+            format!("{base}.experts.gate_up_proj"),
+            &[experts, 2 * r, c],
+            vec![(e * 2 * r + r, r)],
+        ),
+        _ => Source::rows(
+            format!("{base}.experts.down_proj"),
+            &[experts, r, c],
+            vec![(e * r, r)],
+        ),
     })
 }

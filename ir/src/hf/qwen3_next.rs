@@ -12,7 +12,11 @@ use crate::weights::{Source, SourceMap};
 
 pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn SourceMap>)> {
     c.require_silu()?;
-    c.require("attention_bias", &json!(false), "biased q/k/v projections are not supported")?;
+    c.require(
+        "attention_bias",
+        &json!(false),
+        "biased q/k/v projections are not supported",
+    )?;
     let hidden = c.usize("hidden_size")?;
     let layers = c.usize("num_hidden_layers")?;
     let heads = c.usize("num_attention_heads")?;
@@ -22,20 +26,35 @@ pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn Source
         None => {
             let every = c.usize_or("full_attention_interval", 4)?;
             (0..layers)
-                .map(|i| if (i + 1) % every.max(1) == 0 { "full_attention" } else { "linear_attention" }.to_string())
+                .map(|i| {
+                    if (i + 1) % every.max(1) == 0 {
+                        "full_attention"
+                    } else {
+                        "linear_attention"
+                    }
+                    .to_string()
+                })
                 .collect()
         }
     };
     c.ignore(&["full_attention_interval"]);
     if types.len() != layers {
-        return Err(c.err("layer_types", format!("has {} entries for {layers} layers", types.len())));
+        return Err(c.err(
+            "layer_types",
+            format!("has {} entries for {layers} layers", types.len()),
+        ));
     }
     let mut pattern = String::new();
     for (i, t) in types.iter().enumerate() {
         pattern.push(match t.as_str() {
             "linear_attention" => 'L',
             "full_attention" => 'A',
-            other => return Err(c.err(&format!("layer_types[{i}]"), format!("unknown layer type \"{other}\""))),
+            other => {
+                return Err(c.err(
+                    &format!("layer_types[{i}]"),
+                    format!("unknown layer type \"{other}\""),
+                ))
+            }
         });
     }
     let mlp_only: Vec<usize> = match c.get("mlp_only_layers") {
@@ -53,8 +72,16 @@ pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn Source
             }
         })
         .collect();
-    c.require("sliding_window", &json!(null), "sliding-window attention is not supported")?;
-    c.require("use_sliding_window", &json!(false), "sliding-window attention is not supported")?;
+    c.require(
+        "sliding_window",
+        &json!(null),
+        "sliding-window attention is not supported",
+    )?;
+    c.require(
+        "use_sliding_window",
+        &json!(false),
+        "sliding-window attention is not supported",
+    )?;
     c.ignore(&["max_window_layers"]);
     let mut mixer = BTreeMap::new();
     mixer.insert(
@@ -80,7 +107,12 @@ pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn Source
         }),
     );
     let mut ffn = BTreeMap::new();
-    ffn.insert("D".into(), FfnSpec::Swiglu { intermediate: c.usize("intermediate_size")? });
+    ffn.insert(
+        "D".into(),
+        FfnSpec::Swiglu {
+            intermediate: c.usize("intermediate_size")?,
+        },
+    );
     if experts > 0 {
         let shared = c.usize_or("shared_expert_intermediate_size", 0)?;
         ffn.insert(
@@ -129,7 +161,12 @@ struct QwenMap {
 }
 
 impl SourceMap for QwenMap {
-    fn source(&self, canonical: &str, shape: &[usize], has: &dyn Fn(&str) -> bool) -> Option<Source> {
+    fn source(
+        &self,
+        canonical: &str,
+        shape: &[usize],
+        has: &dyn Fn(&str) -> bool,
+    ) -> Option<Source> {
         if let Some(t) = common_source(canonical) {
             return Some(Source::whole(t, shape));
         }
@@ -141,22 +178,35 @@ impl SourceMap for QwenMap {
             return match layer.mixer {
                 MixerSpec::GatedDelta(s) => {
                     let la = format!("model.layers.{i}.linear_attn");
-                    let (hk, hv, dk, dv) = (s.key_heads, s.value_heads, s.key_head_dim, s.value_head_dim);
+                    let (hk, hv, dk, dv) =
+                        (s.key_heads, s.value_heads, s.key_head_dim, s.value_head_dim);
                     let r = hv / hk;
                     // in_proj_qkvz: per key head [q(dk) k(dk) v(r*dv) z(r*dv)].
                     let group = 2 * dk + 2 * r * dv;
                     let qkvz = |off: usize, len: usize| {
-                        Source::rows(format!("{la}.in_proj_qkvz.weight"), &[hk * group, d], (0..hk).map(|g| (g * group + off, len)).collect())
+                        Source::rows(
+                            format!("{la}.in_proj_qkvz.weight"),
+                            &[hk * group, d],
+                            (0..hk).map(|g| (g * group + off, len)).collect(),
+                        )
                     };
                     // in_proj_ba: per key head [b(r) a(r)].
                     let ba = |off: usize| {
-                        Source::rows(format!("{la}.in_proj_ba.weight"), &[2 * hv, d], (0..hk).map(|g| (g * 2 * r + off, r)).collect())
+                        Source::rows(
+                            format!("{la}.in_proj_ba.weight"),
+                            &[2 * hv, d],
+                            (0..hk).map(|g| (g * 2 * r + off, r)).collect(),
+                        )
                     };
                     // conv1d channels: [q (hk*dk) | k (hk*dk) | v (hv*dv)].
                     let conv_dim = 2 * hk * dk + hv * dv;
                     let kern = s.conv_kernel;
                     let conv = |off: usize, len: usize| {
-                        Source::rows(format!("{la}.conv1d.weight"), &[conv_dim, 1, kern], vec![(off, len)])
+                        Source::rows(
+                            format!("{la}.conv1d.weight"),
+                            &[conv_dim, 1, kern],
+                            vec![(off, len)],
+                        )
                     };
                     Some(match m {
                         "q_proj" => qkvz(0, dk),
@@ -175,7 +225,10 @@ impl SourceMap for QwenMap {
                         _ => return None,
                     })
                 }
-                MixerSpec::Gqa(_) => Some(Source::whole(format!("model.layers.{i}.self_attn.{m}.weight"), shape)),
+                MixerSpec::Gqa(_) => Some(Source::whole(
+                    format!("model.layers.{i}.self_attn.{m}.weight"),
+                    shape,
+                )),
                 _ => None,
             };
         }
@@ -188,13 +241,27 @@ impl SourceMap for QwenMap {
                     return Some(Source::whole(format!("{base}.gate.weight"), shape));
                 }
                 if f == "shared_gate" {
-                    return Some(Source::whole(format!("{base}.shared_expert_gate.weight"), shape));
+                    return Some(Source::whole(
+                        format!("{base}.shared_expert_gate.weight"),
+                        shape,
+                    ));
                 }
                 if let Some(w) = f.strip_prefix("shared.") {
-                    return Some(Source::whole(format!("{base}.shared_expert.{w}.weight"), shape));
+                    return Some(Source::whole(
+                        format!("{base}.shared_expert.{w}.weight"),
+                        shape,
+                    ));
                 }
                 let (e, which) = f.strip_prefix("experts.")?.split_once('.')?;
-                expert_source(&base, e.parse().ok()?, which, ["gate_proj", "up_proj", "down_proj"], shape, moe.experts, has)
+                expert_source(
+                    &base,
+                    e.parse().ok()?,
+                    which,
+                    ["gate_proj", "up_proj", "down_proj"],
+                    shape,
+                    moe.experts,
+                    has,
+                )
             }
         }
     }

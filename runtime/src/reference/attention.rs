@@ -13,8 +13,10 @@ pub fn rope<F: Real>(r: &Rope, x: &mut [F], t_len: usize, pos0: usize) {
     let half = r.rotary_dim / 2;
     for t in 0..t_len {
         let p = (pos0 + t) as f64;
-        let (cos, sin): (Vec<F>, Vec<F>) =
-            inv.iter().map(|f| (F::of((p * f).cos() * mf), F::of((p * f).sin() * mf))).unzip();
+        let (cos, sin): (Vec<F>, Vec<F>) = inv
+            .iter()
+            .map(|f| (F::of((p * f).cos() * mf), F::of((p * f).sin() * mf)))
+            .unzip();
         for h in 0..r.heads {
             let base = (t * r.heads + h) * r.head_dim + r.offset;
             for i in 0..half {

@@ -38,8 +38,12 @@ pub fn chunked_delta<F: Real>(
     chunk: usize,
     sub: usize,
 ) -> Vec<F> {
-    assert_eq!(rec.update, Update::Delta, "chunked form is for the delta rule");
-    assert!(chunk % sub == 0);
+    assert_eq!(
+        rec.update,
+        Update::Delta,
+        "chunked form is for the delta rule"
+    );
+    assert!(chunk.is_multiple_of(sub));
     let (h_n, hk_n, dk, dv) = (rec.heads, rec.key_heads, rec.dk, rec.dv);
     let group = h_n / hk_n;
     let scale = F::of(rec.scale);
@@ -51,10 +55,18 @@ pub fn chunked_delta<F: Real>(
         while c0 < t_len {
             let l = chunk.min(t_len - c0);
             let qs: Vec<F> = (0..l)
-                .flat_map(|i| q[((c0 + i) * hk_n + kh) * dk..][..dk].iter().map(move |&x| x * scale))
+                .flat_map(|i| {
+                    q[((c0 + i) * hk_n + kh) * dk..][..dk]
+                        .iter()
+                        .map(move |&x| x * scale)
+                })
                 .collect();
-            let kk: Vec<F> = (0..l).flat_map(|i| k[((c0 + i) * hk_n + kh) * dk..][..dk].to_vec()).collect();
-            let vv: Vec<F> = (0..l).flat_map(|i| v[((c0 + i) * h_n + h) * dv..][..dv].to_vec()).collect();
+            let kk: Vec<F> = (0..l)
+                .flat_map(|i| k[((c0 + i) * hk_n + kh) * dk..][..dk].to_vec())
+                .collect();
+            let vv: Vec<F> = (0..l)
+                .flat_map(|i| v[((c0 + i) * h_n + h) * dv..][..dv].to_vec())
+                .collect();
             let bt: Vec<F> = (0..l).map(|i| beta[(c0 + i) * h_n + h]).collect();
             // Cumulative log-decay per row and channel, [l, dk].
             let mut b = vec![F::zero(); l * dk];
@@ -113,7 +125,9 @@ pub fn chunked_delta<F: Real>(
             };
             let mut u: Vec<F> = (0..l * dv).map(|x| bt[x / dv] * vv[x]).collect();
             solve(&mut u, dv);
-            let mut w: Vec<F> = (0..l * dk).map(|x| bt[x / dk] * kk[x] * b[x].exp()).collect();
+            let mut w: Vec<F> = (0..l * dk)
+                .map(|x| bt[x / dk] * kk[x] * b[x].exp())
+                .collect();
             solve(&mut w, dk);
             // V' = U − W S.
             let mut vn = u;

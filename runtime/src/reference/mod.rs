@@ -14,8 +14,8 @@ use lamina_ir::graph::{lightning_slopes, Decay, GateForm, Graph, Op, Unary};
 use lamina_ir::weights::WeightStore;
 use lamina_ir::Error;
 
-pub use tensor::{Mat, Real};
 use tensor::{linear, sigmoid, silu, softplus};
+pub use tensor::{Mat, Real};
 
 /// The graph's weights converted to the compute type.
 pub struct Weights<F> {
@@ -34,9 +34,9 @@ impl<F: Real> Weights<F> {
     }
 
     pub fn get(&self, name: &str) -> &[F] {
-        self.map
-            .get(name)
-            .unwrap_or_else(|| panic!("weight {name} missing (the loader checks every declared weight)"))
+        self.map.get(name).unwrap_or_else(|| {
+            panic!("weight {name} missing (the loader checks every declared weight)")
+        })
     }
 }
 
@@ -78,7 +78,13 @@ impl<'g, F: Real> Reference<'g, F> {
                 .graph
                 .states
                 .iter()
-                .map(|s| if s.per_token() { Vec::new() } else { vec![F::zero(); s.numel()] })
+                .map(|s| {
+                    if s.per_token() {
+                        Vec::new()
+                    } else {
+                        vec![F::zero(); s.numel()]
+                    }
+                })
                 .collect(),
         }
     }
@@ -99,7 +105,12 @@ impl<'g, F: Real> Reference<'g, F> {
 
     /// Runs `tokens` at the session's next positions; returns logits `[T, vocab]` and the
     /// values of the nodes named in `taps`.
-    pub fn forward(&self, sess: &mut Session<F>, tokens: &[i64], taps: &[&str]) -> Result<(Mat<F>, Taps<F>), Error> {
+    pub fn forward(
+        &self,
+        sess: &mut Session<F>,
+        tokens: &[i64],
+        taps: &[&str],
+    ) -> Result<(Mat<F>, Taps<F>), Error> {
         self.check_tokens(tokens)?;
         let g = self.graph;
         let t_len = tokens.len();
@@ -120,17 +131,36 @@ impl<'g, F: Real> Reference<'g, F> {
         Ok((vals.remove(&g.output).expect("output evaluated"), captured))
     }
 
-    fn eval(&self, op: &Op, ins: &[&Mat<F>], tokens: &[i64], sess: &mut Session<F>, cols: usize) -> Mat<F> {
+    fn eval(
+        &self,
+        op: &Op,
+        ins: &[&Mat<F>],
+        tokens: &[i64],
+        sess: &mut Session<F>,
+        cols: usize,
+    ) -> Mat<F> {
         let t_len = tokens.len();
         let w = &self.w;
-        let mat = |data: Vec<F>| Mat { rows: t_len, cols, data };
+        let mat = |data: Vec<F>| Mat {
+            rows: t_len,
+            cols,
+            data,
+        };
         match op {
             Op::Tokens => mat(tokens.iter().map(|&t| F::of(t as f64)).collect()),
             Op::Embed { weight, dim } => {
                 let e = w.get(weight);
-                mat(tokens.iter().flat_map(|&t| e[t as usize * dim..][..*dim].to_vec()).collect())
+                mat(tokens
+                    .iter()
+                    .flat_map(|&t| e[t as usize * dim..][..*dim].to_vec())
+                    .collect())
             }
-            Op::RmsNorm { weight, eps, zero_centred, group } => {
+            Op::RmsNorm {
+                weight,
+                eps,
+                zero_centred,
+                group,
+            } => {
                 let wt = w.get(weight);
                 let mut y = ins[0].clone();
                 for chunk in y.data.chunks_mut(*group) {
@@ -143,7 +173,12 @@ impl<'g, F: Real> Reference<'g, F> {
                 }
                 y
             }
-            Op::GatedRmsNorm { weight, eps, group, gate } => {
+            Op::GatedRmsNorm {
+                weight,
+                eps,
+                group,
+                gate,
+            } => {
                 let wt = w.get(weight);
                 let mut y = ins[0].clone();
                 for (chunk, gc) in y.data.chunks_mut(*group).zip(ins[1].data.chunks(*group)) {
@@ -162,38 +197,72 @@ impl<'g, F: Real> Reference<'g, F> {
             Op::L2Norm { group, eps } => {
                 let mut y = ins[0].clone();
                 for chunk in y.data.chunks_mut(*group) {
-                    let inv = F::one() / (chunk.iter().map(|&x| x * x).sum::<F>() + F::of(*eps)).sqrt();
+                    let inv =
+                        F::one() / (chunk.iter().map(|&x| x * x).sum::<F>() + F::of(*eps)).sqrt();
                     for x in chunk.iter_mut() {
                         *x = *x * inv;
                     }
                 }
                 y
             }
-            Op::Linear { weight, out_dim, .. } => linear(ins[0], w.get(weight), *out_dim),
-            Op::Slice { group, start, len } => mat(
-                ins[0]
-                    .data
-                    .chunks(*group)
-                    .flat_map(|c| c[*start..start + len].to_vec())
-                    .collect(),
-            ),
-            Op::ShortConv { weight, channels, kernel, state } => {
+            Op::Linear {
+                weight, out_dim, ..
+            } => linear(ins[0], w.get(weight), *out_dim),
+            Op::Slice { group, start, len } => mat(ins[0]
+                .data
+                .chunks(*group)
+                .flat_map(|c| c[*start..start + len].to_vec())
+                .collect()),
+            Op::ShortConv {
+                weight,
+                channels,
+                kernel,
+                state,
+            } => {
                 let s = &mut sess.states[state.0];
-                mat(recurrence::short_conv(&ins[0].data, t_len, *channels, *kernel, w.get(weight), s))
+                mat(recurrence::short_conv(
+                    &ins[0].data,
+                    t_len,
+                    *channels,
+                    *kernel,
+                    w.get(weight),
+                    s,
+                ))
             }
             Op::Unary(Unary::Silu) => ins[0].map(silu),
             Op::Unary(Unary::Sigmoid) => ins[0].map(sigmoid),
             Op::Mul => {
                 let (a, b) = (ins[0], ins[1]);
                 let bcast = b.cols == 1 && a.cols != 1;
-                mat(a.data.iter().enumerate().map(|(i, &x)| x * if bcast { b.data[i / a.cols] } else { b.data[i] }).collect())
+                mat(a
+                    .data
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &x)| x * if bcast { b.data[i / a.cols] } else { b.data[i] })
+                    .collect())
             }
             Op::Add { alpha, beta } => {
                 let (al, be) = (F::of(*alpha), F::of(*beta));
-                mat(ins[0].data.iter().zip(&ins[1].data).map(|(&a, &b)| al * a + be * b).collect())
+                mat(ins[0]
+                    .data
+                    .iter()
+                    .zip(&ins[1].data)
+                    .map(|(&a, &b)| al * a + be * b)
+                    .collect())
             }
-            Op::SwiGlu => mat(ins[0].data.iter().zip(&ins[1].data).map(|(&a, &b)| silu(a) * b).collect()),
-            Op::DecayGate { a_log, dt_bias, width, form, .. } => {
+            Op::SwiGlu => mat(ins[0]
+                .data
+                .iter()
+                .zip(&ins[1].data)
+                .map(|(&a, &b)| silu(a) * b)
+                .collect()),
+            Op::DecayGate {
+                a_log,
+                dt_bias,
+                width,
+                form,
+                ..
+            } => {
                 let (al, db) = (w.get(a_log), w.get(dt_bias));
                 let hw = ins[0].cols;
                 mat(ins[0]
@@ -206,7 +275,9 @@ impl<'g, F: Real> Reference<'g, F> {
                         let x = x + db[c];
                         match form {
                             GateForm::Softplus => -a.exp() * softplus(x),
-                            GateForm::Bounded { lower_bound } => F::of(*lower_bound) * sigmoid(a.exp() * x),
+                            GateForm::Bounded { lower_bound } => {
+                                F::of(*lower_bound) * sigmoid(a.exp() * x)
+                            }
                         }
                     })
                     .collect())
@@ -214,7 +285,10 @@ impl<'g, F: Real> Reference<'g, F> {
             Op::Recurrence { rec, state } => {
                 let fixed: Vec<F> = match rec.decay {
                     Decay::Fixed { layer, num_layers } => {
-                        lightning_slopes(rec.heads, layer, num_layers).iter().map(|&s| F::of(-s)).collect()
+                        lightning_slopes(rec.heads, layer, num_layers)
+                            .iter()
+                            .map(|&s| F::of(-s))
+                            .collect()
                     }
                     _ => Vec::new(),
                 };
@@ -224,20 +298,55 @@ impl<'g, F: Real> Reference<'g, F> {
                     .then(|| ins[if has_g { 4 } else { 3 }].data.as_slice());
                 let gate = recurrence::gate_for(rec, g, &fixed);
                 let s = &mut sess.states[state.0];
-                mat(recurrence::recurrent(rec, t_len, &ins[0].data, &ins[1].data, &ins[2].data, gate, beta, s))
+                mat(recurrence::recurrent(
+                    rec,
+                    t_len,
+                    &ins[0].data,
+                    &ins[1].data,
+                    &ins[2].data,
+                    gate,
+                    beta,
+                    s,
+                ))
             }
             Op::Rope(r) => {
                 let mut y = ins[0].clone();
                 attention::rope(r, &mut y.data, t_len, sess.pos);
                 y
             }
-            Op::Attention { heads, kv_heads, head_dim, v_dim, scale, cache } => {
+            Op::Attention {
+                heads,
+                kv_heads,
+                head_dim,
+                v_dim,
+                scale,
+                cache,
+            } => {
                 let c = &mut sess.states[cache.0];
                 mat(attention::gqa(
-                    &ins[0].data, &ins[1].data, &ins[2].data, t_len, sess.pos, *heads, *kv_heads, *head_dim, *v_dim, *scale, c,
+                    &ins[0].data,
+                    &ins[1].data,
+                    &ins[2].data,
+                    t_len,
+                    sess.pos,
+                    *heads,
+                    *kv_heads,
+                    *head_dim,
+                    *v_dim,
+                    *scale,
+                    c,
                 ))
             }
-            Op::MlaAttention { heads, kv_lora_rank, nope, rope, v_dim, scale, kv_b, cache } => {
+            Op::MlaAttention {
+                heads,
+                kv_lora_rank,
+                nope,
+                rope,
+                v_dim,
+                scale,
+                kv_b,
+                cache,
+            } => {
                 let c = &mut sess.states[cache.0];
                 mat(attention::mla(
                     &ins[0].data,
@@ -255,7 +364,11 @@ impl<'g, F: Real> Reference<'g, F> {
                     c,
                 ))
             }
-            Op::Moe { moe, prefix, hidden } => mat(moe::moe(moe, prefix, &ins[0].data, t_len, *hidden, w)),
+            Op::Moe {
+                moe,
+                prefix,
+                hidden,
+            } => mat(moe::moe(moe, prefix, &ins[0].data, t_len, *hidden, w)),
         }
     }
 

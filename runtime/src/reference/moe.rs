@@ -32,7 +32,11 @@ pub fn route<F: Real>(m: &MoeSpec, logits: &[F], bias: Option<&[F]>) -> Vec<(usi
                 (g, s.iter().take(2).copied().sum())
             })
             .collect();
-        gs.sort_by(|a, b| b.1.partial_cmp(&a.1).expect("finite scores").then(a.0.cmp(&b.0)));
+        gs.sort_by(|a, b| {
+            b.1.partial_cmp(&a.1)
+                .expect("finite scores")
+                .then(a.0.cmp(&b.0))
+        });
         let keep: Vec<usize> = gs.iter().take(m.topk_groups).map(|x| x.0).collect();
         for (e, c) in choice.iter_mut().enumerate() {
             if !keep.contains(&(e / per)) {
@@ -41,7 +45,12 @@ pub fn route<F: Real>(m: &MoeSpec, logits: &[F], bias: Option<&[F]>) -> Vec<(usi
         }
     }
     let mut order: Vec<usize> = (0..e_n).collect();
-    order.sort_by(|&a, &b| choice[b].partial_cmp(&choice[a]).expect("finite scores").then(a.cmp(&b)));
+    order.sort_by(|&a, &b| {
+        choice[b]
+            .partial_cmp(&choice[a])
+            .expect("finite scores")
+            .then(a.cmp(&b))
+    });
     let sel = &order[..m.top_k];
     let mut w: Vec<F> = sel.iter().map(|&e| scores[e]).collect();
     if m.renormalize {
@@ -59,14 +68,25 @@ pub fn route<F: Real>(m: &MoeSpec, logits: &[F], bias: Option<&[F]>) -> Vec<(usi
 }
 
 /// Routed experts of a MoE layer for `x: [T, D]`.
-pub fn moe<F: Real>(m: &MoeSpec, prefix: &str, x: &[F], t_len: usize, d: usize, w: &Weights<F>) -> Vec<F> {
+pub fn moe<F: Real>(
+    m: &MoeSpec,
+    prefix: &str,
+    x: &[F],
+    t_len: usize,
+    d: usize,
+    w: &Weights<F>,
+) -> Vec<F> {
     let router = w.get(&format!("{prefix}.router"));
-    let bias = m.correction_bias.then(|| w.get(&format!("{prefix}.router_bias")));
+    let bias = m
+        .correction_bias
+        .then(|| w.get(&format!("{prefix}.router_bias")));
     let inter = m.intermediate;
     let mut y = vec![F::zero(); t_len * d];
     for t in 0..t_len {
         let xt = &x[t * d..(t + 1) * d];
-        let logits: Vec<F> = (0..m.experts).map(|e| dot(xt, &router[e * d..(e + 1) * d])).collect();
+        let logits: Vec<F> = (0..m.experts)
+            .map(|e| dot(xt, &router[e * d..(e + 1) * d]))
+            .collect();
         for (e, we) in route(m, &logits, bias) {
             let ep = format!("{prefix}.experts.{e}");
             let (g, u, dn) = (

@@ -21,6 +21,7 @@ pub enum Gate<'a, F> {
 }
 
 /// Runs `rec` over T tokens from `state` (updated in place); returns o `[T, H, dv]`.
+#[allow(clippy::too_many_arguments)]
 pub fn recurrent<F: Real>(
     rec: &Recurrence,
     t_len: usize,
@@ -109,7 +110,14 @@ pub fn gate_for<'a, F: Real>(rec: &Recurrence, g: Option<&'a [F]>, fixed: &'a [F
 
 /// Depthwise causal conv (weights `[C, K]`) + SiLU over `x: [T, C]`; `state: [C, K-1]` holds
 /// the previous K-1 inputs, oldest first, and is updated.
-pub fn short_conv<F: Real>(x: &[F], t_len: usize, channels: usize, kernel: usize, w: &[F], state: &mut [F]) -> Vec<F> {
+pub fn short_conv<F: Real>(
+    x: &[F],
+    t_len: usize,
+    channels: usize,
+    kernel: usize,
+    w: &[F],
+    state: &mut [F],
+) -> Vec<F> {
     let hist = kernel - 1;
     let mut y = vec![F::zero(); t_len * channels];
     for c in 0..channels {

@@ -36,7 +36,11 @@ fn rope(
 pub(super) fn gqa(b: &mut Builder, p: &str, h: NodeIndex, s: &GqaSpec) -> NodeIndex {
     let (heads, kvh, hd) = (s.heads, s.kv_heads, s.head_dim);
     let d = b.spec.hidden_size;
-    let q_cols = if s.output_gate { 2 * heads * hd } else { heads * hd };
+    let q_cols = if s.output_gate {
+        2 * heads * hd
+    } else {
+        heads * hd
+    };
     let q_full = b.linear(&format!("{p}.q_proj"), h, q_cols, WeightKind::Dense);
     let (mut q, gate) = if s.output_gate {
         // Per head the projection holds [query | gate].
@@ -56,7 +60,12 @@ pub(super) fn gqa(b: &mut Builder, p: &str, h: NodeIndex, s: &GqaSpec) -> NodeIn
         q = rope(b, &format!("{p}.q_rope"), q, heads, hd, 0, r);
         k = rope(b, &format!("{p}.k_rope"), k, kvh, hd, 0, r);
     }
-    let cache = b.state(&format!("{p}.kv_cache"), StateKind::KvCache, DType::Bf16, &[kvh, 2 * hd]);
+    let cache = b.state(
+        &format!("{p}.kv_cache"),
+        StateKind::KvCache,
+        DType::Bf16,
+        &[kvh, 2 * hd],
+    );
     let mut o = b.node(
         &format!("{p}.attention"),
         Op::Attention {
@@ -113,8 +122,17 @@ pub(super) fn mla(b: &mut Builder, p: &str, h: NodeIndex, s: &MlaSpec) -> NodeIn
             }
         }
     }
-    let kv_b = b.weight(&format!("{p}.kv_b_proj"), &[heads * (nope + vd), r], WeightKind::Dense);
-    let cache = b.state(&format!("{p}.latent_cache"), StateKind::MlaLatent, DType::Bf16, &[r + rd]);
+    let kv_b = b.weight(
+        &format!("{p}.kv_b_proj"),
+        &[heads * (nope + vd), r],
+        WeightKind::Dense,
+    );
+    let cache = b.state(
+        &format!("{p}.latent_cache"),
+        StateKind::MlaLatent,
+        DType::Bf16,
+        &[r + rd],
+    );
     let o = b.node(
         &format!("{p}.attention"),
         Op::MlaAttention {

@@ -34,9 +34,21 @@ pub(super) fn ffn(b: &mut Builder, p: &str, h: NodeIndex, f: &FfnSpec) -> NodeIn
             }
             for e in 0..m.experts {
                 let ep = format!("{p}.experts.{e}");
-                b.weight(&format!("{ep}.gate_proj"), &[m.intermediate, d], WeightKind::Expert);
-                b.weight(&format!("{ep}.up_proj"), &[m.intermediate, d], WeightKind::Expert);
-                b.weight(&format!("{ep}.down_proj"), &[d, m.intermediate], WeightKind::Expert);
+                b.weight(
+                    &format!("{ep}.gate_proj"),
+                    &[m.intermediate, d],
+                    WeightKind::Expert,
+                );
+                b.weight(
+                    &format!("{ep}.up_proj"),
+                    &[m.intermediate, d],
+                    WeightKind::Expert,
+                );
+                b.weight(
+                    &format!("{ep}.down_proj"),
+                    &[d, m.intermediate],
+                    WeightKind::Expert,
+                );
             }
             debug_assert!(m.groups == 1 || m.router == RouterKind::Sigmoid);
             let routed = b.node(

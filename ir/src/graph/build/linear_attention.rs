@@ -5,9 +5,7 @@
 
 use petgraph::stable_graph::NodeIndex;
 
-use crate::graph::{
-    Decay, DType, GateForm, Op, Recurrence, StateKind, Unary, Update, WeightKind,
-};
+use crate::graph::{DType, Decay, GateForm, Op, Recurrence, StateKind, Unary, Update, WeightKind};
 use crate::spec::{GatedDeltaSpec, KdaSpec, LightningSpec};
 
 use super::Builder;
@@ -15,7 +13,13 @@ use super::Builder;
 /// q/k L2-norm epsilon used by every delta-rule reference (fla `l2norm`, transformers).
 const L2_EPS: f64 = 1e-6;
 
-fn short_conv(b: &mut Builder, name: &str, x: NodeIndex, channels: usize, kernel: usize) -> NodeIndex {
+fn short_conv(
+    b: &mut Builder,
+    name: &str,
+    x: NodeIndex,
+    channels: usize,
+    kernel: usize,
+) -> NodeIndex {
     let weight = b.weight(name, &[channels, kernel], WeightKind::Small);
     let state = b.state(name, StateKind::Conv, DType::F32, &[channels, kernel - 1]);
     b.node(
@@ -41,7 +45,11 @@ fn recurrence(b: &mut Builder, p: &str, rec: Recurrence, operands: &[NodeIndex])
         DType::F32,
         &[rec.heads, rec.dk, rec.dv],
     );
-    b.node(&format!("{p}.recurrence"), Op::Recurrence { rec, state }, operands)
+    b.node(
+        &format!("{p}.recurrence"),
+        Op::Recurrence { rec, state },
+        operands,
+    )
 }
 
 /// Gated DeltaNet (Qwen3-Next) and, with `gated = false`, DeltaNet.
@@ -148,8 +156,18 @@ pub(super) fn kda(b: &mut Builder, p: &str, h: NodeIndex, s: &KdaSpec) -> NodeIn
         scale: (dh as f64).powf(-0.5),
     };
     let o = recurrence(b, p, rec, &[q, k, v, g, beta]);
-    let gate = b.linear(&format!("{p}.g_a_proj"), h, s.output_gate_rank, WeightKind::Dense);
-    let gate = b.linear(&format!("{p}.g_b_proj"), gate, heads * dh, WeightKind::Dense);
+    let gate = b.linear(
+        &format!("{p}.g_a_proj"),
+        h,
+        s.output_gate_rank,
+        WeightKind::Dense,
+    );
+    let gate = b.linear(
+        &format!("{p}.g_b_proj"),
+        gate,
+        heads * dh,
+        WeightKind::Dense,
+    );
     let weight = b.weight(&format!("{p}.o_norm"), &[dh], WeightKind::Small);
     let o = b.node(
         &format!("{p}.o_norm"),
@@ -169,7 +187,12 @@ pub(super) fn kda(b: &mut Builder, p: &str, h: NodeIndex, s: &KdaSpec) -> NodeIn
 pub(super) fn lightning(b: &mut Builder, p: &str, h: NodeIndex, s: &LightningSpec) -> NodeIndex {
     let (heads, dh) = (s.heads, s.head_dim);
     let d = b.spec.hidden_size;
-    let qkv = b.linear(&format!("{p}.qkv_proj"), h, 3 * heads * dh, WeightKind::Dense);
+    let qkv = b.linear(
+        &format!("{p}.qkv_proj"),
+        h,
+        3 * heads * dh,
+        WeightKind::Dense,
+    );
     let qkv = b.unary(&format!("{p}.qkv_act"), Unary::Silu, qkv);
     // Per head the projection holds [q | k | v].
     let q = b.slice(&format!("{p}.q"), qkv, 3 * dh, 0, dh);
@@ -190,7 +213,12 @@ pub(super) fn lightning(b: &mut Builder, p: &str, h: NodeIndex, s: &LightningSpe
     let o = recurrence(b, p, rec, &[q, k, v]);
     let eps = s.norm_eps.unwrap_or(b.spec.norm.eps);
     let o = b.norm_eps(&format!("{p}.norm"), o, heads * dh, eps);
-    let gate = b.linear(&format!("{p}.output_gate"), h, heads * dh, WeightKind::Dense);
+    let gate = b.linear(
+        &format!("{p}.output_gate"),
+        h,
+        heads * dh,
+        WeightKind::Dense,
+    );
     let gate = b.unary(&format!("{p}.output_gate_act"), Unary::Sigmoid, gate);
     let o = b.node(&format!("{p}.gated"), Op::Mul, &[o, gate]);
     b.linear(&format!("{p}.o_proj"), o, d, WeightKind::Dense)

@@ -45,7 +45,10 @@ pub fn build_graph(spec: &ModelSpec) -> Result<Graph> {
     for layer in spec.layer_plan() {
         let i = layer.index;
         b.layer = i;
-        layer_kinds.push((layer.mixer.kind_name().to_string(), ffn::kind_name(layer.ffn)));
+        layer_kinds.push((
+            layer.mixer.kind_name().to_string(),
+            ffn::kind_name(layer.ffn),
+        ));
         let (alpha, beta) = match (spec.residual.style, layer.mixer.is_linear()) {
             (ResidualStyle::PreNorm, _) => (1.0, 1.0),
             (ResidualStyle::ScaledPostNorm, true) => {
@@ -172,7 +175,13 @@ impl<'s> Builder<'s> {
     }
 
     /// `x Wᵀ` with a fresh `[out, in]` weight named after the node.
-    pub fn linear(&mut self, name: &str, x: NodeIndex, out_dim: usize, kind: WeightKind) -> NodeIndex {
+    pub fn linear(
+        &mut self,
+        name: &str,
+        x: NodeIndex,
+        out_dim: usize,
+        kind: WeightKind,
+    ) -> NodeIndex {
         let in_dim = self.g[x].ty.cols.expect("linear of a [T, n] value");
         let weight = self.weight(name, &[out_dim, in_dim], kind);
         self.node(
@@ -209,12 +218,26 @@ impl<'s> Builder<'s> {
         self.node(name, Op::Unary(f), &[x])
     }
 
-    pub fn slice(&mut self, name: &str, x: NodeIndex, group: usize, start: usize, len: usize) -> NodeIndex {
+    pub fn slice(
+        &mut self,
+        name: &str,
+        x: NodeIndex,
+        group: usize,
+        start: usize,
+        len: usize,
+    ) -> NodeIndex {
         self.node(name, Op::Slice { group, start, len }, &[x])
     }
 
     pub fn add(&mut self, name: &str, a: NodeIndex, b: NodeIndex) -> NodeIndex {
-        self.node(name, Op::Add { alpha: 1.0, beta: 1.0 }, &[a, b])
+        self.node(
+            name,
+            Op::Add {
+                alpha: 1.0,
+                beta: 1.0,
+            },
+            &[a, b],
+        )
     }
 
     /// Pre-norm: `x + out`. Scaled post-norm (MiniMax): `alpha * normed + beta * out`.
@@ -229,7 +252,9 @@ impl<'s> Builder<'s> {
     ) -> NodeIndex {
         match self.spec.residual.style {
             ResidualStyle::PreNorm => self.add(name, x, out),
-            ResidualStyle::ScaledPostNorm => self.node(name, Op::Add { alpha, beta }, &[normed, out]),
+            ResidualStyle::ScaledPostNorm => {
+                self.node(name, Op::Add { alpha, beta }, &[normed, out])
+            }
         }
     }
 }

@@ -1,0 +1,30 @@
+# Lamina: `make demo` runs the main job on a bundled example; `make test` runs every test.
+# Both bootstrap the machine first (LLVM/MLIR 22 and ptxas; quiet when already present).
+
+CARGO ?= cargo
+DEMO ?= examples/kimi-linear-tiny.toml
+ORACLE ?= tests/fixtures/oracle/kimi_linear/model
+
+.PHONY: demo test bootstrap fmt
+
+bootstrap:
+	@scripts/bootstrap
+
+demo: bootstrap
+	$(CARGO) build --release -q -p lamina-compiler
+	@echo "== check $(DEMO)"
+	target/release/compile-model check $(DEMO)
+	@echo "== graph IR summary (first lines)"
+	target/release/compile-model ir $(DEMO) --stage graph | head -n 24
+	@echo "== reference run (random weights, seed 1): greedy continuation of 1,2,3,4,5"
+	target/release/compile-model run $(DEMO) --reference --seed 1 --tokens 1,2,3,4,5 --max-new-tokens 8
+	@echo "== reference run of a Hugging Face checkpoint (the tiny Kimi-Linear oracle model)"
+	target/release/compile-model run $(ORACLE) --reference --tokens 1,2,3,4,5 --max-new-tokens 8
+
+test: bootstrap
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -q -- -D warnings
+	$(CARGO) test --workspace -q
+
+fmt:
+	$(CARGO) fmt --all

@@ -1,0 +1,437 @@
+//! Bad input through the real binary: each case must exit non-zero with exactly one line on
+//! stderr that names the file and the field or tensor, and never panic.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use safetensors::tensor::{Dtype, TensorView};
+
+use crate::common::{oracle, read_all, repo};
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_compile-model")
+}
+
+/// Runs the binary and checks the error contract; returns stderr.
+fn fails(args: &[&str], needles: &[&str]) -> String {
+    let out = Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run compile-model");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "{args:?} succeeded; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    assert_eq!(
+        stderr.trim_end().lines().count(),
+        1,
+        "{args:?}: error is not one line:\n{stderr}"
+    );
+    for n in needles {
+        assert!(
+            stderr.contains(n),
+            "{args:?}: error does not mention {n:?}:\n{stderr}"
+        );
+    }
+    stderr
+}
+
+fn tiny_spec() -> String {
+    std::fs::read_to_string(repo().join("examples/qwen3-next-tiny.toml")).unwrap()
+}
+
+/// Writes a spec variant and checks `compile-model check` rejects it.
+fn bad_spec(text: &str, needles: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.toml");
+    std::fs::write(&p, text).unwrap();
+    let mut n = vec!["bad.toml"];
+    n.extend_from_slice(needles);
+    fails(&["check", p.to_str().unwrap()], &n);
+}
+
+#[test]
+fn malformed_toml() {
+    bad_spec("name = \"x\"\nvocab_size = [", &[":2"]);
+}
+
+#[test]
+fn wrong_type_in_spec() {
+    bad_spec(
+        &tiny_spec().replace("hidden_size = 64", "hidden_size = \"64\""),
+        &["invalid type"],
+    );
+}
+
+#[test]
+fn unknown_spec_field() {
+    bad_spec(
+        &tiny_spec().replace("hidden_size = 64", "hidden_size = 64\nhiden_size = 64"),
+        &["hiden_size"],
+    );
+}
+
+#[test]
+fn unknown_layer_kind() {
+    bad_spec(
+        &tiny_spec().replace("kind = \"gated_delta\"", "kind = \"mamba\""),
+        &["mamba"],
+    );
+}
+
+#[test]
+fn pattern_letter_without_mixer() {
+    bad_spec(
+        &tiny_spec().replace("pattern = \"LLLA\"", "pattern = \"LLLX\""),
+        &["layers.pattern", "'X'"],
+    );
+}
+
+#[test]
+fn inconsistent_head_counts() {
+    bad_spec(
+        &tiny_spec().replace("value_heads = 4", "value_heads = 3"),
+        &["mixer.L.value_heads"],
+    );
+}
+
+#[test]
+fn top_k_larger_than_experts() {
+    bad_spec(
+        &tiny_spec().replace("top_k = 2", "top_k = 9"),
+        &["ffn.M.top_k"],
+    );
+}
+
+#[test]
+fn odd_rotary_dim() {
+    bad_spec(
+        &tiny_spec().replace("rotary_dim = 8", "rotary_dim = 7"),
+        &["mixer.A.rope.rotary_dim"],
+    );
+}
+
+#[test]
+fn override_layer_out_of_range() {
+    let t = tiny_spec() + "\n[[layers.override]]\nlayers = [9]\nmixer = \"A\"\n";
+    bad_spec(&t, &["layers.override[0].layers"]);
+}
+
+#[test]
+fn zero_layers() {
+    bad_spec(
+        &tiny_spec().replace("num_layers = 4", "num_layers = 0"),
+        &["num_layers"],
+    );
+}
+
+/// A copy of an oracle checkpoint directory to corrupt.
+fn hf_copy(case: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("model");
+    std::fs::create_dir(&m).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(oracle(case).join("model").join(f), m.join(f)).unwrap();
+    }
+    (dir, m)
+}
+
+fn edit_config(m: &Path, f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
+    let p = m.join("config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    f(v.as_object_mut().unwrap());
+    std::fs::write(&p, serde_json::to_string_pretty(&v).unwrap()).unwrap();
+}
+
+#[test]
+fn config_invalid_json() {
+    let (_d, m) = hf_copy("qwen3_next");
+    std::fs::write(m.join("config.json"), "{\"model_type\": ").unwrap();
+    fails(
+        &["check", m.to_str().unwrap()],
+        &["config.json", "invalid JSON"],
+    );
+}
+
+#[test]
+fn config_unsupported_model_type() {
+    let (_d, m) = hf_copy("qwen3_next");
+    edit_config(&m, |c| {
+        c.insert("model_type".into(), "llama".into());
+    });
+    fails(
+        &["check", m.to_str().unwrap()],
+        &[
+            "config.json",
+            "model_type",
+            "qwen3_next, kimi_linear, deepseek_v3, minimax",
+        ],
+    );
+}
+
+#[test]
+fn config_unknown_key() {
+    let (_d, m) = hf_copy("kimi_linear");
+    edit_config(&m, |c| {
+        c.insert("sliding_window_size".into(), 512.into());
+    });
+    fails(
+        &["check", m.to_str().unwrap()],
+        &["config.json", "sliding_window_size"],
+    );
+}
+
+#[test]
+fn config_missing_key() {
+    let (_d, m) = hf_copy("deepseek_v3");
+    edit_config(&m, |c| {
+        c.remove("kv_lora_rank");
+    });
+    fails(
+        &["check", m.to_str().unwrap()],
+        &["config.json", "kv_lora_rank", "missing"],
+    );
+}
+
+#[test]
+fn config_wrong_type() {
+    let (_d, m) = hf_copy("minimax");
+    edit_config(&m, |c| {
+        c.insert("num_hidden_layers".into(), "4".into());
+    });
+    fails(
+        &["check", m.to_str().unwrap()],
+        &["config.json", "num_hidden_layers"],
+    );
+}
+
+#[test]
+fn config_unsupported_rope_type() {
+    let (_d, m) = hf_copy("qwen3_next");
+    edit_config(&m, |c| {
+        c.insert(
+            "rope_parameters".into(),
+            serde_json::json!({"rope_type": "longrope", "rope_theta": 10000.0}),
+        );
+    });
+    fails(
+        &["check", m.to_str().unwrap()],
+        &["config.json", "rope_type", "longrope"],
+    );
+}
+
+#[test]
+fn config_unsupported_activation() {
+    let (_d, m) = hf_copy("deepseek_v3");
+    edit_config(&m, |c| {
+        c.insert("hidden_act".into(), "gelu".into());
+    });
+    fails(
+        &["check", m.to_str().unwrap()],
+        &["config.json", "hidden_act"],
+    );
+}
+
+#[test]
+fn config_inconsistent_layer_types() {
+    let (_d, m) = hf_copy("kimi_linear");
+    edit_config(&m, |c| {
+        c.insert(
+            "layer_types".into(),
+            serde_json::json!(["linear_attention", "full_attention"]),
+        );
+    });
+    fails(
+        &["check", m.to_str().unwrap()],
+        &["config.json", "layer_types", "2 entries for 4 layers"],
+    );
+}
+
+#[test]
+fn truncated_safetensors() {
+    let (_d, m) = hf_copy("qwen3_next");
+    let p = m.join("model.safetensors");
+    let bytes = std::fs::read(&p).unwrap();
+    std::fs::write(&p, &bytes[..bytes.len() / 2]).unwrap();
+    fails(
+        &["run", m.to_str().unwrap(), "--reference", "--tokens", "1,2"],
+        &["model.safetensors", "not a valid safetensors"],
+    );
+}
+
+/// Rewrites the checkpoint with `f` applied to its tensor map.
+fn edit_tensors(m: &Path, f: impl FnOnce(&mut HashMap<String, (Vec<usize>, Vec<f32>)>)) {
+    let p = m.join("model.safetensors");
+    let mut t: HashMap<String, (Vec<usize>, Vec<f32>)> = read_all(&p)
+        .into_iter()
+        .map(|(k, v)| (k, (v.shape, v.data.iter().map(|&x| x as f32).collect())))
+        .collect();
+    f(&mut t);
+    let bytes: HashMap<String, (Vec<usize>, Vec<u8>)> = t
+        .into_iter()
+        .map(|(k, (s, d))| (k, (s, d.iter().flat_map(|x| x.to_le_bytes()).collect())))
+        .collect();
+    let views: HashMap<String, TensorView> = bytes
+        .iter()
+        .map(|(k, (s, d))| {
+            (
+                k.clone(),
+                TensorView::new(Dtype::F32, s.clone(), d).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(&p, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+#[test]
+fn missing_misshaped_and_unexpected_tensors_in_one_error() {
+    let (_d, m) = hf_copy("kimi_linear");
+    edit_tensors(&m, |t| {
+        t.remove("model.layers.1.self_attn.b_proj.weight");
+        let (_, d) = t.remove("model.layers.2.self_attn.o_norm.weight").unwrap();
+        t.insert(
+            "model.layers.2.self_attn.o_norm.weight".into(),
+            (vec![d.len() - 1], d[1..].to_vec()),
+        );
+        t.insert(
+            "model.layers.0.self_attn.extra.weight".into(),
+            (vec![2], vec![0.0, 1.0]),
+        );
+    });
+    fails(
+        &["run", m.to_str().unwrap(), "--reference", "--tokens", "1,2"],
+        &[
+            "1 missing: model.layers.1.self_attn.b_proj.weight",
+            "1 mis-shaped: model.layers.2.self_attn.o_norm.weight",
+            "1 unexpected: model.layers.0.self_attn.extra.weight",
+        ],
+    );
+}
+
+#[test]
+fn nan_in_weights() {
+    let (_d, m) = hf_copy("minimax");
+    edit_tensors(&m, |t| {
+        t.get_mut("model.norm.weight").unwrap().1[3] = f32::NAN;
+    });
+    fails(
+        &["run", m.to_str().unwrap(), "--reference", "--tokens", "1,2"],
+        &["model.norm.weight", "NaN"],
+    );
+}
+
+#[test]
+fn token_outside_vocabulary() {
+    let m = oracle("deepseek_v3").join("model");
+    fails(
+        &[
+            "run",
+            m.to_str().unwrap(),
+            "--reference",
+            "--tokens",
+            "1,256,3",
+        ],
+        &["tokens", "256", "0..256"],
+    );
+}
+
+#[test]
+fn negative_token() {
+    let spec = repo().join("examples/minimax-tiny.toml");
+    fails(
+        &[
+            "run",
+            spec.to_str().unwrap(),
+            "--reference",
+            "--tokens",
+            "4,-1",
+        ],
+        &["tokens", "-1"],
+    );
+}
+
+#[test]
+fn empty_prompt() {
+    let spec = repo().join("examples/minimax-tiny.toml");
+    fails(
+        &["run", spec.to_str().unwrap(), "--reference", "--tokens", ""],
+        &["tokens"],
+    );
+}
+
+#[test]
+fn missing_model_path() {
+    fails(
+        &["check", "/nonexistent/model.toml"],
+        &["/nonexistent/model.toml"],
+    );
+}
+
+#[test]
+fn directory_without_config() {
+    let d = tempfile::tempdir().unwrap();
+    fails(&["check", d.path().to_str().unwrap()], &["config.json"]);
+}
+
+#[test]
+fn zero_new_tokens() {
+    let spec = repo().join("examples/minimax-tiny.toml");
+    fails(
+        &[
+            "run",
+            spec.to_str().unwrap(),
+            "--reference",
+            "--tokens",
+            "1",
+            "--max-new-tokens",
+            "0",
+        ],
+        &["--max-new-tokens"],
+    );
+}
+
+#[test]
+fn logits_out_is_written_atomically_and_complete() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("logits.safetensors");
+    let spec = repo().join("examples/kimi-linear-tiny.toml");
+    let st = Command::new(bin())
+        .args([
+            "run",
+            spec.to_str().unwrap(),
+            "--reference",
+            "--tokens",
+            "5,6,7",
+            "--max-new-tokens",
+            "3",
+            "--logits-out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let t = read_all(&out);
+    assert_eq!(t["prefill_logits"].shape, vec![3, 256]);
+    assert_eq!(t["decode_logits"].shape, vec![3, 256]);
+    assert_eq!(t["tokens"].shape, vec![3]);
+    let printed: Vec<f64> = String::from_utf8_lossy(&st.stdout)
+        .trim()
+        .split(',')
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(printed, t["tokens"].data);
+    assert_eq!(
+        std::fs::read_dir(d.path()).unwrap().count(),
+        1,
+        "no temporary file left behind"
+    );
+}

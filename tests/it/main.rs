@@ -1,0 +1,10 @@
+//! Lamina's whole-system tests, one binary: oracle fixtures (transformers / fla), kernel
+//! vectors, chunked-vs-recurrent forms, graph IR snapshots of every example, model accounting,
+//! and bad input through the `compile-model` binary.
+
+mod bad_input;
+mod common;
+mod kernels;
+mod models;
+mod oracle;
+mod snapshots;

@@ -1,1 +1,0 @@
-//! Test-only crate: see it/main.rs.
