@@ -1,6 +1,7 @@
 # Lamina: `make demo` runs the main job on a bundled example; `make test` runs every test.
 # Both bootstrap the machine first (LLVM/MLIR 22 and ptxas; quiet when already present).
 
+SHELL := /bin/bash
 CARGO ?= cargo
 DEMO ?= examples/kimi-linear-tiny.toml
 ORACLE ?= tests/fixtures/oracle/kimi_linear/model
@@ -24,7 +25,9 @@ demo: bootstrap
 test: bootstrap
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -q -- -D warnings
-	$(CARGO) test --workspace -q
+	@mkdir -p target
+	set -o pipefail; $(CARGO) test --workspace -q 2>&1 | tee target/test-output.log
+	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "tests: %d passed, %d failed\n", p, f}' target/test-output.log
 
 fmt:
 	$(CARGO) fmt --all

@@ -147,8 +147,10 @@ fn yarn_beta_fast() -> f64 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum MixerSpec {
-    /// DeltaNet (`gated = false`) or Gated DeltaNet (Qwen3-Next linear attention).
+    /// Gated DeltaNet (Qwen3-Next linear attention).
     GatedDelta(GatedDeltaSpec),
+    /// DeltaNet: the delta rule without decay (alpha = 1; no A_log, dt_bias or a projection).
+    Delta(GatedDeltaSpec),
     /// Kimi Delta Attention: per-key-channel decay.
     Kda(KdaSpec),
     /// MiniMax-01 lightning attention: additive update, fixed per-head decay.
@@ -167,13 +169,6 @@ pub struct GatedDeltaSpec {
     pub key_head_dim: usize,
     pub value_head_dim: usize,
     pub conv_kernel: usize,
-    /// false: plain DeltaNet (alpha = 1, no A_log / dt_bias / a projection).
-    #[serde(default = "yes")]
-    pub gated: bool,
-}
-
-fn yes() -> bool {
-    true
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -299,7 +294,7 @@ pub struct LayerPlan<'a> {
 impl MixerSpec {
     pub fn kind_name(&self) -> &'static str {
         match self {
-            MixerSpec::GatedDelta(s) if !s.gated => "delta",
+            MixerSpec::Delta(_) => "delta",
             MixerSpec::GatedDelta(_) => "gated_delta",
             MixerSpec::Kda(_) => "kda",
             MixerSpec::Lightning(_) => "lightning",
@@ -312,7 +307,10 @@ impl MixerSpec {
     pub fn is_linear(&self) -> bool {
         matches!(
             self,
-            MixerSpec::GatedDelta(_) | MixerSpec::Kda(_) | MixerSpec::Lightning(_)
+            MixerSpec::GatedDelta(_)
+                | MixerSpec::Delta(_)
+                | MixerSpec::Kda(_)
+                | MixerSpec::Lightning(_)
         )
     }
 }
@@ -523,7 +521,7 @@ impl RopeSpec {
 impl MixerSpec {
     fn validate(&self, p: &str) -> Result<()> {
         match self {
-            MixerSpec::GatedDelta(s) => {
+            MixerSpec::GatedDelta(s) | MixerSpec::Delta(s) => {
                 check_positive(
                     p,
                     &[

@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod common;
+mod import;
 mod kernels;
 mod models;
 mod oracle;

@@ -185,3 +185,71 @@ pub fn verify(g: &Graph) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::verify;
+    use crate::graph::build::build_graph;
+    use crate::graph::{DType, Op};
+    use crate::spec::ModelSpec;
+
+    fn graph() -> crate::graph::Graph {
+        let text = include_str!("../../../examples/qwen3-next-tiny.toml");
+        build_graph(&ModelSpec::from_toml_str(text, Path::new("qwen3-next-tiny.toml")).unwrap())
+            .unwrap()
+    }
+
+    #[test]
+    fn rejects_bf16_recurrent_state() {
+        let mut g = graph();
+        let id =
+            g.g.node_indices()
+                .find_map(|n| match &g.g[n].op {
+                    Op::Recurrence { state, .. } => Some(*state),
+                    _ => None,
+                })
+                .unwrap();
+        g.states[id.0].dtype = DType::Bf16;
+        let e = verify(&g).unwrap_err().to_string();
+        assert!(
+            e.contains("layers.0.mixer.recurrence") && e.contains("precision rule"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn rejects_undeclared_weight_and_bad_shapes() {
+        let mut g = graph();
+        g.weights.remove("layers.1.mixer.q_proj");
+        let e = verify(&g).unwrap_err().to_string();
+        assert!(
+            e.contains("node layers.1.mixer.q_proj") && e.contains("not declared"),
+            "{e}"
+        );
+
+        let mut g = graph();
+        let n =
+            g.g.node_indices()
+                .find(|&n| g.g[n].name == "layers.3.mixer.o_proj")
+                .unwrap();
+        if let Op::Linear { in_dim, .. } = &mut g.g[n].op {
+            *in_dim += 1;
+        }
+        let e = verify(&g).unwrap_err().to_string();
+        assert!(e.contains("layers.3.mixer.o_proj"), "{e}");
+    }
+
+    #[test]
+    fn rejects_f32_decay_rule_violation() {
+        let mut g = graph();
+        let n =
+            g.g.node_indices()
+                .find(|&n| matches!(g.g[n].op, Op::DecayGate { .. }))
+                .unwrap();
+        g.g[n].ty.dtype = DType::Bf16;
+        let e = verify(&g).unwrap_err().to_string();
+        assert!(e.contains("layers.0.mixer.decay_gate"), "{e}");
+    }
+}

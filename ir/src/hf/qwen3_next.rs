@@ -92,7 +92,6 @@ pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn Source
             key_head_dim: c.usize("linear_key_head_dim")?,
             value_head_dim: c.usize("linear_value_head_dim")?,
             conv_kernel: c.usize_or("linear_conv_kernel_dim", 4)?,
-            gated: true,
         }),
     );
     mixer.insert(

@@ -53,7 +53,13 @@ fn recurrence(b: &mut Builder, p: &str, rec: Recurrence, operands: &[NodeIndex])
 }
 
 /// Gated DeltaNet (Qwen3-Next) and, with `gated = false`, DeltaNet.
-pub(super) fn gated_delta(b: &mut Builder, p: &str, h: NodeIndex, s: &GatedDeltaSpec) -> NodeIndex {
+pub(super) fn gated_delta(
+    b: &mut Builder,
+    p: &str,
+    h: NodeIndex,
+    s: &GatedDeltaSpec,
+    gated: bool,
+) -> NodeIndex {
     let (hk, hv, dk, dv) = (s.key_heads, s.value_heads, s.key_head_dim, s.value_head_dim);
     let d = b.spec.hidden_size;
     let q = b.linear(&format!("{p}.q_proj"), h, hk * dk, WeightKind::Dense);
@@ -68,7 +74,7 @@ pub(super) fn gated_delta(b: &mut Builder, p: &str, h: NodeIndex, s: &GatedDelta
     let k = l2norm(b, &format!("{p}.k_l2norm"), k, dk);
     let beta = b.unary(&format!("{p}.beta"), Unary::Sigmoid, bl);
     let mut operands = vec![q, k, v];
-    let decay = if s.gated {
+    let decay = if gated {
         let a = b.linear(&format!("{p}.a_proj"), h, hv, WeightKind::Dense);
         let a_log = b.weight(&format!("{p}.A_log"), &[hv], WeightKind::Small);
         let dt_bias = b.weight(&format!("{p}.dt_bias"), &[hv], WeightKind::Small);

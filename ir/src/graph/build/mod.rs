@@ -61,7 +61,8 @@ pub fn build_graph(spec: &ModelSpec) -> Result<Graph> {
         let h = b.norm(&format!("layers.{i}.mixer_norm"), x, d);
         let p = format!("layers.{i}.mixer");
         let m = match layer.mixer {
-            MixerSpec::GatedDelta(s) => linear_attention::gated_delta(&mut b, &p, h, s),
+            MixerSpec::GatedDelta(s) => linear_attention::gated_delta(&mut b, &p, h, s, true),
+            MixerSpec::Delta(s) => linear_attention::gated_delta(&mut b, &p, h, s, false),
             MixerSpec::Kda(s) => linear_attention::kda(&mut b, &p, h, s),
             MixerSpec::Lightning(s) => linear_attention::lightning(&mut b, &p, h, s),
             MixerSpec::Gqa(s) => attention::gqa(&mut b, &p, h, s),
