@@ -400,6 +400,15 @@ impl ModelSpec {
                 format!("{} is not in (0, 1)", self.norm.eps),
             ));
         }
+        let r = &self.residual;
+        check_finite(&[
+            ("residual.linear_alpha", r.linear_alpha),
+            ("residual.linear_beta", r.linear_beta),
+            ("residual.attention_alpha", r.attention_alpha),
+            ("residual.attention_beta", r.attention_beta),
+            ("residual.ffn_alpha", r.ffn_alpha),
+            ("residual.ffn_beta", r.ffn_beta),
+        ])?;
         if self.layers.pattern.is_empty() {
             return Err(bad("layers.pattern", "is empty".into()));
         }
@@ -471,6 +480,29 @@ impl ModelSpec {
     }
 }
 
+/// Rejects NaN and infinities (TOML accepts `nan` and `inf`).
+fn check_finite(fields: &[(&str, f64)]) -> Result<()> {
+    for (name, v) in fields {
+        if !v.is_finite() {
+            return Err(Error::spec_field(
+                name,
+                format!("{v} is not a finite number"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An optional norm epsilon must be in (0, 1).
+fn check_eps(field: &str, eps: Option<f64>) -> Result<()> {
+    match eps {
+        Some(e) if !(e > 0.0 && e < 1.0) => {
+            Err(Error::spec_field(field, format!("{e} is not in (0, 1)")))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn check_positive(prefix: &str, fields: &[(&str, usize)]) -> Result<()> {
     for (name, v) in fields {
         if *v == 0 {
@@ -486,6 +518,17 @@ fn check_positive(prefix: &str, fields: &[(&str, usize)]) -> Result<()> {
 impl RopeSpec {
     fn validate(&self, prefix: &str, head_dim: usize) -> Result<()> {
         let field = format!("{prefix}.rope.rotary_dim");
+        check_finite(&[(&format!("{prefix}.rope.theta"), self.theta)])?;
+        if let Some(y) = &self.yarn {
+            let f = |k: &str| format!("{prefix}.rope.yarn.{k}");
+            check_finite(&[
+                (&f("factor"), y.factor),
+                (&f("beta_fast"), y.beta_fast),
+                (&f("beta_slow"), y.beta_slow),
+                (&f("mscale"), y.mscale),
+                (&f("mscale_all_dim"), y.mscale_all_dim),
+            ])?;
+        }
         if self.rotary_dim == 0 || !self.rotary_dim.is_multiple_of(2) || self.rotary_dim > head_dim
         {
             return Err(Error::spec_field(
@@ -542,18 +585,29 @@ impl MixerSpec {
                     ));
                 }
             }
-            MixerSpec::Kda(s) => check_positive(
-                p,
-                &[
-                    ("heads", s.heads),
-                    ("head_dim", s.head_dim),
-                    ("conv_kernel", s.conv_kernel),
-                    ("gate_rank", s.gate_rank),
-                    ("output_gate_rank", s.output_gate_rank),
-                ],
-            )?,
+            MixerSpec::Kda(s) => {
+                check_positive(
+                    p,
+                    &[
+                        ("heads", s.heads),
+                        ("head_dim", s.head_dim),
+                        ("conv_kernel", s.conv_kernel),
+                        ("gate_rank", s.gate_rank),
+                        ("output_gate_rank", s.output_gate_rank),
+                    ],
+                )?;
+                if let Some(lb) = s.lower_bound {
+                    if !(lb < 0.0 && lb.is_finite()) {
+                        return Err(Error::spec_field(
+                            &format!("{p}.lower_bound"),
+                            format!("{lb} must be a negative number (the gate is a log-decay)"),
+                        ));
+                    }
+                }
+            }
             MixerSpec::Lightning(s) => {
-                check_positive(p, &[("heads", s.heads), ("head_dim", s.head_dim)])?
+                check_positive(p, &[("heads", s.heads), ("head_dim", s.head_dim)])?;
+                check_eps(&format!("{p}.norm_eps"), s.norm_eps)?;
             }
             MixerSpec::Gqa(s) => {
                 check_positive(
@@ -585,6 +639,7 @@ impl MixerSpec {
                         ("v_head_dim", s.v_head_dim),
                     ],
                 )?;
+                check_eps(&format!("{p}.norm_eps"), s.norm_eps)?;
                 if s.q_lora_rank == Some(0) {
                     return Err(Error::spec_field(
                         &format!("{p}.q_lora_rank"),
@@ -666,7 +721,7 @@ impl FfnSpec {
                         "needs a shared expert (shared_intermediate > 0)".into(),
                     ));
                 }
-                if m.routed_scaling.is_nan() || m.routed_scaling <= 0.0 {
+                if !(m.routed_scaling.is_finite() && m.routed_scaling > 0.0) {
                     return Err(Error::spec_field(
                         &format!("{p}.routed_scaling"),
                         "must be positive".into(),

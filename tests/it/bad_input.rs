@@ -122,6 +122,53 @@ fn override_layer_out_of_range() {
 }
 
 #[test]
+fn non_finite_rope_theta() {
+    bad_spec(
+        &tiny_spec().replace("theta = 10000.0", "theta = nan"),
+        &["mixer.A.rope.theta", "finite"],
+    );
+}
+
+#[test]
+fn positive_kda_lower_bound() {
+    let spec = std::fs::read_to_string(repo().join("examples/kimi-linear-tiny.toml")).unwrap();
+    bad_spec(
+        &spec.replace(
+            "output_gate_rank = 16",
+            "output_gate_rank = 16\nlower_bound = 5.0",
+        ),
+        &["mixer.K.lower_bound"],
+    );
+}
+
+#[test]
+fn infinite_residual_scale() {
+    let spec = std::fs::read_to_string(repo().join("examples/minimax-tiny.toml")).unwrap();
+    bad_spec(
+        &spec.replace("ffn_alpha = 1.5", "ffn_alpha = inf"),
+        &["residual.ffn_alpha"],
+    );
+}
+
+/// Finite weights whose activations overflow f32: the executor names the node instead of
+/// printing tokens chosen from infinite logits.
+#[test]
+fn overflowing_activations_are_reported() {
+    let (_d, m) = hf_copy("deepseek_v3");
+    edit_tensors(&m, |t| {
+        for name in ["model.norm.weight", "lm_head.weight"] {
+            for v in t.get_mut(name).unwrap().1.iter_mut() {
+                *v *= 1e30;
+            }
+        }
+    });
+    fails(
+        &["run", m.to_str().unwrap(), "--reference", "--tokens", "1,2"],
+        &["node lm_head", "NaN or infinite"],
+    );
+}
+
+#[test]
 fn zero_layers() {
     bad_spec(
         &tiny_spec().replace("num_layers = 4", "num_layers = 0"),

@@ -122,6 +122,12 @@ impl<'g, F: Real> Reference<'g, F> {
             let cols = node.ty.cols.unwrap_or(1);
             let out = self.eval(&node.op, &ins, tokens, sess, cols);
             debug_assert_eq!(out.data.len(), t_len * cols, "{}", node.name);
+            if out.data.iter().any(|x| !x.is_finite()) {
+                return Err(Error::input(
+                    "forward",
+                    format!("node {} produced NaN or infinite values", node.name),
+                ));
+            }
             if taps.contains(&node.name.as_str()) {
                 captured.insert(node.name.clone(), out.clone());
             }

@@ -28,15 +28,11 @@ pub fn route<F: Real>(m: &MoeSpec, logits: &[F], bias: Option<&[F]>) -> Vec<(usi
         let mut gs: Vec<(usize, F)> = (0..m.groups)
             .map(|g| {
                 let mut s: Vec<F> = choice[g * per..(g + 1) * per].to_vec();
-                s.sort_by(|a, b| b.partial_cmp(a).expect("finite scores"));
+                s.sort_by(|a, b| b.total_cmp(a));
                 (g, s.iter().take(2).copied().sum())
             })
             .collect();
-        gs.sort_by(|a, b| {
-            b.1.partial_cmp(&a.1)
-                .expect("finite scores")
-                .then(a.0.cmp(&b.0))
-        });
+        gs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         let keep: Vec<usize> = gs.iter().take(m.topk_groups).map(|x| x.0).collect();
         for (e, c) in choice.iter_mut().enumerate() {
             if !keep.contains(&(e / per)) {
@@ -44,13 +40,9 @@ pub fn route<F: Real>(m: &MoeSpec, logits: &[F], bias: Option<&[F]>) -> Vec<(usi
             }
         }
     }
+    // total_cmp: a NaN score cannot panic here; the executor reports non-finite node outputs.
     let mut order: Vec<usize> = (0..e_n).collect();
-    order.sort_by(|&a, &b| {
-        choice[b]
-            .partial_cmp(&choice[a])
-            .expect("finite scores")
-            .then(a.cmp(&b))
-    });
+    order.sort_by(|&a, &b| choice[b].total_cmp(&choice[a]).then(a.cmp(&b)));
     let sel = &order[..m.top_k];
     let mut w: Vec<F> = sel.iter().map(|&e| scores[e]).collect();
     if m.renormalize {

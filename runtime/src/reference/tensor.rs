@@ -6,7 +6,17 @@ use std::iter::Sum;
 use num_traits::{Float, FromPrimitive, ToPrimitive};
 
 /// The element type the reference executor computes in (f32 or f64).
-pub trait Real: Float + FromPrimitive + ToPrimitive + Sum + Debug + Send + Sync + 'static {
+pub trait Real:
+    Float
+    + num_traits::float::TotalOrder
+    + FromPrimitive
+    + ToPrimitive
+    + Sum
+    + Debug
+    + Send
+    + Sync
+    + 'static
+{
     fn of(v: f64) -> Self {
         Self::from_f64(v).expect("every f64 converts to f32/f64")
     }
