@@ -84,20 +84,6 @@ pub trait SourceMap {
     }
 }
 
-/// Canonical names are the checkpoint's names (Lamina's own safetensors files).
-pub struct IdentityMap;
-
-impl SourceMap for IdentityMap {
-    fn source(
-        &self,
-        canonical: &str,
-        shape: &[usize],
-        _has: &dyn Fn(&str) -> bool,
-    ) -> Option<Source> {
-        Some(Source::whole(canonical, shape))
-    }
-}
-
 /// The safetensors files of a checkpoint directory, memory-mapped.
 pub struct Checkpoint {
     files: Vec<(PathBuf, Mmap)>,

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 
 use petgraph::stable_graph::{NodeIndex, StableGraph};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::spec::{MixerSpec, ModelSpec, ResidualStyle};
 
 use super::{
@@ -257,13 +257,5 @@ impl<'s> Builder<'s> {
                 self.node(name, Op::Add { alpha, beta }, &[normed, out])
             }
         }
-    }
-}
-
-/// A convenience for error messages from graph construction outside the builder.
-pub fn graph_error(node: &str, msg: impl Into<String>) -> Error {
-    Error::Graph {
-        node: node.to_string(),
-        msg: msg.into(),
     }
 }
