@@ -84,11 +84,20 @@ pub trait SourceMap {
     }
 }
 
+/// A tensor's place in a checkpoint.
+struct Entry {
+    file: usize,
+    shape: Vec<usize>,
+    dtype: Dtype,
+    /// Byte range of the data within the file's map.
+    bytes: std::ops::Range<usize>,
+}
+
 /// The safetensors files of a checkpoint directory, memory-mapped.
 pub struct Checkpoint {
     files: Vec<(PathBuf, Mmap)>,
-    /// tensor name → (index into `files`, shape).
-    index: BTreeMap<String, (usize, Vec<usize>)>,
+    /// tensor name → where it lies; the headers are parsed once, at open.
+    index: BTreeMap<String, Entry>,
 }
 
 impl Checkpoint {
@@ -142,10 +151,15 @@ impl Checkpoint {
             let st = SafeTensors::deserialize(&mmap)
                 .map_err(|e| Error::weights(&p, format!("not a valid safetensors file: {e:?}")))?;
             for (name, view) in st.tensors() {
-                if let Some((prev, _)) =
-                    index.insert(name.to_string(), (files.len(), view.shape().to_vec()))
-                {
-                    let prev: &(PathBuf, Mmap) = &files[prev];
+                let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+                let entry = Entry {
+                    file: files.len(),
+                    shape: view.shape().to_vec(),
+                    dtype: view.dtype(),
+                    bytes: start..start + view.data().len(),
+                };
+                if let Some(prev) = index.insert(name.to_string(), entry) {
+                    let prev: &(PathBuf, Mmap) = &files[prev.file];
                     return Err(Error::weights(
                         &p,
                         format!("tensor {name} also appears in {}", prev.0.display()),
@@ -166,24 +180,25 @@ impl Checkpoint {
     }
 
     fn file_of(&self, name: &str) -> &Path {
-        &self.files[self.index[name].0].0
+        &self.files[self.index[name].file].0
     }
 
     /// Shape of a checkpoint tensor.
     pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.index.get(name).map(|(_, s)| s.clone())
+        self.index.get(name).map(|e| e.shape.clone())
     }
 
     /// Reads a tensor, converting to f32.
     pub fn read_f32(&self, name: &str) -> Result<HostTensor> {
-        let (path, mmap) = &self.files[self.index[name].0];
-        let st = SafeTensors::deserialize(mmap)
-            .map_err(|e| Error::weights(path, format!("not a valid safetensors file: {e:?}")))?;
-        let t = st
-            .tensor(name)
-            .map_err(|e| Error::weights(path, format!("tensor {name}: {e:?}")))?;
-        let b = t.data();
-        let data: Vec<f32> = match t.dtype() {
+        let e = self.index.get(name).ok_or_else(|| {
+            Error::weights(
+                &self.files[0].0,
+                format!("no tensor {name} in the checkpoint"),
+            )
+        })?;
+        let (path, mmap) = &self.files[e.file];
+        let b = &mmap[e.bytes.clone()];
+        let data: Vec<f32> = match e.dtype {
             Dtype::F32 => b
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -216,7 +231,7 @@ impl Checkpoint {
             ));
         };
         Ok(HostTensor {
-            shape: t.shape().to_vec(),
+            shape: e.shape.clone(),
             data,
         })
     }

@@ -300,6 +300,26 @@ fn config_inconsistent_layer_types() {
 }
 
 #[test]
+fn config_unknown_layer_type() {
+    let (_d, m) = hf_copy("minimax");
+    edit_config(&m, |c| {
+        c.insert(
+            "layer_types".into(),
+            serde_json::json!([
+                "linear_attention",
+                "mamba",
+                "linear_attention",
+                "full_attention"
+            ]),
+        );
+    });
+    fails(
+        &["check", m.to_str().unwrap()],
+        &["config.json", "layer_types[1]", "mamba"],
+    );
+}
+
+#[test]
 fn truncated_safetensors() {
     let (_d, m) = hf_copy("qwen3_next");
     let p = m.join("model.safetensors");

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde_json::json;
 
-use super::{common_source, expert_source, layer_of, split_layer, Cfg};
+use super::{common_source, expand_layers, expert_source, layer_of, split_layer, Cfg};
 use crate::error::Result;
 use crate::spec::*;
 use crate::weights::{Source, SourceMap};
@@ -129,7 +129,11 @@ pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn Source
     };
     c.ignore(&["rope_theta", "rope_scaling", "rope_parameters"]);
     c.finish()?;
-    Ok((spec.clone(), Box::new(DeepseekMap { spec })))
+    let map = DeepseekMap {
+        num_layers: spec.num_layers,
+        layers: expand_layers(&spec),
+    };
+    Ok((spec, Box::new(map)))
 }
 
 pub(super) fn mla_source(i: usize, m: &str, shape: &[usize]) -> Option<Source> {
@@ -145,7 +149,8 @@ pub(super) fn mla_source(i: usize, m: &str, shape: &[usize]) -> Option<Source> {
 }
 
 struct DeepseekMap {
-    spec: ModelSpec,
+    num_layers: usize,
+    layers: Vec<(MixerSpec, FfnSpec)>,
 }
 
 impl SourceMap for DeepseekMap {
@@ -172,7 +177,7 @@ impl SourceMap for DeepseekMap {
                     Source::whole(format!("{base}.shared_experts.{w}.weight"), shape)
                 } else if let Some(x) = f.strip_prefix("experts.") {
                     let (e, which) = x.split_once('.')?;
-                    let experts = match self.spec.layer_plan().get(i)?.ffn {
+                    let experts = match &self.layers.get(i)?.1 {
                         FfnSpec::Moe(m) => m.experts,
                         _ => return None,
                     };
@@ -195,6 +200,6 @@ impl SourceMap for DeepseekMap {
     /// Multi-token-prediction layers (`model.layers.{num_layers}…`) are not part of the
     /// next-token model.
     fn ignorable(&self, tensor: &str) -> bool {
-        layer_of(tensor).is_some_and(|l| l >= self.spec.num_layers)
+        layer_of(tensor).is_some_and(|l| l >= self.num_layers)
     }
 }

@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 
 use serde_json::{json, Value};
 
-use super::{common_source, deepseek_v3::mla_source, expert_source, split_layer, Cfg};
+use super::{
+    common_source, deepseek_v3::mla_source, expand_layers, expert_source, letters_from_types,
+    split_layer, Cfg,
+};
 use crate::error::Result;
 use crate::spec::*;
 use crate::weights::{Source, SourceMap};
@@ -106,25 +109,18 @@ pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn Source
             let types = c
                 .str_list("layer_types")?
                 .ok_or_else(|| c.err("layer_types", "missing (and no linear_attn_config)"))?;
-            if types.len() != layers {
-                return Err(c.err(
-                    "layer_types",
-                    format!("has {} entries for {layers} layers", types.len()),
-                ));
-            }
-            let mut p = String::new();
-            for (i, t) in types.iter().enumerate() {
-                p.push(match t.as_str() {
-                    "linear_attention" | "kda" => 'K',
-                    "full_attention" | "mla" => 'A',
-                    other => {
-                        return Err(c.err(
-                            &format!("layer_types[{i}]"),
-                            format!("unknown layer type \"{other}\""),
-                        ))
-                    }
-                });
-            }
+            let p = letters_from_types(
+                c,
+                "layer_types",
+                &types,
+                layers,
+                &[
+                    ("linear_attention", 'K'),
+                    ("kda", 'K'),
+                    ("full_attention", 'A'),
+                    ("mla", 'A'),
+                ],
+            )?;
             (
                 p,
                 c.usize_any(&["linear_num_heads", "linear_num_key_heads"])?,
@@ -150,25 +146,13 @@ pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn Source
 
     // FFN kinds: `mlp_layer_types`, or first_k_dense_replace / moe_layer_freq.
     let ffn_pattern: String = match c.str_list("mlp_layer_types")? {
-        Some(t) => {
-            if t.len() != layers {
-                return Err(c.err(
-                    "mlp_layer_types",
-                    format!("has {} entries for {layers} layers", t.len()),
-                ));
-            }
-            t.iter()
-                .enumerate()
-                .map(|(i, s)| match s.as_str() {
-                    "dense" => Ok('D'),
-                    "sparse" | "moe" => Ok('M'),
-                    other => Err(c.err(
-                        &format!("mlp_layer_types[{i}]"),
-                        format!("unknown MLP type \"{other}\""),
-                    )),
-                })
-                .collect::<Result<String>>()?
-        }
+        Some(t) => letters_from_types(
+            c,
+            "mlp_layer_types",
+            &t,
+            layers,
+            &[("dense", 'D'), ("sparse", 'M'), ("moe", 'M')],
+        )?,
         None => {
             let dense = c.usize_or("first_k_dense_replace", 1)?;
             let freq = c.usize_or("moe_layer_freq", 1)?;
@@ -268,11 +252,14 @@ pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn Source
         ffn,
     };
     c.finish()?;
-    Ok((spec.clone(), Box::new(KimiMap { spec })))
+    let map = KimiMap {
+        layers: expand_layers(&spec),
+    };
+    Ok((spec, Box::new(map)))
 }
 
 struct KimiMap {
-    spec: ModelSpec,
+    layers: Vec<(MixerSpec, FfnSpec)>,
 }
 
 impl SourceMap for KimiMap {
@@ -286,10 +273,10 @@ impl SourceMap for KimiMap {
             return Some(Source::whole(t, shape));
         }
         let (i, rest) = split_layer(canonical)?;
-        let layer = self.spec.layer_plan().into_iter().nth(i)?;
+        let (mixer, ffn) = self.layers.get(i)?;
         if let Some(m) = rest.strip_prefix("mixer.") {
             let a = format!("model.layers.{i}.self_attn");
-            return match layer.mixer {
+            return match mixer {
                 MixerSpec::Kda(s) => Some(match m {
                     "q_conv" | "k_conv" | "v_conv" => {
                         Source::whole(format!("{a}.{m}1d.weight"), &[shape[0], 1, shape[1]])
@@ -311,7 +298,7 @@ impl SourceMap for KimiMap {
         } else {
             format!("model.layers.{i}.block_sparse_moe")
         };
-        match layer.ffn {
+        match ffn {
             FfnSpec::Swiglu { .. } => Some(Source::whole(format!("{base}.{f}.weight"), shape)),
             FfnSpec::Moe(moe) => Some(match f {
                 "router" => Source::whole(format!("{base}.gate.weight"), shape),

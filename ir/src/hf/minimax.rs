@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde_json::json;
 
-use super::{common_source, expert_source, split_layer, Cfg};
+use super::{common_source, expand_layers, expert_source, letters_from_types, split_layer, Cfg};
 use crate::error::Result;
 use crate::spec::*;
 use crate::weights::{Source, SourceMap};
@@ -40,23 +40,13 @@ pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn Source
     let head_dim = c.usize_or("head_dim", hidden / heads.max(1))?;
     // transformers: layer_types; the original config: attn_type_list (0 = lightning, 1 = softmax).
     let pattern: String = if let Some(t) = c.str_list("layer_types")? {
-        if t.len() != layers {
-            return Err(c.err(
-                "layer_types",
-                format!("has {} entries for {layers} layers", t.len()),
-            ));
-        }
-        t.iter()
-            .enumerate()
-            .map(|(i, s)| match s.as_str() {
-                "linear_attention" => Ok('L'),
-                "full_attention" => Ok('A'),
-                other => Err(c.err(
-                    &format!("layer_types[{i}]"),
-                    format!("unknown layer type \"{other}\""),
-                )),
-            })
-            .collect::<Result<String>>()?
+        letters_from_types(
+            c,
+            "layer_types",
+            &t,
+            layers,
+            &[("linear_attention", 'L'), ("full_attention", 'A')],
+        )?
     } else if let Some(v) = c.get("attn_type_list") {
         let l = c.usize_list(v, "attn_type_list")?;
         if l.len() != layers {
@@ -140,11 +130,14 @@ pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn Source
         ffn,
     };
     c.finish()?;
-    Ok((spec.clone(), Box::new(MiniMaxMap { spec })))
+    let map = MiniMaxMap {
+        layers: expand_layers(&spec),
+    };
+    Ok((spec, Box::new(map)))
 }
 
 struct MiniMaxMap {
-    spec: ModelSpec,
+    layers: Vec<(MixerSpec, FfnSpec)>,
 }
 
 impl SourceMap for MiniMaxMap {
@@ -158,10 +151,10 @@ impl SourceMap for MiniMaxMap {
             return Some(Source::whole(t, shape));
         }
         let (i, rest) = split_layer(canonical)?;
-        let layer = self.spec.layer_plan().into_iter().nth(i)?;
+        let (mixer, ffn) = self.layers.get(i)?;
         if let Some(m) = rest.strip_prefix("mixer.") {
             let a = format!("model.layers.{i}.self_attn");
-            let t = match (layer.mixer, m) {
+            let t = match (mixer, m) {
                 (MixerSpec::Lightning(_), "o_proj") => "out_proj",
                 _ => m,
             };
@@ -169,7 +162,7 @@ impl SourceMap for MiniMaxMap {
         }
         let f = rest.strip_prefix("ffn.")?;
         let base = format!("model.layers.{i}.block_sparse_moe");
-        let FfnSpec::Moe(moe) = layer.ffn else {
+        let FfnSpec::Moe(moe) = ffn else {
             return None;
         };
         if f == "router" {

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::spec::{ModelSpec, RopeSpec, RopeStyle, YarnSpec};
+use crate::spec::{FfnSpec, MixerSpec, ModelSpec, RopeSpec, RopeStyle, YarnSpec};
 use crate::weights::SourceMap;
 
 pub const SUPPORTED: &[&str] = &["qwen3_next", "kimi_linear", "deepseek_v3", "minimax"];
@@ -444,4 +444,40 @@ pub(crate) fn expert_source(
             vec![(e * r, r)],
         ),
     })
+}
+
+/// Each layer's mixer and FFN, expanded once when a source map is made (not per weight).
+pub(crate) fn expand_layers(spec: &ModelSpec) -> Vec<(MixerSpec, FfnSpec)> {
+    spec.layer_plan()
+        .into_iter()
+        .map(|l| (l.mixer.clone(), l.ffn.clone()))
+        .collect()
+}
+
+/// A per-layer type list (`layer_types`, `mlp_layer_types`) as spec letters, checking its
+/// length against `layers` and naming the offending entry.
+pub(crate) fn letters_from_types(
+    c: &Cfg,
+    key: &str,
+    types: &[String],
+    layers: usize,
+    letters: &[(&str, char)],
+) -> Result<String> {
+    if types.len() != layers {
+        return Err(c.err(
+            key,
+            format!("has {} entries for {layers} layers", types.len()),
+        ));
+    }
+    types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            letters
+                .iter()
+                .find(|(name, _)| name == t)
+                .map(|(_, l)| *l)
+                .ok_or_else(|| c.err(&format!("{key}[{i}]"), format!("unknown type \"{t}\"")))
+        })
+        .collect()
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde_json::json;
 
-use super::{common_source, expert_source, split_layer, Cfg};
+use super::{common_source, expand_layers, expert_source, letters_from_types, split_layer, Cfg};
 use crate::error::Result;
 use crate::spec::*;
 use crate::weights::{Source, SourceMap};
@@ -38,25 +38,13 @@ pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn Source
         }
     };
     c.ignore(&["full_attention_interval"]);
-    if types.len() != layers {
-        return Err(c.err(
-            "layer_types",
-            format!("has {} entries for {layers} layers", types.len()),
-        ));
-    }
-    let mut pattern = String::new();
-    for (i, t) in types.iter().enumerate() {
-        pattern.push(match t.as_str() {
-            "linear_attention" => 'L',
-            "full_attention" => 'A',
-            other => {
-                return Err(c.err(
-                    &format!("layer_types[{i}]"),
-                    format!("unknown layer type \"{other}\""),
-                ))
-            }
-        });
-    }
+    let pattern = letters_from_types(
+        c,
+        "layer_types",
+        &types,
+        layers,
+        &[("linear_attention", 'L'), ("full_attention", 'A')],
+    )?;
     let mlp_only: Vec<usize> = match c.get("mlp_only_layers") {
         Some(v) => c.usize_list(v, "mlp_only_layers")?,
         None => vec![],
@@ -151,12 +139,16 @@ pub(super) fn import(c: &Cfg, name: String) -> Result<(ModelSpec, Box<dyn Source
         ffn,
     };
     c.finish()?;
-    let map = QwenMap { spec: spec.clone() };
+    let map = QwenMap {
+        hidden: spec.hidden_size,
+        layers: expand_layers(&spec),
+    };
     Ok((spec, Box::new(map)))
 }
 
 struct QwenMap {
-    spec: ModelSpec,
+    hidden: usize,
+    layers: Vec<(MixerSpec, FfnSpec)>,
 }
 
 impl SourceMap for QwenMap {
@@ -170,11 +162,10 @@ impl SourceMap for QwenMap {
             return Some(Source::whole(t, shape));
         }
         let (i, rest) = split_layer(canonical)?;
-        let plan = self.spec.layer_plan();
-        let layer = plan.get(i)?;
-        let d = self.spec.hidden_size;
+        let (mixer, ffn) = self.layers.get(i)?;
+        let d = self.hidden;
         if let Some(m) = rest.strip_prefix("mixer.") {
-            return match layer.mixer {
+            return match mixer {
                 MixerSpec::GatedDelta(s) => {
                     let la = format!("model.layers.{i}.linear_attn");
                     let (hk, hv, dk, dv) =
@@ -233,7 +224,7 @@ impl SourceMap for QwenMap {
         }
         let f = rest.strip_prefix("ffn.")?;
         let base = format!("model.layers.{i}.mlp");
-        match layer.ffn {
+        match ffn {
             FfnSpec::Swiglu { .. } => Some(Source::whole(format!("{base}.{f}.weight"), shape)),
             FfnSpec::Moe(moe) => {
                 if f == "router" {
