@@ -190,12 +190,10 @@ impl Checkpoint {
 
     /// Reads a tensor, converting to f32.
     pub fn read_f32(&self, name: &str) -> Result<HostTensor> {
-        let e = self.index.get(name).ok_or_else(|| {
-            Error::weights(
-                &self.files[0].0,
-                format!("no tensor {name} in the checkpoint"),
-            )
-        })?;
+        let e = self
+            .index
+            .get(name)
+            .ok_or_else(|| Error::input("checkpoint", format!("no tensor {name}")))?;
         let (path, mmap) = &self.files[e.file];
         let b = &mmap[e.bytes.clone()];
         let data: Vec<f32> = match e.dtype {
