@@ -1,4 +1,8 @@
-//! Lamina's compiler: today the `compile-model` front end (check, IR dumps, reference runs);
-//! passes, kernel IR lowering and plan emission are the compiler-core issue.
+//! Lamina's compiler: the graph IR → kernel IR lowering ([`kernels`], one module per op
+//! family), the pass pipeline ([`passes`]), artifact emission ([`build`]) and the
+//! `compile-model` command line ([`cli`]). MLIR and LLVM live behind `lamina_targets`.
 
+pub mod build;
 pub mod cli;
+pub mod kernels;
+pub mod passes;

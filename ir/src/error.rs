@@ -29,6 +29,10 @@ pub enum Error {
     /// The graph verifier rejected a node.
     #[error("graph verifier: node {node}: {msg}")]
     Graph { node: String, msg: String },
+    /// The compiler failed on a valid model (a kernel that does not verify, an MLIR or LLVM
+    /// failure): a bug, reported with the kernel and graph node.
+    #[error("compiler: {0}")]
+    Compile(String),
     /// Bad run-time input (token ids, lengths).
     #[error("{what}: {msg}")]
     Input { what: String, msg: String },

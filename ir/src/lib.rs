@@ -9,7 +9,9 @@
 pub mod error;
 pub mod graph;
 pub mod hf;
+pub mod kernel;
 pub mod model;
+pub mod plan;
 pub mod spec;
 pub mod stats;
 pub mod weights;

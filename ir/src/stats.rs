@@ -31,6 +31,19 @@ pub fn kind_name(k: WeightKind) -> &'static str {
     }
 }
 
+/// Inverse of [`kind_name`].
+pub fn kind_from_name(s: &str) -> Option<WeightKind> {
+    [
+        WeightKind::Embedding,
+        WeightKind::LmHead,
+        WeightKind::Dense,
+        WeightKind::Expert,
+        WeightKind::Small,
+    ]
+    .into_iter()
+    .find(|&k| kind_name(k) == s)
+}
+
 pub fn model_stats(g: &Graph) -> ModelStats {
     let mut s = ModelStats {
         total_params: 0,

@@ -15,7 +15,7 @@ use rand_chacha::ChaCha8Rng;
 use safetensors::{Dtype, SafeTensors};
 
 use crate::error::{Error, Result};
-use crate::graph::{Graph, WeightKind};
+use crate::graph::{Graph, WeightDecl, WeightKind};
 
 /// A dense host tensor in f32 (every supported checkpoint dtype converts to f32 exactly).
 #[derive(Debug, Clone, PartialEq)]
@@ -196,30 +196,8 @@ impl Checkpoint {
             .ok_or_else(|| Error::input("checkpoint", format!("no tensor {name}")))?;
         let (path, mmap) = &self.files[e.file];
         let b = &mmap[e.bytes.clone()];
-        let data: Vec<f32> = match e.dtype {
-            Dtype::F32 => b
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::BF16 => b
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::F16 => b
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::F64 => b
-                .chunks_exact(8)
-                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
-                .collect(),
-            other => {
-                return Err(Error::weights(
-                    path,
-                    format!("tensor {name} has dtype {other:?}; supported: F32, BF16, F16, F64"),
-                ))
-            }
-        };
+        let data = decode_f32(&format!("{:?}", e.dtype), b)
+            .map_err(|m| Error::weights(path, format!("tensor {name}: {m}")))?;
         let data = if data.iter().all(|v| v.is_finite()) {
             data
         } else {
@@ -233,6 +211,68 @@ impl Checkpoint {
             data,
         })
     }
+}
+
+/// Where a checkpoint tensor lies: file name (relative to the checkpoint directory), byte
+/// offset and length, dtype name and shape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Located {
+    pub file: String,
+    pub offset: usize,
+    pub bytes: usize,
+    pub dtype: String,
+    pub shape: Vec<usize>,
+}
+
+impl Checkpoint {
+    pub fn locate(&self, name: &str) -> Option<Located> {
+        let e = self.index.get(name)?;
+        let (path, _) = &self.files[e.file];
+        Some(Located {
+            file: path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            offset: e.bytes.start,
+            bytes: e.bytes.len(),
+            dtype: format!("{:?}", e.dtype),
+            shape: e.shape.clone(),
+        })
+    }
+}
+
+/// Little-endian tensor bytes of safetensors dtype `dtype` (`F32`, `BF16`, `F16`, `F64`) as f32.
+pub fn decode_f32(dtype: &str, b: &[u8]) -> std::result::Result<Vec<f32>, String> {
+    Ok(match dtype {
+        "F32" => b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        "BF16" => b
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        "F16" => b
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        "F64" => b
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+            .collect(),
+        other => {
+            return Err(format!(
+                "dtype {other} is not supported (F32, BF16, F16, F64)"
+            ))
+        }
+    })
+}
+
+/// Concatenates row ranges `(start, len)` of `data` viewed as `[rows, last]`.
+pub fn select_rows(data: &[f32], last: usize, rows: &[(usize, usize)]) -> Vec<f32> {
+    rows.iter()
+        .flat_map(|&(s, n)| data[s * last..(s + n) * last].iter().copied())
+        .collect()
 }
 
 /// Loads every weight of `graph` from `ckpt` through `map`. Missing, mis-shaped and unexpected
@@ -352,46 +392,55 @@ pub fn load_weights(
 pub fn random_weights(graph: &Graph, seed: u64) -> WeightStore {
     let mut store = WeightStore::default();
     for (name, decl) in &graph.weights {
-        let mut h: u64 = seed ^ 0x9e37_79b9_7f4a_7c15;
-        for b in name.bytes() {
-            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        let mut rng = ChaCha8Rng::seed_from_u64(h);
-        let n = decl.numel();
-        let leaf = name.rsplit('.').next().unwrap_or(name);
-        let data: Vec<f32> = match decl.kind {
-            WeightKind::Embedding => (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect(),
-            WeightKind::Dense | WeightKind::Expert | WeightKind::LmHead => {
-                let fan_in = decl.shape.last().copied().unwrap_or(1) as f32;
-                let a = fan_in.sqrt().recip() * 1.5;
-                (0..n).map(|_| rng.random_range(-a..a)).collect()
-            }
-            WeightKind::Small => match leaf {
-                "A_log" => (0..n)
-                    .map(|_| rng.random_range(0.02f32..1.0).ln())
-                    .collect(),
-                "dt_bias" | "router_bias" => {
-                    (0..n).map(|_| rng.random_range(-0.2f32..0.2)).collect()
-                }
-                l if l.ends_with("_conv") => {
-                    let k = decl.shape.last().copied().unwrap_or(1) as f32;
-                    let a = k.sqrt().recip();
-                    (0..n).map(|_| rng.random_range(-a..a)).collect()
-                }
-                // Norm weights: near one (near zero for zero-centred norms is handled by the
-                // norm itself: 1 + w with w small is also fine).
-                _ => (0..n)
-                    .map(|_| 1.0 + rng.random_range(-0.2f32..0.2))
-                    .collect(),
-            },
-        };
         store.tensors.insert(
             name.clone(),
             HostTensor {
                 shape: decl.shape.clone(),
-                data,
+                data: random_tensor(name, &decl.shape, decl.kind, seed),
             },
         );
     }
     store
+}
+
+/// The random tensor `name` of [`random_weights`] alone (the runtime draws weights of a
+/// native spec one at a time from the plan's weight map).
+pub fn random_tensor(name: &str, shape: &[usize], kind: WeightKind, seed: u64) -> Vec<f32> {
+    let decl = WeightDecl {
+        shape: shape.to_vec(),
+        dtype: crate::graph::DType::F32,
+        kind,
+    };
+    let mut h: u64 = seed ^ 0x9e37_79b9_7f4a_7c15;
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(h);
+    let n = decl.numel();
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    let data: Vec<f32> = match decl.kind {
+        WeightKind::Embedding => (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect(),
+        WeightKind::Dense | WeightKind::Expert | WeightKind::LmHead => {
+            let fan_in = decl.shape.last().copied().unwrap_or(1) as f32;
+            let a = fan_in.sqrt().recip() * 1.5;
+            (0..n).map(|_| rng.random_range(-a..a)).collect()
+        }
+        WeightKind::Small => match leaf {
+            "A_log" => (0..n)
+                .map(|_| rng.random_range(0.02f32..1.0).ln())
+                .collect(),
+            "dt_bias" | "router_bias" => (0..n).map(|_| rng.random_range(-0.2f32..0.2)).collect(),
+            l if l.ends_with("_conv") => {
+                let k = decl.shape.last().copied().unwrap_or(1) as f32;
+                let a = k.sqrt().recip();
+                (0..n).map(|_| rng.random_range(-a..a)).collect()
+            }
+            // Norm weights: near one (near zero for zero-centred norms is handled by the
+            // norm itself: 1 + w with w small is also fine).
+            _ => (0..n)
+                .map(|_| 1.0 + rng.random_range(-0.2f32..0.2))
+                .collect(),
+        },
+    };
+    data
 }

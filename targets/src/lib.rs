@@ -1,10 +1,26 @@
-//! Code-generation targets for Lamina's kernel IR: `nvptx` (sm_80, sm_90a) and `host` (x86-64).
+//! Code-generation targets for Lamina's kernel IR.
 //!
-//! Not implemented yet: the kernel IR and its MLIR lowering are the compiler-core and NVPTX
-//! issues. [`Target`] names the targets so the CLI and plan format can refer to them, and
-//! [`Target::unavailable`] is the error every code-generation entry point returns until then.
+//! - [`mlir`]: the MLIR context, pass pipelines and the kernel IR → MLIR lowering (the only
+//!   place melior is used);
+//! - [`host`]: x86-64 shared libraries of kernels (MLIR → LLVM → object → `kernels.so`);
+//! - nvptx (sm_80, sm_90a): not implemented yet, [`Target::unavailable`] says so.
+
+pub mod host;
+pub mod mlir;
 
 use std::fmt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("invalid kernel: {0}")]
+    Kernel(String),
+    #[error("{0}")]
+    Mlir(String),
+    #[error("linking the kernel library failed: {0}")]
+    Link(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -35,6 +51,9 @@ impl Target {
 
     /// The error for code generation that does not exist yet.
     pub fn unavailable(&self) -> String {
-        format!("code generation for target {self} is not implemented yet (kernel IR and MLIR lowering are pending)")
+        format!("code generation for target {self} is not implemented yet (the NVPTX lowering is pending)")
     }
 }
+
+#[cfg(test)]
+mod host_tests;

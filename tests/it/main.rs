@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod common;
+mod compiled;
 mod import;
 mod kernels;
 mod models;

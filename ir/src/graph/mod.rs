@@ -15,7 +15,8 @@ pub mod verify;
 
 use std::collections::BTreeMap;
 
-use petgraph::stable_graph::{NodeIndex, StableGraph};
+pub use petgraph::stable_graph::NodeIndex;
+use petgraph::stable_graph::StableGraph;
 use petgraph::visit::EdgeRef;
 use petgraph::Direction;
 

@@ -1,0 +1,339 @@
+//! From a model to an artifact directory: run the pass pipeline, resolve every launch argument
+//! into the plan format, compile the kernels for the target, and write it all atomically
+//! (a temporary directory renamed into place once complete).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use lamina_ir::graph::StateKind;
+use lamina_ir::model::{Model, ModelSource};
+use lamina_ir::plan::{
+    Arg, ConstEntry, KernelEntry, LaunchEntry, Limits, ModelInfo, Plan, PoolEntry, Schedule,
+    WeightEntry, WeightSource, CONSTANTS_FILE, HOST_LIBRARY, PLAN_FILE, SCHEMA_VERSION,
+};
+use lamina_ir::stats::kind_name;
+use lamina_ir::weights::{Checkpoint, SourceMap};
+use lamina_ir::Error;
+use lamina_targets::Target;
+use sha2::{Digest, Sha256};
+
+use crate::kernels::{Bind, Phase, Value};
+use crate::passes::{pipeline, run_pipeline, Options, PassTimes, Program};
+
+/// What a build did and how long each part took.
+pub struct BuildReport {
+    pub plan: Plan,
+    pub pass_times: PassTimes,
+    pub codegen: lamina_targets::host::HostTimings,
+    pub total: Duration,
+}
+
+/// Runs the pipeline on `model`'s graph.
+pub fn compile_program<'g>(
+    model: &'g Model,
+    options: Options,
+) -> Result<(Program<'g>, PassTimes), Error> {
+    let mut p = Program::new(&model.graph, options);
+    let times = run_pipeline(&mut p, &pipeline())?;
+    Ok((p, times))
+}
+
+fn hash_source(model: &Model) -> Result<String, Error> {
+    let path = match &model.source {
+        ModelSource::Spec(p) => p.clone(),
+        ModelSource::HuggingFace { dir, .. } => dir.join("config.json"),
+    };
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    Ok(format!("{:x}", Sha256::digest(&bytes)))
+}
+
+/// The plan of `p` (everything but the kernel library), plus the constants' data.
+pub fn make_plan(
+    model: &Model,
+    p: &Program,
+    target: Target,
+    seed: u64,
+) -> Result<(Plan, Vec<f32>), Error> {
+    let g = &model.graph;
+    let kernels = p.kernels();
+    let kindex: HashMap<&str, usize> = kernels
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.name.as_str(), i))
+        .collect();
+    let ckpt = match &model.source {
+        ModelSource::HuggingFace { dir, map, .. } => {
+            Some((Checkpoint::open(dir)?, map.as_ref(), dir.clone()))
+        }
+        ModelSource::Spec(_) => None,
+    };
+    let mut weights: Vec<WeightEntry> = Vec::new();
+    let mut windex: HashMap<String, usize> = HashMap::new();
+    let mut constants: Vec<ConstEntry> = Vec::new();
+    let mut cindex: HashMap<String, usize> = HashMap::new();
+    let mut cdata: Vec<f32> = Vec::new();
+    let source_of = |name: &str| -> Result<WeightSource, Error> {
+        let decl = &g.weights[name];
+        match &ckpt {
+            None => Ok(WeightSource::Random {
+                tensor: name.to_string(),
+                seed,
+                kind: kind_name(decl.kind).to_string(),
+            }),
+            Some((ck, map, dir)) => {
+                let has = |n: &str| ck.has(n);
+                let src = (*map as &dyn SourceMap)
+                    .source(name, &decl.shape, &has)
+                    .ok_or_else(|| Error::Weights {
+                        file: dir.display().to_string(),
+                        msg: format!("no checkpoint tensor maps to {name}"),
+                    })?;
+                let loc = ck.locate(&src.tensor).ok_or_else(|| Error::Weights {
+                    file: dir.display().to_string(),
+                    msg: format!("tensor {} (for {name}) is missing", src.tensor),
+                })?;
+                Ok(WeightSource::File {
+                    file: loc.file,
+                    offset: loc.offset,
+                    bytes: loc.bytes,
+                    dtype: loc.dtype,
+                    shape: loc.shape,
+                    rows: src.rows,
+                })
+            }
+        }
+    };
+    let mut schedules = Vec::new();
+    for phase in [Phase::Prefill, Phase::Decode] {
+        let mem = &p.memory[&phase];
+        let mut launches = Vec::new();
+        for l in &p.schedules[&phase] {
+            let mut args = Vec::new();
+            for b in &l.args {
+                args.push(match b {
+                    Bind::Act(v) => {
+                        let (off, bytes) = mem.slots[v];
+                        Arg::Arena {
+                            offset_per_row: off,
+                            bytes_per_row: bytes,
+                        }
+                    }
+                    Bind::Weight(name) => {
+                        let index = match windex.get(name) {
+                            Some(&i) => i,
+                            None => {
+                                weights.push(WeightEntry {
+                                    name: name.clone(),
+                                    shape: g.weights[name].shape.clone(),
+                                    source: source_of(name)?,
+                                });
+                                windex.insert(name.clone(), weights.len() - 1);
+                                weights.len() - 1
+                            }
+                        };
+                        Arg::Weight { index }
+                    }
+                    Bind::Stacked {
+                        prefix,
+                        leaf,
+                        experts,
+                    } => {
+                        let key = format!("{prefix}.experts.*.{leaf}");
+                        let index = match windex.get(&key) {
+                            Some(&i) => i,
+                            None => {
+                                let mut parts = Vec::new();
+                                let first = format!("{prefix}.experts.0.{leaf}");
+                                for e in 0..*experts {
+                                    parts.push(source_of(&format!("{prefix}.experts.{e}.{leaf}"))?);
+                                }
+                                let mut shape = vec![*experts];
+                                shape.extend(&g.weights[&first].shape);
+                                weights.push(WeightEntry {
+                                    name: key.clone(),
+                                    shape,
+                                    source: WeightSource::Stack { parts },
+                                });
+                                windex.insert(key, weights.len() - 1);
+                                weights.len() - 1
+                            }
+                        };
+                        Arg::Weight { index }
+                    }
+                    Bind::State(id) => Arg::Pool { index: id.0 },
+                    Bind::Const(name, data) => {
+                        let index = match cindex.get(name) {
+                            Some(&i) => i,
+                            None => {
+                                constants.push(ConstEntry {
+                                    name: name.clone(),
+                                    offset: cdata.len(),
+                                    len: data.len(),
+                                });
+                                cdata.extend(data);
+                                cindex.insert(name.clone(), constants.len() - 1);
+                                constants.len() - 1
+                            }
+                        };
+                        Arg::Const { index }
+                    }
+                    Bind::Tokens => Arg::Tokens,
+                    Bind::Slot => Arg::Slot,
+                    Bind::Pos => Arg::Pos,
+                });
+            }
+            launches.push(LaunchEntry {
+                kernel: kindex[l.kernel.name.as_str()],
+                nodes: l.nodes.iter().map(|&n| g.node(n).name.clone()).collect(),
+                args,
+            });
+        }
+        let (off, bytes) = mem.slots[&Value::Node(g.output)];
+        schedules.push(Schedule {
+            arena_bytes_per_row: mem.bytes_per_row,
+            rows: mem.rows,
+            launches,
+            logits: Arg::Arena {
+                offset_per_row: off,
+                bytes_per_row: bytes,
+            },
+            values: mem
+                .slots
+                .iter()
+                .filter_map(|(v, &(o, b))| match v {
+                    Value::Node(n) => Some((
+                        g.node(*n).name.clone(),
+                        Arg::Arena {
+                            offset_per_row: o,
+                            bytes_per_row: b,
+                        },
+                    )),
+                    Value::Temp(..) => None,
+                })
+                .collect(),
+        });
+    }
+    let decode = schedules.pop().expect("decode");
+    let prefill = schedules.pop().expect("prefill");
+    let o = p.options;
+    let pools = g
+        .states
+        .iter()
+        .map(|s| {
+            let mut shape = vec![o.max_batch];
+            if s.per_token() {
+                shape.push(o.max_context);
+            }
+            shape.extend(&s.shape);
+            PoolEntry {
+                name: s.name.clone(),
+                kind: match s.kind {
+                    StateKind::Conv => "conv",
+                    StateKind::Recurrent => "recurrent",
+                    StateKind::KvCache => "kv_cache",
+                    StateKind::MlaLatent => "mla_latent",
+                }
+                .into(),
+                layer: s.layer,
+                bytes: shape.iter().product::<usize>() * 4,
+                shape,
+            }
+        })
+        .collect();
+    let plan = Plan {
+        schema_version: SCHEMA_VERSION,
+        target: target.to_string(),
+        model: ModelInfo {
+            name: g.name.clone(),
+            source: model_path(model).display().to_string(),
+            hash: hash_source(model)?,
+            vocab_size: g.vocab_size,
+            hidden_size: g.hidden_size,
+            num_layers: g.num_layers,
+        },
+        limits: Limits {
+            max_batch: o.max_batch,
+            max_context: o.max_context,
+            max_prefill_rows: o.max_prefill_rows,
+        },
+        kernels: kernels
+            .iter()
+            .map(|k| KernelEntry {
+                name: k.name.clone(),
+                symbol: lamina_targets::host::symbol(&k.name),
+                grid: k.grid.clone(),
+                params: k.params.clone(),
+            })
+            .collect(),
+        prefill,
+        decode,
+        pools,
+        weights,
+        constants,
+    };
+    plan.check().map_err(Error::Compile)?;
+    Ok((plan, cdata))
+}
+
+fn model_path(model: &Model) -> PathBuf {
+    let p = match &model.source {
+        ModelSource::Spec(p) => p.clone(),
+        ModelSource::HuggingFace { dir, .. } => dir.clone(),
+    };
+    std::fs::canonicalize(&p).unwrap_or(p)
+}
+
+/// Compiles `model` for `target` into the artifact directory `out`.
+pub fn build(
+    model: &Model,
+    out: &Path,
+    target: Target,
+    options: Options,
+    seed: u64,
+) -> Result<BuildReport, Error> {
+    let start = Instant::now();
+    if target != Target::Host {
+        return Err(Error::Compile(target.unavailable()));
+    }
+    let (program, pass_times) = compile_program(model, options)?;
+    let (plan, cdata) = make_plan(model, &program, target, seed)?;
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".lamina-build-")
+        .tempdir_in(&parent)
+        .map_err(|e| Error::io(&parent, e))?;
+    let kernels: Vec<lamina_ir::kernel::Kernel> = program.kernels().into_iter().cloned().collect();
+    let codegen = lamina_targets::host::build_library(&kernels, &tmp.path().join(HOST_LIBRARY))
+        .map_err(|e| Error::Compile(e.to_string()))?;
+    let write = |name: &str, bytes: &[u8]| -> Result<(), Error> {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))
+    };
+    let bytes: Vec<u8> = cdata.iter().flat_map(|x| x.to_le_bytes()).collect();
+    write(CONSTANTS_FILE, &bytes)?;
+    let json = serde_json::to_string_pretty(&plan).map_err(|e| Error::Compile(e.to_string()))?;
+    write(PLAN_FILE, json.as_bytes())?;
+    // Replace any previous artifact only now that this one is complete.
+    if out.exists() {
+        if !out.join(PLAN_FILE).exists() {
+            return Err(Error::Io {
+                path: out.display().to_string(),
+                msg: "exists and is not a Lamina artifact; refusing to replace it".into(),
+            });
+        }
+        std::fs::remove_dir_all(out).map_err(|e| Error::io(out, e))?;
+    }
+    let kept = tmp.keep();
+    std::fs::rename(&kept, out).map_err(|e| Error::io(out, e))?;
+    Ok(BuildReport {
+        plan,
+        pass_times,
+        codegen,
+        total: start.elapsed(),
+    })
+}

@@ -1,0 +1,185 @@
+//! Graph IR → kernel IR: one module per op family. Each builder returns a [`Launch`]: a kernel
+//! (see `lamina_ir::kernel`) and what every parameter is bound to at run time.
+//!
+//! Conventions shared by all builders: an activation is `f32[R, cols]` (row = token in
+//! prefill, sequence in decode); `slot: i64[R]` and `pos: i64[R]` give each row's cache slot
+//! and absolute position; caches and states are pools `[slots, ...]` indexed by slot.
+//!
+//! - [`norm`]: RMSNorm (plain, zero-centred, gated), L2 norm;
+//! - [`linear`]: projections and the LM head;
+//! - [`elementwise`]: embedding, slices, activations, products, residual adds, decay gates;
+//! - [`conv`]: the short causal conv (prefill: sequential over a sequence; decode: one step);
+//! - [`recurrence`]: linear-attention recurrences (GDN, KDA, DeltaNet, lightning);
+//! - [`attention`]: rope, GQA and MLA over their caches;
+//! - [`moe`]: routing, routed SwiGLU experts.
+
+pub mod attention;
+pub mod conv;
+pub mod elementwise;
+pub mod linear;
+pub mod moe;
+pub mod norm;
+pub mod recurrence;
+
+use lamina_ir::graph::{Graph, NodeIndex, StateId};
+use lamina_ir::kernel::build::param;
+use lamina_ir::kernel::{Access, Dim, Elem, Kernel, Param};
+
+/// Which compiled schedule a kernel belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Phase {
+    /// One sequence, many tokens (rows = tokens; recurrences run over the rows in order).
+    Prefill,
+    /// Many sequences, one token each (rows = sequences).
+    Decode,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Prefill => "prefill",
+            Phase::Decode => "decode",
+        }
+    }
+}
+
+/// An activation value: a graph node's output or a kernel-to-kernel temporary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Value {
+    Node(NodeIndex),
+    /// `(id, cols)`.
+    Temp(usize, usize),
+}
+
+/// What a kernel parameter is bound to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Bind {
+    /// An activation `[R, cols]` in the arena.
+    Act(Value),
+    Weight(String),
+    /// Routed experts' `{prefix}.experts.{e}.{leaf}` stacked along a new first axis.
+    Stacked {
+        prefix: String,
+        leaf: String,
+        experts: usize,
+    },
+    State(StateId),
+    /// A table computed at compile time (rope cos/sin, lightning slopes).
+    Const(String, Vec<f32>),
+    Tokens,
+    Slot,
+    Pos,
+}
+
+/// One kernel launch of a schedule.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub kernel: Kernel,
+    /// Parallel to `kernel.params`.
+    pub args: Vec<Bind>,
+    /// Graph nodes computed.
+    pub nodes: Vec<NodeIndex>,
+}
+
+/// What every builder needs to know.
+pub struct Ctx<'g> {
+    pub graph: &'g Graph,
+    pub phase: Phase,
+    /// Sequences (cache slots) the pools hold.
+    pub slots: usize,
+    /// Positions per slot in the KV/latent caches.
+    pub context: usize,
+    next_temp: std::cell::Cell<usize>,
+}
+
+impl<'g> Ctx<'g> {
+    pub fn new(graph: &'g Graph, phase: Phase, slots: usize, context: usize) -> Self {
+        Ctx {
+            graph,
+            phase,
+            slots,
+            context,
+            next_temp: std::cell::Cell::new(0),
+        }
+    }
+
+    pub fn temp(&self, cols: usize) -> Value {
+        let id = self.next_temp.get();
+        self.next_temp.set(id + 1);
+        Value::Temp(id, cols)
+    }
+
+    pub fn cols(&self, n: NodeIndex) -> usize {
+        self.graph.node(n).ty.cols.unwrap_or(1)
+    }
+
+    /// A weight parameter with the declared shape.
+    pub fn weight(&self, local: &str, name: &str) -> (Param, Bind) {
+        let shape: Vec<Dim> = self.graph.weights[name]
+            .shape
+            .iter()
+            .map(|&d| Dim::N(d))
+            .collect();
+        (
+            param(local, Elem::F32, &shape, Access::Read),
+            Bind::Weight(name.into()),
+        )
+    }
+
+    /// The pool of state `id`: `[slots, per-sequence shape]` or `[slots, context, per-token]`.
+    pub fn state(&self, local: &str, id: StateId) -> (Param, Bind) {
+        let s = self.graph.state(id);
+        let mut shape = vec![Dim::N(self.slots)];
+        if s.per_token() {
+            // One flat entry per cached position.
+            shape.push(Dim::N(self.context));
+            shape.push(Dim::N(s.numel()));
+        } else {
+            shape.extend(s.shape.iter().map(|&d| Dim::N(d)));
+        }
+        (
+            param(local, Elem::F32, &shape, Access::ReadWrite),
+            Bind::State(id),
+        )
+    }
+}
+
+pub fn act(cols: usize) -> [Dim; 2] {
+    [Dim::Rows, Dim::N(cols)]
+}
+
+pub fn rows_i64(name: &str) -> Param {
+    param(name, Elem::I64, &[Dim::Rows], Access::Read)
+}
+
+/// Assembles a launch from `(param, bind)` pairs.
+pub fn launch(
+    name: String,
+    grid: Vec<Dim>,
+    params: Vec<(Param, Bind)>,
+    body: Vec<lamina_ir::kernel::Stmt>,
+    nodes: Vec<NodeIndex>,
+    g: &Graph,
+) -> Launch {
+    let (params, args): (Vec<Param>, Vec<Bind>) = params.into_iter().unzip();
+    Launch {
+        kernel: Kernel {
+            name,
+            nodes: nodes.iter().map(|&n| g.node(n).name.clone()).collect(),
+            grid,
+            params,
+            body,
+        },
+        args,
+        nodes,
+    }
+}
+
+/// Largest power of two ≤ `cap` dividing `n`.
+pub fn tile(n: usize, cap: usize) -> usize {
+    let mut t = 1;
+    while t * 2 <= cap && n.is_multiple_of(t * 2) {
+        t *= 2;
+    }
+    t
+}

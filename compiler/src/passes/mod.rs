@@ -1,0 +1,202 @@
+//! The compiler's passes: typed values in one ordered list ([`pipeline`]), each named, run by
+//! [`run_pipeline`], which verifies the program after every pass (debug and test builds),
+//! writes `NN-after-<pass>.txt` into `$LAMINA_DUMP_IR` when set, and times each pass.
+//!
+//! 1. `verify-graph`: the graph IR's type and precision rules;
+//! 2. `lower-to-kernels`: per phase, every graph op to kernel launches ([`crate::kernels`]);
+//! 3. `dedupe-kernels`: identical kernels (same signature) shared by every launch;
+//! 4. `plan-memory`: liveness-based arena offsets for every activation, per phase.
+//!
+//! Not there yet: a fusion pass (norms into projections, conv/L2/gates into the recurrence
+//! prologue, SwiGLU and residual adds into epilogues, router in one kernel is done) and the
+//! chunked prefill forms of the recurrences.
+
+pub mod dedupe;
+pub mod lower;
+pub mod memory;
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::time::{Duration, Instant};
+
+use lamina_ir::graph::Graph;
+use lamina_ir::kernel::print::print_kernel;
+use lamina_ir::kernel::verify::verify_kernel;
+use lamina_ir::Error;
+
+use crate::kernels::{Bind, Launch, Phase};
+pub use memory::MemoryPlan;
+
+/// Build-time sizes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Options {
+    pub max_batch: usize,
+    pub max_context: usize,
+    pub max_prefill_rows: usize,
+    /// Give every activation its own arena slot (no reuse), so all values can be inspected
+    /// after a run (`HostEngine::value`); for debugging.
+    pub keep_values: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            max_batch: 4,
+            max_context: 1024,
+            max_prefill_rows: 512,
+            keep_values: false,
+        }
+    }
+}
+
+/// What flows through the pipeline.
+pub struct Program<'g> {
+    pub graph: &'g Graph,
+    pub options: Options,
+    /// Launch lists per phase (after `lower-to-kernels`).
+    pub schedules: BTreeMap<Phase, Vec<Launch>>,
+    /// Memory plans per phase (after `plan-memory`).
+    pub memory: BTreeMap<Phase, MemoryPlan>,
+}
+
+impl<'g> Program<'g> {
+    pub fn new(graph: &'g Graph, options: Options) -> Self {
+        Program {
+            graph,
+            options,
+            schedules: BTreeMap::new(),
+            memory: BTreeMap::new(),
+        }
+    }
+
+    /// Distinct kernels in first-use order (prefill first).
+    pub fn kernels(&self) -> Vec<&lamina_ir::kernel::Kernel> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for l in self.schedules.values().flatten() {
+            if seen.insert(l.kernel.name.clone()) {
+                out.push(&l.kernel);
+            }
+        }
+        out
+    }
+
+    /// Checks every kernel and that launches bind one argument per parameter.
+    pub fn verify(&self) -> Result<(), String> {
+        lamina_ir::graph::verify::verify(self.graph).map_err(|e| e.to_string())?;
+        for (phase, launches) in &self.schedules {
+            for l in launches {
+                verify_kernel(&l.kernel)?;
+                if l.args.len() != l.kernel.params.len() {
+                    return Err(format!(
+                        "{} launch of {}: {} arguments for {} parameters",
+                        phase.name(),
+                        l.kernel.name,
+                        l.args.len(),
+                        l.kernel.params.len()
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Text form for dumps: the graph before lowering, then per phase the launch list and
+    /// the distinct kernels.
+    pub fn print(&self) -> String {
+        if self.schedules.is_empty() {
+            return lamina_ir::graph::print::print_graph(self.graph);
+        }
+        let mut out = String::new();
+        for (phase, launches) in &self.schedules {
+            let _ = writeln!(
+                out,
+                "// phase {}: {} launches",
+                phase.name(),
+                launches.len()
+            );
+            for (i, l) in launches.iter().enumerate() {
+                let args: Vec<String> = l.args.iter().map(print_bind).collect();
+                let _ = writeln!(out, "//   {i:3}: {}({})", l.kernel.name, args.join(", "));
+            }
+            if let Some(m) = self.memory.get(phase) {
+                let _ = writeln!(
+                    out,
+                    "//   arena: {} bytes per row x {} rows",
+                    m.bytes_per_row, m.rows
+                );
+            }
+        }
+        for k in self.kernels() {
+            out += "\n";
+            out += &print_kernel(k);
+        }
+        out
+    }
+}
+
+pub fn print_bind(b: &Bind) -> String {
+    match b {
+        Bind::Act(crate::kernels::Value::Node(n)) => format!("%{}", n.index()),
+        Bind::Act(crate::kernels::Value::Temp(t, _)) => format!("%tmp{t}"),
+        Bind::Weight(w) => format!("@{w}"),
+        Bind::Stacked { prefix, leaf, .. } => format!("@{prefix}.experts.*.{leaf}"),
+        Bind::State(s) => format!("#{}", s.0),
+        Bind::Const(name, _) => format!("${name}"),
+        Bind::Tokens => "tokens".into(),
+        Bind::Slot => "slot".into(),
+        Bind::Pos => "pos".into(),
+    }
+}
+
+pub trait Pass {
+    fn name(&self) -> &'static str;
+    fn run(&self, p: &mut Program) -> Result<(), Error>;
+}
+
+/// The passes, in order.
+pub fn pipeline() -> Vec<Box<dyn Pass>> {
+    vec![
+        Box::new(VerifyGraph),
+        Box::new(lower::LowerToKernels),
+        Box::new(dedupe::DedupeKernels),
+        Box::new(memory::PlanMemory),
+    ]
+}
+
+struct VerifyGraph;
+
+impl Pass for VerifyGraph {
+    fn name(&self) -> &'static str {
+        "verify-graph"
+    }
+    fn run(&self, p: &mut Program) -> Result<(), Error> {
+        lamina_ir::graph::verify::verify(p.graph)
+    }
+}
+
+/// Wall time of each pass, in order.
+pub type PassTimes = Vec<(&'static str, Duration)>;
+
+/// Runs `passes` in order; returns each pass's wall time.
+pub fn run_pipeline(p: &mut Program, passes: &[Box<dyn Pass>]) -> Result<PassTimes, Error> {
+    let dump = std::env::var_os("LAMINA_DUMP_IR").map(std::path::PathBuf::from);
+    if let Some(d) = &dump {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    }
+    let mut times = Vec::new();
+    for (i, pass) in passes.iter().enumerate() {
+        let start = Instant::now();
+        pass.run(p)?;
+        times.push((pass.name(), start.elapsed()));
+        if cfg!(debug_assertions) {
+            p.verify()
+                .map_err(|m| Error::Compile(format!("after pass {}: {m}", pass.name())))?;
+        }
+        if let Some(d) = &dump {
+            let path = d.join(format!("{:02}-after-{}.txt", i + 1, pass.name()));
+            std::fs::write(&path, p.print()).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(times)
+}

@@ -1,0 +1,229 @@
+//! Constructors that keep kernel builders close to the math: `ld("x", [r, c]) * f(0.5)`.
+
+use std::ops::{Add, Div, Mul, Neg, Sub};
+
+use super::{Access, BinOp, CmpOp, Dim, Elem, Expr, Param, ReduceOp, Stmt, UnOp};
+
+pub fn f(v: f64) -> Expr {
+    Expr::F(v)
+}
+
+pub fn i(v: usize) -> Expr {
+    Expr::I(v as i64)
+}
+
+pub fn v(name: &str) -> Expr {
+    Expr::Var(name.to_string())
+}
+
+pub fn pid(axis: usize) -> Expr {
+    Expr::Pid(axis)
+}
+
+pub fn rows() -> Expr {
+    Expr::Rows
+}
+
+pub fn ld<const N: usize>(buf: &str, idx: [Expr; N]) -> Expr {
+    Expr::Load(buf.to_string(), idx.into())
+}
+
+pub fn st<const N: usize>(buf: &str, idx: [Expr; N], value: Expr) -> Stmt {
+    Stmt::Store {
+        buf: buf.to_string(),
+        idx: idx.into(),
+        value,
+    }
+}
+
+pub fn let_(name: &str, value: Expr) -> Stmt {
+    Stmt::Let(name.to_string(), value)
+}
+
+pub fn local(name: &str, len: usize) -> Stmt {
+    Stmt::Local {
+        name: name.to_string(),
+        elem: Elem::F32,
+        len,
+    }
+}
+
+pub fn local_i(name: &str, len: usize) -> Stmt {
+    Stmt::Local {
+        name: name.to_string(),
+        elem: Elem::I64,
+        len,
+    }
+}
+
+/// `for var in lo..hi { body }`.
+pub fn for_(var: &str, lo: Expr, hi: Expr, body: Vec<Stmt>) -> Stmt {
+    Stmt::For {
+        var: var.to_string(),
+        lo,
+        hi,
+        carried: Vec::new(),
+        body,
+        yields: Vec::new(),
+    }
+}
+
+/// `for var in lo..hi` carrying `(name, init)` values; `yields` are the next values.
+pub fn for_carry(
+    var: &str,
+    lo: Expr,
+    hi: Expr,
+    carried: Vec<(&str, Expr)>,
+    body: Vec<Stmt>,
+    yields: Vec<Expr>,
+) -> Stmt {
+    Stmt::For {
+        var: var.to_string(),
+        lo,
+        hi,
+        carried: carried
+            .into_iter()
+            .map(|(n, e)| (n.to_string(), e))
+            .collect(),
+        body,
+        yields,
+    }
+}
+
+pub fn if_(cond: Expr, then: Vec<Stmt>) -> Stmt {
+    Stmt::If { cond, then }
+}
+
+pub fn sum(var: &str, lo: Expr, hi: Expr, body: Expr) -> Expr {
+    Expr::Reduce {
+        op: ReduceOp::Sum,
+        var: var.to_string(),
+        lo: Box::new(lo),
+        hi: Box::new(hi),
+        body: Box::new(body),
+    }
+}
+
+pub fn max_over(var: &str, lo: Expr, hi: Expr, body: Expr) -> Expr {
+    Expr::Reduce {
+        op: ReduceOp::Max,
+        var: var.to_string(),
+        lo: Box::new(lo),
+        hi: Box::new(hi),
+        body: Box::new(body),
+    }
+}
+
+fn un(op: UnOp, x: Expr) -> Expr {
+    Expr::Un(op, Box::new(x))
+}
+
+pub fn exp(x: Expr) -> Expr {
+    un(UnOp::Exp, x)
+}
+pub fn log(x: Expr) -> Expr {
+    un(UnOp::Log, x)
+}
+pub fn sqrt(x: Expr) -> Expr {
+    un(UnOp::Sqrt, x)
+}
+pub fn rsqrt(x: Expr) -> Expr {
+    un(UnOp::Rsqrt, x)
+}
+pub fn cos(x: Expr) -> Expr {
+    un(UnOp::Cos, x)
+}
+pub fn sin(x: Expr) -> Expr {
+    un(UnOp::Sin, x)
+}
+pub fn silu(x: Expr) -> Expr {
+    un(UnOp::Silu, x)
+}
+pub fn sigmoid(x: Expr) -> Expr {
+    un(UnOp::Sigmoid, x)
+}
+pub fn softplus(x: Expr) -> Expr {
+    un(UnOp::Softplus, x)
+}
+
+pub fn max(a: Expr, b: Expr) -> Expr {
+    Expr::Bin(BinOp::Max, Box::new(a), Box::new(b))
+}
+pub fn min(a: Expr, b: Expr) -> Expr {
+    Expr::Bin(BinOp::Min, Box::new(a), Box::new(b))
+}
+pub fn rem(a: Expr, b: Expr) -> Expr {
+    Expr::Bin(BinOp::Rem, Box::new(a), Box::new(b))
+}
+
+fn cmp(op: CmpOp, a: Expr, b: Expr) -> Expr {
+    Expr::Cmp(op, Box::new(a), Box::new(b))
+}
+pub fn lt(a: Expr, b: Expr) -> Expr {
+    cmp(CmpOp::Lt, a, b)
+}
+pub fn le(a: Expr, b: Expr) -> Expr {
+    cmp(CmpOp::Le, a, b)
+}
+pub fn gt(a: Expr, b: Expr) -> Expr {
+    cmp(CmpOp::Gt, a, b)
+}
+pub fn ge(a: Expr, b: Expr) -> Expr {
+    cmp(CmpOp::Ge, a, b)
+}
+pub fn eq(a: Expr, b: Expr) -> Expr {
+    cmp(CmpOp::Eq, a, b)
+}
+pub fn ne(a: Expr, b: Expr) -> Expr {
+    cmp(CmpOp::Ne, a, b)
+}
+pub fn select(c: Expr, a: Expr, b: Expr) -> Expr {
+    Expr::Select(Box::new(c), Box::new(a), Box::new(b))
+}
+pub fn to_f(x: Expr) -> Expr {
+    Expr::ToF(Box::new(x))
+}
+pub fn to_i(x: Expr) -> Expr {
+    Expr::ToI(Box::new(x))
+}
+
+macro_rules! binop {
+    ($tr:ident, $m:ident, $op:expr) => {
+        impl $tr for Expr {
+            type Output = Expr;
+            fn $m(self, rhs: Expr) -> Expr {
+                Expr::Bin($op, Box::new(self), Box::new(rhs))
+            }
+        }
+    };
+}
+binop!(Add, add, BinOp::Add);
+binop!(Sub, sub, BinOp::Sub);
+binop!(Mul, mul, BinOp::Mul);
+binop!(Div, div, BinOp::Div);
+
+impl Neg for Expr {
+    type Output = Expr;
+    fn neg(self) -> Expr {
+        un(UnOp::Neg, self)
+    }
+}
+
+/// Buffer parameters.
+pub fn input(name: &str, shape: &[Dim]) -> Param {
+    param(name, Elem::F32, shape, Access::Read)
+}
+pub fn output(name: &str, shape: &[Dim]) -> Param {
+    param(name, Elem::F32, shape, Access::Write)
+}
+pub fn inout(name: &str, shape: &[Dim]) -> Param {
+    param(name, Elem::F32, shape, Access::ReadWrite)
+}
+pub fn param(name: &str, elem: Elem, shape: &[Dim], access: Access) -> Param {
+    Param {
+        name: name.to_string(),
+        elem,
+        shape: shape.to_vec(),
+        access,
+    }
+}

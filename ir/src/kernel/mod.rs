@@ -1,0 +1,227 @@
+//! Kernel IR: one program per fused kernel, target independent.
+//!
+//! A [`Kernel`] is launched over a grid of program ids (`pid0, pid1, ...`); every program runs
+//! the same body: a structured loop nest over typed buffers (tile loads and stores addressed by
+//! row-major indices), locals (per-program scratch tiles: a state tile, a softmax row, a
+//! triangular-solve tile), reductions (`sum`/`max` over a range, the `dot` of the tile world),
+//! loop-carried values (online softmax, scans such as cumsum) and conditionals.
+//!
+//! Three value types exist: `f32`, `int` (indices; `i64` buffers load as int) and `bool`.
+//! The only runtime size is `R`, the rows (tokens) of the launch: a buffer's first dimension may
+//! be `R`, every other size is a build-time constant, so all strides are constants.
+//!
+//! - [`build`]: expression constructors and operators used by the kernel builders;
+//! - [`verify`]: scoping, typing and buffer-access rules;
+//! - [`print`]: the stable text form (`compile-model ir MODEL --stage kernel`).
+
+pub mod build;
+pub mod print;
+pub mod verify;
+
+/// A dimension: the launch's row count or a constant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dim {
+    /// `R`: rows (tokens, or sequences in decode) of this launch.
+    Rows,
+    N(usize),
+}
+
+impl Dim {
+    /// The size for `rows` rows.
+    pub fn eval(self, rows: usize) -> usize {
+        match self {
+            Dim::Rows => rows,
+            Dim::N(n) => n,
+        }
+    }
+}
+
+/// Element types of buffers and locals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Elem {
+    F32,
+    I64,
+}
+
+impl Elem {
+    pub fn name(self) -> &'static str {
+        match self {
+            Elem::F32 => "f32",
+            Elem::I64 => "i64",
+        }
+    }
+
+    pub fn bytes(self) -> usize {
+        match self {
+            Elem::F32 => 4,
+            Elem::I64 => 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Access {
+    Read,
+    Write,
+    ReadWrite,
+}
+
+impl Access {
+    pub fn name(self) -> &'static str {
+        match self {
+            Access::Read => "in",
+            Access::Write => "out",
+            Access::ReadWrite => "inout",
+        }
+    }
+}
+
+/// A buffer parameter of a kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct Param {
+    pub name: String,
+    pub elem: Elem,
+    pub shape: Vec<Dim>,
+    pub access: Access,
+}
+
+impl Param {
+    pub fn numel(&self, rows: usize) -> usize {
+        self.shape.iter().map(|d| d.eval(rows)).product()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BinOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+    Max,
+    Min,
+    /// Integer remainder (int operands only).
+    Rem,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UnOp {
+    Neg,
+    Exp,
+    Log,
+    Sqrt,
+    Rsqrt,
+    Cos,
+    Sin,
+    /// `x * sigmoid(x)`
+    Silu,
+    Sigmoid,
+    /// `log(1 + exp(x))`, linear above 20 (as torch).
+    Softplus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CmpOp {
+    Lt,
+    Le,
+    Gt,
+    Ge,
+    Eq,
+    Ne,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReduceOp {
+    Sum,
+    Max,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Expr {
+    F(f64),
+    I(i64),
+    /// A `let`, a loop variable, a carried value.
+    Var(String),
+    /// Program id along grid axis `n`.
+    Pid(usize),
+    /// `R`.
+    Rows,
+    /// `buf[i, j, ...]` (a parameter, or a local with one index).
+    Load(String, Vec<Expr>),
+    Bin(BinOp, Box<Expr>, Box<Expr>),
+    Un(UnOp, Box<Expr>),
+    Cmp(CmpOp, Box<Expr>, Box<Expr>),
+    Select(Box<Expr>, Box<Expr>, Box<Expr>),
+    /// int → f32.
+    ToF(Box<Expr>),
+    /// f32 → int (truncation), for ids stored in f32 locals.
+    ToI(Box<Expr>),
+    /// `sum/max over var in lo..hi of body` (f32).
+    Reduce {
+        op: ReduceOp,
+        var: String,
+        lo: Box<Expr>,
+        hi: Box<Expr>,
+        body: Box<Expr>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Stmt {
+    Let(String, Expr),
+    /// Per-program scratch of `len` elements; contents undefined until stored.
+    Local {
+        name: String,
+        elem: Elem,
+        len: usize,
+    },
+    Store {
+        buf: String,
+        idx: Vec<Expr>,
+        value: Expr,
+    },
+    /// `for var in lo..hi` carrying values: inside the body the carried names hold the current
+    /// values and `yields` gives the next ones; after the loop they hold the final values.
+    For {
+        var: String,
+        lo: Expr,
+        hi: Expr,
+        carried: Vec<(String, Expr)>,
+        body: Vec<Stmt>,
+        yields: Vec<Expr>,
+    },
+    If {
+        cond: Expr,
+        then: Vec<Stmt>,
+    },
+}
+
+/// One fused kernel.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Kernel {
+    pub name: String,
+    /// Graph nodes it computes (for diagnostics and reports); not part of its signature.
+    pub nodes: Vec<String>,
+    /// Program-id extents.
+    pub grid: Vec<Dim>,
+    pub params: Vec<Param>,
+    pub body: Vec<Stmt>,
+}
+
+impl Kernel {
+    pub fn param(&self, name: &str) -> Option<&Param> {
+        self.params.iter().find(|p| p.name == name)
+    }
+
+    /// Programs launched for `rows` rows.
+    pub fn programs(&self, rows: usize) -> usize {
+        self.grid.iter().map(|d| d.eval(rows)).product()
+    }
+
+    /// What makes two kernels interchangeable: grid, parameters and body (not the name).
+    pub fn signature(&self) -> String {
+        print::print_signature(self)
+    }
+}

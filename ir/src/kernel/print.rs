@@ -1,0 +1,205 @@
+//! The stable text form of kernels.
+//!
+//! ```text
+//! kernel rms_norm_64 grid(R)  // layers.0.mixer_norm
+//!   in  x: f32[R, 64]
+//!   out y: f32[R, 64]
+//! {
+//!   let inv = rsqrt(((sum c in 0..64: (x[pid0, c] * x[pid0, c])) / 64) + 1e-6)
+//!   for c in 0..64 {
+//!     y[pid0, c] = (x[pid0, c] * inv)
+//!   }
+//! }
+//! ```
+
+use std::fmt::Write;
+
+use super::{BinOp, CmpOp, Dim, Expr, Kernel, ReduceOp, Stmt, UnOp};
+use crate::graph::print::fmt_f64;
+
+pub fn fmt_dim(d: Dim) -> String {
+    match d {
+        Dim::Rows => "R".into(),
+        Dim::N(n) => n.to_string(),
+    }
+}
+
+pub fn fmt_shape(s: &[Dim]) -> String {
+    s.iter().map(|&d| fmt_dim(d)).collect::<Vec<_>>().join(", ")
+}
+
+/// The kernel with its name and graph nodes.
+pub fn print_kernel(k: &Kernel) -> String {
+    let mut out = format!("kernel {} ", k.name);
+    out += &print_signature(k);
+    if !k.nodes.is_empty() {
+        // The node list goes on the header line, after the grid.
+        let first = out.find('\n').unwrap_or(out.len());
+        out.insert_str(first, &format!("  // {}", k.nodes.join(", ")));
+    }
+    out
+}
+
+/// Everything but the name and nodes: equal signatures mean interchangeable kernels.
+pub fn print_signature(k: &Kernel) -> String {
+    let mut out = format!(
+        "grid({})\n",
+        k.grid
+            .iter()
+            .map(|&d| fmt_dim(d))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for p in &k.params {
+        let _ = writeln!(
+            out,
+            "  {:<5} {}: {}[{}]",
+            p.access.name(),
+            p.name,
+            p.elem.name(),
+            fmt_shape(&p.shape)
+        );
+    }
+    out += "{\n";
+    block(&mut out, &k.body, 1);
+    out += "}\n";
+    out
+}
+
+fn block(out: &mut String, b: &[Stmt], depth: usize) {
+    for s in b {
+        stmt(out, s, depth);
+    }
+}
+
+fn stmt(out: &mut String, s: &Stmt, depth: usize) {
+    let pad = "  ".repeat(depth);
+    match s {
+        Stmt::Let(n, e) => {
+            let _ = writeln!(out, "{pad}let {n} = {}", expr(e));
+        }
+        Stmt::Local { name, elem, len } => {
+            let _ = writeln!(out, "{pad}local {name}: {}[{len}]", elem.name());
+        }
+        Stmt::Store { buf, idx, value } => {
+            let _ = writeln!(out, "{pad}{buf}[{}] = {}", exprs(idx), expr(value));
+        }
+        Stmt::For {
+            var,
+            lo,
+            hi,
+            carried,
+            body,
+            yields,
+        } => {
+            let carry = if carried.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " carry({})",
+                    carried
+                        .iter()
+                        .map(|(n, e)| format!("{n} = {}", expr(e)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
+            let _ = writeln!(
+                out,
+                "{pad}for {var} in {}..{}{carry} {{",
+                expr(lo),
+                expr(hi)
+            );
+            block(out, body, depth + 1);
+            if !yields.is_empty() {
+                let _ = writeln!(out, "{pad}  yield {}", exprs(yields));
+            }
+            let _ = writeln!(out, "{pad}}}");
+        }
+        Stmt::If { cond, then } => {
+            let _ = writeln!(out, "{pad}if {} {{", expr(cond));
+            block(out, then, depth + 1);
+            let _ = writeln!(out, "{pad}}}");
+        }
+    }
+}
+
+fn exprs(es: &[Expr]) -> String {
+    es.iter().map(expr).collect::<Vec<_>>().join(", ")
+}
+
+pub fn expr(e: &Expr) -> String {
+    match e {
+        Expr::F(v) => {
+            let s = fmt_f64(*v);
+            if s.contains(['.', 'e', 'i', 'N']) {
+                s
+            } else {
+                format!("{s}.0")
+            }
+        }
+        Expr::I(v) => v.to_string(),
+        Expr::Var(n) => n.clone(),
+        Expr::Pid(a) => format!("pid{a}"),
+        Expr::Rows => "R".into(),
+        Expr::Load(b, idx) => format!("{b}[{}]", exprs(idx)),
+        Expr::Bin(op, a, b) => {
+            let sym = match op {
+                BinOp::Add => "+",
+                BinOp::Sub => "-",
+                BinOp::Mul => "*",
+                BinOp::Div => "/",
+                BinOp::Rem => "%",
+                BinOp::Max => return format!("max({}, {})", expr(a), expr(b)),
+                BinOp::Min => return format!("min({}, {})", expr(a), expr(b)),
+            };
+            format!("({} {sym} {})", expr(a), expr(b))
+        }
+        Expr::Un(UnOp::Neg, a) => format!("-{}", expr(a)),
+        Expr::Un(op, a) => {
+            let name = match op {
+                UnOp::Neg => unreachable!(),
+                UnOp::Exp => "exp",
+                UnOp::Log => "log",
+                UnOp::Sqrt => "sqrt",
+                UnOp::Rsqrt => "rsqrt",
+                UnOp::Cos => "cos",
+                UnOp::Sin => "sin",
+                UnOp::Silu => "silu",
+                UnOp::Sigmoid => "sigmoid",
+                UnOp::Softplus => "softplus",
+            };
+            format!("{name}({})", expr(a))
+        }
+        Expr::Cmp(op, a, b) => {
+            let sym = match op {
+                CmpOp::Lt => "<",
+                CmpOp::Le => "<=",
+                CmpOp::Gt => ">",
+                CmpOp::Ge => ">=",
+                CmpOp::Eq => "==",
+                CmpOp::Ne => "!=",
+            };
+            format!("({} {sym} {})", expr(a), expr(b))
+        }
+        Expr::Select(c, a, b) => format!("select({}, {}, {})", expr(c), expr(a), expr(b)),
+        Expr::ToF(a) => format!("f32({})", expr(a)),
+        Expr::ToI(a) => format!("int({})", expr(a)),
+        Expr::Reduce {
+            op,
+            var,
+            lo,
+            hi,
+            body,
+        } => format!(
+            "({} {var} in {}..{}: {})",
+            match op {
+                ReduceOp::Sum => "sum",
+                ReduceOp::Max => "max",
+            },
+            expr(lo),
+            expr(hi),
+            expr(body)
+        ),
+    }
+}

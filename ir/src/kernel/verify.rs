@@ -1,0 +1,352 @@
+//! Kernel verifier: every name is bound before use, every expression is well typed, loads and
+//! stores use the right number of int indices, read-only parameters are never stored to, and
+//! `R` appears only as a parameter's first dimension.
+
+use std::collections::HashMap;
+
+use super::{Access, BinOp, Dim, Elem, Expr, Kernel, Stmt, UnOp};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ty {
+    F32,
+    Int,
+    Bool,
+}
+
+impl Ty {
+    fn of(e: Elem) -> Ty {
+        match e {
+            Elem::F32 => Ty::F32,
+            Elem::I64 => Ty::Int,
+        }
+    }
+}
+
+enum Buf {
+    Param {
+        rank: usize,
+        elem: Elem,
+        access: Access,
+    },
+    Local {
+        elem: Elem,
+    },
+}
+
+struct Scope<'k> {
+    k: &'k Kernel,
+    vars: Vec<HashMap<String, Ty>>,
+    bufs: Vec<HashMap<String, Buf>>,
+}
+
+/// Checks `k`; the error names the kernel and the offending statement or expression.
+pub fn verify_kernel(k: &Kernel) -> Result<(), String> {
+    let fail = |msg: String| Err(format!("kernel {}: {msg}", k.name));
+    if k.grid.is_empty() {
+        return fail("empty grid".into());
+    }
+    let mut params = HashMap::new();
+    for p in &k.params {
+        if p.shape.iter().skip(1).any(|d| *d == Dim::Rows) {
+            return fail(format!(
+                "parameter {}: R may only be the first dimension",
+                p.name
+            ));
+        }
+        if p.shape.contains(&Dim::N(0)) {
+            return fail(format!("parameter {} has a zero dimension", p.name));
+        }
+        let prev = params.insert(
+            p.name.clone(),
+            Buf::Param {
+                rank: p.shape.len(),
+                elem: p.elem,
+                access: p.access,
+            },
+        );
+        if prev.is_some() {
+            return fail(format!("parameter {} declared twice", p.name));
+        }
+    }
+    let mut s = Scope {
+        k,
+        vars: vec![HashMap::new()],
+        bufs: vec![params],
+    };
+    s.block(&k.body).or_else(fail)
+}
+
+impl Scope<'_> {
+    fn var(&self, n: &str) -> Option<Ty> {
+        self.vars.iter().rev().find_map(|m| m.get(n).copied())
+    }
+
+    fn buf(&self, n: &str) -> Option<&Buf> {
+        self.bufs.iter().rev().find_map(|m| m.get(n))
+    }
+
+    fn push(&mut self) {
+        self.vars.push(HashMap::new());
+        self.bufs.push(HashMap::new());
+    }
+
+    fn pop(&mut self) {
+        self.vars.pop();
+        self.bufs.pop();
+    }
+
+    fn bind(&mut self, n: &str, t: Ty) {
+        self.vars
+            .last_mut()
+            .expect("scope")
+            .insert(n.to_string(), t);
+    }
+
+    fn block(&mut self, b: &[Stmt]) -> Result<(), String> {
+        for s in b {
+            self.stmt(s)?;
+        }
+        Ok(())
+    }
+
+    fn index(&mut self, buf: &str, idx: &[Expr]) -> Result<Elem, String> {
+        let (rank, elem) = match self.buf(buf) {
+            Some(Buf::Param { rank, elem, .. }) => (*rank, *elem),
+            Some(Buf::Local { elem }) => (1, *elem),
+            None => return Err(format!("unknown buffer {buf}")),
+        };
+        if idx.len() != rank {
+            return Err(format!(
+                "{buf} has rank {rank}, indexed with {} indices",
+                idx.len()
+            ));
+        }
+        for e in idx {
+            if self.expr(e)? != Ty::Int {
+                return Err(format!("index of {buf} is not an int"));
+            }
+        }
+        Ok(elem)
+    }
+
+    fn stmt(&mut self, s: &Stmt) -> Result<(), String> {
+        match s {
+            Stmt::Let(n, e) => {
+                let t = self.expr(e).map_err(|m| format!("let {n}: {m}"))?;
+                self.bind(n, t);
+            }
+            Stmt::Local { name, elem, len } => {
+                if *len == 0 {
+                    return Err(format!("local {name} has no elements"));
+                }
+                self.bufs
+                    .last_mut()
+                    .expect("scope")
+                    .insert(name.clone(), Buf::Local { elem: *elem });
+            }
+            Stmt::Store { buf, idx, value } => {
+                if let Some(Buf::Param {
+                    access: Access::Read,
+                    ..
+                }) = self.buf(buf)
+                {
+                    return Err(format!("store to read-only parameter {buf}"));
+                }
+                let elem = self.index(buf, idx)?;
+                let t = self.expr(value).map_err(|m| format!("store {buf}: {m}"))?;
+                if t != Ty::of(elem) {
+                    return Err(format!("store of {t:?} into {} buffer {buf}", elem.name()));
+                }
+            }
+            Stmt::For {
+                var,
+                lo,
+                hi,
+                carried,
+                body,
+                yields,
+            } => {
+                if self.expr(lo)? != Ty::Int || self.expr(hi)? != Ty::Int {
+                    return Err(format!("loop {var}: bounds must be ints"));
+                }
+                let mut tys = Vec::new();
+                for (n, init) in carried {
+                    tys.push((n.clone(), self.expr(init)?));
+                }
+                if yields.len() != carried.len() {
+                    return Err(format!(
+                        "loop {var}: {} carried values, {} yielded",
+                        carried.len(),
+                        yields.len()
+                    ));
+                }
+                self.push();
+                self.bind(var, Ty::Int);
+                for (n, t) in &tys {
+                    self.bind(n, *t);
+                }
+                self.block(body)?;
+                for (y, (n, t)) in yields.iter().zip(&tys) {
+                    if self.expr(y)? != *t {
+                        return Err(format!("loop {var}: yield for {n} changes its type"));
+                    }
+                }
+                self.pop();
+                for (n, t) in tys {
+                    self.bind(&n, t);
+                }
+            }
+            Stmt::If { cond, then } => {
+                if self.expr(cond)? != Ty::Bool {
+                    return Err("if: condition is not a bool".into());
+                }
+                self.push();
+                self.block(then)?;
+                self.pop();
+            }
+        }
+        Ok(())
+    }
+
+    fn expr(&mut self, e: &Expr) -> Result<Ty, String> {
+        Ok(match e {
+            Expr::F(_) => Ty::F32,
+            Expr::I(_) | Expr::Rows => Ty::Int,
+            Expr::Var(n) => self.var(n).ok_or_else(|| format!("unbound name {n}"))?,
+            Expr::Pid(a) => {
+                if *a >= self.k.grid.len() {
+                    return Err(format!("pid{a} outside the {}-d grid", self.k.grid.len()));
+                }
+                Ty::Int
+            }
+            Expr::Load(b, idx) => Ty::of(self.index(b, idx)?),
+            Expr::Bin(op, a, b) => {
+                let (ta, tb) = (self.expr(a)?, self.expr(b)?);
+                if ta != tb || ta == Ty::Bool {
+                    return Err(format!("{op:?} of {ta:?} and {tb:?}"));
+                }
+                if *op == BinOp::Rem && ta != Ty::Int {
+                    return Err("% of floats".into());
+                }
+                ta
+            }
+            Expr::Un(op, a) => {
+                let t = self.expr(a)?;
+                if t != Ty::F32 && !(*op == UnOp::Neg && t == Ty::Int) {
+                    return Err(format!("{op:?} of {t:?}"));
+                }
+                t
+            }
+            Expr::Cmp(_, a, b) => {
+                let (ta, tb) = (self.expr(a)?, self.expr(b)?);
+                if ta != tb || ta == Ty::Bool {
+                    return Err(format!("comparison of {ta:?} and {tb:?}"));
+                }
+                Ty::Bool
+            }
+            Expr::Select(c, a, b) => {
+                if self.expr(c)? != Ty::Bool {
+                    return Err("select: condition is not a bool".into());
+                }
+                let (ta, tb) = (self.expr(a)?, self.expr(b)?);
+                if ta != tb {
+                    return Err(format!("select of {ta:?} and {tb:?}"));
+                }
+                ta
+            }
+            Expr::ToF(a) => {
+                if self.expr(a)? != Ty::Int {
+                    return Err("f32() of a non-int".into());
+                }
+                Ty::F32
+            }
+            Expr::ToI(a) => {
+                if self.expr(a)? != Ty::F32 {
+                    return Err("int() of a non-f32".into());
+                }
+                Ty::Int
+            }
+            Expr::Reduce {
+                var, lo, hi, body, ..
+            } => {
+                if self.expr(lo)? != Ty::Int || self.expr(hi)? != Ty::Int {
+                    return Err(format!("reduction over {var}: bounds must be ints"));
+                }
+                self.push();
+                self.bind(var, Ty::Int);
+                let t = self.expr(body)?;
+                self.pop();
+                if t != Ty::F32 {
+                    return Err(format!("reduction over {var} of {t:?}"));
+                }
+                Ty::F32
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::build::*;
+    use super::super::*;
+    use super::verify_kernel;
+
+    fn kernel(body: Vec<Stmt>) -> Kernel {
+        Kernel {
+            name: "k".into(),
+            nodes: vec![],
+            grid: vec![Dim::Rows],
+            params: vec![
+                input("x", &[Dim::Rows, Dim::N(8)]),
+                output("y", &[Dim::Rows, Dim::N(8)]),
+            ],
+            body,
+        }
+    }
+
+    #[test]
+    fn accepts_a_norm() {
+        let k = kernel(vec![
+            let_(
+                "ss",
+                sum(
+                    "c",
+                    i(0),
+                    i(8),
+                    ld("x", [pid(0), v("c")]) * ld("x", [pid(0), v("c")]),
+                ),
+            ),
+            for_(
+                "c",
+                i(0),
+                i(8),
+                vec![st(
+                    "y",
+                    [pid(0), v("c")],
+                    ld("x", [pid(0), v("c")]) * rsqrt(v("ss")),
+                )],
+            ),
+        ]);
+        verify_kernel(&k).unwrap();
+    }
+
+    #[test]
+    fn rejects_bad_kernels() {
+        let cases = [
+            (vec![st("x", [pid(0), i(0)], f(1.0))], "read-only"),
+            (vec![st("y", [pid(0)], f(1.0))], "rank 2"),
+            (
+                vec![st("y", [pid(0), i(0)], v("nope"))],
+                "unbound name nope",
+            ),
+            (vec![st("y", [pid(0), f(0.0)], f(1.0))], "not an int"),
+            (vec![st("y", [pid(1), i(0)], f(1.0))], "pid1"),
+            (vec![st("y", [pid(0), i(0)], i(1))], "store of Int"),
+            (vec![st("y", [pid(0), i(0)], exp(i(1)))], "Exp of Int"),
+        ];
+        for (body, want) in cases {
+            let err = verify_kernel(&kernel(body)).unwrap_err();
+            assert!(err.contains(want), "{err} should mention {want}");
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! The compiled plan (`plan.json` in an artifact directory): everything the runtime needs to
+//! execute a model without the compiler: kernels and their parameters, the launch list of each
+//! phase with every argument resolved to an arena offset, pool, weight or constant, the pools
+//! (caches and recurrent state), and the weight map (where each tensor lies in the
+//! checkpoint, and how it is transformed when loaded).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::kernel::{Dim, Param};
+
+pub const SCHEMA_VERSION: u32 = 1;
+pub const PLAN_FILE: &str = "plan.json";
+pub const HOST_LIBRARY: &str = "kernels.so";
+pub const CONSTANTS_FILE: &str = "constants.bin";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub schema_version: u32,
+    pub target: String,
+    pub model: ModelInfo,
+    pub limits: Limits,
+    pub kernels: Vec<KernelEntry>,
+    pub prefill: Schedule,
+    pub decode: Schedule,
+    pub pools: Vec<PoolEntry>,
+    pub weights: Vec<WeightEntry>,
+    pub constants: Vec<ConstEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelInfo {
+    pub name: String,
+    /// The spec file or checkpoint directory the plan was compiled from.
+    pub source: String,
+    /// sha256 of the model description (spec text, or config.json).
+    pub hash: String,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Sequences decoded together (cache slots).
+    pub max_batch: usize,
+    /// Positions per sequence (prompt + generated).
+    pub max_context: usize,
+    /// Rows of one prefill launch; longer prompts are prefilled in pieces.
+    pub max_prefill_rows: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct KernelEntry {
+    pub name: String,
+    /// Exported symbol (host: `_mlir_<name>`, packed arguments).
+    pub symbol: String,
+    pub grid: Vec<Dim>,
+    pub params: Vec<Param>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    /// Arena bytes needed at `rows` rows = `arena_bytes_per_row * rows`.
+    pub arena_bytes_per_row: usize,
+    pub rows: usize,
+    pub launches: Vec<LaunchEntry>,
+    /// Where the logits `[rows, vocab]` are when the launches are done.
+    pub logits: Arg,
+    /// Arena place of every graph node's output (valid until reused: plans built with
+    /// `keep_values` never reuse, so every value can be read after a run, for debugging).
+    pub values: Vec<(String, Arg)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LaunchEntry {
+    pub kernel: usize,
+    /// Graph nodes computed (for errors and profiles).
+    pub nodes: Vec<String>,
+    pub args: Vec<Arg>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Arg {
+    /// Activation in the arena: byte offset `offset_per_row * rows`, `bytes_per_row * rows` long.
+    Arena {
+        offset_per_row: usize,
+        bytes_per_row: usize,
+    },
+    Weight {
+        index: usize,
+    },
+    Pool {
+        index: usize,
+    },
+    Const {
+        index: usize,
+    },
+    Tokens,
+    Slot,
+    Pos,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolEntry {
+    pub name: String,
+    /// conv, recurrent, kv_cache, mla_latent.
+    pub kind: String,
+    pub layer: usize,
+    /// `[slots, ...]` f32.
+    pub shape: Vec<usize>,
+    pub bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WeightEntry {
+    pub name: String,
+    /// Shape as the kernels see it (f32).
+    pub shape: Vec<usize>,
+    pub source: WeightSource,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum WeightSource {
+    /// Deterministic random weights (`lamina_ir::weights::random_tensor`): native specs.
+    Random {
+        tensor: String,
+        seed: u64,
+        kind: String,
+    },
+    /// A checkpoint tensor, cast to f32; `rows` (over `[numel/last, last]`) selects and
+    /// concatenates row ranges (fused projections cut apart), empty = the whole tensor.
+    File {
+        file: String,
+        offset: usize,
+        bytes: usize,
+        dtype: String,
+        shape: Vec<usize>,
+        rows: Vec<(usize, usize)>,
+    },
+    /// Routed experts stacked along a new first axis.
+    Stack { parts: Vec<WeightSource> },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ConstEntry {
+    pub name: String,
+    /// f32 elements at `offset` (elements) in constants.bin.
+    pub offset: usize,
+    pub len: usize,
+}
+
+impl Plan {
+    pub fn load(dir: &Path) -> Result<Plan> {
+        let path = dir.join(PLAN_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let plan: Plan = serde_json::from_str(&text).map_err(|e| Error::Input {
+            what: path.display().to_string(),
+            msg: format!("not a Lamina plan: {e}"),
+        })?;
+        if plan.schema_version != SCHEMA_VERSION {
+            return Err(Error::Input {
+                what: path.display().to_string(),
+                msg: format!(
+                    "field schema_version is {}, this build reads {SCHEMA_VERSION}; rebuild the artifact",
+                    plan.schema_version
+                ),
+            });
+        }
+        plan.check().map_err(|msg| Error::Input {
+            what: path.display().to_string(),
+            msg,
+        })?;
+        Ok(plan)
+    }
+
+    /// Internal consistency: every index in range, every argument list matching its kernel.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        for (pname, s) in [("prefill", &self.prefill), ("decode", &self.decode)] {
+            for (li, l) in s.launches.iter().enumerate() {
+                let k = self.kernels.get(l.kernel).ok_or_else(|| {
+                    format!(
+                        "{pname}.launches[{li}].kernel = {} is out of range",
+                        l.kernel
+                    )
+                })?;
+                if k.params.len() != l.args.len() {
+                    return Err(format!(
+                        "{pname}.launches[{li}] passes {} arguments to kernel {} of {} parameters",
+                        l.args.len(),
+                        k.name,
+                        k.params.len()
+                    ));
+                }
+                for (ai, a) in l.args.iter().enumerate() {
+                    let ok = match a {
+                        Arg::Weight { index } => *index < self.weights.len(),
+                        Arg::Pool { index } => *index < self.pools.len(),
+                        Arg::Const { index } => *index < self.constants.len(),
+                        Arg::Arena {
+                            offset_per_row,
+                            bytes_per_row,
+                        } => offset_per_row + bytes_per_row <= s.arena_bytes_per_row,
+                        Arg::Tokens | Arg::Slot | Arg::Pos => true,
+                    };
+                    if !ok {
+                        return Err(format!("{pname}.launches[{li}].args[{ai}] is out of range"));
+                    }
+                }
+            }
+        }
+        if self.limits.max_batch == 0
+            || self.limits.max_context == 0
+            || self.limits.max_prefill_rows == 0
+        {
+            return Err(
+                "limits: max_batch, max_context and max_prefill_rows must be positive".into(),
+            );
+        }
+        Ok(())
+    }
+}

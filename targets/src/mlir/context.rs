@@ -1,0 +1,102 @@
+//! The one place that sets up MLIR: the context (all upstream dialects, LLVM translations,
+//! diagnostics captured as errors) and the pass pipelines of every target.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Once;
+
+use melior::dialect::DialectRegistry;
+use melior::ir::operation::OperationLike;
+use melior::ir::Module;
+use melior::pass::PassManager;
+use melior::utility::{parse_pass_pipeline, register_all_dialects, register_all_llvm_translations};
+use melior::Context;
+
+use crate::TargetError;
+
+/// Host: structured control flow and memrefs straight to the LLVM dialect; LLVM's O3 (run by
+/// the execution engine's optimizing transformer, with the host CPU's features) vectorises the
+/// inner loops, whose floating-point ops carry `reassoc, contract`.
+pub const HOST_PIPELINE: &str = "builtin.module(\
+    canonicalize, cse, loop-invariant-code-motion, \
+    convert-scf-to-cf, convert-to-llvm, reconcile-unrealized-casts)";
+
+/// An MLIR context with every upstream dialect loaded and diagnostics collected.
+///
+/// MLIR contexts are not `Send`: make one per compilation worker.
+pub struct MlirContext {
+    pub context: Context,
+    diagnostics: Rc<RefCell<Vec<String>>>,
+}
+
+impl MlirContext {
+    pub fn new() -> Self {
+        static PASSES: Once = Once::new();
+        PASSES.call_once(melior::utility::register_all_passes);
+        let registry = DialectRegistry::new();
+        register_all_dialects(&registry);
+        let context = Context::new();
+        context.append_dialect_registry(&registry);
+        context.load_all_available_dialects();
+        register_all_llvm_translations(&context);
+        // The kernels are small and many: one thread per context, workers in parallel.
+        context.enable_multi_threading(false);
+        let diagnostics = Rc::new(RefCell::new(Vec::new()));
+        let sink = diagnostics.clone();
+        context.attach_diagnostic_handler(move |d| {
+            sink.borrow_mut().push(format!("{}: {}", d.location(), d));
+            true
+        });
+        MlirContext {
+            context,
+            diagnostics,
+        }
+    }
+
+    /// Diagnostics emitted since the last call, joined.
+    pub fn take_diagnostics(&self) -> String {
+        self.diagnostics
+            .borrow_mut()
+            .drain(..)
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// Verifies `module`; the error carries MLIR's diagnostics (which name kernel and node).
+    pub fn verify(&self, module: &Module, what: &str) -> Result<(), TargetError> {
+        if module.as_operation().verify() {
+            self.take_diagnostics();
+            Ok(())
+        } else {
+            Err(TargetError::Mlir(format!(
+                "{what}: the generated MLIR does not verify: {}",
+                self.take_diagnostics()
+            )))
+        }
+    }
+
+    /// Runs `pipeline` (textual pass pipeline) on `module` with the verifier on.
+    pub fn run_pipeline(
+        &self,
+        module: &mut Module,
+        pipeline: &str,
+        what: &str,
+    ) -> Result<(), TargetError> {
+        let pm = PassManager::new(&self.context);
+        pm.enable_verifier(true);
+        parse_pass_pipeline(pm.as_operation_pass_manager(), pipeline)
+            .map_err(|e| TargetError::Mlir(format!("bad pass pipeline {pipeline}: {e}")))?;
+        pm.run(module).map_err(|_| {
+            TargetError::Mlir(format!(
+                "{what}: MLIR pass pipeline failed: {}",
+                self.take_diagnostics()
+            ))
+        })
+    }
+}
+
+impl Default for MlirContext {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,594 @@
+//! Kernel IR → MLIR upstream dialects (func, scf, arith, math, memref).
+//!
+//! A kernel becomes `func.func @name(%buf: memref<?xT>..., %rows: index, %lo: index,
+//! %hi: index)`: programs `lo..hi` of the flattened grid, run in a loop (the host runtime
+//! splits the grid between threads; a GPU target maps programs to blocks instead). Buffers are
+//! flat memrefs indexed with constant row-major strides; locals are stack allocations made
+//! once at function entry. Every operation carries a location naming the kernel, its graph
+//! nodes and the statement, so diagnostics point back at the source.
+
+use std::collections::HashMap;
+
+use lamina_ir::kernel::{BinOp, CmpOp, Dim, Elem, Expr, Kernel, ReduceOp, Stmt, UnOp};
+use melior::dialect::arith::{CmpfPredicate, CmpiPredicate};
+use melior::dialect::{arith, func, memref, scf};
+use melior::ir::attribute::{FloatAttribute, IntegerAttribute, StringAttribute, TypeAttribute};
+use melior::ir::operation::OperationBuilder;
+use melior::ir::r#type::{FunctionType, IntegerType, MemRefType};
+use melior::ir::{
+    Attribute, Block, BlockLike, Identifier, Location, Module, Operation, Region, RegionLike, Type,
+    Value,
+};
+use melior::Context;
+
+use crate::TargetError;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Ty {
+    F32,
+    Int,
+    Bool,
+}
+
+#[derive(Clone)]
+struct BufInfo<'c, 'a> {
+    value: Value<'c, 'a>,
+    elem: Elem,
+    /// Row-major strides (a local has `[1]`).
+    strides: Vec<usize>,
+}
+
+#[derive(Clone)]
+struct Env<'c, 'a> {
+    vars: HashMap<String, (Value<'c, 'a>, Ty)>,
+    bufs: HashMap<String, BufInfo<'c, 'a>>,
+    pids: Vec<Value<'c, 'a>>,
+    rows: Value<'c, 'a>,
+}
+
+struct Lower<'c> {
+    ctx: &'c Context,
+    index: Type<'c>,
+    f32: Type<'c>,
+    i64: Type<'c>,
+    i1: Type<'c>,
+    fastmath: Attribute<'c>,
+    loc: Location<'c>,
+}
+
+type R<T> = Result<T, TargetError>;
+
+fn bug(msg: String) -> TargetError {
+    TargetError::Mlir(msg)
+}
+
+/// Emits `kernel` as a `func.func` into `module`.
+pub fn lower_kernel<'c>(ctx: &'c Context, module: &Module<'c>, k: &Kernel) -> R<()> {
+    let what = if k.nodes.is_empty() {
+        k.name.clone()
+    } else {
+        format!("{} [{}]", k.name, k.nodes.join(", "))
+    };
+    let loc = Location::new(ctx, &format!("kernel {what}"), 1, 0);
+    let l = Lower {
+        ctx,
+        index: Type::index(ctx),
+        f32: Type::float32(ctx),
+        i64: IntegerType::new(ctx, 64).into(),
+        i1: IntegerType::new(ctx, 1).into(),
+        fastmath: Attribute::parse(ctx, "#arith.fastmath<reassoc,contract>")
+            .ok_or_else(|| bug("fastmath attribute".into()))?,
+        loc,
+    };
+    let mut arg_types = Vec::new();
+    for p in &k.params {
+        arg_types.push(l.memref(p.elem));
+    }
+    arg_types.extend([l.index, l.index, l.index]);
+    let entry = Block::new(&arg_types.iter().map(|&t| (t, loc)).collect::<Vec<_>>());
+    let n = k.params.len();
+    let arg = |i: usize| -> R<Value> {
+        entry
+            .argument(i)
+            .map(Into::into)
+            .map_err(|e| bug(format!("argument {i}: {e}")))
+    };
+    let rows = arg(n)?;
+    let (lo, hi) = (arg(n + 1)?, arg(n + 2)?);
+    let mut bufs = HashMap::new();
+    for (i, p) in k.params.iter().enumerate() {
+        let mut strides = vec![1usize; p.shape.len()];
+        for d in (0..p.shape.len().saturating_sub(1)).rev() {
+            let next = match p.shape[d + 1] {
+                Dim::N(s) => s,
+                Dim::Rows => return Err(bug(format!("{}: R inside a shape", p.name))),
+            };
+            strides[d] = strides[d + 1] * next;
+        }
+        bufs.insert(
+            p.name.clone(),
+            BufInfo {
+                value: arg(i)?,
+                elem: p.elem,
+                strides,
+            },
+        );
+    }
+    // Locals: one stack slot per name, sized for its largest use, allocated at entry (an
+    // alloca inside the program loop would grow the stack every iteration).
+    let mut locals: Vec<(String, Elem, usize)> = Vec::new();
+    collect_locals(&k.body, &mut locals);
+    for (name, elem, len) in &locals {
+        let ty = MemRefType::new(l.elem(*elem), &[*len as i64], None, None);
+        let a = entry.append_operation(memref::alloca(ctx, ty, &[], &[], None, loc));
+        bufs.insert(
+            name.clone(),
+            BufInfo {
+                value: a.result(0).map_err(|e| bug(e.to_string()))?.into(),
+                elem: *elem,
+                strides: vec![1],
+            },
+        );
+    }
+    // for p in lo..hi: pids from p (last axis fastest).
+    let body = Block::new(&[(l.index, loc)]);
+    {
+        let p: Value = body.argument(0).map_err(|e| bug(e.to_string()))?.into();
+        let mut env = Env {
+            vars: HashMap::new(),
+            bufs: bufs.clone(),
+            pids: Vec::new(),
+            rows,
+        };
+        let mut pids = vec![p; k.grid.len()];
+        let mut rest = p;
+        for ax in (1..k.grid.len()).rev() {
+            let ext = l.dim(&body, k.grid[ax], rows);
+            pids[ax] = l.op(&body, "arith.remui", &[rest, ext], l.index, false);
+            rest = l.op(&body, "arith.divui", &[rest, ext], l.index, false);
+        }
+        pids[0] = rest;
+        env.pids = pids;
+        let mut line = 1;
+        l.block(&body, &mut env, &k.body, &what, &mut line)?;
+        body.append_operation(scf::r#yield(&[], loc));
+    }
+    let one = l.const_index(&entry, 1);
+    let region = Region::new();
+    region.append_block(body);
+    entry.append_operation(scf::r#for(lo, hi, one, region, loc));
+    entry.append_operation(func::r#return(&[], loc));
+    let fregion = Region::new();
+    fregion.append_block(entry);
+    let fty = FunctionType::new(ctx, &arg_types, &[]);
+    module.body().append_operation(func::func(
+        ctx,
+        StringAttribute::new(ctx, &k.name),
+        TypeAttribute::new(fty.into()),
+        fregion,
+        &[],
+        loc,
+    ));
+    Ok(())
+}
+
+fn collect_locals(b: &[Stmt], out: &mut Vec<(String, Elem, usize)>) {
+    for s in b {
+        match s {
+            Stmt::Local { name, elem, len } => {
+                if let Some(e) = out.iter_mut().find(|e| &e.0 == name && e.1 == *elem) {
+                    e.2 = e.2.max(*len);
+                } else {
+                    out.push((name.clone(), *elem, *len));
+                }
+            }
+            Stmt::For { body, .. } => collect_locals(body, out),
+            Stmt::If { then, .. } => collect_locals(then, out),
+            Stmt::Let(..) | Stmt::Store { .. } => {}
+        }
+    }
+}
+
+impl<'c> Lower<'c> {
+    fn memref(&self, e: Elem) -> Type<'c> {
+        MemRefType::new(self.elem(e), &[i64::MIN], None, None).into()
+    }
+
+    fn elem(&self, e: Elem) -> Type<'c> {
+        match e {
+            Elem::F32 => self.f32,
+            Elem::I64 => self.i64,
+        }
+    }
+
+    fn ty(&self, t: Ty) -> Type<'c> {
+        match t {
+            Ty::F32 => self.f32,
+            Ty::Int => self.index,
+            Ty::Bool => self.i1,
+        }
+    }
+
+    /// Appends a one-result op; float arithmetic gets `reassoc, contract`.
+    fn op<'a>(
+        &self,
+        blk: &'a Block<'c>,
+        name: &str,
+        operands: &[Value<'c, '_>],
+        result: Type<'c>,
+        fast: bool,
+    ) -> Value<'c, 'a> {
+        let mut b = OperationBuilder::new(name, self.loc)
+            .add_operands(operands)
+            .add_results(&[result]);
+        if fast {
+            b = b.add_attributes(&[(Identifier::new(self.ctx, "fastmath"), self.fastmath)]);
+        }
+        self.append(blk, b.build().expect("valid operation"))
+    }
+
+    fn append<'a>(&self, blk: &'a Block<'c>, op: Operation<'c>) -> Value<'c, 'a> {
+        blk.append_operation(op)
+            .result(0)
+            .expect("one result")
+            .into()
+    }
+
+    fn const_index<'a>(&self, blk: &'a Block<'c>, v: i64) -> Value<'c, 'a> {
+        self.append(
+            blk,
+            arith::constant(
+                self.ctx,
+                IntegerAttribute::new(self.index, v).into(),
+                self.loc,
+            ),
+        )
+    }
+
+    fn const_f32<'a>(&self, blk: &'a Block<'c>, v: f64) -> Value<'c, 'a> {
+        self.append(
+            blk,
+            arith::constant(
+                self.ctx,
+                FloatAttribute::new(self.ctx, self.f32, v).into(),
+                self.loc,
+            ),
+        )
+    }
+
+    fn dim<'a>(&self, blk: &'a Block<'c>, d: Dim, rows: Value<'c, 'a>) -> Value<'c, 'a> {
+        match d {
+            Dim::Rows => rows,
+            Dim::N(n) => self.const_index(blk, n as i64),
+        }
+    }
+
+    fn block<'a>(
+        &self,
+        blk: &'a Block<'c>,
+        env: &mut Env<'c, 'a>,
+        stmts: &[Stmt],
+        what: &str,
+        line: &mut usize,
+    ) -> R<()> {
+        for s in stmts {
+            *line += 1;
+            self.stmt(blk, env, s, what, line)?;
+        }
+        Ok(())
+    }
+
+    fn with_loc(&self, what: &str, line: usize) -> Lower<'c> {
+        Lower {
+            loc: Location::new(self.ctx, &format!("kernel {what}"), line, 0),
+            ..*self
+        }
+    }
+
+    fn stmt<'a>(
+        &self,
+        blk: &'a Block<'c>,
+        env: &mut Env<'c, 'a>,
+        s: &Stmt,
+        what: &str,
+        line: &mut usize,
+    ) -> R<()> {
+        let l = self.with_loc(what, *line);
+        match s {
+            Stmt::Let(n, e) => {
+                let v = l.expr(blk, env, e)?;
+                env.vars.insert(n.clone(), v);
+            }
+            Stmt::Local { .. } => {}
+            Stmt::Store { buf, idx, value } => {
+                let (v, t) = l.expr(blk, env, value)?;
+                let info = env
+                    .bufs
+                    .get(buf)
+                    .cloned()
+                    .ok_or_else(|| bug(format!("{what}: unknown buffer {buf}")))?;
+                let at = l.linear(blk, env, &info, idx)?;
+                let v = match (info.elem, t) {
+                    (Elem::F32, Ty::F32) => v,
+                    (Elem::I64, Ty::Int) => l.op(blk, "arith.index_cast", &[v], l.i64, false),
+                    _ => return Err(bug(format!("{what}: store of {t:?} into {buf}"))),
+                };
+                blk.append_operation(memref::store(v, info.value, &[at], l.loc));
+            }
+            Stmt::For {
+                var,
+                lo,
+                hi,
+                carried,
+                body,
+                yields,
+            } => {
+                let (lo, _) = l.expr(blk, env, lo)?;
+                let (hi, _) = l.expr(blk, env, hi)?;
+                let mut inits = Vec::new();
+                let mut tys = Vec::new();
+                for (_, e) in carried {
+                    let (v, t) = l.expr(blk, env, e)?;
+                    inits.push(v);
+                    tys.push(t);
+                }
+                let mut args = vec![(l.index, l.loc)];
+                args.extend(tys.iter().map(|&t| (l.ty(t), l.loc)));
+                let inner = Block::new(&args);
+                {
+                    let mut env2: Env<'c, '_> = env.clone();
+                    let a = |i: usize| -> R<Value> {
+                        inner
+                            .argument(i)
+                            .map(Into::into)
+                            .map_err(|e| bug(e.to_string()))
+                    };
+                    env2.vars.insert(var.clone(), (a(0)?, Ty::Int));
+                    for (i, ((n, _), t)) in carried.iter().zip(&tys).enumerate() {
+                        env2.vars.insert(n.clone(), (a(i + 1)?, *t));
+                    }
+                    l.block(&inner, &mut env2, body, what, line)?;
+                    let mut ys = Vec::new();
+                    for y in yields {
+                        ys.push(l.expr(&inner, &env2, y)?.0);
+                    }
+                    inner.append_operation(scf::r#yield(&ys, l.loc));
+                }
+                let one = l.const_index(blk, 1);
+                let region = Region::new();
+                region.append_block(inner);
+                let op = OperationBuilder::new("scf.for", l.loc)
+                    .add_operands(&[lo, hi, one])
+                    .add_operands(&inits)
+                    .add_results(&tys.iter().map(|&t| l.ty(t)).collect::<Vec<_>>())
+                    .add_regions([region])
+                    .build()
+                    .map_err(|e| bug(format!("{what}: scf.for: {e}")))?;
+                let r = blk.append_operation(op);
+                for (i, ((n, _), t)) in carried.iter().zip(&tys).enumerate() {
+                    let v: Value = r.result(i).map_err(|e| bug(e.to_string()))?.into();
+                    env.vars.insert(n.clone(), (v, *t));
+                }
+            }
+            Stmt::If { cond, then } => {
+                let (c, _) = l.expr(blk, env, cond)?;
+                let inner = Block::new(&[]);
+                {
+                    let mut env2: Env<'c, '_> = env.clone();
+                    l.block(&inner, &mut env2, then, what, line)?;
+                    inner.append_operation(scf::r#yield(&[], l.loc));
+                }
+                let then_r = Region::new();
+                then_r.append_block(inner);
+                blk.append_operation(scf::r#if(c, &[], then_r, Region::new(), l.loc));
+            }
+        }
+        Ok(())
+    }
+
+    fn linear<'a>(
+        &self,
+        blk: &'a Block<'c>,
+        env: &Env<'c, 'a>,
+        info: &BufInfo<'c, 'a>,
+        idx: &[Expr],
+    ) -> R<Value<'c, 'a>> {
+        let mut acc: Option<Value> = None;
+        for (e, &s) in idx.iter().zip(&info.strides) {
+            let (v, _) = self.expr(blk, env, e)?;
+            let term = if s == 1 {
+                v
+            } else {
+                let c = self.const_index(blk, s as i64);
+                self.op(blk, "arith.muli", &[v, c], self.index, false)
+            };
+            acc = Some(match acc {
+                None => term,
+                Some(a) => self.op(blk, "arith.addi", &[a, term], self.index, false),
+            });
+        }
+        Ok(acc.unwrap_or_else(|| self.const_index(blk, 0)))
+    }
+
+    fn expr<'a>(&self, blk: &'a Block<'c>, env: &Env<'c, 'a>, e: &Expr) -> R<(Value<'c, 'a>, Ty)> {
+        Ok(match e {
+            Expr::F(v) => (self.const_f32(blk, *v), Ty::F32),
+            Expr::I(v) => (self.const_index(blk, *v), Ty::Int),
+            Expr::Var(n) => *env
+                .vars
+                .get(n)
+                .ok_or_else(|| bug(format!("unbound {n} (the verifier should have caught it)")))?,
+            Expr::Pid(a) => (env.pids[*a], Ty::Int),
+            Expr::Rows => (env.rows, Ty::Int),
+            Expr::Load(b, idx) => {
+                let info = env
+                    .bufs
+                    .get(b)
+                    .cloned()
+                    .ok_or_else(|| bug(format!("unknown buffer {b}")))?;
+                let at = self.linear(blk, env, &info, idx)?;
+                let v = self.append(blk, memref::load(info.value, &[at], self.loc));
+                match info.elem {
+                    Elem::F32 => (v, Ty::F32),
+                    Elem::I64 => (
+                        self.op(blk, "arith.index_cast", &[v], self.index, false),
+                        Ty::Int,
+                    ),
+                }
+            }
+            Expr::Bin(op, a, b) => {
+                let (a, ta) = self.expr(blk, env, a)?;
+                let (b, _) = self.expr(blk, env, b)?;
+                let f = ta == Ty::F32;
+                let name = match (op, f) {
+                    (BinOp::Add, true) => "arith.addf",
+                    (BinOp::Sub, true) => "arith.subf",
+                    (BinOp::Mul, true) => "arith.mulf",
+                    (BinOp::Div, true) => "arith.divf",
+                    (BinOp::Max, true) => "arith.maximumf",
+                    (BinOp::Min, true) => "arith.minimumf",
+                    (BinOp::Rem, true) => "arith.remf",
+                    (BinOp::Add, false) => "arith.addi",
+                    (BinOp::Sub, false) => "arith.subi",
+                    (BinOp::Mul, false) => "arith.muli",
+                    (BinOp::Div, false) => "arith.divsi",
+                    (BinOp::Max, false) => "arith.maxsi",
+                    (BinOp::Min, false) => "arith.minsi",
+                    (BinOp::Rem, false) => "arith.remsi",
+                };
+                (self.op(blk, name, &[a, b], self.ty(ta), f), ta)
+            }
+            Expr::Un(op, a) => {
+                let (x, t) = self.expr(blk, env, a)?;
+                (self.unary(blk, *op, x, t), t)
+            }
+            Expr::Cmp(op, a, b) => {
+                let (a, ta) = self.expr(blk, env, a)?;
+                let (b, _) = self.expr(blk, env, b)?;
+                let op = if ta == Ty::F32 {
+                    let p = match op {
+                        CmpOp::Lt => CmpfPredicate::Olt,
+                        CmpOp::Le => CmpfPredicate::Ole,
+                        CmpOp::Gt => CmpfPredicate::Ogt,
+                        CmpOp::Ge => CmpfPredicate::Oge,
+                        CmpOp::Eq => CmpfPredicate::Oeq,
+                        CmpOp::Ne => CmpfPredicate::Une,
+                    };
+                    arith::cmpf(self.ctx, p, a, b, self.loc)
+                } else {
+                    let p = match op {
+                        CmpOp::Lt => CmpiPredicate::Slt,
+                        CmpOp::Le => CmpiPredicate::Sle,
+                        CmpOp::Gt => CmpiPredicate::Sgt,
+                        CmpOp::Ge => CmpiPredicate::Sge,
+                        CmpOp::Eq => CmpiPredicate::Eq,
+                        CmpOp::Ne => CmpiPredicate::Ne,
+                    };
+                    arith::cmpi(self.ctx, p, a, b, self.loc)
+                };
+                (self.append(blk, op), Ty::Bool)
+            }
+            Expr::Select(c, a, b) => {
+                let (c, _) = self.expr(blk, env, c)?;
+                let (a, t) = self.expr(blk, env, a)?;
+                let (b, _) = self.expr(blk, env, b)?;
+                (self.append(blk, arith::select(c, a, b, self.loc)), t)
+            }
+            Expr::ToF(a) => {
+                let (x, _) = self.expr(blk, env, a)?;
+                let i = self.op(blk, "arith.index_cast", &[x], self.i64, false);
+                (self.op(blk, "arith.sitofp", &[i], self.f32, false), Ty::F32)
+            }
+            Expr::ToI(a) => {
+                let (x, _) = self.expr(blk, env, a)?;
+                let i = self.op(blk, "arith.fptosi", &[x], self.i64, false);
+                (
+                    self.op(blk, "arith.index_cast", &[i], self.index, false),
+                    Ty::Int,
+                )
+            }
+            Expr::Reduce {
+                op,
+                var,
+                lo,
+                hi,
+                body,
+            } => {
+                let (lo, _) = self.expr(blk, env, lo)?;
+                let (hi, _) = self.expr(blk, env, hi)?;
+                let init = self.const_f32(
+                    blk,
+                    match op {
+                        ReduceOp::Sum => 0.0,
+                        ReduceOp::Max => f64::NEG_INFINITY,
+                    },
+                );
+                let inner = Block::new(&[(self.index, self.loc), (self.f32, self.loc)]);
+                {
+                    let mut env2: Env<'c, '_> = env.clone();
+                    let iv: Value = inner.argument(0).map_err(|e| bug(e.to_string()))?.into();
+                    let acc: Value = inner.argument(1).map_err(|e| bug(e.to_string()))?.into();
+                    env2.vars.insert(var.clone(), (iv, Ty::Int));
+                    let (x, _) = self.expr(&inner, &env2, body)?;
+                    let name = match op {
+                        ReduceOp::Sum => "arith.addf",
+                        ReduceOp::Max => "arith.maximumf",
+                    };
+                    let next = self.op(&inner, name, &[acc, x], self.f32, true);
+                    inner.append_operation(scf::r#yield(&[next], self.loc));
+                }
+                let one = self.const_index(blk, 1);
+                let region = Region::new();
+                region.append_block(inner);
+                let op = OperationBuilder::new("scf.for", self.loc)
+                    .add_operands(&[lo, hi, one, init])
+                    .add_results(&[self.f32])
+                    .add_regions([region])
+                    .build()
+                    .map_err(|e| bug(format!("reduction: {e}")))?;
+                (self.append(blk, op), Ty::F32)
+            }
+        })
+    }
+
+    fn unary<'a>(&self, blk: &'a Block<'c>, op: UnOp, x: Value<'c, 'a>, t: Ty) -> Value<'c, 'a> {
+        let f = self.f32;
+        let m = |name: &str, x: Value<'c, 'a>| self.op(blk, name, &[x], f, true);
+        match op {
+            UnOp::Neg if t == Ty::Int => {
+                let z = self.const_index(blk, 0);
+                self.op(blk, "arith.subi", &[z, x], self.index, false)
+            }
+            UnOp::Neg => m("arith.negf", x),
+            UnOp::Exp => m("math.exp", x),
+            UnOp::Log => m("math.log", x),
+            UnOp::Sqrt => m("math.sqrt", x),
+            UnOp::Rsqrt => m("math.rsqrt", x),
+            UnOp::Cos => m("math.cos", x),
+            UnOp::Sin => m("math.sin", x),
+            UnOp::Sigmoid | UnOp::Silu => {
+                // 1 / (1 + exp(-x)), times x for SiLU.
+                let one = self.const_f32(blk, 1.0);
+                let nx = m("arith.negf", x);
+                let e = m("math.exp", nx);
+                let d = self.op(blk, "arith.addf", &[one, e], f, true);
+                if op == UnOp::Sigmoid {
+                    self.op(blk, "arith.divf", &[one, d], f, true)
+                } else {
+                    self.op(blk, "arith.divf", &[x, d], f, true)
+                }
+            }
+            UnOp::Softplus => {
+                // torch: x above 20, else log1p(exp(x)).
+                let e = m("math.exp", x);
+                let l1p = m("math.log1p", e);
+                let th = self.const_f32(blk, 20.0);
+                let big = self.append(
+                    blk,
+                    arith::cmpf(self.ctx, CmpfPredicate::Ogt, x, th, self.loc),
+                );
+                self.append(blk, arith::select(big, x, l1p, self.loc))
+            }
+        }
+    }
+}
