@@ -17,9 +17,15 @@ demo: bootstrap
 	target/release/compile-model check $(DEMO)
 	@echo "== graph IR summary (first lines)"
 	target/release/compile-model ir $(DEMO) --stage graph | head -n 24
-	@echo "== reference run (random weights, seed 1): greedy continuation of 1,2,3,4,5"
+	@echo "== compile for the host (kernel IR -> MLIR -> LLVM -> kernels.so), per-pass times"
+	target/release/compile-model build $(DEMO) --target host -o out/demo --seed 1 -v
+	@echo "== compiled run (random weights, seed 1): greedy continuation of 1,2,3,4,5"
+	target/release/compile-model run out/demo --tokens 1,2,3,4,5 --max-new-tokens 8
+	@echo "== the same on the reference executor (must print the same tokens)"
 	target/release/compile-model run $(DEMO) --reference --seed 1 --tokens 1,2,3,4,5 --max-new-tokens 8
-	@echo "== reference run of a Hugging Face checkpoint (the tiny Kimi-Linear oracle model)"
+	@echo "== a Hugging Face checkpoint (the tiny Kimi-Linear oracle model), compiled then reference"
+	target/release/compile-model build $(ORACLE) --target host -o out/demo-oracle
+	target/release/compile-model run out/demo-oracle --tokens 1,2,3,4,5 --max-new-tokens 8
 	target/release/compile-model run $(ORACLE) --reference --tokens 1,2,3,4,5 --max-new-tokens 8
 
 test: bootstrap

@@ -502,3 +502,121 @@ fn logits_out_is_written_atomically_and_complete() {
         "no temporary file left behind"
     );
 }
+
+/// A built artifact to damage.
+fn artifact() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let art = dir.path().join("art");
+    let spec = repo().join("examples/kimi-linear-tiny.toml");
+    let out = Command::new(bin())
+        .args([
+            "build",
+            spec.to_str().unwrap(),
+            "-o",
+            art.to_str().unwrap(),
+            "--max-context",
+            "16",
+            "--max-batch",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (dir, art)
+}
+
+#[test]
+fn bad_artifacts() {
+    let (_d, art) = artifact();
+    let a = art.to_str().unwrap();
+    // Prompt and generation beyond the plan's context.
+    fails(
+        &[
+            "run",
+            a,
+            "--tokens",
+            "1,2,3,4,5,6,7,8,9,10",
+            "--max-new-tokens",
+            "8",
+        ],
+        &["--max-context 16"],
+    );
+    // Token outside the vocabulary.
+    fails(&["run", a, "--tokens", "1,99999"], &["tokens", "99999"]);
+    // Truncated plan.json.
+    let plan = art.join("plan.json");
+    let text = std::fs::read_to_string(&plan).unwrap();
+    std::fs::write(&plan, &text[..text.len() / 2]).unwrap();
+    fails(
+        &["run", a, "--tokens", "1,2"],
+        &["plan.json", "not a Lamina plan"],
+    );
+    // Wrong schema version.
+    std::fs::write(
+        &plan,
+        text.replacen("\"schema_version\": 1", "\"schema_version\": 99", 1),
+    )
+    .unwrap();
+    fails(
+        &["run", a, "--tokens", "1,2"],
+        &["plan.json", "schema_version"],
+    );
+    // Missing kernel library.
+    std::fs::write(&plan, &text).unwrap();
+    std::fs::remove_file(art.join("kernels.so")).unwrap();
+    fails(&["run", a, "--tokens", "1,2"], &["kernels.so", "missing"]);
+}
+
+#[test]
+fn build_refuses_to_replace_a_non_artifact() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("precious");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "keep me").unwrap();
+    let spec = repo().join("examples/kimi-linear-tiny.toml");
+    fails(
+        &["build", spec.to_str().unwrap(), "-o", out.to_str().unwrap()],
+        &["precious", "not a Lamina artifact"],
+    );
+    assert!(out.join("notes.txt").exists());
+    // And no temporary build directory is left behind.
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(".lamina-build-")
+        })
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "temporary build directories left behind"
+    );
+    fails(
+        &[
+            "build",
+            spec.to_str().unwrap(),
+            "-o",
+            "/tmp/x",
+            "--target",
+            "sm_75",
+        ],
+        &["--target", "sm_75"],
+    );
+    fails(
+        &[
+            "build",
+            spec.to_str().unwrap(),
+            "-o",
+            "/tmp/x",
+            "--max-batch",
+            "0",
+        ],
+        &["--max-batch"],
+    );
+}

@@ -134,3 +134,122 @@ fn first_divergent_node() {
         }
     }
 }
+
+/// Every oracle family (real Hugging Face checkpoint layouts) compiled: logits against the f64
+/// reference at the chunk-boundary lengths, and greedy tokens identical to transformers'.
+#[test]
+fn oracle_families_match_reference_and_oracle_tokens() {
+    for case in [
+        "qwen3_next",
+        "kimi_linear",
+        "deepseek_v3",
+        "deepseek_v3_yarn",
+        "minimax",
+    ] {
+        let model = crate::common::oracle(case).join("model");
+        check_model(&model, &[1, 63, 64, 65, 130, 300]);
+        let exp =
+            crate::common::read_all(&crate::common::oracle(case).join("expected.safetensors"));
+        let options = Options {
+            max_batch: 1,
+            max_context: 160,
+            max_prefill_rows: 64,
+            keep_values: false,
+        };
+        let (_, mut e, _dir) = engine(&model, options, 0);
+        for len in [7, 33, 100] {
+            let key = |k: &str| format!("prompt{len}.{k}");
+            let ids: Vec<i64> = exp[&key("input_ids")]
+                .data
+                .iter()
+                .map(|&x| x as i64)
+                .collect();
+            let want: Vec<i64> = exp[&key("greedy_tokens")]
+                .data
+                .iter()
+                .map(|&x| x as i64)
+                .collect();
+            let g = e.generate(&[ids], want.len()).unwrap().pop().unwrap();
+            assert_eq!(
+                g.tokens, want,
+                "{case} prompt {len}: compiled greedy tokens differ from the oracle"
+            );
+        }
+    }
+}
+
+/// Three different prompts decoded together give the tokens and logits of each run alone.
+#[test]
+fn batched_decode_matches_single_runs() {
+    for ex in ["kimi-linear-tiny", "qwen3-next-tiny"] {
+        let path = repo().join(format!("examples/{ex}.toml"));
+        let options = Options {
+            max_batch: 3,
+            max_context: 64,
+            max_prefill_rows: 16,
+            keep_values: false,
+        };
+        let (m, mut e, _dir) = engine(&path, options, 0);
+        let v = m.graph.vocab_size;
+        let prompts: Vec<Vec<i64>> = [5, 17, 40]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| prompt(n, v, i + 3))
+            .collect();
+        let together = e.generate(&prompts, 6).unwrap();
+        for (i, p) in prompts.iter().enumerate() {
+            let alone = e
+                .generate(std::slice::from_ref(p), 6)
+                .unwrap()
+                .pop()
+                .unwrap();
+            assert_eq!(together[i].tokens, alone.tokens, "{ex} prompt {i}");
+            let a: Vec<f64> = together[i]
+                .decode_logits
+                .iter()
+                .map(|&x| x as f64)
+                .collect();
+            let b: Vec<f64> = alone.decode_logits.iter().map(|&x| x as f64).collect();
+            let err = rel_err(&a, &b);
+            assert!(
+                err <= TOL,
+                "{ex} prompt {i}: batched vs alone rel err {err:.3e}"
+            );
+        }
+    }
+}
+
+/// The runtime must not link MLIR or LLVM.
+#[test]
+fn runtime_does_not_depend_on_mlir_or_llvm() {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "-p",
+            "lamina-runtime",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+            "--offline",
+        ])
+        .current_dir(repo())
+        .output()
+        .expect("cargo tree runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tree = String::from_utf8_lossy(&out.stdout);
+    for banned in ["melior", "mlir-sys", "inkwell", "llvm-sys"] {
+        assert!(
+            !tree.lines().any(|l| l.starts_with(&format!("{banned} "))),
+            "lamina-runtime depends on {banned}:\n{tree}"
+        );
+    }
+    assert!(
+        tree.contains("lamina-ir"),
+        "unexpected cargo tree output:\n{tree}"
+    );
+}

@@ -28,3 +28,58 @@ graph_snapshot!(graph_kimi_linear_48b_a3b, "kimi-linear-48b-a3b.toml");
 graph_snapshot!(graph_qwen3_next_80b_a3b, "qwen3-next-80b-a3b.toml");
 graph_snapshot!(graph_minimax_text_01, "minimax-text-01.toml");
 graph_snapshot!(graph_deepseek_v3, "deepseek-v3.toml");
+
+/// The kernel IR (both phases) after the pass pipeline, at fixed build sizes.
+fn kernel_text(example: &str) -> String {
+    let m = Model::open(&repo().join("examples").join(example))
+        .unwrap_or_else(|e| panic!("{example}: {e}"));
+    let options = lamina_compiler::passes::Options {
+        max_batch: 4,
+        max_context: 256,
+        max_prefill_rows: 64,
+        keep_values: false,
+    };
+    let (p, _) = lamina_compiler::build::compile_program(&m, options).unwrap();
+    let text = p.print();
+    if example.contains("tiny") {
+        text
+    } else {
+        // Full-size models: the kernels and the launch counts, not every launch line.
+        text.lines()
+            .filter(|l| !l.starts_with("//   "))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
+}
+
+macro_rules! kernel_snapshot {
+    ($test:ident, $file:literal) => {
+        #[test]
+        fn $test() {
+            insta::assert_snapshot!(kernel_text($file));
+        }
+    };
+}
+
+kernel_snapshot!(kernel_kimi_linear_tiny, "kimi-linear-tiny.toml");
+kernel_snapshot!(kernel_qwen3_next_tiny, "qwen3-next-tiny.toml");
+kernel_snapshot!(kernel_minimax_tiny, "minimax-tiny.toml");
+kernel_snapshot!(kernel_deepseek_v3_tiny, "deepseek-v3-tiny.toml");
+kernel_snapshot!(kernel_kimi_linear_48b_a3b, "kimi-linear-48b-a3b.toml");
+kernel_snapshot!(kernel_qwen3_next_80b_a3b, "qwen3-next-80b-a3b.toml");
+kernel_snapshot!(kernel_minimax_text_01, "minimax-text-01.toml");
+kernel_snapshot!(kernel_deepseek_v3, "deepseek-v3.toml");
+
+/// The host MLIR of one tiny model's decode kernels (verified, before lowering).
+#[test]
+fn mlir_kimi_linear_tiny_decode() {
+    let m = Model::open(&repo().join("examples/kimi-linear-tiny.toml")).unwrap();
+    let (p, _) = lamina_compiler::build::compile_program(&m, Default::default()).unwrap();
+    let mut seen = std::collections::HashSet::new();
+    let kernels: Vec<_> = p.schedules[&lamina_compiler::kernels::Phase::Decode]
+        .iter()
+        .filter(|l| seen.insert(l.kernel.name.clone()))
+        .map(|l| l.kernel.clone())
+        .collect();
+    insta::assert_snapshot!(lamina_targets::mlir::print_mlir(&kernels).unwrap());
+}

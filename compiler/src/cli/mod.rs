@@ -1,5 +1,6 @@
 //! The `compile-model` command line. Every error is one line on stderr and a non-zero exit.
 
+mod build;
 mod check;
 mod ir;
 mod run;
@@ -18,6 +19,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 (config.json + model.safetensors or a sharded index).\n\nExamples:\n  \
 compile-model check examples/kimi-linear-48b-a3b.toml\n  \
 compile-model ir examples/qwen3-next-tiny.toml --stage graph\n  \
+compile-model build examples/qwen3-next-tiny.toml -o out/qwen3-next-tiny\n  \
+compile-model run out/qwen3-next-tiny --tokens 1,2,3 --max-new-tokens 8\n  \
 compile-model run tests/fixtures/oracle/qwen3_next/model --reference --tokens 1,2,3 --max-new-tokens 8"
 )]
 struct Cli {
@@ -38,7 +41,25 @@ enum Cmd {
         model: PathBuf,
         #[arg(long, value_enum, default_value = "graph")]
         stage: Stage,
+        /// Schedule to print for the kernel and MLIR stages (default: both).
+        #[arg(long, value_enum)]
+        phase: Option<PhaseArg>,
+        /// Target of the MLIR stage (host only so far).
+        #[arg(long, default_value = "host")]
+        target: String,
+        #[command(flatten)]
+        sizes: build::SizeArgs,
     },
+    /// Compile a model into an artifact directory (plan.json + kernels).
+    #[command(
+        after_help = "Example:\n  compile-model build examples/kimi-linear-tiny.toml --target host -o out/kimi -v"
+    )]
+    Build(build::BuildArgs),
+    /// Print the compiled plan's memory: weights, caches and states, arenas.
+    #[command(
+        after_help = "Example:\n  compile-model report examples/qwen3-next-80b-a3b.toml --max-batch 8 --max-context 32768"
+    )]
+    Report(build::ReportArgs),
     /// Run a model: prefill the prompt, then greedy-decode.
     #[command(
         after_help = "Example:\n  compile-model run examples/kimi-linear-tiny.toml --reference --tokens 1,2,3 \
@@ -51,12 +72,18 @@ enum Cmd {
 enum Stage {
     /// The graph IR (after the verifier).
     Graph,
-    /// The kernel IR (not implemented yet).
+    /// The kernel IR of every distinct kernel, after the pass pipeline.
     Kernel,
-    /// MLIR (not implemented yet).
+    /// The kernels in MLIR (func, scf, arith, math, memref), verified, before lowering.
     Mlir,
     /// PTX (not implemented yet).
     Ptx,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum PhaseArg {
+    Prefill,
+    Decode,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -72,7 +99,15 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Check { model } => check::check(&model),
-        Cmd::Ir { model, stage } => ir::ir(&model, stage),
+        Cmd::Ir {
+            model,
+            stage,
+            phase,
+            target,
+            sizes,
+        } => ir::ir(&model, stage, phase, &target, &sizes),
+        Cmd::Build(args) => build::build_cmd(&args),
+        Cmd::Report(args) => build::report(&args),
         Cmd::Run(args) => run::run(&args),
     };
     match result {

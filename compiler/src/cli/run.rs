@@ -3,6 +3,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use lamina_ir::model::Model;
+use lamina_runtime::host::HostEngine;
 use lamina_runtime::reference::{Generation, Real, Reference};
 use safetensors::tensor::{Dtype, TensorView};
 
@@ -10,10 +11,17 @@ use super::{CliResult, Precision};
 
 #[derive(Args)]
 pub struct RunArgs {
+    /// An artifact directory (from `build`), a spec or a checkpoint directory (compiled for the
+    /// host into the cache first).
     model: PathBuf,
-    /// Run the reference executor (the golden model). Compiled plans are not implemented yet.
+    /// Run the reference executor (the golden model) instead of a compiled plan.
     #[arg(long)]
     reference: bool,
+    /// Where the checkpoint's safetensors files are (default: where the plan was built from).
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    #[command(flatten)]
+    sizes: super::build::SizeArgs,
     /// Prompt token ids, comma-separated (e.g. 1,2,3).
     #[arg(long, required = true, allow_hyphen_values = true)]
     tokens: String,
@@ -30,15 +38,13 @@ pub struct RunArgs {
 }
 
 pub fn run(a: &RunArgs) -> CliResult {
-    if !a.reference {
-        return Err(
-            "compiled plans cannot run yet (the compiler core is pending): pass --reference".into(),
-        );
-    }
     if a.max_new_tokens == 0 {
         return Err("--max-new-tokens must be at least 1".into());
     }
     let tokens = parse_tokens(&a.tokens)?;
+    if !a.reference {
+        return run_compiled(a, &tokens);
+    }
     let m = Model::open(&a.model).map_err(|e| e.to_string())?;
     let weights = m.weights(a.seed).map_err(|e| e.to_string())?;
     match a.precision {
@@ -92,30 +98,118 @@ fn go<F: Real>(
     Ok(())
 }
 
+fn run_compiled(a: &RunArgs, tokens: &[i64]) -> CliResult {
+    if a.precision != Precision::F32 {
+        return Err("compiled plans run in f32; --precision f64 needs --reference".into());
+    }
+    let artifact = if a.model.join(lamina_ir::plan::PLAN_FILE).exists() {
+        a.model.clone()
+    } else {
+        cached_build(a)?
+    };
+    let mut e = HostEngine::load(&artifact, a.weights.as_deref()).map_err(|e| e.to_string())?;
+    let need = tokens.len() + a.max_new_tokens - 1;
+    if need > e.plan.limits.max_context {
+        return Err(format!(
+            "the prompt and {} new tokens need {need} positions; {} was built with --max-context {}",
+            a.max_new_tokens,
+            artifact.display(),
+            e.plan.limits.max_context
+        ));
+    }
+    let mut gens = e
+        .generate(&[tokens.to_vec()], a.max_new_tokens)
+        .map_err(|e| e.to_string())?;
+    let g = gens.pop().expect("one sequence");
+    let toks: Vec<String> = g.tokens.iter().map(|t| t.to_string()).collect();
+    println!("{}", toks.join(","));
+    if let Some(path) = &a.logits_out {
+        let vocab = e.vocab();
+        write_logits_raw(path, &g.prefill_logits, &g.decode_logits, vocab, &g.tokens)?;
+    }
+    Ok(())
+}
+
+/// Compiles a model path for the host into `$LAMINA_CACHE_DIR` (default
+/// `$HOME/.cache/lamina`), keyed by the model description, sizes, seed and compiler version.
+fn cached_build(a: &RunArgs) -> Result<PathBuf, String> {
+    use sha2::{Digest, Sha256};
+    let m = Model::open(&a.model).map_err(|e| e.to_string())?;
+    let options = a.sizes.options()?;
+    let desc = match &m.source {
+        lamina_ir::model::ModelSource::Spec(p) => p.clone(),
+        lamina_ir::model::ModelSource::HuggingFace { dir, .. } => dir.join("config.json"),
+    };
+    let bytes = std::fs::read(&desc).map_err(|e| format!("{}: {e}", desc.display()))?;
+    let mut h = Sha256::new();
+    h.update(&bytes);
+    h.update(format!(
+        "{:?}|{}|{}|{}",
+        options,
+        a.seed,
+        env!("CARGO_PKG_VERSION"),
+        std::fs::canonicalize(&a.model)
+            .unwrap_or(a.model.clone())
+            .display()
+    ));
+    let key = format!("{:x}", h.finalize());
+    let root = match std::env::var_os("LAMINA_CACHE_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into()))
+            .join(".cache/lamina"),
+    };
+    let dir = root.join(&key[..16]);
+    if !dir.join(lamina_ir::plan::PLAN_FILE).exists() {
+        crate::build::build(&m, &dir, lamina_targets::Target::Host, options, a.seed)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(dir)
+}
+
 /// Writes the logits file atomically (temporary file, then rename).
 fn write_logits<F: Real>(path: &Path, g: &Generation<F>) -> CliResult {
-    let f32s = |v: &[F]| -> Vec<u8> {
-        v.iter()
-            .flat_map(|x| x.to_f32().unwrap_or(f32::NAN).to_le_bytes())
-            .collect()
+    let f32s = |v: &[F]| -> Vec<f32> { v.iter().map(|x| x.to_f32().unwrap_or(f32::NAN)).collect() };
+    write_logits_raw(
+        path,
+        &f32s(&g.prefill_logits.data),
+        &f32s(&g.decode_logits.data),
+        g.prefill_logits.cols,
+        &g.tokens,
+    )
+}
+
+fn write_logits_raw(
+    path: &Path,
+    prefill: &[f32],
+    decode: &[f32],
+    vocab: usize,
+    tokens: &[i64],
+) -> CliResult {
+    let bytes_of = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    let pre = bytes_of(prefill);
+    let dec = bytes_of(decode);
+    let toks: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+    struct G {
+        pre_rows: usize,
+        dec_rows: usize,
+    }
+    let g = G {
+        pre_rows: prefill.len() / vocab,
+        dec_rows: decode.len() / vocab,
     };
-    let pre = f32s(&g.prefill_logits.data);
-    let dec = f32s(&g.decode_logits.data);
-    let toks: Vec<u8> = g.tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
-    let vocab = g.prefill_logits.cols;
     let err = |e: safetensors::SafeTensorError| format!("{}: {e:?}", path.display());
     let mut tensors = HashMap::new();
     tensors.insert(
         "prefill_logits",
-        TensorView::new(Dtype::F32, vec![g.prefill_logits.rows, vocab], &pre).map_err(err)?,
+        TensorView::new(Dtype::F32, vec![g.pre_rows, vocab], &pre).map_err(err)?,
     );
     tensors.insert(
         "decode_logits",
-        TensorView::new(Dtype::F32, vec![g.decode_logits.rows, vocab], &dec).map_err(err)?,
+        TensorView::new(Dtype::F32, vec![g.dec_rows, vocab], &dec).map_err(err)?,
     );
     tensors.insert(
         "tokens",
-        TensorView::new(Dtype::I64, vec![g.tokens.len()], &toks).map_err(err)?,
+        TensorView::new(Dtype::I64, vec![tokens.len()], &toks).map_err(err)?,
     );
     let bytes = safetensors::serialize(tensors, None).map_err(err)?;
     let tmp = path.with_extension("safetensors.partial");

@@ -35,7 +35,13 @@ pub fn print_kernel(k: &Kernel) -> String {
     if !k.nodes.is_empty() {
         // The node list goes on the header line, after the grid.
         let first = out.find('\n').unwrap_or(out.len());
-        out.insert_str(first, &format!("  // {}", k.nodes.join(", ")));
+        let shown: Vec<&str> = k.nodes.iter().take(3).map(|s| s.as_str()).collect();
+        let more = if k.nodes.len() > 3 {
+            format!(" (+{} more)", k.nodes.len() - 3)
+        } else {
+            String::new()
+        };
+        out.insert_str(first, &format!("  // {}{more}", shown.join(", ")));
     }
     out
 }

@@ -1,0 +1,175 @@
+//! `compile-model build` and `compile-model report`.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use lamina_ir::model::Model;
+use lamina_targets::Target;
+
+use super::check::bytes;
+use super::CliResult;
+use crate::build::{build, compile_program, make_plan};
+use crate::kernels::Phase;
+use crate::passes::Options;
+
+/// Sizes fixed at build time.
+#[derive(Args, Clone)]
+pub struct SizeArgs {
+    /// Sequences decoded together (cache and state slots).
+    #[arg(long, default_value_t = 4)]
+    pub max_batch: usize,
+    /// Positions per sequence, prompt and generated tokens together.
+    #[arg(long, default_value_t = 1024)]
+    pub max_context: usize,
+    /// Tokens per prefill launch; longer prompts are prefilled in pieces.
+    #[arg(long, default_value_t = 512)]
+    pub max_prefill_rows: usize,
+}
+
+impl SizeArgs {
+    pub fn options(&self) -> Result<Options, String> {
+        for (name, v) in [
+            ("--max-batch", self.max_batch),
+            ("--max-context", self.max_context),
+            ("--max-prefill-rows", self.max_prefill_rows),
+        ] {
+            if v == 0 {
+                return Err(format!("{name} must be at least 1"));
+            }
+        }
+        if self.max_context > 1 << 24 || self.max_batch > 1 << 16 {
+            return Err("--max-context is limited to 2^24 and --max-batch to 2^16".into());
+        }
+        Ok(Options {
+            max_batch: self.max_batch,
+            max_context: self.max_context,
+            max_prefill_rows: self.max_prefill_rows.min(self.max_context),
+            keep_values: false,
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct BuildArgs {
+    model: PathBuf,
+    /// host (x86-64 shared library); sm_80 and sm_90a are not implemented yet.
+    #[arg(long, default_value = "host")]
+    target: String,
+    /// Artifact directory to write (replaced atomically when complete).
+    #[arg(short, long)]
+    out: PathBuf,
+    #[command(flatten)]
+    sizes: SizeArgs,
+    /// Seed of the random weights of a native spec (recorded in the plan).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print the time of every pass and code-generation stage.
+    #[arg(short, long)]
+    verbose: bool,
+}
+
+pub fn parse_target(s: &str) -> Result<Target, String> {
+    Target::parse(s).ok_or_else(|| format!("--target {s:?}: expected host, sm_80 or sm_90a"))
+}
+
+pub fn build_cmd(a: &BuildArgs) -> CliResult {
+    let target = parse_target(&a.target)?;
+    let options = a.sizes.options()?;
+    let m = Model::open(&a.model).map_err(|e| e.to_string())?;
+    let r = build(&m, &a.out, target, options, a.seed).map_err(|e| e.to_string())?;
+    if a.verbose {
+        for (name, t) in &r.pass_times {
+            eprintln!("pass {name:<18} {:>9.3} ms", t.as_secs_f64() * 1e3);
+        }
+        let c = &r.codegen;
+        eprintln!(
+            "codegen lower-to-mlir  {:>9.3} ms",
+            c.lower.as_secs_f64() * 1e3
+        );
+        eprintln!(
+            "codegen mlir-passes    {:>9.3} ms",
+            c.passes.as_secs_f64() * 1e3
+        );
+        eprintln!(
+            "codegen llvm-O3+object {:>9.3} ms",
+            c.llvm.as_secs_f64() * 1e3
+        );
+        eprintln!(
+            "codegen link           {:>9.3} ms",
+            c.link.as_secs_f64() * 1e3
+        );
+    }
+    println!(
+        "wrote {} ({} kernels, {} prefill / {} decode launches) in {:.2} s",
+        a.out.display(),
+        r.plan.kernels.len(),
+        r.plan.prefill.launches.len(),
+        r.plan.decode.launches.len(),
+        r.total.as_secs_f64()
+    );
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct ReportArgs {
+    model: PathBuf,
+    #[command(flatten)]
+    sizes: SizeArgs,
+}
+
+/// Every planned buffer's bytes: weights, pools (caches, states), arenas.
+pub fn report(a: &ReportArgs) -> CliResult {
+    let options = a.sizes.options()?;
+    let m = Model::open(&a.model).map_err(|e| e.to_string())?;
+    report_model(&m, &a.model, options)
+}
+
+fn report_model(m: &Model, path: &Path, options: Options) -> CliResult {
+    let (p, _) = compile_program(m, options).map_err(|e| e.to_string())?;
+    let (plan, consts) = make_plan(m, &p, Target::Host, 0).map_err(|e| e.to_string())?;
+    println!("{}: {}", path.display(), m.describe_source());
+    println!(
+        "limits: max_batch {}, max_context {}, max_prefill_rows {}",
+        options.max_batch, options.max_context, options.max_prefill_rows
+    );
+    let weights: u64 = plan
+        .weights
+        .iter()
+        .map(|w| w.shape.iter().product::<usize>() as u64 * 4)
+        .sum();
+    println!("weights (f32 as loaded): {}", bytes(weights));
+    let mut total_pools = 0u64;
+    let mut by_kind: std::collections::BTreeMap<&str, (u64, usize)> = Default::default();
+    for pool in &plan.pools {
+        let e = by_kind.entry(pool.kind.as_str()).or_default();
+        e.0 += pool.bytes as u64;
+        e.1 += 1;
+        total_pools += pool.bytes as u64;
+    }
+    println!("pools: {}", bytes(total_pools));
+    for (k, (b, n)) in by_kind {
+        println!("  {k:<11} {n:>3} layers  {}", bytes(b));
+    }
+    for (phase, s) in [
+        (Phase::Prefill, &plan.prefill),
+        (Phase::Decode, &plan.decode),
+    ] {
+        let kernels: std::collections::BTreeSet<usize> =
+            s.launches.iter().map(|l| l.kernel).collect();
+        println!(
+            "{}: {} launches, {} distinct kernels, arena {} ({} per row x {} rows)",
+            phase.name(),
+            s.launches.len(),
+            kernels.len(),
+            bytes((s.arena_bytes_per_row * s.rows) as u64),
+            bytes(s.arena_bytes_per_row as u64),
+            s.rows
+        );
+    }
+    println!(
+        "constants (rope tables, slopes): {}",
+        bytes(consts.len() as u64 * 4)
+    );
+    println!("kernels: {}", plan.kernels.len());
+    Ok(())
+}
