@@ -46,6 +46,7 @@ fn check_model(path: &std::path::Path, lens: &[usize]) {
     let w = m.weights(0).unwrap();
     let r = Reference::<f64>::new(&m.graph, &w);
     let v = m.graph.vocab_size;
+    let (mut worst_pre, mut worst_dec) = (0f64, 0f64);
     for &len in lens {
         let p = prompt(len, v, len);
         let mut sess = r.new_session();
@@ -59,6 +60,7 @@ fn check_model(path: &std::path::Path, lens: &[usize]) {
             "{} prefill len {len}: rel err {err:.3e}",
             path.display()
         );
+        worst_pre = worst_pre.max(err);
         // Two decode steps.
         for step in 0..2 {
             let tok = ((step * 31 + len) % v) as i64;
@@ -71,8 +73,13 @@ fn check_model(path: &std::path::Path, lens: &[usize]) {
                 "{} decode step {step} after {len}: rel err {err:.3e}",
                 path.display()
             );
+            worst_dec = worst_dec.max(err);
         }
     }
+    eprintln!(
+        "compiled host f32 vs reference f64, {}: max rel err prefill {worst_pre:.2e}, decode {worst_dec:.2e} (lengths {lens:?})",
+        path.display()
+    );
 }
 
 #[test]
