@@ -39,7 +39,8 @@ pub fn compile_program<'g>(
     Ok((p, times))
 }
 
-fn hash_source(model: &Model) -> Result<String, Error> {
+/// sha256 of the model description (the spec file, or a checkpoint's config.json).
+pub fn hash_source(model: &Model) -> Result<String, Error> {
     let path = match &model.source {
         ModelSource::Spec(p) => p.clone(),
         ModelSource::HuggingFace { dir, .. } => dir.join("config.json"),
@@ -119,65 +120,49 @@ pub fn make_plan(
                             bytes_per_row: bytes,
                         }
                     }
-                    Bind::Weight(name) => {
-                        let index = match windex.get(name) {
-                            Some(&i) => i,
-                            None => {
-                                weights.push(WeightEntry {
-                                    name: name.clone(),
-                                    shape: g.weights[name].shape.clone(),
-                                    source: source_of(name)?,
-                                });
-                                windex.insert(name.clone(), weights.len() - 1);
-                                weights.len() - 1
-                            }
-                        };
-                        Arg::Weight { index }
-                    }
+                    Bind::Weight(name) => Arg::Weight {
+                        index: intern(&mut weights, &mut windex, name, || {
+                            Ok(WeightEntry {
+                                name: name.clone(),
+                                shape: g.weights[name].shape.clone(),
+                                source: source_of(name)?,
+                            })
+                        })?,
+                    },
                     Bind::Stacked {
                         prefix,
                         leaf,
                         experts,
                     } => {
                         let key = format!("{prefix}.experts.*.{leaf}");
-                        let index = match windex.get(&key) {
-                            Some(&i) => i,
-                            None => {
-                                let mut parts = Vec::new();
-                                let first = format!("{prefix}.experts.0.{leaf}");
-                                for e in 0..*experts {
-                                    parts.push(source_of(&format!("{prefix}.experts.{e}.{leaf}"))?);
-                                }
-                                let mut shape = vec![*experts];
-                                shape.extend(&g.weights[&first].shape);
-                                weights.push(WeightEntry {
-                                    name: key.clone(),
-                                    shape,
-                                    source: WeightSource::Stack { parts },
-                                });
-                                windex.insert(key, weights.len() - 1);
-                                weights.len() - 1
-                            }
+                        let make = || {
+                            let parts = (0..*experts)
+                                .map(|e| source_of(&format!("{prefix}.experts.{e}.{leaf}")))
+                                .collect::<Result<Vec<_>, _>>()?;
+                            let mut shape = vec![*experts];
+                            shape.extend(&g.weights[&format!("{prefix}.experts.0.{leaf}")].shape);
+                            Ok(WeightEntry {
+                                name: key.clone(),
+                                shape,
+                                source: WeightSource::Stack { parts },
+                            })
                         };
-                        Arg::Weight { index }
+                        Arg::Weight {
+                            index: intern(&mut weights, &mut windex, &key, make)?,
+                        }
                     }
                     Bind::State(id) => Arg::Pool { index: id.0 },
-                    Bind::Const(name, data) => {
-                        let index = match cindex.get(name) {
-                            Some(&i) => i,
-                            None => {
-                                constants.push(ConstEntry {
-                                    name: name.clone(),
-                                    offset: cdata.len(),
-                                    len: data.len(),
-                                });
-                                cdata.extend(data);
-                                cindex.insert(name.clone(), constants.len() - 1);
-                                constants.len() - 1
-                            }
-                        };
-                        Arg::Const { index }
-                    }
+                    Bind::Const(name, data) => Arg::Const {
+                        index: intern(&mut constants, &mut cindex, name, || {
+                            let e = ConstEntry {
+                                name: name.clone(),
+                                offset: cdata.len(),
+                                len: data.len(),
+                            };
+                            cdata.extend(data);
+                            Ok(e)
+                        })?,
+                    },
                     Bind::Tokens => Arg::Tokens,
                     Bind::Slot => Arg::Slot,
                     Bind::Pos => Arg::Pos,
@@ -274,6 +259,21 @@ pub fn make_plan(
     };
     plan.check().map_err(Error::Compile)?;
     Ok((plan, cdata))
+}
+
+/// Index of `key` in `table`, appending `make()` the first time it is seen.
+fn intern<T>(
+    table: &mut Vec<T>,
+    index: &mut HashMap<String, usize>,
+    key: &str,
+    make: impl FnOnce() -> Result<T, Error>,
+) -> Result<usize, Error> {
+    if let Some(&i) = index.get(key) {
+        return Ok(i);
+    }
+    table.push(make()?);
+    index.insert(key.to_string(), table.len() - 1);
+    Ok(table.len() - 1)
 }
 
 fn model_path(model: &Model) -> PathBuf {

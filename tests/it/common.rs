@@ -81,3 +81,15 @@ pub fn max_abs(a: &[f64], b: &[f64]) -> f64 {
         })
         .fold(0.0, f64::max)
 }
+
+/// The oracle's prompt `len`: input ids and transformers' greedy tokens.
+pub fn oracle_prompt(exp: &HashMap<String, T>, len: usize) -> (Vec<i64>, Vec<i64>) {
+    let ids = |k: &str| -> Vec<i64> {
+        exp[&format!("prompt{len}.{k}")]
+            .data
+            .iter()
+            .map(|&x| x as i64)
+            .collect()
+    };
+    (ids("input_ids"), ids("greedy_tokens"))
+}

@@ -165,17 +165,7 @@ fn oracle_families_match_reference_and_oracle_tokens() {
         };
         let (_, mut e, _dir) = engine(&model, options, 0);
         for len in [7, 33, 100] {
-            let key = |k: &str| format!("prompt{len}.{k}");
-            let ids: Vec<i64> = exp[&key("input_ids")]
-                .data
-                .iter()
-                .map(|&x| x as i64)
-                .collect();
-            let want: Vec<i64> = exp[&key("greedy_tokens")]
-                .data
-                .iter()
-                .map(|&x| x as i64)
-                .collect();
+            let (ids, want) = crate::common::oracle_prompt(&exp, len);
             let g = e.generate(&[ids], want.len()).unwrap().pop().unwrap();
             assert_eq!(
                 g.tokens, want,

@@ -29,16 +29,7 @@ fn run<F: Real>(
     metric: fn(&[f64], &[f64]) -> f64,
 ) -> Errors {
     let key = |k: &str| format!("prompt{len}.{k}");
-    let ids: Vec<i64> = exp[&key("input_ids")]
-        .data
-        .iter()
-        .map(|&x| x as i64)
-        .collect();
-    let want_tokens: Vec<i64> = exp[&key("greedy_tokens")]
-        .data
-        .iter()
-        .map(|&x| x as i64)
-        .collect();
+    let (ids, want_tokens) = crate::common::oracle_prompt(exp, len);
     let r = Reference::<F>::new(&m.graph, w);
     let layers = m.graph.num_layers;
     let mut taps: Vec<String> = vec!["embed".into()];

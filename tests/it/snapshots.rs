@@ -75,11 +75,10 @@ kernel_snapshot!(kernel_deepseek_v3, "deepseek-v3.toml");
 fn mlir_kimi_linear_tiny_decode() {
     let m = Model::open(&repo().join("examples/kimi-linear-tiny.toml")).unwrap();
     let (p, _) = lamina_compiler::build::compile_program(&m, Default::default()).unwrap();
-    let mut seen = std::collections::HashSet::new();
-    let kernels: Vec<_> = p.schedules[&lamina_compiler::kernels::Phase::Decode]
-        .iter()
-        .filter(|l| seen.insert(l.kernel.name.clone()))
-        .map(|l| l.kernel.clone())
+    let kernels: Vec<_> = p
+        .phase_kernels(lamina_compiler::kernels::Phase::Decode)
+        .into_iter()
+        .cloned()
         .collect();
     insta::assert_snapshot!(lamina_targets::mlir::print_mlir(&kernels).unwrap());
 }

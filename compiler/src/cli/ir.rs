@@ -30,13 +30,7 @@ pub fn ir(
         None => vec![Phase::Prefill, Phase::Decode],
     };
     for ph in phases {
-        // Distinct kernels of this phase, in first-launch order.
-        let mut seen = std::collections::HashSet::new();
-        let kernels: Vec<_> = p.schedules[&ph]
-            .iter()
-            .filter(|l| seen.insert(l.kernel.name.clone()))
-            .map(|l| l.kernel.clone())
-            .collect();
+        let kernels: Vec<_> = p.phase_kernels(ph).into_iter().cloned().collect();
         println!(
             "// phase {}: {} launches, {} kernels",
             ph.name(),

@@ -136,13 +136,8 @@ fn cached_build(a: &RunArgs) -> Result<PathBuf, String> {
     use sha2::{Digest, Sha256};
     let m = Model::open(&a.model).map_err(|e| e.to_string())?;
     let options = a.sizes.options()?;
-    let desc = match &m.source {
-        lamina_ir::model::ModelSource::Spec(p) => p.clone(),
-        lamina_ir::model::ModelSource::HuggingFace { dir, .. } => dir.join("config.json"),
-    };
-    let bytes = std::fs::read(&desc).map_err(|e| format!("{}: {e}", desc.display()))?;
     let mut h = Sha256::new();
-    h.update(&bytes);
+    h.update(crate::build::hash_source(&m).map_err(|e| e.to_string())?);
     h.update(format!(
         "{:?}|{}|{}|{}",
         options,
@@ -189,23 +184,15 @@ fn write_logits_raw(
     let pre = bytes_of(prefill);
     let dec = bytes_of(decode);
     let toks: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
-    struct G {
-        pre_rows: usize,
-        dec_rows: usize,
-    }
-    let g = G {
-        pre_rows: prefill.len() / vocab,
-        dec_rows: decode.len() / vocab,
-    };
     let err = |e: safetensors::SafeTensorError| format!("{}: {e:?}", path.display());
     let mut tensors = HashMap::new();
     tensors.insert(
         "prefill_logits",
-        TensorView::new(Dtype::F32, vec![g.pre_rows, vocab], &pre).map_err(err)?,
+        TensorView::new(Dtype::F32, vec![prefill.len() / vocab, vocab], &pre).map_err(err)?,
     );
     tensors.insert(
         "decode_logits",
-        TensorView::new(Dtype::F32, vec![g.dec_rows, vocab], &dec).map_err(err)?,
+        TensorView::new(Dtype::F32, vec![decode.len() / vocab, vocab], &dec).map_err(err)?,
     );
     tensors.insert(
         "tokens",

@@ -71,14 +71,12 @@ impl<'g> Program<'g> {
 
     /// Distinct kernels in first-use order (prefill first).
     pub fn kernels(&self) -> Vec<&lamina_ir::kernel::Kernel> {
-        let mut seen = std::collections::HashSet::new();
-        let mut out = Vec::new();
-        for l in self.schedules.values().flatten() {
-            if seen.insert(l.kernel.name.clone()) {
-                out.push(&l.kernel);
-            }
-        }
-        out
+        distinct(self.schedules.values().flatten())
+    }
+
+    /// Distinct kernels of one phase, in first-launch order.
+    pub fn phase_kernels(&self, phase: Phase) -> Vec<&lamina_ir::kernel::Kernel> {
+        distinct(self.schedules.get(&phase).into_iter().flatten())
     }
 
     /// Checks every kernel and that launches bind one argument per parameter.
@@ -133,6 +131,14 @@ impl<'g> Program<'g> {
         }
         out
     }
+}
+
+fn distinct<'a>(launches: impl Iterator<Item = &'a Launch>) -> Vec<&'a lamina_ir::kernel::Kernel> {
+    let mut seen = std::collections::HashSet::new();
+    launches
+        .filter(|l| seen.insert(l.kernel.name.as_str()))
+        .map(|l| &l.kernel)
+        .collect()
 }
 
 pub fn print_bind(b: &Bind) -> String {
