@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use lamina_ir::graph::StateKind;
 use lamina_ir::model::{Model, ModelSource};
 use lamina_ir::plan::{
-    Arg, ConstEntry, KernelEntry, LaunchEntry, Limits, ModelInfo, Plan, PoolEntry, Schedule,
+    Arg, ConstEntry, KernelEntry, LaunchEntry, Limits, ModelInfo, Cost, Plan, PoolEntry, Schedule,
     WeightEntry, WeightSource, CONSTANTS_FILE, HOST_LIBRARY, PLAN_FILE, SCHEMA_VERSION,
 };
-use lamina_ir::stats::kind_name;
+use lamina_ir::stats::{kind_name, model_stats};
 use lamina_ir::weights::{Checkpoint, SourceMap};
 use lamina_ir::Error;
 use lamina_targets::Target;
@@ -202,15 +202,11 @@ pub fn make_plan(
     let decode = schedules.pop().expect("decode");
     let prefill = schedules.pop().expect("prefill");
     let o = p.options;
-    let pools = g
+    let pools: Vec<PoolEntry> = g
         .states
         .iter()
         .map(|s| {
-            let mut shape = vec![o.max_batch];
-            if s.per_token() {
-                shape.push(o.max_context);
-            }
-            shape.extend(&s.shape);
+            let shape = crate::kernels::pool_shape(s, o.max_batch, o.max_context);
             PoolEntry {
                 name: s.name.clone(),
                 kind: match s.kind {
@@ -226,6 +222,7 @@ pub fn make_plan(
             }
         })
         .collect();
+    let cost = decode_cost(g, &pools, o);
     let plan = Plan {
         schema_version: SCHEMA_VERSION,
         target: target.to_string(),
@@ -256,9 +253,34 @@ pub fn make_plan(
         pools,
         weights,
         constants,
+        cost,
     };
     plan.check().map_err(Error::Compile)?;
     Ok((plan, cdata))
+}
+
+/// The planned traffic of one decode step at batch 1 (weights as f32 on the host).
+fn decode_cost(g: &lamina_ir::graph::Graph, pools: &[PoolEntry], o: Options) -> Cost {
+    let st = model_stats(g);
+    let kind = |k: &str| st.params_by_kind.get(k).copied().unwrap_or(0);
+    // A tied LM head reads the whole embedding; otherwise decode reads one embedding row.
+    let params = if kind("lm_head") == 0 {
+        st.active_params
+    } else {
+        st.active_params - kind("embedding") + g.hidden_size as u64
+    };
+    let (mut state, mut cache) = (0u64, 0u64);
+    for p in pools {
+        match p.kind.as_str() {
+            "kv_cache" | "mla_latent" => cache += p.bytes as u64,
+            _ => state += p.bytes as u64,
+        }
+    }
+    Cost {
+        decode_weight_bytes: params * 4,
+        state_bytes_per_sequence: state / o.max_batch as u64,
+        cache_bytes_per_position: cache / (o.max_batch * o.max_context) as u64,
+    }
 }
 
 /// Index of `key` in `table`, appending `make()` the first time it is seen.

@@ -29,6 +29,30 @@ pub struct Plan {
     pub pools: Vec<PoolEntry>,
     pub weights: Vec<WeightEntry>,
     pub constants: Vec<ConstEntry>,
+    /// What the compiler planned to move per decode step (read by `compile-model bench`).
+    pub cost: Cost,
+}
+
+/// Planned memory traffic of one decode step, in the target's storage types (f32 on the host).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Cost {
+    /// Weights read at batch 1: every dense weight, the LM head, one embedding row and top-k
+    /// experts per MoE layer.
+    pub decode_weight_bytes: u64,
+    /// Recurrent and conv state per sequence, read and written once per step.
+    pub state_bytes_per_sequence: u64,
+    /// KV and latent cache per cached position of one sequence, read once per step.
+    pub cache_bytes_per_position: u64,
+}
+
+impl Cost {
+    /// Bytes one decode step of one sequence moves with `context` cached positions.
+    pub fn decode_bytes(&self, context: usize) -> u64 {
+        self.decode_weight_bytes
+            + 2 * self.state_bytes_per_sequence
+            + self.cache_bytes_per_position * context as u64
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

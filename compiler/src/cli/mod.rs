@@ -1,5 +1,6 @@
 //! The `compile-model` command line. Every error is one line on stderr and a non-zero exit.
 
+mod bench;
 mod build;
 mod check;
 mod ir;
@@ -66,6 +67,11 @@ enum Cmd {
 --max-new-tokens 8 --logits-out out.safetensors"
     )]
     Run(run::RunArgs),
+    /// Time prefill and decode of a compiled host plan against the measured memory bandwidth.
+    #[command(
+        after_help = "Example:\n  compile-model bench examples/qwen3-next-small.toml --prompt-len 512 --gen 64 --reference"
+    )]
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -109,6 +115,7 @@ pub fn main() -> ExitCode {
         Cmd::Build(args) => build::build_cmd(&args),
         Cmd::Report(args) => build::report(&args),
         Cmd::Run(args) => run::run(&args),
+        Cmd::Bench(args) => bench::bench(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -105,7 +105,7 @@ fn run_compiled(a: &RunArgs, tokens: &[i64]) -> CliResult {
     let artifact = if a.model.join(lamina_ir::plan::PLAN_FILE).exists() {
         a.model.clone()
     } else {
-        cached_build(a)?
+        cached_build(&a.model, a.sizes.options()?, a.seed)?
     };
     let mut e = HostEngine::load(&artifact, a.weights.as_deref()).map_err(|e| e.to_string())?;
     let need = tokens.len() + a.max_new_tokens - 1;
@@ -131,20 +131,29 @@ fn run_compiled(a: &RunArgs, tokens: &[i64]) -> CliResult {
 }
 
 /// Compiles a model path for the host into `$LAMINA_CACHE_DIR` (default
-/// `$HOME/.cache/lamina`), keyed by the model description, sizes, seed and compiler version.
-fn cached_build(a: &RunArgs) -> Result<PathBuf, String> {
+/// `$HOME/.cache/lamina`), keyed by the model description, sizes, seed and compiler build.
+pub fn cached_build(
+    model: &Path,
+    options: crate::passes::Options,
+    seed: u64,
+) -> Result<PathBuf, String> {
     use sha2::{Digest, Sha256};
-    let m = Model::open(&a.model).map_err(|e| e.to_string())?;
-    let options = a.sizes.options()?;
+    let m = Model::open(model).map_err(|e| e.to_string())?;
     let mut h = Sha256::new();
     h.update(crate::build::hash_source(&m).map_err(|e| e.to_string())?);
+    // The compiler build: a rebuilt compiler must not reuse artifacts of the previous one.
+    let exe = std::env::current_exe()
+        .and_then(std::fs::metadata)
+        .map(|m| format!("{}:{:?}", m.len(), m.modified().ok()))
+        .unwrap_or_default();
     h.update(format!(
-        "{:?}|{}|{}|{}",
+        "{:?}|{}|{}|{}|{}",
         options,
-        a.seed,
+        seed,
         env!("CARGO_PKG_VERSION"),
-        std::fs::canonicalize(&a.model)
-            .unwrap_or(a.model.clone())
+        exe,
+        std::fs::canonicalize(model)
+            .unwrap_or(model.to_path_buf())
             .display()
     ));
     let key = format!("{:x}", h.finalize());
@@ -155,7 +164,7 @@ fn cached_build(a: &RunArgs) -> Result<PathBuf, String> {
     };
     let dir = root.join(&key[..16]);
     if !dir.join(lamina_ir::plan::PLAN_FILE).exists() {
-        crate::build::build(&m, &dir, lamina_targets::Target::Host, options, a.seed)
+        crate::build::build(&m, &dir, lamina_targets::Target::Host, options, seed)
             .map_err(|e| e.to_string())?;
     }
     Ok(dir)

@@ -21,7 +21,7 @@ pub mod moe;
 pub mod norm;
 pub mod recurrence;
 
-use lamina_ir::graph::{Graph, NodeIndex, StateId};
+use lamina_ir::graph::{Graph, NodeIndex, StateDecl, StateId, StateKind};
 use lamina_ir::kernel::build::param;
 use lamina_ir::kernel::{Access, Dim, Elem, Kernel, Param};
 
@@ -126,22 +126,35 @@ impl<'g> Ctx<'g> {
         )
     }
 
-    /// The pool of state `id`: `[slots, per-sequence shape]` or `[slots, context, per-token]`.
+    /// The pool of state `id` (see [`pool_shape`]).
     pub fn state(&self, local: &str, id: StateId) -> (Param, Bind) {
-        let s = self.graph.state(id);
-        let mut shape = vec![Dim::N(self.slots)];
-        if s.per_token() {
-            // One flat entry per cached position.
-            shape.push(Dim::N(self.context));
-            shape.push(Dim::N(s.numel()));
-        } else {
-            shape.extend(s.shape.iter().map(|&d| Dim::N(d)));
-        }
+        let shape: Vec<Dim> = pool_shape(self.graph.state(id), self.slots, self.context)
+            .into_iter()
+            .map(Dim::N)
+            .collect();
         (
             param(local, Elem::F32, &shape, Access::ReadWrite),
             Bind::State(id),
         )
     }
+}
+
+/// How a state is laid out in its pool: `[slots, context, per-token numel]` for caches,
+/// `[slots, heads, dv, dk]` for recurrent states (declared `[heads, dk, dv]`: stored transposed
+/// so a value column is contiguous), `[slots, per-sequence shape]` otherwise.
+pub fn pool_shape(s: &StateDecl, slots: usize, context: usize) -> Vec<usize> {
+    let mut shape = vec![slots];
+    if s.per_token() {
+        shape.extend([context, s.numel()]);
+    } else if s.kind == StateKind::Recurrent {
+        let [h, dk, dv] = s.shape[..] else {
+            unreachable!("graph verifier: recurrent states are [heads, dk, dv]")
+        };
+        shape.extend([h, dv, dk]);
+    } else {
+        shape.extend(&s.shape);
+    }
+    shape
 }
 
 pub fn act(cols: usize) -> [Dim; 2] {

@@ -2,10 +2,11 @@
 //! fixed) in their recurrent form.
 //!
 //! The update is separable in value columns (`u_j = β (v_j − Σ_c S_cj k_c)` only reads column
-//! j of S), so a program owns a tile of `BV` value columns of one head's state: it loads the
-//! `[dk, BV]` tile into a local (stored column-major so the `dk` reductions are contiguous),
-//! runs its tokens, and writes the tile back. Prefill: programs `(head, tile)` walk the
-//! sequence's rows in order; decode: programs `(row, head, tile)` take one step each.
+//! j of S), so a program owns a tile of `BV` value columns of one head's state, updated in
+//! place in the pool, which stores each head's state transposed (`[dv, dk]`, see
+//! [`super::pool_shape`]) so that every reduction over `dk` is contiguous. Prefill: programs
+//! `(head, tile)` walk the sequence's rows in order (the 16 KiB tile stays in L1); decode:
+//! programs `(row, head, tile)` take one step each.
 //!
 //! Still missing: the chunked prefill form (chunk 64, KDA sub-chunk 16, lightning block form)
 //! for which `lamina_runtime::reference::chunked` is the executable specification.
@@ -68,13 +69,15 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
         Phase::Prefill => (0, 1),
         Phase::Decode => (1, 2),
     };
-    let sidx = |c: Expr| v("jj") * i(dk) + c;
-    let s_at = |c: Expr| ld("S", [sidx(c)]);
+    // The pool stores each head's state transposed, `[dv, dk]`: a value column is contiguous.
+    let s_at = || ld("state", [v("s"), v("h"), v("j0") + v("jj"), v("c")]);
     let kc = ld("k", [v("t"), v("kh") * i(dk) + v("c")]);
     let qc = ld("q", [v("t"), v("kh") * i(dk) + v("c")]);
     let col = v("h") * i(dv) + v("j0") + v("jj");
 
-    // One token: decay, update, output for every column of the tile.
+    // One token. With S' = diag(d) S + k uᵀ the output is
+    // o_j = scale (Σ_c S_cj d_c q_c + u_j kq), kq = k·q: one pass reads the column for
+    // a = Σ S d k and b = Σ S d q, a second writes S'.
     let mut step: Vec<Stmt> = Vec::new();
     let decay: Option<Expr> = match rec.decay {
         Decay::None => None,
@@ -100,46 +103,54 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
             Some(v("d"))
         }
     };
-    let mut col_body = Vec::new();
-    if let Some(d) = decay {
-        col_body.push(for_(
+    let decayed = match &decay {
+        Some(d) => s_at() * d.clone(),
+        None => s_at(),
+    };
+    step.push(let_("kq", sum("c", i(0), i(dk), kc.clone() * qc.clone())));
+    if rec.update == Update::Delta {
+        step.push(let_("b", ld("beta", [v("t"), v("h")])));
+    }
+    let vt = ld("v", [v("t"), col.clone()]);
+    let u = match rec.update {
+        Update::Delta => v("b") * (vt - v("a")),
+        Update::Additive => vt,
+    };
+    let col_body = vec![
+        for_carry(
             "c",
             i(0),
             i(dk),
-            vec![st("S", [sidx(v("c"))], s_at(v("c")) * d)],
-        ));
-    }
-    let vt = ld("v", [v("t"), col.clone()]);
-    match rec.update {
-        Update::Delta => {
-            step.push(let_("b", ld("beta", [v("t"), v("h")])));
-            col_body.push(let_("kv", sum("c", i(0), i(dk), s_at(v("c")) * kc.clone())));
-            col_body.push(let_("u", v("b") * (vt - v("kv"))));
-        }
-        Update::Additive => col_body.push(let_("u", vt)),
-    }
-    col_body.push(for_(
-        "c",
-        i(0),
-        i(dk),
-        vec![st("S", [sidx(v("c"))], s_at(v("c")) + kc * v("u"))],
-    ));
-    col_body.push(st(
-        "o",
-        [v("t"), col],
-        f(rec.scale) * sum("c", i(0), i(dk), s_at(v("c")) * qc),
-    ));
+            vec![("a", f(0.0)), ("bq", f(0.0))],
+            vec![let_("sd", decayed.clone())],
+            vec![v("a") + v("sd") * kc.clone(), v("bq") + v("sd") * qc],
+        ),
+        let_("u", u),
+        for_(
+            "c",
+            i(0),
+            i(dk),
+            vec![st(
+                "state",
+                [v("s"), v("h"), v("j0") + v("jj"), v("c")],
+                decayed + kc * v("u"),
+            )],
+        ),
+        st(
+            "o",
+            [v("t"), col],
+            f(rec.scale) * (v("bq") + v("u") * v("kq")),
+        ),
+    ];
     step.push(for_("jj", i(0), i(bv), col_body));
 
-    let state_at = [v("s"), v("h"), v("c"), v("j0") + v("jj")];
     let mut body = vec![
-        local("S", dk * bv),
         let_("h", pid(hax)),
         let_("kh", v("h") / i(h_n / hk_n)),
         let_("j0", pid(jax) * i(bv)),
     ];
     if rec.decay == Decay::PerChannel {
-        body.insert(1, local("dec", dk));
+        body.insert(0, local("dec", dk));
     }
     let grid = match cx.phase {
         Phase::Prefill => {
@@ -152,32 +163,10 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
             vec![Dim::Rows, Dim::N(h_n), Dim::N(dv / bv)]
         }
     };
-    body.push(for_(
-        "jj",
-        i(0),
-        i(bv),
-        vec![for_(
-            "c",
-            i(0),
-            i(dk),
-            vec![st("S", [sidx(v("c"))], ld("state", state_at.clone()))],
-        )],
-    ));
     match cx.phase {
         Phase::Prefill => body.push(for_("t", i(0), rows(), step)),
         Phase::Decode => body.extend(step),
     }
-    body.push(for_(
-        "jj",
-        i(0),
-        i(bv),
-        vec![for_(
-            "c",
-            i(0),
-            i(dk),
-            vec![st("state", state_at.clone(), ld("S", [sidx(v("c"))]))],
-        )],
-    ));
     let update = match rec.update {
         Update::Delta => "delta",
         Update::Additive => "additive",

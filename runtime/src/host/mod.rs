@@ -3,14 +3,17 @@
 //! one sequence at a time in pieces of at most `max_prefill_rows` tokens; decode steps run up
 //! to `max_batch` sequences (each in its own cache slot) together.
 
+mod pool;
 mod weights;
 
+pub use pool::Pool;
+
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use lamina_ir::kernel::Elem;
 use lamina_ir::plan::{Arg, Plan, Schedule, CONSTANTS_FILE, HOST_LIBRARY};
 use lamina_ir::Error;
-use rayon::prelude::*;
 
 /// `_mlir_<kernel>(void **args)`: see `lamina_targets::host`.
 type KernelFn = unsafe extern "C" fn(*mut *mut i64);
@@ -86,6 +89,16 @@ pub struct HostEngine {
     arena: Aligned,
     /// Next position of each slot.
     pos: Vec<usize>,
+    /// Per-kernel time and launch count of each phase (`[prefill, decode]`), when profiling.
+    profile: Option<[Vec<(Duration, usize)>; 2]>,
+}
+
+/// Time spent in one kernel over the launches of one phase (see [`HostEngine::profile`]).
+#[derive(Debug, Clone)]
+pub struct KernelTime {
+    pub kernel: String,
+    pub launches: usize,
+    pub total: Duration,
 }
 
 /// Greedy generation of one sequence (the `--logits-out` contract of `compile-model run`).
@@ -183,6 +196,7 @@ impl HostEngine {
             weights,
             pools,
             constants,
+            profile: None,
         };
         e.check_shapes(dir)?;
         Ok(e)
@@ -225,6 +239,32 @@ impl HostEngine {
             }
         }
         Ok(())
+    }
+
+    /// Starts (or, with `false`, stops and clears) timing every launch by kernel.
+    pub fn set_profiling(&mut self, on: bool) {
+        let n = self.plan.kernels.len();
+        self.profile = on.then(|| [vec![(Duration::ZERO, 0); n], vec![(Duration::ZERO, 0); n]]);
+    }
+
+    /// Kernels by time spent in `decode` (or prefill) launches since profiling started,
+    /// longest first.
+    pub fn profile(&self, decode: bool) -> Vec<KernelTime> {
+        let Some(p) = &self.profile else {
+            return Vec::new();
+        };
+        let mut v: Vec<KernelTime> = p[decode as usize]
+            .iter()
+            .zip(&self.plan.kernels)
+            .filter(|((_, n), _)| *n > 0)
+            .map(|(&(total, launches), k)| KernelTime {
+                kernel: k.name.clone(),
+                launches,
+                total,
+            })
+            .collect();
+        v.sort_by(|a, b| b.total.cmp(&a.total));
+        v
     }
 
     pub fn vocab(&self) -> usize {
@@ -342,6 +382,7 @@ impl HostEngine {
         debug_assert!(rows <= sched.rows);
         let arena = self.arena.ptr();
         let arena_len = self.arena.bytes();
+        let pool = Pool::global();
         let mut tokens = tokens.to_vec();
         let mut slots = slots.to_vec();
         let mut pos = pos.to_vec();
@@ -398,18 +439,23 @@ impl HostEngine {
                 views,
                 rows: rows as i64,
             };
-            let threads = rayon::current_num_threads().min(programs).max(1);
-            if threads == 1 {
+            let started = self.profile.is_some().then(Instant::now);
+            if programs == 1 || pool.threads() == 1 {
                 call.run(0, programs);
             } else {
-                let per = programs.div_ceil(threads);
-                (0..threads).into_par_iter().for_each(|t| {
-                    let lo = t * per;
-                    let hi = ((t + 1) * per).min(programs);
+                // Contiguous shares: neighbouring programs touch neighbouring weights.
+                pool.run(&|t, n| {
+                    let per = programs.div_ceil(n);
+                    let (lo, hi) = (t * per, ((t + 1) * per).min(programs));
                     if lo < hi {
                         call.run(lo, hi);
                     }
                 });
+            }
+            if let (Some(t), Some(p)) = (started, &mut self.profile) {
+                let e = &mut p[decode as usize][l.kernel];
+                e.0 += t.elapsed();
+                e.1 += 1;
             }
         }
         let Arg::Arena { offset_per_row, .. } = sched.logits else {
