@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use lamina_ir::graph::StateKind;
 use lamina_ir::model::{Model, ModelSource};
 use lamina_ir::plan::{
-    Arg, ConstEntry, KernelEntry, LaunchEntry, Limits, ModelInfo, Cost, Plan, PoolEntry, Schedule,
+    Arg, ConstEntry, Cost, KernelEntry, LaunchEntry, Limits, ModelInfo, Plan, PoolEntry, Schedule,
     WeightEntry, WeightSource, CONSTANTS_FILE, HOST_LIBRARY, PLAN_FILE, SCHEMA_VERSION,
 };
 use lamina_ir::stats::{kind_name, model_stats};

@@ -70,15 +70,24 @@ kernel_snapshot!(kernel_qwen3_next_80b_a3b, "qwen3-next-80b-a3b.toml");
 kernel_snapshot!(kernel_minimax_text_01, "minimax-text-01.toml");
 kernel_snapshot!(kernel_deepseek_v3, "deepseek-v3.toml");
 
-/// The host MLIR of one tiny model's decode kernels (verified, before lowering).
-#[test]
-fn mlir_kimi_linear_tiny_decode() {
-    let m = Model::open(&repo().join("examples/kimi-linear-tiny.toml")).unwrap();
+/// The host MLIR of a tiny model's kernels, both phases (verified, before lowering).
+fn mlir_text(file: &str) -> String {
+    let m = Model::open(&repo().join("examples").join(file)).unwrap();
     let (p, _) = lamina_compiler::build::compile_program(&m, Default::default()).unwrap();
-    let kernels: Vec<_> = p
-        .phase_kernels(lamina_compiler::kernels::Phase::Decode)
-        .into_iter()
-        .cloned()
-        .collect();
-    insta::assert_snapshot!(lamina_targets::mlir::print_mlir(&kernels).unwrap());
+    let kernels: Vec<_> = p.kernels().into_iter().cloned().collect();
+    lamina_targets::mlir::print_mlir(&kernels).unwrap()
 }
+
+macro_rules! mlir_snapshot {
+    ($test:ident, $file:literal) => {
+        #[test]
+        fn $test() {
+            insta::assert_snapshot!(mlir_text($file));
+        }
+    };
+}
+
+mlir_snapshot!(mlir_kimi_linear_tiny, "kimi-linear-tiny.toml");
+mlir_snapshot!(mlir_qwen3_next_tiny, "qwen3-next-tiny.toml");
+mlir_snapshot!(mlir_minimax_tiny, "minimax-tiny.toml");
+mlir_snapshot!(mlir_deepseek_v3_tiny, "deepseek-v3-tiny.toml");

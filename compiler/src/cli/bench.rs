@@ -224,7 +224,8 @@ fn memcpy_bandwidth(bytes: usize) -> f64 {
             let lo = (t * chunk).min(bytes);
             let hi = ((t + 1) * chunk).min(bytes);
             // SAFETY: threads write disjoint ranges of `dst`, which outlives the run.
-            let d = unsafe { std::slice::from_raw_parts_mut((dst_ptr as *mut u8).add(lo), hi - lo) };
+            let d =
+                unsafe { std::slice::from_raw_parts_mut((dst_ptr as *mut u8).add(lo), hi - lo) };
             d.copy_from_slice(&src[lo..hi]);
         });
         best = best.min(t.elapsed());

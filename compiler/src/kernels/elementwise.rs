@@ -106,14 +106,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
             form,
             ..
         } => {
-            let al = ld("a_log", [v("c") / i(*width)]);
-            let xb = x("x") + ld("dt_bias", [v("c")]);
-            let (nm, e) = match form {
-                GateForm::Softplus => ("softplus", -exp(al) * softplus(xb)),
-                GateForm::Bounded { lower_bound } => {
-                    ("bounded", f(*lower_bound) * sigmoid(exp(al) * xb))
-                }
-            };
+            let (nm, e) = decay_gate(*form, x("x"), v("c"), *width);
             (
                 format!("decay_gate_{nm}_{cols}_w{width}"),
                 vec![
@@ -128,6 +121,17 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
         op => unreachable!("elementwise builder given {}", op.mnemonic()),
     };
     launch(name, vec![Dim::Rows], params, body, vec![n], g)
+}
+
+/// The log-decay gate of column `col` (`width` columns per head) from the projection value
+/// `x`, reading the `a_log` and `dt_bias` parameters; returns the form's name and the value.
+pub fn decay_gate(form: GateForm, x: Expr, col: Expr, width: usize) -> (&'static str, Expr) {
+    let al = ld("a_log", [col.clone() / i(width)]);
+    let xb = x + ld("dt_bias", [col]);
+    match form {
+        GateForm::Softplus => ("softplus", -exp(al) * softplus(xb)),
+        GateForm::Bounded { lower_bound } => ("bounded", f(lower_bound) * sigmoid(exp(al) * xb)),
+    }
 }
 
 fn rows_tokens() -> lamina_ir::kernel::Param {

@@ -25,6 +25,8 @@ use lamina_ir::graph::{Graph, NodeIndex, StateDecl, StateId, StateKind};
 use lamina_ir::kernel::build::param;
 use lamina_ir::kernel::{Access, Dim, Elem, Kernel, Param};
 
+use crate::passes::fuse::Fusion;
+
 /// Which compiled schedule a kernel belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Phase {
@@ -84,7 +86,10 @@ pub struct Launch {
 /// What every builder needs to know.
 pub struct Ctx<'g> {
     pub graph: &'g Graph,
+    pub fusion: &'g Fusion,
     pub phase: Phase,
+    /// Most rows of one launch of this phase (sizes per-row locals).
+    pub rows: usize,
     /// Sequences (cache slots) the pools hold.
     pub slots: usize,
     /// Positions per slot in the KV/latent caches.
@@ -93,10 +98,19 @@ pub struct Ctx<'g> {
 }
 
 impl<'g> Ctx<'g> {
-    pub fn new(graph: &'g Graph, phase: Phase, slots: usize, context: usize) -> Self {
+    pub fn new(
+        graph: &'g Graph,
+        fusion: &'g Fusion,
+        phase: Phase,
+        rows: usize,
+        slots: usize,
+        context: usize,
+    ) -> Self {
         Ctx {
             graph,
+            fusion,
             phase,
+            rows,
             slots,
             context,
             next_temp: std::cell::Cell::new(0),

@@ -8,10 +8,14 @@
 //! `(head, tile)` walk the sequence's rows in order (the 16 KiB tile stays in L1); decode:
 //! programs `(row, head, tile)` take one step each.
 //!
+//! Fusions (decided by `passes::fuse`): in the prologue, the L2 norms of q and k (each token's
+//! key-head rows are normalised into locals), β's sigmoid and the decay gate; in the epilogue,
+//! the gated RMSNorm over the head's output row (then a program owns the whole head).
+//!
 //! Still missing: the chunked prefill form (chunk 64, KDA sub-chunk 16, lightning block form)
 //! for which `lamina_runtime::reference::chunked` is the executable specification.
 
-use lamina_ir::graph::{lightning_slopes, Decay, NodeIndex, Op, Update};
+use lamina_ir::graph::{lightning_slopes, Decay, NodeIndex, Op, Unary, Update};
 use lamina_ir::kernel::build::*;
 use lamina_ir::kernel::{Dim, Expr, Stmt};
 
@@ -25,26 +29,67 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
     let Op::Recurrence { rec, state } = &g.node(n).op else {
         unreachable!("recurrence builder")
     };
+    let fused = cx.fusion.of(n);
     let (h_n, hk_n, dk, dv) = (rec.heads, rec.key_heads, rec.dk, rec.dv);
-    let bv = tile(dv, BV);
-    let node = |i: usize| Bind::Act(Value::Node(ins[i]));
+    // A fused output norm needs the whole head's output row: one program per head.
+    let bv = if fused.out_norm.is_some() {
+        dv
+    } else {
+        tile(dv, BV)
+    };
+    // An operand, or the input of the node absorbed in its place.
+    let operand = |i: usize, absorbed: Option<NodeIndex>| {
+        Bind::Act(Value::Node(match absorbed {
+            Some(a) => g.inputs(a)[0],
+            None => ins[i],
+        }))
+    };
+    let l2_eps = |a: Option<NodeIndex>| match a.map(|a| &g.node(a).op) {
+        Some(Op::L2Norm { eps, .. }) => Some(*eps),
+        _ => None,
+    };
     let mut params = vec![
-        (input("q", &act(hk_n * dk)), node(0)),
-        (input("k", &act(hk_n * dk)), node(1)),
-        (input("v", &act(h_n * dv)), node(2)),
+        (input("q", &act(hk_n * dk)), operand(0, fused.l2_q)),
+        (input("k", &act(hk_n * dk)), operand(1, fused.l2_k)),
+        (input("v", &act(h_n * dv)), operand(2, None)),
     ];
     let mut next = 3;
+    // `g` of column `col` (width columns per head): loaded, or computed by the fused gate.
+    let gate_form = fused.gate.map(|a| match &g.node(a).op {
+        Op::DecayGate {
+            a_log,
+            dt_bias,
+            form,
+            ..
+        } => (a_log.clone(), dt_bias.clone(), *form),
+        _ => unreachable!("fuse: gates are decay gates"),
+    });
+    let g_at = |col: Expr, width: usize| -> Expr {
+        let x = ld("g", [v("t"), col.clone()]);
+        match gate_form {
+            Some((_, _, form)) => super::elementwise::decay_gate(form, x, col, width).1,
+            None => x,
+        }
+    };
     let decay_name = match rec.decay {
         Decay::None => "none",
-        Decay::Scalar => {
-            params.push((input("g", &act(h_n)), node(next)));
+        Decay::Scalar | Decay::PerChannel => {
+            let cols = if rec.decay == Decay::Scalar {
+                h_n
+            } else {
+                h_n * dk
+            };
+            params.push((input("g", &act(cols)), operand(next, fused.gate)));
+            if let Some((a_log, dt_bias, _)) = &gate_form {
+                params.push(super::elementwise::flat_weight(cx, "a_log", a_log));
+                params.push(super::elementwise::flat_weight(cx, "dt_bias", dt_bias));
+            }
             next += 1;
-            "scalar"
-        }
-        Decay::PerChannel => {
-            params.push((input("g", &act(h_n * dk)), node(next)));
-            next += 1;
-            "channel"
+            if rec.decay == Decay::Scalar {
+                "scalar"
+            } else {
+                "channel"
+            }
         }
         Decay::Fixed { layer, num_layers } => {
             let slopes = lightning_slopes(h_n, layer, num_layers);
@@ -59,11 +104,29 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
         }
     };
     if rec.update == Update::Delta {
-        params.push((input("beta", &act(h_n)), node(next)));
+        params.push((input("beta", &act(h_n)), operand(next, fused.beta)));
     }
     params.push(cx.state("state", *state));
     params.push((rows_i64("slot"), Bind::Slot));
-    params.push((output("o", &act(h_n * dv)), Bind::Act(Value::Node(n))));
+    let out_node = fused.out_norm.unwrap_or(n);
+    let norm = fused.out_norm.map(|nm| {
+        let Op::GatedRmsNorm {
+            weight, eps, gate, ..
+        } = &g.node(nm).op
+        else {
+            unreachable!("fuse: output norms are gated RMSNorms")
+        };
+        params.push(cx.weight("nw", weight));
+        params.push((
+            input("z", &act(h_n * dv)),
+            Bind::Act(Value::Node(g.inputs(nm)[1])),
+        ));
+        (*eps, *gate)
+    });
+    params.push((
+        output("o", &act(h_n * dv)),
+        Bind::Act(Value::Node(out_node)),
+    ));
 
     let (hax, jax) = match cx.phase {
         Phase::Prefill => (0, 1),
@@ -71,18 +134,34 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
     };
     // The pool stores each head's state transposed, `[dv, dk]`: a value column is contiguous.
     let s_at = || ld("state", [v("s"), v("h"), v("j0") + v("jj"), v("c")]);
-    let kc = ld("k", [v("t"), v("kh") * i(dk) + v("c")]);
-    let qc = ld("q", [v("t"), v("kh") * i(dk) + v("c")]);
+    let kc = ld("kn", [v("c")]);
+    let qc = ld("qn", [v("c")]);
     let col = v("h") * i(dv) + v("j0") + v("jj");
 
     // One token. With S' = diag(d) S + k uᵀ the output is
     // o_j = scale (Σ_c S_cj d_c q_c + u_j kq), kq = k·q: one pass reads the column for
     // a = Σ S d k and b = Σ S d q, a second writes S'.
     let mut step: Vec<Stmt> = Vec::new();
+    // Prologue: this head's q and k (L2-normalised when fused), the gates.
+    for (buf, local_buf, eps) in [
+        ("q", "qn", l2_eps(fused.l2_q)),
+        ("k", "kn", l2_eps(fused.l2_k)),
+    ] {
+        let x = || ld(buf, [v("t"), v("kh") * i(dk) + v("c")]);
+        let inv = format!("inv_{buf}");
+        let val = match eps {
+            Some(e) => {
+                step.push(let_(&inv, rsqrt(sum("c", i(0), i(dk), x() * x()) + f(e))));
+                x() * v(&inv)
+            }
+            None => x(),
+        };
+        step.push(for_("c", i(0), i(dk), vec![st(local_buf, [v("c")], val)]));
+    }
     let decay: Option<Expr> = match rec.decay {
         Decay::None => None,
         Decay::Scalar => {
-            step.push(let_("d", exp(ld("g", [v("t"), v("h")]))));
+            step.push(let_("d", exp(g_at(v("h"), 1))));
             Some(v("d"))
         }
         Decay::PerChannel => {
@@ -90,11 +169,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
                 "c",
                 i(0),
                 i(dk),
-                vec![st(
-                    "dec",
-                    [v("c")],
-                    exp(ld("g", [v("t"), v("h") * i(dk) + v("c")])),
-                )],
+                vec![st("dec", [v("c")], exp(g_at(v("h") * i(dk) + v("c"), dk)))],
             ));
             Some(ld("dec", [v("c")]))
         }
@@ -109,13 +184,15 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
     };
     step.push(let_("kq", sum("c", i(0), i(dk), kc.clone() * qc.clone())));
     if rec.update == Update::Delta {
-        step.push(let_("b", ld("beta", [v("t"), v("h")])));
+        let b = ld("beta", [v("t"), v("h")]);
+        step.push(let_("b", if fused.beta.is_some() { sigmoid(b) } else { b }));
     }
     let vt = ld("v", [v("t"), col.clone()]);
     let u = match rec.update {
         Update::Delta => v("b") * (vt - v("a")),
         Update::Additive => vt,
     };
+    let o_val = f(rec.scale) * (v("bq") + v("u") * v("kq"));
     let col_body = vec![
         for_carry(
             "c",
@@ -136,22 +213,48 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
                 decayed + kc * v("u"),
             )],
         ),
-        st(
-            "o",
-            [v("t"), col],
-            f(rec.scale) * (v("bq") + v("u") * v("kq")),
-        ),
+        match norm {
+            Some(_) => st("ot", [v("jj")], o_val),
+            None => st("o", [v("t"), col], o_val),
+        },
     ];
     step.push(for_("jj", i(0), i(bv), col_body));
+    // Epilogue: the gated RMSNorm of the head's output row.
+    if let Some((eps, gate)) = norm {
+        let ot = || ld("ot", [v("jj")]);
+        let z = ld("z", [v("t"), v("h") * i(dv) + v("jj")]);
+        let act_z = match gate {
+            Unary::Silu => silu(z),
+            Unary::Sigmoid => sigmoid(z),
+        };
+        step.push(let_(
+            "inv_o",
+            rsqrt(sum("jj", i(0), i(dv), ot() * ot()) / f(dv as f64) + f(eps)),
+        ));
+        step.push(for_(
+            "jj",
+            i(0),
+            i(dv),
+            vec![st(
+                "o",
+                [v("t"), v("h") * i(dv) + v("jj")],
+                ot() * v("inv_o") * ld("nw", [v("jj")]) * act_z,
+            )],
+        ));
+    }
 
-    let mut body = vec![
+    let mut body = vec![local("qn", dk), local("kn", dk)];
+    if rec.decay == Decay::PerChannel {
+        body.push(local("dec", dk));
+    }
+    if norm.is_some() {
+        body.push(local("ot", dv));
+    }
+    body.extend([
         let_("h", pid(hax)),
         let_("kh", v("h") / i(h_n / hk_n)),
         let_("j0", pid(jax) * i(bv)),
-    ];
-    if rec.decay == Decay::PerChannel {
-        body.insert(0, local("dec", dk));
-    }
+    ]);
     let grid = match cx.phase {
         Phase::Prefill => {
             body.push(let_("s", ld("slot", [i(0)])));
@@ -171,15 +274,31 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
         Update::Delta => "delta",
         Update::Additive => "additive",
     };
+    let mut suffix = String::new();
+    if fused.l2_q.is_some() || fused.l2_k.is_some() {
+        suffix += "_l2";
+    }
+    if fused.gate.is_some() || fused.beta.is_some() {
+        suffix += "_gates";
+    }
+    if norm.is_some() {
+        suffix += "_gnorm";
+    }
+    let mut nodes: Vec<NodeIndex> = [fused.l2_q, fused.l2_k, fused.gate, fused.beta]
+        .into_iter()
+        .flatten()
+        .collect();
+    nodes.push(n);
+    nodes.extend(fused.out_norm);
     launch(
         format!(
-            "recurrence_{update}_{decay_name}_{}_h{h_n}x{hk_n}_dk{dk}_dv{dv}",
+            "recurrence_{update}_{decay_name}{suffix}_{}_h{h_n}x{hk_n}_dk{dk}_dv{dv}",
             cx.phase.name()
         ),
         grid,
         params,
         body,
-        vec![n],
+        nodes,
         g,
     )
 }

@@ -1,5 +1,6 @@
-//! `lower-to-kernels`: every graph node of the schedule to its launches, once per phase. The
-//! dispatcher below is the one place that maps an op to its builder in `crate::kernels`.
+//! `lower-to-kernels`: every graph node of the schedule to its launches, once per phase,
+//! except the nodes `fuse` absorbed into another node's kernel. The dispatcher below is the
+//! one place that maps an op to its builder in `crate::kernels`.
 
 use lamina_ir::graph::Op;
 use lamina_ir::Error;
@@ -18,10 +19,17 @@ impl Pass for LowerToKernels {
 
     fn run(&self, p: &mut Program) -> Result<(), Error> {
         for phase in [Phase::Prefill, Phase::Decode] {
-            let cx = Ctx::new(p.graph, phase, p.options.max_batch, p.options.max_context);
+            let rows = match phase {
+                Phase::Prefill => p.options.max_prefill_rows,
+                Phase::Decode => p.options.max_batch,
+            };
+            let o = p.options;
+            let cx = Ctx::new(p.graph, &p.fusion, phase, rows, o.max_batch, o.max_context);
             let mut launches = Vec::new();
             for n in p.graph.schedule() {
-                launches.extend(lower_node(&cx, n));
+                if !p.fusion.absorbed.contains(&n) {
+                    launches.extend(lower_node(&cx, n));
+                }
             }
             p.schedules.insert(phase, launches);
         }
@@ -31,13 +39,17 @@ impl Pass for LowerToKernels {
 
 fn lower_node(cx: &Ctx, n: lamina_ir::graph::NodeIndex) -> Vec<Launch> {
     let ins = cx.graph.inputs(n);
+    if let Some(l) = cx.fusion.of(n).linear {
+        // A residual add computed by the projection producing one of its operands.
+        return vec![linear::build(cx, l, Some(n))];
+    }
     match &cx.graph.node(n).op {
         // Bound directly by the embedding kernel.
         Op::Tokens => vec![],
         Op::RmsNorm { .. } | Op::GatedRmsNorm { .. } | Op::L2Norm { .. } => {
             vec![norm::build(cx, n, &ins)]
         }
-        Op::Linear { .. } => vec![linear::build(cx, n, &ins)],
+        Op::Linear { .. } => vec![linear::build(cx, n, None)],
         Op::Embed { .. }
         | Op::Slice { .. }
         | Op::Unary(_)

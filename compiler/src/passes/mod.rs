@@ -3,15 +3,14 @@
 //! writes `NN-after-<pass>.txt` into `$LAMINA_DUMP_IR` when set, and times each pass.
 //!
 //! 1. `verify-graph`: the graph IR's type and precision rules;
-//! 2. `lower-to-kernels`: per phase, every graph op to kernel launches ([`crate::kernels`]);
-//! 3. `dedupe-kernels`: identical kernels (same signature) shared by every launch;
-//! 4. `plan-memory`: liveness-based arena offsets for every activation, per phase.
-//!
-//! Not there yet: a fusion pass (norms into projections, conv/L2/gates into the recurrence
-//! prologue, SwiGLU and residual adds into epilogues, router in one kernel is done) and the
-//! chunked prefill forms of the recurrences.
+//! 2. `fuse`: which nodes are computed inside another node's kernel ([`fuse`]);
+//! 3. `lower-to-kernels`: per phase, every unfused op (with what it absorbs) to kernel
+//!    launches ([`crate::kernels`]);
+//! 4. `dedupe-kernels`: identical kernels (same signature) shared by every launch;
+//! 5. `plan-memory`: liveness-based arena offsets for every activation, per phase.
 
 pub mod dedupe;
+pub mod fuse;
 pub mod lower;
 pub mod memory;
 
@@ -53,6 +52,8 @@ impl Default for Options {
 pub struct Program<'g> {
     pub graph: &'g Graph,
     pub options: Options,
+    /// Fusion decisions (after `fuse`).
+    pub fusion: fuse::Fusion,
     /// Launch lists per phase (after `lower-to-kernels`).
     pub schedules: BTreeMap<Phase, Vec<Launch>>,
     /// Memory plans per phase (after `plan-memory`).
@@ -64,6 +65,7 @@ impl<'g> Program<'g> {
         Program {
             graph,
             options,
+            fusion: fuse::Fusion::default(),
             schedules: BTreeMap::new(),
             memory: BTreeMap::new(),
         }
@@ -103,9 +105,10 @@ impl<'g> Program<'g> {
     /// the distinct kernels.
     pub fn print(&self) -> String {
         if self.schedules.is_empty() {
-            return lamina_ir::graph::print::print_graph(self.graph);
+            return self.fusion.print(self.graph)
+                + &lamina_ir::graph::print::print_graph(self.graph);
         }
-        let mut out = String::new();
+        let mut out = self.fusion.print(self.graph);
         for (phase, launches) in &self.schedules {
             let _ = writeln!(
                 out,
@@ -164,6 +167,7 @@ pub trait Pass {
 pub fn pipeline() -> Vec<Box<dyn Pass>> {
     vec![
         Box::new(VerifyGraph),
+        Box::new(fuse::Fuse),
         Box::new(lower::LowerToKernels),
         Box::new(dedupe::DedupeKernels),
         Box::new(memory::PlanMemory),
