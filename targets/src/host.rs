@@ -17,6 +17,10 @@ use crate::mlir::context::HOST_PIPELINE;
 use crate::mlir::{kernels_module, MlirContext};
 use crate::TargetError;
 
+/// Most bytes of locals one program may use: they are stack allocations, and a program may
+/// run on any thread that calls the kernel (2 MiB stacks are common).
+pub const LOCAL_BUDGET: usize = 1 << 20;
+
 /// The exported symbol of kernel `name`.
 pub fn symbol(name: &str) -> String {
     format!("_mlir_{name}")
@@ -34,6 +38,16 @@ pub struct HostTimings {
 /// Compiles `kernels` into the shared library `out` (written in place: callers put it in a
 /// temporary directory that they rename when the whole artifact is complete).
 pub fn build_library(kernels: &[Kernel], out: &Path) -> Result<HostTimings, TargetError> {
+    for k in kernels {
+        if k.local_bytes() > LOCAL_BUDGET {
+            return Err(TargetError::Kernel(format!(
+                "{}: {} bytes of per-program locals, over the host budget of {LOCAL_BUDGET} \
+                 (locals live on the calling thread's stack)",
+                k.name,
+                k.local_bytes()
+            )));
+        }
+    }
     let mut t = HostTimings::default();
     let obj = out.with_extension("o");
     // Two workers (one MLIR context each: contexts are not Send) compile halves of the kernel

@@ -224,4 +224,18 @@ impl Kernel {
     pub fn signature(&self) -> String {
         print::print_signature(self)
     }
+
+    /// Bytes of per-program scratch (every `local`, wherever it is declared).
+    pub fn local_bytes(&self) -> usize {
+        fn walk(body: &[Stmt]) -> usize {
+            body.iter()
+                .map(|s| match s {
+                    Stmt::Local { elem, len, .. } => elem.bytes() * len,
+                    Stmt::For { body, .. } | Stmt::If { then: body, .. } => walk(body),
+                    _ => 0,
+                })
+                .sum()
+        }
+        walk(&self.body)
+    }
 }

@@ -54,6 +54,8 @@ impl Pool {
                 let s = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("lamina-worker-{t}"))
+                    // Kernels keep their locals on the stack (at most 1 MiB per program).
+                    .stack_size(16 << 20)
                     .spawn(move || worker(&s, t, n))
                     .expect("spawn a worker thread")
             })

@@ -1,0 +1,388 @@
+//! The chunked form of the recurrences, for prefill: chunks of [`CHUNK`] tokens, the
+//! per-channel (KDA) decay products formed against sub-chunks of [`SUB`] rows. The executable
+//! specification is `lamina_runtime::reference::chunked` (the WY / UT-transform form); this is
+//! the same algebra arranged per value column. Per chunk with in-chunk cumulative log-decay
+//! `G` (per channel for KDA), state `S` at the chunk start and q pre-scaled:
+//!
+//! ```text
+//! M_qk[t,s] = Σ_c q_tc k_sc e^(G_tc − G_sc)   (s ≤ t)      M_kk likewise with k_t (s < t)
+//! delta:    u_t = β_t (v_t − (k_t ⊙ e^G_t)ᵀ S − Σ_(s<t) M_kk[t,s] u_s)   (forward substitution)
+//! additive: u_t = v_t
+//! o_t = (q_t ⊙ e^G_t)ᵀ S + Σ_(s≤t) M_qk[t,s] u_s
+//! S  ← e^G_L ⊙ S + Σ_s (k_s ⊙ e^(G_L − G_s)) u_sᵀ
+//! ```
+//!
+//! Every row of `u`, `o` and `S` above is separable in value columns, so after the `[C, C]`
+//! matrices a program walks the head's value columns one by one: three contiguous passes over
+//! a state column per chunk instead of two per token. One program per head (the `M`
+//! matrices are shared by all its columns); a fused gated output norm is applied per row when
+//! the chunk's outputs are written.
+//!
+//! Per-channel decay cannot be factored out of the products. Within a diagonal sub-chunk the
+//! factors are formed pairwise; across sub-chunks both sides are rescaled against the query
+//! row's sub-chunk start `r`: `e^(G_t − r) e^(r − G_s)`, each exponent ≤ 0 (no overflow).
+
+use lamina_ir::graph::{Decay, NodeIndex, Op, Update};
+use lamina_ir::kernel::build::*;
+use lamina_ir::kernel::{Dim, Expr, Stmt};
+
+use super::{update_name, Operands};
+use crate::kernels::{launch, Ctx, Launch};
+
+/// Tokens per chunk.
+pub const CHUNK: usize = 64;
+/// Rows per sub-chunk of the per-channel decay products.
+pub const SUB: usize = 16;
+
+pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
+    let g = cx.graph;
+    let Op::Recurrence { rec, .. } = &g.node(n).op else {
+        unreachable!("recurrence builder")
+    };
+    let io = Operands::new(cx, n, ins);
+    let (h_n, hk_n, dk, dv) = (rec.heads, rec.key_heads, rec.dk, rec.dv);
+    let c_n = CHUNK;
+    let delta = rec.update == Update::Delta;
+    let channel = rec.decay == Decay::PerChannel;
+    // Decay columns per token: dk for per-channel decay, else one.
+    let w = if channel { dk } else { 1 };
+    let wc = |c: Expr| if channel { c } else { i(0) };
+    let gl = |name: &str, t: Expr, c: Expr| ld(name, [t * i(w) + wc(c)]);
+    let at = |name: &str, t: Expr, c: Expr| ld(name, [t * i(dk) + c]);
+    let s_col = |c: Expr| ld("state", [v("s"), v("h"), v("jj"), c]);
+    let r = || v("c0") + v("t");
+
+    let mut chunk: Vec<Stmt> = vec![
+        let_("c0", v("ci") * i(c_n)),
+        let_("l", min(i(c_n), rows() - v("c0"))),
+    ];
+
+    // 1. This chunk's q (scaled) and k, L2-normalised when fused; β; cumulative log-decay.
+    let mut load: Vec<Stmt> = Vec::new();
+    for (buf, local_buf, eps, scale) in [("q", "qs", io.l2_q, rec.scale), ("k", "ks", io.l2_k, 1.0)]
+    {
+        let x = || ld(buf, [r(), v("kh") * i(dk) + v("c")]);
+        let inv = format!("inv_{buf}");
+        let mut val = x();
+        if let Some(e) = eps {
+            load.push(let_(&inv, rsqrt(sum("c", i(0), i(dk), x() * x()) + f(e))));
+            val = val * v(&inv);
+        }
+        if scale != 1.0 {
+            val = val * f(scale);
+        }
+        load.push(for_(
+            "c",
+            i(0),
+            i(dk),
+            vec![st(local_buf, [v("t") * i(dk) + v("c")], val)],
+        ));
+    }
+    if delta {
+        load.push(st("bt", [v("t")], io.beta_at(r())));
+    }
+    let g_tok = match rec.decay {
+        Decay::None => f(0.0),
+        Decay::Scalar => io.g_at(r(), v("h"), 1),
+        Decay::PerChannel => io.g_at(r(), v("h") * i(dk) + v("e"), dk),
+        Decay::Fixed { .. } => -ld("slopes", [v("h")]),
+    };
+    let prev = ld("G", [max(v("t") - i(1), i(0)) * i(w) + v("e")]);
+    load.push(for_(
+        "e",
+        i(0),
+        i(w),
+        vec![st(
+            "G",
+            [v("t") * i(w) + v("e")],
+            select(gt(v("t"), i(0)), prev, f(0.0)) + g_tok,
+        )],
+    ));
+    chunk.push(for_("t", i(0), v("l"), load));
+
+    // 2. Decayed copies: q ⊙ e^G, k ⊙ e^G, (k ⊙ e^(G_L − G))ᵀ, e^G_L.
+    let last = v("l") - i(1);
+    chunk.push(for_(
+        "e",
+        i(0),
+        i(w),
+        vec![st(
+            "eg",
+            [v("e")],
+            exp(ld("G", [last.clone() * i(w) + v("e")])),
+        )],
+    ));
+    chunk.push(for_(
+        "t",
+        i(0),
+        v("l"),
+        vec![for_(
+            "c",
+            i(0),
+            i(dk),
+            vec![
+                let_("ge", exp(gl("G", v("t"), v("c")))),
+                st(
+                    "qg",
+                    [v("t") * i(dk) + v("c")],
+                    at("qs", v("t"), v("c")) * v("ge"),
+                ),
+                st(
+                    "kg",
+                    [v("t") * i(dk) + v("c")],
+                    at("ks", v("t"), v("c")) * v("ge"),
+                ),
+                st(
+                    "kd",
+                    [v("c") * i(c_n) + v("t")],
+                    at("ks", v("t"), v("c"))
+                        * exp(gl("G", last.clone(), v("c")) - gl("G", v("t"), v("c"))),
+                ),
+            ],
+        )],
+    ));
+
+    // 3. The decay-weighted products M_qk (s ≤ t) and, for the delta rule, M_kk (s < t).
+    let mats: Vec<(&str, &str)> = if delta {
+        vec![("mqk", "qs"), ("mkk", "ks")]
+    } else {
+        vec![("mqk", "qs")]
+    };
+    if !channel {
+        let mut row = vec![let_("e", exp(ld("G", [v("t")]) - ld("G", [v("x")])))];
+        for (m, x) in &mats {
+            row.push(st(
+                m,
+                [v("t") * i(c_n) + v("x")],
+                v("e")
+                    * sum(
+                        "c",
+                        i(0),
+                        i(dk),
+                        at(x, v("t"), v("c")) * at("ks", v("x"), v("c")),
+                    ),
+            ));
+        }
+        chunk.push(for_(
+            "t",
+            i(0),
+            v("l"),
+            vec![for_("x", i(0), v("t") + i(1), row)],
+        ));
+    } else {
+        // Rows rescaled against their sub-chunk start, and for every sub-chunk start r0 the
+        // earlier keys rescaled against it: kb[b][s] = k_s ⊙ e^(G_r0 − G_s), s < r0.
+        chunk.push(for_(
+            "t",
+            i(0),
+            v("l"),
+            vec![
+                let_("t0", (v("t") / i(SUB)) * i(SUB)),
+                for_(
+                    "c",
+                    i(0),
+                    i(dk),
+                    vec![
+                        let_("e", exp(gl("G", v("t"), v("c")) - gl("G", v("t0"), v("c")))),
+                        st(
+                            "qt",
+                            [v("t") * i(dk) + v("c")],
+                            at("qs", v("t"), v("c")) * v("e"),
+                        ),
+                        st(
+                            "kt",
+                            [v("t") * i(dk) + v("c")],
+                            at("ks", v("t"), v("c")) * v("e"),
+                        ),
+                    ],
+                ),
+            ],
+        ));
+        chunk.push(for_(
+            "b",
+            i(1),
+            (v("l") + i(SUB - 1)) / i(SUB),
+            vec![
+                let_("r0", v("b") * i(SUB)),
+                for_(
+                    "x",
+                    i(0),
+                    v("r0"),
+                    vec![for_(
+                        "c",
+                        i(0),
+                        i(dk),
+                        vec![st(
+                            "kb",
+                            [(v("b") * i(c_n) + v("x")) * i(dk) + v("c")],
+                            at("ks", v("x"), v("c"))
+                                * exp(gl("G", v("r0"), v("c")) - gl("G", v("x"), v("c"))),
+                        )],
+                    )],
+                ),
+            ],
+        ));
+        let mut cross = Vec::new();
+        let mut diag = Vec::new();
+        for (m, x) in &mats {
+            let scaled = if *x == "qs" { "qt" } else { "kt" };
+            cross.push(st(
+                m,
+                [v("t") * i(c_n) + v("x")],
+                sum(
+                    "c",
+                    i(0),
+                    i(dk),
+                    at(scaled, v("t"), v("c"))
+                        * ld("kb", [(v("b") * i(c_n) + v("x")) * i(dk) + v("c")]),
+                ),
+            ));
+            diag.push(st(
+                m,
+                [v("t") * i(c_n) + v("x")],
+                sum(
+                    "c",
+                    i(0),
+                    i(dk),
+                    at(x, v("t"), v("c"))
+                        * at("ks", v("x"), v("c"))
+                        * exp(gl("G", v("t"), v("c")) - gl("G", v("x"), v("c"))),
+                ),
+            ));
+        }
+        chunk.push(for_(
+            "t",
+            i(0),
+            v("l"),
+            vec![
+                let_("b", v("t") / i(SUB)),
+                let_("t0", v("b") * i(SUB)),
+                for_("x", i(0), v("t0"), cross),
+                for_("x", v("t0"), v("t") + i(1), diag),
+            ],
+        ));
+    }
+
+    // 4. Value columns: solve for u, emit the outputs, advance the state.
+    let col = v("h") * i(dv) + v("jj");
+    let vt = ld("v", [r(), col.clone()]);
+    let u = if delta {
+        ld("bt", [v("t")])
+            * (vt
+                - sum("c", i(0), i(dk), s_col(v("c")) * at("kg", v("t"), v("c")))
+                - sum(
+                    "x",
+                    i(0),
+                    v("t"),
+                    ld("mkk", [v("t") * i(c_n) + v("x")]) * ld("ul", [v("x")]),
+                ))
+    } else {
+        vt
+    };
+    chunk.push(for_(
+        "jj",
+        i(0),
+        i(dv),
+        vec![
+            for_("t", i(0), v("l"), vec![st("ul", [v("t")], u)]),
+            for_(
+                "t",
+                i(0),
+                v("l"),
+                vec![st(
+                    "ot",
+                    [v("t") * i(dv) + v("jj")],
+                    sum("c", i(0), i(dk), s_col(v("c")) * at("qg", v("t"), v("c")))
+                        + sum(
+                            "x",
+                            i(0),
+                            v("t") + i(1),
+                            ld("mqk", [v("t") * i(c_n) + v("x")]) * ld("ul", [v("x")]),
+                        ),
+                )],
+            ),
+            for_(
+                "c",
+                i(0),
+                i(dk),
+                vec![st(
+                    "state",
+                    [v("s"), v("h"), v("jj"), v("c")],
+                    s_col(v("c")) * ld("eg", [wc(v("c"))])
+                        + sum(
+                            "x",
+                            i(0),
+                            v("l"),
+                            ld("kd", [v("c") * i(c_n) + v("x")]) * ld("ul", [v("x")]),
+                        ),
+                )],
+            ),
+        ],
+    ));
+
+    // 5. The chunk's outputs, through the fused gated norm when there is one.
+    let ot = || ld("ot", [v("t") * i(dv) + v("jj")]);
+    let out_col = v("h") * i(dv) + v("jj");
+    let write = match io.norm {
+        Some((eps, _)) => vec![
+            let_(
+                "inv_o",
+                rsqrt(sum("jj", i(0), i(dv), ot() * ot()) / f(dv as f64) + f(eps)),
+            ),
+            for_(
+                "jj",
+                i(0),
+                i(dv),
+                vec![st(
+                    "o",
+                    [r(), out_col.clone()],
+                    ot() * v("inv_o") * ld("nw", [v("jj")]) * io.norm_gate(r(), out_col.clone()),
+                )],
+            ),
+        ],
+        None => vec![for_("jj", i(0), i(dv), vec![st("o", [r(), out_col], ot())])],
+    };
+    chunk.push(for_("t", i(0), v("l"), write));
+
+    let mut body = vec![
+        local("qs", c_n * dk),
+        local("ks", c_n * dk),
+        local("qg", c_n * dk),
+        local("kg", c_n * dk),
+        local("kd", dk * c_n),
+        local("G", c_n * w),
+        local("eg", w),
+        local("mqk", c_n * c_n),
+        local("ul", c_n),
+        local("ot", c_n * dv),
+    ];
+    if delta {
+        body.extend([local("bt", c_n), local("mkk", c_n * c_n)]);
+    }
+    if channel {
+        body.extend([
+            local("qt", c_n * dk),
+            local("kt", c_n * dk),
+            local("kb", c_n * c_n / SUB * dk),
+        ]);
+    }
+    body.extend([
+        let_("h", pid(0)),
+        let_("kh", v("h") / i(h_n / hk_n)),
+        let_("s", ld("slot", [i(0)])),
+        for_("ci", i(0), (rows() + i(c_n - 1)) / i(c_n), chunk),
+    ]);
+    launch(
+        format!(
+            "recurrence_{}_{}{}_chunked{c_n}_h{h_n}x{hk_n}_dk{dk}_dv{dv}",
+            update_name(rec.update),
+            io.decay_name,
+            io.suffix
+        ),
+        vec![Dim::N(h_n)],
+        io.params,
+        body,
+        io.nodes,
+        g,
+    )
+}

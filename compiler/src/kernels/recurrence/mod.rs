@@ -1,0 +1,351 @@
+//! Linear-attention recurrences (delta rule or additive; decay none, scalar, per-channel or
+//! fixed): the recurrent form for decode (here) and the chunked form for prefill
+//! ([`chunked`]).
+//!
+//! Both keep each head's state in its pool transposed, `[dv, dk]` (see [`super::pool_shape`]),
+//! so a value column is contiguous, and both rely on the update being separable in value
+//! columns: `u_j = β (v_j − Σ_c S_cj k_c)` only reads column j of S.
+//!
+//! Decode: programs `(row, head, tile of BV value columns)` take one step each, updating the
+//! state in place in two passes per column.
+//!
+//! Fusions (decided by `passes::fuse`, shared by both forms): in the prologue, the L2 norms of
+//! q and k, β's sigmoid and the decay gate are computed from their inputs; in the epilogue, the
+//! gated RMSNorm over the head's output row (then a program owns the whole head).
+
+pub mod chunked;
+
+use lamina_ir::graph::{lightning_slopes, Decay, GateForm, NodeIndex, Op, Unary, Update};
+use lamina_ir::kernel::build::*;
+use lamina_ir::kernel::{Dim, Expr, Param, Stmt};
+
+use super::{act, launch, rows_i64, tile, Bind, Ctx, Launch, Phase, Value};
+
+/// Value columns per decode program.
+pub const BV: usize = 32;
+
+/// Parameters and fused prologue/epilogue facts shared by both forms.
+pub struct Operands {
+    pub params: Vec<(Param, Bind)>,
+    /// The decay gate computed in the prologue from the raw projection (`g` holds it).
+    pub gate: Option<GateForm>,
+    /// ε of the fused L2 norms of q and k.
+    pub l2_q: Option<f64>,
+    pub l2_k: Option<f64>,
+    /// β is `sigmoid(beta)`.
+    pub beta_sigmoid: bool,
+    /// The fused gated output norm: ε and gate activation (`nw`, `z` hold its weight and gate).
+    pub norm: Option<(f64, Unary)>,
+    /// Graph nodes the kernel computes.
+    pub nodes: Vec<NodeIndex>,
+    /// Kernel-name suffix naming the fusions.
+    pub suffix: String,
+    pub decay_name: &'static str,
+}
+
+impl Operands {
+    pub fn new(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Operands {
+        let g = cx.graph;
+        let Op::Recurrence { rec, state } = &g.node(n).op else {
+            unreachable!("recurrence builder")
+        };
+        let fused = cx.fusion.of(n);
+        let (h_n, hk_n, dk, dv) = (rec.heads, rec.key_heads, rec.dk, rec.dv);
+        // An operand, or the input of the node absorbed in its place.
+        let operand = |i: usize, absorbed: Option<NodeIndex>| {
+            Bind::Act(Value::Node(match absorbed {
+                Some(a) => g.inputs(a)[0],
+                None => ins[i],
+            }))
+        };
+        let l2_eps = |a: Option<NodeIndex>| match a.map(|a| &g.node(a).op) {
+            Some(Op::L2Norm { eps, .. }) => Some(*eps),
+            _ => None,
+        };
+        let mut params = vec![
+            (input("q", &act(hk_n * dk)), operand(0, fused.l2_q)),
+            (input("k", &act(hk_n * dk)), operand(1, fused.l2_k)),
+            (input("v", &act(h_n * dv)), operand(2, None)),
+        ];
+        let mut next = 3;
+        let gate = fused.gate.map(|a| match &g.node(a).op {
+            Op::DecayGate {
+                a_log,
+                dt_bias,
+                form,
+                ..
+            } => (a_log.clone(), dt_bias.clone(), *form),
+            _ => unreachable!("fuse: gates are decay gates"),
+        });
+        let decay_name = match rec.decay {
+            Decay::None => "none",
+            Decay::Scalar | Decay::PerChannel => {
+                let cols = if rec.decay == Decay::Scalar {
+                    h_n
+                } else {
+                    h_n * dk
+                };
+                params.push((input("g", &act(cols)), operand(next, fused.gate)));
+                if let Some((a_log, dt_bias, _)) = &gate {
+                    params.push(super::elementwise::flat_weight(cx, "a_log", a_log));
+                    params.push(super::elementwise::flat_weight(cx, "dt_bias", dt_bias));
+                }
+                next += 1;
+                if rec.decay == Decay::Scalar {
+                    "scalar"
+                } else {
+                    "channel"
+                }
+            }
+            Decay::Fixed { layer, num_layers } => {
+                let slopes = lightning_slopes(h_n, layer, num_layers);
+                params.push((
+                    input("slopes", &[Dim::N(h_n)]),
+                    Bind::Const(
+                        format!("lightning_slopes.{layer}"),
+                        slopes.iter().map(|&s| s as f32).collect(),
+                    ),
+                ));
+                "fixed"
+            }
+        };
+        if rec.update == Update::Delta {
+            params.push((input("beta", &act(h_n)), operand(next, fused.beta)));
+        }
+        params.push(cx.state("state", *state));
+        params.push((rows_i64("slot"), Bind::Slot));
+        let norm = fused.out_norm.map(|nm| {
+            let Op::GatedRmsNorm {
+                weight, eps, gate, ..
+            } = &g.node(nm).op
+            else {
+                unreachable!("fuse: output norms are gated RMSNorms")
+            };
+            params.push(cx.weight("nw", weight));
+            params.push((
+                input("z", &act(h_n * dv)),
+                Bind::Act(Value::Node(g.inputs(nm)[1])),
+            ));
+            (*eps, *gate)
+        });
+        params.push((
+            output("o", &act(h_n * dv)),
+            Bind::Act(Value::Node(fused.out_norm.unwrap_or(n))),
+        ));
+        let mut suffix = String::new();
+        if fused.l2_q.is_some() || fused.l2_k.is_some() {
+            suffix += "_l2";
+        }
+        if fused.gate.is_some() || fused.beta.is_some() {
+            suffix += "_gates";
+        }
+        if norm.is_some() {
+            suffix += "_gnorm";
+        }
+        let mut nodes: Vec<NodeIndex> = [fused.l2_q, fused.l2_k, fused.gate, fused.beta]
+            .into_iter()
+            .flatten()
+            .collect();
+        nodes.push(n);
+        nodes.extend(fused.out_norm);
+        Operands {
+            params,
+            gate: gate.map(|g| g.2),
+            l2_q: l2_eps(fused.l2_q),
+            l2_k: l2_eps(fused.l2_k),
+            beta_sigmoid: fused.beta.is_some(),
+            norm,
+            nodes,
+            suffix,
+            decay_name,
+        }
+    }
+
+    /// The log-decay of head column `col` (`width` columns per head) at token `t`.
+    pub fn g_at(&self, t: Expr, col: Expr, width: usize) -> Expr {
+        let x = ld("g", [t, col.clone()]);
+        match self.gate {
+            Some(form) => super::elementwise::decay_gate(form, x, col, width).1,
+            None => x,
+        }
+    }
+
+    /// β at token `t` of head `h`.
+    pub fn beta_at(&self, t: Expr) -> Expr {
+        let b = ld("beta", [t, v("h")]);
+        if self.beta_sigmoid {
+            sigmoid(b)
+        } else {
+            b
+        }
+    }
+
+    /// `act(z)` of the output norm's gate at `[t, col]`.
+    pub fn norm_gate(&self, t: Expr, col: Expr) -> Expr {
+        let z = ld("z", [t, col]);
+        match self.norm {
+            Some((_, Unary::Sigmoid)) => sigmoid(z),
+            _ => silu(z),
+        }
+    }
+}
+
+pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
+    match cx.phase {
+        Phase::Prefill => chunked::build(cx, n, ins),
+        Phase::Decode => decode(cx, n, ins),
+    }
+}
+
+fn update_name(u: Update) -> &'static str {
+    match u {
+        Update::Delta => "delta",
+        Update::Additive => "additive",
+    }
+}
+
+/// One step per (row, head, tile of value columns).
+fn decode(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
+    let g = cx.graph;
+    let Op::Recurrence { rec, .. } = &g.node(n).op else {
+        unreachable!("recurrence builder")
+    };
+    let io = Operands::new(cx, n, ins);
+    let (h_n, hk_n, dk, dv) = (rec.heads, rec.key_heads, rec.dk, rec.dv);
+    // A fused output norm needs the whole head's output row: one program per head.
+    let bv = if io.norm.is_some() { dv } else { tile(dv, BV) };
+    let s_at = || ld("state", [v("s"), v("h"), v("j0") + v("jj"), v("c")]);
+    let kc = ld("kn", [v("c")]);
+    let qc = ld("qn", [v("c")]);
+    let col = v("h") * i(dv) + v("j0") + v("jj");
+
+    // With S' = diag(d) S + k uᵀ the output is o_j = scale (Σ_c S_cj d_c q_c + u_j kq),
+    // kq = k·q: one pass reads the column for a = Σ S d k and b = Σ S d q, a second writes S'.
+    let mut step: Vec<Stmt> = Vec::new();
+    // Prologue: this head's q and k (L2-normalised when fused), the gates.
+    for (buf, local_buf, eps) in [("q", "qn", io.l2_q), ("k", "kn", io.l2_k)] {
+        let x = || ld(buf, [v("t"), v("kh") * i(dk) + v("c")]);
+        let inv = format!("inv_{buf}");
+        let val = match eps {
+            Some(e) => {
+                step.push(let_(&inv, rsqrt(sum("c", i(0), i(dk), x() * x()) + f(e))));
+                x() * v(&inv)
+            }
+            None => x(),
+        };
+        step.push(for_("c", i(0), i(dk), vec![st(local_buf, [v("c")], val)]));
+    }
+    let decay: Option<Expr> = match rec.decay {
+        Decay::None => None,
+        Decay::Scalar => {
+            step.push(let_("d", exp(io.g_at(v("t"), v("h"), 1))));
+            Some(v("d"))
+        }
+        Decay::PerChannel => {
+            step.push(for_(
+                "c",
+                i(0),
+                i(dk),
+                vec![st(
+                    "dec",
+                    [v("c")],
+                    exp(io.g_at(v("t"), v("h") * i(dk) + v("c"), dk)),
+                )],
+            ));
+            Some(ld("dec", [v("c")]))
+        }
+        Decay::Fixed { .. } => {
+            step.push(let_("d", exp(-ld("slopes", [v("h")]))));
+            Some(v("d"))
+        }
+    };
+    let decayed = match &decay {
+        Some(d) => s_at() * d.clone(),
+        None => s_at(),
+    };
+    step.push(let_("kq", sum("c", i(0), i(dk), kc.clone() * qc.clone())));
+    if rec.update == Update::Delta {
+        step.push(let_("b", io.beta_at(v("t"))));
+    }
+    let vt = ld("v", [v("t"), col.clone()]);
+    let u = match rec.update {
+        Update::Delta => v("b") * (vt - v("a")),
+        Update::Additive => vt,
+    };
+    let o_val = f(rec.scale) * (v("bq") + v("u") * v("kq"));
+    let col_body = vec![
+        for_carry(
+            "c",
+            i(0),
+            i(dk),
+            vec![("a", f(0.0)), ("bq", f(0.0))],
+            vec![let_("sd", decayed.clone())],
+            vec![v("a") + v("sd") * kc.clone(), v("bq") + v("sd") * qc],
+        ),
+        let_("u", u),
+        for_(
+            "c",
+            i(0),
+            i(dk),
+            vec![st(
+                "state",
+                [v("s"), v("h"), v("j0") + v("jj"), v("c")],
+                decayed + kc * v("u"),
+            )],
+        ),
+        match io.norm {
+            Some(_) => st("ot", [v("jj")], o_val),
+            None => st("o", [v("t"), col], o_val),
+        },
+    ];
+    step.push(for_("jj", i(0), i(bv), col_body));
+    // Epilogue: the gated RMSNorm of the head's output row.
+    if let Some((eps, _)) = io.norm {
+        let ot = || ld("ot", [v("jj")]);
+        step.push(let_(
+            "inv_o",
+            rsqrt(sum("jj", i(0), i(dv), ot() * ot()) / f(dv as f64) + f(eps)),
+        ));
+        step.push(for_(
+            "jj",
+            i(0),
+            i(dv),
+            vec![st(
+                "o",
+                [v("t"), v("h") * i(dv) + v("jj")],
+                ot() * v("inv_o")
+                    * ld("nw", [v("jj")])
+                    * io.norm_gate(v("t"), v("h") * i(dv) + v("jj")),
+            )],
+        ));
+    }
+
+    let mut body = vec![local("qn", dk), local("kn", dk)];
+    if rec.decay == Decay::PerChannel {
+        body.push(local("dec", dk));
+    }
+    if io.norm.is_some() {
+        body.push(local("ot", dv));
+    }
+    body.extend([
+        let_("h", pid(1)),
+        let_("kh", v("h") / i(h_n / hk_n)),
+        let_("j0", pid(2) * i(bv)),
+        let_("t", pid(0)),
+        let_("s", ld("slot", [v("t")])),
+    ]);
+    body.extend(step);
+    launch(
+        format!(
+            "recurrence_{}_{}{}_decode_h{h_n}x{hk_n}_dk{dk}_dv{dv}",
+            update_name(rec.update),
+            io.decay_name,
+            io.suffix
+        ),
+        vec![Dim::Rows, Dim::N(h_n), Dim::N(dv / bv)],
+        io.params,
+        body,
+        io.nodes,
+        g,
+    )
+}
