@@ -33,13 +33,15 @@ fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<i64> {
         .collect()
 }
 
-/// Prefill at several lengths (through several prefill pieces), then decode steps; every
+/// Prefill at several lengths (the longest through two prefill pieces), then decode steps; every
 /// logit compared with the f64 reference.
 fn check_model(path: &std::path::Path, lens: &[usize]) {
+    // 256 rows per prefill launch: lengths up to 130 run in one launch (several chunks of the
+    // chunked recurrences, a partial last one); 300 runs as 256 + 44.
     let options = Options {
         max_batch: 3,
         max_context: 320,
-        max_prefill_rows: 64,
+        max_prefill_rows: 256,
         keep_values: false,
     };
     let (m, mut e, _dir) = engine(path, options, 0);

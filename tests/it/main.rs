@@ -1,5 +1,6 @@
 //! Lamina's whole-system tests, one binary: oracle fixtures (transformers / fla), kernel
-//! vectors, chunked-vs-recurrent forms, graph IR snapshots of every example, model accounting,
+//! vectors, chunked-vs-recurrent forms, compiled host plans (examples, oracle families, random
+//! shapes), IR snapshots of every example, model accounting,
 //! and bad input through the `compile-model` binary.
 
 mod bad_input;
@@ -9,4 +10,5 @@ mod import;
 mod kernels;
 mod models;
 mod oracle;
+mod shapes;
 mod snapshots;
