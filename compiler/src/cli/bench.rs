@@ -84,6 +84,7 @@ pub fn bench(a: &BenchArgs) -> CliResult {
     // The bandwidth is measured before and after the timed runs (best of both): this machine's
     // share of memory bandwidth varies with its neighbours.
     let bw_before = memcpy_bandwidth(a.memcpy_mib << 20);
+    let read_before = read_bandwidth(a.memcpy_mib << 20);
     // Warm-up: page the weights in and start the worker threads.
     e.reset(0);
     e.prefill(0, &prompt(0)[..a.prompt_len.min(16)])
@@ -111,6 +112,7 @@ pub fn bench(a: &BenchArgs) -> CliResult {
     let decode = t.elapsed();
 
     let bw = memcpy_bandwidth(a.memcpy_mib << 20).max(bw_before);
+    let read_bw = read_bandwidth(a.memcpy_mib << 20).max(read_before);
     let cost = e.plan.cost;
     let mean_ctx = a.prompt_len + steps / 2;
     let step_bytes = cost.decode_weight_bytes
@@ -164,6 +166,13 @@ pub fn bench(a: &BenchArgs) -> CliResult {
         roofline_s * 1e3,
         step_bytes as f64 / step_s / 1e9,
         100.0 * roofline_s / step_s
+    );
+    println!(
+        "  read       {:.2} GB/s streaming reads ({} MiB, {} threads); decode achieves {:.0}% of it",
+        read_bw / 1e9,
+        a.memcpy_mib,
+        Pool::global().threads(),
+        100.0 * (step_bytes as f64 / step_s) / read_bw
     );
     if a.profile {
         for (phase, decode) in [("prefill", false), ("decode", true)] {
@@ -235,6 +244,28 @@ fn memcpy_bandwidth(bytes: usize) -> f64 {
     }
     std::hint::black_box(&dst);
     2.0 * bytes as f64 / best.as_secs_f64()
+}
+
+/// Bytes read per second by summing `bytes` with every worker thread (best of 5): decode is
+/// almost all reads, and a copy also pays write-allocate traffic it does not count.
+fn read_bandwidth(bytes: usize) -> f64 {
+    let words = vec![1u64; bytes / 8];
+    let pool = Pool::global();
+    let chunk = words.len().div_ceil(pool.threads()).max(1);
+    let mut best = Duration::MAX;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let total = std::sync::atomic::AtomicU64::new(0);
+        pool.run(&|t, _| {
+            let lo = (t * chunk).min(words.len());
+            let hi = ((t + 1) * chunk).min(words.len());
+            let s = words[lo..hi].iter().fold(0u64, |a, &w| a.wrapping_add(w));
+            total.fetch_add(s, std::sync::atomic::Ordering::Relaxed);
+        });
+        best = best.min(t.elapsed());
+        std::hint::black_box(total.into_inner());
+    }
+    (words.len() * 8) as f64 / best.as_secs_f64()
 }
 
 fn cpu_name() -> String {

@@ -2,7 +2,8 @@
 //!
 //! Attention is two kernels: the cache write (`[slots, context, entry]` pool, one program per
 //! row) and the attend kernel, one program per (row, head), with an online softmax over the
-//! cached positions `0..=pos` (running max and sum, one pass over K and V). MLA attends in the
+//! cached positions `0..=pos` in tiles of `BK` keys (the tile's logits in a local, the running
+//! max and sum corrected once per tile, one pass over K and V). MLA attends in the
 //! absorbed form: `q̃ = W_UKᵀ q_nope` against the latent cache, the latent-space output mapped
 //! back with `W_UV`, so keys and values are never expanded.
 
@@ -147,33 +148,68 @@ fn cache_write(
     launch(name, vec![Dim::Rows], params, body, vec![n], cx.graph)
 }
 
-/// Online softmax over positions `0..=pos`: `score(j)` is the scaled logit, `acc` (a local of
-/// `width`) accumulates `Σ p_j value(j, d)`; leaves `l` (the sum) bound.
+/// Keys per tile of the online softmax.
+pub const BK: usize = 32;
+
+/// Online softmax over positions `0..=pos` in tiles of [`BK`] keys: a tile's logits
+/// (`score`, with the key index bound as `j`) go to the local `sc`, the running max and sum are
+/// corrected once per tile, and `acc` (a local of `width`) accumulates `Σ p_j value(j, d)`;
+/// leaves `l` (the sum) bound. Needs locals `acc[width]` and `sc[BK]`.
 fn online_softmax(score: Expr, value: impl Fn(Expr) -> Expr, width: usize) -> Vec<Stmt> {
+    let key = || let_("j", v("j0") + v("jj"));
     vec![
         for_("d", i(0), i(width), vec![st("acc", [v("d")], f(0.0))]),
+        let_("nk", ld("pos", [pid(0)]) + i(1)),
         for_carry(
-            "j",
+            "jt",
             i(0),
-            ld("pos", [pid(0)]) + i(1),
+            (v("nk") + i(BK - 1)) / i(BK),
             vec![("m", f(f64::NEG_INFINITY)), ("l", f(0.0))],
             vec![
-                let_("sc", score),
-                let_("m2", max(v("m"), v("sc"))),
+                let_("j0", v("jt") * i(BK)),
+                let_("nb", min(i(BK), v("nk") - v("j0"))),
+                for_("jj", i(0), v("nb"), vec![key(), st("sc", [v("jj")], score)]),
+                let_(
+                    "m2",
+                    max(v("m"), max_over("jj", i(0), v("nb"), ld("sc", [v("jj")]))),
+                ),
                 let_("corr", exp(v("m") - v("m2"))),
-                let_("pj", exp(v("sc") - v("m2"))),
+                for_(
+                    "jj",
+                    i(0),
+                    v("nb"),
+                    vec![st("sc", [v("jj")], exp(ld("sc", [v("jj")]) - v("m2")))],
+                ),
                 for_(
                     "d",
                     i(0),
                     i(width),
-                    vec![st(
-                        "acc",
-                        [v("d")],
-                        ld("acc", [v("d")]) * v("corr") + v("pj") * value(v("d")),
-                    )],
+                    vec![st("acc", [v("d")], ld("acc", [v("d")]) * v("corr"))],
+                ),
+                for_(
+                    "jj",
+                    i(0),
+                    v("nb"),
+                    vec![
+                        key(),
+                        let_("pj", ld("sc", [v("jj")])),
+                        for_(
+                            "d",
+                            i(0),
+                            i(width),
+                            vec![st(
+                                "acc",
+                                [v("d")],
+                                ld("acc", [v("d")]) + v("pj") * value(v("d")),
+                            )],
+                        ),
+                    ],
                 ),
             ],
-            vec![v("m2"), v("l") * v("corr") + v("pj")],
+            vec![
+                v("m2"),
+                v("l") * v("corr") + sum("jj", i(0), v("nb"), ld("sc", [v("jj")])),
+            ],
         ),
     ]
 }
@@ -212,6 +248,7 @@ pub fn gqa(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     let value = |d: Expr| ld("cache", [v("s"), v("j"), i(kw) + v("kvh") * i(vd) + d]);
     let mut body = vec![
         local("acc", vd),
+        local("sc", BK),
         let_("s", ld("slot", [pid(0)])),
         let_("kvh", pid(1) / i(hq / hkv)),
     ];
@@ -286,6 +323,7 @@ pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     let mut body = vec![
         local("qt", r),
         local("acc", r),
+        local("sc", BK),
         let_("s", ld("slot", [pid(0)])),
         // q̃ = W_UK(h)ᵀ q_nope: [r].
         for_(
