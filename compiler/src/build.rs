@@ -13,7 +13,7 @@ use lamina_ir::plan::{
     WeightEntry, WeightSource, CONSTANTS_FILE, HOST_LIBRARY, PLAN_FILE, SCHEMA_VERSION,
 };
 use lamina_ir::stats::{kind_name, model_stats};
-use lamina_ir::weights::{Checkpoint, SourceMap};
+use lamina_ir::weights::{check_checkpoint, Checkpoint, SourceMap};
 use lamina_ir::Error;
 use lamina_targets::Target;
 use sha2::{Digest, Sha256};
@@ -65,7 +65,11 @@ pub fn make_plan(
         .collect();
     let ckpt = match &model.source {
         ModelSource::HuggingFace { dir, map, .. } => {
-            Some((Checkpoint::open(dir)?, map.as_ref(), dir.clone()))
+            let ck = Checkpoint::open(dir)?;
+            // Every tensor present with its shape, nothing unexpected: reported together now,
+            // not when the runtime first maps the weights.
+            check_checkpoint(g, &ck, map.as_ref(), dir)?;
+            Some((ck, map.as_ref(), dir.clone()))
         }
         ModelSource::Spec(_) => None,
     };

@@ -275,14 +275,15 @@ pub fn select_rows(data: &[f32], last: usize, rows: &[(usize, usize)]) -> Vec<f3
         .collect()
 }
 
-/// Loads every weight of `graph` from `ckpt` through `map`. Missing, mis-shaped and unexpected
-/// tensors are collected and reported together in one error.
-pub fn load_weights(
+/// Where every weight of `graph` comes from in `ckpt` through `map`, without reading any data.
+/// Missing, mis-shaped and unexpected tensors are collected and reported together in one
+/// error. The compiler calls it at build time, [`load_weights`] before reading.
+pub fn check_checkpoint(
     graph: &Graph,
     ckpt: &Checkpoint,
     map: &dyn SourceMap,
     dir: &Path,
-) -> Result<WeightStore> {
+) -> Result<Vec<(String, Vec<usize>, Source)>> {
     let has = |n: &str| ckpt.has(n);
     let mut missing = Vec::new();
     let mut misshaped = Vec::new();
@@ -347,6 +348,17 @@ pub fn load_weights(
             format!("weights do not match the model: {}", parts.join("; ")),
         ));
     }
+    Ok(plan)
+}
+
+/// Loads every weight of `graph` from `ckpt` through `map` (checked by [`check_checkpoint`]).
+pub fn load_weights(
+    graph: &Graph,
+    ckpt: &Checkpoint,
+    map: &dyn SourceMap,
+    dir: &Path,
+) -> Result<WeightStore> {
+    let plan = check_checkpoint(graph, ckpt, map, dir)?;
     let mut store = WeightStore::default();
     let mut cache: BTreeMap<String, HostTensor> = BTreeMap::new();
     for (name, shape, src) in plan {

@@ -26,13 +26,16 @@ pub fn symbol(name: &str) -> String {
     format!("_mlir_{name}")
 }
 
-/// Time spent in each stage of a host compilation.
+/// Time spent in each stage of a host compilation (summed over kernels: CPU time, spread over
+/// the compile workers), and per kernel.
 #[derive(Debug, Default, Clone)]
 pub struct HostTimings {
     pub lower: Duration,
     pub passes: Duration,
     pub llvm: Duration,
     pub link: Duration,
+    /// Lowering, MLIR passes and LLVM of each kernel, in the kernel list's order.
+    pub per_kernel: Vec<(String, Duration)>,
 }
 
 /// Compiles `kernels` into the shared library `out` (written in place: callers put it in a
@@ -49,19 +52,29 @@ pub fn build_library(kernels: &[Kernel], out: &Path) -> Result<HostTimings, Targ
         }
     }
     let mut t = HostTimings::default();
-    let obj = out.with_extension("o");
-    // Two workers (one MLIR context each: contexts are not Send) compile halves of the kernel
-    // list; the objects are linked together.
-    let workers = if kernels.len() >= 8 { 2 } else { 1 };
-    let per = kernels.len().div_ceil(workers).max(1);
-    let objs: Vec<_> = (0..workers)
-        .map(|w| obj.with_extension(format!("{w}.o")))
+    // Two workers (one MLIR context each: contexts are not Send) take kernels from a shared
+    // counter; every kernel is its own module and object, so its compile time is its own.
+    let workers = if kernels.len() >= 4 { 2 } else { 1 };
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let objs: Vec<_> = (0..kernels.len())
+        .map(|i| out.with_extension(format!("{i}.o")))
         .collect();
-    let results: Vec<Result<HostTimings, TargetError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = kernels
-            .chunks(per)
-            .zip(&objs)
-            .map(|(chunk, o)| s.spawn(move || compile_object(chunk, o)))
+    let results: Vec<Result<Vec<(usize, HostTimings)>, TargetError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                s.spawn(|| {
+                    let cx = MlirContext::new();
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= kernels.len() {
+                            return Ok(done);
+                        }
+                        let k = std::slice::from_ref(&kernels[i]);
+                        done.push((i, compile_object(&cx, k, &objs[i])?));
+                    }
+                })
+            })
             .collect();
         handles
             .into_iter()
@@ -71,12 +84,32 @@ pub fn build_library(kernels: &[Kernel], out: &Path) -> Result<HostTimings, Targ
             })
             .collect()
     });
+    let mut per_kernel = vec![Duration::ZERO; kernels.len()];
+    let mut failure = None;
     for r in results {
-        let r = r?;
-        t.lower = t.lower.max(r.lower);
-        t.passes = t.passes.max(r.passes);
-        t.llvm = t.llvm.max(r.llvm);
+        match r {
+            Ok(done) => {
+                for (i, k) in done {
+                    t.lower += k.lower;
+                    t.passes += k.passes;
+                    t.llvm += k.llvm;
+                    per_kernel[i] = k.lower + k.passes + k.llvm;
+                }
+            }
+            Err(e) => failure = Some(e),
+        }
     }
+    if let Some(e) = failure {
+        for o in &objs {
+            let _ = std::fs::remove_file(o);
+        }
+        return Err(e);
+    }
+    t.per_kernel = kernels
+        .iter()
+        .map(|k| k.name.clone())
+        .zip(per_kernel)
+        .collect();
     let start = Instant::now();
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     let output = Command::new(&cc)
@@ -100,17 +133,26 @@ pub fn build_library(kernels: &[Kernel], out: &Path) -> Result<HostTimings, Targ
     Ok(t)
 }
 
-fn compile_object(kernels: &[Kernel], obj: &Path) -> Result<HostTimings, TargetError> {
+fn compile_object(
+    cx: &MlirContext,
+    kernels: &[Kernel],
+    obj: &Path,
+) -> Result<HostTimings, TargetError> {
     let mut t = HostTimings::default();
     let start = Instant::now();
-    let cx = MlirContext::new();
-    let mut module = kernels_module(&cx, kernels)?;
+    let mut module = kernels_module(cx, kernels)?;
     t.lower = start.elapsed();
     let start = Instant::now();
     cx.run_pipeline(&mut module, HOST_PIPELINE, "host lowering")?;
     t.passes = start.elapsed();
     let start = Instant::now();
-    let engine = ExecutionEngine::new(&module, 3, &[], true, true);
+    // Creating an engine initialises LLVM's native target (a global registry that is not
+    // thread-safe); compile workers, and concurrent builds in one process, take turns here.
+    static ENGINE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let engine = {
+        let _one = ENGINE.lock().unwrap_or_else(|e| e.into_inner());
+        ExecutionEngine::new(&module, 3, &[], true, true)
+    };
     // Looking a symbol up makes the JIT compile the module; only then is there an object.
     for k in kernels {
         if engine.lookup(&symbol(&k.name)).is_null() {

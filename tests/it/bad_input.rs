@@ -620,3 +620,25 @@ fn build_refuses_to_replace_a_non_artifact() {
         &["--max-batch"],
     );
 }
+
+#[test]
+fn build_reports_checkpoint_problems_and_leaves_no_artifact() {
+    let (d, m) = hf_copy("kimi_linear");
+    edit_tensors(&m, |t| {
+        t.remove("model.layers.1.self_attn.b_proj.weight");
+        let (_, w) = t.remove("model.layers.2.self_attn.o_norm.weight").unwrap();
+        t.insert(
+            "model.layers.2.self_attn.o_norm.weight".into(),
+            (vec![w.len() - 1], w[1..].to_vec()),
+        );
+    });
+    let out = d.path().join("artifact");
+    fails(
+        &["build", m.to_str().unwrap(), "-o", out.to_str().unwrap()],
+        &[
+            "1 missing: model.layers.1.self_attn.b_proj.weight",
+            "1 mis-shaped: model.layers.2.self_attn.o_norm.weight",
+        ],
+    );
+    assert!(!out.exists(), "a failed build left {}", out.display());
+}

@@ -82,22 +82,18 @@ pub fn build_cmd(a: &BuildArgs) -> CliResult {
             eprintln!("pass {name:<18} {:>9.3} ms", t.as_secs_f64() * 1e3);
         }
         let c = &r.codegen;
-        eprintln!(
-            "codegen lower-to-mlir  {:>9.3} ms",
-            c.lower.as_secs_f64() * 1e3
-        );
-        eprintln!(
-            "codegen mlir-passes    {:>9.3} ms",
-            c.passes.as_secs_f64() * 1e3
-        );
-        eprintln!(
-            "codegen llvm-O3+object {:>9.3} ms",
-            c.llvm.as_secs_f64() * 1e3
-        );
-        eprintln!(
-            "codegen link           {:>9.3} ms",
-            c.link.as_secs_f64() * 1e3
-        );
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        eprintln!("codegen (CPU time over all kernels and both workers)");
+        eprintln!("  lower-to-mlir        {:>9.3} ms", ms(c.lower));
+        eprintln!("  mlir-passes          {:>9.3} ms", ms(c.passes));
+        eprintln!("  llvm-O3+object       {:>9.3} ms", ms(c.llvm));
+        eprintln!("  link                 {:>9.3} ms", ms(c.link));
+        eprintln!("per kernel (lower + MLIR passes + LLVM):");
+        let mut per = c.per_kernel.clone();
+        per.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
+        for (name, t) in per {
+            eprintln!("  {:>9.3} ms  {name}", ms(t));
+        }
     }
     println!(
         "wrote {} ({} kernels, {} prefill / {} decode launches) in {:.2} s",

@@ -83,7 +83,7 @@ pub struct HostEngine {
     pub plan: Plan,
     _lib: libloading::Library,
     fns: Vec<KernelFn>,
-    weights: Vec<Vec<f32>>,
+    weights: Vec<weights::Weight>,
     pools: Vec<Vec<f32>>,
     constants: Vec<f32>,
     arena: Aligned,
@@ -213,7 +213,7 @@ impl HostEngine {
                 for (p, a) in k.params.iter().zip(&l.args) {
                     let need = p.numel(s.rows);
                     let have = match a {
-                        Arg::Weight { index } => self.weights[*index].len(),
+                        Arg::Weight { index } => self.weights[*index].as_slice().len(),
                         Arg::Pool { index } => self.pools[*index].len(),
                         Arg::Const { index } => self.plan.constants[*index].len,
                         Arg::Arena { bytes_per_row, .. } => bytes_per_row * s.rows / p.elem.bytes(),
@@ -404,8 +404,8 @@ impl HostEngine {
                         }
                     }
                     Arg::Weight { index } => View {
-                        ptr: self.weights[*index].as_ptr() as *mut u8,
-                        len: self.weights[*index].len(),
+                        ptr: self.weights[*index].as_slice().as_ptr() as *mut u8,
+                        len: self.weights[*index].as_slice().len(),
                     },
                     Arg::Pool { index } => View {
                         ptr: self.pools[*index].as_mut_ptr() as *mut u8,

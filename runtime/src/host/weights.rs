@@ -1,10 +1,11 @@
-//! Weights of a plan, materialised as f32 vectors from the plan's weight map: checkpoint
-//! tensors (memory-mapped, cast, row ranges selected), stacked experts, or the deterministic
-//! random weights of a native spec.
+//! Weights of a plan, from the plan's weight map: f32 checkpoint tensors used in place in the
+//! memory-mapped file; other dtypes cast, row ranges selected and experts stacked into f32
+//! vectors; the deterministic random weights of a native spec.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use lamina_ir::plan::{WeightEntry, WeightSource};
 use lamina_ir::stats::kind_from_name;
@@ -12,9 +13,34 @@ use lamina_ir::weights::{decode_f32, random_tensor, select_rows};
 use lamina_ir::Error;
 use memmap2::Mmap;
 
+/// One weight as the kernels see it: contiguous f32.
+pub enum Weight {
+    Owned(Vec<f32>),
+    /// `len` f32 at byte `offset` of a mapped checkpoint file (4-byte aligned, checked).
+    Mapped {
+        map: Arc<Mmap>,
+        offset: usize,
+        len: usize,
+    },
+}
+
+impl Weight {
+    pub fn as_slice(&self) -> &[f32] {
+        match self {
+            Weight::Owned(v) => v,
+            Weight::Mapped { map, offset, len } => {
+                let b = &map[*offset..offset + len * 4];
+                // SAFETY: in bounds (checked when made), 4-byte aligned (checked when made),
+                // and every bit pattern is an f32.
+                unsafe { std::slice::from_raw_parts(b.as_ptr() as *const f32, *len) }
+            }
+        }
+    }
+}
+
 pub struct Loader {
     dir: PathBuf,
-    maps: HashMap<String, Mmap>,
+    maps: HashMap<String, Arc<Mmap>>,
 }
 
 impl Loader {
@@ -25,9 +51,12 @@ impl Loader {
         }
     }
 
-    pub fn load(&mut self, w: &WeightEntry) -> Result<Vec<f32>, Error> {
-        let data = self.source(&w.name, &w.source, &w.shape)?;
+    pub fn load(&mut self, w: &WeightEntry) -> Result<Weight, Error> {
         let want: usize = w.shape.iter().product();
+        if let Some(m) = self.in_place(w, want)? {
+            return Ok(m);
+        }
+        let data = self.source(&w.name, &w.source, &w.shape)?;
         if data.len() != want {
             return Err(Error::Weights {
                 file: self.dir.display().to_string(),
@@ -39,7 +68,66 @@ impl Loader {
                 ),
             });
         }
-        Ok(data)
+        Ok(Weight::Owned(data))
+    }
+
+    /// A whole little-endian f32 tensor is used where it lies in the mapped file.
+    fn in_place(&mut self, w: &WeightEntry, want: usize) -> Result<Option<Weight>, Error> {
+        let WeightSource::File {
+            file,
+            offset,
+            bytes,
+            dtype,
+            rows,
+            ..
+        } = &w.source
+        else {
+            return Ok(None);
+        };
+        if dtype != "F32"
+            || !rows.is_empty()
+            || *bytes != want * 4
+            || !cfg!(target_endian = "little")
+        {
+            return Ok(None);
+        }
+        let (map, path) = self.map(&w.name, file)?;
+        let Some(b) = map.get(*offset..offset + bytes) else {
+            return Ok(None); // reported by the copying path
+        };
+        if !(b.as_ptr() as usize).is_multiple_of(4) {
+            return Ok(None);
+        }
+        let weight = Weight::Mapped {
+            map,
+            offset: *offset,
+            len: want,
+        };
+        if weight.as_slice().iter().any(|x| !x.is_finite()) {
+            return Err(Error::Weights {
+                file: path.display().to_string(),
+                msg: format!("weight {} holds NaN or infinite values", w.name),
+            });
+        }
+        Ok(Some(weight))
+    }
+
+    fn map(&mut self, name: &str, file: &str) -> Result<(Arc<Mmap>, PathBuf), Error> {
+        if file.contains('/') || file.contains("..") {
+            return Err(Error::Input {
+                what: "plan.json".into(),
+                msg: format!("weight {name}: bad file name {file}"),
+            });
+        }
+        let path = self.dir.join(file);
+        if !self.maps.contains_key(file) {
+            let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
+            // SAFETY: read-only map of a checkpoint file that nothing in this process
+            // writes; a concurrent external writer is outside the contract.
+            let m = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(&path, e))?;
+            self.maps.insert(file.to_string(), Arc::new(m));
+        }
+        Ok((self.maps[file].clone(), path))
     }
 
     fn source(&mut self, name: &str, s: &WeightSource, shape: &[usize]) -> Result<Vec<f32>, Error> {
@@ -67,21 +155,7 @@ impl Loader {
                 shape: src_shape,
                 rows,
             } => {
-                if file.contains('/') || file.contains("..") {
-                    return Err(Error::Input {
-                        what: "plan.json".into(),
-                        msg: format!("weight {name}: bad file name {file}"),
-                    });
-                }
-                let path = self.dir.join(file);
-                if !self.maps.contains_key(file) {
-                    let f = File::open(&path).map_err(|e| Error::io(&path, e))?;
-                    // SAFETY: read-only map of a checkpoint file that nothing in this process
-                    // writes; a concurrent external writer is outside the contract.
-                    let m = unsafe { Mmap::map(&f) }.map_err(|e| Error::io(&path, e))?;
-                    self.maps.insert(file.clone(), m);
-                }
-                let m = &self.maps[file];
+                let (m, path) = self.map(name, file)?;
                 let b = m.get(*offset..offset + bytes).ok_or_else(|| Error::Weights {
                     file: path.display().to_string(),
                     msg: format!("weight {name}: bytes {offset}..{} lie outside the file (was the checkpoint replaced?)", offset + bytes),
