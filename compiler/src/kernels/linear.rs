@@ -1,7 +1,10 @@
 //! `y = x Wᵀ` (W `[out, in]`, as stored by Hugging Face). One program per block of `BN` output
 //! columns, looping over the rows inside: the block's weight rows stay in cache while every
 //! row of x streams past them, and decode (few rows) still has `out / BN` programs to share
-//! between threads. The reduction over `in` is contiguous in both operands (vectorised).
+//! between threads. Inside, `RB × CB` register tiles: one pass over `in` accumulates the tile's
+//! 16 dot products, so each loaded element feeds four multiply-adds; the reductions over `in`
+//! are contiguous in both operands (vectorised by LLVM). Leftover rows and columns take
+//! narrower tiles.
 //!
 //! Fusions (decided by `passes::fuse`): an RMSNorm of the input in the prologue (each program
 //! computes `1/rms` of every row once, the norm weight is folded into the reduction) and a
@@ -9,12 +12,15 @@
 
 use lamina_ir::graph::{NodeIndex, Op};
 use lamina_ir::kernel::build::*;
-use lamina_ir::kernel::Dim;
+use lamina_ir::kernel::{Dim, Expr, Stmt};
 
 use super::{act, launch, Bind, Ctx, Launch, Value};
 
 /// Output columns per program.
 pub const BN: usize = 16;
+/// Register tile: rows × columns accumulated together.
+pub const RB: usize = 4;
+pub const CB: usize = 4;
 
 /// The projection `n`; with `residual = Some(add)`, the add `add = r + n` in the epilogue.
 pub fn build(cx: &Ctx, n: NodeIndex, residual: Option<NodeIndex>) -> Launch {
@@ -32,14 +38,14 @@ pub fn build(cx: &Ctx, n: NodeIndex, residual: Option<NodeIndex>) -> Launch {
     let (k, nn) = (*in_dim, *out_dim);
     let bn = BN.min(nn);
     let blocks = nn.div_ceil(bn);
-    let col = v("n0") + v("j");
     let mut x_in = g.inputs(n)[0];
     let mut params = Vec::new();
     let mut body = vec![
         let_("n0", pid(0) * i(bn)),
         let_("nb", min(i(bn), i(nn) - v("n0"))),
     ];
-    let mut prod = ld("x", [v("r"), v("k")]) * ld("w", [col.clone(), v("k")]);
+    // x[r, k], times the norm weight when an RMSNorm is fused in.
+    let mut x_at: Box<dyn Fn(Expr) -> Expr> = Box::new(|r| ld("x", [r, v("k")]));
     let mut name = format!("linear_{k}x{nn}");
     if let Some(nm) = norm {
         let Op::RmsNorm {
@@ -53,12 +59,15 @@ pub fn build(cx: &Ctx, n: NodeIndex, residual: Option<NodeIndex>) -> Launch {
         };
         x_in = g.inputs(nm)[0];
         params.push(cx.weight("nw", nw));
-        let scale = if *zero_centred {
-            f(1.0) + ld("nw", [v("k")])
-        } else {
-            ld("nw", [v("k")])
-        };
-        prod = ld("x", [v("r"), v("k")]) * scale * ld("w", [col.clone(), v("k")]);
+        let zc = *zero_centred;
+        x_at = Box::new(move |r| {
+            let s = if zc {
+                f(1.0) + ld("nw", [v("k")])
+            } else {
+                ld("nw", [v("k")])
+            };
+            ld("x", [r, v("k")]) * s
+        });
         body.push(local("inv", cx.rows));
         body.push(for_(
             "r",
@@ -78,29 +87,30 @@ pub fn build(cx: &Ctx, n: NodeIndex, residual: Option<NodeIndex>) -> Launch {
                 ),
             )],
         ));
-        name = format!("rms_norm{}_{name}", if *zero_centred { "_zc" } else { "" });
+        name = format!("rms_norm{}_{name}", if zc { "_zc" } else { "" });
     }
-    let mut out = sum("k", i(0), i(k), prod);
-    if norm.is_some() {
-        out = out * ld("inv", [v("r")]);
-    }
-    if let Some(add) = residual {
-        let other = g.inputs(add).into_iter().find(|&x| x != n).unwrap_or(n);
-        params.push((input("res", &act(nn)), Bind::Act(Value::Node(other))));
-        out = ld("res", [v("r"), col.clone()]) + out;
+    let other = residual.map(|add| g.inputs(add).into_iter().find(|&x| x != n).unwrap_or(n));
+    if let Some(o) = other {
+        params.push((input("res", &act(nn)), Bind::Act(Value::Node(o))));
         name += "_residual";
     }
-    body.push(for_(
-        "j",
-        i(0),
-        v("nb"),
-        vec![for_(
-            "r",
-            i(0),
-            rows(),
-            vec![st("y", [v("r"), col.clone()], out)],
-        )],
-    ));
+    // The value stored at y[r, c] from the dot product `acc`.
+    let epilogue = |r: Expr, c: Expr, acc: Expr| -> Stmt {
+        let mut y = acc;
+        if norm.is_some() {
+            y = y * ld("inv", [r.clone()]);
+        }
+        if other.is_some() {
+            y = ld("res", [r.clone(), c.clone()]) + y;
+        }
+        st("y", [r, c], y)
+    };
+    let w_at = |c: Expr| ld("w", [c, v("k")]);
+    let tile = |rs: &[Expr], cs: &[Expr]| register_tile(rs, cs, k, &*x_at, &w_at, &epilogue);
+    let identity = |r: Expr| r;
+    body.extend(col_tiles(v("n0"), v("nb"), &|cs: &[Expr]| {
+        row_tiles(rows(), &identity, cs, &tile)
+    }));
     params.insert(0, (input("x", &act(k)), Bind::Act(Value::Node(x_in))));
     params.insert(1, cx.weight("w", weight));
     params.push((output("y", &act(nn)), Bind::Act(Value::Node(root))));
@@ -108,4 +118,86 @@ pub fn build(cx: &Ctx, n: NodeIndex, residual: Option<NodeIndex>) -> Launch {
     nodes.extend(norm);
     nodes.extend(residual);
     launch(name, vec![Dim::N(blocks)], params, body, nodes, g)
+}
+
+/// `Σ_k x_at(r)·w_at(c)` for every (row, column) of an `rs × cs` register tile in one pass over
+/// `k ∈ 0..kdim` (`x_at` and `w_at` read `k`), then `store(r, c, value)` for each: every loaded
+/// element feeds `cs.len()` or `rs.len()` multiply-adds.
+pub fn register_tile(
+    rs: &[Expr],
+    cs: &[Expr],
+    kdim: usize,
+    x_at: &dyn Fn(Expr) -> Expr,
+    w_at: &dyn Fn(Expr) -> Expr,
+    store: &dyn Fn(Expr, Expr, Expr) -> Stmt,
+) -> Vec<Stmt> {
+    let pairs: Vec<(usize, usize, String)> = (0..rs.len())
+        .flat_map(|a| (0..cs.len()).map(move |b| (a, b, format!("acc{a}{b}"))))
+        .collect();
+    let mut loads = Vec::new();
+    for (a, r) in rs.iter().enumerate() {
+        loads.push(let_(&format!("x{a}"), x_at(r.clone())));
+    }
+    for (b, c) in cs.iter().enumerate() {
+        loads.push(let_(&format!("w{b}"), w_at(c.clone())));
+    }
+    let carried = pairs.iter().map(|(_, _, n)| (n.as_str(), f(0.0))).collect();
+    let yields = pairs
+        .iter()
+        .map(|(a, b, n)| v(n) + v(&format!("x{a}")) * v(&format!("w{b}")))
+        .collect();
+    let mut out = vec![for_carry("k", i(0), i(kdim), carried, loads, yields)];
+    for (a, b, n) in &pairs {
+        out.push(store(rs[*a].clone(), cs[*b].clone(), v(n)));
+    }
+    out
+}
+
+/// Builds the statements of one register tile from its rows and columns.
+pub type TileFn<'a> = dyn Fn(&[Expr], &[Expr]) -> Vec<Stmt> + 'a;
+
+/// Rows `row_of(p)` for `p ∈ 0..n`, in tiles of [`RB`] (bound as `ra0..`) then one by one,
+/// each tile handed to `tile` with the columns `cs`.
+pub fn row_tiles(n: Expr, row_of: &dyn Fn(Expr) -> Expr, cs: &[Expr], tile: &TileFn) -> Vec<Stmt> {
+    let mut head = vec![let_("p0", v("pb") * i(RB))];
+    let mut rs = Vec::new();
+    for a in 0..RB {
+        let name = format!("ra{a}");
+        head.push(let_(&name, row_of(v("p0") + i(a))));
+        rs.push(v(&name));
+    }
+    vec![
+        for_(
+            "pb",
+            i(0),
+            n.clone() / i(RB),
+            [head, tile(&rs, cs)].concat(),
+        ),
+        for_(
+            "p",
+            (n.clone() / i(RB)) * i(RB),
+            n,
+            [vec![let_("ra", row_of(v("p")))], tile(&[v("ra")], cs)].concat(),
+        ),
+    ]
+}
+
+/// Columns `n0 .. n0 + nb` in tiles of [`CB`] (bound as `cb0..`) then one by one.
+pub fn col_tiles(n0: Expr, nb: Expr, body: &dyn Fn(&[Expr]) -> Vec<Stmt>) -> Vec<Stmt> {
+    let mut head = vec![let_("c0", n0.clone() + v("jb") * i(CB))];
+    let mut cs = Vec::new();
+    for b in 0..CB {
+        let name = format!("cb{b}");
+        head.push(let_(&name, v("c0") + i(b)));
+        cs.push(v(&name));
+    }
+    vec![
+        for_("jb", i(0), nb.clone() / i(CB), [head, body(&cs)].concat()),
+        for_(
+            "j",
+            (nb.clone() / i(CB)) * i(CB),
+            nb,
+            [vec![let_("c", n0 + v("j"))], body(&[v("c")])].concat(),
+        ),
+    ]
 }

@@ -9,7 +9,8 @@ use lamina_ir::kernel::build::*;
 use lamina_ir::kernel::{Access, Dim, Elem, Expr, Stmt};
 use lamina_ir::spec::RouterKind;
 
-use super::{act, launch, Bind, Ctx, Launch, Value};
+use super::linear::{col_tiles, register_tile, row_tiles, BN, CB, RB};
+use super::{act, launch, Bind, Ctx, Launch, Phase, Value};
 
 /// `for x in 0..n` keeping the first index of the largest `val(x)` among those `ok(x)`:
 /// binds `best_v`, `best_i`.
@@ -325,5 +326,185 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         vec![n],
         g,
     );
-    vec![route, experts, down]
+    match cx.phase {
+        Phase::Decode => vec![route, experts, down],
+        Phase::Prefill => {
+            let (experts, down, combine) = grouped(cx, n, m, prefix, d, ids, wts);
+            vec![route, experts, down, combine]
+        }
+    }
+}
+
+/// Prefill's expert GEMMs grouped by expert: a program owns one expert and a block of output
+/// columns, gathers the (row, slot) assignments routed to its expert, and runs them through
+/// register tiles, so each expert weight is read once per block instead of once per token.
+/// The down projection writes each assignment's weighted output to its own slot, and a last
+/// kernel sums a row's slots (programs of different experts never write the same element).
+#[allow(clippy::too_many_arguments)]
+fn grouped(
+    cx: &Ctx,
+    n: NodeIndex,
+    m: &lamina_ir::spec::MoeSpec,
+    prefix: &str,
+    d: usize,
+    ids: Value,
+    wts: Value,
+) -> (Launch, Launch, Launch) {
+    let g = cx.graph;
+    let (e_n, k_n, inter) = (m.experts, m.top_k, m.intermediate);
+    let hmid = cx.temp(k_n * inter);
+    let yk = cx.temp(k_n * d);
+    let x = Bind::Act(Value::Node(g.inputs(n)[0]));
+    let stacked = |leaf: &str, out: usize, inn: usize| {
+        (
+            input(leaf, &[Dim::N(e_n), Dim::N(out), Dim::N(inn)]),
+            Bind::Stacked {
+                prefix: prefix.to_string(),
+                leaf: format!("{leaf}_proj"),
+                experts: e_n,
+            },
+        )
+    };
+    let ids_param = || {
+        (
+            param("ids", Elem::I64, &act(k_n), Access::Read),
+            Bind::Act(ids),
+        )
+    };
+    // rl[0..cnt): the assignments a = row·k + slot routed to expert `e`, in order.
+    let gather = vec![
+        local_i("rl", cx.rows * k_n),
+        let_("e", pid(0)),
+        let_("n0", pid(1) * i(BN)),
+        for_carry(
+            "a",
+            i(0),
+            rows() * i(k_n),
+            vec![("cnt", i(0))],
+            vec![st("rl", [v("cnt")], v("a"))],
+            vec![
+                v("cnt")
+                    + select(
+                        eq(ld("ids", [v("a") / i(k_n), rem(v("a"), i(k_n))]), v("e")),
+                        i(1),
+                        i(0),
+                    ),
+            ],
+        ),
+    ];
+    let assignment = |p: Expr| ld("rl", [p]);
+    // x row of assignment `a`.
+    let x_of = |a: Expr| ld("x", [a / i(k_n), v("k")]);
+
+    // gate/up: h[a, j] = silu(gate_e[j]·x) · (up_e[j]·x), through a local of gate values.
+    let nb_i = min(i(BN), i(inter) - v("n0"));
+    let mut body = gather.clone();
+    body.push(local("gv", RB * CB));
+    let gate_w = |c: Expr| ld("gate", [v("e"), c, v("k")]);
+    let up_w = |c: Expr| ld("up", [v("e"), c, v("k")]);
+    let tile = |rs: &[Expr], cs: &[Expr]| -> Vec<Stmt> {
+        let slot = |r: &Expr, c: &Expr| {
+            let a = rs.iter().position(|x| x == r).unwrap_or(0);
+            let b = cs.iter().position(|x| x == c).unwrap_or(0);
+            i(a * CB + b)
+        };
+        let store_gate = |r: Expr, c: Expr, val: Expr| st("gv", [slot(&r, &c)], val);
+        let store_h = |r: Expr, c: Expr, val: Expr| {
+            st(
+                "h",
+                [
+                    r.clone() / i(k_n),
+                    rem(r.clone(), i(k_n)) * i(inter) + c.clone(),
+                ],
+                silu(ld("gv", [slot(&r, &c)])) * val,
+            )
+        };
+        [
+            register_tile(rs, cs, d, &x_of, &gate_w, &store_gate),
+            register_tile(rs, cs, d, &x_of, &up_w, &store_h),
+        ]
+        .concat()
+    };
+    body.extend(col_tiles(v("n0"), nb_i, &|cs: &[Expr]| {
+        row_tiles(v("cnt"), &assignment, cs, &tile)
+    }));
+    let experts = launch(
+        format!("moe_grouped_gate_up_e{e_n}_k{k_n}_d{d}_i{inter}"),
+        vec![Dim::N(e_n), Dim::N(inter.div_ceil(BN))],
+        vec![
+            (input("x", &act(d)), x),
+            ids_param(),
+            stacked("gate", inter, d),
+            stacked("up", inter, d),
+            (output("h", &act(k_n * inter)), Bind::Act(hmid)),
+        ],
+        body,
+        vec![n],
+        g,
+    );
+
+    // down: yk[a, o] = w[a] · down_e[o]·h[a].
+    let h_of = |a: Expr| {
+        ld(
+            "h",
+            [a.clone() / i(k_n), rem(a, i(k_n)) * i(inter) + v("k")],
+        )
+    };
+    let down_w = |c: Expr| ld("down", [v("e"), c, v("k")]);
+    let store_y = |a: Expr, c: Expr, val: Expr| {
+        st(
+            "yk",
+            [a.clone() / i(k_n), rem(a.clone(), i(k_n)) * i(d) + c],
+            ld("w", [a.clone() / i(k_n), rem(a, i(k_n))]) * val,
+        )
+    };
+    let tile = |rs: &[Expr], cs: &[Expr]| register_tile(rs, cs, inter, &h_of, &down_w, &store_y);
+    let mut body = gather;
+    body.extend(col_tiles(
+        v("n0"),
+        min(i(BN), i(d) - v("n0")),
+        &|cs: &[Expr]| row_tiles(v("cnt"), &assignment, cs, &tile),
+    ));
+    let down = launch(
+        format!("moe_grouped_down_e{e_n}_k{k_n}_d{d}_i{inter}"),
+        vec![Dim::N(e_n), Dim::N(d.div_ceil(BN))],
+        vec![
+            (input("h", &act(k_n * inter)), Bind::Act(hmid)),
+            ids_param(),
+            (input("w", &act(k_n)), Bind::Act(wts)),
+            stacked("down", d, inter),
+            (output("yk", &act(k_n * d)), Bind::Act(yk)),
+        ],
+        body,
+        vec![n],
+        g,
+    );
+
+    // combine: y[r] = Σ_slot yk[r, slot].
+    let combine = launch(
+        format!("moe_combine_k{k_n}_d{d}"),
+        vec![Dim::Rows],
+        vec![
+            (input("yk", &act(k_n * d)), Bind::Act(yk)),
+            (output("y", &act(d)), Bind::Act(Value::Node(n))),
+        ],
+        vec![for_(
+            "o",
+            i(0),
+            i(d),
+            vec![st(
+                "y",
+                [pid(0), v("o")],
+                sum(
+                    "kk",
+                    i(0),
+                    i(k_n),
+                    ld("yk", [pid(0), v("kk") * i(d) + v("o")]),
+                ),
+            )],
+        )],
+        vec![n],
+        g,
+    );
+    (experts, down, combine)
 }
