@@ -12,7 +12,7 @@ use lamina_ir::kernel::build::*;
 use lamina_ir::kernel::{Dim, Expr, Stmt};
 use lamina_ir::spec::RopeStyle;
 
-use super::{act, launch, rows_i64, Bind, Ctx, Launch, Value};
+use super::{act, launch, rows_i64, Bind, Ctx, Launch, Phase, Value};
 
 fn a(n: NodeIndex) -> Bind {
     Bind::Act(Value::Node(n))
@@ -150,68 +150,186 @@ fn cache_write(
 
 /// Keys per tile of the online softmax.
 pub const BK: usize = 32;
+/// Queries per prefill program (decode: one row per program, each in its own slot).
+pub const BQ: usize = 4;
 
-/// Online softmax over positions `0..=pos` in tiles of [`BK`] keys: a tile's logits
-/// (`score`, with the key index bound as `j`) go to the local `sc`, the running max and sum are
-/// corrected once per tile, and `acc` (a local of `width`) accumulates `Σ p_j value(j, d)`;
-/// leaves `l` (the sum) bound. Needs locals `acc[width]` and `sc[BK]`.
-fn online_softmax(score: Expr, value: impl Fn(Expr) -> Expr, width: usize) -> Vec<Stmt> {
+/// One term of the logits: `Σ_e query(q, e) · key(e)` over `e ∈ 0..len`, where `query` gets
+/// the query's index in the block and `key` reads key `j`.
+struct Term<'a> {
+    query: Box<dyn Fn(usize, Expr) -> Expr + 'a>,
+    key: Box<dyn Fn(Expr) -> Expr + 'a>,
+    len: usize,
+}
+
+/// The attend loop of a block of `bq` queries (rows `rq0..`, bound by the caller, sharing one
+/// slot `s`): keys `0..=pos` in tiles of [`BK`]. Per key, one pass over each term computes the
+/// logits of every query of the block (each key element loaded once); the running max and sum
+/// are corrected once per tile and query; values are accumulated for every query from one
+/// load. Leaves `acc[q·width + d]` and `l[q]` in locals.
+fn attend_block(
+    bq: usize,
+    terms: &[Term],
+    scale: f64,
+    value: &dyn Fn(Expr) -> Expr,
+    width: usize,
+) -> Vec<Stmt> {
     let key = || let_("j", v("j0") + v("jj"));
-    vec![
-        for_("d", i(0), i(width), vec![st("acc", [v("d")], f(0.0))]),
-        let_("nk", ld("pos", [pid(0)]) + i(1)),
-        for_carry(
-            "jt",
+    let sc = |q: usize, jj: Expr| ld("sc", [i(q * BK) + jj]);
+    let mut body = vec![
+        local("acc", bq * width),
+        local("sc", bq * BK),
+        local("m", bq),
+        local("l", bq),
+        local_i("nkq", bq),
+        for_("d", i(0), i(bq * width), vec![st("acc", [v("d")], f(0.0))]),
+    ];
+    for q in 0..bq {
+        body.push(st("nkq", [i(q)], ld("pos", [v(&format!("rq{q}"))]) + i(1)));
+        body.push(st("m", [i(q)], f(f64::NEG_INFINITY)));
+        body.push(st("l", [i(q)], f(0.0)));
+    }
+    let nk = (0..bq)
+        .map(|q| ld("nkq", [i(q)]))
+        .reduce(max)
+        .unwrap_or(i(0));
+    body.push(let_("nk", nk));
+    // Logits of every query for key j, one pass per term.
+    let mut logits = vec![key()];
+    for (t, term) in terms.iter().enumerate() {
+        let names: Vec<String> = (0..bq).map(|q| format!("s{t}_{q}")).collect();
+        let carried = names.iter().map(|n| (n.as_str(), f(0.0))).collect();
+        logits.push(for_carry(
+            "e",
             i(0),
-            (v("nk") + i(BK - 1)) / i(BK),
-            vec![("m", f(f64::NEG_INFINITY)), ("l", f(0.0))],
+            i(term.len),
+            carried,
+            vec![let_("kj", (term.key)(v("e")))],
+            (0..bq)
+                .map(|q| v(&names[q]) + (term.query)(q, v("e")) * v("kj"))
+                .collect(),
+        ));
+    }
+    for q in 0..bq {
+        let total = (0..terms.len())
+            .map(|t| v(&format!("s{t}_{q}")))
+            .reduce(|a, b| a + b)
+            .unwrap_or(f(0.0));
+        logits.push(st(
+            "sc",
+            [i(q * BK) + v("jj")],
+            select(
+                lt(v("j"), ld("nkq", [i(q)])),
+                f(scale) * total,
+                f(f64::NEG_INFINITY),
+            ),
+        ));
+    }
+    // Softmax bookkeeping per query: skipped (probabilities zeroed) when the whole tile lies
+    // past the query's position.
+    let mut per_query = Vec::new();
+    for q in 0..bq {
+        let live = lt(v("j0"), ld("nkq", [i(q)]));
+        per_query.push(if_(
+            live.clone(),
             vec![
-                let_("j0", v("jt") * i(BK)),
-                let_("nb", min(i(BK), v("nk") - v("j0"))),
-                for_("jj", i(0), v("nb"), vec![key(), st("sc", [v("jj")], score)]),
                 let_(
                     "m2",
-                    max(v("m"), max_over("jj", i(0), v("nb"), ld("sc", [v("jj")]))),
+                    max(
+                        ld("m", [i(q)]),
+                        max_over("jj", i(0), v("nb"), sc(q, v("jj"))),
+                    ),
                 ),
-                let_("corr", exp(v("m") - v("m2"))),
+                let_("corr", exp(ld("m", [i(q)]) - v("m2"))),
                 for_(
                     "jj",
                     i(0),
                     v("nb"),
-                    vec![st("sc", [v("jj")], exp(ld("sc", [v("jj")]) - v("m2")))],
+                    vec![st(
+                        "sc",
+                        [i(q * BK) + v("jj")],
+                        exp(sc(q, v("jj")) - v("m2")),
+                    )],
                 ),
+                st(
+                    "l",
+                    [i(q)],
+                    ld("l", [i(q)]) * v("corr") + sum("jj", i(0), v("nb"), sc(q, v("jj"))),
+                ),
+                st("m", [i(q)], v("m2")),
                 for_(
                     "d",
                     i(0),
                     i(width),
-                    vec![st("acc", [v("d")], ld("acc", [v("d")]) * v("corr"))],
-                ),
-                for_(
-                    "jj",
-                    i(0),
-                    v("nb"),
-                    vec![
-                        key(),
-                        let_("pj", ld("sc", [v("jj")])),
-                        for_(
-                            "d",
-                            i(0),
-                            i(width),
-                            vec![st(
-                                "acc",
-                                [v("d")],
-                                ld("acc", [v("d")]) + v("pj") * value(v("d")),
-                            )],
-                        ),
-                    ],
+                    vec![st(
+                        "acc",
+                        [i(q * width) + v("d")],
+                        ld("acc", [i(q * width) + v("d")]) * v("corr"),
+                    )],
                 ),
             ],
-            vec![
-                v("m2"),
-                v("l") * v("corr") + sum("jj", i(0), v("nb"), ld("sc", [v("jj")])),
-            ],
-        ),
+        ));
+        per_query.push(if_(
+            ge(v("j0"), ld("nkq", [i(q)])),
+            vec![for_(
+                "jj",
+                i(0),
+                v("nb"),
+                vec![st("sc", [i(q * BK) + v("jj")], f(0.0))],
+            )],
+        ));
+    }
+    let mut accumulate = vec![let_("vj", value(v("d")))];
+    for q in 0..bq {
+        accumulate.push(st(
+            "acc",
+            [i(q * width) + v("d")],
+            ld("acc", [i(q * width) + v("d")]) + sc(q, v("jj")) * v("vj"),
+        ));
+    }
+    let tile = [
+        vec![
+            let_("j0", v("jt") * i(BK)),
+            let_("nb", min(i(BK), v("nk") - v("j0"))),
+            for_("jj", i(0), v("nb"), logits),
+        ],
+        per_query,
+        vec![for_(
+            "jj",
+            i(0),
+            v("nb"),
+            vec![key(), for_("d", i(0), i(width), accumulate)],
+        )],
     ]
+    .concat();
+    body.push(for_("jt", i(0), (v("nk") + i(BK - 1)) / i(BK), tile));
+    body
+}
+
+/// The rows of a block: prefill programs own `BQ` consecutive rows (clamped to the last row;
+/// clamped duplicates are computed and not stored), decode programs one row. Binds `rq0..`,
+/// `nq` (rows to store) and the slot `s`.
+fn block_rows(cx: &Ctx) -> (usize, Vec<Stmt>) {
+    let bq = match cx.phase {
+        Phase::Prefill => BQ,
+        Phase::Decode => 1,
+    };
+    let mut out = vec![
+        let_("r0", pid(0) * i(bq)),
+        let_("nq", min(i(bq), rows() - v("r0"))),
+    ];
+    for q in 0..bq {
+        out.push(let_(&format!("rq{q}"), min(v("r0") + i(q), rows() - i(1))));
+    }
+    out.push(let_("s", ld("slot", [v("rq0")])));
+    (bq, out)
+}
+
+fn block_grid(bq: usize, heads: usize) -> Vec<Dim> {
+    if bq == 1 {
+        vec![Dim::Rows, Dim::N(heads)]
+    } else {
+        vec![Dim::RowBlocks(bq), Dim::N(heads)]
+    }
 }
 
 /// GQA: returns the cache write and the attend launch.
@@ -237,35 +355,34 @@ pub fn gqa(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         vec![("k", a(ins[1]), kw), ("v", a(ins[2]), hkv * vd)],
         *cache,
     );
-    let score = f(*scale)
-        * sum(
-            "e",
-            i(0),
-            i(hd),
-            ld("q", [pid(0), pid(1) * i(hd) + v("e")])
-                * ld("cache", [v("s"), v("j"), v("kvh") * i(hd) + v("e")]),
-        );
+    let (bq, rows_block) = block_rows(cx);
+    let terms = [Term {
+        query: Box::new(|q, e| ld("q", [v(&format!("rq{q}")), pid(1) * i(hd) + e])),
+        key: Box::new(|e| ld("cache", [v("s"), v("j"), v("kvh") * i(hd) + e])),
+        len: hd,
+    }];
     let value = |d: Expr| ld("cache", [v("s"), v("j"), i(kw) + v("kvh") * i(vd) + d]);
-    let mut body = vec![
-        local("acc", vd),
-        local("sc", BK),
-        let_("s", ld("slot", [pid(0)])),
-        let_("kvh", pid(1) / i(hq / hkv)),
-    ];
-    body.extend(online_softmax(score, value, vd));
-    body.push(for_(
-        "d",
-        i(0),
-        i(vd),
-        vec![st(
-            "o",
-            [pid(0), pid(1) * i(vd) + v("d")],
-            ld("acc", [v("d")]) / v("l"),
-        )],
-    ));
+    let mut inner = rows_block;
+    inner.push(let_("kvh", pid(1) / i(hq / hkv)));
+    inner.extend(attend_block(bq, &terms, *scale, &value, vd));
+    for q in 0..bq {
+        inner.push(if_(
+            lt(i(q), v("nq")),
+            vec![for_(
+                "d",
+                i(0),
+                i(vd),
+                vec![st(
+                    "o",
+                    [v(&format!("rq{q}")), pid(1) * i(vd) + v("d")],
+                    ld("acc", [i(q * vd) + v("d")]) / ld("l", [i(q)]),
+                )],
+            )],
+        ));
+    }
     let attend = launch(
-        format!("gqa_attend_h{hq}x{hkv}_d{hd}_v{vd}"),
-        vec![Dim::Rows, Dim::N(hq)],
+        format!("gqa_attend_h{hq}x{hkv}_d{hd}_v{vd}_q{bq}"),
+        block_grid(bq, hq),
         vec![
             (input("q", &act(hq * hd)), a(ins[0])),
             cx.state("cache", *cache),
@@ -273,7 +390,7 @@ pub fn gqa(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
             (rows_i64("pos"), Bind::Pos),
             (output("o", &act(hq * vd)), a(n)),
         ],
-        body,
+        inner,
         vec![n],
         g,
     );
@@ -306,62 +423,78 @@ pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         *cache,
     );
     let wrow = |d: Expr| pid(1) * i(dn + vd) + d;
-    let score = f(*scale)
-        * (sum(
-            "e",
-            i(0),
-            i(r),
-            ld("qt", [v("e")]) * ld("cache", [v("s"), v("j"), v("e")]),
-        ) + sum(
-            "e",
-            i(0),
-            i(dr),
-            ld("q", [pid(0), pid(1) * i(qk) + i(dn) + v("e")])
-                * ld("cache", [v("s"), v("j"), i(r) + v("e")]),
-        ));
-    let value = |d: Expr| ld("cache", [v("s"), v("j"), d]);
-    let mut body = vec![
-        local("qt", r),
-        local("acc", r),
-        local("sc", BK),
-        let_("s", ld("slot", [pid(0)])),
-        // q̃ = W_UK(h)ᵀ q_nope: [r].
-        for_(
-            "e",
-            i(0),
-            i(r),
-            vec![st(
-                "qt",
-                [v("e")],
-                sum(
-                    "d",
-                    i(0),
-                    i(dn),
-                    ld("q", [pid(0), pid(1) * i(qk) + v("d")]) * ld("kv_b", [wrow(v("d")), v("e")]),
-                ),
-            )],
-        ),
+    let (bq, rows_block) = block_rows(cx);
+    let terms = [
+        Term {
+            query: Box::new(|q, e| ld("qt", [i(q * r) + e])),
+            key: Box::new(|e| ld("cache", [v("s"), v("j"), e])),
+            len: r,
+        },
+        Term {
+            query: Box::new(|q, e| ld("q", [v(&format!("rq{q}")), pid(1) * i(qk) + i(dn) + e])),
+            key: Box::new(|e| ld("cache", [v("s"), v("j"), i(r) + e])),
+            len: dr,
+        },
     ];
-    body.extend(online_softmax(score, value, r));
+    let value = |d: Expr| ld("cache", [v("s"), v("j"), d]);
+    let mut body = rows_block;
+    body.push(local("qt", bq * r));
+    // q̃ = W_UK(h)ᵀ q_nope: [r] per query, accumulated row by row of W_UK (contiguous).
+    for q in 0..bq {
+        let qt = |e: Expr| ld("qt", [i(q * r) + e]);
+        body.push(for_(
+            "e",
+            i(0),
+            i(r),
+            vec![st("qt", [i(q * r) + v("e")], f(0.0))],
+        ));
+        body.push(for_(
+            "d",
+            i(0),
+            i(dn),
+            vec![
+                let_(
+                    "qd",
+                    ld("q", [v(&format!("rq{q}")), pid(1) * i(qk) + v("d")]),
+                ),
+                for_(
+                    "e",
+                    i(0),
+                    i(r),
+                    vec![st(
+                        "qt",
+                        [i(q * r) + v("e")],
+                        qt(v("e")) + v("qd") * ld("kv_b", [wrow(v("d")), v("e")]),
+                    )],
+                ),
+            ],
+        ));
+    }
+    body.extend(attend_block(bq, &terms, *scale, &value, r));
     // o = W_UV(h) (acc / l).
-    body.push(for_(
-        "d",
-        i(0),
-        i(vd),
-        vec![st(
-            "o",
-            [pid(0), pid(1) * i(vd) + v("d")],
-            sum(
-                "e",
+    for q in 0..bq {
+        body.push(if_(
+            lt(i(q), v("nq")),
+            vec![for_(
+                "d",
                 i(0),
-                i(r),
-                ld("kv_b", [wrow(i(dn) + v("d")), v("e")]) * ld("acc", [v("e")]),
-            ) / v("l"),
-        )],
-    ));
+                i(vd),
+                vec![st(
+                    "o",
+                    [v(&format!("rq{q}")), pid(1) * i(vd) + v("d")],
+                    sum(
+                        "e",
+                        i(0),
+                        i(r),
+                        ld("kv_b", [wrow(i(dn) + v("d")), v("e")]) * ld("acc", [i(q * r) + v("e")]),
+                    ) / ld("l", [i(q)]),
+                )],
+            )],
+        ));
+    }
     let attend = launch(
-        format!("mla_attend_h{h_n}_r{r}_nope{dn}_rope{dr}_v{vd}"),
-        vec![Dim::Rows, Dim::N(h_n)],
+        format!("mla_attend_h{h_n}_r{r}_nope{dn}_rope{dr}_v{vd}_q{bq}"),
+        block_grid(bq, h_n),
         vec![
             (input("q", &act(h_n * qk)), a(ins[0])),
             cx.weight("kv_b", kv_b),

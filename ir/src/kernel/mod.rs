@@ -25,6 +25,8 @@ pub enum Dim {
     /// `R`: rows (tokens, or sequences in decode) of this launch.
     Rows,
     N(usize),
+    /// `⌈R / b⌉`: blocks of `b` rows (grids only).
+    RowBlocks(usize),
 }
 
 impl Dim {
@@ -33,6 +35,7 @@ impl Dim {
         match self {
             Dim::Rows => rows,
             Dim::N(n) => n,
+            Dim::RowBlocks(b) => rows.div_ceil(b.max(1)),
         }
     }
 }

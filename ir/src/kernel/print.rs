@@ -21,6 +21,7 @@ pub fn fmt_dim(d: Dim) -> String {
     match d {
         Dim::Rows => "R".into(),
         Dim::N(n) => n.to_string(),
+        Dim::RowBlocks(b) => format!("cdiv(R, {b})"),
     }
 }
 

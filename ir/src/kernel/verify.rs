@@ -45,11 +45,20 @@ pub fn verify_kernel(k: &Kernel) -> Result<(), String> {
     if k.grid.is_empty() {
         return fail("empty grid".into());
     }
+    if k.grid.contains(&Dim::RowBlocks(0)) {
+        return fail("grid of row blocks of 0 rows".into());
+    }
     let mut params = HashMap::new();
     for p in &k.params {
         if p.shape.iter().skip(1).any(|d| *d == Dim::Rows) {
             return fail(format!(
                 "parameter {}: R may only be the first dimension",
+                p.name
+            ));
+        }
+        if p.shape.iter().any(|d| matches!(d, Dim::RowBlocks(_))) {
+            return fail(format!(
+                "parameter {}: row blocks are for grids, not shapes",
                 p.name
             ));
         }
@@ -302,6 +311,20 @@ mod tests {
             ],
             body,
         }
+    }
+
+    #[test]
+    fn row_blocks_are_for_grids_only() {
+        let mut k = kernel(vec![]);
+        k.grid = vec![Dim::RowBlocks(4), Dim::N(2)];
+        assert!(verify_kernel(&k).is_ok());
+        assert_eq!(Dim::RowBlocks(4).eval(9), 3);
+        k.params[0] = input("x", &[Dim::RowBlocks(4), Dim::N(8)]);
+        let e = verify_kernel(&k).unwrap_err();
+        assert!(e.contains("row blocks are for grids"), "{e}");
+        k.params[0] = input("x", &[Dim::Rows, Dim::N(8)]);
+        k.grid = vec![Dim::RowBlocks(0)];
+        assert!(verify_kernel(&k).is_err());
     }
 
     #[test]

@@ -101,7 +101,9 @@ pub fn lower_kernel<'c>(ctx: &'c Context, module: &Module<'c>, k: &Kernel) -> R<
         for d in (0..p.shape.len().saturating_sub(1)).rev() {
             let next = match p.shape[d + 1] {
                 Dim::N(s) => s,
-                Dim::Rows => return Err(bug(format!("{}: R inside a shape", p.name))),
+                Dim::Rows | Dim::RowBlocks(_) => {
+                    return Err(bug(format!("{}: R inside a shape", p.name)))
+                }
             };
             strides[d] = strides[d + 1] * next;
         }
@@ -260,6 +262,13 @@ impl<'c> Lower<'c> {
         match d {
             Dim::Rows => rows,
             Dim::N(n) => self.const_index(blk, n as i64),
+            Dim::RowBlocks(b) => {
+                let b = b as i64;
+                let bm1 = self.const_index(blk, b - 1);
+                let sum = self.op(blk, "arith.addi", &[rows, bm1], self.index, false);
+                let bv = self.const_index(blk, b);
+                self.op(blk, "arith.divui", &[sum, bv], self.index, false)
+            }
         }
     }
 
