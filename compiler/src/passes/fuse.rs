@@ -5,14 +5,15 @@
 //! - **norm prologue**: an RMSNorm over the whole row whose every reader is a projection is
 //!   recomputed in each projection's prologue (the row's `1/rms` once per row and program);
 //! - **residual epilogue**: `add(r, linear(x))` is the projection writing `r + x Wᵀ`;
-//! - **recurrence prologue**: the L2 norms of q and k, β's sigmoid and the decay gate are
-//!   computed by the recurrence from their inputs;
+//! - **recurrence prologue**: the short convs + SiLU of q, k and v, the L2 norms of q and k,
+//!   β's sigmoid and the decay gate are computed by the recurrence from their inputs (with the
+//!   convs fused, a program owns a whole key head, so each conv state channel has exactly one
+//!   reader and writer);
 //! - **recurrence epilogue**: the gated RMSNorm over each head's output is applied by the
 //!   recurrence (a program then owns a whole head, see `kernels::recurrence`).
 //!
 //! Fused elsewhere, by construction of their builders: SwiGLU into the expert GEMM epilogue,
-//! the whole router in one kernel (`kernels::moe`). Not fused: the short conv, whose state
-//! update would race with the other programs of a fused recurrence reading it.
+//! the whole router in one kernel (`kernels::moe`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -38,6 +39,10 @@ pub struct Absorbed {
     pub gate: Option<NodeIndex>,
     /// Recurrence: the gated RMSNorm reading its output (the kernel writes the norm's value).
     pub out_norm: Option<NodeIndex>,
+    /// Recurrence: the short convs (+ SiLU) producing q, k (under their L2 norms) and v. Only
+    /// all three together: the kernel then owns whole key heads, so each conv state channel
+    /// has one reader and writer.
+    pub conv: Option<[NodeIndex; 3]>,
 }
 
 /// The fusion decisions of one program.
@@ -68,6 +73,9 @@ impl Fusion {
                 ("beta", a.beta),
                 ("gate", a.gate),
                 ("out_norm", a.out_norm),
+                ("conv_q", a.conv.map(|c| c[0])),
+                ("conv_k", a.conv.map(|c| c[1])),
+                ("conv_v", a.conv.map(|c| c[2])),
             ]
             .iter()
             .filter_map(|(k, n)| n.map(|n| format!("{k} = {}", g.node(n).name)))
@@ -152,6 +160,20 @@ pub fn decide(g: &Graph) -> Fusion {
                     if matches!(g.node(x).op, Op::Unary(Unary::Sigmoid)) && only_reader(x, n) {
                         a.beta = Some(x);
                     }
+                }
+                // The convs under q and k's L2 norms, and under v.
+                let conv = |x: Option<NodeIndex>, reader: NodeIndex| {
+                    x.filter(|&c| {
+                        matches!(g.node(c).op, Op::ShortConv { kernel, .. } if kernel >= 2)
+                            && only_reader(c, reader)
+                    })
+                };
+                let cq = a.l2_q.and_then(|l| conv(Some(g.inputs(l)[0]), l));
+                let ck = a.l2_k.and_then(|l| conv(Some(g.inputs(l)[0]), l));
+                let cv = conv(Some(ins[2]), n);
+                if let (Some(cq), Some(ck), Some(cv)) = (cq, ck, cv) {
+                    a.conv = Some([cq, ck, cv]);
+                    f.absorbed.extend([cq, ck, cv]);
                 }
                 if let Some(r) = readers.get(&n).filter(|r| r.len() == 1 && n != g.output) {
                     let norm = r[0];
@@ -243,8 +265,9 @@ mod tests {
         );
         // The FFN norm also feeds the router: it keeps its own kernel.
         assert!(!f.absorbed.contains(&n("layers.0.ffn_norm")));
-        // The short conv is never absorbed (its state update would race).
-        assert!(!f.absorbed.contains(&n("layers.0.mixer.q_conv")));
+        let convs = ["q_conv", "k_conv", "v_conv"].map(|c| n(&format!("layers.0.mixer.{c}")));
+        assert_eq!(rec.conv, Some(convs));
+        assert!(convs.iter().all(|c| f.absorbed.contains(c)));
         // Absorbed nodes are not roots, and the logits are never absorbed.
         assert!(f.absorbed.iter().all(|a| !f.roots.contains_key(a)));
         assert!(!f.absorbed.contains(&g.output));

@@ -14,9 +14,11 @@
 //!
 //! Every row of `u`, `o` and `S` above is separable in value columns, so after the `[C, C]`
 //! matrices a program walks the head's value columns one by one: three contiguous passes over
-//! a state column per chunk instead of two per token. One program per head (the `M`
-//! matrices are shared by all its columns); a fused gated output norm is applied per row when
-//! the chunk's outputs are written.
+//! a state column per chunk instead of two per token. One program per key head: its q and k
+//! (convolved, normalised) are loaded once per chunk for the value heads sharing them, whose
+//! `M` matrices serve all their columns; with fused short convs the program is the only
+//! reader and writer of those channels' conv states, committed at its end. A fused gated
+//! output norm is applied per row when the chunk's outputs are written.
 //!
 //! Per-channel decay cannot be factored out of the products. Within a diagonal sub-chunk the
 //! factors are formed pairwise; across sub-chunks both sides are rescaled against the query
@@ -27,7 +29,7 @@ use lamina_ir::kernel::build::*;
 use lamina_ir::kernel::{Dim, Expr, Stmt};
 
 use super::{update_name, Operands};
-use crate::kernels::{launch, Ctx, Launch};
+use crate::kernels::{launch, Ctx, Launch, Phase};
 
 /// Tokens per chunk.
 pub const CHUNK: usize = 64;
@@ -42,6 +44,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
     let io = Operands::new(cx, n, ins);
     let (h_n, hk_n, dk, dv) = (rec.heads, rec.key_heads, rec.dk, rec.dv);
     let c_n = CHUNK;
+    let group = h_n / hk_n;
     let delta = rec.update == Update::Delta;
     let channel = rec.decay == Decay::PerChannel;
     // Decay columns per token: dk for per-channel decay, else one.
@@ -57,29 +60,50 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
         let_("l", min(i(c_n), rows() - v("c0"))),
     ];
 
-    // 1. This chunk's q (scaled) and k, L2-normalised when fused; β; cumulative log-decay.
+    // 1. This chunk's q (scaled) and k of the key head (convolved and L2-normalised when
+    //    fused), shared by the group's value heads.
     let mut load: Vec<Stmt> = Vec::new();
     for (buf, local_buf, eps, scale) in [("q", "qs", io.l2_q, rec.scale), ("k", "ks", io.l2_k, 1.0)]
     {
-        let x = || ld(buf, [r(), v("kh") * i(dk) + v("c")]);
-        let inv = format!("inv_{buf}");
-        let mut val = x();
-        if let Some(e) = eps {
-            load.push(let_(&inv, rsqrt(sum("c", i(0), i(dk), x() * x()) + f(e))));
-            val = val * v(&inv);
-        }
-        if scale != 1.0 {
-            val = val * f(scale);
-        }
+        let at = |c: Expr| ld(local_buf, [v("t") * i(dk) + c]);
         load.push(for_(
             "c",
             i(0),
             i(dk),
-            vec![st(local_buf, [v("t") * i(dk) + v("c")], val)],
+            vec![st(
+                local_buf,
+                [v("t") * i(dk) + v("c")],
+                io.conv_prefill(buf, r(), v("kh") * i(dk) + v("c")),
+            )],
         ));
+        let mut scale_by = if scale != 1.0 { Some(f(scale)) } else { None };
+        if let Some(e) = eps {
+            let inv = format!("inv_{buf}");
+            load.push(let_(
+                &inv,
+                rsqrt(sum("c", i(0), i(dk), at(v("c")) * at(v("c"))) + f(e)),
+            ));
+            scale_by = Some(match scale_by {
+                Some(sc) => v(&inv) * sc,
+                None => v(&inv),
+            });
+        }
+        if let Some(sc) = scale_by {
+            load.push(for_(
+                "c",
+                i(0),
+                i(dk),
+                vec![st(local_buf, [v("t") * i(dk) + v("c")], at(v("c")) * sc)],
+            ));
+        }
     }
+    chunk.push(for_("t", i(0), v("l"), load));
+
+    // Per value head of the group: β and the cumulative log-decay.
+    let mut head: Vec<Stmt> = vec![let_("h", v("kh") * i(group) + v("hh"))];
+    let mut gates: Vec<Stmt> = Vec::new();
     if delta {
-        load.push(st("bt", [v("t")], io.beta_at(r())));
+        gates.push(st("bt", [v("t")], io.beta_at(r())));
     }
     let g_tok = match rec.decay {
         Decay::None => f(0.0),
@@ -88,7 +112,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
         Decay::Fixed { .. } => -ld("slopes", [v("h")]),
     };
     let prev = ld("G", [max(v("t") - i(1), i(0)) * i(w) + v("e")]);
-    load.push(for_(
+    gates.push(for_(
         "e",
         i(0),
         i(w),
@@ -98,11 +122,11 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
             select(gt(v("t"), i(0)), prev, f(0.0)) + g_tok,
         )],
     ));
-    chunk.push(for_("t", i(0), v("l"), load));
+    head.push(for_("t", i(0), v("l"), gates));
 
     // 2. Decayed copies: q ⊙ e^G, k ⊙ e^G, (k ⊙ e^(G_L − G))ᵀ, e^G_L.
     let last = v("l") - i(1);
-    chunk.push(for_(
+    head.push(for_(
         "e",
         i(0),
         i(w),
@@ -112,7 +136,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
             exp(ld("G", [last.clone() * i(w) + v("e")])),
         )],
     ));
-    chunk.push(for_(
+    head.push(for_(
         "t",
         i(0),
         v("l"),
@@ -163,7 +187,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
                     ),
             ));
         }
-        chunk.push(for_(
+        head.push(for_(
             "t",
             i(0),
             v("l"),
@@ -172,7 +196,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
     } else {
         // Rows rescaled against their sub-chunk start, and for every sub-chunk start r0 the
         // earlier keys rescaled against it: kb[b][s] = k_s ⊙ e^(G_r0 − G_s), s < r0.
-        chunk.push(for_(
+        head.push(for_(
             "t",
             i(0),
             v("l"),
@@ -198,7 +222,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
                 ),
             ],
         ));
-        chunk.push(for_(
+        head.push(for_(
             "b",
             i(1),
             (v("l") + i(SUB - 1)) / i(SUB),
@@ -250,7 +274,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
                 ),
             ));
         }
-        chunk.push(for_(
+        head.push(for_(
             "t",
             i(0),
             v("l"),
@@ -265,7 +289,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
 
     // 4. Value columns: solve for u, emit the outputs, advance the state.
     let col = v("h") * i(dv) + v("jj");
-    let vt = ld("v", [r(), col.clone()]);
+    let vt = io.conv_prefill("v", r(), col.clone());
     let u = if delta {
         ld("bt", [v("t")])
             * (vt
@@ -279,7 +303,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
     } else {
         vt
     };
-    chunk.push(for_(
+    head.push(for_(
         "jj",
         i(0),
         i(dv),
@@ -342,7 +366,9 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
         ],
         None => vec![for_("jj", i(0), i(dv), vec![st("o", [r(), out_col], ot())])],
     };
-    chunk.push(for_("t", i(0), v("l"), write));
+    head.push(for_("t", i(0), v("l"), write));
+
+    chunk.push(for_("hh", i(0), i(group), head));
 
     let mut body = vec![
         local("qs", c_n * dk),
@@ -367,11 +393,15 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
         ]);
     }
     body.extend([
-        let_("h", pid(0)),
-        let_("kh", v("h") / i(h_n / hk_n)),
+        let_("kh", pid(0)),
         let_("s", ld("slot", [i(0)])),
         for_("ci", i(0), (rows() + i(c_n - 1)) / i(c_n), chunk),
     ]);
+    // The fused convs' states, after every read of them: this key head's q and k channels and
+    // its value heads' v channels.
+    body.extend(io.conv_commit(Phase::Prefill, "q", v("kh") * i(dk), dk));
+    body.extend(io.conv_commit(Phase::Prefill, "k", v("kh") * i(dk), dk));
+    body.extend(io.conv_commit(Phase::Prefill, "v", v("kh") * i(group * dv), group * dv));
     launch(
         format!(
             "recurrence_{}_{}{}_chunked{c_n}_h{h_n}x{hk_n}_dk{dk}_dv{dv}",
@@ -379,7 +409,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
             io.decay_name,
             io.suffix
         ),
-        vec![Dim::N(h_n)],
+        vec![Dim::N(hk_n)],
         io.params,
         body,
         io.nodes,

@@ -27,6 +27,9 @@ pub const BV: usize = 32;
 /// Parameters and fused prologue/epilogue facts shared by both forms.
 pub struct Operands {
     pub params: Vec<(Param, Bind)>,
+    /// Kernel size of the fused short convs: then `q`, `k`, `v` are the projections before
+    /// them, `wq`.. their weights and `cq`.. their states `[slots, channels, K-1]`.
+    pub conv: Option<usize>,
     /// The decay gate computed in the prologue from the raw projection (`g` holds it).
     pub gate: Option<GateForm>,
     /// ε of the fused L2 norms of q and k.
@@ -62,11 +65,37 @@ impl Operands {
             Some(Op::L2Norm { eps, .. }) => Some(*eps),
             _ => None,
         };
-        let mut params = vec![
-            (input("q", &act(hk_n * dk)), operand(0, fused.l2_q)),
-            (input("k", &act(hk_n * dk)), operand(1, fused.l2_k)),
-            (input("v", &act(h_n * dv)), operand(2, None)),
-        ];
+        let mut params = match fused.conv {
+            // The projections before the convs, the conv weights and states.
+            Some(convs) => {
+                let mut p = Vec::new();
+                for (name, c, cols) in [
+                    ("q", convs[0], hk_n * dk),
+                    ("k", convs[1], hk_n * dk),
+                    ("v", convs[2], h_n * dv),
+                ] {
+                    let Op::ShortConv { weight, state, .. } = &g.node(c).op else {
+                        unreachable!("fuse: convs are short convs")
+                    };
+                    p.push((
+                        input(name, &act(cols)),
+                        Bind::Act(Value::Node(g.inputs(c)[0])),
+                    ));
+                    p.push(cx.weight(&format!("w{name}"), weight));
+                    p.push(cx.state(&format!("c{name}"), *state));
+                }
+                p
+            }
+            None => vec![
+                (input("q", &act(hk_n * dk)), operand(0, fused.l2_q)),
+                (input("k", &act(hk_n * dk)), operand(1, fused.l2_k)),
+                (input("v", &act(h_n * dv)), operand(2, None)),
+            ],
+        };
+        let conv = fused.conv.map(|c| match g.node(c[0]).op {
+            Op::ShortConv { kernel, .. } => kernel,
+            _ => unreachable!("fuse: convs are short convs"),
+        });
         let mut next = 3;
         let gate = fused.gate.map(|a| match &g.node(a).op {
             Op::DecayGate {
@@ -133,6 +162,9 @@ impl Operands {
             Bind::Act(Value::Node(fused.out_norm.unwrap_or(n))),
         ));
         let mut suffix = String::new();
+        if conv.is_some() {
+            suffix += "_conv";
+        }
         if fused.l2_q.is_some() || fused.l2_k.is_some() {
             suffix += "_l2";
         }
@@ -142,14 +174,17 @@ impl Operands {
         if norm.is_some() {
             suffix += "_gnorm";
         }
-        let mut nodes: Vec<NodeIndex> = [fused.l2_q, fused.l2_k, fused.gate, fused.beta]
-            .into_iter()
-            .flatten()
-            .collect();
+        let mut nodes: Vec<NodeIndex> = fused.conv.map(Vec::from).unwrap_or_default();
+        nodes.extend(
+            [fused.l2_q, fused.l2_k, fused.gate, fused.beta]
+                .into_iter()
+                .flatten(),
+        );
         nodes.push(n);
         nodes.extend(fused.out_norm);
         Operands {
             params,
+            conv,
             gate: gate.map(|g| g.2),
             l2_q: l2_eps(fused.l2_q),
             l2_k: l2_eps(fused.l2_k),
@@ -168,6 +203,75 @@ impl Operands {
             Some(form) => super::elementwise::decay_gate(form, x, col, width).1,
             None => x,
         }
+    }
+
+    /// Prefill: the SiLU conv output of channel `ch` of `x` (`q`, `k` or `v`) at launch row
+    /// `t`, over the window `state ++ rows` (element `e` is state `e` while `e < K-1`, else row
+    /// `e - (K-1)`; both loads are clamped in range and the select picks the live one). Without
+    /// a fused conv, the projection value itself.
+    pub fn conv_prefill(&self, x: &str, t: Expr, ch: Expr) -> Expr {
+        let Some(kn) = self.conv else {
+            return ld(x, [t, ch]);
+        };
+        silu(sum(
+            "tap",
+            i(0),
+            i(kn),
+            ld(&format!("w{x}"), [ch.clone(), v("tap")]) * window(x, kn, t + v("tap"), ch.clone()),
+        ))
+    }
+
+    /// Decode: the same at row `t`, from the state and the row's value.
+    pub fn conv_decode(&self, x: &str, t: Expr, ch: Expr) -> Expr {
+        let Some(kn) = self.conv else {
+            return ld(x, [t, ch]);
+        };
+        let (w, c) = (format!("w{x}"), format!("c{x}"));
+        silu(
+            sum(
+                "tap",
+                i(0),
+                i(kn - 1),
+                ld(&w, [ch.clone(), v("tap")]) * ld(&c, [v("s"), ch.clone(), v("tap")]),
+            ) + ld(&w, [ch.clone(), i(kn - 1)]) * ld(x, [t, ch]),
+        )
+    }
+
+    /// Prefill: the conv state of channels `lo..lo+n` of `x` after the launch's rows (the
+    /// window's last K-1 elements, written in ascending order: each read is at or ahead of the
+    /// write). Decode: the state shifted by the row's value.
+    pub fn conv_commit(&self, phase: Phase, x: &str, lo: Expr, n: usize) -> Vec<Stmt> {
+        let Some(kn) = self.conv else {
+            return Vec::new();
+        };
+        let c = format!("c{x}");
+        let ch = lo + v("cc");
+        let body = match phase {
+            Phase::Prefill => vec![for_(
+                "e",
+                i(0),
+                i(kn - 1),
+                vec![st(
+                    &c,
+                    [v("s"), ch.clone(), v("e")],
+                    window(x, kn, rows() + v("e"), ch),
+                )],
+            )],
+            Phase::Decode => vec![
+                for_(
+                    "e",
+                    i(0),
+                    i(kn - 2),
+                    vec![st(
+                        &c,
+                        [v("s"), ch.clone(), v("e")],
+                        ld(&c, [v("s"), ch.clone(), v("e") + i(1)]),
+                    )],
+                ),
+                st(&c, [v("s"), ch.clone(), i(kn - 2)], ld(x, [v("t"), ch])),
+            ],
+        };
+        vec![for_("cc", i(0), i(n), body)]
     }
 
     /// β at token `t` of head `h`.
@@ -190,6 +294,20 @@ impl Operands {
     }
 }
 
+/// Element `e` of the prefill conv window of channel `ch` of `x`: state `e` while `e < K-1`,
+/// else launch row `e - (K-1)`.
+fn window(x: &str, kn: usize, e: Expr, ch: Expr) -> Expr {
+    let hist = kn - 1;
+    select(
+        lt(e.clone(), i(hist)),
+        ld(
+            &format!("c{x}"),
+            [v("s"), ch.clone(), min(e.clone(), i(hist - 1))],
+        ),
+        ld(x, [max(e - i(hist), i(0)), ch]),
+    )
+}
+
 pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
     match cx.phase {
         Phase::Prefill => chunked::build(cx, n, ins),
@@ -204,7 +322,9 @@ fn update_name(u: Update) -> &'static str {
     }
 }
 
-/// One step per (row, head, tile of value columns).
+/// One step per (row, head, tile of value columns); with fused convs, per (row, key head),
+/// looping over the key head's value heads (a program is then the only reader and writer of
+/// its conv state channels).
 fn decode(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
     let g = cx.graph;
     let Op::Recurrence { rec, .. } = &g.node(n).op else {
@@ -212,29 +332,49 @@ fn decode(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
     };
     let io = Operands::new(cx, n, ins);
     let (h_n, hk_n, dk, dv) = (rec.heads, rec.key_heads, rec.dk, rec.dv);
-    // A fused output norm needs the whole head's output row: one program per head.
-    let bv = if io.norm.is_some() { dv } else { tile(dv, BV) };
+    let group = h_n / hk_n;
+    let own_key_head = io.conv.is_some();
+    // A fused output norm needs the whole head's output row; so does a fused conv.
+    let bv = if io.norm.is_some() || own_key_head {
+        dv
+    } else {
+        tile(dv, BV)
+    };
     let s_at = || ld("state", [v("s"), v("h"), v("j0") + v("jj"), v("c")]);
     let kc = ld("kn", [v("c")]);
     let qc = ld("qn", [v("c")]);
     let col = v("h") * i(dv) + v("j0") + v("jj");
 
-    // With S' = diag(d) S + k uᵀ the output is o_j = scale (Σ_c S_cj d_c q_c + u_j kq),
-    // kq = k·q: one pass reads the column for a = Σ S d k and b = Σ S d q, a second writes S'.
-    let mut step: Vec<Stmt> = Vec::new();
-    // Prologue: this head's q and k (L2-normalised when fused), the gates.
+    // Prologue: the key head's q and k (convolved and L2-normalised when fused).
+    let mut pro: Vec<Stmt> = Vec::new();
     for (buf, local_buf, eps) in [("q", "qn", io.l2_q), ("k", "kn", io.l2_k)] {
-        let x = || ld(buf, [v("t"), v("kh") * i(dk) + v("c")]);
-        let inv = format!("inv_{buf}");
-        let val = match eps {
-            Some(e) => {
-                step.push(let_(&inv, rsqrt(sum("c", i(0), i(dk), x() * x()) + f(e))));
-                x() * v(&inv)
-            }
-            None => x(),
-        };
-        step.push(for_("c", i(0), i(dk), vec![st(local_buf, [v("c")], val)]));
+        let at = || ld(local_buf, [v("c")]);
+        pro.push(for_(
+            "c",
+            i(0),
+            i(dk),
+            vec![st(
+                local_buf,
+                [v("c")],
+                io.conv_decode(buf, v("t"), v("kh") * i(dk) + v("c")),
+            )],
+        ));
+        if let Some(e) = eps {
+            let inv = format!("inv_{buf}");
+            pro.push(let_(&inv, rsqrt(sum("c", i(0), i(dk), at() * at()) + f(e))));
+            pro.push(for_(
+                "c",
+                i(0),
+                i(dk),
+                vec![st(local_buf, [v("c")], at() * v(&inv))],
+            ));
+        }
     }
+    pro.push(let_("kq", sum("c", i(0), i(dk), kc.clone() * qc.clone())));
+
+    // One head. With S' = diag(d) S + k uᵀ the output is o_j = scale (Σ_c S_cj d_c q_c + u_j kq):
+    // one pass reads the column for a = Σ S d k and b = Σ S d q, a second writes S'.
+    let mut step: Vec<Stmt> = Vec::new();
     let decay: Option<Expr> = match rec.decay {
         Decay::None => None,
         Decay::Scalar => {
@@ -263,11 +403,10 @@ fn decode(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
         Some(d) => s_at() * d.clone(),
         None => s_at(),
     };
-    step.push(let_("kq", sum("c", i(0), i(dk), kc.clone() * qc.clone())));
     if rec.update == Update::Delta {
         step.push(let_("b", io.beta_at(v("t"))));
     }
-    let vt = ld("v", [v("t"), col.clone()]);
+    let vt = io.conv_decode("v", v("t"), col.clone());
     let u = match rec.update {
         Update::Delta => v("b") * (vt - v("a")),
         Update::Additive => vt,
@@ -319,6 +458,8 @@ fn decode(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
             )],
         ));
     }
+    // This head's v conv channels, after their last read.
+    step.extend(io.conv_commit(Phase::Decode, "v", v("h") * i(dv), dv));
 
     let mut body = vec![local("qn", dk), local("kn", dk)];
     if rec.decay == Decay::PerChannel {
@@ -327,14 +468,30 @@ fn decode(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
     if io.norm.is_some() {
         body.push(local("ot", dv));
     }
-    body.extend([
-        let_("h", pid(1)),
-        let_("kh", v("h") / i(h_n / hk_n)),
-        let_("j0", pid(2) * i(bv)),
-        let_("t", pid(0)),
-        let_("s", ld("slot", [v("t")])),
-    ]);
-    body.extend(step);
+    body.extend([let_("t", pid(0)), let_("s", ld("slot", [v("t")]))]);
+    let grid = if own_key_head {
+        body.push(let_("kh", pid(1)));
+        body.push(let_("j0", i(0)));
+        body.extend(pro);
+        body.push(for_(
+            "hh",
+            i(0),
+            i(group),
+            [vec![let_("h", v("kh") * i(group) + v("hh"))], step].concat(),
+        ));
+        body.extend(io.conv_commit(Phase::Decode, "q", v("kh") * i(dk), dk));
+        body.extend(io.conv_commit(Phase::Decode, "k", v("kh") * i(dk), dk));
+        vec![Dim::Rows, Dim::N(hk_n)]
+    } else {
+        body.extend([
+            let_("h", pid(1)),
+            let_("kh", v("h") / i(group)),
+            let_("j0", pid(2) * i(bv)),
+        ]);
+        body.extend(pro);
+        body.extend(step);
+        vec![Dim::Rows, Dim::N(h_n), Dim::N(dv / bv)]
+    };
     launch(
         format!(
             "recurrence_{}_{}{}_decode_h{h_n}x{hk_n}_dk{dk}_dv{dv}",
@@ -342,7 +499,7 @@ fn decode(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
             io.decay_name,
             io.suffix
         ),
-        vec![Dim::Rows, Dim::N(h_n), Dim::N(dv / bv)],
+        grid,
         io.params,
         body,
         io.nodes,
