@@ -132,3 +132,26 @@ fn tiny_examples_run_and_decode_matches_full_forward() {
         }
     }
 }
+
+/// `compile-model report` states the planned pools and the decode traffic, checked by hand for
+/// qwen3-next-small at --max-batch 4 --max-context 1024.
+#[test]
+fn report_states_pools_and_decode_traffic() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_compile-model"))
+        .args(["report", "examples/qwen3-next-small.toml"])
+        .current_dir(repo())
+        .output()
+        .expect("run compile-model");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for want in [
+        // 6 GDN layers x 4 slots x 8 heads x 128 x 128 x 4 B = 12 MiB.
+        "recurrent     6 layers  12.00 MiB",
+        // 2 attention layers x 4 slots x 1024 positions x (2 kv heads x 128 x 2) x 4 B = 16 MiB.
+        "kv_cache      2 layers  16.00 MiB",
+        // Per cached position: 2 layers x 512 floats x 4 B = 4 KiB.
+        "cache 4.00 KiB per cached position",
+    ] {
+        assert!(text.contains(want), "report lacks {want:?}:\n{text}");
+    }
+}

@@ -167,5 +167,17 @@ fn report_model(m: &Model, path: &Path, options: Options) -> CliResult {
         bytes(consts.len() as u64 * 4)
     );
     println!("kernels: {}", plan.kernels.len());
+    let c = plan.cost;
+    println!(
+        "decode step, batch 1: weights {} read, state {} read and written, cache {} per cached position",
+        bytes(c.decode_weight_bytes),
+        bytes(2 * c.state_bytes_per_sequence),
+        bytes(c.cache_bytes_per_position)
+    );
+    println!(
+        "  at {} positions: {} per token",
+        plan.limits.max_context,
+        bytes(c.decode_bytes(plan.limits.max_context))
+    );
     Ok(())
 }
