@@ -107,3 +107,47 @@ fn mlir_text_is_verified_and_names_the_kernel() {
     assert!(text.contains("func.func @norm"), "{text}");
     assert!(text.contains("scf.for"), "{text}");
 }
+
+/// The inner reductions come out as packed SIMD code: LLVM's loop vectorizer is what the host
+/// target relies on (no explicit vector dialect), so a change that defeats it (a lost fastmath
+/// flag, an aliasing-hostile access) must fail here. Needs `objdump` (binutils); skipped
+/// visibly without it.
+#[test]
+fn reductions_are_vectorised() {
+    let Ok(probe) = std::process::Command::new("objdump")
+        .arg("--version")
+        .output()
+    else {
+        eprintln!("SKIP reductions_are_vectorised: objdump (binutils) is not installed");
+        return;
+    };
+    assert!(probe.status.success());
+    let dir = tempfile::tempdir().unwrap();
+    let so = dir.path().join("kernels.so");
+    build_library(&[norm_kernel(256)], &so).unwrap();
+    let out = std::process::Command::new("objdump")
+        .args(["-d", "--no-show-raw-insn"])
+        .arg(&so)
+        .output()
+        .unwrap();
+    let asm = String::from_utf8_lossy(&out.stdout);
+    let body: Vec<&str> = asm
+        .split("\n\n")
+        .filter(|f| f.contains("<norm>:"))
+        .flat_map(|f| f.lines())
+        .collect();
+    assert!(!body.is_empty(), "no <norm> function in the library");
+    // Packed single-precision arithmetic (SSE/AVX/AVX-512: ...ps on xmm/ymm/zmm).
+    let packed = body
+        .iter()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .filter(|m| {
+            m.ends_with("ps") && (m.contains("fmadd") || m.contains("mulps") || m.contains("addps"))
+        })
+        .count();
+    assert!(
+        packed >= 2,
+        "the norm kernel's reductions are not vectorised:\n{}",
+        body.join("\n")
+    );
+}
