@@ -1,4 +1,5 @@
-# Lamina: `make demo` runs the main job on a bundled example; `make test` runs every test.
+# Lamina: `make demo` runs the main job on bundled examples (compile, run against the reference,
+# benchmark); `make test` runs every test.
 # Both bootstrap the machine first (LLVM/MLIR 22 and ptxas; quiet when already present).
 
 SHELL := /bin/bash
@@ -27,6 +28,8 @@ demo: bootstrap
 	target/release/compile-model build $(ORACLE) --target host -o out/demo-oracle
 	target/release/compile-model run out/demo-oracle --tokens 1,2,3,4,5 --max-new-tokens 8
 	target/release/compile-model run $(ORACLE) --reference --tokens 1,2,3,4,5 --max-new-tokens 8
+	@echo "== benchmark: a ~110M-parameter Qwen3-Next-shaped model on this machine's cores"
+	target/release/compile-model bench examples/qwen3-next-small.toml --prompt-len 256 --gen 32
 
 test: bootstrap
 	$(CARGO) fmt --all --check
