@@ -2,7 +2,7 @@
 
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
-use super::{Access, BinOp, CmpOp, Dim, Elem, Expr, Param, ReduceOp, Stmt, UnOp};
+use super::{Access, BinOp, CmpOp, Dim, Elem, Expr, Param, ReduceOp, Stmt, TileOp, UnOp, View};
 
 pub fn f(v: f64) -> Expr {
     Expr::F(v)
@@ -226,4 +226,36 @@ pub fn param(name: &str, elem: Elem, shape: &[Dim], access: Access) -> Param {
         shape: shape.to_vec(),
         access,
     }
+}
+
+/// A window on local `buf`: element `(r, c)` is `buf[off + r·ld + c]`.
+pub fn view(buf: &str, off: Expr, ld: usize) -> View {
+    View {
+        buf: buf.to_string(),
+        off,
+        ld,
+    }
+}
+
+/// `out[i, j] = Σ_k a[i, k]·b[j, k]` (`+=` with `accumulate`), `i < m`, `j < n`, `k < depth`.
+pub fn dot(out: View, a: View, b: View, m: Expr, n: Expr, depth: usize, accumulate: bool) -> Stmt {
+    Stmt::Tile(TileOp::Dot {
+        out,
+        a,
+        b,
+        m,
+        n,
+        depth,
+        accumulate,
+    })
+}
+
+/// Inclusive prefix sums of `x` down `rows` rows of `cols` columns.
+pub fn cumsum(x: View, rows: Expr, cols: usize) -> Stmt {
+    Stmt::Tile(TileOp::Cumsum { x, rows, cols })
+}
+
+/// `x ← (I + L)⁻¹ x` for the strictly lower part of `l`, `n` rows of `cols` columns.
+pub fn trisolve(l: View, x: View, n: Expr, cols: usize) -> Stmt {
+    Stmt::Tile(TileOp::TriSolve { l, x, n, cols })
 }

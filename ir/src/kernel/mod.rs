@@ -1,10 +1,12 @@
 //! Kernel IR: one program per fused kernel, target independent.
 //!
 //! A [`Kernel`] is launched over a grid of program ids (`pid0, pid1, ...`); every program runs
-//! the same body: a structured loop nest over typed buffers (tile loads and stores addressed by
+//! the same body: a structured loop nest over typed buffers (loads and stores addressed by
 //! row-major indices), locals (per-program scratch tiles: a state tile, a softmax row, a
-//! triangular-solve tile), reductions (`sum`/`max` over a range, the `dot` of the tile world),
-//! loop-carried values (online softmax, scans such as cumsum) and conditionals.
+//! triangular-solve tile), reductions (`sum`/`max` over a range), loop-carried values (online
+//! softmax, register tiles of accumulators), conditionals, and tile operations on locals
+//! ([`TileOp`]: `dot`, `cumsum`, `trisolve`), which a target lowers natively or has
+//! [`expand`] rewrite into loops.
 //!
 //! Three value types exist: `f32`, `int` (indices; `i64` buffers load as int) and `bool`.
 //! The only runtime size is `R`, the rows (tokens) of the launch: a buffer's first dimension may
@@ -12,9 +14,11 @@
 //!
 //! - [`build`]: expression constructors and operators used by the kernel builders;
 //! - [`verify`]: scoping, typing and buffer-access rules;
+//! - [`expand`]: tile operations as loops (the host target's lowering of them);
 //! - [`print`]: the stable text form (`compile-model ir MODEL --stage kernel`).
 
 pub mod build;
+pub mod expand;
 pub mod print;
 pub mod verify;
 
@@ -198,6 +202,45 @@ pub enum Stmt {
     If {
         cond: Expr,
         then: Vec<Stmt>,
+    },
+    /// An operation on whole tiles held in locals (see [`TileOp`]).
+    Tile(TileOp),
+}
+
+/// A 2-d window on a local: element `(r, c)` is `buf[off + r·ld + c]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct View {
+    pub buf: String,
+    pub off: Expr,
+    pub ld: usize,
+}
+
+/// Tile-level operations of the chunked recurrences. Targets may lower them natively (a GPU to
+/// tensor-core MMAs, warp scans); [`expand::expand_tiles`] rewrites them into loops, which is
+/// what the host target does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TileOp {
+    /// `out[i, j] (+)= Σ_k a[i, k]·b[j, k]` for `i < m`, `j < n`, `k < depth` (`b` is read
+    /// transposed: rows of both operands are contiguous, as keys and weights are stored).
+    Dot {
+        out: View,
+        a: View,
+        b: View,
+        m: Expr,
+        n: Expr,
+        depth: usize,
+        accumulate: bool,
+    },
+    /// Inclusive prefix sums down the rows: `x[t, c] += x[t−1, c]` for `0 < t < rows`,
+    /// `c < cols`, rows in order.
+    Cumsum { x: View, rows: Expr, cols: usize },
+    /// Forward substitution with the unit lower-triangular `I + L` (only `L`'s strictly lower
+    /// part is read): `x[i, c] −= Σ_(j<i) l[i, j]·x[j, c]`, rows in order.
+    TriSolve {
+        l: View,
+        x: View,
+        n: Expr,
+        cols: usize,
     },
 }
 

@@ -14,7 +14,7 @@
 
 use std::fmt::Write;
 
-use super::{BinOp, CmpOp, Dim, Expr, Kernel, ReduceOp, Stmt, UnOp};
+use super::{BinOp, CmpOp, Dim, Expr, Kernel, ReduceOp, Stmt, TileOp, UnOp, View};
 use crate::graph::print::fmt_f64;
 
 pub fn fmt_dim(d: Dim) -> String {
@@ -127,6 +127,39 @@ fn stmt(out: &mut String, s: &Stmt, depth: usize) {
             let _ = writeln!(out, "{pad}if {} {{", expr(cond));
             block(out, then, depth + 1);
             let _ = writeln!(out, "{pad}}}");
+        }
+        Stmt::Tile(op) => {
+            let w = |v: &View| format!("{}[off {}, ld {}]", v.buf, expr(&v.off), v.ld);
+            let _ = match op {
+                TileOp::Dot {
+                    out: o,
+                    a,
+                    b,
+                    m,
+                    n,
+                    depth: k,
+                    accumulate,
+                } => writeln!(
+                    out,
+                    "{pad}{} {}= dot({}, {}ᵀ) [{} x {} x {k}]",
+                    w(o),
+                    if *accumulate { "+" } else { "" },
+                    w(a),
+                    w(b),
+                    expr(m),
+                    expr(n)
+                ),
+                TileOp::Cumsum { x, rows, cols } => {
+                    writeln!(out, "{pad}cumsum {} [{} x {cols}]", w(x), expr(rows))
+                }
+                TileOp::TriSolve { l, x, n, cols } => writeln!(
+                    out,
+                    "{pad}trisolve {} with unit-lower {} [{} x {cols}]",
+                    w(x),
+                    w(l),
+                    expr(n)
+                ),
+            };
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use super::{Access, BinOp, Dim, Elem, Expr, Kernel, Stmt, UnOp};
+use super::{Access, BinOp, Dim, Elem, Expr, Kernel, Stmt, TileOp, UnOp, View};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ty {
@@ -213,6 +213,33 @@ impl Scope<'_> {
                 self.block(then)?;
                 self.pop();
             }
+            Stmt::Tile(op) => self.tile(op)?,
+        }
+        Ok(())
+    }
+
+    /// Tile operands are f32 locals with int offsets; sizes are ints.
+    fn tile(&mut self, op: &TileOp) -> Result<(), String> {
+        let (what, views, sizes): (&str, Vec<&View>, Vec<&Expr>) = match op {
+            TileOp::Dot {
+                out, a, b, m, n, ..
+            } => ("dot", vec![out, a, b], vec![m, n]),
+            TileOp::Cumsum { x, rows, .. } => ("cumsum", vec![x], vec![rows]),
+            TileOp::TriSolve { l, x, n, .. } => ("trisolve", vec![l, x], vec![n]),
+        };
+        for w in views {
+            match self.buf(&w.buf) {
+                Some(Buf::Local { elem: Elem::F32 }) => {}
+                _ => return Err(format!("{what}: {} is not an f32 local", w.buf)),
+            }
+            if self.expr(&w.off)? != Ty::Int {
+                return Err(format!("{what}: offset into {} is not an int", w.buf));
+            }
+        }
+        for e in sizes {
+            if self.expr(e)? != Ty::Int {
+                return Err(format!("{what}: a size is not an int"));
+            }
         }
         Ok(())
     }
@@ -311,6 +338,31 @@ mod tests {
             ],
             body,
         }
+    }
+
+    #[test]
+    fn tile_operands_must_be_f32_locals() {
+        let ok = kernel(vec![
+            local("m", 16),
+            local("a", 16),
+            dot(
+                view("m", i(0), 4),
+                view("a", i(0), 4),
+                view("a", i(0), 4),
+                i(4),
+                i(4),
+                4,
+                false,
+            ),
+            cumsum(view("a", i(0), 4), i(4), 4),
+            trisolve(view("m", i(0), 4), view("a", i(0), 4), i(4), 4),
+        ]);
+        assert!(verify_kernel(&ok).is_ok());
+        let on_param = kernel(vec![cumsum(view("y", i(0), 8), rows(), 8)]);
+        let e = verify_kernel(&on_param).unwrap_err();
+        assert!(e.contains("cumsum: y is not an f32 local"), "{e}");
+        let float_size = kernel(vec![local("a", 16), cumsum(view("a", i(0), 4), f(4.0), 4)]);
+        assert!(verify_kernel(&float_size).is_err());
     }
 
     #[test]

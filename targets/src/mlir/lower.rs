@@ -186,7 +186,7 @@ fn collect_locals(b: &[Stmt], out: &mut Vec<(String, Elem, usize)>) {
             }
             Stmt::For { body, .. } => collect_locals(body, out),
             Stmt::If { then, .. } => collect_locals(then, out),
-            Stmt::Let(..) | Stmt::Store { .. } => {}
+            Stmt::Let(..) | Stmt::Store { .. } | Stmt::Tile(_) => {}
         }
     }
 }
@@ -390,6 +390,11 @@ impl<'c> Lower<'c> {
                 let then_r = Region::new();
                 then_r.append_block(inner);
                 blk.append_operation(scf::r#if(c, &[], then_r, Region::new(), l.loc));
+            }
+            Stmt::Tile(_) => {
+                return Err(bug(format!(
+                    "{what}: tile operations are expanded into loops before lowering"
+                )))
             }
         }
         Ok(())

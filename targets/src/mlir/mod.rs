@@ -20,7 +20,10 @@ pub fn kernels_module<'c>(
     let module = Module::new(Location::unknown(&cx.context));
     for k in kernels {
         verify_kernel(k).map_err(TargetError::Kernel)?;
-        lower::lower_kernel(&cx.context, &module, k)?;
+        // Tile operations become loops here (the host has no tile-level hardware).
+        let k = lamina_ir::kernel::expand::expand_tiles(k);
+        verify_kernel(&k).map_err(TargetError::Kernel)?;
+        lower::lower_kernel(&cx.context, &module, &k)?;
     }
     cx.verify(&module, "kernel module")?;
     Ok(module)

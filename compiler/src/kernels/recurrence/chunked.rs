@@ -20,6 +20,12 @@
 //! reader and writer of those channels' conv states, committed at its end. A fused gated
 //! output norm is applied per row when the chunk's outputs are written.
 //!
+//! The matrix work is written as tile operations (`ir::kernel::TileOp`): the cumulative
+//! log-decay is a `cumsum`, the products `X Kᵀ` (scalar decay) and the off-diagonal sub-chunk
+//! blocks (per-channel decay) are `dot`s, and the forward substitution per value column is a
+//! `trisolve` with `L = diag(β) M_kk`. The host expands them into loops; a GPU target can map
+//! them to tensor-core MMAs and warp-level scans.
+//!
 //! Per-channel decay cannot be factored out of the products. Within a diagonal sub-chunk the
 //! factors are formed pairwise; across sub-chunks both sides are rescaled against the query
 //! row's sub-chunk start `r`: `e^(G_t − r) e^(r − G_s)`, each exponent ≤ 0 (no overflow).
@@ -111,18 +117,14 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
         Decay::PerChannel => io.g_at(r(), v("h") * i(dk) + v("e"), dk),
         Decay::Fixed { .. } => -ld("slopes", [v("h")]),
     };
-    let prev = ld("G", [max(v("t") - i(1), i(0)) * i(w) + v("e")]);
     gates.push(for_(
         "e",
         i(0),
         i(w),
-        vec![st(
-            "G",
-            [v("t") * i(w) + v("e")],
-            select(gt(v("t"), i(0)), prev, f(0.0)) + g_tok,
-        )],
+        vec![st("G", [v("t") * i(w) + v("e")], g_tok)],
     ));
     head.push(for_("t", i(0), v("l"), gates));
+    head.push(cumsum(view("G", i(0), w), v("l"), w));
 
     // 2. Decayed copies: q ⊙ e^G, k ⊙ e^G, (k ⊙ e^(G_L − G))ᵀ, e^G_L.
     let last = v("l") - i(1);
@@ -173,18 +175,22 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
         vec![("mqk", "qs")]
     };
     if !channel {
+        // M = (X Kᵀ) ⊙ e^(G_t − G_s) on the causal part.
         let mut row = vec![let_("e", exp(ld("G", [v("t")]) - ld("G", [v("x")])))];
         for (m, x) in &mats {
+            head.push(dot(
+                view(m, i(0), c_n),
+                view(x, i(0), dk),
+                view("ks", i(0), dk),
+                v("l"),
+                v("l"),
+                dk,
+                false,
+            ));
             row.push(st(
                 m,
                 [v("t") * i(c_n) + v("x")],
-                v("e")
-                    * sum(
-                        "c",
-                        i(0),
-                        i(dk),
-                        at(x, v("t"), v("c")) * at("ks", v("x"), v("c")),
-                    ),
+                v("e") * ld(m, [v("t") * i(c_n) + v("x")]),
             ));
         }
         head.push(for_(
@@ -246,20 +252,20 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
                 ),
             ],
         ));
-        let mut cross = Vec::new();
+        // Off-diagonal blocks: the rows of sub-chunk b against the keys before it, one dot
+        // each; diagonal blocks pairwise.
+        let mut cross = vec![let_("r0", v("b") * i(SUB))];
         let mut diag = Vec::new();
         for (m, x) in &mats {
             let scaled = if *x == "qs" { "qt" } else { "kt" };
-            cross.push(st(
-                m,
-                [v("t") * i(c_n) + v("x")],
-                sum(
-                    "c",
-                    i(0),
-                    i(dk),
-                    at(scaled, v("t"), v("c"))
-                        * ld("kb", [(v("b") * i(c_n) + v("x")) * i(dk) + v("c")]),
-                ),
+            cross.push(dot(
+                view(m, v("r0") * i(c_n), c_n),
+                view(scaled, v("r0") * i(dk), dk),
+                view("kb", v("b") * i(c_n * dk), dk),
+                min(i(SUB), v("l") - v("r0")),
+                v("r0"),
+                dk,
+                false,
             ));
             diag.push(st(
                 m,
@@ -274,75 +280,90 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
                 ),
             ));
         }
+        head.push(for_("b", i(1), (v("l") + i(SUB - 1)) / i(SUB), cross));
         head.push(for_(
             "t",
             i(0),
             v("l"),
             vec![
-                let_("b", v("t") / i(SUB)),
-                let_("t0", v("b") * i(SUB)),
-                for_("x", i(0), v("t0"), cross),
+                let_("t0", (v("t") / i(SUB)) * i(SUB)),
                 for_("x", v("t0"), v("t") + i(1), diag),
             ],
+        ));
+    }
+    if delta {
+        // L = diag(β) M_kk: the strictly lower part of I + L is what the solve reads.
+        head.push(for_(
+            "t",
+            i(0),
+            v("l"),
+            vec![for_(
+                "x",
+                i(0),
+                v("t"),
+                vec![st(
+                    "mkk",
+                    [v("t") * i(c_n) + v("x")],
+                    ld("bt", [v("t")]) * ld("mkk", [v("t") * i(c_n) + v("x")]),
+                )],
+            )],
         ));
     }
 
     // 4. Value columns: solve for u, emit the outputs, advance the state.
     let col = v("h") * i(dv) + v("jj");
     let vt = io.conv_prefill("v", r(), col.clone());
+    // Delta rule: u = (I + L)⁻¹ β ⊙ (v − (K ⊙ e^G) S), the right-hand side first.
     let u = if delta {
-        ld("bt", [v("t")])
-            * (vt
-                - sum("c", i(0), i(dk), s_col(v("c")) * at("kg", v("t"), v("c")))
-                - sum(
-                    "x",
-                    i(0),
-                    v("t"),
-                    ld("mkk", [v("t") * i(c_n) + v("x")]) * ld("ul", [v("x")]),
-                ))
+        ld("bt", [v("t")]) * (vt - sum("c", i(0), i(dk), s_col(v("c")) * at("kg", v("t"), v("c"))))
     } else {
         vt
     };
-    head.push(for_(
-        "jj",
-        i(0),
-        i(dv),
-        vec![
-            for_("t", i(0), v("l"), vec![st("ul", [v("t")], u)]),
-            for_(
-                "t",
-                i(0),
-                v("l"),
-                vec![st(
-                    "ot",
-                    [v("t") * i(dv) + v("jj")],
-                    sum("c", i(0), i(dk), s_col(v("c")) * at("qg", v("t"), v("c")))
-                        + sum(
-                            "x",
-                            i(0),
-                            v("t") + i(1),
-                            ld("mqk", [v("t") * i(c_n) + v("x")]) * ld("ul", [v("x")]),
-                        ),
-                )],
-            ),
-            for_(
-                "c",
-                i(0),
-                i(dk),
-                vec![st(
-                    "state",
-                    [v("s"), v("h"), v("jj"), v("c")],
-                    s_col(v("c")) * ld("eg", [wc(v("c"))])
-                        + sum(
-                            "x",
-                            i(0),
-                            v("l"),
-                            ld("kd", [v("c") * i(c_n) + v("x")]) * ld("ul", [v("x")]),
-                        ),
-                )],
-            ),
-        ],
-    ));
+    let mut solve = vec![for_("t", i(0), v("l"), vec![st("ul", [v("t")], u)])];
+    if delta {
+        solve.push(trisolve(
+            view("mkk", i(0), c_n),
+            view("ul", i(0), 1),
+            v("l"),
+            1,
+        ));
+    }
+    let mut column = solve;
+    column.extend([
+        for_(
+            "t",
+            i(0),
+            v("l"),
+            vec![st(
+                "ot",
+                [v("t") * i(dv) + v("jj")],
+                sum("c", i(0), i(dk), s_col(v("c")) * at("qg", v("t"), v("c")))
+                    + sum(
+                        "x",
+                        i(0),
+                        v("t") + i(1),
+                        ld("mqk", [v("t") * i(c_n) + v("x")]) * ld("ul", [v("x")]),
+                    ),
+            )],
+        ),
+        for_(
+            "c",
+            i(0),
+            i(dk),
+            vec![st(
+                "state",
+                [v("s"), v("h"), v("jj"), v("c")],
+                s_col(v("c")) * ld("eg", [wc(v("c"))])
+                    + sum(
+                        "x",
+                        i(0),
+                        v("l"),
+                        ld("kd", [v("c") * i(c_n) + v("x")]) * ld("ul", [v("x")]),
+                    ),
+            )],
+        ),
+    ]);
+    head.push(for_("jj", i(0), i(dv), column));
 
     // 5. The chunk's outputs, through the fused gated norm when there is one.
     let ot = || ld("ot", [v("t") * i(dv) + v("jj")]);

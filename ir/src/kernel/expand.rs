@@ -1,0 +1,128 @@
+//! Tile operations rewritten into the loops they stand for: what the host target lowers (LLVM
+//! vectorises the contiguous inner reductions). The loop variables start with `_`, which
+//! kernel builders do not use.
+
+use super::build::*;
+use super::{Expr, Kernel, Stmt, TileOp, View};
+
+/// `k` with every [`Stmt::Tile`] replaced by loops.
+pub fn expand_tiles(k: &Kernel) -> Kernel {
+    Kernel {
+        body: block(&k.body),
+        ..k.clone()
+    }
+}
+
+fn block(b: &[Stmt]) -> Vec<Stmt> {
+    b.iter().flat_map(stmt).collect()
+}
+
+fn stmt(s: &Stmt) -> Vec<Stmt> {
+    match s {
+        Stmt::Tile(op) => tile(op),
+        Stmt::For {
+            var,
+            lo,
+            hi,
+            carried,
+            body,
+            yields,
+        } => vec![Stmt::For {
+            var: var.clone(),
+            lo: lo.clone(),
+            hi: hi.clone(),
+            carried: carried.clone(),
+            body: block(body),
+            yields: yields.clone(),
+        }],
+        Stmt::If { cond, then } => vec![Stmt::If {
+            cond: cond.clone(),
+            then: block(then),
+        }],
+        other => vec![other.clone()],
+    }
+}
+
+/// Element `(r, c)` of a view.
+fn at(w: &View, r: Expr, c: Expr) -> Expr {
+    ld(&w.buf, [w.off.clone() + r * i(w.ld) + c])
+}
+
+fn set(w: &View, r: Expr, c: Expr, value: Expr) -> Stmt {
+    st(&w.buf, [w.off.clone() + r * i(w.ld) + c], value)
+}
+
+fn tile(op: &TileOp) -> Vec<Stmt> {
+    match op {
+        TileOp::Dot {
+            out,
+            a,
+            b,
+            m,
+            n,
+            depth,
+            accumulate,
+        } => {
+            let dot = sum(
+                "_tk",
+                i(0),
+                i(*depth),
+                at(a, v("_ti"), v("_tk")) * at(b, v("_tj"), v("_tk")),
+            );
+            let value = if *accumulate {
+                at(out, v("_ti"), v("_tj")) + dot
+            } else {
+                dot
+            };
+            vec![for_(
+                "_ti",
+                i(0),
+                m.clone(),
+                vec![for_(
+                    "_tj",
+                    i(0),
+                    n.clone(),
+                    vec![set(out, v("_ti"), v("_tj"), value)],
+                )],
+            )]
+        }
+        TileOp::Cumsum { x, rows, cols } => vec![for_(
+            "_tt",
+            i(1),
+            rows.clone(),
+            vec![for_(
+                "_tc",
+                i(0),
+                i(*cols),
+                vec![set(
+                    x,
+                    v("_tt"),
+                    v("_tc"),
+                    at(x, v("_tt"), v("_tc")) + at(x, v("_tt") - i(1), v("_tc")),
+                )],
+            )],
+        )],
+        TileOp::TriSolve { l, x, n, cols } => vec![for_(
+            "_ti",
+            i(0),
+            n.clone(),
+            vec![for_(
+                "_tc",
+                i(0),
+                i(*cols),
+                vec![set(
+                    x,
+                    v("_ti"),
+                    v("_tc"),
+                    at(x, v("_ti"), v("_tc"))
+                        - sum(
+                            "_tj",
+                            i(0),
+                            v("_ti"),
+                            at(l, v("_ti"), v("_tj")) * at(x, v("_tj"), v("_tc")),
+                        ),
+                )],
+            )],
+        )],
+    }
+}
