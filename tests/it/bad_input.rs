@@ -677,3 +677,46 @@ fn killed_build_leaves_no_artifact() {
         }
     }
 }
+
+/// An artifact reads its weights where the checkpoint was when it was built; after the
+/// checkpoint moves, `run` names the missing file, and `--weights` points it to the new place.
+#[test]
+fn moved_checkpoint_and_weights_override() {
+    let (d, m) = hf_copy("minimax");
+    let art = d.path().join("artifact");
+    let ok = |args: &[&str]| {
+        let out = Command::new(bin()).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    ok(&["build", m.to_str().unwrap(), "-o", art.to_str().unwrap()]);
+    let before = ok(&[
+        "run",
+        art.to_str().unwrap(),
+        "--tokens",
+        "1,2,3",
+        "--max-new-tokens",
+        "4",
+    ]);
+    let moved = d.path().join("moved");
+    std::fs::rename(&m, &moved).unwrap();
+    fails(
+        &["run", art.to_str().unwrap(), "--tokens", "1,2,3"],
+        &["model.safetensors"],
+    );
+    let after = ok(&[
+        "run",
+        art.to_str().unwrap(),
+        "--weights",
+        moved.to_str().unwrap(),
+        "--tokens",
+        "1,2,3",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert_eq!(before, after);
+}
