@@ -6,6 +6,7 @@
 //! - [`graph`]: the typed graph IR, its builder, verifier and text form;
 //! - [`stats`]: parameter, weight and cache accounting (`compile-model check`).
 
+pub mod cost;
 pub mod error;
 pub mod graph;
 pub mod hf;

@@ -155,3 +155,111 @@ fn report_states_pools_and_decode_traffic() {
         assert!(text.contains(want), "report lacks {want:?}:\n{text}");
     }
 }
+
+/// The cost model's sizes for the full-size specs, against values computed by hand from the
+/// published configs (DESIGN.md), and the crossover context they imply.
+#[test]
+fn cost_report_matches_hand_computed_sizes() {
+    use lamina_ir::cost::{cost, gpu};
+    let h200 = gpu("h200");
+    let kib = 1024u64;
+    let mib = 1024 * kib;
+    // (spec, recurrent state per sequence, KV/latent cache per token)
+    let cases = [
+        // 20 KDA layers x 32 heads x 128 x 128 x 4 B; 7 MLA layers x (512 + 64) x 2 B.
+        (
+            "kimi-linear-48b-a3b.toml",
+            20 * 32 * 128 * 128 * 4,
+            7 * (512 + 64) * 2,
+        ),
+        // 36 GDN layers x 32 value heads x 128 x 128 x 4 B; 12 attention layers x 2 kv heads x
+        // 256 x (k, v) x 2 B.
+        (
+            "qwen3-next-80b-a3b.toml",
+            36 * 32 * 128 * 128 * 4,
+            12 * 2 * 256 * 2 * 2,
+        ),
+        // 70 lightning layers x 64 heads x 128 x 128 x 4 B; 10 attention layers x 8 kv heads x
+        // 128 x (k, v) x 2 B.
+        (
+            "minimax-text-01.toml",
+            70 * 64 * 128 * 128 * 4,
+            10 * 8 * 128 * 2 * 2,
+        ),
+        // No recurrence; 61 MLA layers x (512 + 64) x 2 B.
+        ("deepseek-v3.toml", 0, 61 * (512 + 64) * 2),
+    ];
+    for (spec, state, kv) in cases {
+        let m = open(spec);
+        let c = cost(&m.graph, 1, 131072, h200);
+        assert_eq!(
+            c.recurrent_state_bytes, state as u64,
+            "{spec} recurrent state"
+        );
+        assert_eq!(c.cache_bytes_per_token, kv as u64, "{spec} cache per token");
+        assert_eq!(c.cache_bytes_at_context, kv as u64 * 131072, "{spec}");
+        assert_eq!(
+            c.total_memory,
+            c.weight_bytes + c.recurrent_state_bytes + c.conv_state_bytes + kv as u64 * 131072,
+            "{spec}"
+        );
+        if state > 0 {
+            let want = 2 * (state as u64 + c.conv_state_bytes) / kv as u64;
+            assert_eq!(c.crossover_context, Some(want), "{spec}");
+        } else {
+            assert_eq!(c.crossover_context, None, "{spec}");
+        }
+        let b = c.gpu.as_ref().unwrap();
+        // Decode at batch 1 is bound by memory on every one of them.
+        assert_eq!(b.decode_bound, "memory", "{spec}");
+        let want = 4.8e12 / c.decode_bytes_per_token as f64;
+        assert!((b.decode_tokens_per_s - want).abs() <= 0.05, "{spec}");
+    }
+    // Kimi's decode traffic by hand: dense + LM head + norms read in full, one embedding row,
+    // 8 of 256 experts per MoE layer, state read and written, cache read at 131072 tokens.
+    let m = open("kimi-linear-48b-a3b.toml");
+    let c = cost(&m.graph, 1, 131072, None);
+    let kind = |k: &str| c.weight_bytes_by_kind.get(k).copied().unwrap_or(0) as f64;
+    let want = kind("dense")
+        + kind("lm_head")
+        + kind("norms/gates")
+        + kind("embedding") / 163840.0
+        + kind("experts") * 8.0 / 256.0
+        + 2.0 * (c.recurrent_state_bytes + c.conv_state_bytes) as f64
+        + (7 * 576 * 2 * 131072) as f64;
+    assert!(
+        (c.decode_bytes_per_token as f64 - want).abs() <= 1.0,
+        "{} vs {want}",
+        c.decode_bytes_per_token
+    );
+    assert_eq!(c.recurrent_state_bytes, 40 * mib);
+}
+
+/// `report --json` is stable: snapshot of one operating point.
+#[test]
+fn cost_report_json_is_stable() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_compile-model"))
+        .args([
+            "report",
+            "examples/kimi-linear-48b-a3b.toml",
+            "--gpu",
+            "h200",
+            "--context",
+            "131072",
+            "--batch",
+            "8",
+            "--json",
+        ])
+        .current_dir(repo())
+        .output()
+        .expect("run compile-model");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+    assert_eq!(v["gpu"]["gpu"], "h200");
+    insta::assert_snapshot!(text);
+}

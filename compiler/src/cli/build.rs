@@ -110,13 +110,27 @@ pub fn build_cmd(a: &BuildArgs) -> CliResult {
 pub struct ReportArgs {
     model: PathBuf,
     #[command(flatten)]
+    cost: super::cost::CostArgs,
+    #[command(flatten)]
     sizes: SizeArgs,
 }
 
-/// Every planned buffer's bytes: weights, pools (caches, states), arenas.
+/// The model's serving cost (memory, traffic, FLOPs, roofline), then every buffer of its host
+/// plan: weights, pools (caches, states), arenas.
 pub fn report(a: &ReportArgs) -> CliResult {
+    let c = super::cost::model_cost(&a.model, &a.cost)?;
+    if a.cost.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&c).map_err(|e| e.to_string())?
+        );
+        return Ok(());
+    }
+    super::cost::print_cost(&c);
+    println!();
     let options = a.sizes.options()?;
     let m = Model::open(&a.model).map_err(|e| e.to_string())?;
+    println!("host plan");
     report_model(&m, &a.model, options)
 }
 

@@ -3,6 +3,7 @@
 mod bench;
 mod build;
 mod check;
+mod cost;
 mod ir;
 mod run;
 
@@ -56,11 +57,19 @@ enum Cmd {
         after_help = "Example:\n  compile-model build examples/kimi-linear-tiny.toml --target host -o out/kimi -v"
     )]
     Build(build::BuildArgs),
-    /// Print the compiled plan's memory: weights, caches and states, arenas.
+    /// Print what a model costs to serve (memory, bytes and FLOPs per token, roofline on a
+    /// GPU), then its compiled host plan's buffers.
     #[command(
-        after_help = "Example:\n  compile-model report examples/qwen3-next-80b-a3b.toml --max-batch 8 --max-context 32768"
+        after_help = "Examples:\n  compile-model report examples/qwen3-next-80b-a3b.toml --gpu h200 --context 131072 --batch 8\n  \
+compile-model report examples/kimi-linear-48b-a3b.toml --gpu h100 --bandwidth 3000 --flops 700 --json"
     )]
     Report(build::ReportArgs),
+    /// Print several models' serving costs side by side.
+    #[command(
+        after_help = "Example:\n  compile-model compare examples/kimi-linear-48b-a3b.toml examples/qwen3-next-80b-a3b.toml \\\n      \
+examples/minimax-text-01.toml examples/deepseek-v3.toml --gpu h200 --context 131072"
+    )]
+    Compare(cost::CompareArgs),
     /// Run a model: prefill the prompt, then greedy-decode.
     #[command(
         after_help = "Example:\n  compile-model run examples/kimi-linear-tiny.toml --reference --tokens 1,2,3 \
@@ -114,6 +123,7 @@ pub fn main() -> ExitCode {
         } => ir::ir(&model, stage, phase, &target, &sizes),
         Cmd::Build(args) => build::build_cmd(&args),
         Cmd::Report(args) => build::report(&args),
+        Cmd::Compare(args) => cost::compare(&args),
         Cmd::Run(args) => run::run(&args),
         Cmd::Bench(args) => bench::bench(&args),
     };
