@@ -245,6 +245,27 @@ impl Plan {
                     }
                 }
             }
+            // The logits (rows × vocab f32) and inspectable values lie in the arena.
+            let in_arena = |a: &Arg, min_bytes: usize| match *a {
+                Arg::Arena {
+                    offset_per_row,
+                    bytes_per_row,
+                } => {
+                    bytes_per_row >= min_bytes
+                        && offset_per_row
+                            .checked_add(bytes_per_row)
+                            .is_some_and(|end| end <= s.arena_bytes_per_row)
+                }
+                _ => false,
+            };
+            if !in_arena(&s.logits, self.model.vocab_size * 4) {
+                return Err(format!(
+                    "{pname}.logits must be an arena slot of vocab_size f32 per row"
+                ));
+            }
+            if let Some((name, _)) = s.values.iter().find(|(_, a)| !in_arena(a, 0)) {
+                return Err(format!("{pname}.values[{name}] is not an arena slot"));
+            }
         }
         if self.limits.max_batch == 0
             || self.limits.max_context == 0

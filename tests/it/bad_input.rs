@@ -565,6 +565,28 @@ fn bad_artifacts() {
         &["run", a, "--tokens", "1,2"],
         &["plan.json", "schema_version"],
     );
+    // A weight bound to a parameter the kernel may write (an edited plan).
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let kernels = v["kernels"].as_array_mut().unwrap();
+    let weight_param = kernels
+        .iter_mut()
+        .flat_map(|k| k["params"].as_array_mut().unwrap().iter_mut())
+        .find(|p| p["name"] == "w")
+        .expect("a projection weight parameter");
+    weight_param["access"] = serde_json::json!("read_write");
+    std::fs::write(&plan, serde_json::to_string(&v).unwrap()).unwrap();
+    fails(
+        &["run", a, "--tokens", "1,2"],
+        &["plan.json", "may be written", "read-only"],
+    );
+    // Logits outside the arena.
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["decode"]["logits"]["arena"]["offset_per_row"] = serde_json::json!(1u64 << 40);
+    std::fs::write(&plan, serde_json::to_string(&v).unwrap()).unwrap();
+    fails(
+        &["run", a, "--tokens", "1,2"],
+        &["plan.json", "decode.logits"],
+    );
     // Missing kernel library.
     std::fs::write(&plan, &text).unwrap();
     std::fs::remove_file(art.join("kernels.so")).unwrap();
@@ -719,4 +741,24 @@ fn moved_checkpoint_and_weights_override() {
         "4",
     ]);
     assert_eq!(before, after);
+}
+
+#[test]
+fn cost_report_arguments() {
+    let spec = "examples/minimax-tiny.toml";
+    let m = repo().join(spec);
+    let m = m.to_str().unwrap();
+    fails(&["report", m, "--gpu", "tpu9"], &["--gpu \"tpu9\"", "h200"]);
+    fails(
+        &["report", m, "--gpu", "h100", "--bandwidth=-3"],
+        &["--bandwidth"],
+    );
+    fails(
+        &["report", m, "--flops", "100"],
+        &["--bandwidth and --flops"],
+    );
+    fails(&["report", m, "--context", "0"], &["--context"]);
+    // compare needs two models: a usage error (exit code 2).
+    let out = Command::new(bin()).args(["compare", m]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
 }

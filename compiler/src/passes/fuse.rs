@@ -171,16 +171,23 @@ pub fn decide(g: &Graph) -> Fusion {
                 let cq = a.l2_q.and_then(|l| conv(Some(g.inputs(l)[0]), l));
                 let ck = a.l2_k.and_then(|l| conv(Some(g.inputs(l)[0]), l));
                 let cv = conv(Some(ins[2]), n);
+                let size = |c: NodeIndex| match g.node(c).op {
+                    Op::ShortConv { kernel, .. } => kernel,
+                    _ => 0,
+                };
+                // One kernel size for the three: the fused kernel reads it from q's conv.
                 if let (Some(cq), Some(ck), Some(cv)) = (cq, ck, cv) {
-                    a.conv = Some([cq, ck, cv]);
-                    f.absorbed.extend([cq, ck, cv]);
+                    if size(cq) == size(ck) && size(ck) == size(cv) {
+                        a.conv = Some([cq, ck, cv]);
+                        f.absorbed.extend([cq, ck, cv]);
+                    }
                 }
                 if let Some(r) = readers.get(&n).filter(|r| r.len() == 1 && n != g.output) {
                     let norm = r[0];
                     if let Op::GatedRmsNorm { group, .. } = g.node(norm).op {
                         let gin = g.inputs(norm);
                         // The gate must exist when the recurrence runs.
-                        if group == rec.dv && gin[0] == n && gin[1] < n {
+                        if group == rec.dv && gin[0] == n && gin[1] < n && norm != g.output {
                             a.out_norm = Some(norm);
                             f.writes.insert(norm, n);
                         }

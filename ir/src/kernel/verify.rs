@@ -37,6 +37,8 @@ struct Scope<'k> {
     k: &'k Kernel,
     vars: Vec<HashMap<String, Ty>>,
     bufs: Vec<HashMap<String, Buf>>,
+    /// Every local declared so far, wherever: one name, one element type and length.
+    locals: HashMap<String, (Elem, usize)>,
 }
 
 /// Checks `k`; the error names the kernel and the offending statement or expression.
@@ -81,6 +83,7 @@ pub fn verify_kernel(k: &Kernel) -> Result<(), String> {
         k,
         vars: vec![HashMap::new()],
         bufs: vec![params],
+        locals: HashMap::new(),
     };
     s.block(&k.body).or_else(fail)
 }
@@ -147,6 +150,19 @@ impl Scope<'_> {
             Stmt::Local { name, elem, len } => {
                 if *len == 0 {
                     return Err(format!("local {name} has no elements"));
+                }
+                // Targets give each local name one allocation for the whole program.
+                if self.k.param(name).is_some() {
+                    return Err(format!("local {name} has the name of a parameter"));
+                }
+                if let Some((e, l)) = self.locals.insert(name.clone(), (*elem, *len)) {
+                    if (e, l) != (*elem, *len) {
+                        return Err(format!(
+                            "local {name} declared again as {}[{len}] (was {}[{l}])",
+                            elem.name(),
+                            e.name()
+                        ));
+                    }
                 }
                 self.bufs
                     .last_mut()
@@ -338,6 +354,26 @@ mod tests {
             ],
             body,
         }
+    }
+
+    #[test]
+    fn locals_keep_one_shape_and_do_not_shadow_parameters() {
+        let shadow = kernel(vec![local("x", 4)]);
+        assert!(verify_kernel(&shadow)
+            .unwrap_err()
+            .contains("name of a parameter"));
+        let twice = kernel(vec![
+            for_("a", i(0), i(2), vec![local("t", 4)]),
+            for_("b", i(0), i(2), vec![local("t", 8)]),
+        ]);
+        assert!(verify_kernel(&twice)
+            .unwrap_err()
+            .contains("declared again"));
+        let same = kernel(vec![
+            for_("a", i(0), i(2), vec![local("t", 4)]),
+            for_("b", i(0), i(2), vec![local("t", 4)]),
+        ]);
+        assert!(verify_kernel(&same).is_ok());
     }
 
     #[test]

@@ -224,6 +224,21 @@ impl HostEngine {
                         Arg::Arena { .. } => true,
                         _ => p.elem == Elem::F32,
                     };
+                    // Weights (possibly a read-only file mapping), constants and the row
+                    // indices are shared, never written.
+                    let read_only = matches!(
+                        a,
+                        Arg::Weight { .. } | Arg::Const { .. } | Arg::Tokens | Arg::Slot | Arg::Pos
+                    );
+                    if read_only && p.access != lamina_ir::kernel::Access::Read {
+                        return Err(bad_plan(
+                            dir,
+                            format!(
+                                "{sname}.launches[{li}] ({}): parameter {} may be written, but its argument is read-only",
+                                k.name, p.name
+                            ),
+                        ));
+                    }
                     if have < need || !elem_ok {
                         return Err(bad_plan(
                             dir,

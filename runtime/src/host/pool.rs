@@ -5,6 +5,8 @@
 //! Workers spin on an epoch counter between launches and park only after [`SPIN`] without
 //! work, like OpenMP's active wait policy.
 
+use std::any::Any;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -27,6 +29,8 @@ struct Shared {
     sleeping: AtomicUsize,
     park: Mutex<()>,
     wake: Condvar,
+    /// The first panic of a worker's share in the current job.
+    panic: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
 pub struct Pool {
@@ -47,6 +51,7 @@ impl Pool {
             sleeping: AtomicUsize::new(0),
             park: Mutex::new(()),
             wake: Condvar::new(),
+            panic: Mutex::new(None),
         });
         let n = threads.max(1);
         let workers = (1..n)
@@ -85,6 +90,8 @@ impl Pool {
     }
 
     /// Runs `f(t, threads)` on every thread of the pool and returns when all have finished.
+    /// A panic in any share is re-raised here, after every share has finished (the job's
+    /// borrows stay valid until then).
     pub fn run(&self, f: &Job<'_>) {
         let n = self.threads();
         if n == 1 {
@@ -94,7 +101,8 @@ impl Pool {
         let _one = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         let s = &*self.shared;
         // SAFETY: the reference is erased to 'static only while published: this function
-        // waits below until every worker has finished with it before returning.
+        // waits below until every worker has finished with it before returning or unwinding
+        // (the caller's own share cannot unwind past the wait: it is caught).
         let fat: &'static Job<'static> = unsafe { std::mem::transmute::<&Job<'_>, _>(f) };
         let slot = &fat as *const &'static Job<'static> as *mut &'static Job<'static>;
         s.job.store(slot, Ordering::Relaxed);
@@ -104,9 +112,16 @@ impl Pool {
             let _g = s.park.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
-        f(0, n);
+        let mine = catch_unwind(AssertUnwindSafe(|| f(0, n)));
         while s.done.load(Ordering::Acquire) < n - 1 {
             std::hint::spin_loop();
+        }
+        let theirs = s.panic.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Err(p) = mine {
+            resume_unwind(p);
+        }
+        if let Some(p) = theirs {
+            resume_unwind(p);
         }
     }
 }
@@ -139,7 +154,12 @@ fn worker(s: &Shared, t: usize, n: usize) {
         }
         // SAFETY: the publisher keeps the job alive until `done` counts this worker.
         let f: &Job<'_> = unsafe { *s.job.load(Ordering::Relaxed) };
-        f(t, n);
+        // A panicking share must still be counted, or the publisher would wait forever; the
+        // panic is handed to the publisher, which re-raises it.
+        if let Err(p) = catch_unwind(AssertUnwindSafe(|| f(t, n))) {
+            let mut slot = s.panic.lock().unwrap_or_else(|e| e.into_inner());
+            slot.get_or_insert(p);
+        }
         s.done.fetch_add(1, Ordering::Release);
     }
 }
@@ -160,6 +180,26 @@ impl Drop for Pool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_panicking_share_reaches_the_caller_and_the_pool_survives() {
+        let p = Pool::new(2);
+        for culprit in [0, 1] {
+            let r = catch_unwind(AssertUnwindSafe(|| {
+                p.run(&|t, _| {
+                    if t == culprit {
+                        panic!("share {t} fails");
+                    }
+                })
+            }));
+            assert!(r.is_err(), "the panic of share {culprit} was lost");
+        }
+        let hits = AtomicUsize::new(0);
+        p.run(&|_, _| {
+            hits.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(hits.into_inner(), 2);
+    }
 
     #[test]
     fn every_thread_runs_each_job_once() {

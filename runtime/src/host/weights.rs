@@ -86,13 +86,16 @@ impl Loader {
         };
         if dtype != "F32"
             || !rows.is_empty()
-            || *bytes != want * 4
+            || Some(*bytes) != want.checked_mul(4)
             || !cfg!(target_endian = "little")
         {
             return Ok(None);
         }
         let (map, path) = self.map(&w.name, file)?;
-        let Some(b) = map.get(*offset..offset + bytes) else {
+        let Some(b) = offset
+            .checked_add(*bytes)
+            .and_then(|end| map.get(*offset..end))
+        else {
             return Ok(None); // reported by the copying path
         };
         if !(b.as_ptr() as usize).is_multiple_of(4) {
@@ -156,7 +159,8 @@ impl Loader {
                 rows,
             } => {
                 let (m, path) = self.map(name, file)?;
-                let b = m.get(*offset..offset + bytes).ok_or_else(|| Error::Weights {
+                let end = offset.checked_add(*bytes);
+                let b = end.and_then(|e| m.get(*offset..e)).ok_or_else(|| Error::Weights {
                     file: path.display().to_string(),
                     msg: format!("weight {name}: bytes {offset}..{} lie outside the file (was the checkpoint replaced?)", offset + bytes),
                 })?;
