@@ -12,10 +12,11 @@
 //!   the given context;
 //! - FLOPs count a multiply-add as 2. Projections `2·in·out`; routed experts `k·6·d·I` plus the
 //!   router `2·d·E`; a recurrence step `6·H·dk·dv` (decay and `Sᵀk`, the rank-1 update, `Sᵀq`);
-//!   attention over `n` cached positions `2·n·H·(d_qk + d_v)`, MLA in the absorbed form
-//!   `2·n·H·(2r + d_rope)` plus `2·H·r·(d_nope + d_v)` for the absorption; prefill attends to
-//!   half the context on average, and its chunked recurrences add `2·H·C·(dk + dv)` per token
-//!   for the in-chunk products (C = 64).
+//!   attention over `n` cached positions `2·n·H·(d_qk + d_v)`; MLA decode in the absorbed form
+//!   `2·n·H·(2r + d_rope)` plus `2·H·r·(d_nope + d_v)` for the absorption, MLA prefill in the
+//!   expanded form (`2·r·H·(d_nope + d_v)` to expand a token's latent, then plain attention);
+//!   prefill attends to half the context on average, and its chunked recurrences add
+//!   `2·H·C·(dk + dv)` per token for the in-chunk products (C = 64).
 
 use std::collections::BTreeMap;
 
@@ -205,10 +206,13 @@ pub fn cost(g: &Graph, batch: usize, context: usize, gpu: Option<Gpu>) -> Cost {
                 ..
             } => {
                 let (h, r) = (*heads as f64, *kv_lora_rank as f64);
-                let per = 2.0 * h * (2.0 * r + *rope as f64);
-                let absorb = 2.0 * h * r * (*nope + *v_dim) as f64;
-                dec_mix += per * n + absorb;
-                pre_mix += per * n / 2.0 + absorb;
+                let (dn, dr, dv) = (*nope as f64, *rope as f64, *v_dim as f64);
+                // Decode: absorbed (attend in the latent space, map back once).
+                let absorb = 2.0 * h * r * (dn + dv);
+                dec_mix += 2.0 * h * (2.0 * r + dr) * n + absorb;
+                // Prefill: each token's latent expanded to keys and values once, then plain
+                // attention over half the context on average.
+                pre_mix += 2.0 * h * (dn + dr + dv) * n / 2.0 + 2.0 * r * h * (dn + dv);
             }
             _ => {}
         }
