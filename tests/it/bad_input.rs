@@ -762,3 +762,37 @@ fn cost_report_arguments() {
     let out = Command::new(bin()).args(["compare", m]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `--format svg` renders with Graphviz when it is installed and says how to get it when not.
+#[test]
+fn graph_svg_needs_graphviz() {
+    let m = repo().join("examples/minimax-tiny.toml");
+    let m = m.to_str().unwrap();
+    let out = Command::new(bin())
+        .args(["ir", m, "--format", "svg"])
+        .env("LAMINA_DOT", "/nonexistent/dot")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("apt-get install graphviz"), "{err}");
+    let have_dot = Command::new("dot").arg("-V").output().is_ok();
+    if !have_dot {
+        eprintln!("SKIP svg rendering: Graphviz `dot` is not installed");
+        return;
+    }
+    let out = Command::new(bin())
+        .args(["ir", m, "--format", "svg"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("<svg"));
+    fails(
+        &["ir", m, "--stage", "kernel", "--format", "dot"],
+        &["--stage graph"],
+    );
+}

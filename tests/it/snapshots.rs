@@ -91,3 +91,20 @@ mlir_snapshot!(mlir_kimi_linear_tiny, "kimi-linear-tiny.toml");
 mlir_snapshot!(mlir_qwen3_next_tiny, "qwen3-next-tiny.toml");
 mlir_snapshot!(mlir_minimax_tiny, "minimax-tiny.toml");
 mlir_snapshot!(mlir_deepseek_v3_tiny, "deepseek-v3-tiny.toml");
+
+/// The Graphviz form of the graph (`ir --stage graph --format dot`).
+#[test]
+fn graph_dot_qwen3_next_tiny() {
+    let m = Model::open(&repo().join("examples/qwen3-next-tiny.toml")).unwrap();
+    let dot = lamina_ir::graph::print::print_dot(&m.graph);
+    // Every operand is an edge.
+    let edges = dot.lines().filter(|l| l.contains(" -> ")).count();
+    let operands: usize = m
+        .graph
+        .schedule()
+        .iter()
+        .map(|&n| m.graph.inputs(n).len())
+        .sum();
+    assert_eq!(edges, operands);
+    insta::assert_snapshot!(dot);
+}

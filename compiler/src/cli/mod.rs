@@ -37,7 +37,8 @@ enum Cmd {
     Check { model: PathBuf },
     /// Print an intermediate representation of a model.
     #[command(
-        after_help = "Example:\n  compile-model ir examples/minimax-tiny.toml --stage graph"
+        after_help = "Examples:\n  compile-model ir examples/minimax-tiny.toml --stage graph\n  \
+compile-model ir examples/kimi-linear-tiny.toml --stage graph --format svg > kimi.svg"
     )]
     Ir {
         model: PathBuf,
@@ -49,6 +50,9 @@ enum Cmd {
         /// Target of the MLIR stage (host only so far).
         #[arg(long, default_value = "host")]
         target: String,
+        /// Output of the graph stage: text, Graphviz dot, or SVG rendered with `dot`.
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
         #[command(flatten)]
         sizes: build::SizeArgs,
     },
@@ -96,6 +100,13 @@ enum Stage {
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Format {
+    Text,
+    Dot,
+    Svg,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum PhaseArg {
     Prefill,
     Decode,
@@ -119,8 +130,9 @@ pub fn main() -> ExitCode {
             stage,
             phase,
             target,
+            format,
             sizes,
-        } => ir::ir(&model, stage, phase, &target, &sizes),
+        } => ir::ir(&model, stage, phase, &target, format, &sizes),
         Cmd::Build(args) => build::build_cmd(&args),
         Cmd::Report(args) => build::report(&args),
         Cmd::Compare(args) => cost::compare(&args),

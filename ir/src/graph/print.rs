@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::fmt::Write;
 
-use crate::graph::{Decay, GateForm, Graph, Op, StateKind, Unary, Update};
+use crate::graph::{Decay, GateForm, Graph, NodeIndex, Op, StateKind, Unary, Update};
 use crate::spec::{RopeStyle, RouterKind};
 
 /// Shortest round-tripping form of a float (`1e-6`, `0.5`, `2.446`).
@@ -195,5 +195,63 @@ pub fn print_graph(g: &Graph) -> String {
         let _ = writeln!(out, "{line} : {ty}  // {}", node.name);
     }
     let _ = writeln!(out, "  return %{}", num[&g.output]);
+    out
+}
+
+/// Graphviz text of the graph: one box per node (name, op, type), an edge per operand, one
+/// cluster per layer. `compile-model ir MODEL --stage graph --format dot|svg`.
+pub fn print_dot(g: &Graph) -> String {
+    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let layer_of = |name: &str| -> Option<usize> {
+        name.strip_prefix("layers.")?
+            .split('.')
+            .next()?
+            .parse()
+            .ok()
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "digraph \"{}\" {{", esc(&g.name));
+    let _ = writeln!(out, "  rankdir=TB;");
+    let _ = writeln!(
+        out,
+        "  node [shape=box, fontname=\"monospace\", fontsize=10];"
+    );
+    let mut by_layer: std::collections::BTreeMap<Option<usize>, Vec<NodeIndex>> =
+        Default::default();
+    for n in g.schedule() {
+        by_layer
+            .entry(layer_of(&g.node(n).name))
+            .or_default()
+            .push(n);
+    }
+    for (layer, nodes) in &by_layer {
+        let pad = if layer.is_some() { "    " } else { "  " };
+        if let Some(l) = layer {
+            let (m, f) = &g.layer_kinds[*l];
+            let _ = writeln!(out, "  subgraph cluster_{l} {{");
+            let _ = writeln!(out, "    label=\"layer {l}: {} + {}\";", esc(m), esc(f));
+        }
+        for &n in nodes {
+            let node = g.node(n);
+            let cols = node.ty.cols.map_or(String::new(), |c| format!(", {c}"));
+            let _ = writeln!(
+                out,
+                "{pad}n{} [label=\"{}\\n{} : {}[T{cols}]\"];",
+                n.index(),
+                esc(&node.name),
+                node.op.mnemonic(),
+                node.ty.dtype.name()
+            );
+        }
+        if layer.is_some() {
+            let _ = writeln!(out, "  }}");
+        }
+    }
+    for n in g.schedule() {
+        for i in g.inputs(n) {
+            let _ = writeln!(out, "  n{} -> n{};", i.index(), n.index());
+        }
+    }
+    out.push_str("}\n");
     out
 }
