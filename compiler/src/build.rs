@@ -318,6 +318,18 @@ pub fn build(
     options: Options,
     seed: u64,
 ) -> Result<BuildReport, Error> {
+    build_with_progress(model, out, target, options, seed, &|_, _| {})
+}
+
+/// [`build`], reporting `progress(kernels compiled, kernels)` during code generation.
+pub fn build_with_progress(
+    model: &Model,
+    out: &Path,
+    target: Target,
+    options: Options,
+    seed: u64,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<BuildReport, Error> {
     let start = Instant::now();
     if target != Target::Host {
         return Err(Error::Compile(target.unavailable()));
@@ -334,7 +346,8 @@ pub fn build(
         .tempdir_in(&parent)
         .map_err(|e| Error::io(&parent, e))?;
     let kernels: Vec<lamina_ir::kernel::Kernel> = program.kernels().into_iter().cloned().collect();
-    let codegen = lamina_targets::host::build_library(&kernels, &tmp.path().join(HOST_LIBRARY))
+    let library = tmp.path().join(HOST_LIBRARY);
+    let codegen = lamina_targets::host::build_library_with_progress(&kernels, &library, progress)
         .map_err(|e| Error::Compile(e.to_string()))?;
     let write = |name: &str, bytes: &[u8]| -> Result<(), Error> {
         let path = tmp.path().join(name);

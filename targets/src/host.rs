@@ -41,6 +41,15 @@ pub struct HostTimings {
 /// Compiles `kernels` into the shared library `out` (written in place: callers put it in a
 /// temporary directory that they rename when the whole artifact is complete).
 pub fn build_library(kernels: &[Kernel], out: &Path) -> Result<HostTimings, TargetError> {
+    build_library_with_progress(kernels, out, &|_, _| {})
+}
+
+/// [`build_library`], calling `progress(done, total)` as kernels finish (from the workers).
+pub fn build_library_with_progress(
+    kernels: &[Kernel],
+    out: &Path,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<HostTimings, TargetError> {
     for k in kernels {
         if k.local_bytes() > LOCAL_BUDGET {
             return Err(TargetError::Kernel(format!(
@@ -56,6 +65,7 @@ pub fn build_library(kernels: &[Kernel], out: &Path) -> Result<HostTimings, Targ
     // counter; every kernel is its own module and object, so its compile time is its own.
     let workers = if kernels.len() >= 4 { 2 } else { 1 };
     let next = std::sync::atomic::AtomicUsize::new(0);
+    let finished = std::sync::atomic::AtomicUsize::new(0);
     let objs: Vec<_> = (0..kernels.len())
         .map(|i| out.with_extension(format!("{i}.o")))
         .collect();
@@ -72,6 +82,11 @@ pub fn build_library(kernels: &[Kernel], out: &Path) -> Result<HostTimings, Targ
                         }
                         let k = std::slice::from_ref(&kernels[i]);
                         done.push((i, compile_object(&cx, k, &objs[i])?));
+                        finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        progress(
+                            finished.load(std::sync::atomic::Ordering::Relaxed),
+                            kernels.len(),
+                        );
                     }
                 })
             })

@@ -796,3 +796,38 @@ fn graph_svg_needs_graphviz() {
         &["--stage graph"],
     );
 }
+
+/// On a pipe a command prints its results only: no progress bars, no logs; `-v` adds the pass
+/// timings on stderr, `-q` keeps quiet.
+#[test]
+fn quiet_on_a_pipe_and_verbose_on_request() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("a");
+    let spec = repo().join("examples/minimax-tiny.toml");
+    let run = |extra: &[&str]| {
+        let o = Command::new(bin())
+            .args(["build", spec.to_str().unwrap(), "-o", out.to_str().unwrap()])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (stdout, stderr) = run(&[]);
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.starts_with("wrote "), "{stdout}");
+    assert!(stderr.is_empty(), "stderr on a pipe: {stderr}");
+    let (_, stderr) = run(&["-v"]);
+    assert!(stderr.contains("pass fuse"), "{stderr}");
+    assert!(
+        !stderr.contains("per kernel"),
+        "-v shows no per-kernel lines: {stderr}"
+    );
+    let (_, stderr) = run(&["-vv"]);
+    assert!(stderr.contains("per kernel"), "{stderr}");
+    let (_, stderr) = run(&["-q", "-v"]);
+    assert!(stderr.is_empty(), "-q: {stderr}");
+}

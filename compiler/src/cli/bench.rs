@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use lamina_ir::model::Model;
 use lamina_ir::plan::PLAN_FILE;
-use lamina_runtime::host::{HostEngine, Pool};
+use lamina_runtime::host::Pool;
 use lamina_runtime::reference::{argmax, Reference};
 
 use super::CliResult;
@@ -60,7 +60,7 @@ pub fn bench(a: &BenchArgs) -> CliResult {
         super::run::cached_build(&a.model, options, a.seed)?
     };
     let load = Instant::now();
-    let mut e = HostEngine::load(&artifact, a.weights.as_deref()).map_err(|e| e.to_string())?;
+    let mut e = super::run::load_engine(&artifact, a.weights.as_deref())?;
     let load = load.elapsed();
     let limits = e.plan.limits;
     if a.batch > limits.max_batch || a.prompt_len + a.gen > limits.max_context {

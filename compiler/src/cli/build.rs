@@ -8,7 +8,7 @@ use lamina_targets::Target;
 
 use super::check::bytes;
 use super::CliResult;
-use crate::build::{build, compile_program, make_plan};
+use crate::build::{build_with_progress, compile_program, make_plan};
 use crate::kernels::Phase;
 use crate::passes::Options;
 
@@ -63,9 +63,6 @@ pub struct BuildArgs {
     /// Seed of the random weights of a native spec (recorded in the plan).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Print the time of every pass and code-generation stage.
-    #[arg(short, long)]
-    verbose: bool,
 }
 
 pub fn parse_target(s: &str) -> Result<Target, String> {
@@ -76,24 +73,29 @@ pub fn build_cmd(a: &BuildArgs) -> CliResult {
     let target = parse_target(&a.target)?;
     let options = a.sizes.options()?;
     let m = Model::open(&a.model).map_err(|e| e.to_string())?;
-    let r = build(&m, &a.out, target, options, a.seed).map_err(|e| e.to_string())?;
-    if a.verbose {
-        for (name, t) in &r.pass_times {
-            eprintln!("pass {name:<18} {:>9.3} ms", t.as_secs_f64() * 1e3);
-        }
-        let c = &r.codegen;
-        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-        eprintln!("codegen (CPU time over all kernels and both workers)");
-        eprintln!("  lower-to-mlir        {:>9.3} ms", ms(c.lower));
-        eprintln!("  mlir-passes          {:>9.3} ms", ms(c.passes));
-        eprintln!("  llvm-O3+object       {:>9.3} ms", ms(c.llvm));
-        eprintln!("  link                 {:>9.3} ms", ms(c.link));
-        eprintln!("per kernel (lower + MLIR passes + LLVM):");
-        let mut per = c.per_kernel.clone();
-        per.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
-        for (name, t) in per {
-            eprintln!("  {:>9.3} ms  {name}", ms(t));
-        }
+    let bar = super::ui::bar(0, "kernels");
+    let r = build_with_progress(&m, &a.out, target, options, a.seed, &|done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .map_err(|e| e.to_string());
+    bar.finish_and_clear();
+    let r = r?;
+    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+    for (name, t) in &r.pass_times {
+        tracing::info!("pass {name:<18} {:>9.3} ms", ms(*t));
+    }
+    let c = &r.codegen;
+    tracing::info!("codegen (CPU time over all kernels and both workers)");
+    tracing::info!("  lower-to-mlir        {:>9.3} ms", ms(c.lower));
+    tracing::info!("  mlir-passes          {:>9.3} ms", ms(c.passes));
+    tracing::info!("  llvm-O3+object       {:>9.3} ms", ms(c.llvm));
+    tracing::info!("  link                 {:>9.3} ms", ms(c.link));
+    let mut per = c.per_kernel.clone();
+    per.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
+    tracing::debug!("per kernel (lower + MLIR passes + LLVM):");
+    for (name, t) in per {
+        tracing::debug!("  {:>9.3} ms  {name}", ms(t));
     }
     println!(
         "wrote {} ({} kernels, {} prefill / {} decode launches) in {:.2} s",

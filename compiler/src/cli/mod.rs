@@ -6,6 +6,7 @@ mod check;
 mod cost;
 mod ir;
 mod run;
+mod ui;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,6 +29,12 @@ compile-model run tests/fixtures/oracle/qwen3_next/model --reference --tokens 1,
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// More detail on stderr: -v pass and stage timings, -vv per-kernel details.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Nothing but results: no progress bars, no logs below errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -123,6 +130,7 @@ pub type CliResult = Result<(), String>;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    ui::init(cli.verbose, cli.quiet);
     let result = match cli.cmd {
         Cmd::Check { model } => check::check(&model),
         Cmd::Ir {

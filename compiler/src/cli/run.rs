@@ -107,7 +107,13 @@ fn run_compiled(a: &RunArgs, tokens: &[i64]) -> CliResult {
     } else {
         cached_build(&a.model, a.sizes.options()?, a.seed)?
     };
-    let mut e = HostEngine::load(&artifact, a.weights.as_deref()).map_err(|e| e.to_string())?;
+    let mut e = load_engine(&artifact, a.weights.as_deref())?;
+    let prefill = super::ui::bar(tokens.len(), "prefill");
+    let shown = prefill.clone();
+    e.on_prefill_progress(move |done, total| {
+        shown.set_length(total as u64);
+        shown.set_position(done as u64);
+    });
     let need = tokens.len() + a.max_new_tokens - 1;
     if need > e.plan.limits.max_context {
         return Err(format!(
@@ -117,9 +123,9 @@ fn run_compiled(a: &RunArgs, tokens: &[i64]) -> CliResult {
             e.plan.limits.max_context
         ));
     }
-    let mut gens = e
-        .generate(&[tokens.to_vec()], a.max_new_tokens)
-        .map_err(|e| e.to_string())?;
+    let gens = e.generate(&[tokens.to_vec()], a.max_new_tokens);
+    prefill.finish_and_clear();
+    let mut gens = gens.map_err(|e| e.to_string())?;
     let g = gens.pop().expect("one sequence");
     let toks: Vec<String> = g.tokens.iter().map(|t| t.to_string()).collect();
     println!("{}", toks.join(","));
@@ -128,6 +134,17 @@ fn run_compiled(a: &RunArgs, tokens: &[i64]) -> CliResult {
         write_logits_raw(path, &g.prefill_logits, &g.decode_logits, vocab, &g.tokens)?;
     }
     Ok(())
+}
+
+/// Loads an artifact, with a progress bar over its weights.
+pub fn load_engine(artifact: &Path, weights: Option<&Path>) -> Result<HostEngine, String> {
+    let bar = super::ui::bar(0, "weights");
+    let e = HostEngine::load_with_progress(artifact, weights, &|done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    e.map_err(|e| e.to_string())
 }
 
 /// Compiles a model path for the host into `$LAMINA_CACHE_DIR` (default
@@ -164,8 +181,21 @@ pub fn cached_build(
     };
     let dir = root.join(&key[..16]);
     if !dir.join(lamina_ir::plan::PLAN_FILE).exists() {
-        crate::build::build(&m, &dir, lamina_targets::Target::Host, options, seed)
-            .map_err(|e| e.to_string())?;
+        tracing::info!("compiling {} into {}", model.display(), dir.display());
+        let bar = super::ui::bar(0, "kernels");
+        let r = crate::build::build_with_progress(
+            &m,
+            &dir,
+            lamina_targets::Target::Host,
+            options,
+            seed,
+            &|done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            },
+        );
+        bar.finish_and_clear();
+        r.map_err(|e| e.to_string())?;
     }
     Ok(dir)
 }

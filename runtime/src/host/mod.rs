@@ -91,6 +91,8 @@ pub struct HostEngine {
     pos: Vec<usize>,
     /// Per-kernel time and launch count of each phase (`[prefill, decode]`), when profiling.
     profile: Option<[Vec<(Duration, usize)>; 2]>,
+    /// Called with (tokens prefilled, prompt length) after each prefill piece.
+    prefill_progress: Option<Box<dyn Fn(usize, usize)>>,
 }
 
 /// Time spent in one kernel over the launches of one phase (see [`HostEngine::profile`]).
@@ -120,6 +122,15 @@ fn bad_plan(dir: &Path, msg: String) -> Error {
 impl HostEngine {
     /// Loads the artifact in `dir`; `weights_dir` overrides where checkpoint files are read.
     pub fn load(dir: &Path, weights_dir: Option<&Path>) -> Result<HostEngine, Error> {
+        Self::load_with_progress(dir, weights_dir, &|_, _| {})
+    }
+
+    /// [`HostEngine::load`], calling `progress(done, total)` as weights are mapped or converted.
+    pub fn load_with_progress(
+        dir: &Path,
+        weights_dir: Option<&Path>,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<HostEngine, Error> {
         let plan = Plan::load(dir)?;
         if plan.target != "host" {
             return Err(bad_plan(
@@ -172,10 +183,16 @@ impl HostEngine {
             None => Path::new(&plan.model.source).to_path_buf(),
         };
         let mut loader = weights::Loader::new(&wdir);
+        let total = plan.weights.len();
         let weights = plan
             .weights
             .iter()
-            .map(|w| loader.load(w))
+            .enumerate()
+            .map(|(i, w)| {
+                let r = loader.load(w);
+                progress(i + 1, total);
+                r
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let pools = plan
             .pools
@@ -197,6 +214,7 @@ impl HostEngine {
             pools,
             constants,
             profile: None,
+            prefill_progress: None,
         };
         e.check_shapes(dir)?;
         Ok(e)
@@ -254,6 +272,11 @@ impl HostEngine {
             }
         }
         Ok(())
+    }
+
+    /// Calls `f(tokens done, prompt length)` after every prefill piece (for progress bars).
+    pub fn on_prefill_progress(&mut self, f: impl Fn(usize, usize) + 'static) {
+        self.prefill_progress = Some(Box::new(f));
     }
 
     /// Starts (or, with `false`, stops and clears) timing every launch by kernel.
@@ -343,6 +366,9 @@ impl HostEngine {
             let logits = self.run(false, piece, &slots, &pos)?;
             out.extend(logits);
             self.pos[slot] += piece.len();
+            if let Some(f) = &self.prefill_progress {
+                f(out.len() / self.vocab(), tokens.len());
+            }
         }
         Ok(out)
     }
