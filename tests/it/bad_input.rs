@@ -831,3 +831,108 @@ fn quiet_on_a_pipe_and_verbose_on_request() {
     let (_, stderr) = run(&["-q", "-v"]);
     assert!(stderr.is_empty(), "-q: {stderr}");
 }
+
+/// Text in, text out: a word-level tokenizer built here, `generate` and `run --prompt` stream
+/// the same words the token-id path produces, stopping at the EOS id of
+/// generation_config.json; sampling is reproducible under a seed; without a tokenizer,
+/// `--prompt` says why it cannot work.
+#[test]
+fn text_generation_with_a_tokenizer() {
+    use tokenizers::models::wordlevel::WordLevel;
+    use tokenizers::pre_tokenizers::whitespace::Whitespace;
+    use tokenizers::Tokenizer;
+    let (d, m) = hf_copy("qwen3_next");
+    let word = |i: usize| {
+        if i == 0 {
+            "[UNK]".to_string()
+        } else {
+            format!("w{i}")
+        }
+    };
+    let vocab: std::collections::HashMap<String, u32> =
+        (0..256).map(|i| (word(i), i as u32)).collect();
+    let model = WordLevel::builder()
+        .vocab(vocab.into_iter().collect())
+        .unk_token("[UNK]".into())
+        .build()
+        .unwrap();
+    let mut tok = Tokenizer::new(model);
+    tok.with_pre_tokenizer(Some(Whitespace {}));
+    tok.save(m.join("tokenizer.json"), false).unwrap();
+    let eos = 7;
+    std::fs::write(
+        m.join("generation_config.json"),
+        format!("{{\"eos_token_id\": [{eos}]}}"),
+    )
+    .unwrap();
+    let art = d.path().join("artifact");
+    let mm = m.to_str().unwrap();
+    let a = art.to_str().unwrap();
+    let ok = |args: &[&str]| {
+        let out = Command::new(bin()).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
+    };
+    ok(&["build", mm, "-o", a]);
+    let ids = ok(&["run", a, "--tokens", "12,40,3", "--max-new-tokens", "12"]);
+    let want: Vec<String> = ids
+        .split(',')
+        .map(|t| t.parse::<usize>().unwrap())
+        .take_while(|&t| t != eos)
+        .map(word)
+        .collect();
+    let want = want.join(" ");
+    let got = ok(&[
+        "generate",
+        a,
+        "--prompt",
+        "w12 w40 w3",
+        "--max-new-tokens",
+        "12",
+    ]);
+    assert_eq!(got, want);
+    assert_eq!(
+        ok(&["run", a, "--prompt", "w12 w40 w3", "--max-new-tokens", "12"]),
+        want
+    );
+    assert_eq!(
+        ok(&[
+            "run",
+            mm,
+            "--reference",
+            "--prompt",
+            "w12 w40 w3",
+            "--max-new-tokens",
+            "12"
+        ]),
+        want
+    );
+    let sample = [
+        "generate",
+        a,
+        "--prompt",
+        "w12 w40 w3",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "1.5",
+        "--top-p",
+        "0.9",
+        "--seed",
+        "5",
+    ];
+    assert_eq!(ok(&sample), ok(&sample));
+    fails(
+        &["generate", a, "--prompt", "w1", "--top-p", "0"],
+        &["--top-p"],
+    );
+    let spec = repo().join("examples/qwen3-next-tiny.toml");
+    fails(
+        &["run", spec.to_str().unwrap(), "--prompt", "hello"],
+        &["tokenizer", "--tokens"],
+    );
+}

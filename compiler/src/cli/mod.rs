@@ -4,6 +4,7 @@ mod bench;
 mod build;
 mod check;
 mod cost;
+mod generate;
 mod ir;
 mod run;
 mod ui;
@@ -87,6 +88,12 @@ examples/minimax-text-01.toml examples/deepseek-v3.toml --gpu h200 --context 131
 --max-new-tokens 8 --logits-out out.safetensors"
     )]
     Run(run::RunArgs),
+    /// Generate text from a text prompt with the checkpoint's tokenizer, streamed.
+    #[command(
+        after_help = "Example:\n  compile-model generate path/to/checkpoint --prompt \"The capital of France is\" \
+--max-new-tokens 32 --temperature 0.7 --top-p 0.9 --seed 1"
+    )]
+    Generate(generate::GenerateArgs),
     /// Time prefill and decode of a compiled host plan against the measured memory bandwidth.
     #[command(
         after_help = "Example:\n  compile-model bench examples/qwen3-next-small.toml --prompt-len 512 --gen 64 --reference"
@@ -146,6 +153,7 @@ pub fn main() -> ExitCode {
         Cmd::Compare(args) => cost::compare(&args),
         Cmd::Run(args) => run::run(&args),
         Cmd::Bench(args) => bench::bench(&args),
+        Cmd::Generate(args) => generate::generate(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

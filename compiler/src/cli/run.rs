@@ -23,8 +23,17 @@ pub struct RunArgs {
     #[command(flatten)]
     sizes: super::build::SizeArgs,
     /// Prompt token ids, comma-separated (e.g. 1,2,3).
-    #[arg(long, required = true, allow_hyphen_values = true)]
-    tokens: String,
+    #[arg(
+        long,
+        allow_hyphen_values = true,
+        required_unless_present = "prompt",
+        conflicts_with = "prompt"
+    )]
+    tokens: Option<String>,
+    /// The prompt as text, tokenized with the checkpoint's tokenizer.json; the generated text
+    /// is streamed (greedy).
+    #[arg(long)]
+    prompt: Option<String>,
     #[arg(long, default_value_t = 8)]
     max_new_tokens: usize,
     /// Write prefill_logits, decode_logits (f32) and tokens (i64) to this safetensors file.
@@ -41,7 +50,10 @@ pub fn run(a: &RunArgs) -> CliResult {
     if a.max_new_tokens == 0 {
         return Err("--max-new-tokens must be at least 1".into());
     }
-    let tokens = parse_tokens(&a.tokens)?;
+    if let Some(prompt) = &a.prompt {
+        return run_text(a, prompt);
+    }
+    let tokens = parse_tokens(a.tokens.as_deref().unwrap_or_default())?;
     if !a.reference {
         return run_compiled(a, &tokens);
     }
@@ -102,11 +114,7 @@ fn run_compiled(a: &RunArgs, tokens: &[i64]) -> CliResult {
     if a.precision != Precision::F32 {
         return Err("compiled plans run in f32; --precision f64 needs --reference".into());
     }
-    let artifact = if a.model.join(lamina_ir::plan::PLAN_FILE).exists() {
-        a.model.clone()
-    } else {
-        cached_build(&a.model, a.sizes.options()?, a.seed)?
-    };
+    let artifact = artifact_for(&a.model, &a.sizes, a.seed)?;
     let mut e = load_engine(&artifact, a.weights.as_deref())?;
     let prefill = super::ui::bar(tokens.len(), "prefill");
     let shown = prefill.clone();
@@ -134,6 +142,62 @@ fn run_compiled(a: &RunArgs, tokens: &[i64]) -> CliResult {
         write_logits_raw(path, &g.prefill_logits, &g.decode_logits, vocab, &g.tokens)?;
     }
     Ok(())
+}
+
+/// `run --prompt`: greedy text generation, streamed; the reference executor prints the text
+/// at the end.
+fn run_text(a: &RunArgs, prompt: &str) -> CliResult {
+    let text = super::generate::text_model(&a.model, None)?;
+    let ids = text.encode(prompt)?;
+    if a.reference {
+        let m = Model::open(&a.model).map_err(|e| e.to_string())?;
+        let w = m.weights(a.seed).map_err(|e| e.to_string())?;
+        let r = Reference::<f64>::new(&m.graph, &w);
+        let g = r
+            .generate(&ids, a.max_new_tokens)
+            .map_err(|e| e.to_string())?;
+        let upto = g
+            .tokens
+            .iter()
+            .position(|t| text.eos.contains(t))
+            .unwrap_or(g.tokens.len());
+        println!("{}", text.decode(&g.tokens[..upto])?);
+        return Ok(());
+    }
+    if a.precision != Precision::F32 {
+        return Err("compiled plans run in f32; --precision f64 needs --reference".into());
+    }
+    let artifact = artifact_for(&a.model, &a.sizes, a.seed)?;
+    let mut greedy = super::generate::Sampler::new(0.0, 1.0, 0)?;
+    let s = super::generate::stream(
+        &artifact,
+        a.weights.as_deref(),
+        &text,
+        &ids,
+        a.max_new_tokens,
+        &mut greedy,
+    )?;
+    if let Some(path) = &a.logits_out {
+        let vocab = s.prefill_logits.len() / ids.len();
+        // Tokens as chosen, a final EOS included, row for row with decode_logits.
+        let mut chosen = s.tokens.clone();
+        chosen.extend(s.eos);
+        write_logits_raw(path, &s.prefill_logits, &s.decode_logits, vocab, &chosen)?;
+    }
+    Ok(())
+}
+
+/// The artifact of a model path: itself when it is one, else compiled into the cache.
+pub fn artifact_for(
+    model: &Path,
+    sizes: &super::build::SizeArgs,
+    seed: u64,
+) -> Result<PathBuf, String> {
+    if model.join(lamina_ir::plan::PLAN_FILE).exists() {
+        Ok(model.to_path_buf())
+    } else {
+        cached_build(model, sizes.options()?, seed)
+    }
 }
 
 /// Loads an artifact, with a progress bar over its weights.
