@@ -100,6 +100,7 @@ pub fn make_plan(
                 })?;
                 Ok(WeightSource::File {
                     file: loc.file,
+                    tensor: src.tensor.clone(),
                     offset: loc.offset,
                     bytes: loc.bytes,
                     dtype: loc.dtype,
@@ -227,6 +228,27 @@ pub fn make_plan(
         })
         .collect();
     let cost = decode_cost(g, &pools, o);
+    // The header digest of every checkpoint file the weight map reads.
+    let mut weight_headers = std::collections::BTreeMap::new();
+    if let Some((_, _, dir)) = &ckpt {
+        fn files<'a>(src: &'a WeightSource, out: &mut Vec<&'a str>) {
+            match src {
+                WeightSource::File { file, .. } => out.push(file),
+                WeightSource::Stack { parts } => parts.iter().for_each(|p| files(p, out)),
+                WeightSource::Random { .. } => {}
+            }
+        }
+        let mut names = Vec::new();
+        for w in &weights {
+            files(&w.source, &mut names);
+        }
+        for f in names {
+            if !weight_headers.contains_key(f) {
+                let digest = lamina_ir::weights::header_digest(&dir.join(f))?;
+                weight_headers.insert(f.to_string(), digest);
+            }
+        }
+    }
     let plan = Plan {
         schema_version: SCHEMA_VERSION,
         target: target.to_string(),
@@ -237,6 +259,7 @@ pub fn make_plan(
             vocab_size: g.vocab_size,
             hidden_size: g.hidden_size,
             num_layers: g.num_layers,
+            weight_headers,
         },
         limits: Limits {
             max_batch: o.max_batch,

@@ -66,6 +66,10 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub num_layers: usize,
+    /// sha256 of each checkpoint file's safetensors header (names, dtypes, shapes, offsets)
+    /// when the plan was built; the runtime refuses files whose header changed.
+    #[serde(default)]
+    pub weight_headers: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
@@ -168,6 +172,10 @@ pub enum WeightSource {
     /// concatenates row ranges (fused projections cut apart), empty = the whole tensor.
     File {
         file: String,
+        /// The tensor's name in the file (found again by name when the file was rewritten and
+        /// the run allows a weight mismatch).
+        #[serde(default)]
+        tensor: String,
         offset: usize,
         bytes: usize,
         dtype: String,

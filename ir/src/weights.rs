@@ -456,3 +456,31 @@ pub fn random_tensor(name: &str, shape: &[usize], kind: WeightKind, seed: u64) -
     };
     data
 }
+
+/// sha256 (hex) of a safetensors file's header: its 8-byte length and the JSON that names every
+/// tensor's dtype, shape and byte range. Cheap (no tensor data is read) and enough to notice a
+/// checkpoint replaced under a compiled plan.
+pub fn header_digest(path: &Path) -> Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let err = |msg: String| Error::Weights {
+        file: path.display().to_string(),
+        msg,
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|e| err(format!("cannot read the header length: {e}")))?;
+    let n = u64::from_le_bytes(len);
+    let size = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    if n > size.saturating_sub(8) || n > 100 << 20 {
+        return Err(err(format!("header length {n} does not fit the file")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)
+        .map_err(|e| err(format!("cannot read the header: {e}")))?;
+    let mut h = Sha256::new();
+    h.update(len);
+    h.update(&header);
+    Ok(format!("{:x}", h.finalize()))
+}

@@ -936,3 +936,58 @@ fn text_generation_with_a_tokenizer() {
         &["tokenizer", "--tokens"],
     );
 }
+
+/// A plan records each checkpoint file's header digest: a file rewritten under it is refused,
+/// naming the file and the way out; `--allow-weight-mismatch` runs anyway.
+#[test]
+fn changed_checkpoint_header_is_refused() {
+    let (d, m) = hf_copy("minimax");
+    let art = d.path().join("artifact");
+    let a = art.to_str().unwrap();
+    let ok = |args: &[&str]| {
+        let out = Command::new(bin()).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    ok(&["build", m.to_str().unwrap(), "-o", a]);
+    let before = ok(&["run", a, "--tokens", "1,2,3", "--max-new-tokens", "4"]);
+    // Same tensors, same bytes, one metadata entry more in the header.
+    let p = m.join("model.safetensors");
+    let raw = std::fs::read(&p).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&raw).unwrap();
+    let views: Vec<(String, TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k,
+                TensorView::new(v.dtype(), v.shape().to_vec(), v.data()).unwrap(),
+            )
+        })
+        .collect();
+    let meta: HashMap<String, String> = [("note".to_string(), "edited".to_string())].into();
+    let bytes = safetensors::serialize(views, Some(meta)).unwrap();
+    std::fs::write(&p, bytes).unwrap();
+    fails(
+        &["run", a, "--tokens", "1,2,3"],
+        &[
+            "model.safetensors",
+            "header changed",
+            "--allow-weight-mismatch",
+        ],
+    );
+    let after = ok(&[
+        "run",
+        a,
+        "--tokens",
+        "1,2,3",
+        "--max-new-tokens",
+        "4",
+        "--allow-weight-mismatch",
+    ]);
+    assert_eq!(before, after);
+}

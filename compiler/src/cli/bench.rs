@@ -21,6 +21,9 @@ pub struct BenchArgs {
     /// Where the checkpoint's safetensors files are (default: where the plan was built from).
     #[arg(long)]
     weights: Option<PathBuf>,
+    /// Run even if a checkpoint file's header changed since the plan was built.
+    #[arg(long)]
+    allow_weight_mismatch: bool,
     /// Prompt tokens prefilled per sequence.
     #[arg(long, default_value_t = 512)]
     prompt_len: usize,
@@ -60,7 +63,7 @@ pub fn bench(a: &BenchArgs) -> CliResult {
         super::run::cached_build(&a.model, options, a.seed)?
     };
     let load = Instant::now();
-    let mut e = super::run::load_engine(&artifact, a.weights.as_deref())?;
+    let mut e = super::run::load_engine(&artifact, a.weights.as_deref(), a.allow_weight_mismatch)?;
     let load = load.elapsed();
     let limits = e.plan.limits;
     if a.batch > limits.max_batch || a.prompt_len + a.gen > limits.max_context {

@@ -39,6 +39,9 @@ pub struct GenerateArgs {
     /// Where the checkpoint's safetensors files are (default: where the plan was built from).
     #[arg(long)]
     weights: Option<PathBuf>,
+    /// Run even if a checkpoint file's header changed since the plan was built.
+    #[arg(long)]
+    allow_weight_mismatch: bool,
     #[command(flatten)]
     sizes: SizeArgs,
 }
@@ -196,6 +199,7 @@ pub fn generate(a: &GenerateArgs) -> CliResult {
     stream(
         &artifact,
         a.weights.as_deref(),
+        a.allow_weight_mismatch,
         &text,
         &prompt,
         a.max_new_tokens,
@@ -219,12 +223,13 @@ pub struct Streamed {
 pub fn stream(
     artifact: &Path,
     weights: Option<&Path>,
+    allow_weight_mismatch: bool,
     text: &TextModel,
     prompt: &[i64],
     max_new: usize,
     sampler: &mut Sampler,
 ) -> Result<Streamed, String> {
-    let mut e = super::run::load_engine(artifact, weights)?;
+    let mut e = super::run::load_engine(artifact, weights, allow_weight_mismatch)?;
     let limit = e.plan.limits.max_context;
     if prompt.len() + max_new - 1 > limit {
         return Err(format!(

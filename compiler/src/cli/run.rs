@@ -20,6 +20,9 @@ pub struct RunArgs {
     /// Where the checkpoint's safetensors files are (default: where the plan was built from).
     #[arg(long)]
     weights: Option<PathBuf>,
+    /// Run even if a checkpoint file's header changed since the plan was built.
+    #[arg(long)]
+    allow_weight_mismatch: bool,
     #[command(flatten)]
     sizes: super::build::SizeArgs,
     /// Prompt token ids, comma-separated (e.g. 1,2,3).
@@ -115,7 +118,7 @@ fn run_compiled(a: &RunArgs, tokens: &[i64]) -> CliResult {
         return Err("compiled plans run in f32; --precision f64 needs --reference".into());
     }
     let artifact = artifact_for(&a.model, &a.sizes, a.seed)?;
-    let mut e = load_engine(&artifact, a.weights.as_deref())?;
+    let mut e = load_engine(&artifact, a.weights.as_deref(), a.allow_weight_mismatch)?;
     let prefill = super::ui::bar(tokens.len(), "prefill");
     let shown = prefill.clone();
     e.on_prefill_progress(move |done, total| {
@@ -172,6 +175,7 @@ fn run_text(a: &RunArgs, prompt: &str) -> CliResult {
     let s = super::generate::stream(
         &artifact,
         a.weights.as_deref(),
+        a.allow_weight_mismatch,
         &text,
         &ids,
         a.max_new_tokens,
@@ -201,12 +205,17 @@ pub fn artifact_for(
 }
 
 /// Loads an artifact, with a progress bar over its weights.
-pub fn load_engine(artifact: &Path, weights: Option<&Path>) -> Result<HostEngine, String> {
+pub fn load_engine(
+    artifact: &Path,
+    weights: Option<&Path>,
+    allow_weight_mismatch: bool,
+) -> Result<HostEngine, String> {
     let bar = super::ui::bar(0, "weights");
-    let e = HostEngine::load_with_progress(artifact, weights, &|done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    });
+    let e =
+        HostEngine::load_with_progress(artifact, weights, allow_weight_mismatch, &|done, total| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        });
     bar.finish_and_clear();
     e.map_err(|e| e.to_string())
 }

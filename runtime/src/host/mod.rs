@@ -122,13 +122,16 @@ fn bad_plan(dir: &Path, msg: String) -> Error {
 impl HostEngine {
     /// Loads the artifact in `dir`; `weights_dir` overrides where checkpoint files are read.
     pub fn load(dir: &Path, weights_dir: Option<&Path>) -> Result<HostEngine, Error> {
-        Self::load_with_progress(dir, weights_dir, &|_, _| {})
+        Self::load_with_progress(dir, weights_dir, false, &|_, _| {})
     }
 
     /// [`HostEngine::load`], calling `progress(done, total)` as weights are mapped or converted.
+    /// Checkpoint files whose header changed since the build are refused unless
+    /// `allow_weight_mismatch`.
     pub fn load_with_progress(
         dir: &Path,
         weights_dir: Option<&Path>,
+        allow_weight_mismatch: bool,
         progress: &dyn Fn(usize, usize),
     ) -> Result<HostEngine, Error> {
         let plan = Plan::load(dir)?;
@@ -182,7 +185,27 @@ impl HostEngine {
             Some(d) => d.to_path_buf(),
             None => Path::new(&plan.model.source).to_path_buf(),
         };
+        let mut changed = Vec::new();
+        for (file, want) in &plan.model.weight_headers {
+            let path = wdir.join(file);
+            let got = lamina_ir::weights::header_digest(&path)?;
+            if &got != want {
+                changed.push(file.clone());
+                if !allow_weight_mismatch {
+                    return Err(Error::Weights {
+                        file: path.display().to_string(),
+                        msg: format!(
+                            "the safetensors header changed since the plan was built (sha256 {} \
+                             then, {} now): rebuild the plan, or pass --allow-weight-mismatch",
+                            &want[..12.min(want.len())],
+                            &got[..12]
+                        ),
+                    });
+                }
+            }
+        }
         let mut loader = weights::Loader::new(&wdir);
+        loader.relocate(changed);
         let total = plan.weights.len();
         let weights = plan
             .weights

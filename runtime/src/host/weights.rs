@@ -41,6 +41,9 @@ impl Weight {
 pub struct Loader {
     dir: PathBuf,
     maps: HashMap<String, Arc<Mmap>>,
+    /// Files rewritten since the build (allowed by the caller): their tensors are found again
+    /// by name in the current header instead of at the recorded offsets.
+    relocate: std::collections::BTreeSet<String>,
 }
 
 impl Loader {
@@ -48,7 +51,49 @@ impl Loader {
         Loader {
             dir: dir.to_path_buf(),
             maps: HashMap::new(),
+            relocate: Default::default(),
         }
+    }
+
+    /// Reads `files`' tensors by name from their current headers.
+    pub fn relocate(&mut self, files: impl IntoIterator<Item = String>) {
+        self.relocate.extend(files);
+    }
+
+    /// The byte range of a recorded tensor: as recorded, or looked up again by name (checking
+    /// dtype and shape) in a rewritten file.
+    #[allow(clippy::too_many_arguments)]
+    fn place(
+        &mut self,
+        name: &str,
+        file: &str,
+        tensor: &str,
+        offset: usize,
+        bytes: usize,
+        dtype: &str,
+        shape: &[usize],
+    ) -> Result<(usize, usize), Error> {
+        if !self.relocate.contains(file) {
+            return Ok((offset, bytes));
+        }
+        let (map, path) = self.map(name, file)?;
+        let bad = |msg: String| Error::Weights {
+            file: path.display().to_string(),
+            msg,
+        };
+        let (n, meta) = safetensors::SafeTensors::read_metadata(&map[..])
+            .map_err(|e| bad(format!("cannot read the header: {e:?}")))?;
+        let info = meta
+            .info(tensor)
+            .ok_or_else(|| bad(format!("tensor {tensor} (for {name}) is gone")))?;
+        if format!("{:?}", info.dtype) != dtype || info.shape != shape {
+            return Err(bad(format!(
+                "tensor {tensor} (for {name}) is now {:?} {:?}, the plan was built for {dtype} {shape:?}",
+                info.dtype, info.shape
+            )));
+        }
+        let (a, b) = info.data_offsets;
+        Ok((8 + n + a, b - a))
     }
 
     pub fn load(&mut self, w: &WeightEntry) -> Result<Weight, Error> {
@@ -75,15 +120,18 @@ impl Loader {
     fn in_place(&mut self, w: &WeightEntry, want: usize) -> Result<Option<Weight>, Error> {
         let WeightSource::File {
             file,
+            tensor,
             offset,
             bytes,
             dtype,
+            shape: src_shape,
             rows,
-            ..
         } = &w.source
         else {
             return Ok(None);
         };
+        let (offset, bytes) =
+            &self.place(&w.name, file, tensor, *offset, *bytes, dtype, src_shape)?;
         if dtype != "F32"
             || !rows.is_empty()
             || Some(*bytes) != want.checked_mul(4)
@@ -152,12 +200,15 @@ impl Loader {
             }
             WeightSource::File {
                 file,
+                tensor,
                 offset,
                 bytes,
                 dtype,
                 shape: src_shape,
                 rows,
             } => {
+                let (offset, bytes) =
+                    &self.place(name, file, tensor, *offset, *bytes, dtype, src_shape)?;
                 let (m, path) = self.map(name, file)?;
                 let end = offset.checked_add(*bytes);
                 let b = end.and_then(|e| m.get(*offset..e)).ok_or_else(|| Error::Weights {
