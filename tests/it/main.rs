@@ -12,3 +12,4 @@ mod models;
 mod oracle;
 mod shapes;
 mod snapshots;
+mod soak;
