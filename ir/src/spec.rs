@@ -394,6 +394,23 @@ impl ModelSpec {
         positive("vocab_size", self.vocab_size)?;
         positive("hidden_size", self.hidden_size)?;
         positive("num_layers", self.num_layers)?;
+        if self.name.trim().is_empty() {
+            return Err(bad("name", "is empty".into()));
+        }
+        // Token ids travel as i64 and are indexed as i32 by GPU kernels; sizes beyond these
+        // bounds are typos, not models.
+        for (field, v, max) in [
+            ("vocab_size", self.vocab_size, (1usize << 31) - 1),
+            ("hidden_size", self.hidden_size, 1 << 20),
+            ("num_layers", self.num_layers, 1 << 12),
+        ] {
+            if v > max {
+                return Err(bad(
+                    field,
+                    format!("{v} is larger than the supported {max}"),
+                ));
+            }
+        }
         if !(self.norm.eps > 0.0 && self.norm.eps < 1.0) {
             return Err(bad(
                 "norm.eps",

@@ -3,6 +3,7 @@
 //! shapes), IR snapshots of every example, model accounting,
 //! and bad input through the `compile-model` binary.
 
+mod bad_corpus;
 mod bad_input;
 mod common;
 mod compiled;

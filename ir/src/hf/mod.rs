@@ -298,6 +298,27 @@ impl Cfg {
             .get("rope_scaling")
             .and_then(|v| v.as_object())
             .cloned();
+        // Both present (transformers v5 keeps rope_scaling for compatibility): they must agree
+        // on the rope type, or one of them would be silently ignored.
+        if let (Some(p), Some(sc)) = (&params, &scaling) {
+            let ty = |m: &Map<String, Value>| {
+                m.get("rope_type")
+                    .or(m.get("type"))
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("default")
+                    .to_string()
+            };
+            if ty(p) != ty(sc) {
+                return Err(self.err(
+                    "rope_scaling.rope_type",
+                    format!(
+                        "\"{}\" disagrees with rope_parameters.rope_type \"{}\"",
+                        ty(sc),
+                        ty(p)
+                    ),
+                ));
+            }
+        }
         let merged: Map<String, Value> = params.clone().or(scaling.clone()).unwrap_or_default();
         let pkey = if params.is_some() {
             "rope_parameters"
