@@ -84,3 +84,127 @@ fn config_corpus() {
     }
     assert_eq!(n, expect.len(), "expect.json names files that do not exist");
 }
+
+/// `safetensors/*`: checkpoint files that cannot be read or matched, each beside the
+/// Qwen3-Next oracle config; `*.index.json` files stand in for a sharded checkpoint's index.
+#[test]
+fn safetensors_corpus() {
+    let dir = repo().join("tests/bad/safetensors");
+    let expect: std::collections::BTreeMap<String, String> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expect.json")).unwrap()).unwrap();
+    let mut n = 0;
+    for (name, fragment) in &expect {
+        let ck = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            oracle("qwen3_next").join("model/config.json"),
+            ck.path().join("config.json"),
+        )
+        .unwrap();
+        let target = if name.ends_with(".index.json") {
+            "model.safetensors.index.json"
+        } else {
+            "model.safetensors"
+        };
+        std::fs::copy(dir.join(name), ck.path().join(target)).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_compile-model"))
+            .args([
+                "run",
+                ck.path().to_str().unwrap(),
+                "--reference",
+                "--tokens",
+                "1",
+            ])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{name} panicked: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{name}: {stderr}");
+        assert!(
+            stderr.contains(fragment.as_str()),
+            "{name}: lacks {fragment:?}: {stderr}"
+        );
+        n += 1;
+    }
+    let files = std::fs::read_dir(&dir).unwrap().count() - 1;
+    assert_eq!(
+        n, files,
+        "every file in tests/bad/safetensors needs an expect.json entry"
+    );
+}
+
+/// `cli.json`: argument vectors for every subcommand. `{spec}` is the tiny Qwen3-Next spec,
+/// `{artifact}` its plan built with --max-context 64 --max-batch 2, `{tmp}` a scratch dir.
+/// Exit 1 errors are one line; exit 2 is a usage error.
+#[test]
+fn cli_corpus() {
+    struct Case {
+        name: String,
+        args: Vec<String>,
+        code: i32,
+        expect: String,
+    }
+    let raw: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(repo().join("tests/bad/cli.json")).unwrap())
+            .unwrap();
+    let cases: Vec<Case> = raw
+        .iter()
+        .map(|v| Case {
+            name: v["name"].as_str().unwrap().to_string(),
+            args: v["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().to_string())
+                .collect(),
+            code: v["code"].as_i64().unwrap() as i32,
+            expect: v["expect"].as_str().unwrap().to_string(),
+        })
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let spec = repo().join("examples/qwen3-next-tiny.toml");
+    let art = tmp.path().join("artifact");
+    let built = Command::new(env!("CARGO_BIN_EXE_compile-model"))
+        .args(["build", spec.to_str().unwrap(), "-o", art.to_str().unwrap()])
+        .args(["--max-context", "64", "--max-batch", "2"])
+        .output()
+        .unwrap();
+    assert!(built.status.success());
+    for c in &cases {
+        let args: Vec<String> = c
+            .args
+            .iter()
+            .map(|a| {
+                a.replace("{artifact}", art.to_str().unwrap())
+                    .replace("{spec}", spec.to_str().unwrap())
+                    .replace("{tmp}", tmp.path().to_str().unwrap())
+            })
+            .collect();
+        let out = Command::new(env!("CARGO_BIN_EXE_compile-model"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(c.code), "{}: {stderr}", c.name);
+        assert!(
+            !stderr.contains("panicked"),
+            "{} panicked: {stderr}",
+            c.name
+        );
+        if c.code == 1 {
+            assert_eq!(stderr.trim_end().lines().count(), 1, "{}: {stderr}", c.name);
+        }
+        assert!(
+            stderr.contains(&c.expect),
+            "{}: lacks {:?}: {stderr}",
+            c.name,
+            c.expect
+        );
+        assert!(
+            !tmp.path().join("a").exists(),
+            "{}: left an artifact",
+            c.name
+        );
+    }
+    assert!(cases.len() >= 20);
+}
