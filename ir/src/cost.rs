@@ -135,27 +135,17 @@ pub fn cost(g: &Graph, batch: usize, context: usize, gpu: Option<Gpu>) -> Cost {
     let (b, n) = (batch.max(1) as f64, context as f64);
     let mut weight_bytes_by_kind: BTreeMap<String, u64> = BTreeMap::new();
     let mut weight_bytes = 0u64;
-    let mut expert_bytes = 0u64;
     for w in g.weights.values() {
         let bytes = (w.numel() * w.dtype.bytes()) as u64;
         weight_bytes += bytes;
         *weight_bytes_by_kind
             .entry(crate::stats::kind_name(w.kind).to_string())
             .or_default() += bytes;
-        if w.kind == crate::graph::WeightKind::Expert {
-            expert_bytes += bytes;
-        }
     }
-    let embed_bytes: u64 = g
-        .weights
-        .values()
-        .filter(|w| w.kind == crate::graph::WeightKind::Embedding)
-        .map(|w| (w.numel() * w.dtype.bytes()) as u64)
-        .sum();
-    let has_head = g
-        .weights
-        .values()
-        .any(|w| w.kind == crate::graph::WeightKind::LmHead);
+    let kind_bytes = |k| weight_bytes_by_kind.get(k).copied().unwrap_or(0);
+    let embed_bytes = kind_bytes("embedding");
+    let expert_bytes = kind_bytes("experts");
+    let has_head = kind_bytes("lm_head") > 0;
     let cache_per_token: u64 = g
         .states
         .iter()

@@ -13,6 +13,20 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_compile-model")
 }
 
+/// Runs the binary, which must succeed; returns stdout.
+fn succeeds(args: &[&str]) -> String {
+    let out = Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run compile-model");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 /// Runs the binary and checks the error contract; returns stderr.
 fn fails(args: &[&str], needles: &[&str]) -> String {
     let out = Command::new(bin())
@@ -706,15 +720,7 @@ fn killed_build_leaves_no_artifact() {
 fn moved_checkpoint_and_weights_override() {
     let (d, m) = hf_copy("minimax");
     let art = d.path().join("artifact");
-    let ok = |args: &[&str]| {
-        let out = Command::new(bin()).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
+    let ok = succeeds;
     ok(&["build", m.to_str().unwrap(), "-o", art.to_str().unwrap()]);
     let before = ok(&[
         "run",
@@ -868,15 +874,7 @@ fn text_generation_with_a_tokenizer() {
     let art = d.path().join("artifact");
     let mm = m.to_str().unwrap();
     let a = art.to_str().unwrap();
-    let ok = |args: &[&str]| {
-        let out = Command::new(bin()).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim_end().to_string()
-    };
+    let ok = |args: &[&str]| succeeds(args).trim_end().to_string();
     ok(&["build", mm, "-o", a]);
     let ids = ok(&["run", a, "--tokens", "12,40,3", "--max-new-tokens", "12"]);
     let want: Vec<String> = ids
@@ -944,15 +942,7 @@ fn changed_checkpoint_header_is_refused() {
     let (d, m) = hf_copy("minimax");
     let art = d.path().join("artifact");
     let a = art.to_str().unwrap();
-    let ok = |args: &[&str]| {
-        let out = Command::new(bin()).args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).to_string()
-    };
+    let ok = succeeds;
     ok(&["build", m.to_str().unwrap(), "-o", a]);
     let before = ok(&["run", a, "--tokens", "1,2,3", "--max-new-tokens", "4"]);
     // Same tensors, same bytes, one metadata entry more in the header.

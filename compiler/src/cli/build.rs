@@ -65,6 +65,20 @@ pub struct BuildArgs {
     seed: u64,
 }
 
+/// Builds with a progress bar over the kernels compiled.
+pub fn build_shown(
+    m: &Model,
+    out: &Path,
+    target: Target,
+    options: Options,
+    seed: u64,
+) -> Result<crate::build::BuildReport, String> {
+    let bar = super::ui::bar(0, "kernels");
+    let r = build_with_progress(m, out, target, options, seed, &super::ui::track(&bar));
+    bar.finish_and_clear();
+    r.map_err(|e| e.to_string())
+}
+
 pub fn parse_target(s: &str) -> Result<Target, String> {
     Target::parse(s).ok_or_else(|| format!("--target {s:?}: expected host, sm_80 or sm_90a"))
 }
@@ -73,14 +87,7 @@ pub fn build_cmd(a: &BuildArgs) -> CliResult {
     let target = parse_target(&a.target)?;
     let options = a.sizes.options()?;
     let m = Model::open(&a.model).map_err(|e| e.to_string())?;
-    let bar = super::ui::bar(0, "kernels");
-    let r = build_with_progress(&m, &a.out, target, options, a.seed, &|done, total| {
-        bar.set_length(total as u64);
-        bar.set_position(done as u64);
-    })
-    .map_err(|e| e.to_string());
-    bar.finish_and_clear();
-    let r = r?;
+    let r = build_shown(&m, &a.out, target, options, a.seed)?;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
     for (name, t) in &r.pass_times {
         tracing::info!("pass {name:<18} {:>9.3} ms", ms(*t));

@@ -120,11 +120,7 @@ fn run_compiled(a: &RunArgs, tokens: &[i64]) -> CliResult {
     let artifact = artifact_for(&a.model, &a.sizes, a.seed)?;
     let mut e = load_engine(&artifact, a.weights.as_deref(), a.allow_weight_mismatch)?;
     let prefill = super::ui::bar(tokens.len(), "prefill");
-    let shown = prefill.clone();
-    e.on_prefill_progress(move |done, total| {
-        shown.set_length(total as u64);
-        shown.set_position(done as u64);
-    });
+    e.on_prefill_progress(super::ui::track(&prefill));
     let need = tokens.len() + a.max_new_tokens - 1;
     if need > e.plan.limits.max_context {
         return Err(format!(
@@ -211,11 +207,8 @@ pub fn load_engine(
     allow_weight_mismatch: bool,
 ) -> Result<HostEngine, String> {
     let bar = super::ui::bar(0, "weights");
-    let e =
-        HostEngine::load_with_progress(artifact, weights, allow_weight_mismatch, &|done, total| {
-            bar.set_length(total as u64);
-            bar.set_position(done as u64);
-        });
+    let track = super::ui::track(&bar);
+    let e = HostEngine::load_with_progress(artifact, weights, allow_weight_mismatch, &track);
     bar.finish_and_clear();
     e.map_err(|e| e.to_string())
 }
@@ -255,20 +248,7 @@ pub fn cached_build(
     let dir = root.join(&key[..16]);
     if !dir.join(lamina_ir::plan::PLAN_FILE).exists() {
         tracing::info!("compiling {} into {}", model.display(), dir.display());
-        let bar = super::ui::bar(0, "kernels");
-        let r = crate::build::build_with_progress(
-            &m,
-            &dir,
-            lamina_targets::Target::Host,
-            options,
-            seed,
-            &|done, total| {
-                bar.set_length(total as u64);
-                bar.set_position(done as u64);
-            },
-        );
-        bar.finish_and_clear();
-        r.map_err(|e| e.to_string())?;
+        super::build::build_shown(&m, &dir, lamina_targets::Target::Host, options, seed)?;
     }
     Ok(dir)
 }

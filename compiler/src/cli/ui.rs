@@ -44,3 +44,12 @@ pub fn bar(len: usize, what: &str) -> ProgressBar {
     b.set_message(what.to_string());
     b
 }
+
+/// A `progress(done, total)` callback that drives `bar`.
+pub fn track(bar: &ProgressBar) -> impl Fn(usize, usize) + Send + Sync + 'static {
+    let b = bar.clone();
+    move |done, total| {
+        b.set_length(total as u64);
+        b.set_position(done as u64);
+    }
+}

@@ -324,6 +324,28 @@ fn block_rows(cx: &Ctx) -> (usize, Vec<Stmt>) {
     (bq, out)
 }
 
+/// `o[rq_q, head·width + d] = value(q)` (reading `d`) for the block's rows that are stored
+/// (`q < nq`; clamped duplicates are not).
+fn store_rows(bq: usize, width: usize, value: &dyn Fn(usize) -> Expr) -> Vec<Stmt> {
+    (0..bq)
+        .map(|q| {
+            if_(
+                lt(i(q), v("nq")),
+                vec![for_(
+                    "d",
+                    i(0),
+                    i(width),
+                    vec![st(
+                        "o",
+                        [v(&format!("rq{q}")), pid(1) * i(width) + v("d")],
+                        value(q),
+                    )],
+                )],
+            )
+        })
+        .collect()
+}
+
 fn block_grid(bq: usize, heads: usize) -> Vec<Dim> {
     if bq == 1 {
         vec![Dim::Rows, Dim::N(heads)]
@@ -365,21 +387,9 @@ pub fn gqa(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     let mut inner = rows_block;
     inner.push(let_("kvh", pid(1) / i(hq / hkv)));
     inner.extend(attend_block(bq, &terms, *scale, &value, vd));
-    for q in 0..bq {
-        inner.push(if_(
-            lt(i(q), v("nq")),
-            vec![for_(
-                "d",
-                i(0),
-                i(vd),
-                vec![st(
-                    "o",
-                    [v(&format!("rq{q}")), pid(1) * i(vd) + v("d")],
-                    ld("acc", [i(q * vd) + v("d")]) / ld("l", [i(q)]),
-                )],
-            )],
-        ));
-    }
+    inner.extend(store_rows(bq, vd, &|q| {
+        ld("acc", [i(q * vd) + v("d")]) / ld("l", [i(q)])
+    }));
     let attend = launch(
         format!("gqa_attend_h{hq}x{hkv}_d{hd}_v{vd}_q{bq}"),
         block_grid(bq, hq),
@@ -472,26 +482,14 @@ pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     }
     body.extend(attend_block(bq, &terms, *scale, &value, r));
     // o = W_UV(h) (acc / l).
-    for q in 0..bq {
-        body.push(if_(
-            lt(i(q), v("nq")),
-            vec![for_(
-                "d",
-                i(0),
-                i(vd),
-                vec![st(
-                    "o",
-                    [v(&format!("rq{q}")), pid(1) * i(vd) + v("d")],
-                    sum(
-                        "e",
-                        i(0),
-                        i(r),
-                        ld("kv_b", [wrow(i(dn) + v("d")), v("e")]) * ld("acc", [i(q * r) + v("e")]),
-                    ) / ld("l", [i(q)]),
-                )],
-            )],
-        ));
-    }
+    body.extend(store_rows(bq, vd, &|q| {
+        sum(
+            "e",
+            i(0),
+            i(r),
+            ld("kv_b", [wrow(i(dn) + v("d")), v("e")]) * ld("acc", [i(q * r) + v("e")]),
+        ) / ld("l", [i(q)])
+    }));
     let attend = launch(
         format!("mla_attend_h{h_n}_r{r}_nope{dn}_rope{dr}_v{vd}_q{bq}"),
         block_grid(bq, h_n),

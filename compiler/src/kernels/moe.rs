@@ -31,6 +31,24 @@ fn argmax(n: usize, val: Expr) -> Stmt {
     )
 }
 
+/// The routed experts' `{prefix}.experts.*.{leaf}_proj` stacked `[E, out, in]`.
+fn stacked(
+    prefix: &str,
+    experts: usize,
+    leaf: &str,
+    out: usize,
+    inn: usize,
+) -> (lamina_ir::kernel::Param, Bind) {
+    (
+        input(leaf, &[Dim::N(experts), Dim::N(out), Dim::N(inn)]),
+        Bind::Stacked {
+            prefix: prefix.to_string(),
+            leaf: format!("{leaf}_proj"),
+            experts,
+        },
+    )
+}
+
 pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     let g = cx.graph;
     let Op::Moe {
@@ -231,16 +249,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     );
 
     // --- experts: h[r, kk, :] = silu(gate_e x) * (up_e x) ---
-    let stacked = |leaf: &str, out: usize, inn: usize| {
-        (
-            input(leaf, &[Dim::N(e_n), Dim::N(out), Dim::N(inn)]),
-            Bind::Stacked {
-                prefix: prefix.clone(),
-                leaf: format!("{leaf}_proj"),
-                experts: e_n,
-            },
-        )
-    };
+    let stacked = |leaf: &str, out: usize, inn: usize| stacked(prefix, e_n, leaf, out, inn);
     let dotx = |w: &str| {
         sum(
             "c",
@@ -355,16 +364,7 @@ fn grouped(
     let hmid = cx.temp(k_n * inter);
     let yk = cx.temp(k_n * d);
     let x = Bind::Act(Value::Node(g.inputs(n)[0]));
-    let stacked = |leaf: &str, out: usize, inn: usize| {
-        (
-            input(leaf, &[Dim::N(e_n), Dim::N(out), Dim::N(inn)]),
-            Bind::Stacked {
-                prefix: prefix.to_string(),
-                leaf: format!("{leaf}_proj"),
-                experts: e_n,
-            },
-        )
-    };
+    let stacked = |leaf: &str, out: usize, inn: usize| stacked(prefix, e_n, leaf, out, inn);
     let ids_param = || {
         (
             param("ids", Elem::I64, &act(k_n), Access::Read),

@@ -146,25 +146,17 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
             "c",
             i(0),
             i(dk),
-            vec![
-                let_("ge", exp(gl("G", v("t"), v("c")))),
-                st(
-                    "qg",
-                    [v("t") * i(dk) + v("c")],
-                    at("qs", v("t"), v("c")) * v("ge"),
-                ),
-                st(
-                    "kg",
-                    [v("t") * i(dk) + v("c")],
-                    at("ks", v("t"), v("c")) * v("ge"),
-                ),
-                st(
+            [
+                vec![let_("ge", exp(gl("G", v("t"), v("c"))))],
+                scaled_copies(dk, [("qs", "qg"), ("ks", "kg")], "ge"),
+                vec![st(
                     "kd",
                     [v("c") * i(c_n) + v("t")],
                     at("ks", v("t"), v("c"))
                         * exp(gl("G", last.clone(), v("c")) - gl("G", v("t"), v("c"))),
-                ),
-            ],
+                )],
+            ]
+            .concat(),
         )],
     ));
 
@@ -212,19 +204,14 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
                     "c",
                     i(0),
                     i(dk),
-                    vec![
-                        let_("e", exp(gl("G", v("t"), v("c")) - gl("G", v("t0"), v("c")))),
-                        st(
-                            "qt",
-                            [v("t") * i(dk) + v("c")],
-                            at("qs", v("t"), v("c")) * v("e"),
-                        ),
-                        st(
-                            "kt",
-                            [v("t") * i(dk) + v("c")],
-                            at("ks", v("t"), v("c")) * v("e"),
-                        ),
-                    ],
+                    [
+                        vec![let_(
+                            "e",
+                            exp(gl("G", v("t"), v("c")) - gl("G", v("t0"), v("c"))),
+                        )],
+                        scaled_copies(dk, [("qs", "qt"), ("ks", "kt")], "e"),
+                    ]
+                    .concat(),
                 ),
             ],
         ));
@@ -436,4 +423,14 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
         io.nodes,
         g,
     )
+}
+
+/// `to[t, c] = from[t, c] · factor` for each `(from, to)` pair of `[C, dk]` locals, inside
+/// the caller's `t`, `c` loops.
+fn scaled_copies(dk: usize, pairs: [(&str, &str); 2], factor: &str) -> Vec<Stmt> {
+    let idx = || v("t") * i(dk) + v("c");
+    pairs
+        .iter()
+        .map(|(from, to)| st(to, [idx()], ld(from, [idx()]) * v(factor)))
+        .collect()
 }
