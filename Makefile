@@ -35,7 +35,7 @@ test: bootstrap
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -q -- -D warnings
 	@mkdir -p target
-	set -o pipefail; $(CARGO) test --workspace -q 2>&1 | tee target/test-output.log
+	set -o pipefail; LAMINA_REQUIRE_PTXAS=1 $(CARGO) test --workspace -q 2>&1 | tee target/test-output.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "tests: %d passed, %d failed\n", p, f}' target/test-output.log
 
 fmt:

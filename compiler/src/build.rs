@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use lamina_ir::graph::StateKind;
 use lamina_ir::model::{Model, ModelSource};
 use lamina_ir::plan::{
-    Arg, ConstEntry, Cost, KernelEntry, LaunchEntry, Limits, ModelInfo, Plan, PoolEntry, Schedule,
-    WeightEntry, WeightSource, CONSTANTS_FILE, HOST_LIBRARY, PLAN_FILE, SCHEMA_VERSION,
+    Arg, ConstEntry, Cost, GpuLaunch, KernelEntry, LaunchEntry, Limits, ModelInfo, Plan, PoolEntry,
+    Schedule, WeightEntry, WeightSource, CONSTANTS_FILE, GPU_ABI, HOST_LIBRARY, PLAN_FILE,
+    PTX_FILE, SCHEMA_VERSION,
 };
 use lamina_ir::stats::{kind_name, model_stats};
 use lamina_ir::weights::{check_checkpoint, Checkpoint, SourceMap};
@@ -270,9 +271,17 @@ pub fn make_plan(
             .iter()
             .map(|k| KernelEntry {
                 name: k.name.clone(),
-                symbol: lamina_targets::host::symbol(&k.name),
+                symbol: match target {
+                    Target::Host => lamina_targets::host::symbol(&k.name),
+                    _ => k.name.clone(),
+                },
                 grid: k.grid.clone(),
                 params: k.params.clone(),
+                gpu: (target != Target::Host).then(|| GpuLaunch {
+                    block: lamina_targets::nvptx::block_size(k),
+                    dynamic_shared_bytes: 0,
+                    abi: GPU_ABI.into(),
+                }),
             })
             .collect(),
         prefill,
@@ -354,9 +363,6 @@ pub fn build_with_progress(
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<BuildReport, Error> {
     let start = Instant::now();
-    if target != Target::Host {
-        return Err(Error::Compile(target.unavailable()));
-    }
     let (program, pass_times) = compile_program(model, options)?;
     let (plan, cdata) = make_plan(model, &program, target, seed)?;
     let parent = match out.parent() {
@@ -369,12 +375,28 @@ pub fn build_with_progress(
         .tempdir_in(&parent)
         .map_err(|e| Error::io(&parent, e))?;
     let kernels: Vec<lamina_ir::kernel::Kernel> = program.kernels().into_iter().cloned().collect();
-    let library = tmp.path().join(HOST_LIBRARY);
-    let codegen = lamina_targets::host::build_library_with_progress(&kernels, &library, progress)
-        .map_err(|e| Error::Compile(e.to_string()))?;
     let write = |name: &str, bytes: &[u8]| -> Result<(), Error> {
         let path = tmp.path().join(name);
         std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))
+    };
+    let codegen = match target {
+        Target::Host => {
+            let library = tmp.path().join(HOST_LIBRARY);
+            lamina_targets::host::build_library_with_progress(&kernels, &library, progress)
+                .map_err(|e| Error::Compile(e.to_string()))?
+        }
+        Target::Sm80 | Target::Sm90a => {
+            progress(0, kernels.len());
+            let (ptx, t) = lamina_targets::nvptx::compile_ptx(&kernels, target)
+                .map_err(|e| Error::Compile(e.to_string()))?;
+            progress(kernels.len(), kernels.len());
+            write(PTX_FILE, ptx.as_bytes())?;
+            lamina_targets::host::HostTimings {
+                lower: t.lower,
+                passes: t.passes,
+                ..Default::default()
+            }
+        }
     };
     let bytes: Vec<u8> = cdata.iter().flat_map(|x| x.to_le_bytes()).collect();
     write(CONSTANTS_FILE, &bytes)?;

@@ -14,6 +14,8 @@ use crate::kernel::{Dim, Param};
 pub const SCHEMA_VERSION: u32 = 1;
 pub const PLAN_FILE: &str = "plan.json";
 pub const HOST_LIBRARY: &str = "kernels.so";
+/// The PTX module of an NVPTX artifact (one `.entry` per kernel, named as the kernel).
+pub const PTX_FILE: &str = "kernels.ptx";
 pub const CONSTANTS_FILE: &str = "constants.bin";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -87,11 +89,31 @@ pub struct Limits {
 #[serde(deny_unknown_fields)]
 pub struct KernelEntry {
     pub name: String,
-    /// Exported symbol (host: `_mlir_<name>`, packed arguments).
+    /// Exported symbol (host: `_mlir_<name>`, packed arguments; GPU: the `.entry` name).
     pub symbol: String,
     pub grid: Vec<Dim>,
     pub params: Vec<Param>,
+    /// How a GPU target launches it (absent for the host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<GpuLaunch>,
 }
+
+/// The launch contract of one GPU kernel.
+///
+/// Blocks: `⌈programs(rows) / block⌉` along x, `block` threads each; program `p` is thread
+/// `blockIdx.x · block + threadIdx.x` (threads past the last program return at once).
+/// Parameters (`abi = "ptr-per-buffer+rows"`): one `.u64` device pointer per entry of the
+/// kernel's `params`, in order, then `rows` as `.u64`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GpuLaunch {
+    pub block: u32,
+    pub dynamic_shared_bytes: u32,
+    pub abi: String,
+}
+
+/// The only GPU parameter layout so far (see [`GpuLaunch`]).
+pub const GPU_ABI: &str = "ptr-per-buffer+rows";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -221,6 +243,29 @@ impl Plan {
 
     /// Internal consistency: every index in range, every argument list matching its kernel.
     pub fn check(&self) -> std::result::Result<(), String> {
+        let gpu = self.target != "host";
+        for (ki, k) in self.kernels.iter().enumerate() {
+            match (&k.gpu, gpu) {
+                (None, false) => {}
+                (Some(_), false) => {
+                    return Err(format!("kernels[{ki}].gpu is set in a host plan"));
+                }
+                (None, true) => {
+                    return Err(format!(
+                        "kernels[{ki}].gpu is missing in a {} plan",
+                        self.target
+                    ));
+                }
+                (Some(g), true) => {
+                    if g.block == 0 || g.block > 1024 || g.abi != GPU_ABI {
+                        return Err(format!(
+                            "kernels[{ki}].gpu: block {} must be 1..=1024 and abi {:?} must be {GPU_ABI:?}",
+                            g.block, g.abi
+                        ));
+                    }
+                }
+            }
+        }
         for (pname, s) in [("prefill", &self.prefill), ("decode", &self.decode)] {
             for (li, l) in s.launches.iter().enumerate() {
                 let k = self.kernels.get(l.kernel).ok_or_else(|| {

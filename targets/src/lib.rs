@@ -3,10 +3,11 @@
 //! - [`mlir`]: the MLIR context, pass pipelines and the kernel IR → MLIR lowering (the only
 //!   place melior is used);
 //! - [`host`]: x86-64 shared libraries of kernels (MLIR → LLVM → object → `kernels.so`);
-//! - nvptx (sm_80, sm_90a): not implemented yet, [`Target::unavailable`] says so.
+//! - [`nvptx`]: PTX for sm_80 and sm_90a (MLIR gpu/NVVM → LLVM NVPTX), checked with `ptxas`.
 
 pub mod host;
 pub mod mlir;
+pub mod nvptx;
 
 use std::fmt;
 
@@ -49,9 +50,15 @@ impl Target {
         }
     }
 
-    /// The error for code generation that does not exist yet.
-    pub fn unavailable(&self) -> String {
-        format!("code generation for target {self} is not implemented yet (the NVPTX lowering is pending)")
+    /// NVPTX chip and PTX features (`None` for the host).
+    pub fn nvptx(&self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Target::Host => None,
+            // sm_80 needs PTX ≥ 7.0; 7.8 loads on CUDA 11.8 drivers and newer. sm_90a (wgmma,
+            // TMA) needs PTX 8.0 (CUDA 12.0).
+            Target::Sm80 => Some(("sm_80", "+ptx78")),
+            Target::Sm90a => Some(("sm_90a", "+ptx80")),
+        }
     }
 }
 

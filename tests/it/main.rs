@@ -10,6 +10,7 @@ mod compiled;
 mod import;
 mod kernels;
 mod models;
+mod nvptx;
 mod oracle;
 mod shapes;
 mod snapshots;

@@ -52,7 +52,7 @@ impl SizeArgs {
 #[derive(Args)]
 pub struct BuildArgs {
     model: PathBuf,
-    /// host (x86-64 shared library); sm_80 and sm_90a are not implemented yet.
+    /// host (x86-64 shared library), sm_80 or sm_90a (PTX module `kernels.ptx`).
     #[arg(long, default_value = "host")]
     target: String,
     /// Artifact directory to write (replaced atomically when complete).
@@ -118,6 +118,10 @@ pub fn build_cmd(a: &BuildArgs) -> CliResult {
 #[derive(Args)]
 pub struct ReportArgs {
     model: PathBuf,
+    /// host: the host plan's buffers; sm_80 or sm_90a: every kernel's ptxas resources and
+    /// each phase's work against the roofline (of --gpu, default h200).
+    #[arg(long, default_value = "host")]
+    target: String,
     #[command(flatten)]
     cost: super::cost::CostArgs,
     #[command(flatten)]
@@ -125,8 +129,12 @@ pub struct ReportArgs {
 }
 
 /// The model's serving cost (memory, traffic, FLOPs, roofline), then every buffer of its host
-/// plan: weights, pools (caches, states), arenas.
+/// plan (weights, pools, arenas), or for a GPU target its kernels' resources and roofline.
 pub fn report(a: &ReportArgs) -> CliResult {
+    let target = parse_target(&a.target)?;
+    if target != Target::Host && a.cost.json {
+        return Err("--json is for the host report".into());
+    }
     let c = super::cost::model_cost(&a.model, &a.cost)?;
     if a.cost.json {
         println!(
@@ -139,6 +147,20 @@ pub fn report(a: &ReportArgs) -> CliResult {
     println!();
     let options = a.sizes.options()?;
     let m = Model::open(&a.model).map_err(|e| e.to_string())?;
+    if target != Target::Host {
+        let gpu = match a.cost.gpu()? {
+            Some(g) => g,
+            None => lamina_ir::cost::gpu("h200").expect("h200 is in the table"),
+        };
+        return super::gpu_report::gpu_report(
+            &m,
+            target,
+            options,
+            a.cost.batch,
+            a.cost.context,
+            &gpu,
+        );
+    }
     println!("host plan");
     report_model(&m, &a.model, options)
 }

@@ -52,15 +52,24 @@ pub fn ir(
                 }
             }
             Stage::Mlir => {
-                if target != Target::Host {
-                    return Err(target.unavailable());
-                }
-                print!(
-                    "{}",
-                    lamina_targets::mlir::print_mlir(&kernels).map_err(|e| e.to_string())?
-                );
+                let text = match target {
+                    Target::Host => lamina_targets::mlir::print_mlir(&kernels),
+                    _ => lamina_targets::mlir::print_gpu_mlir(
+                        &kernels,
+                        target,
+                        &lamina_targets::nvptx::block_size,
+                    ),
+                };
+                print!("{}", text.map_err(|e| e.to_string())?);
             }
-            Stage::Ptx => return Err(Target::Sm90a.unavailable()),
+            Stage::Ptx => {
+                if target == Target::Host {
+                    return Err("--stage ptx needs --target sm_80 or sm_90a".into());
+                }
+                let (ptx, _) = lamina_targets::nvptx::compile_ptx(&kernels, target)
+                    .map_err(|e| e.to_string())?;
+                print!("{ptx}");
+            }
             Stage::Graph => unreachable!(),
         }
     }

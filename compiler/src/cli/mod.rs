@@ -5,6 +5,7 @@ mod build;
 mod check;
 mod cost;
 mod generate;
+mod gpu_report;
 mod ir;
 mod run;
 mod ui;
@@ -55,7 +56,7 @@ compile-model ir examples/kimi-linear-tiny.toml --stage graph --format svg > kim
         /// Schedule to print for the kernel and MLIR stages (default: both).
         #[arg(long, value_enum)]
         phase: Option<PhaseArg>,
-        /// Target of the MLIR stage (host only so far).
+        /// Target of the MLIR and PTX stages: host (MLIR only), sm_80 or sm_90a.
         #[arg(long, default_value = "host")]
         target: String,
         /// Output of the graph stage: text, Graphviz dot, or SVG rendered with `dot`.
@@ -107,9 +108,10 @@ enum Stage {
     Graph,
     /// The kernel IR of every distinct kernel, after the pass pipeline.
     Kernel,
-    /// The kernels in MLIR (func, scf, arith, math, memref), verified, before lowering.
+    /// The kernels in MLIR (host: func, scf, arith, math, memref; GPU: one gpu.module), verified,
+    /// before lowering.
     Mlir,
-    /// PTX (not implemented yet).
+    /// PTX of the kernels (--target sm_80 or sm_90a).
     Ptx,
 }
 

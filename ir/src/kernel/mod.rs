@@ -18,6 +18,7 @@
 //! - [`print`]: the stable text form (`compile-model ir MODEL --stage kernel`).
 
 pub mod build;
+pub mod count;
 pub mod expand;
 pub mod print;
 pub mod verify;

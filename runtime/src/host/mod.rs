@@ -139,7 +139,8 @@ impl HostEngine {
             return Err(bad_plan(
                 dir,
                 format!(
-                    "field target is {:?}: this executor runs host plans",
+                    "field target is {:?}: this executor runs host plans (GPU plans need the \
+                     CUDA executor; build with --target host to run on the CPU)",
                     plan.target
                 ),
             ));

@@ -1,11 +1,21 @@
-//! Kernel IR → MLIR upstream dialects (func, scf, arith, math, memref).
+//! Kernel IR → MLIR upstream dialects (func/gpu, scf, arith, math, memref, llvm intrinsics).
 //!
-//! A kernel becomes `func.func @name(%buf: memref<?xT>..., %rows: index, %lo: index,
-//! %hi: index)`: programs `lo..hi` of the flattened grid, run in a loop (the host runtime
-//! splits the grid between threads; a GPU target maps programs to blocks instead). Buffers are
-//! flat memrefs indexed with constant row-major strides; locals are stack allocations made
-//! once at function entry. Every operation carries a location naming the kernel, its graph
-//! nodes and the statement, so diagnostics point back at the source.
+//! The program body is lowered the same way for every target; only the frame around it
+//! differs ([`Flavor`]):
+//! - host: `func.func @name(%buf: memref<?xT>..., %rows: index, %lo: index, %hi: index)`
+//!   runs programs `lo..hi` of the flattened grid in a loop (the host runtime splits the grid
+//!   between threads);
+//! - GPU: `gpu.func @name(%buf: memref<GPU_EXTENTxT>..., %rows: index) kernel` runs one
+//!   program per thread: program `blockIdx.x · blockDim.x + threadIdx.x`, masked against the
+//!   grid's size. Buffers are statically shaped so that the bare-pointer calling convention
+//!   applies (one `.u64` pointer per buffer); the extent is never used for addressing.
+//!   Transcendentals become the PTX approximations (`ex2`, `lg2`, `sin`, `cos`, `rsqrt`),
+//!   as Triton's fast math does, so no libdevice is needed.
+//!
+//! Buffers are flat memrefs indexed with constant row-major strides; locals are stack
+//! allocations made once at function entry (GPU: per-thread local memory). Every operation
+//! carries a location naming the kernel, its graph nodes and the statement, so diagnostics
+//! point back at the source.
 
 use std::collections::HashMap;
 
@@ -16,12 +26,25 @@ use melior::ir::attribute::{FloatAttribute, IntegerAttribute, StringAttribute, T
 use melior::ir::operation::OperationBuilder;
 use melior::ir::r#type::{FunctionType, IntegerType, MemRefType};
 use melior::ir::{
-    Attribute, Block, BlockLike, Identifier, Location, Module, Operation, Region, RegionLike, Type,
-    Value,
+    Attribute, Block, BlockLike, Identifier, Location, Operation, Region, RegionLike, Type, Value,
 };
 use melior::Context;
 
 use crate::TargetError;
+
+/// The static extent of GPU buffer parameters (2^40 elements): it only makes the memref type
+/// static, which the bare-pointer calling convention requires; indices are computed from the
+/// kernel's own strides and never checked against it.
+pub const GPU_EXTENT: i64 = 1 << 40;
+
+/// How programs are mapped onto the target.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavor {
+    /// A loop over a range of programs, called from host threads.
+    Host,
+    /// One program per GPU thread, `block` threads per block.
+    Gpu { block: u32 },
+}
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Ty {
@@ -54,6 +77,7 @@ struct Lower<'c> {
     i1: Type<'c>,
     fastmath: Attribute<'c>,
     loc: Location<'c>,
+    gpu: bool,
 }
 
 type R<T> = Result<T, TargetError>;
@@ -62,8 +86,9 @@ fn bug(msg: String) -> TargetError {
     TargetError::Mlir(msg)
 }
 
-/// Emits `kernel` as a `func.func` into `module`.
-pub fn lower_kernel<'c>(ctx: &'c Context, module: &Module<'c>, k: &Kernel) -> R<()> {
+/// Emits `kernel` into `into`: a `func.func` (host; `into` is a module's body) or a
+/// `gpu.func` (GPU; `into` is a `gpu.module`'s body).
+pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: Flavor) -> R<()> {
     let what = if k.nodes.is_empty() {
         k.name.clone()
     } else {
@@ -79,12 +104,15 @@ pub fn lower_kernel<'c>(ctx: &'c Context, module: &Module<'c>, k: &Kernel) -> R<
         fastmath: Attribute::parse(ctx, "#arith.fastmath<reassoc,contract>")
             .ok_or_else(|| bug("fastmath attribute".into()))?,
         loc,
+        gpu: flavor != Flavor::Host,
     };
     let mut arg_types = Vec::new();
     for p in &k.params {
         arg_types.push(l.memref(p.elem));
     }
-    arg_types.extend([l.index, l.index, l.index]);
+    // rows, then (host) the program range lo..hi.
+    let extra = if l.gpu { 1 } else { 3 };
+    arg_types.extend(std::iter::repeat_n(l.index, extra));
     let entry = Block::new(&arg_types.iter().map(|&t| (t, loc)).collect::<Vec<_>>());
     let n = k.params.len();
     let arg = |i: usize| -> R<Value> {
@@ -94,7 +122,6 @@ pub fn lower_kernel<'c>(ctx: &'c Context, module: &Module<'c>, k: &Kernel) -> R<
             .map_err(|e| bug(format!("argument {i}: {e}")))
     };
     let rows = arg(n)?;
-    let (lo, hi) = (arg(n + 1)?, arg(n + 2)?);
     let mut bufs = HashMap::new();
     for (i, p) in k.params.iter().enumerate() {
         let mut strides = vec![1usize; p.shape.len()];
@@ -132,16 +159,30 @@ pub fn lower_kernel<'c>(ctx: &'c Context, module: &Module<'c>, k: &Kernel) -> R<
             },
         );
     }
-    // for p in lo..hi: pids from p (last axis fastest).
-    let body = Block::new(&[(l.index, loc)]);
+    // Host: for p in lo..hi. GPU: p = blockIdx.x · blockDim.x + threadIdx.x, if p < programs.
+    let gpu_pid = if l.gpu {
+        let bid = l.gpu_index(&entry, "gpu.block_id")?;
+        let bdim = l.gpu_index(&entry, "gpu.block_dim")?;
+        let tid = l.gpu_index(&entry, "gpu.thread_id")?;
+        let base = l.op(&entry, "arith.muli", &[bid, bdim], l.index, false);
+        Some(l.op(&entry, "arith.addi", &[base, tid], l.index, false))
+    } else {
+        None
+    };
+    let loop_var = [(l.index, loc)];
+    let body = Block::new(if l.gpu { &[] } else { &loop_var[..] });
     {
-        let p: Value = body.argument(0).map_err(|e| bug(e.to_string()))?.into();
+        let p: Value = match gpu_pid {
+            Some(p) => p,
+            None => body.argument(0).map_err(|e| bug(e.to_string()))?.into(),
+        };
         let mut env = Env {
             vars: HashMap::new(),
             bufs: bufs.clone(),
             pids: Vec::new(),
             rows,
         };
+        // pids from p, last axis fastest.
         let mut pids = vec![p; k.grid.len()];
         let mut rest = p;
         for ax in (1..k.grid.len()).rev() {
@@ -155,22 +196,63 @@ pub fn lower_kernel<'c>(ctx: &'c Context, module: &Module<'c>, k: &Kernel) -> R<
         l.block(&body, &mut env, &k.body, &what, &mut line)?;
         body.append_operation(scf::r#yield(&[], loc));
     }
-    let one = l.const_index(&entry, 1);
     let region = Region::new();
     region.append_block(body);
-    entry.append_operation(scf::r#for(lo, hi, one, region, loc));
-    entry.append_operation(func::r#return(&[], loc));
     let fregion = Region::new();
-    fregion.append_block(entry);
-    let fty = FunctionType::new(ctx, &arg_types, &[]);
-    module.body().append_operation(func::func(
-        ctx,
-        StringAttribute::new(ctx, &k.name),
-        TypeAttribute::new(fty.into()),
-        fregion,
-        &[],
-        loc,
-    ));
+    match flavor {
+        Flavor::Host => {
+            let (lo, hi) = (arg(n + 1)?, arg(n + 2)?);
+            let one = l.const_index(&entry, 1);
+            entry.append_operation(scf::r#for(lo, hi, one, region, loc));
+            entry.append_operation(func::r#return(&[], loc));
+            fregion.append_block(entry);
+            let fty = FunctionType::new(ctx, &arg_types, &[]);
+            into.append_operation(func::func(
+                ctx,
+                StringAttribute::new(ctx, &k.name),
+                TypeAttribute::new(fty.into()),
+                fregion,
+                &[],
+                loc,
+            ));
+        }
+        // No `known_block_size`: its `.maxntid` makes ptxas trade registers for local-memory
+        // spills in the chunked kernels; any block size up to 1024 works with the PTX.
+        Flavor::Gpu { .. } => {
+            let mut total = l.const_index(&entry, 1);
+            for &d in &k.grid {
+                let e = l.dim(&entry, d, rows);
+                total = l.op(&entry, "arith.muli", &[total, e], l.index, false);
+            }
+            let p = gpu_pid.expect("GPU flavor has a pid");
+            let inside = l.append(&entry, arith::cmpi(ctx, CmpiPredicate::Ult, p, total, loc));
+            entry.append_operation(scf::r#if(inside, &[], region, Region::new(), loc));
+            entry.append_operation(
+                OperationBuilder::new("gpu.return", loc)
+                    .build()
+                    .map_err(|e| bug(format!("gpu.return: {e}")))?,
+            );
+            fregion.append_block(entry);
+            let fty = FunctionType::new(ctx, &arg_types, &[]);
+            let unit = Attribute::unit(ctx);
+            let op = OperationBuilder::new("gpu.func", loc)
+                .add_attributes(&[
+                    (
+                        Identifier::new(ctx, "sym_name"),
+                        StringAttribute::new(ctx, &k.name).into(),
+                    ),
+                    (
+                        Identifier::new(ctx, "function_type"),
+                        TypeAttribute::new(fty.into()).into(),
+                    ),
+                    (Identifier::new(ctx, "gpu.kernel"), unit),
+                ])
+                .add_regions([fregion])
+                .build()
+                .map_err(|e| bug(format!("{what}: gpu.func: {e}")))?;
+            into.append_operation(op);
+        }
+    }
     Ok(())
 }
 
@@ -193,7 +275,40 @@ fn collect_locals(b: &[Stmt], out: &mut Vec<(String, Elem, usize)>) {
 
 impl<'c> Lower<'c> {
     fn memref(&self, e: Elem) -> Type<'c> {
-        MemRefType::new(self.elem(e), &[i64::MIN], None, None).into()
+        let extent = if self.gpu { GPU_EXTENT } else { i64::MIN };
+        MemRefType::new(self.elem(e), &[extent], None, None).into()
+    }
+
+    /// `gpu.block_id x` and friends.
+    fn gpu_index<'a>(&self, blk: &'a Block<'c>, name: &str) -> R<Value<'c, 'a>> {
+        let dim = Attribute::parse(self.ctx, "#gpu<dim x>")
+            .ok_or_else(|| bug("#gpu<dim x> attribute".into()))?;
+        let op = OperationBuilder::new(name, self.loc)
+            .add_attributes(&[(Identifier::new(self.ctx, "dimension"), dim)])
+            .add_results(&[self.index])
+            .build()
+            .map_err(|e| bug(format!("{name}: {e}")))?;
+        Ok(self.append(blk, op))
+    }
+
+    /// A call of the LLVM intrinsic `name` on one f32 (the GPU's transcendentals).
+    fn intrinsic<'a>(&self, blk: &'a Block<'c>, name: &str, x: Value<'c, '_>) -> Value<'c, 'a> {
+        let segments = Attribute::parse(self.ctx, "array<i32: 1, 0>").expect("segment sizes");
+        let bundles = Attribute::parse(self.ctx, "array<i32>").expect("bundle sizes");
+        let op = OperationBuilder::new("llvm.call_intrinsic", self.loc)
+            .add_operands(&[x])
+            .add_results(&[self.f32])
+            .add_attributes(&[
+                (
+                    Identifier::new(self.ctx, "intrin"),
+                    StringAttribute::new(self.ctx, name).into(),
+                ),
+                (Identifier::new(self.ctx, "op_bundle_sizes"), bundles),
+                (Identifier::new(self.ctx, "operandSegmentSizes"), segments),
+            ])
+            .build()
+            .expect("valid llvm.call_intrinsic");
+        self.append(blk, op)
     }
 
     fn elem(&self, e: Elem) -> Type<'c> {
@@ -567,7 +682,13 @@ impl<'c> Lower<'c> {
 
     fn unary<'a>(&self, blk: &'a Block<'c>, op: UnOp, x: Value<'c, 'a>, t: Ty) -> Value<'c, 'a> {
         let f = self.f32;
-        let m = |name: &str, x: Value<'c, 'a>| self.op(blk, name, &[x], f, true);
+        let m = |name: &str, x: Value<'c, 'a>| {
+            if self.gpu {
+                self.gpu_math(blk, name, x)
+            } else {
+                self.op(blk, name, &[x], f, true)
+            }
+        };
         match op {
             UnOp::Neg if t == Ty::Int => {
                 let z = self.const_index(blk, 0);
@@ -595,7 +716,14 @@ impl<'c> Lower<'c> {
             UnOp::Softplus => {
                 // torch: x above 20, else log1p(exp(x)).
                 let e = m("math.exp", x);
-                let l1p = m("math.log1p", e);
+                let l1p = if self.gpu {
+                    // log(1 + e): exact enough here (e ≥ 0), and lg2 has no log1p form.
+                    let one = self.const_f32(blk, 1.0);
+                    let s = self.op(blk, "arith.addf", &[one, e], f, true);
+                    m("math.log", s)
+                } else {
+                    m("math.log1p", e)
+                };
                 let th = self.const_f32(blk, 20.0);
                 let big = self.append(
                     blk,
@@ -603,6 +731,47 @@ impl<'c> Lower<'c> {
                 );
                 self.append(blk, arith::select(big, x, l1p, self.loc))
             }
+        }
+    }
+
+    /// A `math` op on the GPU, as PTX approximations (relative error ~2^-22 for `ex2`/`lg2`,
+    /// absolute ~2^-20.5 for `sin`/`cos` after reduction to [-π, π]).
+    fn gpu_math<'a>(&self, blk: &'a Block<'c>, name: &str, x: Value<'c, 'a>) -> Value<'c, 'a> {
+        let f = self.f32;
+        let scaled = |x: Value<'c, 'a>, c: f64| {
+            let c = self.const_f32(blk, c);
+            self.op(blk, "arith.mulf", &[x, c], f, true)
+        };
+        match name {
+            "math.exp" => {
+                let y = scaled(x, std::f64::consts::LOG2_E);
+                self.intrinsic(blk, "llvm.nvvm.ex2.approx.ftz.f", y)
+            }
+            "math.log" => {
+                let y = self.intrinsic(blk, "llvm.nvvm.lg2.approx.f", x);
+                scaled(y, std::f64::consts::LN_2)
+            }
+            "math.sqrt" => self.intrinsic(blk, "llvm.sqrt.f32", x),
+            "math.rsqrt" => self.intrinsic(blk, "llvm.nvvm.rsqrt.approx.f", x),
+            "math.sin" | "math.cos" => {
+                // x − 2π·round(x / 2π), with 2π split in two (Cody–Waite) so that rotary
+                // angles of long contexts keep their precision.
+                let k = scaled(x, 1.0 / std::f64::consts::TAU);
+                let k = self.intrinsic(blk, "llvm.roundeven.f32", k);
+                let hi = self.const_f32(blk, 6.28125);
+                let lo = self.const_f32(blk, std::f64::consts::TAU - 6.28125);
+                let a = self.op(blk, "arith.mulf", &[k, hi], f, false);
+                let r = self.op(blk, "arith.subf", &[x, a], f, false);
+                let b = self.op(blk, "arith.mulf", &[k, lo], f, false);
+                let r = self.op(blk, "arith.subf", &[r, b], f, false);
+                let which = if name == "math.sin" {
+                    "llvm.nvvm.sin.approx.f"
+                } else {
+                    "llvm.nvvm.cos.approx.f"
+                };
+                self.intrinsic(blk, which, r)
+            }
+            other => self.op(blk, other, &[x], f, true),
         }
     }
 }

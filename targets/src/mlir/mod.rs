@@ -1,16 +1,30 @@
 //! Everything MLIR: the context and pipelines ([`context`]) and the kernel IR lowering
 //! ([`lower`]). No other crate touches melior.
+//!
+//! - [`kernels_module`]: host kernels, `func.func`s in a plain module;
+//! - [`gpu_module`]: GPU kernels, `gpu.func`s in one `gpu.module` carrying the NVVM target.
 
 pub mod context;
 pub mod lower;
 
 use lamina_ir::kernel::verify::verify_kernel;
 use lamina_ir::kernel::Kernel;
-use melior::ir::{Location, Module};
+use melior::ir::operation::OperationLike;
+use melior::ir::{BlockLike, Location, Module, RegionLike};
 
 pub use context::MlirContext;
+pub use lower::Flavor;
 
-use crate::TargetError;
+use crate::{Target, TargetError};
+
+/// `k` verified, with its tile operations expanded into loops (neither target has a native
+/// lowering of them yet), verified again.
+fn prepared(k: &Kernel) -> Result<Kernel, TargetError> {
+    verify_kernel(k).map_err(TargetError::Kernel)?;
+    let k = lamina_ir::kernel::expand::expand_tiles(k);
+    verify_kernel(&k).map_err(TargetError::Kernel)?;
+    Ok(k)
+}
 
 /// Lowers `kernels` into one verified module of upstream dialects.
 pub fn kernels_module<'c>(
@@ -19,13 +33,45 @@ pub fn kernels_module<'c>(
 ) -> Result<Module<'c>, TargetError> {
     let module = Module::new(Location::unknown(&cx.context));
     for k in kernels {
-        verify_kernel(k).map_err(TargetError::Kernel)?;
-        // Tile operations become loops here (the host has no tile-level hardware).
-        let k = lamina_ir::kernel::expand::expand_tiles(k);
-        verify_kernel(&k).map_err(TargetError::Kernel)?;
-        lower::lower_kernel(&cx.context, &module, &k)?;
+        lower::lower_kernel(&cx.context, &module.body(), &prepared(k)?, Flavor::Host)?;
     }
     cx.verify(&module, "kernel module")?;
+    Ok(module)
+}
+
+/// Lowers `kernels` into one verified `gpu.module @kernels` for `target` (an NVPTX target),
+/// each kernel launched with the block size `block(kernel)`.
+pub fn gpu_module<'c>(
+    cx: &'c MlirContext,
+    kernels: &[Kernel],
+    target: Target,
+    block: &dyn Fn(&Kernel) -> u32,
+) -> Result<Module<'c>, TargetError> {
+    let (chip, features) = target
+        .nvptx()
+        .ok_or_else(|| TargetError::Unavailable(format!("{target} is not an NVPTX target")))?;
+    let text = format!(
+        "module attributes {{gpu.container_module}} {{\n\
+         gpu.module @kernels [#nvvm.target<chip = \"{chip}\", features = \"{features}\", O = 3>] {{\n}}\n}}"
+    );
+    let module = Module::parse(&cx.context, &text).ok_or_else(|| {
+        TargetError::Mlir(format!("gpu.module skeleton: {}", cx.take_diagnostics()))
+    })?;
+    {
+        let body = module.body();
+        let gm = body
+            .first_operation()
+            .ok_or_else(|| TargetError::Mlir("gpu.module skeleton has no gpu.module".into()))?;
+        let region = gm.region(0).map_err(|e| TargetError::Mlir(e.to_string()))?;
+        let block_ref = region
+            .first_block()
+            .ok_or_else(|| TargetError::Mlir("gpu.module has no body".into()))?;
+        for k in kernels {
+            let flavor = Flavor::Gpu { block: block(k) };
+            lower::lower_kernel(&cx.context, &block_ref, &prepared(k)?, flavor)?;
+        }
+    }
+    cx.verify(&module, "GPU kernel module")?;
     Ok(module)
 }
 
@@ -33,5 +79,16 @@ pub fn kernels_module<'c>(
 pub fn print_mlir(kernels: &[Kernel]) -> Result<String, TargetError> {
     let cx = MlirContext::new();
     let module = kernels_module(&cx, kernels)?;
+    Ok(module.as_operation().to_string())
+}
+
+/// The MLIR text of `kernels` as a verified `gpu.module` for `target`, before any pass.
+pub fn print_gpu_mlir(
+    kernels: &[Kernel],
+    target: Target,
+    block: &dyn Fn(&Kernel) -> u32,
+) -> Result<String, TargetError> {
+    let cx = MlirContext::new();
+    let module = gpu_module(&cx, kernels, target, block)?;
     Ok(module.as_operation().to_string())
 }

@@ -1,0 +1,139 @@
+//! `compile-model report MODEL --target sm_80|sm_90a`: every kernel's PTX resources (from
+//! `ptxas -v`), its planned launch, and the work of each phase against the GPU's roofline.
+
+use std::collections::BTreeMap;
+
+use lamina_ir::cost::Gpu;
+use lamina_ir::kernel::count::{launch_work, Work};
+use lamina_ir::kernel::Kernel;
+use lamina_ir::model::Model;
+use lamina_targets::nvptx::{self, Resources};
+use lamina_targets::Target;
+
+use super::CliResult;
+use crate::build::compile_program;
+use crate::kernels::Phase;
+use crate::passes::Options;
+
+/// One kernel of one phase: launches and work per launch.
+pub struct KernelRow<'k> {
+    pub kernel: &'k Kernel,
+    pub launches: usize,
+    pub blocks: usize,
+    pub work: Work,
+}
+
+impl KernelRow<'_> {
+    /// Roofline time of all its launches, seconds.
+    pub fn roofline(&self, gpu: &Gpu) -> f64 {
+        let w = &self.work;
+        self.launches as f64 * (w.dram_bytes() / gpu.bandwidth).max(w.flops / gpu.flops)
+    }
+}
+
+pub fn gpu_report(
+    m: &Model,
+    target: Target,
+    options: Options,
+    batch: usize,
+    context: usize,
+    gpu: &Gpu,
+) -> CliResult {
+    let (p, _) = compile_program(m, options).map_err(|e| e.to_string())?;
+    let kernels: Vec<Kernel> = p.kernels().into_iter().cloned().collect();
+    let (ptx, _) = nvptx::compile_ptx(&kernels, target).map_err(|e| e.to_string())?;
+    let resources: BTreeMap<String, Resources> = match nvptx::ptxas(&ptx, target) {
+        Ok(r) => r.into_iter().map(|r| (r.kernel.clone(), r)).collect(),
+        Err(e) => {
+            println!("(no ptxas resources: {e})");
+            BTreeMap::new()
+        }
+    };
+    println!(
+        "{target} kernels: one program per thread, {} threads per block, no dynamic shared memory; \
+         buffers f32 (the kernel IR has no bf16 storage yet)",
+        nvptx::BLOCK
+    );
+    println!(
+        "{:<64} {:>5} {:>8} {:>11} {:>6} {:>7}",
+        "kernel", "regs", "stack B", "spill st/ld", "smem", "blk/SM"
+    );
+    for k in &kernels {
+        match resources.get(&k.name) {
+            Some(r) => println!(
+                "{:<64} {:>5} {:>8} {:>5}/{:<5} {:>6} {:>7}",
+                k.name,
+                r.registers,
+                r.stack,
+                r.spill_stores,
+                r.spill_loads,
+                r.shared,
+                r.blocks_per_sm(nvptx::block_size(k))
+            ),
+            None => println!("{:<64} {:>5}", k.name, "?"),
+        }
+    }
+    let data = (0.0, context as f64);
+    for (phase, rows, what) in [
+        (
+            Phase::Prefill,
+            options.max_prefill_rows,
+            format!("{} rows per launch", options.max_prefill_rows),
+        ),
+        (
+            Phase::Decode,
+            batch,
+            format!("batch {batch}, positions up to {context}"),
+        ),
+    ] {
+        let mut rows_by: BTreeMap<&str, KernelRow> = BTreeMap::new();
+        for l in &p.schedules[&phase] {
+            let k = &l.kernel;
+            let e = rows_by.entry(k.name.as_str()).or_insert_with(|| KernelRow {
+                kernel: k,
+                launches: 0,
+                blocks: k.programs(rows).div_ceil(nvptx::block_size(k) as usize),
+                work: launch_work(k, rows, data),
+            });
+            e.launches += 1;
+        }
+        let mut rows_v: Vec<KernelRow> = rows_by.into_values().collect();
+        rows_v.sort_by(|a, b| b.roofline(gpu).total_cmp(&a.roofline(gpu)));
+        println!();
+        println!(
+            "{} ({what}): roofline on {} ({:.2} TB/s, {:.0} TFLOP/s)",
+            phase.name(),
+            gpu.name,
+            gpu.bandwidth / 1e12,
+            gpu.flops / 1e12
+        );
+        println!(
+            "{:<64} {:>8} {:>9} {:>12} {:>12} {:>12}",
+            "kernel", "launches", "blocks", "MFLOP/launch", "MB/launch", "roofline µs"
+        );
+        let (mut t, mut flops, mut bytes) = (0.0, 0.0, 0.0);
+        for r in &rows_v {
+            let time = r.roofline(gpu);
+            t += time;
+            flops += r.work.flops * r.launches as f64;
+            bytes += r.work.dram_bytes() * r.launches as f64;
+            println!(
+                "{:<64} {:>8} {:>9} {:>12.3} {:>12.3} {:>12.2}",
+                r.kernel.name,
+                r.launches,
+                r.blocks,
+                r.work.flops / 1e6,
+                r.work.dram_bytes() / 1e6,
+                time * 1e6
+            );
+        }
+        println!(
+            "{} total: {:.2} GFLOP, {:.3} GB, roofline {:.1} µs",
+            phase.name(),
+            flops / 1e9,
+            bytes / 1e9,
+            t * 1e6
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,459 @@
+//! Static work estimates of a kernel launch: floating-point operations, and bytes loaded from
+//! and stored to its parameters, for a given row count — what `compile-model report --target`
+//! prints per kernel and reads against the roofline.
+//!
+//! Loop trip counts come from interval arithmetic on the bounds: a bound that depends on the
+//! program id or an enclosing loop variable is taken at its midpoint (a triangular loop counts
+//! half), and one that depends on data (a position, an expert's token count: any int loaded
+//! from a buffer) at the middle of the caller's `data` interval. Both branches of data-dependent
+//! control flow are assumed taken. Every f32 arithmetic or transcendental operation counts as
+//! one FLOP, a multiply-add as two. Bytes are counted as issued (a value loaded twice counts
+//! twice): [`Work::dram_bytes`] caps them by the parameters' footprint for the roofline.
+
+use std::collections::HashMap;
+
+use super::{Dim, Elem, Expr, Kernel, Stmt, TileOp};
+
+/// Work of one launch.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Work {
+    pub flops: f64,
+    /// Bytes loaded from and stored to parameters, as issued by the programs.
+    pub load_bytes: f64,
+    pub store_bytes: f64,
+    /// DRAM traffic estimate: per parameter, the bytes issued to it, at most its footprint at
+    /// this row count (a tile loaded by many programs is read from DRAM once).
+    pub dram_bytes: f64,
+}
+
+impl Work {
+    pub fn dram_bytes(&self) -> f64 {
+        self.dram_bytes
+    }
+}
+
+/// An int's range, its expected value, and whether it depends on loaded data. A bool is an
+/// `Iv` over 0..=1 whose mean is the probability that it holds.
+#[derive(Clone, Copy, Debug)]
+struct Iv {
+    lo: f64,
+    hi: f64,
+    mean: f64,
+    data: bool,
+}
+
+impl Iv {
+    fn point(v: f64) -> Iv {
+        Iv {
+            lo: v,
+            hi: v,
+            mean: v,
+            data: false,
+        }
+    }
+    fn range(lo: f64, hi: f64) -> Iv {
+        Iv {
+            lo,
+            hi,
+            mean: (lo + hi) / 2.0,
+            data: false,
+        }
+    }
+    /// A loop variable over `lo..hi`.
+    fn iter(lo: Iv, hi: Iv) -> Iv {
+        Iv {
+            lo: lo.lo,
+            hi: (hi.hi - 1.0).max(lo.lo),
+            mean: ((lo.mean + hi.mean - 1.0) / 2.0).max(lo.lo),
+            data: lo.data || hi.data,
+        }
+    }
+    fn trips(lo: Iv, hi: Iv) -> f64 {
+        (hi.mean - lo.mean).max(0.0)
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum T {
+    F,
+    I,
+}
+
+struct Counter<'k> {
+    k: &'k Kernel,
+    rows: usize,
+    data: Iv,
+    vars: HashMap<String, (T, Iv)>,
+    locals: std::collections::HashSet<String>,
+    work: Work,
+    /// Bytes issued per parameter, per program.
+    per_buf: HashMap<String, f64>,
+}
+
+/// The estimated work of launching `k` over `rows` rows; ints loaded from buffers lie in
+/// `data` (e.g. `0..context` for positions).
+pub fn launch_work(k: &Kernel, rows: usize, data: (f64, f64)) -> Work {
+    let mut c = Counter {
+        k,
+        rows,
+        data: Iv {
+            data: true,
+            ..Iv::range(data.0, data.1)
+        },
+        vars: HashMap::new(),
+        locals: Default::default(),
+        work: Work::default(),
+        per_buf: HashMap::new(),
+    };
+    c.block(&k.body, 1.0);
+    let programs = k.programs(rows) as f64;
+    let dram_bytes = k
+        .params
+        .iter()
+        .map(|p| {
+            let issued = c.per_buf.get(&p.name).copied().unwrap_or(0.0) * programs;
+            issued.min((p.numel(rows) * p.elem.bytes()) as f64)
+        })
+        .sum();
+    Work {
+        flops: c.work.flops * programs,
+        load_bytes: c.work.load_bytes * programs,
+        store_bytes: c.work.store_bytes * programs,
+        dram_bytes,
+    }
+}
+
+impl Counter<'_> {
+    fn block(&mut self, b: &[Stmt], times: f64) {
+        for s in b {
+            self.stmt(s, times);
+        }
+    }
+
+    fn elem_bytes(&self, buf: &str) -> Option<f64> {
+        if self.locals.contains(buf) {
+            return None;
+        }
+        self.k.param(buf).map(|p| p.elem.bytes() as f64)
+    }
+
+    fn stmt(&mut self, s: &Stmt, times: f64) {
+        match s {
+            Stmt::Let(n, e) => {
+                let (t, iv) = self.expr(e, times);
+                self.vars.insert(n.clone(), (t, iv));
+            }
+            Stmt::Local { name, .. } => {
+                self.locals.insert(name.clone());
+            }
+            Stmt::Store { buf, idx, value } => {
+                for i in idx {
+                    self.expr(i, times);
+                }
+                self.expr(value, times);
+                if let Some(b) = self.elem_bytes(buf) {
+                    self.work.store_bytes += b * times;
+                    *self.per_buf.entry(buf.clone()).or_default() += b * times;
+                }
+            }
+            Stmt::For {
+                var,
+                lo,
+                hi,
+                carried,
+                body,
+                yields,
+            } => {
+                let (_, l) = self.expr(lo, times);
+                let (_, h) = self.expr(hi, times);
+                let trips = Iv::trips(l, h);
+                let mut inits = Vec::new();
+                for (n, e) in carried {
+                    let init = self.expr(e, times);
+                    self.vars.insert(n.clone(), init);
+                    inits.push(init);
+                }
+                self.vars.insert(var.clone(), (T::I, Iv::iter(l, h)));
+                // A carried int (a running count) grows by its expected increment per trip:
+                // measured on a dry run of the yields (their work is counted below).
+                let saved = (self.work, self.per_buf.clone());
+                let incs: Vec<Option<Iv>> = yields
+                    .iter()
+                    .zip(&inits)
+                    .map(|(y, (t, init))| {
+                        (*t == T::I).then(|| {
+                            let (_, next) = self.expr(y, 0.0);
+                            Iv {
+                                lo: next.lo - init.lo,
+                                hi: next.hi - init.lo,
+                                mean: next.mean - init.mean,
+                                data: next.data,
+                            }
+                        })
+                    })
+                    .collect();
+                (self.work, self.per_buf) = saved;
+                let grown = |init: Iv, inc: Iv, n: f64| Iv {
+                    lo: init.lo + (inc.lo * n).min(0.0),
+                    hi: init.hi + (inc.hi * n).max(0.0),
+                    mean: init.mean + inc.mean * n,
+                    data: init.data || inc.data,
+                };
+                for (((n, _), (t, init)), inc) in carried.iter().zip(&inits).zip(&incs) {
+                    if let (T::I, Some(inc)) = (t, inc) {
+                        // Inside the loop: on average half-way.
+                        self.vars
+                            .insert(n.clone(), (T::I, grown(*init, *inc, trips / 2.0)));
+                    }
+                }
+                self.block(body, times * trips);
+                for y in yields {
+                    self.expr(y, times * trips);
+                }
+                for (((n, _), (t, init)), inc) in carried.iter().zip(&inits).zip(&incs) {
+                    if let (T::I, Some(inc)) = (t, inc) {
+                        self.vars
+                            .insert(n.clone(), (T::I, grown(*init, *inc, trips)));
+                    }
+                }
+            }
+            Stmt::If { cond, then } => {
+                let (_, p) = self.expr(cond, times);
+                self.block(then, times * p.mean);
+            }
+            Stmt::Tile(op) => self.tile(op, times),
+        }
+    }
+
+    fn tile(&mut self, op: &TileOp, times: f64) {
+        // Tiles work on locals: FLOPs only.
+        match op {
+            TileOp::Dot { m, n, depth, .. } => {
+                let (_, m) = self.expr(m, times);
+                let (_, n) = self.expr(n, times);
+                self.work.flops += 2.0 * m.mean * n.mean * *depth as f64 * times;
+            }
+            TileOp::Cumsum { rows, cols, .. } => {
+                let (_, r) = self.expr(rows, times);
+                self.work.flops += r.mean * *cols as f64 * times;
+            }
+            TileOp::TriSolve { n, cols, .. } => {
+                let (_, n) = self.expr(n, times);
+                self.work.flops += n.mean * n.mean * *cols as f64 * times;
+            }
+        }
+    }
+
+    fn expr(&mut self, e: &Expr, times: f64) -> (T, Iv) {
+        let zero = Iv::point(0.0);
+        match e {
+            Expr::F(_) => (T::F, zero),
+            Expr::I(v) => (T::I, Iv::point(*v as f64)),
+            Expr::Var(n) => self.vars.get(n).copied().unwrap_or((T::F, zero)),
+            Expr::Pid(a) => {
+                let ext = self.k.grid.get(*a).map_or(1, |d: &Dim| d.eval(self.rows));
+                (T::I, Iv::range(0.0, ext.saturating_sub(1) as f64))
+            }
+            Expr::Rows => (T::I, Iv::point(self.rows as f64)),
+            Expr::Load(b, idx) => {
+                for i in idx {
+                    self.expr(i, times);
+                }
+                if let Some(bytes) = self.elem_bytes(b) {
+                    self.work.load_bytes += bytes * times;
+                    *self.per_buf.entry(b.clone()).or_default() += bytes * times;
+                }
+                let int = !self.locals.contains(b)
+                    && self.k.param(b).is_some_and(|p| p.elem == Elem::I64);
+                if int {
+                    (T::I, self.data)
+                } else {
+                    (T::F, zero)
+                }
+            }
+            Expr::Bin(op, a, b) => {
+                let (ta, x) = self.expr(a, times);
+                let (_, y) = self.expr(b, times);
+                if ta == T::F {
+                    self.work.flops += times;
+                    return (T::F, zero);
+                }
+                use super::BinOp::*;
+                let f: fn(f64, f64) -> f64 = match op {
+                    Add => |a, b| a + b,
+                    Sub => |a, b| a - b,
+                    Mul => |a, b| a * b,
+                    Div => |a, b| if b == 0.0 { a } else { (a / b).trunc() },
+                    Max => f64::max,
+                    Min => f64::min,
+                    Rem => |a, b| if b == 0.0 { a } else { a % b },
+                };
+                let iv = match op {
+                    Rem => Iv {
+                        lo: 0.0,
+                        hi: (y.hi.abs() - 1.0).max(0.0),
+                        mean: ((y.mean.abs() - 1.0) / 2.0).max(0.0),
+                        data: x.data || y.data,
+                    },
+                    Sub => Iv {
+                        lo: x.lo - y.hi,
+                        hi: x.hi - y.lo,
+                        mean: x.mean - y.mean,
+                        data: x.data || y.data,
+                    },
+                    _ => {
+                        let c = [f(x.lo, y.lo), f(x.lo, y.hi), f(x.hi, y.lo), f(x.hi, y.hi)];
+                        Iv {
+                            lo: c.iter().copied().fold(f64::INFINITY, f64::min),
+                            hi: c.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                            mean: f(x.mean, y.mean),
+                            data: x.data || y.data,
+                        }
+                    }
+                };
+                (T::I, iv)
+            }
+            Expr::Un(_, a) => {
+                let (t, iv) = self.expr(a, times);
+                if t == T::F {
+                    self.work.flops += times;
+                }
+                (t, iv)
+            }
+            Expr::Cmp(op, a, b) => {
+                let (_, x) = self.expr(a, times);
+                let (_, y) = self.expr(b, times);
+                // Equality of loaded data with a value ranging over n possibilities (a
+                // token's expert against this program's expert) holds once in n; any other
+                // comparison (bounds, masks) is taken as holding.
+                let p = match (op, x.data, y.data) {
+                    (super::CmpOp::Eq, true, false) => 1.0 / (y.hi - y.lo + 1.0),
+                    (super::CmpOp::Eq, false, true) => 1.0 / (x.hi - x.lo + 1.0),
+                    _ => 1.0,
+                };
+                (
+                    T::I,
+                    Iv {
+                        lo: 0.0,
+                        hi: 1.0,
+                        mean: p,
+                        data: x.data || y.data,
+                    },
+                )
+            }
+            Expr::Select(c, a, b) => {
+                let (_, p) = self.expr(c, times);
+                let (t, x) = self.expr(a, times);
+                let (_, y) = self.expr(b, times);
+                (
+                    t,
+                    Iv {
+                        lo: x.lo.min(y.lo),
+                        hi: x.hi.max(y.hi),
+                        mean: p.mean * x.mean + (1.0 - p.mean) * y.mean,
+                        data: p.data || x.data || y.data,
+                    },
+                )
+            }
+            Expr::ToF(a) => {
+                self.expr(a, times);
+                (T::F, zero)
+            }
+            Expr::ToI(a) => {
+                self.expr(a, times);
+                (T::I, self.data)
+            }
+            Expr::Reduce {
+                var, lo, hi, body, ..
+            } => {
+                let (_, l) = self.expr(lo, times);
+                let (_, h) = self.expr(hi, times);
+                let trips = Iv::trips(l, h);
+                let saved = self.vars.insert(var.clone(), (T::I, Iv::iter(l, h)));
+                self.expr(body, times * trips);
+                self.work.flops += times * trips;
+                match saved {
+                    Some(v) => self.vars.insert(var.clone(), v),
+                    None => self.vars.remove(var),
+                };
+                (T::F, zero)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::build::*;
+    use crate::kernel::{Access, Param};
+
+    fn param(name: &str, shape: Vec<Dim>, access: Access) -> Param {
+        Param {
+            name: name.into(),
+            elem: Elem::F32,
+            shape,
+            access,
+        }
+    }
+
+    #[test]
+    fn counts_a_matrix_vector_product() {
+        // y[r, n] = Σ_k x[r, k]·w[n, k]: per program 64 multiply-adds and 128 loads.
+        let k = Kernel {
+            name: "mv".into(),
+            nodes: vec![],
+            grid: vec![Dim::Rows, Dim::N(32)],
+            params: vec![
+                param("x", vec![Dim::Rows, Dim::N(64)], Access::Read),
+                param("w", vec![Dim::N(32), Dim::N(64)], Access::Read),
+                param("y", vec![Dim::Rows, Dim::N(32)], Access::Write),
+            ],
+            body: vec![st(
+                "y",
+                [pid(0), pid(1)],
+                sum(
+                    "k",
+                    i(0),
+                    i(64),
+                    ld("x", [pid(0), v("k")]) * ld("w", [pid(1), v("k")]),
+                ),
+            )],
+        };
+        let w = launch_work(&k, 2, (0.0, 0.0));
+        assert_eq!(w.flops, 2.0 * 32.0 * (64.0 * 2.0));
+        assert_eq!(w.load_bytes, 2.0 * 32.0 * 128.0 * 4.0);
+        assert_eq!(w.store_bytes, 2.0 * 32.0 * 4.0);
+        // Each buffer once: x is re-read by all 32 column programs, but from cache.
+        assert_eq!(
+            w.dram_bytes(),
+            (2.0 * 64.0 + 32.0 * 64.0 + 2.0 * 32.0) * 4.0
+        );
+    }
+
+    #[test]
+    fn triangular_and_data_dependent_loops_count_half() {
+        // for t in 0..pos (pos loaded): counts pos at the middle of the data interval.
+        let k = Kernel {
+            name: "tri".into(),
+            nodes: vec![],
+            grid: vec![Dim::N(1)],
+            params: vec![
+                Param {
+                    name: "pos".into(),
+                    elem: Elem::I64,
+                    shape: vec![Dim::N(1)],
+                    access: Access::Read,
+                },
+                param("y", vec![Dim::N(1)], Access::Write),
+            ],
+            body: vec![
+                Stmt::Let("n".into(), ld("pos", [i(0)])),
+                st("y", [i(0)], sum("t", i(0), v("n"), f(1.0) + f(2.0))),
+            ],
+        };
+        let w = launch_work(&k, 1, (0.0, 100.0));
+        // 50 trips × (one add in the body + one accumulate).
+        assert_eq!(w.flops, 100.0);
+    }
+}

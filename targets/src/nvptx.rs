@@ -1,0 +1,269 @@
+//! The NVPTX targets (sm_80, sm_90a): kernels → `gpu.module` → NVVM → LLVM NVPTX → PTX text,
+//! and `ptxas -v` to assemble it and read each kernel's resources.
+//!
+//! Mapping (this first lowering): one kernel-IR program per GPU thread, [`block_size`] threads
+//! per block, `⌈programs / block⌉` blocks along x; per-program locals live in the thread's local
+//! memory. Every buffer is one `.u64` pointer parameter (bare-pointer convention) in the kernel's
+//! parameter order, followed by `rows` as `.u64`; no dynamic shared memory. The runtime reads
+//! all of this from the plan ([`lamina_ir::plan::GpuLaunch`]).
+//!
+//! Not yet here (issue 4's remaining work): block-cooperative tiles, shared-memory staging,
+//! tensor-core MMAs (`mma.sync` / `wgmma`), bf16 storage.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use lamina_ir::kernel::Kernel;
+use melior::ir::attribute::AttributeLike;
+use melior::ir::operation::OperationLike;
+use melior::ir::BlockLike;
+
+use crate::mlir::context::GPU_PIPELINE;
+use crate::mlir::{gpu_module, MlirContext};
+use crate::{Target, TargetError};
+
+/// Threads per block of every kernel in this lowering.
+pub const BLOCK: u32 = 128;
+
+/// Most bytes of per-program locals: the architectural per-thread local-memory limit of
+/// sm_80 and sm_90 (512 KiB).
+pub const LOCAL_BUDGET: usize = 512 << 10;
+
+/// Registers of one SM (sm_80 and sm_90), for the occupancy check.
+pub const REGISTERS_PER_SM: u32 = 65536;
+
+/// Shared memory one block may use on the target (opt-in maximum).
+pub fn shared_limit(target: Target) -> u32 {
+    match target {
+        Target::Sm90a => 227 << 10,
+        _ => 163 << 10,
+    }
+}
+
+/// Threads per block of kernel `k`.
+pub fn block_size(_k: &Kernel) -> u32 {
+    BLOCK
+}
+
+/// How long a PTX compilation took.
+#[derive(Debug, Default, Clone)]
+pub struct PtxTimings {
+    pub lower: Duration,
+    pub passes: Duration,
+}
+
+/// PTX for `kernels` (one module, one `.entry` per kernel) for `target`.
+pub fn compile_ptx(
+    kernels: &[Kernel],
+    target: Target,
+) -> Result<(String, PtxTimings), TargetError> {
+    for k in kernels {
+        if k.local_bytes() > LOCAL_BUDGET {
+            return Err(TargetError::Kernel(format!(
+                "{}: {} bytes of per-program locals, over the {target} per-thread local memory \
+                 limit of {LOCAL_BUDGET}",
+                k.name,
+                k.local_bytes()
+            )));
+        }
+    }
+    let mut t = PtxTimings::default();
+    let cx = MlirContext::new();
+    let start = Instant::now();
+    let mut module = gpu_module(&cx, kernels, target, &block_size)?;
+    t.lower = start.elapsed();
+    let start = Instant::now();
+    cx.run_pipeline(&mut module, GPU_PIPELINE, &format!("{target} lowering"))?;
+    t.passes = start.elapsed();
+    let body = module.body();
+    let binary = body
+        .first_operation()
+        .filter(|op| op.name().as_string_ref().as_str() == Ok("gpu.binary"))
+        .ok_or_else(|| TargetError::Mlir("the NVVM pipeline produced no gpu.binary".into()))?;
+    let objects = binary
+        .attribute("objects")
+        .map_err(|e| TargetError::Mlir(format!("gpu.binary: {e}")))?;
+    // SAFETY: plain C API reads of attributes owned by `module`, which outlives them; the
+    // string is copied before the module is dropped.
+    let ptx = unsafe {
+        let object = mlir_sys::mlirArrayAttrGetElement(objects.to_raw(), 0);
+        if !mlir_sys::mlirAttributeIsAGPUObjectAttr(object) {
+            return Err(TargetError::Mlir("gpu.binary holds no #gpu.object".into()));
+        }
+        let s = mlir_sys::mlirGPUObjectAttrGetObject(object);
+        let bytes = std::slice::from_raw_parts(s.data as *const u8, s.length);
+        String::from_utf8_lossy(bytes).into_owned()
+    };
+    if !ptx.contains(".entry") && !kernels.is_empty() {
+        return Err(TargetError::Mlir("the PTX holds no kernel entry".into()));
+    }
+    Ok((ptx, t))
+}
+
+/// What `ptxas -v` reports for one kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Resources {
+    pub kernel: String,
+    pub registers: u32,
+    /// Bytes of stack frame (local memory: per-program locals and spills).
+    pub stack: u32,
+    pub spill_stores: u32,
+    pub spill_loads: u32,
+    /// Static shared memory, bytes.
+    pub shared: u32,
+    /// Constant bank 0 bytes (parameters).
+    pub cmem: u32,
+}
+
+impl Resources {
+    /// Blocks of `block` threads that fit on one SM by registers (ignoring the allocation
+    /// granularity, which can only lower it by one warp's worth).
+    pub fn blocks_per_sm(&self, block: u32) -> u32 {
+        if self.registers == 0 {
+            return 32;
+        }
+        REGISTERS_PER_SM / (self.registers * block)
+    }
+}
+
+/// `ptxas`: `$LAMINA_PTXAS`, the bootstrap's `.tools/bin/ptxas`, or one on `PATH`.
+pub fn ptxas_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("LAMINA_PTXAS") {
+        return Some(PathBuf::from(p));
+    }
+    let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("../.tools/bin/ptxas");
+    if bundled.exists() {
+        return Some(bundled);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join("ptxas"))
+        .find(|p| p.exists())
+}
+
+/// Assembles `ptx` for `target` with `ptxas -v` and returns every kernel's resources. Errors
+/// carry ptxas's own messages.
+pub fn ptxas(ptx: &str, target: Target) -> Result<Vec<Resources>, TargetError> {
+    let (chip, _) = target
+        .nvptx()
+        .ok_or_else(|| TargetError::Unavailable(format!("{target} is not an NVPTX target")))?;
+    let exe = ptxas_path().ok_or_else(|| {
+        TargetError::Unavailable(
+            "ptxas not found (set LAMINA_PTXAS, run scripts/bootstrap, or put it on PATH)".into(),
+        )
+    })?;
+    let dir = tempfile_dir()?;
+    let input = dir.join("kernels.ptx");
+    std::fs::write(&input, ptx)
+        .map_err(|e| TargetError::Link(format!("{}: {e}", input.display())))?;
+    let output = Command::new(&exe)
+        .arg(format!("-arch={chip}"))
+        .arg("-v")
+        .arg("-warn-spills")
+        .arg(&input)
+        .arg("-o")
+        .arg(dir.join("kernels.cubin"))
+        .output()
+        .map_err(|e| TargetError::Link(format!("running {}: {e}", exe.display())));
+    let _ = std::fs::remove_dir_all(&dir);
+    let output = output?;
+    let log = String::from_utf8_lossy(&output.stderr).into_owned()
+        + &String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        return Err(TargetError::Link(format!(
+            "ptxas -arch={chip} rejected the PTX: {}",
+            log.trim()
+        )));
+    }
+    Ok(parse_ptxas(&log))
+}
+
+fn tempfile_dir() -> Result<PathBuf, TargetError> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "lamina-ptxas-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| TargetError::Link(format!("{}: {e}", dir.display())))?;
+    Ok(dir)
+}
+
+/// Parses `ptxas -v` output: per kernel, "Compiling entry function 'k'", "N bytes stack
+/// frame, N bytes spill stores, N bytes spill loads", "Used N registers, ... N bytes smem,
+/// N bytes cmem[0]".
+pub fn parse_ptxas(log: &str) -> Vec<Resources> {
+    let mut out: Vec<Resources> = Vec::new();
+    let num = |line: &str, before: &str| -> u32 {
+        let Some(at) = line.find(before) else {
+            return 0;
+        };
+        line[..at]
+            .trim_end()
+            .rsplit(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(0)
+    };
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let name = rest.split('\'').next().unwrap_or("").to_string();
+            out.push(Resources {
+                kernel: name,
+                ..Resources::default()
+            });
+            continue;
+        }
+        let Some(r) = out.last_mut() else { continue };
+        if line.contains("stack frame") {
+            r.stack = num(line, " bytes stack frame");
+            r.spill_stores = num(line, " bytes spill stores");
+            r.spill_loads = num(line, " bytes spill loads");
+        } else if line.contains("Used ") && line.contains("registers") {
+            r.registers = num(line, " registers");
+            r.shared = num(line, " bytes smem");
+            r.cmem = num(line, " bytes cmem[0]");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ptxas_verbose_output() {
+        let log = "ptxas info    : 0 bytes gmem\n\
+ptxas info    : Compiling entry function 'rmsnorm_0' for 'sm_90a'\n\
+ptxas info    : Function properties for rmsnorm_0\n\
+    64 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads\n\
+ptxas info    : Used 40 registers, used 0 barriers, 1024 bytes smem, 392 bytes cmem[0]\n\
+ptxas info    : Compiling entry function 'add_1' for 'sm_90a'\n\
+ptxas info    : Function properties for add_1\n\
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+ptxas info    : Used 10 registers, used 0 barriers, 376 bytes cmem[0]\n";
+        let r = parse_ptxas(log);
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            r[0],
+            Resources {
+                kernel: "rmsnorm_0".into(),
+                registers: 40,
+                stack: 64,
+                spill_stores: 8,
+                spill_loads: 12,
+                shared: 1024,
+                cmem: 392,
+            }
+        );
+        assert_eq!(
+            (r[1].kernel.as_str(), r[1].registers, r[1].shared),
+            ("add_1", 10, 0)
+        );
+        assert_eq!(r[1].blocks_per_sm(128), 51);
+    }
+}

@@ -1,0 +1,284 @@
+//! The NVPTX targets without a GPU: every kernel of every example lowered for sm_80 and sm_90a
+//! and assembled by `ptxas -v`; resources within budget; GPU artifacts and the CLI stages.
+//!
+//! ptxas comes from `scripts/bootstrap`. Without it these checks print a visible skip; with
+//! `LAMINA_REQUIRE_PTXAS=1` (set by `make test`) a missing ptxas fails them.
+
+use std::process::Command;
+
+use lamina_ir::model::Model;
+use lamina_targets::nvptx::{self, Resources};
+use lamina_targets::Target;
+
+use crate::common::repo;
+
+fn ptxas_or_skip(what: &str) -> bool {
+    if nvptx::ptxas_path().is_some() {
+        return true;
+    }
+    assert!(
+        std::env::var("LAMINA_REQUIRE_PTXAS").as_deref() != Ok("1"),
+        "{what}: ptxas not found and LAMINA_REQUIRE_PTXAS=1 (run scripts/bootstrap)"
+    );
+    eprintln!("SKIPPED {what}: ptxas not found (run scripts/bootstrap or set LAMINA_PTXAS)");
+    false
+}
+
+/// Lowers every kernel of `example` (both phases, default build sizes) for both NVPTX targets,
+/// assembles the PTX, and checks each kernel's resources.
+fn assembles(example: &str) {
+    let m = Model::open(&repo().join("examples").join(example)).unwrap();
+    let (p, _) = lamina_compiler::build::compile_program(&m, Default::default()).unwrap();
+    let kernels: Vec<_> = p.kernels().into_iter().cloned().collect();
+    for target in [Target::Sm80, Target::Sm90a] {
+        let (ptx, _) = nvptx::compile_ptx(&kernels, target)
+            .unwrap_or_else(|e| panic!("{example} {target}: {e}"));
+        let (chip, _) = target.nvptx().unwrap();
+        assert!(
+            ptx.contains(&format!(".target {chip}")),
+            "{example} {target}"
+        );
+        if !ptxas_or_skip(&format!("{example} {target}")) {
+            continue;
+        }
+        let res = nvptx::ptxas(&ptx, target).unwrap_or_else(|e| panic!("{example}: {e}"));
+        for k in &kernels {
+            let r: &Resources = res
+                .iter()
+                .find(|r| r.kernel == k.name)
+                .unwrap_or_else(|| panic!("{example} {target}: ptxas reports no {}", k.name));
+            let block = nvptx::block_size(k);
+            assert_eq!(
+                (r.spill_stores, r.spill_loads),
+                (0, 0),
+                "{example} {target} {}: register spills",
+                k.name
+            );
+            assert!(
+                r.registers > 0 && r.blocks_per_sm(block) >= 1,
+                "{example} {target} {}: {} registers × {block} threads exceed an SM",
+                k.name,
+                r.registers
+            );
+            assert!(
+                r.shared <= nvptx::shared_limit(target),
+                "{example} {target} {}: {} bytes of shared memory",
+                k.name,
+                r.shared
+            );
+            assert!(
+                (r.stack as usize) <= nvptx::LOCAL_BUDGET,
+                "{example} {target} {}: {} bytes of stack",
+                k.name,
+                r.stack
+            );
+        }
+    }
+}
+
+macro_rules! assembles {
+    ($test:ident, $file:literal) => {
+        #[test]
+        fn $test() {
+            assembles($file);
+        }
+    };
+}
+
+assembles!(ptxas_kimi_linear_tiny, "kimi-linear-tiny.toml");
+assembles!(ptxas_qwen3_next_tiny, "qwen3-next-tiny.toml");
+assembles!(ptxas_minimax_tiny, "minimax-tiny.toml");
+assembles!(ptxas_deepseek_v3_tiny, "deepseek-v3-tiny.toml");
+assembles!(ptxas_kimi_linear_small, "kimi-linear-small.toml");
+assembles!(ptxas_qwen3_next_small, "qwen3-next-small.toml");
+assembles!(ptxas_kimi_linear_48b_a3b, "kimi-linear-48b-a3b.toml");
+assembles!(ptxas_qwen3_next_80b_a3b, "qwen3-next-80b-a3b.toml");
+assembles!(ptxas_minimax_text_01, "minimax-text-01.toml");
+assembles!(ptxas_deepseek_v3, "deepseek-v3.toml");
+
+fn cli(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_compile-model"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `build --target sm_90a` writes the plan with each kernel's launch contract and the PTX, no
+/// host library; the host executor refuses it with a clear error.
+#[test]
+fn gpu_artifact() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("a");
+    let example = repo().join("examples/qwen3-next-tiny.toml");
+    let o = cli(&[
+        "build",
+        example.to_str().unwrap(),
+        "--target",
+        "sm_90a",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!out.join(lamina_ir::plan::HOST_LIBRARY).exists());
+    let ptx = std::fs::read_to_string(out.join(lamina_ir::plan::PTX_FILE)).unwrap();
+    let plan = lamina_ir::plan::Plan::load(&out).unwrap();
+    assert_eq!(plan.target, "sm_90a");
+    for k in &plan.kernels {
+        let g = k
+            .gpu
+            .as_ref()
+            .expect("every GPU kernel has a launch contract");
+        assert_eq!(g.abi, lamina_ir::plan::GPU_ABI);
+        assert!(g.block > 0 && g.block <= 1024);
+        // The entry exists with one pointer per buffer and the row count.
+        let entry = format!(".entry {}(", k.symbol);
+        let at = ptx
+            .find(&entry)
+            .unwrap_or_else(|| panic!("no {entry} in kernels.ptx"));
+        let sig = &ptx[at..at + ptx[at..].find(')').unwrap()];
+        assert_eq!(
+            sig.matches(".param .u64").count(),
+            k.params.len() + 1,
+            "{sig}"
+        );
+    }
+    let err = match lamina_runtime::host::HostEngine::load(&out, None) {
+        Ok(_) => panic!("the host executor loaded an sm_90a plan"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("sm_90a") && err.contains("host"), "{err}");
+    // A host plan carrying GPU launch data is refused by the plan check.
+    let mut bad = plan.clone();
+    bad.target = "host".into();
+    assert!(bad.check().unwrap_err().contains("kernels[0].gpu"));
+}
+
+/// `ir --stage ptx|mlir --target` prints each stage; `--stage ptx` needs a GPU target.
+#[test]
+fn ir_stages_for_gpu_targets() {
+    let example = repo().join("examples/minimax-tiny.toml");
+    let ex = example.to_str().unwrap();
+    let o = cli(&[
+        "ir", ex, "--stage", "ptx", "--target", "sm_80", "--phase", "decode",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains(".target sm_80") && text.contains(".entry "));
+    let o = cli(&[
+        "ir", ex, "--stage", "mlir", "--target", "sm_90a", "--phase", "decode",
+    ]);
+    assert!(o.status.success());
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("gpu.module @kernels") && text.contains("chip = \"sm_90a\""));
+    let o = cli(&["ir", ex, "--stage", "ptx"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--target sm_80 or sm_90a"));
+}
+
+/// `report --target sm_90a` lists every kernel's resources and both phases' rooflines.
+#[test]
+fn gpu_report() {
+    if !ptxas_or_skip("gpu_report") {
+        return;
+    }
+    let example = repo().join("examples/kimi-linear-tiny.toml");
+    let o = cli(&[
+        "report",
+        example.to_str().unwrap(),
+        "--target",
+        "sm_90a",
+        "--context",
+        "256",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("regs") && text.contains("spill st/ld"),
+        "{text}"
+    );
+    for phase in ["prefill total:", "decode total:"] {
+        let line = text.lines().find(|l| l.starts_with(phase)).unwrap();
+        assert!(line.contains("roofline") && !line.contains("NaN"), "{line}");
+    }
+}
+
+/// GPU MLIR and PTX of the tiny examples, reviewed with `cargo insta review`.
+fn gpu_text(file: &str, target: Target, ptx: bool) -> String {
+    let m = Model::open(&repo().join("examples").join(file)).unwrap();
+    let (p, _) = lamina_compiler::build::compile_program(&m, Default::default()).unwrap();
+    let kernels: Vec<_> = p.kernels().into_iter().cloned().collect();
+    if ptx {
+        let (text, _) = nvptx::compile_ptx(&kernels, target).unwrap();
+        // Comment lines (the generator banner) may change with LLVM's build: not part of it.
+        text.lines()
+            .filter(|l| !l.trim_start().starts_with("//"))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    } else {
+        lamina_targets::mlir::print_gpu_mlir(&kernels, target, &nvptx::block_size).unwrap()
+    }
+}
+
+macro_rules! gpu_snapshot {
+    ($test:ident, $file:literal, $target:expr, $ptx:literal) => {
+        #[test]
+        fn $test() {
+            insta::assert_snapshot!(gpu_text($file, $target, $ptx));
+        }
+    };
+}
+
+gpu_snapshot!(
+    gpu_mlir_kimi_linear_tiny,
+    "kimi-linear-tiny.toml",
+    Target::Sm90a,
+    false
+);
+gpu_snapshot!(
+    gpu_mlir_qwen3_next_tiny,
+    "qwen3-next-tiny.toml",
+    Target::Sm90a,
+    false
+);
+gpu_snapshot!(
+    gpu_mlir_minimax_tiny,
+    "minimax-tiny.toml",
+    Target::Sm90a,
+    false
+);
+gpu_snapshot!(
+    gpu_mlir_deepseek_v3_tiny,
+    "deepseek-v3-tiny.toml",
+    Target::Sm90a,
+    false
+);
+gpu_snapshot!(
+    ptx_sm90a_kimi_linear_tiny,
+    "kimi-linear-tiny.toml",
+    Target::Sm90a,
+    true
+);
+gpu_snapshot!(
+    ptx_sm90a_qwen3_next_tiny,
+    "qwen3-next-tiny.toml",
+    Target::Sm90a,
+    true
+);
+gpu_snapshot!(
+    ptx_sm90a_minimax_tiny,
+    "minimax-tiny.toml",
+    Target::Sm90a,
+    true
+);
+gpu_snapshot!(
+    ptx_sm90a_deepseek_v3_tiny,
+    "deepseek-v3-tiny.toml",
+    Target::Sm90a,
+    true
+);
+gpu_snapshot!(
+    ptx_sm80_minimax_tiny,
+    "minimax-tiny.toml",
+    Target::Sm80,
+    true
+);
