@@ -6,6 +6,8 @@ SHELL := /bin/bash
 CARGO ?= cargo
 DEMO ?= examples/kimi-linear-tiny.toml
 ORACLE ?= tests/fixtures/oracle/kimi_linear/model
+# The tests build the CUDA executor too (it needs no CUDA to build; GPU tests skip visibly).
+CUDA_FEATURES := --features lamina-compiler/cuda
 
 .PHONY: demo test bootstrap fmt
 
@@ -34,8 +36,9 @@ demo: bootstrap
 test: bootstrap
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -q -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -q $(CUDA_FEATURES) -- -D warnings
 	@mkdir -p target
-	set -o pipefail; LAMINA_REQUIRE_PTXAS=1 $(CARGO) test --workspace -q 2>&1 | tee target/test-output.log
+	set -o pipefail; LAMINA_REQUIRE_PTXAS=1 $(CARGO) test --workspace -q $(CUDA_FEATURES) 2>&1 | tee target/test-output.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "tests: %d passed, %d failed\n", p, f}' target/test-output.log
 
 fmt:

@@ -36,6 +36,10 @@ pub enum Error {
     /// Bad run-time input (token ids, lengths).
     #[error("{what}: {msg}")]
     Input { what: String, msg: String },
+    /// The GPU executor: no driver or device, a device that cannot run the plan, or a failed
+    /// CUDA call (named with the kernel and launch it came from).
+    #[error("cuda: {0}")]
+    Device(String),
 }
 
 fn field_prefix(field: &str) -> String {

@@ -7,6 +7,7 @@ use lamina_compiler::passes::Options;
 use lamina_ir::model::Model;
 use lamina_runtime::host::HostEngine;
 use lamina_runtime::reference::Reference;
+use lamina_runtime::Executor;
 use lamina_targets::Target;
 
 use crate::common::{rel_err, repo};
@@ -53,7 +54,7 @@ fn check_model(path: &std::path::Path, lens: &[usize]) {
         let p = prompt(len, v, len);
         let mut sess = r.new_session();
         let (want, _) = r.forward(&mut sess, &p, &[]).unwrap();
-        e.reset(0);
+        e.reset(0).unwrap();
         let got = e.prefill(0, &p).unwrap();
         let got: Vec<f64> = got.iter().map(|&x| x as f64).collect();
         let err = rel_err(&got, &want.data);
@@ -129,7 +130,7 @@ fn first_divergent_node() {
     let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
     let mut sess = r.new_session();
     let (_, taps) = r.forward(&mut sess, &p, &refs).unwrap();
-    e.reset(0);
+    e.reset(0).unwrap();
     e.prefill(0, &p).unwrap();
     for n in &names {
         let (Some(want), Some(got)) = (taps.get(n), e.value(false, n, len)) else {

@@ -20,7 +20,9 @@ fn ptxas_or_skip(what: &str) -> bool {
         std::env::var("LAMINA_REQUIRE_PTXAS").as_deref() != Ok("1"),
         "{what}: ptxas not found and LAMINA_REQUIRE_PTXAS=1 (run scripts/bootstrap)"
     );
-    eprintln!("SKIPPED {what}: ptxas not found (run scripts/bootstrap or set LAMINA_PTXAS)");
+    crate::common::skip(&format!(
+        "{what}: ptxas not found (run scripts/bootstrap or set LAMINA_PTXAS)"
+    ));
     false
 }
 
@@ -173,6 +175,24 @@ fn ir_stages_for_gpu_targets() {
     let o = cli(&["ir", ex, "--stage", "ptx"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--target sm_80 or sm_90a"));
+}
+
+/// A `compile-model` built without the `cuda` feature says so for `--device cuda`.
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn device_cuda_needs_the_feature() {
+    let example = repo().join("examples/minimax-tiny.toml");
+    let o = cli(&[
+        "run",
+        example.to_str().unwrap(),
+        "--device",
+        "cuda",
+        "--tokens",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("without the `cuda` feature"), "{err}");
 }
 
 /// `report --target sm_90a` lists every kernel's resources and both phases' rooflines.

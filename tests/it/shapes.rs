@@ -11,6 +11,7 @@ use lamina_compiler::passes::Options;
 use lamina_ir::model::Model;
 use lamina_runtime::host::HostEngine;
 use lamina_runtime::reference::Reference;
+use lamina_runtime::Executor;
 use lamina_targets::Target;
 
 const TOL: f64 = 1e-5;
@@ -96,7 +97,7 @@ fn check(spec: &str, len: usize) -> Result<(), TestCaseError> {
     let prompt: Vec<i64> = (0..len).map(|i| ((i * 31 + 5) % v) as i64).collect();
     let mut sess = r.new_session();
     let (want, _) = r.forward(&mut sess, &prompt, &[]).unwrap();
-    e.reset(1);
+    e.reset(1).unwrap();
     let got: Vec<f64> = e
         .prefill(1, &prompt)
         .unwrap()

@@ -11,6 +11,7 @@ use lamina_compiler::passes::Options;
 use lamina_ir::model::Model;
 use lamina_runtime::host::HostEngine;
 use lamina_runtime::reference::argmax;
+use lamina_runtime::Executor;
 use lamina_targets::Target;
 
 use crate::common::repo;
@@ -40,7 +41,7 @@ fn decode_run(
     keep: usize,
     mut sample: impl FnMut(usize),
 ) -> Vec<f32> {
-    e.reset(0);
+    e.reset(0).unwrap();
     let v = e.vocab();
     let pre = e.prefill(0, prompt).unwrap();
     let mut tok = argmax(&pre[pre.len() - v..]) as i64;
@@ -157,7 +158,7 @@ fn soak_staggered_batch_equals_each_sequence_alone() {
         for (s, slot) in slots.iter_mut().enumerate() {
             if slot.is_none() {
                 if let Some(q) = waiting.next() {
-                    e.reset(s);
+                    e.reset(s).unwrap();
                     let pre = e.prefill(s, &seqs[q].0).unwrap();
                     let last = pre[pre.len() - v..].to_vec();
                     *slot = Some(Live {

@@ -1,5 +1,6 @@
-//! `compile-model bench`: prefill and decode throughput of a compiled host plan, read against
-//! the memory-bandwidth roofline measured in the same run (a large multi-threaded memcpy).
+//! `compile-model bench`: prefill and decode throughput of a compiled plan, read against the
+//! memory-bandwidth roofline measured in the same run (host: a large multi-threaded memcpy and
+//! a streaming read; GPU: a device-to-device copy).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -9,6 +10,8 @@ use lamina_ir::model::Model;
 use lamina_ir::plan::PLAN_FILE;
 use lamina_runtime::host::Pool;
 use lamina_runtime::reference::{argmax, Reference};
+
+use super::device::Device;
 
 use super::CliResult;
 use crate::passes::Options;
@@ -21,6 +24,9 @@ pub struct BenchArgs {
     /// Where the checkpoint's safetensors files are (default: where the plan was built from).
     #[arg(long)]
     weights: Option<PathBuf>,
+    /// Where the plan runs (a model path is compiled for it first).
+    #[arg(long, value_enum, default_value = "host")]
+    device: Device,
     /// Run even if a checkpoint file's header changed since the plan was built.
     #[arg(long)]
     allow_weight_mismatch: bool,
@@ -60,12 +66,21 @@ pub fn bench(a: &BenchArgs) -> CliResult {
             max_prefill_rows: 512.min(a.prompt_len + a.gen),
             keep_values: false,
         };
-        super::run::cached_build(&a.model, options, a.seed)?
+        let target = super::device::target_for(a.device)?;
+        super::run::cached_build(&a.model, options, a.seed, target)?
     };
+    if a.profile && a.device != Device::Host {
+        return Err("--profile is for --device host (GPU kernel timing is not implemented)".into());
+    }
     let load = Instant::now();
-    let mut e = super::run::load_engine(&artifact, a.weights.as_deref(), a.allow_weight_mismatch)?;
+    let mut e = super::device::load(
+        &artifact,
+        a.weights.as_deref(),
+        a.allow_weight_mismatch,
+        a.device,
+    )?;
     let load = load.elapsed();
-    let limits = e.plan.limits;
+    let limits = e.plan().limits;
     if a.batch > limits.max_batch || a.prompt_len + a.gen > limits.max_context {
         return Err(format!(
             "{} was built for --max-batch {} and --max-context {}; this bench needs {} and {}",
@@ -86,19 +101,33 @@ pub fn bench(a: &BenchArgs) -> CliResult {
 
     // The bandwidth is measured before and after the timed runs (best of both): this machine's
     // share of memory bandwidth varies with its neighbours.
-    let bw_before = memcpy_bandwidth(a.memcpy_mib << 20);
-    let read_before = read_bandwidth(a.memcpy_mib << 20);
-    // Warm-up: page the weights in and start the worker threads.
-    e.reset(0);
+    let ceilings = |dev: Device| -> Result<(f64, f64), String> {
+        Ok(match dev {
+            Device::Host => (
+                memcpy_bandwidth(a.memcpy_mib << 20),
+                read_bandwidth(a.memcpy_mib << 20),
+            ),
+            Device::Cuda => {
+                // A copy reads and writes: as a read ceiling, the same figure.
+                let (_, bw) = super::device::gpu_copy_bandwidth(a.memcpy_mib << 20)?;
+                (bw, bw)
+            }
+        })
+    };
+    let (bw_before, read_before) = ceilings(a.device)?;
+    // Warm-up: page the weights in and start the worker threads (capture the decode graph).
+    e.reset(0).map_err(err)?;
     e.prefill(0, &prompt(0)[..a.prompt_len.min(16)])
         .map_err(err)?;
     e.decode(&[(0, 1)]).map_err(err)?;
-    e.set_profiling(a.profile);
+    if a.profile {
+        e.set_profiling(true).map_err(err)?;
+    }
 
     let mut last = Vec::new();
     let t = Instant::now();
     for s in 0..a.batch {
-        e.reset(s);
+        e.reset(s).map_err(err)?;
         let logits = e.prefill(s, &prompt(s)).map_err(err)?;
         last.push(argmax(&logits[logits.len() - vocab as usize..]) as i64);
     }
@@ -114,9 +143,9 @@ pub fn bench(a: &BenchArgs) -> CliResult {
     }
     let decode = t.elapsed();
 
-    let bw = memcpy_bandwidth(a.memcpy_mib << 20).max(bw_before);
-    let read_bw = read_bandwidth(a.memcpy_mib << 20).max(read_before);
-    let cost = e.plan.cost;
+    let (bw_after, read_after) = ceilings(a.device)?;
+    let (bw, read_bw) = (bw_after.max(bw_before), read_after.max(read_before));
+    let cost = e.plan().cost;
     let mean_ctx = a.prompt_len + steps / 2;
     let step_bytes = cost.decode_weight_bytes
         + a.batch as u64 * (2 * cost.state_bytes_per_sequence)
@@ -125,11 +154,22 @@ pub fn bench(a: &BenchArgs) -> CliResult {
     let roofline_s = step_bytes as f64 / bw;
     let prefill_tps = (a.batch * a.prompt_len) as f64 / prefill.as_secs_f64();
 
+    let (machine, copier) = match a.device {
+        Device::Host => (
+            format!("host: {}, {} threads", cpu_name(), Pool::global().threads()),
+            format!("{} threads", Pool::global().threads()),
+        ),
+        Device::Cuda => {
+            let (name, _) = super::device::gpu_copy_bandwidth(1 << 20)?;
+            (
+                format!("cuda: {name}, plan {}", e.plan().target),
+                "device-to-device".to_string(),
+            )
+        }
+    };
     println!(
-        "bench {} (host: {}, {} threads); prompt {}, gen {}, batch {}",
-        e.plan.model.name,
-        cpu_name(),
-        Pool::global().threads(),
+        "bench {} ({machine}); prompt {}, gen {}, batch {}",
+        e.plan().model.name,
         a.prompt_len,
         a.gen,
         a.batch
@@ -159,10 +199,9 @@ pub fn bench(a: &BenchArgs) -> CliResult {
         mean_ctx
     );
     println!(
-        "  memcpy     {:.2} GB/s ({} MiB, {} threads, best of 5 before and 5 after; read + write bytes)",
+        "  memcpy     {:.2} GB/s ({} MiB, {copier}, best of 5 before and 5 after; read + write bytes)",
         bw / 1e9,
         a.memcpy_mib,
-        Pool::global().threads()
     );
     println!(
         "  roofline   decode step ≥ {:.2} ms at memcpy bandwidth; achieved {:.2} GB/s = {:.0}% of it",
@@ -170,13 +209,14 @@ pub fn bench(a: &BenchArgs) -> CliResult {
         step_bytes as f64 / step_s / 1e9,
         100.0 * roofline_s / step_s
     );
-    println!(
-        "  read       {:.2} GB/s streaming reads ({} MiB, {} threads); decode achieves {:.0}% of it",
-        read_bw / 1e9,
-        a.memcpy_mib,
-        Pool::global().threads(),
-        100.0 * (step_bytes as f64 / step_s) / read_bw
-    );
+    if a.device == Device::Host {
+        println!(
+            "  read       {:.2} GB/s streaming reads ({} MiB, {copier}); decode achieves {:.0}% of it",
+            read_bw / 1e9,
+            a.memcpy_mib,
+            100.0 * (step_bytes as f64 / step_s) / read_bw
+        );
+    }
     if a.profile {
         for (phase, decode) in [("prefill", false), ("decode", true)] {
             let p = e.profile(decode);
@@ -194,7 +234,8 @@ pub fn bench(a: &BenchArgs) -> CliResult {
         }
     }
     if a.reference {
-        reference_prefill(a, &e.plan.model.source, &prompt(0), prefill_tps)?;
+        let source = e.plan().model.source.clone();
+        reference_prefill(a, &source, &prompt(0), prefill_tps)?;
     }
     Ok(())
 }

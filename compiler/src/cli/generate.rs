@@ -22,6 +22,9 @@ pub struct GenerateArgs {
     /// The prompt, as text.
     #[arg(long)]
     prompt: String,
+    /// Where the compiled plan runs (a checkpoint is compiled for it first).
+    #[arg(long, value_enum, default_value = "host")]
+    device: super::device::Device,
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
     /// Sampling temperature; 0 picks the most likely token (greedy).
@@ -195,16 +198,14 @@ pub fn generate(a: &GenerateArgs) -> CliResult {
     let text = text_model(&a.model, a.tokenizer.as_deref())?;
     let prompt = text.encode(&a.prompt)?;
     let mut sampler = Sampler::new(a.temperature, a.top_p, a.seed)?;
-    let artifact = super::run::artifact_for(&a.model, &a.sizes, a.seed)?;
-    stream(
+    let artifact = super::run::artifact_for(&a.model, &a.sizes, a.seed, a.device)?;
+    let e = super::device::load(
         &artifact,
         a.weights.as_deref(),
         a.allow_weight_mismatch,
-        &text,
-        &prompt,
-        a.max_new_tokens,
-        &mut sampler,
+        a.device,
     )?;
+    stream(e, &artifact, &text, &prompt, a.max_new_tokens, &mut sampler)?;
     Ok(())
 }
 
@@ -220,17 +221,16 @@ pub struct Streamed {
 }
 
 /// Prefills `prompt`, then samples up to `max_new` tokens, printing the text as it grows.
+/// `e` runs the plan loaded from `artifact`.
 pub fn stream(
+    mut e: Box<dyn lamina_runtime::Executor>,
     artifact: &Path,
-    weights: Option<&Path>,
-    allow_weight_mismatch: bool,
     text: &TextModel,
     prompt: &[i64],
     max_new: usize,
     sampler: &mut Sampler,
 ) -> Result<Streamed, String> {
-    let mut e = super::run::load_engine(artifact, weights, allow_weight_mismatch)?;
-    let limit = e.plan.limits.max_context;
+    let limit = e.plan().limits.max_context;
     if prompt.len() + max_new - 1 > limit {
         return Err(format!(
             "the prompt ({} tokens) and {max_new} new tokens need {} positions; {} was built with --max-context {limit}",
@@ -240,7 +240,7 @@ pub fn stream(
         ));
     }
     let v = e.vocab();
-    e.reset(0);
+    e.reset(0).map_err(|e| e.to_string())?;
     let prefill = e.prefill(0, prompt).map_err(|e| e.to_string())?;
     let mut last = prefill[prefill.len() - v..].to_vec();
     let (mut out, mut chosen_from) = (Vec::new(), Vec::new());

@@ -4,6 +4,7 @@ mod bench;
 mod build;
 mod check;
 mod cost;
+mod device;
 mod generate;
 mod gpu_report;
 mod ir;

@@ -3,7 +3,6 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use lamina_ir::model::Model;
-use lamina_runtime::host::HostEngine;
 use lamina_runtime::reference::{Generation, Real, Reference};
 use safetensors::tensor::{Dtype, TensorView};
 
@@ -17,6 +16,9 @@ pub struct RunArgs {
     /// Run the reference executor (the golden model) instead of a compiled plan.
     #[arg(long)]
     reference: bool,
+    /// Where the compiled plan runs (a model path is compiled for it first).
+    #[arg(long, value_enum, default_value = "host")]
+    device: super::device::Device,
     /// Where the checkpoint's safetensors files are (default: where the plan was built from).
     #[arg(long)]
     weights: Option<PathBuf>,
@@ -117,17 +119,22 @@ fn run_compiled(a: &RunArgs, tokens: &[i64]) -> CliResult {
     if a.precision != Precision::F32 {
         return Err("compiled plans run in f32; --precision f64 needs --reference".into());
     }
-    let artifact = artifact_for(&a.model, &a.sizes, a.seed)?;
-    let mut e = load_engine(&artifact, a.weights.as_deref(), a.allow_weight_mismatch)?;
+    let artifact = artifact_for(&a.model, &a.sizes, a.seed, a.device)?;
+    let mut e = super::device::load(
+        &artifact,
+        a.weights.as_deref(),
+        a.allow_weight_mismatch,
+        a.device,
+    )?;
     let prefill = super::ui::bar(tokens.len(), "prefill");
-    e.on_prefill_progress(super::ui::track(&prefill));
+    e.set_prefill_progress(Box::new(super::ui::track(&prefill)));
     let need = tokens.len() + a.max_new_tokens - 1;
-    if need > e.plan.limits.max_context {
+    let max_context = e.plan().limits.max_context;
+    if need > max_context {
         return Err(format!(
-            "the prompt and {} new tokens need {need} positions; {} was built with --max-context {}",
+            "the prompt and {} new tokens need {need} positions; {} was built with --max-context {max_context}",
             a.max_new_tokens,
             artifact.display(),
-            e.plan.limits.max_context
         ));
     }
     let gens = e.generate(&[tokens.to_vec()], a.max_new_tokens);
@@ -166,17 +173,15 @@ fn run_text(a: &RunArgs, prompt: &str) -> CliResult {
     if a.precision != Precision::F32 {
         return Err("compiled plans run in f32; --precision f64 needs --reference".into());
     }
-    let artifact = artifact_for(&a.model, &a.sizes, a.seed)?;
+    let artifact = artifact_for(&a.model, &a.sizes, a.seed, a.device)?;
     let mut greedy = super::generate::Sampler::new(0.0, 1.0, 0)?;
-    let s = super::generate::stream(
+    let e = super::device::load(
         &artifact,
         a.weights.as_deref(),
         a.allow_weight_mismatch,
-        &text,
-        &ids,
-        a.max_new_tokens,
-        &mut greedy,
+        a.device,
     )?;
+    let s = super::generate::stream(e, &artifact, &text, &ids, a.max_new_tokens, &mut greedy)?;
     if let Some(path) = &a.logits_out {
         let vocab = s.prefill_logits.len() / ids.len();
         // Tokens as chosen, a final EOS included, row for row with decode_logits.
@@ -187,38 +192,30 @@ fn run_text(a: &RunArgs, prompt: &str) -> CliResult {
     Ok(())
 }
 
-/// The artifact of a model path: itself when it is one, else compiled into the cache.
+/// The artifact of a model path: itself when it is one, else compiled for `device` into the
+/// cache.
 pub fn artifact_for(
     model: &Path,
     sizes: &super::build::SizeArgs,
     seed: u64,
+    device: super::device::Device,
 ) -> Result<PathBuf, String> {
     if model.join(lamina_ir::plan::PLAN_FILE).exists() {
         Ok(model.to_path_buf())
     } else {
-        cached_build(model, sizes.options()?, seed)
+        let target = super::device::target_for(device)?;
+        cached_build(model, sizes.options()?, seed, target)
     }
 }
 
-/// Loads an artifact, with a progress bar over its weights.
-pub fn load_engine(
-    artifact: &Path,
-    weights: Option<&Path>,
-    allow_weight_mismatch: bool,
-) -> Result<HostEngine, String> {
-    let bar = super::ui::bar(0, "weights");
-    let track = super::ui::track(&bar);
-    let e = HostEngine::load_with_progress(artifact, weights, allow_weight_mismatch, &track);
-    bar.finish_and_clear();
-    e.map_err(|e| e.to_string())
-}
-
-/// Compiles a model path for the host into `$LAMINA_CACHE_DIR` (default
-/// `$HOME/.cache/lamina`), keyed by the model description, sizes, seed and compiler build.
+/// Compiles a model path for `target` into `$LAMINA_CACHE_DIR` (default
+/// `$HOME/.cache/lamina`), keyed by the model description, sizes, seed, target and compiler
+/// build.
 pub fn cached_build(
     model: &Path,
     options: crate::passes::Options,
     seed: u64,
+    target: lamina_targets::Target,
 ) -> Result<PathBuf, String> {
     use sha2::{Digest, Sha256};
     let m = Model::open(model).map_err(|e| e.to_string())?;
@@ -230,9 +227,10 @@ pub fn cached_build(
         .map(|m| format!("{}:{:?}", m.len(), m.modified().ok()))
         .unwrap_or_default();
     h.update(format!(
-        "{:?}|{}|{}|{}|{}",
+        "{:?}|{}|{}|{}|{}|{}",
         options,
         seed,
+        target,
         env!("CARGO_PKG_VERSION"),
         exe,
         std::fs::canonicalize(model)
@@ -248,7 +246,7 @@ pub fn cached_build(
     let dir = root.join(&key[..16]);
     if !dir.join(lamina_ir::plan::PLAN_FILE).exists() {
         tracing::info!("compiling {} into {}", model.display(), dir.display());
-        super::build::build_shown(&m, &dir, lamina_targets::Target::Host, options, seed)?;
+        super::build::build_shown(&m, &dir, target, options, seed)?;
     }
     Ok(dir)
 }

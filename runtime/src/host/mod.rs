@@ -4,16 +4,17 @@
 //! to `max_batch` sequences (each in its own cache slot) together.
 
 mod pool;
-mod weights;
+pub(crate) mod weights;
 
 pub use pool::Pool;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use lamina_ir::kernel::Elem;
 use lamina_ir::plan::{Arg, Plan, Schedule, CONSTANTS_FILE, HOST_LIBRARY};
 use lamina_ir::Error;
+
+use crate::executor::{bad_plan, check_finite, check_shapes, Executor, Generation, KernelTime};
 
 /// `_mlir_<kernel>(void **args)`: see `lamina_targets::host`.
 type KernelFn = unsafe extern "C" fn(*mut *mut i64);
@@ -95,29 +96,8 @@ pub struct HostEngine {
     prefill_progress: Option<Box<dyn Fn(usize, usize)>>,
 }
 
-/// Time spent in one kernel over the launches of one phase (see [`HostEngine::profile`]).
-#[derive(Debug, Clone)]
-pub struct KernelTime {
-    pub kernel: String,
-    pub launches: usize,
-    pub total: Duration,
-}
-
-/// Greedy generation of one sequence (the `--logits-out` contract of `compile-model run`).
-pub struct HostGeneration {
-    /// `[T, vocab]`.
-    pub prefill_logits: Vec<f32>,
-    /// `[N, vocab]`: row j is what token j was chosen from.
-    pub decode_logits: Vec<f32>,
-    pub tokens: Vec<i64>,
-}
-
-fn bad_plan(dir: &Path, msg: String) -> Error {
-    Error::Input {
-        what: dir.join("plan.json").display().to_string(),
-        msg,
-    }
-}
+/// Greedy generation of one sequence (see [`Generation`]).
+pub type HostGeneration = Generation;
 
 impl HostEngine {
     /// Loads the artifact in `dir`; `weights_dir` overrides where checkpoint files are read.
@@ -139,8 +119,8 @@ impl HostEngine {
             return Err(bad_plan(
                 dir,
                 format!(
-                    "field target is {:?}: this executor runs host plans (GPU plans need the \
-                     CUDA executor; build with --target host to run on the CPU)",
+                    "field target is {:?}: this is the host executor; run the plan with \
+                     --device cuda, or build it with --target host to run on the CPU",
                     plan.target
                 ),
             ));
@@ -182,42 +162,7 @@ impl HostEngine {
                 ));
             }
         }
-        let wdir = match weights_dir {
-            Some(d) => d.to_path_buf(),
-            None => Path::new(&plan.model.source).to_path_buf(),
-        };
-        let mut changed = Vec::new();
-        for (file, want) in &plan.model.weight_headers {
-            let path = wdir.join(file);
-            let got = lamina_ir::weights::header_digest(&path)?;
-            if &got != want {
-                changed.push(file.clone());
-                if !allow_weight_mismatch {
-                    return Err(Error::Weights {
-                        file: path.display().to_string(),
-                        msg: format!(
-                            "the safetensors header changed since the plan was built (sha256 {} \
-                             then, {} now): rebuild the plan, or pass --allow-weight-mismatch",
-                            &want[..12.min(want.len())],
-                            &got[..12]
-                        ),
-                    });
-                }
-            }
-        }
-        let mut loader = weights::Loader::new(&wdir);
-        loader.relocate(changed);
-        let total = plan.weights.len();
-        let weights = plan
-            .weights
-            .iter()
-            .enumerate()
-            .map(|(i, w)| {
-                let r = loader.load(w);
-                progress(i + 1, total);
-                r
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let weights = weights::load_all(&plan, weights_dir, allow_weight_mismatch, progress)?;
         let pools = plan
             .pools
             .iter()
@@ -228,7 +173,7 @@ impl HostEngine {
             .map(|s| s.arena_bytes_per_row * s.rows)
             .max()
             .unwrap_or(0);
-        let mut e = HostEngine {
+        let e = HostEngine {
             arena: Aligned::zeroed(arena_bytes),
             pos: vec![0; plan.limits.max_batch],
             plan,
@@ -240,62 +185,10 @@ impl HostEngine {
             profile: None,
             prefill_progress: None,
         };
-        e.check_shapes(dir)?;
+        check_shapes(&e.plan, dir, &|i| e.weights[i].as_slice().len(), &|i| {
+            e.pools[i].len()
+        })?;
         Ok(e)
-    }
-
-    /// Every bound buffer is as large as its kernel parameter requires.
-    fn check_shapes(&mut self, dir: &Path) -> Result<(), Error> {
-        for (sname, s) in [
-            ("prefill", &self.plan.prefill),
-            ("decode", &self.plan.decode),
-        ] {
-            for (li, l) in s.launches.iter().enumerate() {
-                let k = &self.plan.kernels[l.kernel];
-                for (p, a) in k.params.iter().zip(&l.args) {
-                    let need = p.numel(s.rows);
-                    let have = match a {
-                        Arg::Weight { index } => self.weights[*index].as_slice().len(),
-                        Arg::Pool { index } => self.pools[*index].len(),
-                        Arg::Const { index } => self.plan.constants[*index].len,
-                        Arg::Arena { bytes_per_row, .. } => bytes_per_row * s.rows / p.elem.bytes(),
-                        Arg::Tokens | Arg::Slot | Arg::Pos => s.rows,
-                    };
-                    let elem_ok = match a {
-                        Arg::Tokens | Arg::Slot | Arg::Pos => p.elem == Elem::I64,
-                        Arg::Arena { .. } => true,
-                        _ => p.elem == Elem::F32,
-                    };
-                    // Weights (possibly a read-only file mapping), constants and the row
-                    // indices are shared, never written.
-                    let read_only = matches!(
-                        a,
-                        Arg::Weight { .. } | Arg::Const { .. } | Arg::Tokens | Arg::Slot | Arg::Pos
-                    );
-                    if read_only && p.access != lamina_ir::kernel::Access::Read {
-                        return Err(bad_plan(
-                            dir,
-                            format!(
-                                "{sname}.launches[{li}] ({}): parameter {} may be written, but its argument is read-only",
-                                k.name, p.name
-                            ),
-                        ));
-                    }
-                    if have < need || !elem_ok {
-                        return Err(bad_plan(
-                            dir,
-                            format!(
-                                "{sname}.launches[{li}] ({}): parameter {} needs {need} {} elements, its argument has {have}",
-                                k.name,
-                                p.name,
-                                p.elem.name()
-                            ),
-                        ));
-                    }
-                }
-            }
-        }
-        Ok(())
     }
 
     /// Calls `f(tokens done, prompt length)` after every prefill piece (for progress bars).
@@ -327,107 +220,6 @@ impl HostEngine {
             .collect();
         v.sort_by_key(|k| std::cmp::Reverse(k.total));
         v
-    }
-
-    pub fn vocab(&self) -> usize {
-        self.plan.model.vocab_size
-    }
-
-    /// Forgets slot `slot`'s sequence: zero state and caches, position 0.
-    pub fn reset(&mut self, slot: usize) {
-        for (p, pool) in self.plan.pools.iter().zip(&mut self.pools) {
-            let per = pool.len() / p.shape[0];
-            pool[slot * per..(slot + 1) * per].fill(0.0);
-        }
-        self.pos[slot] = 0;
-    }
-
-    fn check_tokens(&self, tokens: &[i64]) -> Result<(), Error> {
-        let v = self.vocab() as i64;
-        if let Some((i, t)) = tokens.iter().enumerate().find(|(_, &t)| t < 0 || t >= v) {
-            return Err(Error::input(
-                "tokens",
-                format!("token {i} has id {t}, outside the vocabulary 0..{v}"),
-            ));
-        }
-        Ok(())
-    }
-
-    fn check_slot(&self, slot: usize, extra: usize) -> Result<(), Error> {
-        let b = self.plan.limits.max_batch;
-        if slot >= b {
-            return Err(Error::input(
-                "slot",
-                format!("slot {slot} outside 0..{b} (--max-batch)"),
-            ));
-        }
-        let ctx = self.plan.limits.max_context;
-        if self.pos[slot] + extra > ctx {
-            return Err(Error::input(
-                "tokens",
-                format!(
-                    "sequence in slot {slot} would reach {} positions; the plan was built with --max-context {ctx}",
-                    self.pos[slot] + extra
-                ),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Prefills `tokens` into slot `slot` (after its current position); returns the logits
-    /// `[T, vocab]` of every prompt position.
-    pub fn prefill(&mut self, slot: usize, tokens: &[i64]) -> Result<Vec<f32>, Error> {
-        if tokens.is_empty() {
-            return Err(Error::input("tokens", "the prompt is empty"));
-        }
-        self.check_tokens(tokens)?;
-        self.check_slot(slot, tokens.len())?;
-        let mut out = Vec::with_capacity(tokens.len() * self.vocab());
-        for piece in tokens.chunks(self.plan.limits.max_prefill_rows) {
-            let p0 = self.pos[slot] as i64;
-            let pos: Vec<i64> = (0..piece.len() as i64).map(|i| p0 + i).collect();
-            let slots = vec![slot as i64; piece.len()];
-            let logits = self.run(false, piece, &slots, &pos)?;
-            out.extend(logits);
-            self.pos[slot] += piece.len();
-            if let Some(f) = &self.prefill_progress {
-                f(out.len() / self.vocab(), tokens.len());
-            }
-        }
-        Ok(out)
-    }
-
-    /// One decode step of several sequences: `(slot, token)` each; returns `[B, vocab]`.
-    pub fn decode(&mut self, batch: &[(usize, i64)]) -> Result<Vec<f32>, Error> {
-        if batch.is_empty() || batch.len() > self.plan.limits.max_batch {
-            return Err(Error::input(
-                "batch",
-                format!(
-                    "{} sequences; the plan decodes 1..={}",
-                    batch.len(),
-                    self.plan.limits.max_batch
-                ),
-            ));
-        }
-        let mut seen = vec![false; self.plan.limits.max_batch];
-        for &(s, _) in batch {
-            self.check_slot(s, 1)?;
-            if std::mem::replace(&mut seen[s], true) {
-                return Err(Error::input(
-                    "batch",
-                    format!("slot {s} appears twice in one step"),
-                ));
-            }
-        }
-        let tokens: Vec<i64> = batch.iter().map(|b| b.1).collect();
-        self.check_tokens(&tokens)?;
-        let slots: Vec<i64> = batch.iter().map(|b| b.0 as i64).collect();
-        let pos: Vec<i64> = batch.iter().map(|b| self.pos[b.0] as i64).collect();
-        let logits = self.run(true, &tokens, &slots, &pos)?;
-        for &(s, _) in batch {
-            self.pos[s] += 1;
-        }
-        Ok(logits)
     }
 
     /// Runs one schedule for `tokens.len()` rows; returns the logits.
@@ -532,12 +324,7 @@ impl HostEngine {
             std::slice::from_raw_parts(arena.add(offset_per_row * rows) as *const f32, rows * v)
         }
         .to_vec();
-        if let Some(i) = logits.iter().position(|x| !x.is_finite()) {
-            return Err(Error::input(
-                "forward",
-                format!("row {} produced NaN or infinite logits", i / v),
-            ));
-        }
+        check_finite(&logits, v)?;
         Ok(logits)
     }
 
@@ -567,53 +354,55 @@ impl HostEngine {
         };
         Some(v.to_vec())
     }
+}
 
-    /// Greedy generation for each prompt (each in its own slot, decoded together).
-    pub fn generate(
+impl Executor for HostEngine {
+    fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    fn positions(&self) -> &[usize] {
+        &self.pos
+    }
+
+    fn positions_mut(&mut self) -> &mut [usize] {
+        &mut self.pos
+    }
+
+    fn run_rows(
         &mut self,
-        prompts: &[Vec<i64>],
-        max_new: usize,
-    ) -> Result<Vec<HostGeneration>, Error> {
-        if prompts.len() > self.plan.limits.max_batch {
-            return Err(Error::input(
-                "prompts",
-                format!(
-                    "{} prompts; the plan holds {} sequences (--max-batch)",
-                    prompts.len(),
-                    self.plan.limits.max_batch
-                ),
-            ));
+        decode: bool,
+        tokens: &[i64],
+        slots: &[i64],
+        pos: &[i64],
+    ) -> Result<Vec<f32>, Error> {
+        self.run(decode, tokens, slots, pos)
+    }
+
+    fn clear_slot(&mut self, slot: usize) -> Result<(), Error> {
+        for (p, pool) in self.plan.pools.iter().zip(&mut self.pools) {
+            let per = pool.len() / p.shape[0];
+            pool[slot * per..(slot + 1) * per].fill(0.0);
         }
-        let v = self.vocab();
-        let mut gens = Vec::new();
-        for (slot, p) in prompts.iter().enumerate() {
-            self.reset(slot);
-            let pre = self.prefill(slot, p)?;
-            let last = pre[pre.len() - v..].to_vec();
-            gens.push((
-                HostGeneration {
-                    prefill_logits: pre,
-                    decode_logits: Vec::new(),
-                    tokens: Vec::new(),
-                },
-                last,
-            ));
+        Ok(())
+    }
+
+    fn prefill_progress(&self, done: usize, total: usize) {
+        if let Some(f) = &self.prefill_progress {
+            f(done, total);
         }
-        for step in 0..max_new {
-            let mut batch = Vec::new();
-            for (slot, (g, last)) in gens.iter_mut().enumerate() {
-                let next = crate::reference::argmax(last) as i64;
-                g.decode_logits.extend_from_slice(last);
-                g.tokens.push(next);
-                batch.push((slot, next));
-            }
-            if step + 1 < max_new {
-                let logits = self.decode(&batch)?;
-                for (b, (_, last)) in gens.iter_mut().enumerate() {
-                    *last = logits[b * v..(b + 1) * v].to_vec();
-                }
-            }
-        }
-        Ok(gens.into_iter().map(|(g, _)| g).collect())
+    }
+
+    fn set_prefill_progress(&mut self, f: Box<dyn Fn(usize, usize)>) {
+        self.prefill_progress = Some(f);
+    }
+
+    fn set_profiling(&mut self, on: bool) -> Result<(), Error> {
+        HostEngine::set_profiling(self, on);
+        Ok(())
+    }
+
+    fn profile(&self, decode: bool) -> Vec<KernelTime> {
+        HostEngine::profile(self, decode)
     }
 }

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use lamina_ir::plan::{WeightEntry, WeightSource};
+use lamina_ir::plan::{Plan, WeightEntry, WeightSource};
 use lamina_ir::stats::kind_from_name;
 use lamina_ir::weights::{decode_f32, random_tensor, select_rows};
 use lamina_ir::Error;
@@ -36,6 +36,53 @@ impl Weight {
             }
         }
     }
+}
+
+/// Every weight of `plan`, read from `weights_dir` (default: the model's source directory).
+/// Checkpoint files whose safetensors header changed since the build are refused unless
+/// `allow_weight_mismatch` (then their tensors are found by name). `progress(done, total)`
+/// follows the weights.
+pub fn load_all(
+    plan: &Plan,
+    weights_dir: Option<&Path>,
+    allow_weight_mismatch: bool,
+    progress: &dyn Fn(usize, usize),
+) -> Result<Vec<Weight>, Error> {
+    let wdir = match weights_dir {
+        Some(d) => d.to_path_buf(),
+        None => Path::new(&plan.model.source).to_path_buf(),
+    };
+    let mut changed = Vec::new();
+    for (file, want) in &plan.model.weight_headers {
+        let path = wdir.join(file);
+        let got = lamina_ir::weights::header_digest(&path)?;
+        if &got != want {
+            changed.push(file.clone());
+            if !allow_weight_mismatch {
+                return Err(Error::Weights {
+                    file: path.display().to_string(),
+                    msg: format!(
+                        "the safetensors header changed since the plan was built (sha256 {} \
+                         then, {} now): rebuild the plan, or pass --allow-weight-mismatch",
+                        &want[..12.min(want.len())],
+                        &got[..12]
+                    ),
+                });
+            }
+        }
+    }
+    let mut loader = Loader::new(&wdir);
+    loader.relocate(changed);
+    let total = plan.weights.len();
+    plan.weights
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let r = loader.load(w);
+            progress(i + 1, total);
+            r
+        })
+        .collect()
 }
 
 pub struct Loader {

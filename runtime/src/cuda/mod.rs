@@ -1,0 +1,610 @@
+//! The CUDA executor (feature `cuda`): runs NVPTX plans (`plan.json` + `kernels.ptx`) through
+//! the CUDA driver API, which cudarc loads at run time: the executor builds everywhere, and on
+//! a machine without a driver every entry point returns "no CUDA driver found".
+//!
+//! Loading checks the device against the plan's target (an sm_90a plan needs compute
+//! capability 9.0; an sm_80 plan runs on 8.0 and newer, the driver JIT-compiling its PTX),
+//! loads the PTX module once, uploads the weights (f32, as the host executor sees them),
+//! zeroes the pools and allocates one arena and the row-index buffers. A run walks the launch
+//! list on one stream: program `p` of a kernel is thread `p` of a 1-d grid of
+//! `⌈programs / block⌉` blocks, with one device pointer per buffer then `rows` (the launch
+//! contract in [`lamina_ir::plan::GpuLaunch`]). Decode steps are captured into a CUDA graph
+//! per batch size on first use and replayed after (the row indices are copied in before the
+//! graph). `LAMINA_CUDA_SYNC=1` runs every launch eagerly and synchronises after each, so
+//! that a faulting kernel is named.
+//!
+//! Unverified without a GPU: everything past "no CUDA driver found" has only been compiled;
+//! `scripts/gpu-check` runs the tests that compare it with the host executor.
+
+use std::ffi::{c_void, CString};
+use std::path::Path;
+
+use cudarc::driver::{result, sys};
+use lamina_ir::plan::{Arg, Plan, Schedule, CONSTANTS_FILE, PTX_FILE};
+use lamina_ir::Error;
+
+use crate::executor::{bad_plan, check_finite, check_shapes, Executor};
+
+type CuResult<T> = Result<T, result::DriverError>;
+
+fn cuda(what: impl std::fmt::Display) -> impl FnOnce(result::DriverError) -> Error {
+    move |e| {
+        let name = e
+            .error_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| format!("{:?}", e.0));
+        let msg = e
+            .error_string()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Error::Device(format!("{what}: {name} ({msg})"))
+    }
+}
+
+/// Names cudarc's dynamic loader tries for the driver library (Linux).
+const DRIVER_LIBRARIES: &[&str] = &["libcuda.so.1", "libcuda.so"];
+
+/// Whether the CUDA driver library can be loaded. cudarc panics when it cannot, so every entry
+/// point asks here first.
+pub fn driver_available() -> Result<(), Error> {
+    let mut why = Vec::new();
+    for name in DRIVER_LIBRARIES {
+        // SAFETY: loading the driver runs its initialisers, as any CUDA program does.
+        match unsafe { libloading::Library::new(name) } {
+            Ok(_) => return Ok(()),
+            Err(e) => why.push(format!("{name}: {e}")),
+        }
+    }
+    Err(Error::Device(format!(
+        "no CUDA driver found ({}); install the NVIDIA driver or run on the host",
+        why.first().map(String::as_str).unwrap_or("")
+    )))
+}
+
+/// A CUDA device with its primary context current on this thread.
+#[derive(Debug, Clone)]
+pub struct Device {
+    pub ordinal: usize,
+    pub name: String,
+    /// Compute capability (major, minor).
+    pub capability: (i32, i32),
+    pub memory: usize,
+    pub multiprocessors: i32,
+    cu: sys::CUdevice,
+    ctx: sys::CUcontext,
+}
+
+impl Device {
+    /// Opens device `ordinal` (driver initialisation, primary context made current).
+    pub fn open(ordinal: usize) -> Result<Device, Error> {
+        driver_available()?;
+        std::panic::catch_unwind(result::init)
+            .map_err(|_| Error::Device("the CUDA driver library could not be initialised".into()))?
+            .map_err(cuda("cuInit"))?;
+        let count = result::device::get_count().map_err(cuda("cuDeviceGetCount"))?;
+        if count <= ordinal as i32 {
+            return Err(Error::Device(format!(
+                "no CUDA device {ordinal}: the driver reports {count} device(s)"
+            )));
+        }
+        let cu = result::device::get(ordinal as i32).map_err(cuda("cuDeviceGet"))?;
+        let attr = |a| {
+            // SAFETY: `cu` is a valid device handle.
+            unsafe { result::device::get_attribute(cu, a) }.map_err(cuda("cuDeviceGetAttribute"))
+        };
+        use sys::CUdevice_attribute as A;
+        let capability = (
+            attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        );
+        let multiprocessors = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let name = result::device::get_name(cu).map_err(cuda("cuDeviceGetName"))?;
+        // SAFETY: valid device handle.
+        let memory = unsafe { result::device::total_mem(cu) }.map_err(cuda("cuDeviceTotalMem"))?;
+        // SAFETY: valid device; the context is released in `Drop`.
+        let ctx =
+            unsafe { result::primary_ctx::retain(cu) }.map_err(cuda("cuDevicePrimaryCtxRetain"))?;
+        let d = Device {
+            ordinal,
+            name,
+            capability,
+            memory,
+            multiprocessors,
+            cu,
+            ctx,
+        };
+        d.bind()?;
+        Ok(d)
+    }
+
+    /// Makes this device's context current on the calling thread.
+    pub fn bind(&self) -> Result<(), Error> {
+        // SAFETY: the context is retained for the device's lifetime.
+        unsafe { result::ctx::set_current(self.ctx) }.map_err(cuda("cuCtxSetCurrent"))
+    }
+
+    /// The plan target this device runs natively: sm_90a on 9.0, sm_80 on other 8.x and newer.
+    pub fn native_target(&self) -> Option<&'static str> {
+        match self.capability {
+            (9, 0) => Some("sm_90a"),
+            (major, _) if major >= 8 => Some("sm_80"),
+            _ => None,
+        }
+    }
+
+    /// Whether a plan for `target` runs here (or why not).
+    pub fn check_target(&self, target: &str) -> Result<(), String> {
+        let (major, minor) = self.capability;
+        let ok = match target {
+            // Arch-specific PTX (wgmma, setmaxnreg): exactly compute capability 9.0.
+            "sm_90a" => (major, minor) == (9, 0),
+            "sm_80" => major >= 8,
+            _ => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "the plan targets {target}, but {} has compute capability {major}.{minor}",
+                self.name
+            ))
+        }
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // SAFETY: balanced with the retain in `open`.
+        let _ = unsafe { result::primary_ctx::release(self.cu) };
+    }
+}
+
+/// Device memory, freed on drop.
+struct Buffer {
+    ptr: sys::CUdeviceptr,
+    bytes: usize,
+}
+
+impl Buffer {
+    fn new(bytes: usize, what: &str) -> Result<Buffer, Error> {
+        // SAFETY: plain allocation; a zero-byte request is rounded up.
+        let ptr = unsafe { result::malloc_sync(bytes.max(16)) }
+            .map_err(cuda(format!("allocating {bytes} bytes for {what}")))?;
+        Ok(Buffer { ptr, bytes })
+    }
+
+    fn upload<T>(data: &[T], what: &str) -> Result<Buffer, Error> {
+        let b = Buffer::new(std::mem::size_of_val(data), what)?;
+        // SAFETY: `b` holds at least `data`'s bytes.
+        unsafe { result::memcpy_htod_sync(b.ptr, data) }
+            .map_err(cuda(format!("uploading {what}")))?;
+        Ok(b)
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated by `malloc_sync`, freed once.
+        let _ = unsafe { result::free_sync(self.ptr) };
+    }
+}
+
+/// A captured decode step for one batch size.
+struct Graph {
+    graph: sys::CUgraph,
+    exec: sys::CUgraphExec,
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        // SAFETY: created by capture/instantiate, destroyed once.
+        unsafe {
+            let _ = result::graph::exec_destroy(self.exec);
+            let _ = result::graph::destroy(self.graph);
+        }
+    }
+}
+
+/// Device-to-device copy bandwidth of device 0 (read + write bytes per second, best of 5)
+/// over `bytes`: the ceiling decode is read against.
+pub fn copy_bandwidth(bytes: usize) -> Result<f64, Error> {
+    let _device = Device::open(0)?;
+    let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
+        .map_err(cuda("cuStreamCreate"))?;
+    let measured = (|| {
+        let src = Buffer::new(bytes, "bandwidth source")?;
+        let dst = Buffer::new(bytes, "bandwidth destination")?;
+        let mut best = f64::INFINITY;
+        for _ in 0..6 {
+            let t = std::time::Instant::now();
+            // SAFETY: both buffers hold `bytes`; the stream is synchronised before timing ends.
+            unsafe {
+                result::memcpy_dtod_async(dst.ptr, src.ptr, bytes, stream)
+                    .map_err(cuda("cuMemcpyDtoDAsync"))?;
+                result::stream::synchronize(stream).map_err(cuda("cuStreamSynchronize"))?;
+            }
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        Ok(2.0 * bytes as f64 / best)
+    })();
+    // SAFETY: created above, destroyed once.
+    let _ = unsafe { result::stream::destroy(stream) };
+    measured
+}
+
+pub struct CudaEngine {
+    pub plan: Plan,
+    stream: sys::CUstream,
+    module: sys::CUmodule,
+    functions: Vec<sys::CUfunction>,
+    weights: Vec<Buffer>,
+    pools: Vec<Buffer>,
+    constants: Buffer,
+    arena: Buffer,
+    /// Row indices of the current launch: tokens, slots, positions (i64 each).
+    rows_in: [Buffer; 3],
+    /// Host copies of the row indices, alive until their async copies complete.
+    staged: [Vec<i64>; 3],
+    pos: Vec<usize>,
+    /// Decode graphs by batch size (index `b - 1`).
+    graphs: Vec<Option<Graph>>,
+    eager: bool,
+    prefill_progress: Option<Box<dyn Fn(usize, usize)>>,
+    /// Last: fields drop in order, and the buffers above need the context this releases.
+    pub device: Device,
+}
+
+impl CudaEngine {
+    /// Loads the artifact in `dir` onto device 0.
+    pub fn load(dir: &Path, weights_dir: Option<&Path>) -> Result<CudaEngine, Error> {
+        Self::load_with_progress(dir, weights_dir, false, &|_, _| {})
+    }
+
+    /// [`CudaEngine::load`], calling `progress(done, total)` as weights are read.
+    pub fn load_with_progress(
+        dir: &Path,
+        weights_dir: Option<&Path>,
+        allow_weight_mismatch: bool,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<CudaEngine, Error> {
+        let plan = Plan::load(dir)?;
+        if plan.target == "host" {
+            return Err(bad_plan(
+                dir,
+                "field target is \"host\": build the artifact with --target sm_80 or sm_90a to \
+                 run it on a GPU"
+                    .into(),
+            ));
+        }
+        let device = Device::open(0)?;
+        device
+            .check_target(&plan.target)
+            .map_err(|m| bad_plan(dir, m))?;
+        let ptx_path = dir.join(PTX_FILE);
+        let ptx = std::fs::read_to_string(&ptx_path).map_err(|e| Error::io(&ptx_path, e))?;
+        let ptx = CString::new(ptx).map_err(|_| Error::Io {
+            path: ptx_path.display().to_string(),
+            msg: "contains a NUL byte: not PTX".into(),
+        })?;
+        // SAFETY: a NUL-terminated PTX image; the module is unloaded in `Drop`.
+        let module = unsafe { result::module::load_data(ptx.as_ptr() as *const c_void) }.map_err(
+            cuda(format!("loading {} (driver PTX JIT)", ptx_path.display())),
+        )?;
+        let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
+            .map_err(cuda("cuStreamCreate"));
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                // SAFETY: loaded above, unloaded once.
+                let _ = unsafe { result::module::unload(module) };
+                return Err(e);
+            }
+        };
+        let mut e = CudaEngine {
+            pos: vec![0; plan.limits.max_batch],
+            graphs: (0..plan.limits.max_batch).map(|_| None).collect(),
+            functions: Vec::new(),
+            weights: Vec::new(),
+            pools: Vec::new(),
+            constants: Buffer::new(0, "constants")?,
+            arena: Buffer::new(0, "arena")?,
+            rows_in: [
+                Buffer::new(0, "tokens")?,
+                Buffer::new(0, "slots")?,
+                Buffer::new(0, "positions")?,
+            ],
+            staged: Default::default(),
+            eager: std::env::var("LAMINA_CUDA_SYNC").as_deref() == Ok("1"),
+            prefill_progress: None,
+            plan,
+            device,
+            stream,
+            module,
+        };
+        for k in &e.plan.kernels {
+            let name = CString::new(k.symbol.clone()).map_err(|_| {
+                bad_plan(
+                    dir,
+                    format!("kernel {}: symbol contains a NUL byte", k.name),
+                )
+            })?;
+            // SAFETY: the module is loaded.
+            let f = unsafe { result::module::get_function(e.module, name) }.map_err(cuda(
+                format!("kernel {} (entry {}) in {PTX_FILE}", k.name, k.symbol),
+            ))?;
+            if k.gpu.is_none() {
+                return Err(bad_plan(
+                    dir,
+                    format!("kernel {} has no gpu launch data", k.name),
+                ));
+            }
+            e.functions.push(f);
+        }
+        let cpath = dir.join(CONSTANTS_FILE);
+        let cbytes = std::fs::read(&cpath).map_err(|err| Error::io(&cpath, err))?;
+        let constants: Vec<f32> = cbytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        for c in &e.plan.constants {
+            if c.offset + c.len > constants.len() {
+                return Err(bad_plan(
+                    dir,
+                    format!("constant {} lies outside constants.bin", c.name),
+                ));
+            }
+        }
+        e.constants = Buffer::upload(&constants, "constants")?;
+        let host =
+            crate::host::weights::load_all(&e.plan, weights_dir, allow_weight_mismatch, progress)?;
+        for (w, entry) in host.iter().zip(&e.plan.weights) {
+            e.weights.push(Buffer::upload(
+                w.as_slice(),
+                &format!("weight {}", entry.name),
+            )?);
+        }
+        drop(host);
+        for p in &e.plan.pools {
+            let b = Buffer::new(p.shape.iter().product::<usize>() * 4, &p.name)?;
+            // SAFETY: `b` holds that many bytes.
+            unsafe { result::memset_d8_sync(b.ptr, 0, b.bytes) }
+                .map_err(cuda(format!("zeroing {}", p.name)))?;
+            e.pools.push(b);
+        }
+        let arena_bytes = [&e.plan.prefill, &e.plan.decode]
+            .iter()
+            .map(|s| s.arena_bytes_per_row * s.rows)
+            .max()
+            .unwrap_or(0);
+        e.arena = Buffer::new(arena_bytes, "arena")?;
+        let rows = e.plan.prefill.rows.max(e.plan.decode.rows);
+        for (i, what) in ["tokens", "slots", "positions"].iter().enumerate() {
+            e.rows_in[i] = Buffer::new(rows * 8, what)?;
+        }
+        let (weights, pools) = (&e.weights, &e.pools);
+        check_shapes(&e.plan, dir, &|i| weights[i].bytes / 4, &|i| {
+            pools[i].bytes / 4
+        })?;
+        Ok(e)
+    }
+
+    /// Fills the arena with `byte` (0xFF makes every f32 a NaN: the GPU tests poison it before
+    /// each run so that an element no kernel wrote cannot pass).
+    pub fn poison_arena(&mut self, byte: u8) -> Result<(), Error> {
+        self.device.bind()?;
+        // SAFETY: the arena holds `bytes` bytes.
+        unsafe { result::memset_d8_sync(self.arena.ptr, byte, self.arena.bytes) }
+            .map_err(cuda("poisoning the arena"))
+    }
+
+    /// The device pointers and row count of one launch, as the kernel's parameters.
+    fn params(&self, sched: &Schedule, li: usize, rows: usize) -> Vec<u64> {
+        let l = &sched.launches[li];
+        let mut v: Vec<u64> = l
+            .args
+            .iter()
+            .map(|a| match a {
+                Arg::Arena { offset_per_row, .. } => {
+                    self.arena.ptr + (offset_per_row * rows) as u64
+                }
+                Arg::Weight { index } => self.weights[*index].ptr,
+                Arg::Pool { index } => self.pools[*index].ptr,
+                Arg::Const { index } => {
+                    self.constants.ptr + (self.plan.constants[*index].offset * 4) as u64
+                }
+                Arg::Tokens => self.rows_in[0].ptr,
+                Arg::Slot => self.rows_in[1].ptr,
+                Arg::Pos => self.rows_in[2].ptr,
+            })
+            .collect();
+        v.push(rows as u64);
+        v
+    }
+
+    /// Enqueues every launch of `sched` for `rows` rows on the stream.
+    fn enqueue(&self, decode: bool, rows: usize) -> Result<(), Error> {
+        let sched = if decode {
+            &self.plan.decode
+        } else {
+            &self.plan.prefill
+        };
+        let phase = if decode { "decode" } else { "prefill" };
+        for (li, l) in sched.launches.iter().enumerate() {
+            let k = &self.plan.kernels[l.kernel];
+            let g = k.gpu.as_ref().expect("checked at load");
+            let programs: usize = k.grid.iter().map(|d| d.eval(rows)).product();
+            if programs == 0 {
+                continue;
+            }
+            let blocks = programs.div_ceil(g.block as usize);
+            let mut params = self.params(sched, li, rows);
+            let mut ptrs: Vec<*mut c_void> = params
+                .iter_mut()
+                .map(|p| p as *mut u64 as *mut c_void)
+                .collect();
+            let what = || format!("{phase}.launches[{li}] (kernel {})", k.name);
+            // SAFETY: the function takes exactly these parameters (one pointer per buffer and
+            // the row count, checked against the PTX by the build), every pointer covers what
+            // the kernel indexes for `rows` rows (check_shapes), and `params` outlives the
+            // call (the driver copies parameters at launch).
+            unsafe {
+                result::launch_kernel(
+                    self.functions[l.kernel],
+                    (blocks as u32, 1, 1),
+                    (g.block, 1, 1),
+                    g.dynamic_shared_bytes,
+                    self.stream,
+                    &mut ptrs,
+                )
+            }
+            .map_err(cuda(what()))?;
+            if self.eager {
+                // SAFETY: valid stream.
+                unsafe { result::stream::synchronize(self.stream) }.map_err(cuda(what()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn run(
+        &mut self,
+        decode: bool,
+        tokens: &[i64],
+        slots: &[i64],
+        pos: &[i64],
+    ) -> Result<Vec<f32>, Error> {
+        self.device.bind()?;
+        let rows = tokens.len();
+        self.staged = [tokens.to_vec(), slots.to_vec(), pos.to_vec()];
+        for (b, h) in self.rows_in.iter().zip(&self.staged) {
+            // SAFETY: the buffer holds the schedule's rows (≥ rows) of i64; `staged` lives
+            // until the stream is synchronised below.
+            unsafe { result::memcpy_htod_async(b.ptr, h, self.stream) }
+                .map_err(cuda("copying the row indices"))?;
+        }
+        if decode && !self.eager {
+            if self.graphs[rows - 1].is_none() {
+                self.graphs[rows - 1] = Some(self.capture(rows)?);
+            }
+            let g = self.graphs[rows - 1].as_ref().expect("captured above");
+            // SAFETY: an instantiated graph on a valid stream.
+            unsafe { result::graph::launch(g.exec, self.stream) }
+                .map_err(cuda(format!("launching the decode graph (batch {rows})")))?;
+        } else {
+            self.enqueue(decode, rows)?;
+        }
+        let sched = if decode {
+            &self.plan.decode
+        } else {
+            &self.plan.prefill
+        };
+        let Arg::Arena { offset_per_row, .. } = sched.logits else {
+            unreachable!("plan check: logits live in the arena")
+        };
+        let v = self.plan.model.vocab_size;
+        let mut logits = vec![0f32; rows * v];
+        // SAFETY: the logits slot holds rows × vocab f32; the stream is synchronised before
+        // `logits` is read.
+        unsafe {
+            result::memcpy_dtoh_async(
+                &mut logits,
+                self.arena.ptr + (offset_per_row * rows) as u64,
+                self.stream,
+            )
+            .map_err(cuda("copying the logits"))?;
+            result::stream::synchronize(self.stream).map_err(cuda(format!(
+                "running the {} schedule (set LAMINA_CUDA_SYNC=1 to name the failing kernel)",
+                if decode { "decode" } else { "prefill" }
+            )))?;
+        }
+        check_finite(&logits, v)?;
+        Ok(logits)
+    }
+
+    /// Captures the decode launches for `rows` sequences into a graph.
+    fn capture(&self, rows: usize) -> Result<Graph, Error> {
+        // SAFETY: valid stream; capture is ended on every path below.
+        unsafe {
+            result::stream::begin_capture(
+                self.stream,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+            )
+        }
+        .map_err(cuda("beginning the decode graph capture"))?;
+        let enqueued = self.enqueue(true, rows);
+        // SAFETY: capture was begun on this stream.
+        let graph: CuResult<sys::CUgraph> = unsafe { result::stream::end_capture(self.stream) };
+        enqueued?;
+        let graph = graph.map_err(cuda("ending the decode graph capture"))?;
+        // SAFETY: a captured graph.
+        match unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) } {
+            Ok(exec) => Ok(Graph { graph, exec }),
+            Err(e) => {
+                // SAFETY: destroyed once.
+                let _ = unsafe { result::graph::destroy(graph) };
+                Err(cuda(format!(
+                    "instantiating the decode graph (batch {rows})"
+                ))(e))
+            }
+        }
+    }
+}
+
+impl Drop for CudaEngine {
+    fn drop(&mut self) {
+        let _ = self.device.bind();
+        self.graphs.clear();
+        // SAFETY: created in `load`, destroyed once; buffers are freed after (their own Drop).
+        unsafe {
+            let _ = result::stream::synchronize(self.stream);
+            let _ = result::stream::destroy(self.stream);
+            let _ = result::module::unload(self.module);
+        }
+    }
+}
+
+impl Executor for CudaEngine {
+    fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    fn positions(&self) -> &[usize] {
+        &self.pos
+    }
+
+    fn positions_mut(&mut self) -> &mut [usize] {
+        &mut self.pos
+    }
+
+    fn run_rows(
+        &mut self,
+        decode: bool,
+        tokens: &[i64],
+        slots: &[i64],
+        pos: &[i64],
+    ) -> Result<Vec<f32>, Error> {
+        self.run(decode, tokens, slots, pos)
+    }
+
+    fn clear_slot(&mut self, slot: usize) -> Result<(), Error> {
+        self.device.bind()?;
+        for (p, b) in self.plan.pools.iter().zip(&self.pools) {
+            let per = b.bytes / p.shape[0];
+            // SAFETY: the slot's range lies inside the pool.
+            unsafe { result::memset_d8_async(b.ptr + (slot * per) as u64, 0, per, self.stream) }
+                .map_err(cuda(format!("clearing slot {slot} of {}", p.name)))?;
+        }
+        // SAFETY: valid stream.
+        unsafe { result::stream::synchronize(self.stream) }.map_err(cuda("clearing a slot"))
+    }
+
+    fn prefill_progress(&self, done: usize, total: usize) {
+        if let Some(f) = &self.prefill_progress {
+            f(done, total);
+        }
+    }
+
+    fn set_prefill_progress(&mut self, f: Box<dyn Fn(usize, usize)>) {
+        self.prefill_progress = Some(f);
+    }
+}
