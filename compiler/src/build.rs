@@ -279,6 +279,7 @@ pub fn make_plan(
                 params: k.params.clone(),
                 gpu: (target != Target::Host).then(|| GpuLaunch {
                     block: lamina_targets::nvptx::block_size(k),
+                    lanes: lamina_targets::nvptx::lanes(k),
                     dynamic_shared_bytes: 0,
                     abi: GPU_ABI.into(),
                 }),

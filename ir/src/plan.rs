@@ -100,7 +100,8 @@ pub struct KernelEntry {
 
 /// The launch contract of one GPU kernel.
 ///
-/// Blocks: `⌈programs(rows) / block⌉` along x, `block` threads each; program `p` is thread
+/// Blocks: `⌈programs(rows) · lanes / block⌉` along x, `block` threads each (a multiple of
+/// `lanes`); program `p` is threads `p · lanes ..< (p + 1) · lanes` of the grid, counted
 /// `blockIdx.x · block + threadIdx.x` (threads past the last program return at once).
 /// Parameters (`abi = "ptr-per-buffer+rows"`): one `.u64` device pointer per entry of the
 /// kernel's `params`, in order, then `rows` as `.u64`.
@@ -108,6 +109,8 @@ pub struct KernelEntry {
 #[serde(deny_unknown_fields)]
 pub struct GpuLaunch {
     pub block: u32,
+    /// Threads per program (1, or 32: a warp sharing the program's reductions).
+    pub lanes: u32,
     pub dynamic_shared_bytes: u32,
     pub abi: String,
 }
@@ -257,10 +260,15 @@ impl Plan {
                     ));
                 }
                 (Some(g), true) => {
-                    if g.block == 0 || g.block > 1024 || g.abi != GPU_ABI {
+                    if g.block == 0
+                        || g.block > 1024
+                        || g.lanes == 0
+                        || g.block % g.lanes != 0
+                        || g.abi != GPU_ABI
+                    {
                         return Err(format!(
-                            "kernels[{ki}].gpu: block {} must be 1..=1024 and abi {:?} must be {GPU_ABI:?}",
-                            g.block, g.abi
+                            "kernels[{ki}].gpu: block {} must be 1..=1024 and a multiple of lanes {}, abi {:?} must be {GPU_ABI:?}",
+                            g.block, g.lanes, g.abi
                         ));
                     }
                 }

@@ -1,8 +1,10 @@
 //! The NVPTX targets (sm_80, sm_90a): kernels → `gpu.module` → NVVM → LLVM NVPTX → PTX text,
 //! and `ptxas -v` to assemble it and read each kernel's resources.
 //!
-//! Mapping (this first lowering): one kernel-IR program per GPU thread, [`block_size`] threads
-//! per block, `⌈programs / block⌉` blocks along x; per-program locals live in the thread's local
+//! Mapping: one kernel-IR program per [`lanes`] consecutive threads — a warp for kernels with
+//! reductions or split loops, whose iterations the lanes share (coalesced rows, a shuffle
+//! butterfly to combine), one thread otherwise — [`BLOCK`] threads per block,
+//! `⌈programs · lanes / block⌉` blocks along x; per-program locals live in each thread's local
 //! memory. Every buffer is one `.u64` pointer parameter (bare-pointer convention) in the kernel's
 //! parameter order, followed by `rows` as `.u64`; no dynamic shared memory. The runtime reads
 //! all of this from the plan ([`lamina_ir::plan::GpuLaunch`]).
@@ -46,6 +48,64 @@ pub fn block_size(_k: &Kernel) -> u32 {
     BLOCK
 }
 
+/// Threads per program of kernel `k`: a warp when it has a reduction or a split loop (after
+/// tile expansion) for the lanes to share, else one.
+pub fn lanes(k: &Kernel) -> u32 {
+    use lamina_ir::kernel::{Expr, Stmt};
+    fn expr(e: &Expr) -> bool {
+        match e {
+            Expr::Reduce { .. } => true,
+            Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => false,
+            Expr::Load(_, idx) => idx.iter().any(expr),
+            Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => expr(a) || expr(b),
+            Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => expr(a),
+            Expr::Select(c, a, b) => expr(c) || expr(a) || expr(b),
+        }
+    }
+    fn block(b: &[Stmt]) -> bool {
+        b.iter().any(|s| match s {
+            Stmt::Let(_, e) => expr(e),
+            Stmt::Store { idx, value, .. } => idx.iter().any(expr) || expr(value),
+            Stmt::For {
+                split,
+                body,
+                lo,
+                hi,
+                carried,
+                yields,
+                ..
+            } => {
+                *split
+                    || expr(lo)
+                    || expr(hi)
+                    || carried.iter().any(|(_, e)| expr(e))
+                    || yields.iter().any(expr)
+                    || block(body)
+            }
+            Stmt::If { cond, then } => expr(cond) || block(then),
+            Stmt::Local { .. } => false,
+            // Tiles expand into reductions.
+            Stmt::Tile(_) => true,
+        })
+    }
+    if block(&k.body) {
+        WARP
+    } else {
+        1
+    }
+}
+
+/// Threads of a warp: the lanes of a program that shares its reductions.
+pub const WARP: u32 = 32;
+
+/// How kernel `k` is mapped onto the GPU.
+pub fn flavor(k: &Kernel) -> crate::mlir::Flavor {
+    crate::mlir::Flavor::Gpu {
+        block: block_size(k),
+        lanes: lanes(k),
+    }
+}
+
 /// How long a PTX compilation took.
 #[derive(Debug, Default, Clone)]
 pub struct PtxTimings {
@@ -71,7 +131,7 @@ pub fn compile_ptx(
     let mut t = PtxTimings::default();
     let cx = MlirContext::new();
     let start = Instant::now();
-    let mut module = gpu_module(&cx, kernels, target, &block_size)?;
+    let mut module = gpu_module(&cx, kernels, target, &flavor)?;
     t.lower = start.elapsed();
     let start = Instant::now();
     cx.run_pipeline(&mut module, GPU_PIPELINE, &format!("{target} lowering"))?;

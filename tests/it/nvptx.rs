@@ -235,7 +235,7 @@ fn gpu_text(file: &str, target: Target, ptx: bool) -> String {
             .map(|l| format!("{l}\n"))
             .collect()
     } else {
-        lamina_targets::mlir::print_gpu_mlir(&kernels, target, &nvptx::block_size).unwrap()
+        lamina_targets::mlir::print_gpu_mlir(&kernels, target, &nvptx::flavor).unwrap()
     }
 }
 

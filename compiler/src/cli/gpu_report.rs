@@ -50,19 +50,20 @@ pub fn gpu_report(
         }
     };
     println!(
-        "{target} kernels: one program per thread, {} threads per block, no dynamic shared memory; \
-         buffers f32 (the kernel IR has no bf16 storage yet)",
+        "{target} kernels: one program per warp (kernels with reductions) or per thread, {} threads \
+         per block, no dynamic shared memory; buffers f32 (the kernel IR has no bf16 storage yet)",
         nvptx::BLOCK
     );
     println!(
-        "{:<64} {:>5} {:>8} {:>11} {:>6} {:>7}",
-        "kernel", "regs", "stack B", "spill st/ld", "smem", "blk/SM"
+        "{:<64} {:>5} {:>5} {:>8} {:>11} {:>6} {:>7}",
+        "kernel", "lanes", "regs", "stack B", "spill st/ld", "smem", "blk/SM"
     );
     for k in &kernels {
         match resources.get(&k.name) {
             Some(r) => println!(
-                "{:<64} {:>5} {:>8} {:>5}/{:<5} {:>6} {:>7}",
+                "{:<64} {:>5} {:>5} {:>8} {:>5}/{:<5} {:>6} {:>7}",
                 k.name,
+                nvptx::lanes(k),
                 r.registers,
                 r.stack,
                 r.spill_stores,
@@ -92,7 +93,8 @@ pub fn gpu_report(
             let e = rows_by.entry(k.name.as_str()).or_insert_with(|| KernelRow {
                 kernel: k,
                 launches: 0,
-                blocks: k.programs(rows).div_ceil(nvptx::block_size(k) as usize),
+                blocks: (k.programs(rows) * nvptx::lanes(k) as usize)
+                    .div_ceil(nvptx::block_size(k) as usize),
                 work: launch_work(k, rows, data),
             });
             e.launches += 1;

@@ -57,7 +57,7 @@ pub fn ir(
                     _ => lamina_targets::mlir::print_gpu_mlir(
                         &kernels,
                         target,
-                        &lamina_targets::nvptx::block_size,
+                        &lamina_targets::nvptx::flavor,
                     ),
                 };
                 print!("{}", text.map_err(|e| e.to_string())?);

@@ -146,7 +146,8 @@ pub fn register_tile(
         .iter()
         .map(|(a, b, n)| v(n) + v(&format!("x{a}")) * v(&format!("w{b}")))
         .collect();
-    let mut out = vec![for_carry("k", i(0), i(kdim), carried, loads, yields)];
+    // A split sum: a GPU spreads `k` over the lanes of a warp (coalesced weight rows).
+    let mut out = vec![for_sum("k", i(0), i(kdim), carried, loads, yields)];
     for (a, b, n) in &pairs {
         out.push(store(rs[*a].clone(), cs[*b].clone(), v(n)));
     }

@@ -65,6 +65,7 @@ pub fn for_(var: &str, lo: Expr, hi: Expr, body: Vec<Stmt>) -> Stmt {
         carried: Vec::new(),
         body,
         yields: Vec::new(),
+        split: false,
     }
 }
 
@@ -87,6 +88,39 @@ pub fn for_carry(
             .collect(),
         body,
         yields,
+        split: false,
+    }
+}
+
+/// [`for_carry`] marked as a split sum (see [`Stmt::For`]): `yields[i]` must be
+/// `carried[i] + term`.
+pub fn for_sum(
+    var: &str,
+    lo: Expr,
+    hi: Expr,
+    carried: Vec<(&str, Expr)>,
+    body: Vec<Stmt>,
+    yields: Vec<Expr>,
+) -> Stmt {
+    match for_carry(var, lo, hi, carried, body, yields) {
+        Stmt::For {
+            var,
+            lo,
+            hi,
+            carried,
+            body,
+            yields,
+            ..
+        } => Stmt::For {
+            var,
+            lo,
+            hi,
+            carried,
+            body,
+            yields,
+            split: true,
+        },
+        _ => unreachable!("for_carry builds a loop"),
     }
 }
 

@@ -163,6 +163,7 @@ impl Counter<'_> {
                 carried,
                 body,
                 yields,
+                ..
             } => {
                 let (_, l) = self.expr(lo, times);
                 let (_, h) = self.expr(hi, times);

@@ -27,6 +27,7 @@ fn stmt(s: &Stmt) -> Vec<Stmt> {
             carried,
             body,
             yields,
+            split,
         } => vec![Stmt::For {
             var: var.clone(),
             lo: lo.clone(),
@@ -34,6 +35,7 @@ fn stmt(s: &Stmt) -> Vec<Stmt> {
             carried: carried.clone(),
             body: block(body),
             yields: yields.clone(),
+            split: *split,
         }],
         Stmt::If { cond, then } => vec![Stmt::If {
             cond: cond.clone(),

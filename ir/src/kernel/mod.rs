@@ -192,6 +192,11 @@ pub enum Stmt {
     },
     /// `for var in lo..hi` carrying values: inside the body the carried names hold the current
     /// values and `yields` gives the next ones; after the loop they hold the final values.
+    ///
+    /// A `split` loop is a sum: every carried value is f32 and yields `itself + term` (the term
+    /// reading no carried value), and the body only binds `let`s. A target may spread its
+    /// iterations over the threads of a program and add their partial sums (the GPU's warp
+    /// lanes); the host runs it in order.
     For {
         var: String,
         lo: Expr,
@@ -199,6 +204,7 @@ pub enum Stmt {
         carried: Vec<(String, Expr)>,
         body: Vec<Stmt>,
         yields: Vec<Expr>,
+        split: bool,
     },
     If {
         cond: Expr,

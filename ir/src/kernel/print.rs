@@ -98,6 +98,7 @@ fn stmt(out: &mut String, s: &Stmt, depth: usize) {
             carried,
             body,
             yields,
+            split,
         } => {
             let carry = if carried.is_empty() {
                 String::new()
@@ -113,9 +114,10 @@ fn stmt(out: &mut String, s: &Stmt, depth: usize) {
             };
             let _ = writeln!(
                 out,
-                "{pad}for {var} in {}..{}{carry} {{",
+                "{pad}for {var} in {}..{}{}{carry} {{",
                 expr(lo),
-                expr(hi)
+                expr(hi),
+                if *split { " split" } else { "" }
             );
             block(out, body, depth + 1);
             if !yields.is_empty() {

@@ -190,9 +190,13 @@ impl Scope<'_> {
                 carried,
                 body,
                 yields,
+                split,
             } => {
                 if self.expr(lo)? != Ty::Int || self.expr(hi)? != Ty::Int {
                     return Err(format!("loop {var}: bounds must be ints"));
+                }
+                if *split {
+                    split_sum(var, carried, body, yields)?;
                 }
                 let mut tys = Vec::new();
                 for (n, init) in carried {
@@ -337,6 +341,64 @@ impl Scope<'_> {
     }
 }
 
+/// The shape of a split loop (see `Stmt::For`): lets only, and each yield `carried + term` with
+/// a term that reads no carried value.
+fn split_sum(
+    var: &str,
+    carried: &[(String, Expr)],
+    body: &[Stmt],
+    yields: &[Expr],
+) -> Result<(), String> {
+    if let Some(s) = body.iter().find(|s| !matches!(s, Stmt::Let(..))) {
+        return Err(format!(
+            "split loop {var}: its body may only bind lets, found {}",
+            match s {
+                Stmt::Store { buf, .. } => format!("a store to {buf}"),
+                _ => "a nested statement".into(),
+            }
+        ));
+    }
+    let names: Vec<&str> = carried.iter().map(|(n, _)| n.as_str()).collect();
+    for s in body {
+        if let Stmt::Let(l, e) = s {
+            if let Some(m) = names.iter().find(|m| reads(e, m)) {
+                return Err(format!(
+                    "split loop {var}: let {l} reads the carried value {m} (partial sums differ per thread)"
+                ));
+            }
+        }
+    }
+    for ((n, _), y) in carried.iter().zip(yields) {
+        let ok = match y {
+            Expr::Bin(BinOp::Add, a, term) => {
+                **a == Expr::Var(n.clone()) && !names.iter().any(|m| reads(term, m))
+            }
+            _ => false,
+        };
+        if !ok {
+            return Err(format!(
+                "split loop {var}: the yield of {n} must be `{n} + term` with a term that reads no carried value"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `e` reads variable `name`.
+fn reads(e: &Expr, name: &str) -> bool {
+    match e {
+        Expr::Var(n) => n == name,
+        Expr::F(_) | Expr::I(_) | Expr::Pid(_) | Expr::Rows => false,
+        Expr::Load(_, idx) => idx.iter().any(|i| reads(i, name)),
+        Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => reads(a, name) || reads(b, name),
+        Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => reads(a, name),
+        Expr::Select(c, a, b) => reads(c, name) || reads(a, name) || reads(b, name),
+        Expr::Reduce { lo, hi, body, .. } => {
+            reads(lo, name) || reads(hi, name) || reads(body, name)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::build::*;
@@ -457,6 +519,37 @@ mod tests {
         ];
         for (body, want) in cases {
             let err = verify_kernel(&kernel(body)).unwrap_err();
+            assert!(err.contains(want), "{err} should mention {want}");
+        }
+    }
+
+    #[test]
+    fn split_loops_are_sums_of_lets() {
+        let sum_loop = |body: Vec<Stmt>, y: Expr| {
+            kernel(vec![
+                for_sum("k", i(0), i(8), vec![("acc", f(1.0))], body, vec![y]),
+                st("y", [pid(0), i(0)], v("acc")),
+            ])
+        };
+        let x = || ld("x", [pid(0), v("k")]);
+        verify_kernel(&sum_loop(vec![let_("t", x())], v("acc") + v("t") * v("t"))).unwrap();
+        let cases = [
+            (
+                sum_loop(vec![st("y", [pid(0), v("k")], x())], v("acc") + x()),
+                "may only bind lets",
+            ),
+            (sum_loop(vec![], v("acc") * x()), "must be `acc + term`"),
+            (
+                sum_loop(vec![], v("acc") + v("acc") * x()),
+                "must be `acc + term`",
+            ),
+            (
+                sum_loop(vec![let_("t", v("acc") * x())], v("acc") + v("t")),
+                "reads the carried value acc",
+            ),
+        ];
+        for (k, want) in cases {
+            let err = verify_kernel(&k).unwrap_err();
             assert!(err.contains(want), "{err} should mention {want}");
         }
     }

@@ -210,11 +210,14 @@ fn bench(
             .map(|i| ((i * 7919 + 13 + s * 101) % v) as i64)
             .collect()
     };
-    // Warm-up: JIT, first-touch, the decode graphs of batch 1 and `batch`.
-    e.reset(0).map_err(err)?;
-    e.prefill(0, &prompt(0)[..prompt_len.min(16)])
-        .map_err(err)?;
-    e.decode(&[(0, 1)]).map_err(err)?;
+    // Warm-up: JIT, first-touch, the decode graph of `batch` sequences.
+    let warm: Vec<(usize, i64)> = (0..batch).map(|s| (s, 1)).collect();
+    for &(s, _) in &warm {
+        e.reset(s).map_err(err)?;
+        e.prefill(s, &prompt(s)[..prompt_len.min(16)])
+            .map_err(err)?;
+    }
+    e.decode(&warm).map_err(err)?;
     let mut last = Vec::new();
     let t = Instant::now();
     for s in 0..batch {

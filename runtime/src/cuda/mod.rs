@@ -61,8 +61,9 @@ pub fn driver_available() -> Result<(), Error> {
     )))
 }
 
-/// A CUDA device with its primary context current on this thread.
-#[derive(Debug, Clone)]
+/// A CUDA device with its primary context current on this thread (retained once, released on
+/// drop: deliberately not `Clone`).
+#[derive(Debug)]
 pub struct Device {
     pub ordinal: usize,
     pub name: String,
@@ -156,6 +157,45 @@ impl Drop for Device {
     fn drop(&mut self) {
         // SAFETY: balanced with the retain in `open`.
         let _ = unsafe { result::primary_ctx::release(self.cu) };
+    }
+}
+
+/// Loads a PTX module (unloaded by the engine's `Drop`), with the driver JIT's error log in
+/// the error.
+fn load_ptx(ptx: &CString, path: &Path) -> Result<sys::CUmodule, Error> {
+    let mut log = vec![0u8; 16 << 10];
+    let mut options = [
+        sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER,
+        sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES,
+    ];
+    let mut values = [log.as_mut_ptr() as *mut c_void, log.len() as *mut c_void];
+    let mut module = std::mem::MaybeUninit::uninit();
+    // SAFETY: a NUL-terminated PTX image; options and values are parallel arrays that outlive
+    // the call; the log buffer's size is passed by value, as the driver API expects.
+    let r = unsafe {
+        sys::cuModuleLoadDataEx(
+            module.as_mut_ptr(),
+            ptx.as_ptr() as *const c_void,
+            options.len() as u32,
+            options.as_mut_ptr(),
+            values.as_mut_ptr(),
+        )
+    };
+    match r.result() {
+        // SAFETY: initialised by a successful load.
+        Ok(()) => Ok(unsafe { module.assume_init() }),
+        Err(e) => {
+            let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+            let jit = String::from_utf8_lossy(&log[..end])
+                .trim()
+                .replace('\n', "; ");
+            let what = if jit.is_empty() {
+                format!("loading {} (driver PTX JIT)", path.display())
+            } else {
+                format!("loading {} (driver PTX JIT: {jit})", path.display())
+            };
+            Err(cuda(what)(e))
+        }
     }
 }
 
@@ -286,10 +326,7 @@ impl CudaEngine {
             path: ptx_path.display().to_string(),
             msg: "contains a NUL byte: not PTX".into(),
         })?;
-        // SAFETY: a NUL-terminated PTX image; the module is unloaded in `Drop`.
-        let module = unsafe { result::module::load_data(ptx.as_ptr() as *const c_void) }.map_err(
-            cuda(format!("loading {} (driver PTX JIT)", ptx_path.display())),
-        )?;
+        let module = load_ptx(&ptx, &ptx_path)?;
         let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
             .map_err(cuda("cuStreamCreate"));
         let stream = match stream {
@@ -381,10 +418,19 @@ impl CudaEngine {
         for (i, what) in ["tokens", "slots", "positions"].iter().enumerate() {
             e.rows_in[i] = Buffer::new(rows * 8, what)?;
         }
+        if e.weights.len() != e.plan.weights.len() {
+            return Err(bad_plan(
+                dir,
+                "the weight loader returned the wrong count".into(),
+            ));
+        }
         let (weights, pools) = (&e.weights, &e.pools);
         check_shapes(&e.plan, dir, &|i| weights[i].bytes / 4, &|i| {
             pools[i].bytes / 4
         })?;
+        // Synchronous copies from pageable memory and memsets return before the device has
+        // finished them, and the engine's stream does not wait for the legacy stream.
+        result::ctx::synchronize().map_err(cuda("finishing the uploads"))?;
         Ok(e)
     }
 
@@ -392,9 +438,13 @@ impl CudaEngine {
     /// each run so that an element no kernel wrote cannot pass).
     pub fn poison_arena(&mut self, byte: u8) -> Result<(), Error> {
         self.device.bind()?;
-        // SAFETY: the arena holds `bytes` bytes.
-        unsafe { result::memset_d8_sync(self.arena.ptr, byte, self.arena.bytes) }
-            .map_err(cuda("poisoning the arena"))
+        // SAFETY: the arena holds `bytes` bytes; on the engine's stream, so ordered before the
+        // next run's kernels, and finished before returning.
+        unsafe {
+            result::memset_d8_async(self.arena.ptr, byte, self.arena.bytes, self.stream)
+                .map_err(cuda("poisoning the arena"))?;
+            result::stream::synchronize(self.stream).map_err(cuda("poisoning the arena"))
+        }
     }
 
     /// The device pointers and row count of one launch, as the kernel's parameters.
@@ -436,7 +486,7 @@ impl CudaEngine {
             if programs == 0 {
                 continue;
             }
-            let blocks = programs.div_ceil(g.block as usize);
+            let blocks = (programs * g.lanes as usize).div_ceil(g.block as usize);
             let mut params = self.params(sched, li, rows);
             let mut ptrs: Vec<*mut c_void> = params
                 .iter_mut()
@@ -475,6 +525,21 @@ impl CudaEngine {
     ) -> Result<Vec<f32>, Error> {
         self.device.bind()?;
         let rows = tokens.len();
+        let most = if decode {
+            self.plan.decode.rows
+        } else {
+            self.plan.prefill.rows
+        };
+        if rows == 0 || rows > most || slots.len() != rows || pos.len() != rows {
+            return Err(Error::input(
+                "rows",
+                format!(
+                    "{rows} tokens with {} slots and {} positions; the schedule takes 1..={most} rows",
+                    slots.len(),
+                    pos.len()
+                ),
+            ));
+        }
         self.staged = [tokens.to_vec(), slots.to_vec(), pos.to_vec()];
         for (b, h) in self.rows_in.iter().zip(&self.staged) {
             // SAFETY: the buffer holds the schedule's rows (≥ rows) of i64; `staged` lives
@@ -534,7 +599,13 @@ impl CudaEngine {
         let enqueued = self.enqueue(true, rows);
         // SAFETY: capture was begun on this stream.
         let graph: CuResult<sys::CUgraph> = unsafe { result::stream::end_capture(self.stream) };
-        enqueued?;
+        if let Err(e) = enqueued {
+            if let Ok(g) = graph {
+                // SAFETY: destroyed once.
+                let _ = unsafe { result::graph::destroy(g) };
+            }
+            return Err(e);
+        }
         let graph = graph.map_err(cuda("ending the decode graph capture"))?;
         // SAFETY: a captured graph.
         match unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) } {
@@ -553,10 +624,11 @@ impl CudaEngine {
 impl Drop for CudaEngine {
     fn drop(&mut self) {
         let _ = self.device.bind();
+        // SAFETY: valid stream; nothing may still run when graphs and buffers go.
+        let _ = unsafe { result::stream::synchronize(self.stream) };
         self.graphs.clear();
         // SAFETY: created in `load`, destroyed once; buffers are freed after (their own Drop).
         unsafe {
-            let _ = result::stream::synchronize(self.stream);
             let _ = result::stream::destroy(self.stream);
             let _ = result::module::unload(self.module);
         }
@@ -587,6 +659,15 @@ impl Executor for CudaEngine {
     }
 
     fn clear_slot(&mut self, slot: usize) -> Result<(), Error> {
+        if slot >= self.plan.limits.max_batch {
+            return Err(Error::input(
+                "slot",
+                format!(
+                    "slot {slot} outside 0..{} (--max-batch)",
+                    self.plan.limits.max_batch
+                ),
+            ));
+        }
         self.device.bind()?;
         for (p, b) in self.plan.pools.iter().zip(&self.pools) {
             let per = b.bytes / p.shape[0];

@@ -42,8 +42,12 @@ pub const GPU_EXTENT: i64 = 1 << 40;
 pub enum Flavor {
     /// A loop over a range of programs, called from host threads.
     Host,
-    /// One program per GPU thread, `block` threads per block.
-    Gpu { block: u32 },
+    /// `lanes` consecutive GPU threads per program (1, or a warp's 32), `block` threads per
+    /// block. With several lanes, every lane runs the program's statements (loads of one address
+    /// are broadcast, stores of one value coincide) except split loops and reductions, whose
+    /// iterations are dealt round-robin to the lanes and whose partial results are combined by
+    /// a butterfly of warp shuffles, so that every lane holds the same total after them.
+    Gpu { block: u32, lanes: u32 },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -67,6 +71,8 @@ struct Env<'c, 'a> {
     bufs: HashMap<String, BufInfo<'c, 'a>>,
     pids: Vec<Value<'c, 'a>>,
     rows: Value<'c, 'a>,
+    /// This thread's lane in its program (GPU programs of several lanes).
+    lane: Option<Value<'c, 'a>>,
 }
 
 struct Lower<'c> {
@@ -78,6 +84,10 @@ struct Lower<'c> {
     fastmath: Attribute<'c>,
     loc: Location<'c>,
     gpu: bool,
+    /// Threads per program (1 on the host).
+    lanes: u32,
+    /// Inside a split loop or reduction: lanes already differ, nothing more is split.
+    in_split: bool,
 }
 
 type R<T> = Result<T, TargetError>;
@@ -105,6 +115,11 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
             .ok_or_else(|| bug("fastmath attribute".into()))?,
         loc,
         gpu: flavor != Flavor::Host,
+        lanes: match flavor {
+            Flavor::Host => 1,
+            Flavor::Gpu { lanes, .. } => lanes.max(1),
+        },
+        in_split: false,
     };
     let mut arg_types = Vec::new();
     for p in &k.params {
@@ -165,22 +180,34 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
         let bdim = l.gpu_index(&entry, "gpu.block_dim")?;
         let tid = l.gpu_index(&entry, "gpu.thread_id")?;
         let base = l.op(&entry, "arith.muli", &[bid, bdim], l.index, false);
-        Some(l.op(&entry, "arith.addi", &[base, tid], l.index, false))
+        let thread = l.op(&entry, "arith.addi", &[base, tid], l.index, false);
+        if l.lanes > 1 {
+            let lanes = l.const_index(&entry, l.lanes as i64);
+            let p = l.op(&entry, "arith.divui", &[thread, lanes], l.index, false);
+            let lane = l.op(&entry, "arith.remui", &[thread, lanes], l.index, false);
+            Some((p, Some(lane)))
+        } else {
+            Some((thread, None))
+        }
     } else {
         None
     };
     let loop_var = [(l.index, loc)];
     let body = Block::new(if l.gpu { &[] } else { &loop_var[..] });
     {
-        let p: Value = match gpu_pid {
+        let (p, lane): (Value, _) = match gpu_pid {
             Some(p) => p,
-            None => body.argument(0).map_err(|e| bug(e.to_string()))?.into(),
+            None => (
+                body.argument(0).map_err(|e| bug(e.to_string()))?.into(),
+                None,
+            ),
         };
         let mut env = Env {
             vars: HashMap::new(),
             bufs: bufs.clone(),
             pids: Vec::new(),
             rows,
+            lane,
         };
         // pids from p, last axis fastest.
         let mut pids = vec![p; k.grid.len()];
@@ -224,7 +251,7 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
                 let e = l.dim(&entry, d, rows);
                 total = l.op(&entry, "arith.muli", &[total, e], l.index, false);
             }
-            let p = gpu_pid.expect("GPU flavor has a pid");
+            let (p, _) = gpu_pid.expect("GPU flavor has a pid");
             let inside = l.append(&entry, arith::cmpi(ctx, CmpiPredicate::Ult, p, total, loc));
             entry.append_operation(scf::r#if(inside, &[], region, Region::new(), loc));
             entry.append_operation(
@@ -446,6 +473,7 @@ impl<'c> Lower<'c> {
                 carried,
                 body,
                 yields,
+                split,
             } => {
                 let (lo, _) = l.expr(blk, env, lo)?;
                 let (hi, _) = l.expr(blk, env, hi)?;
@@ -456,6 +484,28 @@ impl<'c> Lower<'c> {
                     inits.push(v);
                     tys.push(t);
                 }
+                // A split sum over the lanes: lane j takes iterations lo + j, lo + j + lanes,
+                // ... from zero partials; the totals are added to the initial values after.
+                let spread = *split && l.lanes > 1 && !l.in_split;
+                let starts = inits.clone();
+                let (lo, step, l) = if spread {
+                    let lane = env.lane.ok_or_else(|| bug(format!("{what}: no lane id")))?;
+                    for v in inits.iter_mut() {
+                        *v = l.const_f32(blk, 0.0);
+                    }
+                    let lo = l.op(blk, "arith.addi", &[lo, lane], l.index, false);
+                    let step = l.const_index(blk, l.lanes as i64);
+                    (
+                        lo,
+                        step,
+                        Lower {
+                            in_split: true,
+                            ..l
+                        },
+                    )
+                } else {
+                    (lo, l.const_index(blk, 1), l)
+                };
                 let mut args = vec![(l.index, l.loc)];
                 args.extend(tys.iter().map(|&t| (l.ty(t), l.loc)));
                 let inner = Block::new(&args);
@@ -478,11 +528,10 @@ impl<'c> Lower<'c> {
                     }
                     inner.append_operation(scf::r#yield(&ys, l.loc));
                 }
-                let one = l.const_index(blk, 1);
                 let region = Region::new();
                 region.append_block(inner);
                 let op = OperationBuilder::new("scf.for", l.loc)
-                    .add_operands(&[lo, hi, one])
+                    .add_operands(&[lo, hi, step])
                     .add_operands(&inits)
                     .add_results(&tys.iter().map(|&t| l.ty(t)).collect::<Vec<_>>())
                     .add_regions([region])
@@ -490,7 +539,11 @@ impl<'c> Lower<'c> {
                     .map_err(|e| bug(format!("{what}: scf.for: {e}")))?;
                 let r = blk.append_operation(op);
                 for (i, ((n, _), t)) in carried.iter().zip(&tys).enumerate() {
-                    let v: Value = r.result(i).map_err(|e| bug(e.to_string()))?.into();
+                    let mut v: Value = r.result(i).map_err(|e| bug(e.to_string()))?.into();
+                    if spread {
+                        let total = l.lanes_combine(blk, v, "arith.addf")?;
+                        v = l.op(blk, "arith.addf", &[starts[i], total], l.f32, true);
+                    }
                     env.vars.insert(n.clone(), (v, *t));
                 }
             }
@@ -652,30 +705,48 @@ impl<'c> Lower<'c> {
                         ReduceOp::Max => f64::NEG_INFINITY,
                     },
                 );
+                // Over several lanes: lane j reduces lo + j, lo + j + lanes, ...; a butterfly
+                // combines the partials.
+                let spread = self.lanes > 1 && !self.in_split;
+                let (lo, step, this) = match (spread, env.lane) {
+                    (true, Some(lane)) => (
+                        self.op(blk, "arith.addi", &[lo, lane], self.index, false),
+                        self.const_index(blk, self.lanes as i64),
+                        Lower {
+                            in_split: true,
+                            ..*self
+                        },
+                    ),
+                    _ => (lo, self.const_index(blk, 1), Lower { ..*self }),
+                };
+                let combine = match op {
+                    ReduceOp::Sum => "arith.addf",
+                    ReduceOp::Max => "arith.maximumf",
+                };
                 let inner = Block::new(&[(self.index, self.loc), (self.f32, self.loc)]);
                 {
                     let mut env2: Env<'c, '_> = env.clone();
                     let iv: Value = inner.argument(0).map_err(|e| bug(e.to_string()))?.into();
                     let acc: Value = inner.argument(1).map_err(|e| bug(e.to_string()))?.into();
                     env2.vars.insert(var.clone(), (iv, Ty::Int));
-                    let (x, _) = self.expr(&inner, &env2, body)?;
-                    let name = match op {
-                        ReduceOp::Sum => "arith.addf",
-                        ReduceOp::Max => "arith.maximumf",
-                    };
-                    let next = self.op(&inner, name, &[acc, x], self.f32, true);
+                    let (x, _) = this.expr(&inner, &env2, body)?;
+                    let next = self.op(&inner, combine, &[acc, x], self.f32, true);
                     inner.append_operation(scf::r#yield(&[next], self.loc));
                 }
-                let one = self.const_index(blk, 1);
                 let region = Region::new();
                 region.append_block(inner);
                 let op = OperationBuilder::new("scf.for", self.loc)
-                    .add_operands(&[lo, hi, one, init])
+                    .add_operands(&[lo, hi, step, init])
                     .add_results(&[self.f32])
                     .add_regions([region])
                     .build()
                     .map_err(|e| bug(format!("reduction: {e}")))?;
-                (self.append(blk, op), Ty::F32)
+                let partial = self.append(blk, op);
+                if spread {
+                    (self.lanes_combine(blk, partial, combine)?, Ty::F32)
+                } else {
+                    (partial, Ty::F32)
+                }
             }
         })
     }
@@ -732,6 +803,50 @@ impl<'c> Lower<'c> {
                 self.append(blk, arith::select(big, x, l1p, self.loc))
             }
         }
+    }
+
+    /// `x` combined (`arith.addf` or `arith.maximumf`) over the lanes of a program by a
+    /// butterfly of `gpu.shuffle xor`: every lane ends with the same value, bit for bit (each
+    /// step combines a pair in both orders, and both operations are commutative).
+    fn lanes_combine<'a>(
+        &self,
+        blk: &'a Block<'c>,
+        x: Value<'c, 'a>,
+        combine: &str,
+    ) -> R<Value<'c, 'a>> {
+        let i32t: Type = IntegerType::new(self.ctx, 32).into();
+        let mode = Attribute::parse(self.ctx, "#gpu<shuffle_mode xor>")
+            .ok_or_else(|| bug("#gpu<shuffle_mode xor> attribute".into()))?;
+        let width = self.append(
+            blk,
+            arith::constant(
+                self.ctx,
+                IntegerAttribute::new(i32t, self.lanes as i64).into(),
+                self.loc,
+            ),
+        );
+        let mut acc = x;
+        let mut offset = self.lanes / 2;
+        while offset >= 1 {
+            let off = self.append(
+                blk,
+                arith::constant(
+                    self.ctx,
+                    IntegerAttribute::new(i32t, offset as i64).into(),
+                    self.loc,
+                ),
+            );
+            let shuffle = OperationBuilder::new("gpu.shuffle", self.loc)
+                .add_operands(&[acc, off, width])
+                .add_attributes(&[(Identifier::new(self.ctx, "mode"), mode)])
+                .add_results(&[self.f32, self.i1])
+                .build()
+                .map_err(|e| bug(format!("gpu.shuffle: {e}")))?;
+            let other = self.append(blk, shuffle);
+            acc = self.op(blk, combine, &[acc, other], self.f32, true);
+            offset /= 2;
+        }
+        Ok(acc)
     }
 
     /// A `math` op on the GPU, as PTX approximations (relative error ~2^-22 for `ex2`/`lg2`,

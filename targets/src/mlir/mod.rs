@@ -40,12 +40,12 @@ pub fn kernels_module<'c>(
 }
 
 /// Lowers `kernels` into one verified `gpu.module @kernels` for `target` (an NVPTX target),
-/// each kernel launched with the block size `block(kernel)`.
+/// each kernel mapped as `flavor(kernel)` says (block size, lanes per program).
 pub fn gpu_module<'c>(
     cx: &'c MlirContext,
     kernels: &[Kernel],
     target: Target,
-    block: &dyn Fn(&Kernel) -> u32,
+    flavor: &dyn Fn(&Kernel) -> Flavor,
 ) -> Result<Module<'c>, TargetError> {
     let (chip, features) = target
         .nvptx()
@@ -67,8 +67,7 @@ pub fn gpu_module<'c>(
             .first_block()
             .ok_or_else(|| TargetError::Mlir("gpu.module has no body".into()))?;
         for k in kernels {
-            let flavor = Flavor::Gpu { block: block(k) };
-            lower::lower_kernel(&cx.context, &block_ref, &prepared(k)?, flavor)?;
+            lower::lower_kernel(&cx.context, &block_ref, &prepared(k)?, flavor(k))?;
         }
     }
     cx.verify(&module, "GPU kernel module")?;
@@ -86,9 +85,9 @@ pub fn print_mlir(kernels: &[Kernel]) -> Result<String, TargetError> {
 pub fn print_gpu_mlir(
     kernels: &[Kernel],
     target: Target,
-    block: &dyn Fn(&Kernel) -> u32,
+    flavor: &dyn Fn(&Kernel) -> Flavor,
 ) -> Result<String, TargetError> {
     let cx = MlirContext::new();
-    let module = gpu_module(&cx, kernels, target, block)?;
+    let module = gpu_module(&cx, kernels, target, flavor)?;
     Ok(module.as_operation().to_string())
 }
