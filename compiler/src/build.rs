@@ -111,6 +111,11 @@ pub fn make_plan(
             }
         }
     };
+    let dtype = if p.options.weights_bf16 {
+        "bf16"
+    } else {
+        "f32"
+    };
     let mut schedules = Vec::new();
     for phase in [Phase::Prefill, Phase::Decode] {
         let mem = &p.memory[&phase];
@@ -132,6 +137,7 @@ pub fn make_plan(
                                 name: name.clone(),
                                 shape: g.weights[name].shape.clone(),
                                 source: source_of(name)?,
+                                dtype: dtype.into(),
                             })
                         })?,
                     },
@@ -151,6 +157,7 @@ pub fn make_plan(
                                 name: key.clone(),
                                 shape,
                                 source: WeightSource::Stack { parts },
+                                dtype: dtype.into(),
                             })
                         };
                         Arg::Weight {
@@ -296,7 +303,7 @@ pub fn make_plan(
     Ok((plan, cdata))
 }
 
-/// The planned traffic of one decode step at batch 1 (weights as f32 on the host).
+/// The planned traffic of one decode step at batch 1 (weights as the plan stores them).
 fn decode_cost(g: &lamina_ir::graph::Graph, pools: &[PoolEntry], o: Options) -> Cost {
     let st = model_stats(g);
     let kind = |k: &str| st.params_by_kind.get(k).copied().unwrap_or(0);
@@ -314,7 +321,7 @@ fn decode_cost(g: &lamina_ir::graph::Graph, pools: &[PoolEntry], o: Options) -> 
         }
     }
     Cost {
-        decode_weight_bytes: params * 4,
+        decode_weight_bytes: params * if o.weights_bf16 { 2 } else { 4 },
         state_bytes_per_sequence: state / o.max_batch as u64,
         cache_bytes_per_position: cache / (o.max_batch * o.max_context) as u64,
     }

@@ -179,9 +179,17 @@ pub struct PoolEntry {
 #[serde(deny_unknown_fields)]
 pub struct WeightEntry {
     pub name: String,
-    /// Shape as the kernels see it (f32).
+    /// Shape as the kernels see it.
     pub shape: Vec<usize>,
     pub source: WeightSource,
+    /// Element type as the kernels read it: `f32` or `bf16` (converted from the source at load,
+    /// rounding to nearest even, unless the source already is).
+    #[serde(default = "f32_name")]
+    pub dtype: String,
+}
+
+fn f32_name() -> String {
+    "f32".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -247,6 +255,30 @@ impl Plan {
     /// Internal consistency: every index in range, every argument list matching its kernel.
     pub fn check(&self) -> std::result::Result<(), String> {
         let gpu = self.target != "host";
+        for (wi, w) in self.weights.iter().enumerate() {
+            if w.dtype != "f32" && w.dtype != "bf16" {
+                return Err(format!(
+                    "weights[{wi}].dtype {:?} is not f32 or bf16",
+                    w.dtype
+                ));
+            }
+            // The GPU precision rule: bf16 weights, f32 accumulation and state.
+            if gpu && w.dtype != "bf16" {
+                return Err(format!(
+                    "weights[{wi}] ({}) is {}: {} plans store weights in bf16",
+                    w.name, w.dtype, self.target
+                ));
+            }
+        }
+        for (pi, p) in self.pools.iter().enumerate() {
+            let elems: usize = p.shape.iter().product();
+            if p.bytes != elems * 4 {
+                return Err(format!(
+                    "pools[{pi}] ({}): {} bytes for {elems} elements; states and caches are f32",
+                    p.name, p.bytes
+                ));
+            }
+        }
         for (ki, k) in self.kernels.iter().enumerate() {
             match (&k.gpu, gpu) {
                 (None, false) => {}

@@ -36,6 +36,31 @@ impl WeightStore {
             .get(name)
             .unwrap_or_else(|| panic!("weight {name} was not loaded (the loader checks this)"))
     }
+
+    /// Every weight rounded to bf16 (nearest even) and back: what a plan built with bf16
+    /// weights computes with, for the reference executor to be compared against it.
+    pub fn rounded_to_bf16(&self) -> WeightStore {
+        WeightStore {
+            tensors: self
+                .tensors
+                .iter()
+                .map(|(k, t)| {
+                    let data = t
+                        .data
+                        .iter()
+                        .map(|&x| half::bf16::from_f32(x).to_f32())
+                        .collect();
+                    (
+                        k.clone(),
+                        HostTensor {
+                            shape: t.shape.clone(),
+                            data,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Where a canonical weight comes from in a checkpoint.

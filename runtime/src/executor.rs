@@ -57,6 +57,14 @@ pub(crate) fn check_shapes(
                 let elem_ok = match a {
                     Arg::Tokens | Arg::Slot | Arg::Pos => p.elem == Elem::I64,
                     Arg::Arena { .. } => true,
+                    Arg::Weight { index } => {
+                        let want = if plan.weights[*index].dtype == "bf16" {
+                            Elem::Bf16
+                        } else {
+                            Elem::F32
+                        };
+                        p.elem == want
+                    }
                     _ => p.elem == Elem::F32,
                 };
                 // Weights (possibly a read-only file mapping), constants and the row indices

@@ -37,6 +37,12 @@ fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<i64> {
 /// Prefill at several lengths (the longest through two prefill pieces), then decode steps; every
 /// logit compared with the f64 reference.
 fn check_model(path: &std::path::Path, lens: &[usize]) {
+    check_model_with(path, lens, false);
+}
+
+/// [`check_model`]; with `bf16`, the plan reads bf16 weights and the reference computes with
+/// the same bf16-rounded weights (f64 arithmetic), so the comparison stays at f32 tolerance.
+fn check_model_with(path: &std::path::Path, lens: &[usize], bf16: bool) {
     // 256 rows per prefill launch: lengths up to 130 run in one launch (several chunks of the
     // chunked recurrences, a partial last one); 300 runs as 256 + 44.
     let options = Options {
@@ -44,9 +50,13 @@ fn check_model(path: &std::path::Path, lens: &[usize]) {
         max_context: 320,
         max_prefill_rows: 256,
         keep_values: false,
+        weights_bf16: bf16,
     };
     let (m, mut e, _dir) = engine(path, options, 0);
-    let w = m.weights(0).unwrap();
+    let mut w = m.weights(0).unwrap();
+    if bf16 {
+        w = w.rounded_to_bf16();
+    }
     let r = Reference::<f64>::new(&m.graph, &w);
     let v = m.graph.vocab_size;
     let (mut worst_pre, mut worst_dec) = (0f64, 0f64);
@@ -80,9 +90,25 @@ fn check_model(path: &std::path::Path, lens: &[usize]) {
         }
     }
     eprintln!(
-        "compiled host f32 vs reference f64, {}: max rel err prefill {worst_pre:.2e}, decode {worst_dec:.2e} (lengths {lens:?})",
+        "compiled host {} vs reference f64, {}: max rel err prefill {worst_pre:.2e}, decode {worst_dec:.2e} (lengths {lens:?})",
+        if bf16 { "bf16 weights" } else { "f32" },
         path.display()
     );
+}
+
+/// Plans reading bf16 weights (every GPU plan does) against the reference on the same rounded
+/// weights: the bf16 loads, the in-place mapping and the conversion at load are exact.
+#[test]
+fn bf16_weight_plans_match_the_reference() {
+    for ex in [
+        "examples/qwen3-next-tiny.toml",
+        "examples/kimi-linear-tiny.toml",
+        "examples/minimax-tiny.toml",
+        "examples/deepseek-v3-tiny.toml",
+        "tests/fixtures/oracle/kimi_linear/model",
+    ] {
+        check_model_with(&repo().join(ex), &[1, 65], true);
+    }
 }
 
 #[test]
@@ -116,6 +142,7 @@ fn first_divergent_node() {
         max_context: 320,
         max_prefill_rows: 64,
         keep_values: true,
+        weights_bf16: false,
     };
     let (m, mut e, _dir) = engine(&path, options, 0);
     let w = m.weights(0).unwrap();
@@ -165,6 +192,7 @@ fn oracle_families_match_reference_and_oracle_tokens() {
             max_context: 160,
             max_prefill_rows: 64,
             keep_values: false,
+            weights_bf16: false,
         };
         let (_, mut e, _dir) = engine(&model, options, 0);
         for len in [7, 33, 100] {
@@ -188,6 +216,7 @@ fn batched_decode_matches_single_runs() {
             max_context: 64,
             max_prefill_rows: 16,
             keep_values: false,
+            weights_bf16: false,
         };
         let (m, mut e, _dir) = engine(&path, options, 0);
         let v = m.graph.vocab_size;

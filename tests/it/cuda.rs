@@ -53,7 +53,11 @@ fn without_a_driver_every_entry_point_says_so() {
     let dir = tempfile::tempdir().unwrap();
     let art = dir.path().join("a");
     let m = Model::open(&repo().join("examples/minimax-tiny.toml")).unwrap();
-    build(&m, &art, Target::Sm80, Options::default(), 0).unwrap();
+    let gpu = Options {
+        weights_bf16: true,
+        ..Options::default()
+    };
+    build(&m, &art, Target::Sm80, gpu, 0).unwrap();
     let e = match CudaEngine::load(&art, None) {
         Ok(_) => panic!("loaded without a driver"),
         Err(e) => e.to_string(),
@@ -124,6 +128,7 @@ fn gpu_matches_host(model: &Path) {
         max_context: 160,
         max_prefill_rows: 96,
         keep_values: false,
+        weights_bf16: true,
     };
     let m = Model::open(model).unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();

@@ -205,3 +205,39 @@ intermediate = 64
         assert!(rel_err(gen.decode_logits.row(j), logits.row(prompt.len() - 1 + j)) < 1e-10);
     }
 }
+
+/// A bf16 checkpoint compiled with bf16 weights: whole tensors are read in place from the
+/// mapped file, cut ones converted, and the plan matches the reference on the same weights.
+#[test]
+fn bf16_checkpoint_runs_in_a_bf16_plan() {
+    use lamina_runtime::Executor;
+    let (_d, m) = copy_model("kimi_linear");
+    let all = read_all(&m.join("model.safetensors"));
+    let ts: Vec<(&String, &crate::common::T)> = all.iter().collect();
+    write(&m.join("model.safetensors"), &ts, Dtype::BF16);
+    let model = Model::open(&m).unwrap();
+    let w = model.weights(0).unwrap();
+    let r = Reference::<f64>::new(&model.graph, &w);
+    let (want, _) = r.forward(&mut r.new_session(), PROMPT, &[]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let art = dir.path().join("a");
+    let options = lamina_compiler::passes::Options {
+        weights_bf16: true,
+        ..Default::default()
+    };
+    lamina_compiler::build::build(&model, &art, lamina_targets::Target::Host, options, 0).unwrap();
+    let plan = lamina_ir::plan::Plan::load(&art).unwrap();
+    assert!(plan.weights.iter().all(|w| w.dtype == "bf16"));
+    let mut e = lamina_runtime::host::HostEngine::load(&art, None).unwrap();
+    let got: Vec<f64> = e
+        .prefill(0, PROMPT)
+        .unwrap()
+        .iter()
+        .map(|&x| x as f64)
+        .collect();
+    let err = rel_err(&got, &want.data);
+    assert!(
+        err < 1e-5,
+        "bf16 checkpoint in a bf16 plan: rel err {err:.2e}"
+    );
+}

@@ -12,6 +12,14 @@ use lamina_targets::Target;
 
 use crate::common::repo;
 
+/// Build options of a GPU plan (bf16 weights, the rule of GPU targets).
+fn gpu_options() -> lamina_compiler::passes::Options {
+    lamina_compiler::passes::Options {
+        weights_bf16: true,
+        ..Default::default()
+    }
+}
+
 fn ptxas_or_skip(what: &str) -> bool {
     if nvptx::ptxas_path().is_some() {
         return true;
@@ -30,7 +38,7 @@ fn ptxas_or_skip(what: &str) -> bool {
 /// assembles the PTX, and checks each kernel's resources.
 fn assembles(example: &str) {
     let m = Model::open(&repo().join("examples").join(example)).unwrap();
-    let (p, _) = lamina_compiler::build::compile_program(&m, Default::default()).unwrap();
+    let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options()).unwrap();
     let kernels: Vec<_> = p.kernels().into_iter().cloned().collect();
     for target in [Target::Sm80, Target::Sm90a] {
         let (ptx, _) = nvptx::compile_ptx(&kernels, target)
@@ -225,7 +233,7 @@ fn gpu_report() {
 /// GPU MLIR and PTX of the tiny examples, reviewed with `cargo insta review`.
 fn gpu_text(file: &str, target: Target, ptx: bool) -> String {
     let m = Model::open(&repo().join("examples").join(file)).unwrap();
-    let (p, _) = lamina_compiler::build::compile_program(&m, Default::default()).unwrap();
+    let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options()).unwrap();
     let kernels: Vec<_> = p.kernels().into_iter().cloned().collect();
     if ptx {
         let (text, _) = nvptx::compile_ptx(&kernels, target).unwrap();

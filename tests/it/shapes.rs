@@ -86,6 +86,7 @@ fn check(spec: &str, len: usize) -> Result<(), TestCaseError> {
         max_context: 160,
         max_prefill_rows: 160,
         keep_values: false,
+        weights_bf16: false,
     };
     let art = dir.path().join("artifact");
     build(&m, &art, Target::Host, options, 7)

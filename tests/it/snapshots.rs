@@ -38,6 +38,7 @@ fn kernel_text(example: &str) -> String {
         max_context: 256,
         max_prefill_rows: 64,
         keep_values: false,
+        weights_bf16: false,
     };
     let (p, _) = lamina_compiler::build::compile_program(&m, options).unwrap();
     let text = p.print();

@@ -72,6 +72,7 @@ fn soak_long_decode_neither_leaks_nor_drifts() {
             max_context: steps + 64,
             max_prefill_rows: 64,
             keep_values: false,
+            weights_bf16: false,
         };
         let art = artifact(example, options, dir.path());
         let mut e = HostEngine::load(&art, None).unwrap();
@@ -120,6 +121,7 @@ fn soak_staggered_batch_equals_each_sequence_alone() {
         max_context: 512,
         max_prefill_rows: 64,
         keep_values: false,
+        weights_bf16: false,
     };
     let art = artifact("kimi-linear-tiny.toml", options, dir.path());
     let v = {

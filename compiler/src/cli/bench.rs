@@ -60,13 +60,14 @@ pub fn bench(a: &BenchArgs) -> CliResult {
     let artifact = if a.model.join(PLAN_FILE).exists() {
         a.model.clone()
     } else {
+        let target = super::device::target_for(a.device)?;
         let options = Options {
             max_batch: a.batch,
             max_context: a.prompt_len + a.gen,
             max_prefill_rows: 512.min(a.prompt_len + a.gen),
             keep_values: false,
+            weights_bf16: target != lamina_targets::Target::Host,
         };
-        let target = super::device::target_for(a.device)?;
         super::run::cached_build(&a.model, options, a.seed, target)?
     };
     if a.profile && a.device != Device::Host {

@@ -24,9 +24,31 @@ pub struct SizeArgs {
     /// Tokens per prefill launch; longer prompts are prefilled in pieces.
     #[arg(long, default_value_t = 512)]
     pub max_prefill_rows: usize,
+    /// How kernels read weights: auto is bf16 for GPU targets (their rule), f32 on the host.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub weight_dtype: WeightDtype,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WeightDtype {
+    Auto,
+    F32,
+    Bf16,
 }
 
 impl SizeArgs {
+    /// The build options for `target`.
+    pub fn options_for(&self, target: Target) -> Result<Options, String> {
+        let mut o = self.options()?;
+        o.weights_bf16 = match self.weight_dtype {
+            WeightDtype::Auto => target != Target::Host,
+            WeightDtype::F32 => false,
+            WeightDtype::Bf16 => true,
+        };
+        Ok(o)
+    }
+
+    /// The build options for the host target.
     pub fn options(&self) -> Result<Options, String> {
         for (name, v) in [
             ("--max-batch", self.max_batch),
@@ -45,6 +67,7 @@ impl SizeArgs {
             max_context: self.max_context,
             max_prefill_rows: self.max_prefill_rows.min(self.max_context),
             keep_values: false,
+            weights_bf16: self.weight_dtype == WeightDtype::Bf16,
         })
     }
 }
@@ -85,7 +108,7 @@ pub fn parse_target(s: &str) -> Result<Target, String> {
 
 pub fn build_cmd(a: &BuildArgs) -> CliResult {
     let target = parse_target(&a.target)?;
-    let options = a.sizes.options()?;
+    let options = a.sizes.options_for(target)?;
     let m = Model::open(&a.model).map_err(|e| e.to_string())?;
     let r = build_shown(&m, &a.out, target, options, a.seed)?;
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
@@ -145,7 +168,7 @@ pub fn report(a: &ReportArgs) -> CliResult {
     }
     super::cost::print_cost(&c);
     println!();
-    let options = a.sizes.options()?;
+    let options = a.sizes.options_for(target)?;
     let m = Model::open(&a.model).map_err(|e| e.to_string())?;
     if target != Target::Host {
         let gpu = match a.cost.gpu()? {

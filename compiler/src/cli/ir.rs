@@ -31,7 +31,7 @@ pub fn ir(
         return Err("--format dot|svg is for --stage graph".into());
     }
     let target = parse_target(target)?;
-    let (p, _) = compile_program(&m, sizes.options()?).map_err(|e| e.to_string())?;
+    let (p, _) = compile_program(&m, sizes.options_for(target)?).map_err(|e| e.to_string())?;
     let phases: Vec<Phase> = match phase {
         Some(PhaseArg::Prefill) => vec![Phase::Prefill],
         Some(PhaseArg::Decode) => vec![Phase::Decode],

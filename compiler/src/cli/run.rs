@@ -204,7 +204,7 @@ pub fn artifact_for(
         Ok(model.to_path_buf())
     } else {
         let target = super::device::target_for(device)?;
-        cached_build(model, sizes.options()?, seed, target)
+        cached_build(model, sizes.options_for(target)?, seed, target)
     }
 }
 

@@ -6,13 +6,15 @@
 //! 2. `fuse`: which nodes are computed inside another node's kernel ([`fuse`]);
 //! 3. `lower-to-kernels`: per phase, every unfused op (with what it absorbs) to kernel
 //!    launches ([`crate::kernels`]);
-//! 4. `dedupe-kernels`: identical kernels (same signature) shared by every launch;
-//! 5. `plan-memory`: liveness-based arena offsets for every activation, per phase.
+//! 4. `weight-precision`: weights read as bf16 when the build asks for it ([`precision`]);
+//! 5. `dedupe-kernels`: identical kernels (same signature) shared by every launch;
+//! 6. `plan-memory`: liveness-based arena offsets for every activation, per phase.
 
 pub mod dedupe;
 pub mod fuse;
 pub mod lower;
 pub mod memory;
+pub mod precision;
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -35,6 +37,8 @@ pub struct Options {
     /// Give every activation its own arena slot (no reuse), so all values can be inspected
     /// after a run (`HostEngine::value`); for debugging.
     pub keep_values: bool,
+    /// Store weights as bf16 (GPU plans always do; host plans may).
+    pub weights_bf16: bool,
 }
 
 impl Default for Options {
@@ -44,6 +48,7 @@ impl Default for Options {
             max_context: 1024,
             max_prefill_rows: 512,
             keep_values: false,
+            weights_bf16: false,
         }
     }
 }
@@ -169,6 +174,7 @@ pub fn pipeline() -> Vec<Box<dyn Pass>> {
         Box::new(VerifyGraph),
         Box::new(fuse::Fuse),
         Box::new(lower::LowerToKernels),
+        Box::new(precision::WeightPrecision),
         Box::new(dedupe::DedupeKernels),
         Box::new(memory::PlanMemory),
     ]

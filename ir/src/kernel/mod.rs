@@ -9,6 +9,7 @@
 //! [`expand`] rewrite into loops.
 //!
 //! Three value types exist: `f32`, `int` (indices; `i64` buffers load as int) and `bool`.
+//! Buffers hold `f32`, `i64` or `bf16` (storage only: loads widen to f32, stores round).
 //! The only runtime size is `R`, the rows (tokens) of the launch: a buffer's first dimension may
 //! be `R`, every other size is a build-time constant, so all strides are constants.
 //!
@@ -51,6 +52,8 @@ impl Dim {
 pub enum Elem {
     F32,
     I64,
+    /// Stored as bfloat16, computed as f32: loads widen, stores round to nearest even.
+    Bf16,
 }
 
 impl Elem {
@@ -58,6 +61,7 @@ impl Elem {
         match self {
             Elem::F32 => "f32",
             Elem::I64 => "i64",
+            Elem::Bf16 => "bf16",
         }
     }
 
@@ -65,6 +69,7 @@ impl Elem {
         match self {
             Elem::F32 => 4,
             Elem::I64 => 8,
+            Elem::Bf16 => 2,
         }
     }
 }

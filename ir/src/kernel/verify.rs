@@ -16,7 +16,7 @@ pub enum Ty {
 impl Ty {
     fn of(e: Elem) -> Ty {
         match e {
-            Elem::F32 => Ty::F32,
+            Elem::F32 | Elem::Bf16 => Ty::F32,
             Elem::I64 => Ty::Int,
         }
     }

@@ -396,7 +396,7 @@ impl CudaEngine {
             crate::host::weights::load_all(&e.plan, weights_dir, allow_weight_mismatch, progress)?;
         for (w, entry) in host.iter().zip(&e.plan.weights) {
             e.weights.push(Buffer::upload(
-                w.as_slice(),
+                w.bytes(),
                 &format!("weight {}", entry.name),
             )?);
         }
@@ -425,7 +425,15 @@ impl CudaEngine {
             ));
         }
         let (weights, pools) = (&e.weights, &e.pools);
-        check_shapes(&e.plan, dir, &|i| weights[i].bytes / 4, &|i| {
+        let plan_weights = &e.plan.weights;
+        let elem_bytes = |i: usize| {
+            if plan_weights[i].dtype == "bf16" {
+                2
+            } else {
+                4
+            }
+        };
+        check_shapes(&e.plan, dir, &|i| weights[i].bytes / elem_bytes(i), &|i| {
             pools[i].bytes / 4
         })?;
         // Synchronous copies from pageable memory and memsets return before the device has

@@ -185,9 +185,7 @@ impl HostEngine {
             profile: None,
             prefill_progress: None,
         };
-        check_shapes(&e.plan, dir, &|i| e.weights[i].as_slice().len(), &|i| {
-            e.pools[i].len()
-        })?;
+        check_shapes(&e.plan, dir, &|i| e.weights[i].len(), &|i| e.pools[i].len())?;
         Ok(e)
     }
 
@@ -261,8 +259,8 @@ impl HostEngine {
                         }
                     }
                     Arg::Weight { index } => View {
-                        ptr: self.weights[*index].as_slice().as_ptr() as *mut u8,
-                        len: self.weights[*index].as_slice().len(),
+                        ptr: self.weights[*index].bytes().as_ptr() as *mut u8,
+                        len: self.weights[*index].len(),
                     },
                     Arg::Pool { index } => View {
                         ptr: self.pools[*index].as_mut_ptr() as *mut u8,

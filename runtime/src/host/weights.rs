@@ -7,35 +7,67 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use lamina_ir::kernel::Elem;
 use lamina_ir::plan::{Plan, WeightEntry, WeightSource};
 use lamina_ir::stats::kind_from_name;
 use lamina_ir::weights::{decode_f32, random_tensor, select_rows};
 use lamina_ir::Error;
 use memmap2::Mmap;
 
-/// One weight as the kernels see it: contiguous f32.
+/// One weight as the kernels see it: contiguous f32 or bf16 (the plan's `dtype`).
 pub enum Weight {
     Owned(Vec<f32>),
-    /// `len` f32 at byte `offset` of a mapped checkpoint file (4-byte aligned, checked).
+    /// bf16 bit patterns.
+    OwnedBf16(Vec<u16>),
+    /// `len` elements of `elem` at byte `offset` of a mapped checkpoint file (aligned to the
+    /// element, checked).
     Mapped {
         map: Arc<Mmap>,
         offset: usize,
         len: usize,
+        elem: Elem,
     },
 }
 
 impl Weight {
-    pub fn as_slice(&self) -> &[f32] {
+    /// The kernels' element type.
+    pub fn elem(&self) -> Elem {
         match self {
-            Weight::Owned(v) => v,
-            Weight::Mapped { map, offset, len } => {
-                let b = &map[*offset..offset + len * 4];
-                // SAFETY: in bounds (checked when made), 4-byte aligned (checked when made),
-                // and every bit pattern is an f32.
-                unsafe { std::slice::from_raw_parts(b.as_ptr() as *const f32, *len) }
-            }
+            Weight::Owned(_) => Elem::F32,
+            Weight::OwnedBf16(_) => Elem::Bf16,
+            Weight::Mapped { elem, .. } => *elem,
         }
     }
+
+    /// Elements.
+    pub fn len(&self) -> usize {
+        self.bytes().len() / self.elem().bytes()
+    }
+
+    /// The elements' bytes, little-endian, as the kernels read them.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Weight::Owned(v) => {
+                // SAFETY: plain old data viewed as bytes, in bounds.
+                unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 4) }
+            }
+            Weight::OwnedBf16(v) => {
+                // SAFETY: as above.
+                unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, v.len() * 2) }
+            }
+            Weight::Mapped {
+                map,
+                offset,
+                len,
+                elem,
+            } => &map[*offset..offset + len * elem.bytes()],
+        }
+    }
+}
+
+/// f32 → bf16 bits, rounding to nearest even (as the kernels' stores and PyTorch do).
+fn to_bf16(x: f32) -> u16 {
+    half::bf16::from_f32(x).to_bits()
 }
 
 /// Every weight of `plan`, read from `weights_dir` (default: the model's source directory).
@@ -160,7 +192,10 @@ impl Loader {
                 ),
             });
         }
-        Ok(Weight::Owned(data))
+        Ok(match w.dtype.as_str() {
+            "bf16" => Weight::OwnedBf16(data.into_iter().map(to_bf16).collect()),
+            _ => Weight::Owned(data),
+        })
     }
 
     /// A whole little-endian f32 tensor is used where it lies in the mapped file.
@@ -179,9 +214,14 @@ impl Loader {
         };
         let (offset, bytes) =
             &self.place(&w.name, file, tensor, *offset, *bytes, dtype, src_shape)?;
-        if dtype != "F32"
-            || !rows.is_empty()
-            || Some(*bytes) != want.checked_mul(4)
+        // The file's element type must be the plan's, whole and unselected.
+        let elem = match (dtype.as_str(), w.dtype.as_str()) {
+            ("F32", "f32") => Elem::F32,
+            ("BF16", "bf16") => Elem::Bf16,
+            _ => return Ok(None),
+        };
+        if !rows.is_empty()
+            || Some(*bytes) != want.checked_mul(elem.bytes())
             || !cfg!(target_endian = "little")
         {
             return Ok(None);
@@ -193,15 +233,26 @@ impl Loader {
         else {
             return Ok(None); // reported by the copying path
         };
-        if !(b.as_ptr() as usize).is_multiple_of(4) {
+        if !(b.as_ptr() as usize).is_multiple_of(elem.bytes()) {
             return Ok(None);
         }
         let weight = Weight::Mapped {
             map,
             offset: *offset,
             len: want,
+            elem,
         };
-        if weight.as_slice().iter().any(|x| !x.is_finite()) {
+        let finite = match elem {
+            Elem::Bf16 => weight
+                .bytes()
+                .chunks_exact(2)
+                .all(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 != 0x7f80),
+            _ => weight
+                .bytes()
+                .chunks_exact(4)
+                .all(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite()),
+        };
+        if !finite {
             return Err(Error::Weights {
                 file: path.display().to_string(),
                 msg: format!("weight {} holds NaN or infinite values", w.name),

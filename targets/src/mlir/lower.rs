@@ -342,6 +342,7 @@ impl<'c> Lower<'c> {
         match e {
             Elem::F32 => self.f32,
             Elem::I64 => self.i64,
+            Elem::Bf16 => Type::bfloat16(self.ctx),
         }
     }
 
@@ -461,6 +462,10 @@ impl<'c> Lower<'c> {
                 let at = l.linear(blk, env, &info, idx)?;
                 let v = match (info.elem, t) {
                     (Elem::F32, Ty::F32) => v,
+                    (Elem::Bf16, Ty::F32) => {
+                        let bf16 = Type::bfloat16(l.ctx);
+                        l.op(blk, "arith.truncf", &[v], bf16, false)
+                    }
                     (Elem::I64, Ty::Int) => l.op(blk, "arith.index_cast", &[v], l.i64, false),
                     _ => return Err(bug(format!("{what}: store of {t:?} into {buf}"))),
                 };
@@ -612,6 +617,7 @@ impl<'c> Lower<'c> {
                 let v = self.append(blk, memref::load(info.value, &[at], self.loc));
                 match info.elem {
                     Elem::F32 => (v, Ty::F32),
+                    Elem::Bf16 => (self.op(blk, "arith.extf", &[v], self.f32, false), Ty::F32),
                     Elem::I64 => (
                         self.op(blk, "arith.index_cast", &[v], self.index, false),
                         Ty::Int,
