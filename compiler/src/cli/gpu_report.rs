@@ -55,24 +55,42 @@ pub fn gpu_report(
         nvptx::BLOCK
     );
     println!(
-        "{:<64} {:>5} {:>5} {:>8} {:>11} {:>6} {:>7}",
-        "kernel", "lanes", "regs", "stack B", "spill st/ld", "smem", "blk/SM"
+        "{:<64} {:>5} {:>5} {:>8} {:>11} {:>6} {:>7} {:>9}",
+        "kernel", "lanes", "regs", "stack B", "spill st/ld", "smem", "blk/SM", "local GB"
     );
+    // The driver reserves a kernel's local memory (its stack frame) for every thread the GPU
+    // can hold: 2048 per SM on sm_80 and sm_90, times the SMs (132 on an H100/H200).
+    let reserve = |stack: u32| stack as f64 * 2048.0 * 132.0;
+    let mut heavy = Vec::new();
     for k in &kernels {
         match resources.get(&k.name) {
-            Some(r) => println!(
-                "{:<64} {:>5} {:>5} {:>8} {:>5}/{:<5} {:>6} {:>7}",
-                k.name,
-                nvptx::lanes(k),
-                r.registers,
-                r.stack,
-                r.spill_stores,
-                r.spill_loads,
-                r.shared,
-                r.blocks_per_sm(nvptx::block_size(k))
-            ),
+            Some(r) => {
+                println!(
+                    "{:<64} {:>5} {:>5} {:>8} {:>5}/{:<5} {:>6} {:>7} {:>9.2}",
+                    k.name,
+                    nvptx::lanes(k),
+                    r.registers,
+                    r.stack,
+                    r.spill_stores,
+                    r.spill_loads,
+                    r.shared,
+                    r.blocks_per_sm(nvptx::block_size(k)),
+                    reserve(r.stack) / 1e9
+                );
+                if reserve(r.stack) > 0.1 * gpu.memory as f64 {
+                    heavy.push(k.name.as_str());
+                }
+            }
             None => println!("{:<64} {:>5}", k.name, "?"),
         }
+    }
+    if !heavy.is_empty() {
+        println!(
+            "warning: the local memory of {} would take over 10% of the {}'s memory at full \
+             occupancy (per-program locals live per thread in this lowering)",
+            heavy.join(", "),
+            gpu.name
+        );
     }
     let data = (0.0, context as f64);
     for (phase, rows, what) in [
