@@ -287,6 +287,7 @@ pub fn make_plan(
                 gpu: (target != Target::Host).then(|| GpuLaunch {
                     block: lamina_targets::nvptx::block_size(k),
                     lanes: lamina_targets::nvptx::lanes(k),
+                    scratch_bytes: lamina_targets::nvptx::scratch_bytes(k) as u64,
                     dynamic_shared_bytes: 0,
                     abi: GPU_ABI.into(),
                 }),

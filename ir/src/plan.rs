@@ -103,20 +103,23 @@ pub struct KernelEntry {
 /// Blocks: `⌈programs(rows) · lanes / block⌉` along x, `block` threads each (a multiple of
 /// `lanes`); program `p` is threads `p · lanes ..< (p + 1) · lanes` of the grid, counted
 /// `blockIdx.x · block + threadIdx.x` (threads past the last program return at once).
-/// Parameters (`abi = "ptr-per-buffer+rows"`): one `.u64` device pointer per entry of the
-/// kernel's `params`, in order, then `rows` as `.u64`.
+/// Parameters (`abi = "ptr-per-buffer+scratch+rows"`): one `.u64` device pointer per entry of
+/// the kernel's `params`, in order, then the scratch pointer, then `rows`, all `.u64`. Program
+/// `p` uses scratch bytes `p · scratch_bytes ..< (p + 1) · scratch_bytes`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GpuLaunch {
     pub block: u32,
     /// Threads per program (1, or 32: a warp sharing the program's reductions).
     pub lanes: u32,
+    /// Scratch bytes per program (a warp program's locals).
+    pub scratch_bytes: u64,
     pub dynamic_shared_bytes: u32,
     pub abi: String,
 }
 
 /// The only GPU parameter layout so far (see [`GpuLaunch`]).
-pub const GPU_ABI: &str = "ptr-per-buffer+rows";
+pub const GPU_ABI: &str = "ptr-per-buffer+scratch+rows";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]

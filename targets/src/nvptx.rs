@@ -4,10 +4,12 @@
 //! Mapping: one kernel-IR program per [`lanes`] consecutive threads — a warp for kernels with
 //! reductions or split loops, whose iterations the lanes share (coalesced rows, a shuffle
 //! butterfly to combine), one thread otherwise — [`BLOCK`] threads per block,
-//! `⌈programs · lanes / block⌉` blocks along x; per-program locals live in each thread's local
-//! memory. Every buffer is one `.u64` pointer parameter (bare-pointer convention) in the kernel's
-//! parameter order, followed by `rows` as `.u64`; no dynamic shared memory. The runtime reads
-//! all of this from the plan ([`lamina_ir::plan::GpuLaunch`]).
+//! `⌈programs · lanes / block⌉` blocks along x. A warp program keeps its locals in a scratch
+//! buffer, one copy per program ([`scratch_bytes`] each, at `program · scratch_bytes`), which
+//! its lanes write alike between warp barriers; a thread program keeps them in local memory.
+//! Every buffer is one `.u64` pointer parameter (bare-pointer convention) in the kernel's
+//! parameter order, then the scratch pointer, then `rows`, all `.u64`; no dynamic shared
+//! memory. The runtime reads all of this from the plan ([`lamina_ir::plan::GpuLaunch`]).
 //!
 //! Not yet here (issue 4's remaining work): block-cooperative tiles, shared-memory staging,
 //! tensor-core MMAs (`mma.sync` / `wgmma`), bf16 storage.
@@ -98,6 +100,18 @@ pub fn lanes(k: &Kernel) -> u32 {
 /// Threads of a warp: the lanes of a program that shares its reductions.
 pub const WARP: u32 = 32;
 
+/// Scratch bytes per program of kernel `k`: its locals when it is a warp program, else 0.
+pub fn scratch_bytes(k: &Kernel) -> usize {
+    if lanes(k) > 1 {
+        crate::mlir::lower::local_layout(&lamina_ir::kernel::expand::expand_tiles(k)).1
+    } else {
+        0
+    }
+}
+
+/// Most scratch bytes one program may use.
+pub const SCRATCH_BUDGET: usize = 16 << 20;
+
 /// How kernel `k` is mapped onto the GPU.
 pub fn flavor(k: &Kernel) -> crate::mlir::Flavor {
     crate::mlir::Flavor::Gpu {
@@ -119,7 +133,14 @@ pub fn compile_ptx(
     target: Target,
 ) -> Result<(String, PtxTimings), TargetError> {
     for k in kernels {
-        if k.local_bytes() > LOCAL_BUDGET {
+        if scratch_bytes(k) > SCRATCH_BUDGET {
+            return Err(TargetError::Kernel(format!(
+                "{}: {} bytes of per-program scratch, over the budget of {SCRATCH_BUDGET}",
+                k.name,
+                scratch_bytes(k)
+            )));
+        }
+        if lanes(k) == 1 && k.local_bytes() > LOCAL_BUDGET {
             return Err(TargetError::Kernel(format!(
                 "{}: {} bytes of per-program locals, over the {target} per-thread local memory \
                  limit of {LOCAL_BUDGET}",

@@ -146,9 +146,10 @@ fn gpu_artifact() {
             .find(&entry)
             .unwrap_or_else(|| panic!("no {entry} in kernels.ptx"));
         let sig = &ptx[at..at + ptx[at..].find(')').unwrap()];
+        // Buffers, scratch, rows.
         assert_eq!(
             sig.matches(".param .u64").count(),
-            k.params.len() + 1,
+            k.params.len() + 2,
             "{sig}"
         );
     }

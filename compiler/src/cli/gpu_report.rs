@@ -55,8 +55,16 @@ pub fn gpu_report(
         nvptx::BLOCK
     );
     println!(
-        "{:<64} {:>5} {:>5} {:>8} {:>11} {:>6} {:>7} {:>9}",
-        "kernel", "lanes", "regs", "stack B", "spill st/ld", "smem", "blk/SM", "local GB"
+        "{:<64} {:>5} {:>5} {:>8} {:>11} {:>6} {:>7} {:>9} {:>10}",
+        "kernel",
+        "lanes",
+        "regs",
+        "stack B",
+        "spill st/ld",
+        "smem",
+        "blk/SM",
+        "local GB",
+        "scratch B"
     );
     // The driver reserves a kernel's local memory (its stack frame) for every thread the GPU
     // can hold: 2048 per SM on sm_80 and sm_90, times the SMs (132 on an H100/H200).
@@ -66,7 +74,7 @@ pub fn gpu_report(
         match resources.get(&k.name) {
             Some(r) => {
                 println!(
-                    "{:<64} {:>5} {:>5} {:>8} {:>5}/{:<5} {:>6} {:>7} {:>9.2}",
+                    "{:<64} {:>5} {:>5} {:>8} {:>5}/{:<5} {:>6} {:>7} {:>9.2} {:>10}",
                     k.name,
                     nvptx::lanes(k),
                     r.registers,
@@ -75,7 +83,8 @@ pub fn gpu_report(
                     r.spill_loads,
                     r.shared,
                     r.blocks_per_sm(nvptx::block_size(k)),
-                    reserve(r.stack) / 1e9
+                    reserve(r.stack) / 1e9,
+                    nvptx::scratch_bytes(k)
                 );
                 if reserve(r.stack) > 0.1 * gpu.memory as f64 {
                     heavy.push(k.name.as_str());

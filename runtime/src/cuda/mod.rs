@@ -281,6 +281,8 @@ pub struct CudaEngine {
     pools: Vec<Buffer>,
     constants: Buffer,
     arena: Buffer,
+    /// Warp programs' locals: the largest `programs · scratch_bytes` of any launch.
+    scratch: Buffer,
     /// Row indices of the current launch: tokens, slots, positions (i64 each).
     rows_in: [Buffer; 3],
     /// Host copies of the row indices, alive until their async copies complete.
@@ -345,6 +347,7 @@ impl CudaEngine {
             pools: Vec::new(),
             constants: Buffer::new(0, "constants")?,
             arena: Buffer::new(0, "arena")?,
+            scratch: Buffer::new(0, "scratch")?,
             rows_in: [
                 Buffer::new(0, "tokens")?,
                 Buffer::new(0, "slots")?,
@@ -414,6 +417,16 @@ impl CudaEngine {
             .max()
             .unwrap_or(0);
         e.arena = Buffer::new(arena_bytes, "arena")?;
+        let mut scratch = 0usize;
+        for s in [&e.plan.prefill, &e.plan.decode] {
+            for l in &s.launches {
+                let k = &e.plan.kernels[l.kernel];
+                let per = k.gpu.as_ref().map_or(0, |g| g.scratch_bytes as usize);
+                let programs: usize = k.grid.iter().map(|d| d.eval(s.rows)).product();
+                scratch = scratch.max(programs * per);
+            }
+        }
+        e.scratch = Buffer::new(scratch, "scratch")?;
         let rows = e.plan.prefill.rows.max(e.plan.decode.rows);
         for (i, what) in ["tokens", "slots", "positions"].iter().enumerate() {
             e.rows_in[i] = Buffer::new(rows * 8, what)?;
@@ -475,6 +488,7 @@ impl CudaEngine {
                 Arg::Pos => self.rows_in[2].ptr,
             })
             .collect();
+        v.push(self.scratch.ptr);
         v.push(rows as u64);
         v
     }

@@ -125,9 +125,14 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
     for p in &k.params {
         arg_types.push(l.memref(p.elem));
     }
-    // rows, then (host) the program range lo..hi.
-    let extra = if l.gpu { 1 } else { 3 };
-    arg_types.extend(std::iter::repeat_n(l.index, extra));
+    if l.gpu {
+        // GPU: the scratch buffer (locals of warp programs), then rows.
+        arg_types.push(MemRefType::new(l.i8(), &[GPU_EXTENT], None, None).into());
+        arg_types.push(l.index);
+    } else {
+        // Host: rows, then the program range lo..hi.
+        arg_types.extend([l.index, l.index, l.index]);
+    }
     let entry = Block::new(&arg_types.iter().map(|&t| (t, loc)).collect::<Vec<_>>());
     let n = k.params.len();
     let arg = |i: usize| -> R<Value> {
@@ -136,7 +141,7 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
             .map(Into::into)
             .map_err(|e| bug(format!("argument {i}: {e}")))
     };
-    let rows = arg(n)?;
+    let rows = arg(if l.gpu { n + 1 } else { n })?;
     let mut bufs = HashMap::new();
     for (i, p) in k.params.iter().enumerate() {
         let mut strides = vec![1usize; p.shape.len()];
@@ -158,22 +163,6 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
             },
         );
     }
-    // Locals: one stack slot per name, sized for its largest use, allocated at entry (an
-    // alloca inside the program loop would grow the stack every iteration).
-    let mut locals: Vec<(String, Elem, usize)> = Vec::new();
-    collect_locals(&k.body, &mut locals);
-    for (name, elem, len) in &locals {
-        let ty = MemRefType::new(l.elem(*elem), &[*len as i64], None, None);
-        let a = entry.append_operation(memref::alloca(ctx, ty, &[], &[], None, loc));
-        bufs.insert(
-            name.clone(),
-            BufInfo {
-                value: a.result(0).map_err(|e| bug(e.to_string()))?.into(),
-                elem: *elem,
-                strides: vec![1],
-            },
-        );
-    }
     // Host: for p in lo..hi. GPU: p = blockIdx.x · blockDim.x + threadIdx.x, if p < programs.
     let gpu_pid = if l.gpu {
         let bid = l.gpu_index(&entry, "gpu.block_id")?;
@@ -192,6 +181,50 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
     } else {
         None
     };
+    // Locals, sized for their largest use. Host and thread programs: stack slots allocated at
+    // entry (an alloca inside the program loop would grow the stack every iteration). Warp
+    // programs: one copy per program in the scratch buffer (per-lane local memory would be
+    // reserved for every resident thread), which all lanes write alike between warp barriers.
+    let (layout, per_program) = local_layout(k);
+    let scratch_base = match gpu_pid {
+        Some((p, Some(_))) if per_program > 0 => {
+            let size = l.const_index(&entry, per_program as i64);
+            Some(l.op(&entry, "arith.muli", &[p, size], l.index, false))
+        }
+        _ => None,
+    };
+    for (name, elem, len, offset) in &layout {
+        let ty = MemRefType::new(l.elem(*elem), &[*len as i64], None, None);
+        let value: Value = match scratch_base {
+            Some(base) => {
+                let off = l.const_index(&entry, *offset as i64);
+                let at = l.op(&entry, "arith.addi", &[base, off], l.index, false);
+                let view = OperationBuilder::new("memref.view", loc)
+                    .add_operands(&[arg(n)?, at])
+                    .add_results(&[ty.into()])
+                    .build()
+                    .map_err(|e| bug(format!("{what}: memref.view: {e}")))?;
+                entry
+                    .append_operation(view)
+                    .result(0)
+                    .map_err(|e| bug(e.to_string()))?
+                    .into()
+            }
+            None => entry
+                .append_operation(memref::alloca(ctx, ty, &[], &[], None, loc))
+                .result(0)
+                .map_err(|e| bug(e.to_string()))?
+                .into(),
+        };
+        bufs.insert(
+            name.clone(),
+            BufInfo {
+                value,
+                elem: *elem,
+                strides: vec![1],
+            },
+        );
+    }
     let loop_var = [(l.index, loc)];
     let body = Block::new(if l.gpu { &[] } else { &loop_var[..] });
     {
@@ -283,6 +316,23 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
     Ok(())
 }
 
+/// Every local of `k` (after tile expansion) with its byte offset in a program's scratch
+/// (8-byte aligned), and the bytes per program: the GPU's warp programs keep their locals there.
+pub fn local_layout(k: &Kernel) -> (Vec<(String, Elem, usize, usize)>, usize) {
+    let mut locals = Vec::new();
+    collect_locals(&k.body, &mut locals);
+    let mut offset = 0;
+    let layout = locals
+        .into_iter()
+        .map(|(name, elem, len)| {
+            let at = offset;
+            offset += (len * elem.bytes()).div_ceil(8) * 8;
+            (name, elem, len, at)
+        })
+        .collect();
+    (layout, offset)
+}
+
 fn collect_locals(b: &[Stmt], out: &mut Vec<(String, Elem, usize)>) {
     for s in b {
         match s {
@@ -336,6 +386,10 @@ impl<'c> Lower<'c> {
             .build()
             .expect("valid llvm.call_intrinsic");
         self.append(blk, op)
+    }
+
+    fn i8(&self) -> Type<'c> {
+        IntegerType::new(self.ctx, 8).into()
     }
 
     fn elem(&self, e: Elem) -> Type<'c> {
@@ -460,6 +514,12 @@ impl<'c> Lower<'c> {
                     .cloned()
                     .ok_or_else(|| bug(format!("{what}: unknown buffer {buf}")))?;
                 let at = l.linear(blk, env, &info, idx)?;
+                // Warp programs: every lane stores the same value; barriers on both sides keep
+                // a lane from overwriting what another still reads, and make the value visible.
+                let fence = l.gpu && l.lanes > 1 && !l.in_split;
+                if fence {
+                    l.warp_sync(blk);
+                }
                 let v = match (info.elem, t) {
                     (Elem::F32, Ty::F32) => v,
                     (Elem::Bf16, Ty::F32) => {
@@ -470,6 +530,9 @@ impl<'c> Lower<'c> {
                     _ => return Err(bug(format!("{what}: store of {t:?} into {buf}"))),
                 };
                 blk.append_operation(memref::store(v, info.value, &[at], l.loc));
+                if fence {
+                    l.warp_sync(blk);
+                }
             }
             Stmt::For {
                 var,
@@ -809,6 +872,21 @@ impl<'c> Lower<'c> {
                 self.append(blk, arith::select(big, x, l1p, self.loc))
             }
         }
+    }
+
+    /// `bar.warp.sync` over the full warp (a barrier and a memory fence among its lanes).
+    fn warp_sync(&self, blk: &Block<'c>) {
+        let i32t: Type = IntegerType::new(self.ctx, 32).into();
+        let all = self.append(
+            blk,
+            arith::constant(self.ctx, IntegerAttribute::new(i32t, -1).into(), self.loc),
+        );
+        blk.append_operation(
+            OperationBuilder::new("nvvm.bar.warp.sync", self.loc)
+                .add_operands(&[all])
+                .build()
+                .expect("valid nvvm.bar.warp.sync"),
+        );
     }
 
     /// `x` combined (`arith.addf` or `arith.maximumf`) over the lanes of a program by a
