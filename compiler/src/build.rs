@@ -391,7 +391,11 @@ pub fn build_with_progress(
     let codegen = match target {
         Target::Host => {
             let library = tmp.path().join(HOST_LIBRARY);
-            lamina_targets::host::build_library_with_progress(&kernels, &library, progress)
+            let flavor = match options.host_lanes {
+                0 | 1 => lamina_targets::mlir::Flavor::Host,
+                n => lamina_targets::mlir::Flavor::HostLanes(n),
+            };
+            lamina_targets::host::build_library_with_progress(&kernels, &library, flavor, progress)
                 .map_err(|e| Error::Compile(e.to_string()))?
         }
         Target::Sm80 | Target::Sm90a => {

@@ -14,7 +14,7 @@ use lamina_ir::kernel::Kernel;
 use melior::ExecutionEngine;
 
 use crate::mlir::context::HOST_PIPELINE;
-use crate::mlir::{kernels_module, MlirContext};
+use crate::mlir::{host_module, Flavor, MlirContext};
 use crate::TargetError;
 
 /// Most bytes of locals one program may use: they are stack allocations, and a program may
@@ -41,13 +41,16 @@ pub struct HostTimings {
 /// Compiles `kernels` into the shared library `out` (written in place: callers put it in a
 /// temporary directory that they rename when the whole artifact is complete).
 pub fn build_library(kernels: &[Kernel], out: &Path) -> Result<HostTimings, TargetError> {
-    build_library_with_progress(kernels, out, &|_, _| {})
+    build_library_with_progress(kernels, out, Flavor::Host, &|_, _| {})
 }
 
 /// [`build_library`], calling `progress(done, total)` as kernels finish (from the workers).
+/// `flavor` is [`Flavor::Host`], or [`Flavor::HostLanes`] to run split loops and reductions
+/// lane by lane as a GPU would (tests).
 pub fn build_library_with_progress(
     kernels: &[Kernel],
     out: &Path,
+    flavor: Flavor,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<HostTimings, TargetError> {
     for k in kernels {
@@ -81,7 +84,7 @@ pub fn build_library_with_progress(
                             return Ok(done);
                         }
                         let k = std::slice::from_ref(&kernels[i]);
-                        done.push((i, compile_object(&cx, k, &objs[i])?));
+                        done.push((i, compile_object(&cx, k, &objs[i], flavor)?));
                         finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         progress(
                             finished.load(std::sync::atomic::Ordering::Relaxed),
@@ -152,10 +155,11 @@ fn compile_object(
     cx: &MlirContext,
     kernels: &[Kernel],
     obj: &Path,
+    flavor: Flavor,
 ) -> Result<HostTimings, TargetError> {
     let mut t = HostTimings::default();
     let start = Instant::now();
-    let mut module = kernels_module(cx, kernels)?;
+    let mut module = host_module(cx, kernels, flavor)?;
     t.lower = start.elapsed();
     let start = Instant::now();
     cx.run_pipeline(&mut module, HOST_PIPELINE, "host lowering")?;

@@ -37,12 +37,13 @@ fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<i64> {
 /// Prefill at several lengths (the longest through two prefill pieces), then decode steps; every
 /// logit compared with the f64 reference.
 fn check_model(path: &std::path::Path, lens: &[usize]) {
-    check_model_with(path, lens, false);
+    check_model_with(path, lens, false, 1);
 }
 
 /// [`check_model`]; with `bf16`, the plan reads bf16 weights and the reference computes with
 /// the same bf16-rounded weights (f64 arithmetic), so the comparison stays at f32 tolerance.
-fn check_model_with(path: &std::path::Path, lens: &[usize], bf16: bool) {
+/// `lanes > 1` runs split loops and reductions lane by lane, as the GPU's warp programs do.
+fn check_model_with(path: &std::path::Path, lens: &[usize], bf16: bool, lanes: u32) {
     // 256 rows per prefill launch: lengths up to 130 run in one launch (several chunks of the
     // chunked recurrences, a partial last one); 300 runs as 256 + 44.
     let options = Options {
@@ -51,6 +52,7 @@ fn check_model_with(path: &std::path::Path, lens: &[usize], bf16: bool) {
         max_prefill_rows: 256,
         keep_values: false,
         weights_bf16: bf16,
+        host_lanes: lanes,
     };
     let (m, mut e, _dir) = engine(path, options, 0);
     let mut w = m.weights(0).unwrap();
@@ -90,8 +92,9 @@ fn check_model_with(path: &std::path::Path, lens: &[usize], bf16: bool) {
         }
     }
     eprintln!(
-        "compiled host {} vs reference f64, {}: max rel err prefill {worst_pre:.2e}, decode {worst_dec:.2e} (lengths {lens:?})",
+        "compiled host {}{} vs reference f64, {}: max rel err prefill {worst_pre:.2e}, decode {worst_dec:.2e} (lengths {lens:?})",
         if bf16 { "bf16 weights" } else { "f32" },
+        if lanes > 1 { format!(", {lanes} emulated lanes") } else { String::new() },
         path.display()
     );
 }
@@ -107,7 +110,7 @@ fn bf16_weight_plans_match_the_reference() {
         "examples/deepseek-v3-tiny.toml",
         "tests/fixtures/oracle/kimi_linear/model",
     ] {
-        check_model_with(&repo().join(ex), &[1, 65], true);
+        check_model_with(&repo().join(ex), &[1, 65], true, 1);
     }
 }
 
@@ -143,6 +146,7 @@ fn first_divergent_node() {
         max_prefill_rows: 64,
         keep_values: true,
         weights_bf16: false,
+        host_lanes: 1,
     };
     let (m, mut e, _dir) = engine(&path, options, 0);
     let w = m.weights(0).unwrap();
@@ -193,6 +197,7 @@ fn oracle_families_match_reference_and_oracle_tokens() {
             max_prefill_rows: 64,
             keep_values: false,
             weights_bf16: false,
+            host_lanes: 1,
         };
         let (_, mut e, _dir) = engine(&model, options, 0);
         for len in [7, 33, 100] {
@@ -217,6 +222,7 @@ fn batched_decode_matches_single_runs() {
             max_prefill_rows: 16,
             keep_values: false,
             weights_bf16: false,
+            host_lanes: 1,
         };
         let (m, mut e, _dir) = engine(&path, options, 0);
         let v = m.graph.vocab_size;
@@ -281,4 +287,21 @@ fn runtime_does_not_depend_on_mlir_or_llvm() {
         tree.contains("lamina-ir"),
         "unexpected cargo tree output:\n{tree}"
     );
+}
+
+/// The GPU's split arithmetic on the CPU: every split loop and reduction dealt to 32 lanes
+/// (lane j takes iterations j, j + 32, ...; partials combined after), as warp programs do on
+/// the GPU, against the reference. Checks the lane bounds, steps, initial values and the
+/// combination of partials (sums and maxima, ragged trip counts) for every kernel family.
+#[test]
+fn split_lanes_match_the_reference() {
+    for ex in [
+        "examples/qwen3-next-tiny.toml",
+        "examples/kimi-linear-tiny.toml",
+        "examples/minimax-tiny.toml",
+        "examples/deepseek-v3-tiny.toml",
+        "tests/fixtures/oracle/qwen3_next/model",
+    ] {
+        check_model_with(&repo().join(ex), &[1, 65], true, 32);
+    }
 }

@@ -55,6 +55,7 @@ fn without_a_driver_every_entry_point_says_so() {
     let m = Model::open(&repo().join("examples/minimax-tiny.toml")).unwrap();
     let gpu = Options {
         weights_bf16: true,
+        host_lanes: 1,
         ..Options::default()
     };
     build(&m, &art, Target::Sm80, gpu, 0).unwrap();
@@ -129,6 +130,7 @@ fn gpu_matches_host(model: &Path) {
         max_prefill_rows: 96,
         keep_values: false,
         weights_bf16: true,
+        host_lanes: 1,
     };
     let m = Model::open(model).unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();

@@ -87,6 +87,7 @@ fn check(spec: &str, len: usize) -> Result<(), TestCaseError> {
         max_prefill_rows: 160,
         keep_values: false,
         weights_bf16: false,
+        host_lanes: 1,
     };
     let art = dir.path().join("artifact");
     build(&m, &art, Target::Host, options, 7)

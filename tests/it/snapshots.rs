@@ -39,6 +39,7 @@ fn kernel_text(example: &str) -> String {
         max_prefill_rows: 64,
         keep_values: false,
         weights_bf16: false,
+        host_lanes: 1,
     };
     let (p, _) = lamina_compiler::build::compile_program(&m, options).unwrap();
     let text = p.print();

@@ -73,6 +73,7 @@ fn soak_long_decode_neither_leaks_nor_drifts() {
             max_prefill_rows: 64,
             keep_values: false,
             weights_bf16: false,
+            host_lanes: 1,
         };
         let art = artifact(example, options, dir.path());
         let mut e = HostEngine::load(&art, None).unwrap();
@@ -122,6 +123,7 @@ fn soak_staggered_batch_equals_each_sequence_alone() {
         max_prefill_rows: 64,
         keep_values: false,
         weights_bf16: false,
+        host_lanes: 1,
     };
     let art = artifact("kimi-linear-tiny.toml", options, dir.path());
     let v = {

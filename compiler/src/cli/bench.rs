@@ -67,6 +67,7 @@ pub fn bench(a: &BenchArgs) -> CliResult {
             max_prefill_rows: 512.min(a.prompt_len + a.gen),
             keep_values: false,
             weights_bf16: target != lamina_targets::Target::Host,
+            host_lanes: 1,
         };
         super::run::cached_build(&a.model, options, a.seed, target)?
     };

@@ -68,6 +68,7 @@ impl SizeArgs {
             max_prefill_rows: self.max_prefill_rows.min(self.max_context),
             keep_values: false,
             weights_bf16: self.weight_dtype == WeightDtype::Bf16,
+            host_lanes: 1,
         })
     }
 }

@@ -39,6 +39,10 @@ pub struct Options {
     pub keep_values: bool,
     /// Store weights as bf16 (GPU plans always do; host plans may).
     pub weights_bf16: bool,
+    /// Host target only: run split loops and reductions in this many lanes, one after the
+    /// other, as a GPU warp would (1: plainly). Tests use it to check the GPU's split
+    /// arithmetic on the CPU.
+    pub host_lanes: u32,
 }
 
 impl Default for Options {
@@ -49,6 +53,7 @@ impl Default for Options {
             max_prefill_rows: 512,
             keep_values: false,
             weights_bf16: false,
+            host_lanes: 1,
         }
     }
 }

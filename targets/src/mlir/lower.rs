@@ -48,6 +48,11 @@ pub enum Flavor {
     /// iterations are dealt round-robin to the lanes and whose partial results are combined by
     /// a butterfly of warp shuffles, so that every lane holds the same total after them.
     Gpu { block: u32, lanes: u32 },
+    /// The host frame, with split loops and reductions run as `lanes` lanes would on a GPU:
+    /// lane by lane (lane j takes iterations lo + j, lo + j + lanes, ...), partials added in
+    /// lane order. Tests compare it with [`Flavor::Host`] to check the GPU's split arithmetic
+    /// on the CPU.
+    HostLanes(u32),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -114,10 +119,10 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
         fastmath: Attribute::parse(ctx, "#arith.fastmath<reassoc,contract>")
             .ok_or_else(|| bug("fastmath attribute".into()))?,
         loc,
-        gpu: flavor != Flavor::Host,
+        gpu: matches!(flavor, Flavor::Gpu { .. }),
         lanes: match flavor {
             Flavor::Host => 1,
-            Flavor::Gpu { lanes, .. } => lanes.max(1),
+            Flavor::Gpu { lanes, .. } | Flavor::HostLanes(lanes) => lanes.max(1),
         },
         in_split: false,
     };
@@ -260,7 +265,7 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
     region.append_block(body);
     let fregion = Region::new();
     match flavor {
-        Flavor::Host => {
+        Flavor::Host | Flavor::HostLanes(_) => {
             let (lo, hi) = (arg(n + 1)?, arg(n + 2)?);
             let one = l.const_index(&entry, 1);
             entry.append_operation(scf::r#for(lo, hi, one, region, loc));
@@ -552,66 +557,96 @@ impl<'c> Lower<'c> {
                     inits.push(v);
                     tys.push(t);
                 }
+                let starts = inits.clone();
                 // A split sum over the lanes: lane j takes iterations lo + j, lo + j + lanes,
                 // ... from zero partials; the totals are added to the initial values after.
                 let spread = *split && l.lanes > 1 && !l.in_split;
-                let starts = inits.clone();
-                let (lo, step, l) = if spread {
-                    let lane = env.lane.ok_or_else(|| bug(format!("{what}: no lane id")))?;
-                    for v in inits.iter_mut() {
-                        *v = l.const_f32(blk, 0.0);
-                    }
-                    let lo = l.op(blk, "arith.addi", &[lo, lane], l.index, false);
-                    let step = l.const_index(blk, l.lanes as i64);
-                    (
-                        lo,
-                        step,
-                        Lower {
-                            in_split: true,
-                            ..l
-                        },
-                    )
+                let results = if !spread {
+                    let step = l.const_index(blk, 1);
+                    l.carried_loop(
+                        blk,
+                        env,
+                        var,
+                        (lo, hi, step),
+                        &inits,
+                        &tys,
+                        carried,
+                        body,
+                        yields,
+                        what,
+                        line,
+                    )?
                 } else {
-                    (lo, l.const_index(blk, 1), l)
-                };
-                let mut args = vec![(l.index, l.loc)];
-                args.extend(tys.iter().map(|&t| (l.ty(t), l.loc)));
-                let inner = Block::new(&args);
-                {
-                    let mut env2: Env<'c, '_> = env.clone();
-                    let a = |i: usize| -> R<Value> {
-                        inner
-                            .argument(i)
-                            .map(Into::into)
-                            .map_err(|e| bug(e.to_string()))
+                    let inner = Lower {
+                        in_split: true,
+                        ..l
                     };
-                    env2.vars.insert(var.clone(), (a(0)?, Ty::Int));
-                    for (i, ((n, _), t)) in carried.iter().zip(&tys).enumerate() {
-                        env2.vars.insert(n.clone(), (a(i + 1)?, *t));
-                    }
-                    l.block(&inner, &mut env2, body, what, line)?;
-                    let mut ys = Vec::new();
-                    for y in yields {
-                        ys.push(l.expr(&inner, &env2, y)?.0);
-                    }
-                    inner.append_operation(scf::r#yield(&ys, l.loc));
-                }
-                let region = Region::new();
-                region.append_block(inner);
-                let op = OperationBuilder::new("scf.for", l.loc)
-                    .add_operands(&[lo, hi, step])
-                    .add_operands(&inits)
-                    .add_results(&tys.iter().map(|&t| l.ty(t)).collect::<Vec<_>>())
-                    .add_regions([region])
-                    .build()
-                    .map_err(|e| bug(format!("{what}: scf.for: {e}")))?;
-                let r = blk.append_operation(op);
-                for (i, ((n, _), t)) in carried.iter().zip(&tys).enumerate() {
-                    let mut v: Value = r.result(i).map_err(|e| bug(e.to_string()))?.into();
-                    if spread {
-                        let total = l.lanes_combine(blk, v, "arith.addf")?;
-                        v = l.op(blk, "arith.addf", &[starts[i], total], l.f32, true);
-                    }
+                    let step = l.const_index(blk, l.lanes as i64);
+                    let zeros: Vec<Value> = inits.iter().map(|_| l.const_f32(blk, 0.0)).collect();
+                    let totals = if l.gpu {
+                        let lane = env.lane.ok_or_else(|| bug(format!("{what}: no lane id")))?;
+                        let lo = l.op(blk, "arith.addi", &[lo, lane], l.index, false);
+                        let partials = inner.carried_loop(
+                            blk,
+                            env,
+                            var,
+                            (lo, hi, step),
+                            &zeros,
+                            &tys,
+                            carried,
+                            body,
+                            yields,
+                            what,
+                            line,
+                        )?;
+                        partials
+                            .into_iter()
+                            .map(|v| l.lanes_combine(blk, v, "arith.addf"))
+                            .collect::<R<Vec<_>>>()?
+                    } else {
+                        // Host emulation: for lane in 0..lanes, totals += that lane's partials.
+                        let mut args = vec![(l.index, l.loc)];
+                        args.extend(tys.iter().map(|_| (l.f32, l.loc)));
+                        let outer = Block::new(&args);
+                        {
+                            let lane: Value =
+                                outer.argument(0).map_err(|e| bug(e.to_string()))?.into();
+                            let lo = l.op(&outer, "arith.addi", &[lo, lane], l.index, false);
+                            let zeros: Vec<Value> =
+                                tys.iter().map(|_| l.const_f32(&outer, 0.0)).collect();
+                            let env2: Env<'c, '_> = env.clone();
+                            let partials = inner.carried_loop(
+                                &outer,
+                                &env2,
+                                var,
+                                (lo, hi, step),
+                                &zeros,
+                                &tys,
+                                carried,
+                                body,
+                                yields,
+                                what,
+                                line,
+                            )?;
+                            let mut next = Vec::new();
+                            for (i, p) in partials.into_iter().enumerate() {
+                                let t: Value = outer
+                                    .argument(i + 1)
+                                    .map_err(|e| bug(e.to_string()))?
+                                    .into();
+                                next.push(l.op(&outer, "arith.addf", &[t, p], l.f32, true));
+                            }
+                            outer.append_operation(scf::r#yield(&next, l.loc));
+                        }
+                        l.lane_loop(blk, outer, &zeros, what)?
+                    };
+                    starts
+                        .iter()
+                        .zip(totals)
+                        .map(|(&s0, t)| l.op(blk, "arith.addf", &[s0, t], l.f32, true))
+                        .collect()
+                };
+                for ((n, _), (v, t)) in carried.iter().zip(results.into_iter().zip(&tys)) {
                     env.vars.insert(n.clone(), (v, *t));
                 }
             }
@@ -775,49 +810,168 @@ impl<'c> Lower<'c> {
                     },
                 );
                 // Over several lanes: lane j reduces lo + j, lo + j + lanes, ...; a butterfly
-                // combines the partials.
+                // combines the partials (GPU), or they are combined in lane order (host
+                // emulation).
                 let spread = self.lanes > 1 && !self.in_split;
-                let (lo, step, this) = match (spread, env.lane) {
-                    (true, Some(lane)) => (
-                        self.op(blk, "arith.addi", &[lo, lane], self.index, false),
-                        self.const_index(blk, self.lanes as i64),
-                        Lower {
-                            in_split: true,
-                            ..*self
-                        },
-                    ),
-                    _ => (lo, self.const_index(blk, 1), Lower { ..*self }),
-                };
                 let combine = match op {
                     ReduceOp::Sum => "arith.addf",
                     ReduceOp::Max => "arith.maximumf",
                 };
-                let inner = Block::new(&[(self.index, self.loc), (self.f32, self.loc)]);
+                if !spread {
+                    let step = self.const_index(blk, 1);
+                    let v = self.reduce_loop(blk, env, var, (lo, hi, step), init, combine, body)?;
+                    return Ok((v, Ty::F32));
+                }
+                let inner = Lower {
+                    in_split: true,
+                    ..*self
+                };
+                let step = self.const_index(blk, self.lanes as i64);
+                if self.gpu {
+                    let lane = env
+                        .lane
+                        .ok_or_else(|| bug("reduction: no lane id".into()))?;
+                    let lo = self.op(blk, "arith.addi", &[lo, lane], self.index, false);
+                    let partial =
+                        inner.reduce_loop(blk, env, var, (lo, hi, step), init, combine, body)?;
+                    return Ok((self.lanes_combine(blk, partial, combine)?, Ty::F32));
+                }
+                let outer = Block::new(&[(self.index, self.loc), (self.f32, self.loc)]);
                 {
-                    let mut env2: Env<'c, '_> = env.clone();
-                    let iv: Value = inner.argument(0).map_err(|e| bug(e.to_string()))?.into();
-                    let acc: Value = inner.argument(1).map_err(|e| bug(e.to_string()))?.into();
-                    env2.vars.insert(var.clone(), (iv, Ty::Int));
-                    let (x, _) = this.expr(&inner, &env2, body)?;
-                    let next = self.op(&inner, combine, &[acc, x], self.f32, true);
-                    inner.append_operation(scf::r#yield(&[next], self.loc));
+                    let lane: Value = outer.argument(0).map_err(|e| bug(e.to_string()))?.into();
+                    let total: Value = outer.argument(1).map_err(|e| bug(e.to_string()))?.into();
+                    let lo = self.op(&outer, "arith.addi", &[lo, lane], self.index, false);
+                    let env2: Env<'c, '_> = env.clone();
+                    let partial = inner.reduce_loop(
+                        &outer,
+                        &env2,
+                        var,
+                        (lo, hi, step),
+                        init,
+                        combine,
+                        body,
+                    )?;
+                    let next = self.op(&outer, combine, &[total, partial], self.f32, true);
+                    outer.append_operation(scf::r#yield(&[next], self.loc));
                 }
-                let region = Region::new();
-                region.append_block(inner);
-                let op = OperationBuilder::new("scf.for", self.loc)
-                    .add_operands(&[lo, hi, step, init])
-                    .add_results(&[self.f32])
-                    .add_regions([region])
-                    .build()
-                    .map_err(|e| bug(format!("reduction: {e}")))?;
-                let partial = self.append(blk, op);
-                if spread {
-                    (self.lanes_combine(blk, partial, combine)?, Ty::F32)
-                } else {
-                    (partial, Ty::F32)
-                }
+                let v = self.lane_loop(blk, outer, &[init], "reduction")?;
+                (v[0], Ty::F32)
             }
         })
+    }
+
+    /// `scf.for var in lo..hi step` reducing `body` with `combine` from `init`.
+    #[allow(clippy::too_many_arguments)]
+    fn reduce_loop<'a>(
+        &self,
+        blk: &'a Block<'c>,
+        env: &Env<'c, 'a>,
+        var: &str,
+        (lo, hi, step): (Value<'c, 'a>, Value<'c, 'a>, Value<'c, 'a>),
+        init: Value<'c, 'a>,
+        combine: &str,
+        body: &Expr,
+    ) -> R<Value<'c, 'a>> {
+        let inner = Block::new(&[(self.index, self.loc), (self.f32, self.loc)]);
+        {
+            let mut env2: Env<'c, '_> = env.clone();
+            let iv: Value = inner.argument(0).map_err(|e| bug(e.to_string()))?.into();
+            let acc: Value = inner.argument(1).map_err(|e| bug(e.to_string()))?.into();
+            env2.vars.insert(var.to_string(), (iv, Ty::Int));
+            let (x, _) = self.expr(&inner, &env2, body)?;
+            let next = self.op(&inner, combine, &[acc, x], self.f32, true);
+            inner.append_operation(scf::r#yield(&[next], self.loc));
+        }
+        let region = Region::new();
+        region.append_block(inner);
+        let op = OperationBuilder::new("scf.for", self.loc)
+            .add_operands(&[lo, hi, step, init])
+            .add_results(&[self.f32])
+            .add_regions([region])
+            .build()
+            .map_err(|e| bug(format!("reduction: {e}")))?;
+        Ok(self.append(blk, op))
+    }
+
+    /// `scf.for var in lo..hi step` carrying `inits`; the body's statements, then `yields`.
+    /// Returns the final carried values.
+    #[allow(clippy::too_many_arguments)]
+    fn carried_loop<'a>(
+        &self,
+        blk: &'a Block<'c>,
+        env: &Env<'c, 'a>,
+        var: &str,
+        (lo, hi, step): (Value<'c, 'a>, Value<'c, 'a>, Value<'c, 'a>),
+        inits: &[Value<'c, 'a>],
+        tys: &[Ty],
+        carried: &[(String, Expr)],
+        body: &[Stmt],
+        yields: &[Expr],
+        what: &str,
+        line: &mut usize,
+    ) -> R<Vec<Value<'c, 'a>>> {
+        let mut args = vec![(self.index, self.loc)];
+        args.extend(tys.iter().map(|&t| (self.ty(t), self.loc)));
+        let inner = Block::new(&args);
+        {
+            let mut env2: Env<'c, '_> = env.clone();
+            let a = |i: usize| -> R<Value> {
+                inner
+                    .argument(i)
+                    .map(Into::into)
+                    .map_err(|e| bug(e.to_string()))
+            };
+            env2.vars.insert(var.to_string(), (a(0)?, Ty::Int));
+            for (i, ((n, _), t)) in carried.iter().zip(tys).enumerate() {
+                env2.vars.insert(n.clone(), (a(i + 1)?, *t));
+            }
+            self.block(&inner, &mut env2, body, what, line)?;
+            let mut ys = Vec::new();
+            for y in yields {
+                ys.push(self.expr(&inner, &env2, y)?.0);
+            }
+            inner.append_operation(scf::r#yield(&ys, self.loc));
+        }
+        let region = Region::new();
+        region.append_block(inner);
+        let op = OperationBuilder::new("scf.for", self.loc)
+            .add_operands(&[lo, hi, step])
+            .add_operands(inits)
+            .add_results(&tys.iter().map(|&t| self.ty(t)).collect::<Vec<_>>())
+            .add_regions([region])
+            .build()
+            .map_err(|e| bug(format!("{what}: scf.for: {e}")))?;
+        let r = blk.append_operation(op);
+        (0..tys.len())
+            .map(|i| r.result(i).map(Into::into).map_err(|e| bug(e.to_string())))
+            .collect()
+    }
+
+    /// `scf.for lane in 0..lanes` over `body` (which takes the lane and the carried f32
+    /// values), from `inits`: the host emulation of a split over the lanes.
+    fn lane_loop<'a>(
+        &self,
+        blk: &'a Block<'c>,
+        body: Block<'c>,
+        inits: &[Value<'c, 'a>],
+        what: &str,
+    ) -> R<Vec<Value<'c, 'a>>> {
+        let zero = self.const_index(blk, 0);
+        let lanes = self.const_index(blk, self.lanes as i64);
+        let one = self.const_index(blk, 1);
+        let region = Region::new();
+        region.append_block(body);
+        let op = OperationBuilder::new("scf.for", self.loc)
+            .add_operands(&[zero, lanes, one])
+            .add_operands(inits)
+            .add_results(&vec![self.f32; inits.len()])
+            .add_regions([region])
+            .build()
+            .map_err(|e| bug(format!("{what}: lane loop: {e}")))?;
+        let r = blk.append_operation(op);
+        (0..inits.len())
+            .map(|i| r.result(i).map(Into::into).map_err(|e| bug(e.to_string())))
+            .collect()
     }
 
     fn unary<'a>(&self, blk: &'a Block<'c>, op: UnOp, x: Value<'c, 'a>, t: Ty) -> Value<'c, 'a> {

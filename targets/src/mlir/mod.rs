@@ -31,9 +31,19 @@ pub fn kernels_module<'c>(
     cx: &'c MlirContext,
     kernels: &[Kernel],
 ) -> Result<Module<'c>, TargetError> {
+    host_module(cx, kernels, Flavor::Host)
+}
+
+/// [`kernels_module`] with a host flavor: [`Flavor::Host`], or [`Flavor::HostLanes`] (the
+/// GPU's split arithmetic emulated, for tests).
+pub fn host_module<'c>(
+    cx: &'c MlirContext,
+    kernels: &[Kernel],
+    flavor: Flavor,
+) -> Result<Module<'c>, TargetError> {
     let module = Module::new(Location::unknown(&cx.context));
     for k in kernels {
-        lower::lower_kernel(&cx.context, &module.body(), &prepared(k)?, Flavor::Host)?;
+        lower::lower_kernel(&cx.context, &module.body(), &prepared(k)?, flavor)?;
     }
     cx.verify(&module, "kernel module")?;
     Ok(module)
