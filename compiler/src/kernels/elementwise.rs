@@ -1,5 +1,6 @@
 //! Row-parallel maps: embedding lookup, column slices, activations, products (with a `[R, 1]`
-//! column broadcast), weighted residual adds, SwiGLU and the decay gates. One program per row.
+//! column broadcast), weighted residual adds, SwiGLU and the decay gates. One program per row;
+//! its column loops are parallel split loops (a GPU deals the columns to a warp's lanes).
 
 use lamina_ir::graph::{GateForm, NodeIndex, Op, Unary};
 use lamina_ir::kernel::build::*;
@@ -18,7 +19,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
     let out = (output("y", &act(cols)), a(n));
     let x = |name: &str| ld(name, [pid(0), v("c")]);
     let map = |value: Expr| {
-        vec![for_(
+        vec![for_par(
             "c",
             i(0),
             i(cols),
@@ -35,7 +36,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
             ],
             vec![
                 let_("t", ld("tokens", [pid(0)])),
-                for_(
+                for_par(
                     "c",
                     i(0),
                     i(*dim),
@@ -50,7 +51,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
                 "gi",
                 i(0),
                 i(cols / len),
-                vec![for_(
+                vec![for_par(
                     "c",
                     i(0),
                     i(*len),

@@ -78,7 +78,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
         let_("base", pid(1) * i(group)),
         let_("ss", sum("c", i(0), i(group), x(v("c")) * x(v("c")))),
         let_("inv", inv),
-        for_(
+        for_par(
             "c",
             i(0),
             i(group),

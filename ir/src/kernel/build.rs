@@ -92,6 +92,20 @@ pub fn for_carry(
     }
 }
 
+/// `for var in lo..hi { body }` marked as a parallel split loop (see [`Stmt::For`]): the
+/// iterations must be independent.
+pub fn for_par(var: &str, lo: Expr, hi: Expr, body: Vec<Stmt>) -> Stmt {
+    Stmt::For {
+        var: var.to_string(),
+        lo,
+        hi,
+        carried: Vec::new(),
+        body,
+        yields: Vec::new(),
+        split: true,
+    }
+}
+
 /// [`for_carry`] marked as a split sum (see [`Stmt::For`]): `yields[i]` must be
 /// `carried[i] + term`.
 pub fn for_sum(

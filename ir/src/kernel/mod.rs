@@ -198,10 +198,13 @@ pub enum Stmt {
     /// `for var in lo..hi` carrying values: inside the body the carried names hold the current
     /// values and `yields` gives the next ones; after the loop they hold the final values.
     ///
-    /// A `split` loop is a sum: every carried value is f32 and yields `itself + term` (the term
-    /// reading no carried value), and the body only binds `let`s. A target may spread its
-    /// iterations over the threads of a program and add their partial sums (the GPU's warp
-    /// lanes); the host runs it in order.
+    /// A `split` loop may have its iterations spread over the threads of a program (the GPU's
+    /// warp lanes; the host runs it in order). It is either
+    /// - a sum: every carried value is f32 and yields `itself + term` (the term reading no
+    ///   carried value), and the body only binds `let`s (the threads' partial sums are added);
+    ///   or
+    /// - parallel: nothing carried, and its iterations are independent: each writes only
+    ///   elements no other iteration reads or writes (a column map).
     For {
         var: String,
         lo: Expr,

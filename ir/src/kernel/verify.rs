@@ -195,7 +195,7 @@ impl Scope<'_> {
                 if self.expr(lo)? != Ty::Int || self.expr(hi)? != Ty::Int {
                     return Err(format!("loop {var}: bounds must be ints"));
                 }
-                if *split {
+                if *split && !carried.is_empty() {
                     split_sum(var, carried, body, yields)?;
                 }
                 let mut tys = Vec::new();

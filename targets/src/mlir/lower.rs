@@ -583,6 +583,12 @@ impl<'c> Lower<'c> {
                     };
                     let step = l.const_index(blk, l.lanes as i64);
                     let zeros: Vec<Value> = inits.iter().map(|_| l.const_f32(blk, 0.0)).collect();
+                    // A parallel loop's lanes write different elements: barriers before (no lane
+                    // overwrites what another still reads) and after (all see every element).
+                    let parallel = l.gpu && carried.is_empty();
+                    if parallel {
+                        l.warp_sync(blk);
+                    }
                     let totals = if l.gpu {
                         let lane = env.lane.ok_or_else(|| bug(format!("{what}: no lane id")))?;
                         let lo = l.op(blk, "arith.addi", &[lo, lane], l.index, false);
@@ -640,6 +646,9 @@ impl<'c> Lower<'c> {
                         }
                         l.lane_loop(blk, outer, &zeros, what)?
                     };
+                    if parallel {
+                        l.warp_sync(blk);
+                    }
                     starts
                         .iter()
                         .zip(totals)
