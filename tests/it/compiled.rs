@@ -37,13 +37,14 @@ fn prompt(len: usize, vocab: usize, salt: usize) -> Vec<i64> {
 /// Prefill at several lengths (the longest through two prefill pieces), then decode steps; every
 /// logit compared with the f64 reference.
 fn check_model(path: &std::path::Path, lens: &[usize]) {
-    check_model_with(path, lens, false, 1);
+    check_model_with(path, lens, false, 1, 1);
 }
 
 /// [`check_model`]; with `bf16`, the plan reads bf16 weights and the reference computes with
 /// the same bf16-rounded weights (f64 arithmetic), so the comparison stays at f32 tolerance.
-/// `lanes > 1` runs split loops and reductions lane by lane, as the GPU's warp programs do.
-fn check_model_with(path: &std::path::Path, lens: &[usize], bf16: bool, lanes: u32) {
+/// `lanes > 1` runs split loops and reductions lane by lane, as the GPU's warp programs do;
+/// `splits > 1` splits decode attention over the cached positions.
+fn check_model_with(path: &std::path::Path, lens: &[usize], bf16: bool, lanes: u32, splits: usize) {
     // 256 rows per prefill launch: lengths up to 130 run in one launch (several chunks of the
     // chunked recurrences, a partial last one); 300 runs as 256 + 44.
     let options = Options {
@@ -53,6 +54,7 @@ fn check_model_with(path: &std::path::Path, lens: &[usize], bf16: bool, lanes: u
         keep_values: false,
         weights_bf16: bf16,
         host_lanes: lanes,
+        decode_splits: splits,
     };
     let (m, mut e, _dir) = engine(path, options, 0);
     let mut w = m.weights(0).unwrap();
@@ -94,7 +96,8 @@ fn check_model_with(path: &std::path::Path, lens: &[usize], bf16: bool, lanes: u
     eprintln!(
         "compiled host {}{} vs reference f64, {}: max rel err prefill {worst_pre:.2e}, decode {worst_dec:.2e} (lengths {lens:?})",
         if bf16 { "bf16 weights" } else { "f32" },
-        if lanes > 1 { format!(", {lanes} emulated lanes") } else { String::new() },
+        if lanes > 1 { format!(", {lanes} emulated lanes") } else { String::new() }
+            + &if splits > 1 { format!(", decode attention in {splits} pieces") } else { String::new() },
         path.display()
     );
 }
@@ -110,7 +113,7 @@ fn bf16_weight_plans_match_the_reference() {
         "examples/deepseek-v3-tiny.toml",
         "tests/fixtures/oracle/kimi_linear/model",
     ] {
-        check_model_with(&repo().join(ex), &[1, 65], true, 1);
+        check_model_with(&repo().join(ex), &[1, 65], true, 1, 1);
     }
 }
 
@@ -147,6 +150,7 @@ fn first_divergent_node() {
         keep_values: true,
         weights_bf16: false,
         host_lanes: 1,
+        decode_splits: 1,
     };
     let (m, mut e, _dir) = engine(&path, options, 0);
     let w = m.weights(0).unwrap();
@@ -198,6 +202,7 @@ fn oracle_families_match_reference_and_oracle_tokens() {
             keep_values: false,
             weights_bf16: false,
             host_lanes: 1,
+            decode_splits: 1,
         };
         let (_, mut e, _dir) = engine(&model, options, 0);
         for len in [7, 33, 100] {
@@ -223,6 +228,7 @@ fn batched_decode_matches_single_runs() {
             keep_values: false,
             weights_bf16: false,
             host_lanes: 1,
+            decode_splits: 1,
         };
         let (m, mut e, _dir) = engine(&path, options, 0);
         let v = m.graph.vocab_size;
@@ -302,6 +308,29 @@ fn split_lanes_match_the_reference() {
         "examples/deepseek-v3-tiny.toml",
         "tests/fixtures/oracle/qwen3_next/model",
     ] {
-        check_model_with(&repo().join(ex), &[1, 65], true, 32);
+        check_model_with(&repo().join(ex), &[1, 65], true, 32, 1);
     }
+}
+
+/// Split-sequence decode attention: the cached positions in 4 pieces (3 key tiles each at
+/// context 320), partials merged by the combine kernel, for GQA (qwen3-next, minimax) and MLA
+/// (kimi, deepseek), at positions where one piece holds everything (the others are empty) and
+/// where all four hold keys (300 tokens); and with the GPU's lane arithmetic emulated.
+#[test]
+fn split_decode_attention_matches_the_reference() {
+    for ex in [
+        "examples/qwen3-next-tiny.toml",
+        "examples/kimi-linear-tiny.toml",
+        "examples/minimax-tiny.toml",
+        "examples/deepseek-v3-tiny.toml",
+    ] {
+        check_model_with(&repo().join(ex), &[1, 300], false, 1, 4);
+    }
+    check_model_with(
+        &repo().join("tests/fixtures/oracle/deepseek_v3/model"),
+        &[130],
+        true,
+        32,
+        4,
+    );
 }

@@ -56,6 +56,7 @@ fn without_a_driver_every_entry_point_says_so() {
     let gpu = Options {
         weights_bf16: true,
         host_lanes: 1,
+        decode_splits: 8,
         ..Options::default()
     };
     build(&m, &art, Target::Sm80, gpu, 0).unwrap();
@@ -131,6 +132,7 @@ fn gpu_matches_host(model: &Path) {
         keep_values: false,
         weights_bf16: true,
         host_lanes: 1,
+        decode_splits: 8,
     };
     let m = Model::open(model).unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();

@@ -88,6 +88,7 @@ fn check(spec: &str, len: usize) -> Result<(), TestCaseError> {
         keep_values: false,
         weights_bf16: false,
         host_lanes: 1,
+        decode_splits: 1,
     };
     let art = dir.path().join("artifact");
     build(&m, &art, Target::Host, options, 7)

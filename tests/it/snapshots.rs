@@ -40,6 +40,7 @@ fn kernel_text(example: &str) -> String {
         keep_values: false,
         weights_bf16: false,
         host_lanes: 1,
+        decode_splits: 1,
     };
     let (p, _) = lamina_compiler::build::compile_program(&m, options).unwrap();
     let text = p.print();

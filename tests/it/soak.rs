@@ -74,6 +74,7 @@ fn soak_long_decode_neither_leaks_nor_drifts() {
             keep_values: false,
             weights_bf16: false,
             host_lanes: 1,
+            decode_splits: 1,
         };
         let art = artifact(example, options, dir.path());
         let mut e = HostEngine::load(&art, None).unwrap();
@@ -124,6 +125,7 @@ fn soak_staggered_batch_equals_each_sequence_alone() {
         keep_values: false,
         weights_bf16: false,
         host_lanes: 1,
+        decode_splits: 1,
     };
     let art = artifact("kimi-linear-tiny.toml", options, dir.path());
     let v = {

@@ -68,6 +68,11 @@ pub fn bench(a: &BenchArgs) -> CliResult {
             keep_values: false,
             weights_bf16: target != lamina_targets::Target::Host,
             host_lanes: 1,
+            decode_splits: if target == lamina_targets::Target::Host {
+                1
+            } else {
+                super::build::GPU_DECODE_SPLITS
+            },
         };
         super::run::cached_build(&a.model, options, a.seed, target)?
     };

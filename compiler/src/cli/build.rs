@@ -27,7 +27,15 @@ pub struct SizeArgs {
     /// How kernels read weights: auto is bf16 for GPU targets (their rule), f32 on the host.
     #[arg(long, value_enum, default_value = "auto")]
     pub weight_dtype: WeightDtype,
+    /// Pieces of the cached positions one decode attention is split into (merged by a combine
+    /// kernel); 0 = auto: 8 for GPU targets (heads × pieces fill the SMs at batch 1), 1 on the
+    /// host.
+    #[arg(long, default_value_t = 0)]
+    pub decode_splits: usize,
 }
+
+/// Decode attention pieces on a GPU target when `--decode-splits` is auto.
+pub const GPU_DECODE_SPLITS: usize = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum WeightDtype {
@@ -45,6 +53,9 @@ impl SizeArgs {
             WeightDtype::F32 => false,
             WeightDtype::Bf16 => true,
         };
+        if self.decode_splits == 0 && target != Target::Host {
+            o.decode_splits = GPU_DECODE_SPLITS;
+        }
         Ok(o)
     }
 
@@ -69,6 +80,7 @@ impl SizeArgs {
             keep_values: false,
             weights_bf16: self.weight_dtype == WeightDtype::Bf16,
             host_lanes: 1,
+            decode_splits: self.decode_splits.max(1),
         })
     }
 }

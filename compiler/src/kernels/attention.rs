@@ -6,6 +6,12 @@
 //! max and sum corrected once per tile, one pass over K and V). MLA attends in the
 //! absorbed form: `q̃ = W_UKᵀ q_nope` against the latent cache, the latent-space output mapped
 //! back with `W_UV`, so keys and values are never expanded.
+//!
+//! Decode with `Ctx::decode_splits = S > 1` splits the cached positions into `S` pieces of
+//! whole key tiles (split-sequence, "flash decoding"): one program per (row, head, piece)
+//! leaves its piece's running max, sum and unnormalised output; a combine kernel per
+//! (row, head) rescales them to the common max and normalises (MLA maps back with `W_UV`
+//! there).
 
 use lamina_ir::graph::{NodeIndex, Op};
 use lamina_ir::kernel::build::*;
@@ -172,6 +178,7 @@ fn attend_block(
     scale: f64,
     value: &dyn Fn(Expr) -> Expr,
     width: usize,
+    piece: Option<Piece>,
 ) -> Vec<Stmt> {
     let key = || let_("j", v("j0") + v("jj"));
     let sc = |q: usize, jj: Expr| ld("sc", [i(q * BK) + jj]);
@@ -301,8 +308,78 @@ fn attend_block(
         )],
     ]
     .concat();
-    body.push(for_("jt", i(0), (v("nk") + i(BK - 1)) / i(BK), tile));
+    let tiles = (v("nk") + i(BK - 1)) / i(BK);
+    let (first, end) = match piece {
+        None => (i(0), tiles),
+        Some(Piece { index, tiles: per }) => {
+            (index.clone() * i(per), min(tiles, (index + i(1)) * i(per)))
+        }
+    };
+    body.push(for_("jt", first, end, tile));
     body
+}
+
+/// The key tiles `index·tiles ..< (index + 1)·tiles` of a split decode attention.
+struct Piece {
+    index: Expr,
+    tiles: usize,
+}
+
+/// Split decode: `(pieces, key tiles per piece)` when this attention is split.
+fn decode_split(cx: &Ctx) -> Option<(usize, usize)> {
+    let s = cx.decode_splits;
+    if cx.phase != Phase::Decode || s <= 1 {
+        return None;
+    }
+    let per = cx.context.div_ceil(BK).div_ceil(s).max(1);
+    Some((s, per))
+}
+
+/// A piece's partial result, `[m, l, acc[0..width]]` at `part[row, ((head·S + piece)·(width +
+/// 2)) ..]`, from the locals `attend_block` leaves (one query).
+fn store_piece(pieces: usize, width: usize) -> Vec<Stmt> {
+    let at = |k: Expr| [v("rq0"), (pid(1) * i(pieces) + pid(2)) * i(width + 2) + k];
+    vec![
+        st("part", at(i(0)), ld("m", [i(0)])),
+        st("part", at(i(1)), ld("l", [i(0)])),
+        for_par(
+            "d",
+            i(0),
+            i(width),
+            vec![st("part", at(i(2) + v("d")), ld("acc", [v("d")]))],
+        ),
+    ]
+}
+
+/// The combine of a split decode attention, per (row, head): binds `mstar` (the common max)
+/// and `lsum` (the rescaled sum); `merged(d)` is output element `d` of the latent/value row
+/// before normalisation by `lsum`.
+fn combine_prelude(pieces: usize, width: usize) -> (Vec<Stmt>, impl Fn(Expr) -> Expr) {
+    let p = width + 2;
+    let base = move || pid(1) * i(pieces * p);
+    let at = move |s: Expr, k: Expr| ld("part", [pid(0), base() + s * i(p) + k]);
+    let m_s = move |s: Expr| at(s, i(0));
+    let stmts = vec![
+        let_("mstar", max_over("sp", i(0), i(pieces), m_s(v("sp")))),
+        let_(
+            "lsum",
+            sum(
+                "sp",
+                i(0),
+                i(pieces),
+                at(v("sp"), i(1)) * exp(m_s(v("sp")) - v("mstar")),
+            ),
+        ),
+    ];
+    let merged = move |d: Expr| {
+        sum(
+            "sp",
+            i(0),
+            i(pieces),
+            at(v("sp"), i(2) + d) * exp(m_s(v("sp")) - v("mstar")),
+        )
+    };
+    (stmts, merged)
 }
 
 /// The rows of a block: prefill programs own `BQ` consecutive rows (clamped to the last row;
@@ -384,9 +461,57 @@ pub fn gqa(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         len: hd,
     }];
     let value = |d: Expr| ld("cache", [v("s"), v("j"), i(kw) + v("kvh") * i(vd) + d]);
+    let split = decode_split(cx);
     let mut inner = rows_block;
     inner.push(let_("kvh", pid(1) / i(hq / hkv)));
-    inner.extend(attend_block(bq, &terms, *scale, &value, vd));
+    let piece = split.map(|(_, per)| Piece {
+        index: pid(2),
+        tiles: per,
+    });
+    inner.extend(attend_block(bq, &terms, *scale, &value, vd, piece));
+    if let Some((s, _)) = split {
+        // Split decode: partials per piece, then the combine.
+        inner.extend(store_piece(s, vd));
+        let width = hq * s * (vd + 2);
+        let part = cx.temp(width);
+        let attend = launch(
+            format!("gqa_attend_h{hq}x{hkv}_d{hd}_v{vd}_q1_split{s}"),
+            vec![Dim::Rows, Dim::N(hq), Dim::N(s)],
+            vec![
+                (input("q", &act(hq * hd)), a(ins[0])),
+                cx.state("cache", *cache),
+                (rows_i64("slot"), Bind::Slot),
+                (rows_i64("pos"), Bind::Pos),
+                (output("part", &act(width)), Bind::Act(part)),
+            ],
+            inner,
+            vec![n],
+            g,
+        );
+        let (mut body, merged) = combine_prelude(s, vd);
+        body.push(for_par(
+            "d",
+            i(0),
+            i(vd),
+            vec![st(
+                "o",
+                [pid(0), pid(1) * i(vd) + v("d")],
+                merged(v("d")) / v("lsum"),
+            )],
+        ));
+        let combine = launch(
+            format!("attend_combine_h{hq}_w{vd}_s{s}"),
+            vec![Dim::Rows, Dim::N(hq)],
+            vec![
+                (input("part", &act(width)), Bind::Act(part)),
+                (output("o", &act(hq * vd)), a(n)),
+            ],
+            body,
+            vec![n],
+            g,
+        );
+        return vec![write, attend, combine];
+    }
     inner.extend(store_rows(bq, vd, &|q| {
         ld("acc", [i(q * vd) + v("d")]) / ld("l", [i(q)])
     }));
@@ -480,7 +605,69 @@ pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
             ],
         ));
     }
-    body.extend(attend_block(bq, &terms, *scale, &value, r));
+    let split = decode_split(cx);
+    let piece = split.map(|(_, per)| Piece {
+        index: pid(2),
+        tiles: per,
+    });
+    body.extend(attend_block(bq, &terms, *scale, &value, r, piece));
+    if let Some((s, _)) = split {
+        // Split decode: latent partials per piece; the combine normalises and maps back.
+        body.extend(store_piece(s, r));
+        let width = h_n * s * (r + 2);
+        let part = cx.temp(width);
+        let attend = launch(
+            format!("mla_attend_h{h_n}_r{r}_nope{dn}_rope{dr}_v{vd}_q1_split{s}"),
+            vec![Dim::Rows, Dim::N(h_n), Dim::N(s)],
+            vec![
+                (input("q", &act(h_n * qk)), a(ins[0])),
+                cx.weight("kv_b", kv_b),
+                cx.state("cache", *cache),
+                (rows_i64("slot"), Bind::Slot),
+                (rows_i64("pos"), Bind::Pos),
+                (output("part", &act(width)), Bind::Act(part)),
+            ],
+            body,
+            vec![n],
+            g,
+        );
+        let (mut comb, merged) = combine_prelude(s, r);
+        comb.push(local("ol", r));
+        comb.push(for_par(
+            "e",
+            i(0),
+            i(r),
+            vec![st("ol", [v("e")], merged(v("e")) / v("lsum"))],
+        ));
+        comb.push(for_par(
+            "d",
+            i(0),
+            i(vd),
+            vec![st(
+                "o",
+                [pid(0), pid(1) * i(vd) + v("d")],
+                sum(
+                    "e",
+                    i(0),
+                    i(r),
+                    ld("kv_b", [wrow(i(dn) + v("d")), v("e")]) * ld("ol", [v("e")]),
+                ),
+            )],
+        ));
+        let combine = launch(
+            format!("mla_combine_h{h_n}_r{r}_v{vd}_s{s}"),
+            vec![Dim::Rows, Dim::N(h_n)],
+            vec![
+                (input("part", &act(width)), Bind::Act(part)),
+                cx.weight("kv_b", kv_b),
+                (output("o", &act(h_n * vd)), a(n)),
+            ],
+            comb,
+            vec![n],
+            g,
+        );
+        return vec![write, attend, combine];
+    }
     // o = W_UV(h) (acc / l).
     body.extend(store_rows(bq, vd, &|q| {
         sum(

@@ -94,6 +94,8 @@ pub struct Ctx<'g> {
     pub slots: usize,
     /// Positions per slot in the KV/latent caches.
     pub context: usize,
+    /// Pieces the cached positions of one decode attention are split into (1: none).
+    pub decode_splits: usize,
     next_temp: std::cell::Cell<usize>,
 }
 
@@ -113,6 +115,7 @@ impl<'g> Ctx<'g> {
             rows,
             slots,
             context,
+            decode_splits: 1,
             next_temp: std::cell::Cell::new(0),
         }
     }

@@ -24,7 +24,8 @@ impl Pass for LowerToKernels {
                 Phase::Decode => p.options.max_batch,
             };
             let o = p.options;
-            let cx = Ctx::new(p.graph, &p.fusion, phase, rows, o.max_batch, o.max_context);
+            let mut cx = Ctx::new(p.graph, &p.fusion, phase, rows, o.max_batch, o.max_context);
+            cx.decode_splits = o.decode_splits.max(1);
             let mut launches = Vec::new();
             for n in p.graph.schedule() {
                 if !p.fusion.absorbed.contains(&n) {

@@ -43,6 +43,10 @@ pub struct Options {
     /// other, as a GPU warp would (1: plainly). Tests use it to check the GPU's split
     /// arithmetic on the CPU.
     pub host_lanes: u32,
+    /// Decode attention splits the cached positions into this many pieces, attended by
+    /// separate programs and merged by a combine kernel (split-sequence, "flash decoding"):
+    /// parallelism when one sequence's heads cannot fill the machine. 1: no split.
+    pub decode_splits: usize,
 }
 
 impl Default for Options {
@@ -54,6 +58,7 @@ impl Default for Options {
             keep_values: false,
             weights_bf16: false,
             host_lanes: 1,
+            decode_splits: 1,
         }
     }
 }
