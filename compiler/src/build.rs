@@ -58,7 +58,8 @@ pub fn make_plan(
     seed: u64,
 ) -> Result<(Plan, Vec<f32>), Error> {
     let g = &model.graph;
-    let kernels = p.kernels();
+    let owned = plan_kernels(p, target);
+    let kernels: Vec<&lamina_ir::kernel::Kernel> = owned.iter().collect();
     let kindex: HashMap<&str, usize> = kernels
         .iter()
         .enumerate()
@@ -304,6 +305,16 @@ pub fn make_plan(
     Ok((plan, cdata))
 }
 
+/// The kernels of `p`'s plan for `target`: every scheduled kernel, and for GPU targets the
+/// device fill of random weights (launched by the runtime, not by a schedule).
+pub fn plan_kernels(p: &Program, target: Target) -> Vec<lamina_ir::kernel::Kernel> {
+    let mut ks: Vec<lamina_ir::kernel::Kernel> = p.kernels().into_iter().cloned().collect();
+    if target != Target::Host {
+        ks.push(crate::kernels::fill::fill_uniform_bf16());
+    }
+    ks
+}
+
 /// The planned traffic of one decode step at batch 1 (weights as the plan stores them).
 fn decode_cost(g: &lamina_ir::graph::Graph, pools: &[PoolEntry], o: Options) -> Cost {
     let st = model_stats(g);
@@ -383,7 +394,7 @@ pub fn build_with_progress(
         .prefix(".lamina-build-")
         .tempdir_in(&parent)
         .map_err(|e| Error::io(&parent, e))?;
-    let kernels: Vec<lamina_ir::kernel::Kernel> = program.kernels().into_iter().cloned().collect();
+    let kernels = plan_kernels(&program, target);
     let write = |name: &str, bytes: &[u8]| -> Result<(), Error> {
         let path = tmp.path().join(name);
         std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))

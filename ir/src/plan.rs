@@ -118,6 +118,10 @@ pub struct GpuLaunch {
     pub abi: String,
 }
 
+/// The kernel of GPU plans that fills a bf16 tensor with uniform values on the device
+/// (`out: bf16[R]`, `p: f32[4] = [seed, centre, half-width, 0]`), for full-size benchmarks.
+pub const FILL_KERNEL: &str = "fill_uniform_bf16";
+
 /// The only GPU parameter layout so far (see [`GpuLaunch`]).
 pub const GPU_ABI: &str = "ptr-per-buffer+scratch+rows";
 

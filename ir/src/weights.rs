@@ -442,6 +442,35 @@ pub fn random_weights(graph: &Graph, seed: u64) -> WeightStore {
 
 /// The random tensor `name` of [`random_weights`] alone (the runtime draws weights of a
 /// native spec one at a time from the plan's weight map).
+/// The uniform range `(centre, half-width)` that [`random_tensor`] draws `name` from (A_log's
+/// log-uniform draw approximated by a uniform one): what a GPU fills large benchmark weights
+/// with on the device instead of uploading them.
+pub fn random_range(name: &str, shape: &[usize], kind: WeightKind) -> (f32, f32) {
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    let last = shape.last().copied().unwrap_or(1) as f32;
+    match kind {
+        WeightKind::Embedding => (0.0, 1.0),
+        WeightKind::Dense | WeightKind::Expert | WeightKind::LmHead => {
+            (0.0, last.sqrt().recip() * 1.5)
+        }
+        WeightKind::Small => match leaf {
+            "A_log" => (-1.96, 1.94),
+            "dt_bias" | "router_bias" => (0.0, 0.2),
+            l if l.ends_with("_conv") => (0.0, last.sqrt().recip()),
+            _ => (1.0, 0.2),
+        },
+    }
+}
+
+/// A 24-bit seed for `name` (the device fill's per-tensor stream).
+pub fn tensor_seed(name: &str, seed: u64) -> u32 {
+    let mut h: u64 = seed ^ 0x9e37_79b9_7f4a_7c15;
+    for b in name.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h >> 40) as u32 & 0xff_ffff
+}
+
 pub fn random_tensor(name: &str, shape: &[usize], kind: WeightKind, seed: u64) -> Vec<f32> {
     let decl = WeightDecl {
         shape: shape.to_vec(),

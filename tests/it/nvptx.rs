@@ -313,3 +313,66 @@ gpu_snapshot!(
     Target::Sm80,
     true
 );
+
+/// The device fill of random benchmark weights, lowered for the host from the same kernel IR:
+/// every value inside `centre ± width`, spread over it, different per seed.
+#[test]
+fn device_fill_covers_its_range() {
+    use lamina_compiler::kernels::fill::{fill_uniform_bf16, FILL_KERNEL};
+    let dir = tempfile::tempdir().unwrap();
+    let so = dir.path().join("fill.so");
+    lamina_targets::host::build_library(&[fill_uniform_bf16()], &so).unwrap();
+    // SAFETY: a library just built from one kernel; its symbol has the packed signature.
+    let lib = unsafe { libloading::Library::new(&so) }.unwrap();
+    let f: libloading::Symbol<unsafe extern "C" fn(*mut *mut i64)> =
+        unsafe { lib.get(lamina_targets::host::symbol(FILL_KERNEL).as_bytes()) }.unwrap();
+    let fill = |seed: f32| -> Vec<f32> {
+        let n = 100_003usize;
+        let mut out = vec![0u16; n];
+        let mut p = [seed, 0.5f32, 0.25, 0.0];
+        let mut desc = [
+            [
+                out.as_mut_ptr() as i64,
+                out.as_mut_ptr() as i64,
+                0,
+                n as i64,
+                1,
+            ],
+            [p.as_mut_ptr() as i64, p.as_mut_ptr() as i64, 0, 4, 1],
+        ];
+        let mut scalars = [n as i64, 0, n as i64];
+        let mut args: Vec<*mut i64> = Vec::new();
+        for d in desc.iter_mut() {
+            for x in d.iter_mut() {
+                args.push(x);
+            }
+        }
+        for s in scalars.iter_mut() {
+            args.push(s);
+        }
+        // SAFETY: the descriptors cover both buffers; rows = n programs, each writing its own
+        // element.
+        unsafe { f(args.as_mut_ptr()) };
+        out.iter()
+            .map(|&b| half::bf16::from_bits(b).to_f32())
+            .collect()
+    };
+    let a = fill(12345.0);
+    let b = fill(777.0);
+    let n = a.len() as f64;
+    let mean = a.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let var = a.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+    assert!(
+        a.iter().all(|&x| (0.249..=0.751).contains(&x)),
+        "outside 0.5 ± 0.25"
+    );
+    assert!((mean - 0.5).abs() < 0.01, "mean {mean}");
+    // Uniform on ±0.25: standard deviation 0.25/√3 ≈ 0.144.
+    assert!((var.sqrt() - 0.144).abs() < 0.01, "std {}", var.sqrt());
+    let same = a.iter().zip(&b).filter(|(x, y)| x == y).count();
+    assert!(
+        same < a.len() / 10,
+        "seeds give the same values at {same} of {} places",
+        a.len()
+    );
+}

@@ -11,11 +11,13 @@
 //! - [`conv`]: the short causal conv (prefill: sequential over a sequence; decode: one step);
 //! - [`recurrence`]: linear-attention recurrences (GDN, KDA, DeltaNet, lightning);
 //! - [`attention`]: rope, GQA and MLA over their caches;
-//! - [`moe`]: routing, routed SwiGLU experts.
+//! - [`moe`]: routing, routed SwiGLU experts;
+//! - [`fill`]: the device fill of random benchmark weights (GPU plans).
 
 pub mod attention;
 pub mod conv;
 pub mod elementwise;
+pub mod fill;
 pub mod linear;
 pub mod moe;
 pub mod norm;

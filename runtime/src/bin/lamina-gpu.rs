@@ -47,23 +47,35 @@ enum Cmd {
         #[arg(long, default_value_t = 1e-4)]
         tol: f64,
     },
-    Bench {
-        artifact: PathBuf,
-        #[arg(long)]
-        weights: Option<PathBuf>,
-        #[arg(long, default_value_t = 512)]
-        prompt_len: usize,
-        #[arg(long, default_value_t = 64)]
-        gen: usize,
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
-        #[arg(long, default_value_t = 2048)]
-        copy_mib: usize,
-    },
+    Bench(BenchArgs),
     Copy {
         #[arg(long, default_value_t = 2048)]
         mib: usize,
     },
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    artifact: PathBuf,
+    #[arg(long)]
+    weights: Option<PathBuf>,
+    /// Prompt tokens prefilled per sequence (timed); 0 skips the prefill.
+    #[arg(long, default_value_t = 512)]
+    prompt_len: usize,
+    /// Tokens generated per sequence (the first from the prefill).
+    #[arg(long, default_value_t = 64)]
+    gen: usize,
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Decode from this position (the cache past the prompt holds zeros): long-context decode
+    /// without prefilling it. Default: right after the prompt.
+    #[arg(long)]
+    context: Option<usize>,
+    /// Fill a native spec's random weights on the device (full-size plans).
+    #[arg(long)]
+    device_weights: bool,
+    #[arg(long, default_value_t = 2048)]
+    copy_mib: usize,
 }
 
 fn main() -> ExitCode {
@@ -86,14 +98,7 @@ fn run(cli: Cli) -> Result<(), String> {
             expected,
             tol,
         } => check(&artifact, weights, &tokens, gen, &expected, tol),
-        Cmd::Bench {
-            artifact,
-            weights,
-            prompt_len,
-            gen,
-            batch,
-            copy_mib,
-        } => bench(&artifact, weights, prompt_len, gen, batch, copy_mib),
+        Cmd::Bench(a) => bench(&a),
         Cmd::Copy { mib } => {
             let bw = copy_bandwidth(mib << 20).map_err(|e| e.to_string())?;
             println!("RESULT copy {mib} MiB: {:.1} GB/s (read + write)", bw / 1e9);
@@ -184,29 +189,38 @@ fn read_expected(path: &std::path::Path) -> Result<Generation, String> {
     })
 }
 
-fn bench(
-    artifact: &std::path::Path,
-    weights: Option<PathBuf>,
-    prompt_len: usize,
-    gen: usize,
-    batch: usize,
-    copy_mib: usize,
-) -> Result<(), String> {
-    let mut e = load(artifact, weights)?;
+fn bench(a: &BenchArgs) -> Result<(), String> {
+    let (batch, gen) = (a.batch, a.gen);
+    let load = Instant::now();
+    let mut e = CudaEngine::load_with(
+        &a.artifact,
+        a.weights.as_deref(),
+        false,
+        a.device_weights,
+        &|_, _| {},
+    )
+    .map_err(|e| format!("{}: {e}", a.artifact.display()))?;
+    let load = load.elapsed().as_secs_f64();
     let limits = e.plan.limits;
-    if batch > limits.max_batch || prompt_len + gen > limits.max_context || gen < 2 {
+    let start = a.context.unwrap_or(a.prompt_len);
+    if batch == 0
+        || batch > limits.max_batch
+        || start + gen > limits.max_context
+        || gen < 2
+        || a.prompt_len > start
+    {
         return Err(format!(
-            "{} holds batch {} and {} positions; asked for batch {batch}, {} positions (gen ≥ 2)",
-            artifact.display(),
+            "{} holds batch {} and {} positions; asked for batch {batch}, prompt {} and decode from {start} for {gen} (gen ≥ 2)",
+            a.artifact.display(),
             limits.max_batch,
             limits.max_context,
-            prompt_len + gen
+            a.prompt_len
         ));
     }
     let err = |x: lamina_ir::Error| x.to_string();
     let v = e.vocab();
-    let prompt = |s: usize| -> Vec<i64> {
-        (0..prompt_len)
+    let prompt = |s: usize, len: usize| -> Vec<i64> {
+        (0..len)
             .map(|i| ((i * 7919 + 13 + s * 101) % v) as i64)
             .collect()
     };
@@ -214,18 +228,31 @@ fn bench(
     let warm: Vec<(usize, i64)> = (0..batch).map(|s| (s, 1)).collect();
     for &(s, _) in &warm {
         e.reset(s).map_err(err)?;
-        e.prefill(s, &prompt(s)[..prompt_len.min(16)])
-            .map_err(err)?;
+        e.prefill(s, &prompt(s, 4)).map_err(err)?;
     }
     e.decode(&warm).map_err(err)?;
-    let mut last = Vec::new();
-    let t = Instant::now();
+    let name = format!("{} {}", e.plan.model.name, e.plan.target);
+    let mut last: Vec<i64> = (0..batch).map(|s| (s as i64 * 31 + 7) % v as i64).collect();
     for s in 0..batch {
         e.reset(s).map_err(err)?;
-        let logits = e.prefill(s, &prompt(s)).map_err(err)?;
-        last.push(argmax(&logits[logits.len() - v..]) as i64);
     }
-    let prefill = t.elapsed().as_secs_f64();
+    if a.prompt_len > 0 {
+        let t = Instant::now();
+        for (s, tok) in last.iter_mut().enumerate() {
+            let logits = e.prefill(s, &prompt(s, a.prompt_len)).map_err(err)?;
+            *tok = argmax(&logits[logits.len() - v..]) as i64;
+        }
+        let prefill = t.elapsed().as_secs_f64();
+        println!(
+            "RESULT prefill {name} batch {batch} prompt {}: {:.3} ms, {:.0} tokens/s (load {load:.1} s)",
+            a.prompt_len,
+            prefill * 1e3,
+            (batch * a.prompt_len) as f64 / prefill
+        );
+    }
+    for s in 0..batch {
+        e.positions_mut()[s] = start;
+    }
     let steps = gen - 1;
     let t = Instant::now();
     for _ in 0..steps {
@@ -236,25 +263,17 @@ fn bench(
         }
     }
     let step = t.elapsed().as_secs_f64() / steps as f64;
-    let bw = copy_bandwidth(copy_mib << 20).map_err(err)?;
+    let bw = copy_bandwidth(a.copy_mib << 20).map_err(err)?;
     let c = e.plan.cost;
-    let mean_ctx = (prompt_len + steps / 2) as u64;
+    let mean_ctx = (start + steps / 2) as u64;
     let bytes = c.decode_weight_bytes
         + batch as u64 * 2 * c.state_bytes_per_sequence
         + batch as u64 * c.cache_bytes_per_position * mean_ctx;
     let roofline = bytes as f64 / bw;
     println!(
-        "RESULT prefill {} {} batch {batch} prompt {prompt_len}: {:.3} ms, {:.0} tokens/s",
-        e.plan.model.name,
-        e.plan.target,
-        prefill * 1e3,
-        (batch * prompt_len) as f64 / prefill
-    );
-    println!(
-        "RESULT decode {} {} batch {batch} context {mean_ctx}: {:.3} ms/step, {:.1} GB/s, roofline {:.3} ms at {:.0} GB/s copy, {:.1}%",
-        e.plan.model.name,
-        e.plan.target,
+        "RESULT decode {name} batch {batch} context {mean_ctx}: {:.3} ms/step, {:.1} tokens/s, {:.1} GB/s, roofline {:.3} ms at {:.0} GB/s copy, {:.1}%",
         step * 1e3,
+        batch as f64 / step,
         bytes as f64 / step / 1e9,
         roofline * 1e3,
         bw / 1e9,

@@ -309,6 +309,19 @@ impl CudaEngine {
         allow_weight_mismatch: bool,
         progress: &dyn Fn(usize, usize),
     ) -> Result<CudaEngine, Error> {
+        Self::load_with(dir, weights_dir, allow_weight_mismatch, false, progress)
+    }
+
+    /// [`CudaEngine::load_with_progress`]; with `device_weights`, a native spec's random weights
+    /// are filled on the device by the plan's fill kernel (uniform in the host generator's
+    /// range, not its values: for benchmarks of plans too large to upload).
+    pub fn load_with(
+        dir: &Path,
+        weights_dir: Option<&Path>,
+        allow_weight_mismatch: bool,
+        device_weights: bool,
+        progress: &dyn Fn(usize, usize),
+    ) -> Result<CudaEngine, Error> {
         let plan = Plan::load(dir)?;
         if plan.target == "host" {
             return Err(bad_plan(
@@ -395,15 +408,22 @@ impl CudaEngine {
             }
         }
         e.constants = Buffer::upload(&constants, "constants")?;
-        let host =
-            crate::host::weights::load_all(&e.plan, weights_dir, allow_weight_mismatch, progress)?;
-        for (w, entry) in host.iter().zip(&e.plan.weights) {
-            e.weights.push(Buffer::upload(
-                w.bytes(),
-                &format!("weight {}", entry.name),
-            )?);
+        if device_weights {
+            e.fill_weights(dir, progress)?;
+        } else {
+            let host = crate::host::weights::load_all(
+                &e.plan,
+                weights_dir,
+                allow_weight_mismatch,
+                progress,
+            )?;
+            for (w, entry) in host.iter().zip(&e.plan.weights) {
+                e.weights.push(Buffer::upload(
+                    w.bytes(),
+                    &format!("weight {}", entry.name),
+                )?);
+            }
         }
-        drop(host);
         for p in &e.plan.pools {
             let b = Buffer::new(p.shape.iter().product::<usize>() * 4, &p.name)?;
             // SAFETY: `b` holds that many bytes.
@@ -453,6 +473,73 @@ impl CudaEngine {
         // finished them, and the engine's stream does not wait for the legacy stream.
         result::ctx::synchronize().map_err(cuda("finishing the uploads"))?;
         Ok(e)
+    }
+
+    /// Every weight allocated and filled on the device by the plan's fill kernel.
+    fn fill_weights(&mut self, dir: &Path, progress: &dyn Fn(usize, usize)) -> Result<(), Error> {
+        use lamina_ir::plan::{WeightSource, FILL_KERNEL};
+        let fill = self
+            .plan
+            .kernels
+            .iter()
+            .position(|k| k.name == FILL_KERNEL)
+            .ok_or_else(|| bad_plan(dir, format!("no {FILL_KERNEL} kernel for device weights")))?;
+        let block = self.plan.kernels[fill]
+            .gpu
+            .as_ref()
+            .map_or(128, |g| g.block);
+        let args = Buffer::new(16, "fill arguments")?;
+        let total = self.plan.weights.len();
+        for (wi, w) in self.plan.weights.iter().enumerate() {
+            let kind = match &w.source {
+                WeightSource::Random { kind, .. } => kind,
+                WeightSource::Stack { parts } => match parts.first() {
+                    Some(WeightSource::Random { kind, .. }) => kind,
+                    _ => "",
+                },
+                _ => "",
+            };
+            let kind = lamina_ir::stats::kind_from_name(kind).ok_or_else(|| {
+                bad_plan(
+                    dir,
+                    format!(
+                        "weight {}: device weights need a native spec's random weights",
+                        w.name
+                    ),
+                )
+            })?;
+            let n: usize = w.shape.iter().product();
+            let buf = Buffer::new(n * 2, &format!("weight {}", w.name))?;
+            let (centre, width) = lamina_ir::weights::random_range(&w.name, &w.shape, kind);
+            let seed = lamina_ir::weights::tensor_seed(&w.name, 0) as f32;
+            let p = [seed, centre, width, 0.0f32];
+            // SAFETY: 16 bytes into a 16-byte buffer, synchronously (the launch below reads it).
+            unsafe { result::memcpy_htod_sync(args.ptr, &p) }
+                .map_err(cuda("copying the fill arguments"))?;
+            let mut params = [buf.ptr, args.ptr, 0u64, n as u64];
+            let mut ptrs: Vec<*mut c_void> = params
+                .iter_mut()
+                .map(|p| p as *mut u64 as *mut c_void)
+                .collect();
+            // SAFETY: the fill kernel takes (out, p, scratch, rows); `out` holds n bf16.
+            unsafe {
+                result::launch_kernel(
+                    self.functions[fill],
+                    (n.div_ceil(block as usize) as u32, 1, 1),
+                    (block, 1, 1),
+                    0,
+                    self.stream,
+                    &mut ptrs,
+                )
+                .map_err(cuda(format!("filling weight {}", w.name)))?;
+                // The argument buffer is rewritten for the next weight.
+                result::stream::synchronize(self.stream)
+                    .map_err(cuda(format!("filling weight {}", w.name)))?;
+            }
+            self.weights.push(buf);
+            progress(wi + 1, total);
+        }
+        Ok(())
     }
 
     /// Fills the arena with `byte` (0xFF makes every f32 a NaN: the GPU tests poison it before
