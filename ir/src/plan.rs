@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::kernel::{Dim, Param};
 
-pub const SCHEMA_VERSION: u32 = 1;
+/// 2: GPU launch data per kernel, weight dtypes (session 4).
+pub const SCHEMA_VERSION: u32 = 2;
 pub const PLAN_FILE: &str = "plan.json";
 pub const HOST_LIBRARY: &str = "kernels.so";
 /// The PTX module of an NVPTX artifact (one `.entry` per kernel, named as the kernel).
@@ -239,6 +240,18 @@ impl Plan {
     pub fn load(dir: &Path) -> Result<Plan> {
         let path = dir.join(PLAN_FILE);
         let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        // The version first: an artifact of another version gets "rebuild", not a field error.
+        let version = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("schema_version").and_then(|s| s.as_u64()));
+        if let Some(found) = version.filter(|&v| v != SCHEMA_VERSION as u64) {
+            return Err(Error::Input {
+                what: path.display().to_string(),
+                msg: format!(
+                    "field schema_version is {found}, this build reads {SCHEMA_VERSION}; rebuild the artifact"
+                ),
+            });
+        }
         let plan: Plan = serde_json::from_str(&text).map_err(|e| Error::Input {
             what: path.display().to_string(),
             msg: format!("not a Lamina plan: {e}"),

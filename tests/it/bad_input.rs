@@ -572,7 +572,7 @@ fn bad_artifacts() {
     // Wrong schema version.
     std::fs::write(
         &plan,
-        text.replacen("\"schema_version\": 1", "\"schema_version\": 99", 1),
+        text.replacen("\"schema_version\": 2", "\"schema_version\": 99", 1),
     )
     .unwrap();
     fails(

@@ -52,6 +52,18 @@ enum Cmd {
         #[arg(long, default_value_t = 2048)]
         mib: usize,
     },
+    /// One kernel of a plan timed alone (the first whose name contains NAME).
+    Kernel {
+        artifact: PathBuf,
+        name: String,
+        #[arg(long)]
+        rows: usize,
+        /// Positions every row attends up to (decode attention); default: 0, 1, 2, ...
+        #[arg(long)]
+        pos: Option<usize>,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+    },
 }
 
 #[derive(clap::Args)]
@@ -99,6 +111,26 @@ fn run(cli: Cli) -> Result<(), String> {
             tol,
         } => check(&artifact, weights, &tokens, gen, &expected, tol),
         Cmd::Bench(a) => bench(&a),
+        Cmd::Kernel {
+            artifact,
+            name,
+            rows,
+            pos,
+            iters,
+        } => {
+            let b = lamina_runtime::cuda::bench_kernel(&artifact, &name, rows, pos, iters)
+                .map_err(|e| e.to_string())?;
+            println!(
+                "RESULT kernel {} rows {}{}: {:.3} ms/launch, buffers {:.2} GB, {:.1} GB/s over them",
+                b.kernel,
+                b.rows,
+                pos.map(|p| format!(" pos {p}")).unwrap_or_default(),
+                b.seconds * 1e3,
+                b.footprint as f64 / 1e9,
+                b.footprint as f64 / b.seconds / 1e9
+            );
+            Ok(())
+        }
         Cmd::Copy { mib } => {
             let bw = copy_bandwidth(mib << 20).map_err(|e| e.to_string())?;
             println!("RESULT copy {mib} MiB: {:.1} GB/s (read + write)", bw / 1e9);

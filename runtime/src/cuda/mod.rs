@@ -798,3 +798,157 @@ impl Executor for CudaEngine {
         self.prefill_progress = Some(f);
     }
 }
+
+/// One kernel of a GPU plan timed alone (see [`bench_kernel`]).
+#[derive(Debug, Clone)]
+pub struct KernelBench {
+    pub kernel: String,
+    pub rows: usize,
+    /// Mean time of one launch.
+    pub seconds: f64,
+    /// Bytes of all its buffers at `rows` rows (each read or written once: a floor on its
+    /// traffic).
+    pub footprint: u64,
+}
+
+/// Times the first kernel of the plan in `dir` whose name contains `name`, alone, over `rows`
+/// rows: every buffer allocated at its size for `rows` and filled (bf16: the device fill; f32:
+/// 0.01; `pos`: `pos`, or 0, 1, 2, ... when `pos` is None; other i64: 0), one warm-up launch,
+/// then `iters` launches on one stream, synchronised once.
+pub fn bench_kernel(
+    dir: &Path,
+    name: &str,
+    rows: usize,
+    pos: Option<usize>,
+    iters: usize,
+) -> Result<KernelBench, Error> {
+    use lamina_ir::kernel::Elem;
+    let plan = Plan::load(dir)?;
+    let device = Device::open(0)?;
+    device
+        .check_target(&plan.target)
+        .map_err(|m| bad_plan(dir, m))?;
+    let k = plan
+        .kernels
+        .iter()
+        .find(|k| k.name.contains(name))
+        .ok_or_else(|| bad_plan(dir, format!("no kernel named like {name:?}")))?;
+    let fill_k = plan
+        .kernels
+        .iter()
+        .position(|k| k.name == lamina_ir::plan::FILL_KERNEL)
+        .ok_or_else(|| bad_plan(dir, "no fill kernel".into()))?;
+    let g = k
+        .gpu
+        .clone()
+        .ok_or_else(|| bad_plan(dir, format!("kernel {} has no launch data", k.name)))?;
+    let ptx_path = dir.join(PTX_FILE);
+    let ptx = std::fs::read_to_string(&ptx_path).map_err(|e| Error::io(&ptx_path, e))?;
+    let ptx = CString::new(ptx).map_err(|_| Error::Io {
+        path: ptx_path.display().to_string(),
+        msg: "contains a NUL byte: not PTX".into(),
+    })?;
+    let module = load_ptx(&ptx, &ptx_path)?;
+    let timed = (|| -> Result<KernelBench, Error> {
+        let get = |n: &str| {
+            let c = CString::new(n).map_err(|_| bad_plan(dir, format!("bad symbol {n}")))?;
+            // SAFETY: the module is loaded.
+            unsafe { result::module::get_function(module, c) }
+                .map_err(cuda(format!("kernel {n} in {PTX_FILE}")))
+        };
+        let f = get(&k.symbol)?;
+        let fill = get(&plan.kernels[fill_k].symbol)?;
+        let fill_block = plan.kernels[fill_k].gpu.as_ref().map_or(128, |g| g.block);
+        let mut bufs = Vec::new();
+        let mut footprint = 0u64;
+        let args = Buffer::new(16, "fill arguments")?;
+        for p in &k.params {
+            let n = p.numel(rows);
+            let b = Buffer::new(n * p.elem.bytes(), &p.name)?;
+            footprint += (n * p.elem.bytes()) as u64;
+            // SAFETY: every write below stays inside `b` (n elements of its type).
+            unsafe {
+                match p.elem {
+                    Elem::Bf16 => {
+                        result::memcpy_htod_sync(args.ptr, &[17.0f32, 0.0, 0.02, 0.0])
+                            .map_err(cuda("fill arguments"))?;
+                        let mut params = [b.ptr, args.ptr, 0u64, n as u64];
+                        let mut ptrs: Vec<*mut c_void> = params
+                            .iter_mut()
+                            .map(|x| x as *mut u64 as *mut c_void)
+                            .collect();
+                        result::launch_kernel(
+                            fill,
+                            (n.div_ceil(fill_block as usize).max(1) as u32, 1, 1),
+                            (fill_block, 1, 1),
+                            0,
+                            result::stream::null(),
+                            &mut ptrs,
+                        )
+                        .map_err(cuda(format!("filling {}", p.name)))?;
+                    }
+                    Elem::F32 => {
+                        sys::cuMemsetD32_v2(b.ptr, 0.01f32.to_bits(), n)
+                            .result()
+                            .map_err(cuda(format!("filling {}", p.name)))?;
+                    }
+                    Elem::I64 => {
+                        let v: Vec<i64> = match (p.name.as_str(), pos) {
+                            ("pos", Some(at)) => vec![at as i64; n],
+                            ("pos", None) => (0..n as i64).collect(),
+                            _ => vec![0; n],
+                        };
+                        result::memcpy_htod_sync(b.ptr, &v)
+                            .map_err(cuda(format!("filling {}", p.name)))?;
+                    }
+                }
+            }
+            bufs.push(b);
+        }
+        let programs: usize = k.grid.iter().map(|d| d.eval(rows)).product();
+        let scratch = Buffer::new(programs * g.scratch_bytes as usize, "scratch")?;
+        let mut params: Vec<u64> = bufs.iter().map(|b| b.ptr).collect();
+        params.push(scratch.ptr);
+        params.push(rows as u64);
+        let mut ptrs: Vec<*mut c_void> = params
+            .iter_mut()
+            .map(|x| x as *mut u64 as *mut c_void)
+            .collect();
+        let blocks = (programs * g.lanes as usize)
+            .div_ceil(g.block as usize)
+            .max(1) as u32;
+        result::ctx::synchronize().map_err(cuda("preparing the buffers"))?;
+        let launch = |ptrs: &mut [*mut c_void]| {
+            // SAFETY: the parameters match the kernel's (one pointer per buffer sized for
+            // `rows`, the scratch, the row count).
+            unsafe {
+                result::launch_kernel(
+                    f,
+                    (blocks, 1, 1),
+                    (g.block, 1, 1),
+                    0,
+                    result::stream::null(),
+                    ptrs,
+                )
+            }
+            .map_err(cuda(format!("kernel {}", k.name)))
+        };
+        launch(&mut ptrs)?;
+        result::ctx::synchronize().map_err(cuda(format!("kernel {} (warm-up)", k.name)))?;
+        let t = std::time::Instant::now();
+        for _ in 0..iters.max(1) {
+            launch(&mut ptrs)?;
+        }
+        result::ctx::synchronize().map_err(cuda(format!("kernel {}", k.name)))?;
+        Ok(KernelBench {
+            kernel: k.name.clone(),
+            rows,
+            seconds: t.elapsed().as_secs_f64() / iters.max(1) as f64,
+            footprint,
+        })
+    })();
+    // SAFETY: loaded above; its functions are not used past this point.
+    let _ = unsafe { result::module::unload(module) };
+    drop(device);
+    timed
+}
