@@ -12,7 +12,7 @@
 //! memory. The runtime reads all of this from the plan ([`lamina_ir::plan::GpuLaunch`]).
 //!
 //! Not yet here (issue 4's remaining work): block-cooperative tiles, shared-memory staging,
-//! tensor-core MMAs (`mma.sync` / `wgmma`), bf16 storage.
+//! tensor-core MMAs (`mma.sync` / `wgmma`), bf16 activations.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

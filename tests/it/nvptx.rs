@@ -359,6 +359,12 @@ fn device_fill_covers_its_range() {
     };
     let a = fill(12345.0);
     let b = fill(777.0);
+    // The largest seed (2^24 − 1) must not overflow the hash.
+    let c = fill(16_777_215.0);
+    assert!(
+        c.iter().all(|&x| (0.249..=0.751).contains(&x)),
+        "seed 2^24-1 leaves the range"
+    );
     let n = a.len() as f64;
     let mean = a.iter().map(|&x| x as f64).sum::<f64>() / n;
     let var = a.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;

@@ -1,5 +1,6 @@
 //! The device fill of random benchmark weights: `out[i] = centre + width·u(i)` with `u(i)` in
-//! [-1, 1) from two rounds of a 31-bit linear congruential hash of `i` and a per-tensor seed.
+//! [-1, 1] from two rounds of a 31-bit linear congruential hash of `i` and a per-tensor seed
+//! (each round reduces its input mod 2^31 first, so no product leaves i64).
 //! GPU plans carry it (not launched by any schedule) so that full-size benchmarks fill their
 //! weights where they live instead of uploading tens of gigabytes; host tests run it to check
 //! its range. Not the host's `random_tensor` values: only for timing.
@@ -12,7 +13,8 @@ pub use lamina_ir::plan::FILL_KERNEL;
 /// `out: bf16[R]` (R = the tensor's elements), `p: f32[4] = [seed (< 2^24), centre, width, 0]`.
 pub fn fill_uniform_bf16() -> Kernel {
     const M: usize = 1 << 31;
-    let round = |x: lamina_ir::kernel::Expr| rem(x * i(1_103_515_245) + i(12_345), i(M));
+    // x ≥ 0 throughout; reduced below 2^31 before the multiply, the product stays below 2^62.
+    let round = |x: lamina_ir::kernel::Expr| rem(rem(x, i(M)) * i(1_103_515_245) + i(12_345), i(M));
     Kernel {
         name: FILL_KERNEL.into(),
         nodes: vec![],

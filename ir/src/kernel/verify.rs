@@ -198,6 +198,12 @@ impl Scope<'_> {
                 if *split && !carried.is_empty() {
                     split_sum(var, carried, body, yields)?;
                 }
+                if *split && carried.is_empty() && declares_local(body) {
+                    return Err(format!(
+                        "parallel split loop {var}: declares a local (its iterations run on \
+                         different threads that share the program's locals)"
+                    ));
+                }
                 let mut tys = Vec::new();
                 for (n, init) in carried {
                     tys.push((n.clone(), self.expr(init)?));
@@ -360,6 +366,13 @@ fn split_sum(
     }
     let names: Vec<&str> = carried.iter().map(|(n, _)| n.as_str()).collect();
     for s in body {
+        if let Stmt::Let(l, _) = s {
+            if names.contains(&l.as_str()) || l == var {
+                return Err(format!(
+                    "split loop {var}: let {l} shadows a carried value or the loop variable"
+                ));
+            }
+        }
         if let Stmt::Let(l, e) = s {
             if let Some(m) = names.iter().find(|m| reads(e, m)) {
                 return Err(format!(
@@ -382,6 +395,15 @@ fn split_sum(
         }
     }
     Ok(())
+}
+
+/// Whether `body` declares a local anywhere inside.
+fn declares_local(body: &[Stmt]) -> bool {
+    body.iter().any(|s| match s {
+        Stmt::Local { .. } => true,
+        Stmt::For { body, .. } | Stmt::If { then: body, .. } => declares_local(body),
+        _ => false,
+    })
 }
 
 /// Whether `e` reads variable `name`.
@@ -546,6 +568,23 @@ mod tests {
             (
                 sum_loop(vec![let_("t", v("acc") * x())], v("acc") + v("t")),
                 "reads the carried value acc",
+            ),
+            (
+                sum_loop(vec![let_("acc", x())], v("acc") + f(1.0)),
+                "shadows a carried value",
+            ),
+            (
+                kernel(vec![for_par(
+                    "k",
+                    i(0),
+                    i(8),
+                    vec![
+                        local("t", 1),
+                        st("t", [i(0)], x()),
+                        st("y", [pid(0), v("k")], ld("t", [i(0)])),
+                    ],
+                )]),
+                "declares a local",
             ),
         ];
         for (k, want) in cases {

@@ -484,10 +484,10 @@ impl CudaEngine {
             .iter()
             .position(|k| k.name == FILL_KERNEL)
             .ok_or_else(|| bad_plan(dir, format!("no {FILL_KERNEL} kernel for device weights")))?;
-        let block = self.plan.kernels[fill]
+        let (block, lanes) = self.plan.kernels[fill]
             .gpu
             .as_ref()
-            .map_or(128, |g| g.block);
+            .map_or((128, 1), |g| (g.block, g.lanes));
         let args = Buffer::new(16, "fill arguments")?;
         let total = self.plan.weights.len();
         for (wi, w) in self.plan.weights.iter().enumerate() {
@@ -513,8 +513,9 @@ impl CudaEngine {
             let (centre, width) = lamina_ir::weights::random_range(&w.name, &w.shape, kind);
             let seed = lamina_ir::weights::tensor_seed(&w.name, 0) as f32;
             let p = [seed, centre, width, 0.0f32];
-            // SAFETY: 16 bytes into a 16-byte buffer, synchronously (the launch below reads it).
-            unsafe { result::memcpy_htod_sync(args.ptr, &p) }
+            // SAFETY: 16 bytes into a 16-byte buffer, on the engine's stream so that the launch
+            // below reads them; `p` lives until the stream is synchronised after the launch.
+            unsafe { result::memcpy_htod_async(args.ptr, &p, self.stream) }
                 .map_err(cuda("copying the fill arguments"))?;
             let mut params = [buf.ptr, args.ptr, 0u64, n as u64];
             let mut ptrs: Vec<*mut c_void> = params
@@ -525,7 +526,7 @@ impl CudaEngine {
             unsafe {
                 result::launch_kernel(
                     self.functions[fill],
-                    (n.div_ceil(block as usize) as u32, 1, 1),
+                    ((n * lanes as usize).div_ceil(block as usize) as u32, 1, 1),
                     (block, 1, 1),
                     0,
                     self.stream,
@@ -858,7 +859,10 @@ pub fn bench_kernel(
         };
         let f = get(&k.symbol)?;
         let fill = get(&plan.kernels[fill_k].symbol)?;
-        let fill_block = plan.kernels[fill_k].gpu.as_ref().map_or(128, |g| g.block);
+        let (fill_block, fill_lanes) = plan.kernels[fill_k]
+            .gpu
+            .as_ref()
+            .map_or((128, 1), |g| (g.block, g.lanes));
         let mut bufs = Vec::new();
         let mut footprint = 0u64;
         let args = Buffer::new(16, "fill arguments")?;
@@ -879,7 +883,13 @@ pub fn bench_kernel(
                             .collect();
                         result::launch_kernel(
                             fill,
-                            (n.div_ceil(fill_block as usize).max(1) as u32, 1, 1),
+                            (
+                                (n * fill_lanes as usize)
+                                    .div_ceil(fill_block as usize)
+                                    .max(1) as u32,
+                                1,
+                                1,
+                            ),
                             (fill_block, 1, 1),
                             0,
                             result::stream::null(),

@@ -13,7 +13,8 @@
 //!   as Triton's fast math does, so no libdevice is needed.
 //!
 //! Buffers are flat memrefs indexed with constant row-major strides; locals are stack
-//! allocations made once at function entry (GPU: per-thread local memory). Every operation
+//! allocations made once at function entry (GPU thread programs: per-thread local memory; GPU
+//! warp programs: a slice of the scratch buffer per program). Every operation
 //! carries a location naming the kernel, its graph nodes and the statement, so diagnostics
 //! point back at the source.
 
@@ -652,7 +653,7 @@ impl<'c> Lower<'c> {
                     starts
                         .iter()
                         .zip(totals)
-                        .map(|(&s0, t)| l.op(blk, "arith.addf", &[s0, t], l.f32, true))
+                        .map(|(&s0, t)| l.op(blk, "arith.addf", &[s0, t], l.f32, false))
                         .collect()
                 };
                 for ((n, _), (v, t)) in carried.iter().zip(results.into_iter().zip(&tys)) {
@@ -1090,7 +1091,9 @@ impl<'c> Lower<'c> {
                 .build()
                 .map_err(|e| bug(format!("gpu.shuffle: {e}")))?;
             let other = self.append(blk, shuffle);
-            acc = self.op(blk, combine, &[acc, other], self.f32, true);
+            // No fast-math flags: a contraction into one lane's combine would make the lanes'
+            // totals differ in the last bit, and the program relies on them being identical.
+            acc = self.op(blk, combine, &[acc, other], self.f32, false);
             offset /= 2;
         }
         Ok(acc)
