@@ -188,7 +188,7 @@ fn attend_block(
         local("m", bq),
         local("l", bq),
         local_i("nkq", bq),
-        for_("d", i(0), i(bq * width), vec![st("acc", [v("d")], f(0.0))]),
+        for_par("d", i(0), i(bq * width), vec![st("acc", [v("d")], f(0.0))]),
     ];
     for q in 0..bq {
         body.push(st("nkq", [i(q)], ld("pos", [v(&format!("rq{q}"))]) + i(1)));
@@ -247,7 +247,7 @@ fn attend_block(
                     ),
                 ),
                 let_("corr", exp(ld("m", [i(q)]) - v("m2"))),
-                for_(
+                for_par(
                     "jj",
                     i(0),
                     v("nb"),
@@ -263,7 +263,7 @@ fn attend_block(
                     ld("l", [i(q)]) * v("corr") + sum("jj", i(0), v("nb"), sc(q, v("jj"))),
                 ),
                 st("m", [i(q)], v("m2")),
-                for_(
+                for_par(
                     "d",
                     i(0),
                     i(width),
@@ -277,7 +277,7 @@ fn attend_block(
         ));
         per_query.push(if_(
             ge(v("j0"), ld("nkq", [i(q)])),
-            vec![for_(
+            vec![for_par(
                 "jj",
                 i(0),
                 v("nb"),
@@ -297,14 +297,15 @@ fn attend_block(
         vec![
             let_("j0", v("jt") * i(BK)),
             let_("nb", min(i(BK), v("nk") - v("j0"))),
-            for_("jj", i(0), v("nb"), logits),
+            // One key per lane: the logits of different keys are independent.
+            for_par("jj", i(0), v("nb"), logits),
         ],
         per_query,
         vec![for_(
             "jj",
             i(0),
             v("nb"),
-            vec![key(), for_("d", i(0), i(width), accumulate)],
+            vec![key(), for_par("d", i(0), i(width), accumulate)],
         )],
     ]
     .concat();
@@ -408,7 +409,7 @@ fn store_rows(bq: usize, width: usize, value: &dyn Fn(usize) -> Expr) -> Vec<Stm
         .map(|q| {
             if_(
                 lt(i(q), v("nq")),
-                vec![for_(
+                vec![for_par(
                     "d",
                     i(0),
                     i(width),
@@ -577,7 +578,7 @@ pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     // q̃ = W_UK(h)ᵀ q_nope: [r] per query, accumulated row by row of W_UK (contiguous).
     for q in 0..bq {
         let qt = |e: Expr| ld("qt", [i(q * r) + e]);
-        body.push(for_(
+        body.push(for_par(
             "e",
             i(0),
             i(r),
@@ -592,7 +593,7 @@ pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
                     "qd",
                     ld("q", [v(&format!("rq{q}")), pid(1) * i(qk) + v("d")]),
                 ),
-                for_(
+                for_par(
                     "e",
                     i(0),
                     i(r),
