@@ -76,7 +76,13 @@ fn tile(op: &TileOp) -> Vec<Stmt> {
             } else {
                 dot
             };
-            vec![for_(
+            // Rows of the output are independent unless it overlaps an operand.
+            let rows = if out.buf != a.buf && out.buf != b.buf {
+                for_par
+            } else {
+                for_
+            };
+            vec![rows(
                 "_ti",
                 i(0),
                 m.clone(),
@@ -88,11 +94,12 @@ fn tile(op: &TileOp) -> Vec<Stmt> {
                 )],
             )]
         }
+        // Columns are independent (rows in order).
         TileOp::Cumsum { x, rows, cols } => vec![for_(
             "_tt",
             i(1),
             rows.clone(),
-            vec![for_(
+            vec![for_par(
                 "_tc",
                 i(0),
                 i(*cols),
@@ -104,11 +111,12 @@ fn tile(op: &TileOp) -> Vec<Stmt> {
                 )],
             )],
         )],
+        // Columns are independent (rows in order) unless `l` overlaps `x`.
         TileOp::TriSolve { l, x, n, cols } => vec![for_(
             "_ti",
             i(0),
             n.clone(),
-            vec![for_(
+            vec![(if l.buf != x.buf { for_par } else { for_ })(
                 "_tc",
                 i(0),
                 i(*cols),
