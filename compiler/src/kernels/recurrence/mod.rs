@@ -349,7 +349,8 @@ fn decode(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
     let mut pro: Vec<Stmt> = Vec::new();
     for (buf, local_buf, eps) in [("q", "qn", io.l2_q), ("k", "kn", io.l2_k)] {
         let at = || ld(local_buf, [v("c")]);
-        pro.push(for_(
+        // Key channels are independent: parallel loops (a GPU deals them to a warp's lanes).
+        pro.push(for_par(
             "c",
             i(0),
             i(dk),
@@ -362,7 +363,7 @@ fn decode(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
         if let Some(e) = eps {
             let inv = format!("inv_{buf}");
             pro.push(let_(&inv, rsqrt(sum("c", i(0), i(dk), at() * at()) + f(e))));
-            pro.push(for_(
+            pro.push(for_par(
                 "c",
                 i(0),
                 i(dk),
@@ -382,7 +383,7 @@ fn decode(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
             Some(v("d"))
         }
         Decay::PerChannel => {
-            step.push(for_(
+            step.push(for_par(
                 "c",
                 i(0),
                 i(dk),
@@ -412,8 +413,10 @@ fn decode(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
         Update::Additive => vt,
     };
     let o_val = f(rec.scale) * (v("bq") + v("u") * v("kq"));
+    // Per value column: a split sum over the key channels (coalesced state reads on a GPU),
+    // then the channels' independent writes.
     let col_body = vec![
-        for_carry(
+        for_sum(
             "c",
             i(0),
             i(dk),
@@ -422,7 +425,7 @@ fn decode(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
             vec![v("a") + v("sd") * kc.clone(), v("bq") + v("sd") * qc],
         ),
         let_("u", u),
-        for_(
+        for_par(
             "c",
             i(0),
             i(dk),
@@ -445,7 +448,7 @@ fn decode(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
             "inv_o",
             rsqrt(sum("jj", i(0), i(dv), ot() * ot()) / f(dv as f64) + f(eps)),
         ));
-        step.push(for_(
+        step.push(for_par(
             "jj",
             i(0),
             i(dv),
