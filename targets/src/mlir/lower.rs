@@ -5,10 +5,12 @@
 //! - host: `func.func @name(%buf: memref<?xT>..., %rows: index, %lo: index, %hi: index)`
 //!   runs programs `lo..hi` of the flattened grid in a loop (the host runtime splits the grid
 //!   between threads);
-//! - GPU: `gpu.func @name(%buf: memref<GPU_EXTENTxT>..., %rows: index) kernel` runs one
-//!   program per thread: program `blockIdx.x · blockDim.x + threadIdx.x`, masked against the
-//!   grid's size. Buffers are statically shaped so that the bare-pointer calling convention
-//!   applies (one `.u64` pointer per buffer); the extent is never used for addressing.
+//! - GPU: `gpu.func @name(%buf: memref<GPU_EXTENTxT>..., %scratch: memref<GPU_EXTENTxi8>,
+//!   %rows: index) kernel` runs one program per `lanes` consecutive threads (1, or a warp):
+//!   program `(blockIdx.x · blockDim.x + threadIdx.x) / lanes`, masked against the grid's size.
+//!   A warp program deals its split loops and reductions to its lanes (see [`Flavor::Gpu`]).
+//!   Buffers are statically shaped so that the bare-pointer calling convention applies (one
+//!   `.u64` pointer per buffer); the extent is never used for addressing.
 //!   Transcendentals become the PTX approximations (`ex2`, `lg2`, `sin`, `cos`, `rsqrt`),
 //!   as Triton's fast math does, so no libdevice is needed.
 //!
