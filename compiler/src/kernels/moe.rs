@@ -89,14 +89,14 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     match m.router {
         RouterKind::Softmax => {
             body.push(let_("mx", max_over("e", i(0), i(e_n), ld("sc", [v("e")]))));
-            body.push(for_(
+            body.push(for_par(
                 "e",
                 i(0),
                 i(e_n),
                 vec![st("sc", [v("e")], exp(ld("sc", [v("e")]) - v("mx")))],
             ));
             body.push(let_("z", sum("e", i(0), i(e_n), ld("sc", [v("e")]))));
-            body.push(for_(
+            body.push(for_par(
                 "e",
                 i(0),
                 i(e_n),
@@ -104,7 +104,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
             ));
         }
         RouterKind::Sigmoid => {
-            body.push(for_(
+            body.push(for_par(
                 "e",
                 i(0),
                 i(e_n),
@@ -117,7 +117,8 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     } else {
         ld("sc", [v("e")])
     };
-    body.push(for_("e", i(0), i(e_n), vec![st("ch", [v("e")], choice)]));
+    // Per-expert maps are independent: parallel loops (a warp's lanes on a GPU).
+    body.push(for_par("e", i(0), i(e_n), vec![st("ch", [v("e")], choice)]));
     if m.groups > 1 {
         // Group score: the sum of its two best choice values; keep the best topk_groups groups.
         let per = e_n / m.groups;
@@ -142,7 +143,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
             ],
         ));
         body.push(local("keep", m.groups));
-        body.push(for_(
+        body.push(for_par(
             "gi",
             i(0),
             i(m.groups),
@@ -158,7 +159,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
                 st("gs", [v("best_i")], f(f64::NEG_INFINITY)),
             ],
         ));
-        body.push(for_(
+        body.push(for_par(
             "e",
             i(0),
             i(e_n),
