@@ -141,7 +141,7 @@ fn gpu_matches_host(model: &Path) {
     build(&m, &gpu_art, target, options, 1).unwrap();
     let mut host = HostEngine::load(&host_art, None).unwrap();
     let mut gpu = CudaEngine::load(&gpu_art, None).unwrap_or_else(|e| panic!("{what}: {e}"));
-    gpu.poison_arena(0xFF).unwrap();
+    gpu.poison_every_run(true);
     let v = m.graph.vocab_size;
     // 130 tokens: two prefill pieces (96 + 34), partial chunks of the chunked recurrences.
     let prompts = vec![prompt(130, v, 1), prompt(41, v, 2)];

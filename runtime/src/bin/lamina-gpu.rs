@@ -161,7 +161,7 @@ fn check(
         })
         .collect::<Result<_, _>>()?;
     let mut e = load(artifact, weights)?;
-    e.poison_arena(0xFF).map_err(|e| e.to_string())?;
+    e.poison_every_run(true);
     let v = e.vocab();
     let want = read_expected(expected)?;
     let got = e

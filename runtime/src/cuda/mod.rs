@@ -291,6 +291,8 @@ pub struct CudaEngine {
     /// Decode graphs by batch size (index `b - 1`).
     graphs: Vec<Option<Graph>>,
     eager: bool,
+    /// Fill the arena with NaN before every run (tests: a value no kernel wrote cannot pass).
+    poison_runs: bool,
     prefill_progress: Option<Box<dyn Fn(usize, usize)>>,
     /// Last: fields drop in order, and the buffers above need the context this releases.
     pub device: Device,
@@ -368,6 +370,7 @@ impl CudaEngine {
             ],
             staged: Default::default(),
             eager: std::env::var("LAMINA_CUDA_SYNC").as_deref() == Ok("1"),
+            poison_runs: false,
             prefill_progress: None,
             plan,
             device,
@@ -543,6 +546,13 @@ impl CudaEngine {
         Ok(())
     }
 
+    /// With `on`, the arena is filled with NaN (0xFF bytes) before every prefill piece and
+    /// decode step, so that an element no kernel of that run wrote turns the logits NaN, which
+    /// the run refuses.
+    pub fn poison_every_run(&mut self, on: bool) {
+        self.poison_runs = on;
+    }
+
     /// Fills the arena with `byte` (0xFF makes every f32 a NaN: the GPU tests poison it before
     /// each run so that an element no kernel wrote cannot pass).
     pub fn poison_arena(&mut self, byte: u8) -> Result<(), Error> {
@@ -602,7 +612,13 @@ impl CudaEngine {
                 .iter_mut()
                 .map(|p| p as *mut u64 as *mut c_void)
                 .collect();
-            let what = || format!("{phase}.launches[{li}] (kernel {})", k.name);
+            let what = || {
+                format!(
+                    "{phase}.launches[{li}] (kernel {}, graph nodes {})",
+                    k.name,
+                    l.nodes.join(", ")
+                )
+            };
             // SAFETY: the function takes exactly these parameters (one pointer per buffer and
             // the row count, checked against the PTX by the build), every pointer covers what
             // the kernel indexes for `rows` rows (check_shapes), and `params` outlives the
@@ -649,6 +665,9 @@ impl CudaEngine {
                     pos.len()
                 ),
             ));
+        }
+        if self.poison_runs {
+            self.poison_arena(0xFF)?;
         }
         self.staged = [tokens.to_vec(), slots.to_vec(), pos.to_vec()];
         for (b, h) in self.rows_in.iter().zip(&self.staged) {
