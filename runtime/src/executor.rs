@@ -33,6 +33,27 @@ pub(crate) fn bad_plan(dir: &Path, msg: String) -> Error {
     }
 }
 
+/// The artifact's `constants.bin` as f32, every plan constant checked to lie inside it.
+pub(crate) fn load_constants(plan: &Plan, dir: &Path) -> Result<Vec<f32>, Error> {
+    let path = dir.join(lamina_ir::plan::CONSTANTS_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let constants: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if let Some(c) = plan
+        .constants
+        .iter()
+        .find(|c| c.offset + c.len > constants.len())
+    {
+        return Err(bad_plan(
+            dir,
+            format!("constant {} lies outside constants.bin", c.name),
+        ));
+    }
+    Ok(constants)
+}
+
 /// Every launch argument is as large as its kernel parameter needs at the schedule's rows, of
 /// the right element type, and read-only arguments are bound to read-only parameters.
 /// `weight_len(i)` and `pool_len(i)` are the loaded lengths in f32 elements.

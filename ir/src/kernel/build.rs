@@ -95,15 +95,7 @@ pub fn for_carry(
 /// `for var in lo..hi { body }` marked as a parallel split loop (see [`Stmt::For`]): the
 /// iterations must be independent.
 pub fn for_par(var: &str, lo: Expr, hi: Expr, body: Vec<Stmt>) -> Stmt {
-    Stmt::For {
-        var: var.to_string(),
-        lo,
-        hi,
-        carried: Vec::new(),
-        body,
-        yields: Vec::new(),
-        split: true,
-    }
+    split(for_(var, lo, hi, body))
 }
 
 /// [`for_carry`] marked as a split sum (see [`Stmt::For`]): `yields[i]` must be
@@ -116,26 +108,15 @@ pub fn for_sum(
     body: Vec<Stmt>,
     yields: Vec<Expr>,
 ) -> Stmt {
-    match for_carry(var, lo, hi, carried, body, yields) {
-        Stmt::For {
-            var,
-            lo,
-            hi,
-            carried,
-            body,
-            yields,
-            ..
-        } => Stmt::For {
-            var,
-            lo,
-            hi,
-            carried,
-            body,
-            yields,
-            split: true,
-        },
-        _ => unreachable!("for_carry builds a loop"),
+    split(for_carry(var, lo, hi, carried, body, yields))
+}
+
+/// `s` (a loop) marked split.
+fn split(mut s: Stmt) -> Stmt {
+    if let Stmt::For { split, .. } = &mut s {
+        *split = true;
     }
+    s
 }
 
 pub fn if_(cond: Expr, then: Vec<Stmt>) -> Stmt {

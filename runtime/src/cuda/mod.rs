@@ -20,10 +20,10 @@ use std::ffi::{c_void, CString};
 use std::path::Path;
 
 use cudarc::driver::{result, sys};
-use lamina_ir::plan::{Arg, Plan, Schedule, CONSTANTS_FILE, PTX_FILE};
+use lamina_ir::plan::{Arg, Plan, Schedule, PTX_FILE};
 use lamina_ir::Error;
 
-use crate::executor::{bad_plan, check_finite, check_shapes, Executor};
+use crate::executor::{bad_plan, check_finite, check_shapes, load_constants, Executor};
 
 type CuResult<T> = Result<T, result::DriverError>;
 
@@ -160,9 +160,15 @@ impl Drop for Device {
     }
 }
 
-/// Loads a PTX module (unloaded by the engine's `Drop`), with the driver JIT's error log in
-/// the error.
-fn load_ptx(ptx: &CString, path: &Path) -> Result<sys::CUmodule, Error> {
+/// Loads the artifact's PTX module (the caller unloads it), with the driver JIT's error log
+/// in the error.
+fn load_ptx(dir: &Path) -> Result<sys::CUmodule, Error> {
+    let path = dir.join(PTX_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let ptx = CString::new(text).map_err(|_| Error::Io {
+        path: path.display().to_string(),
+        msg: "contains a NUL byte: not PTX".into(),
+    })?;
     let mut log = vec![0u8; 16 << 10];
     let mut options = [
         sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER,
@@ -196,6 +202,33 @@ fn load_ptx(ptx: &CString, path: &Path) -> Result<sys::CUmodule, Error> {
             };
             Err(cuda(what)(e))
         }
+    }
+}
+
+/// Fills `n` bf16 elements of `out` with the plan's fill kernel `f` (launched with `(block,
+/// lanes)`): its arguments `p` go through `args` (16 bytes) on `stream`, and the stream is
+/// synchronised before returning, so `args` may be rewritten for the next fill.
+fn fill_bf16(
+    f: sys::CUfunction,
+    (block, lanes): (u32, u32),
+    (out, n): (&Buffer, usize),
+    (args, p): (&Buffer, [f32; 4]),
+    stream: sys::CUstream,
+) -> Result<(), Error> {
+    let mut params = [out.ptr, args.ptr, 0u64, n as u64];
+    let mut ptrs: Vec<*mut c_void> = params
+        .iter_mut()
+        .map(|x| x as *mut u64 as *mut c_void)
+        .collect();
+    let blocks = (n * lanes as usize).div_ceil(block as usize).max(1) as u32;
+    // SAFETY: 16 bytes into the 16-byte `args`, ordered before the launch on `stream`; the fill
+    // kernel takes (out, p, scratch, rows) and `out` holds n bf16; `p` and `params` outlive the
+    // synchronisation.
+    unsafe {
+        result::memcpy_htod_async(args.ptr, &p, stream).map_err(cuda("the fill arguments"))?;
+        result::launch_kernel(f, (blocks, 1, 1), (block, 1, 1), 0, stream, &mut ptrs)
+            .map_err(cuda("the fill kernel"))?;
+        result::stream::synchronize(stream).map_err(cuda("the fill kernel"))
     }
 }
 
@@ -337,13 +370,7 @@ impl CudaEngine {
         device
             .check_target(&plan.target)
             .map_err(|m| bad_plan(dir, m))?;
-        let ptx_path = dir.join(PTX_FILE);
-        let ptx = std::fs::read_to_string(&ptx_path).map_err(|e| Error::io(&ptx_path, e))?;
-        let ptx = CString::new(ptx).map_err(|_| Error::Io {
-            path: ptx_path.display().to_string(),
-            msg: "contains a NUL byte: not PTX".into(),
-        })?;
-        let module = load_ptx(&ptx, &ptx_path)?;
+        let module = load_ptx(dir)?;
         let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
             .map_err(cuda("cuStreamCreate"));
         let stream = match stream {
@@ -396,21 +423,7 @@ impl CudaEngine {
             }
             e.functions.push(f);
         }
-        let cpath = dir.join(CONSTANTS_FILE);
-        let cbytes = std::fs::read(&cpath).map_err(|err| Error::io(&cpath, err))?;
-        let constants: Vec<f32> = cbytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        for c in &e.plan.constants {
-            if c.offset + c.len > constants.len() {
-                return Err(bad_plan(
-                    dir,
-                    format!("constant {} lies outside constants.bin", c.name),
-                ));
-            }
-        }
-        e.constants = Buffer::upload(&constants, "constants")?;
+        e.constants = Buffer::upload(&load_constants(&e.plan, dir)?, "constants")?;
         if device_weights {
             e.fill_weights(dir, progress)?;
         } else {
@@ -515,31 +528,15 @@ impl CudaEngine {
             let buf = Buffer::new(n * 2, &format!("weight {}", w.name))?;
             let (centre, width) = lamina_ir::weights::random_range(&w.name, &w.shape, kind);
             let seed = lamina_ir::weights::tensor_seed(&w.name, 0) as f32;
-            let p = [seed, centre, width, 0.0f32];
-            // SAFETY: 16 bytes into a 16-byte buffer, on the engine's stream so that the launch
-            // below reads them; `p` lives until the stream is synchronised after the launch.
-            unsafe { result::memcpy_htod_async(args.ptr, &p, self.stream) }
-                .map_err(cuda("copying the fill arguments"))?;
-            let mut params = [buf.ptr, args.ptr, 0u64, n as u64];
-            let mut ptrs: Vec<*mut c_void> = params
-                .iter_mut()
-                .map(|p| p as *mut u64 as *mut c_void)
-                .collect();
-            // SAFETY: the fill kernel takes (out, p, scratch, rows); `out` holds n bf16.
-            unsafe {
-                result::launch_kernel(
-                    self.functions[fill],
-                    ((n * lanes as usize).div_ceil(block as usize) as u32, 1, 1),
-                    (block, 1, 1),
-                    0,
-                    self.stream,
-                    &mut ptrs,
-                )
-                .map_err(cuda(format!("filling weight {}", w.name)))?;
-                // The argument buffer is rewritten for the next weight.
-                result::stream::synchronize(self.stream)
-                    .map_err(cuda(format!("filling weight {}", w.name)))?;
-            }
+            let fill_args = [seed, centre, width, 0.0f32];
+            fill_bf16(
+                self.functions[fill],
+                (block, lanes),
+                (&buf, n),
+                (&args, fill_args),
+                self.stream,
+            )
+            .map_err(|e| Error::Device(format!("filling weight {}: {e}", w.name)))?;
             self.weights.push(buf);
             progress(wi + 1, total);
         }
@@ -862,13 +859,7 @@ pub fn bench_kernel(
         .gpu
         .clone()
         .ok_or_else(|| bad_plan(dir, format!("kernel {} has no launch data", k.name)))?;
-    let ptx_path = dir.join(PTX_FILE);
-    let ptx = std::fs::read_to_string(&ptx_path).map_err(|e| Error::io(&ptx_path, e))?;
-    let ptx = CString::new(ptx).map_err(|_| Error::Io {
-        path: ptx_path.display().to_string(),
-        msg: "contains a NUL byte: not PTX".into(),
-    })?;
-    let module = load_ptx(&ptx, &ptx_path)?;
+    let module = load_ptx(dir)?;
     let timed = (|| -> Result<KernelBench, Error> {
         let get = |n: &str| {
             let c = CString::new(n).map_err(|_| bad_plan(dir, format!("bad symbol {n}")))?;
@@ -892,30 +883,14 @@ pub fn bench_kernel(
             // SAFETY: every write below stays inside `b` (n elements of its type).
             unsafe {
                 match p.elem {
-                    Elem::Bf16 => {
-                        result::memcpy_htod_sync(args.ptr, &[17.0f32, 0.0, 0.02, 0.0])
-                            .map_err(cuda("fill arguments"))?;
-                        let mut params = [b.ptr, args.ptr, 0u64, n as u64];
-                        let mut ptrs: Vec<*mut c_void> = params
-                            .iter_mut()
-                            .map(|x| x as *mut u64 as *mut c_void)
-                            .collect();
-                        result::launch_kernel(
-                            fill,
-                            (
-                                (n * fill_lanes as usize)
-                                    .div_ceil(fill_block as usize)
-                                    .max(1) as u32,
-                                1,
-                                1,
-                            ),
-                            (fill_block, 1, 1),
-                            0,
-                            result::stream::null(),
-                            &mut ptrs,
-                        )
-                        .map_err(cuda(format!("filling {}", p.name)))?;
-                    }
+                    Elem::Bf16 => fill_bf16(
+                        fill,
+                        (fill_block, fill_lanes),
+                        (&b, n),
+                        (&args, [17.0, 0.0, 0.02, 0.0]),
+                        result::stream::null(),
+                    )
+                    .map_err(|e| Error::Device(format!("filling {}: {e}", p.name)))?,
                     Elem::F32 => {
                         sys::cuMemsetD32_v2(b.ptr, 0.01f32.to_bits(), n)
                             .result()

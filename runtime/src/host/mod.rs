@@ -11,10 +11,12 @@ pub use pool::Pool;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use lamina_ir::plan::{Arg, Plan, Schedule, CONSTANTS_FILE, HOST_LIBRARY};
+use lamina_ir::plan::{Arg, Plan, Schedule, HOST_LIBRARY};
 use lamina_ir::Error;
 
-use crate::executor::{bad_plan, check_finite, check_shapes, Executor, Generation, KernelTime};
+use crate::executor::{
+    bad_plan, check_finite, check_shapes, load_constants, Executor, Generation, KernelTime,
+};
 
 /// `_mlir_<kernel>(void **args)`: see `lamina_targets::host`.
 type KernelFn = unsafe extern "C" fn(*mut *mut i64);
@@ -148,20 +150,7 @@ impl HostEngine {
                 })?;
             fns.push(*f);
         }
-        let cpath = dir.join(CONSTANTS_FILE);
-        let cbytes = std::fs::read(&cpath).map_err(|e| Error::io(&cpath, e))?;
-        let constants: Vec<f32> = cbytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        for c in &plan.constants {
-            if c.offset + c.len > constants.len() {
-                return Err(bad_plan(
-                    dir,
-                    format!("constant {} lies outside constants.bin", c.name),
-                ));
-            }
-        }
+        let constants = load_constants(&plan, dir)?;
         let weights = weights::load_all(&plan, weights_dir, allow_weight_mismatch, progress)?;
         let pools = plan
             .pools
