@@ -251,3 +251,117 @@ fn tile_operations_compute_what_they_say() {
         );
     }
 }
+
+/// `y = x wᵀ` as 32 × 16 MMA tiles with every edge ragged (45 rows, 21 columns, depth 40), an
+/// epilogue adding a bias: compiled for the host (and with 32 emulated lanes), every element
+/// written once, equal to Σ bf16(x)·bf16(w) computed exactly; and the same kernel for the GPU
+/// assembles (when ptxas is installed) with its MMAs.
+fn mma_kernel(cols: usize, depth: usize) -> Kernel {
+    Kernel {
+        name: "mma_tile".into(),
+        nodes: vec!["test.mma".into()],
+        grid: vec![Dim::N(cols.div_ceil(16)), Dim::RowBlocks(32)],
+        params: vec![
+            input("x", &[Dim::Rows, Dim::N(depth)]),
+            input("w", &[Dim::N(cols), Dim::N(depth)]),
+            input("bias", &[Dim::N(cols)]),
+            output("y", &[Dim::Rows, Dim::N(cols)]),
+        ],
+        body: vec![
+            let_("n0", pid(0) * i(16)),
+            let_("r0", pid(1) * i(32)),
+            mma(
+                [32, 16, depth],
+                min(i(32), rows() - v("r0")),
+                min(i(16), i(cols) - v("n0")),
+                ld("x", [v("r0") + v("mi"), v("k")]),
+                ld("w", [v("n0") + v("mj"), v("k")]),
+                vec![st(
+                    "y",
+                    [v("r0") + v("mi"), v("n0") + v("mj")],
+                    v("acc") + ld("bias", [v("n0") + v("mj")]),
+                )],
+            ),
+        ],
+    }
+}
+
+#[test]
+fn mma_tiles_compute_rounded_products_exactly() {
+    use crate::host::build_library_with_progress;
+    use crate::mlir::Flavor;
+    let (rows, cols, depth) = (45usize, 21usize, 40usize);
+    let kernel = mma_kernel(cols, depth);
+    lamina_ir::kernel::verify::verify_kernel(&kernel).unwrap();
+    let mut x: Vec<f32> = (0..rows * depth)
+        .map(|p| ((p * 7919) % 1013) as f32 / 377.0 - 1.3)
+        .collect();
+    let mut w: Vec<f32> = (0..cols * depth)
+        .map(|p| ((p * 104729) % 997) as f32 / 411.0 - 1.1)
+        .collect();
+    let mut bias: Vec<f32> = (0..cols).map(|c| c as f32 / 8.0).collect();
+    let bf = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
+    let want: Vec<f64> = (0..rows * cols)
+        .map(|p| {
+            let (r, c) = (p / cols, p % cols);
+            let dot: f64 = (0..depth)
+                .map(|k| bf(x[r * depth + k]) * bf(w[c * depth + k]))
+                .sum();
+            dot + bias[c] as f64
+        })
+        .collect();
+    // Rounding matters here: the unrounded product is far from `want`.
+    let plain = (0..depth)
+        .map(|k| x[k] as f64 * w[k] as f64)
+        .sum::<f64>()
+        + bias[0] as f64;
+    assert!((plain - want[0]).abs() > 1e-4, "{plain} vs {}", want[0]);
+    let blocks = cols.div_ceil(16) * rows.div_ceil(32);
+    for flavor in [Flavor::Host, Flavor::HostLanes(32)] {
+        let dir = tempfile::tempdir().unwrap();
+        let so = dir.path().join("kernels.so");
+        build_library_with_progress(&[kernel.clone()], &so, flavor, &|_, _| {}).unwrap();
+        let lib = unsafe { libloading::Library::new(&so) }.unwrap();
+        let mut y = vec![f32::NAN; rows * cols];
+        call(
+            &lib,
+            "mma_tile",
+            &mut [&mut x, &mut w, &mut bias, &mut y],
+            rows as i64,
+            0,
+            blocks as i64,
+        );
+        for (p, (g, w)) in y.iter().zip(&want).enumerate() {
+            assert!(
+                (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "{flavor:?} element {p}: {g} vs {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn mma_tiles_assemble_for_both_gpus() {
+    use crate::Target;
+    let kernel = mma_kernel(21, 40);
+    for target in [Target::Sm80, Target::Sm90a] {
+        let (ptx, _) = crate::nvptx::compile_ptx(&[kernel.clone()], target).unwrap();
+        // 2 × 2 MMAs per 16-deep step, the loop over three steps not unrolled away.
+        let mmas = ptx
+            .lines()
+            .filter(|l| l.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"))
+            .count();
+        assert!(mmas >= 4, "{target}: {mmas} mma.sync in\n{ptx}");
+        if crate::nvptx::ptxas_path().is_some() {
+            let res = crate::nvptx::ptxas(&ptx, target).unwrap();
+            assert_eq!(res.len(), 1);
+            assert_eq!(res[0].spill_stores + res[0].spill_loads, 0, "{target}: spills");
+        } else {
+            assert!(
+                std::env::var("LAMINA_REQUIRE_PTXAS").as_deref() != Ok("1"),
+                "ptxas required but not found"
+            );
+            eprintln!("SKIPPED: ptxas not installed, the MMA kernel's PTX is not assembled");
+        }
+    }
+}

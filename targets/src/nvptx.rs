@@ -86,8 +86,8 @@ pub fn lanes(k: &Kernel) -> u32 {
             }
             Stmt::If { cond, then } => expr(cond) || block(then),
             Stmt::Local { .. } => false,
-            // Tiles expand into reductions.
-            Stmt::Tile(_) => true,
+            // Tiles expand into reductions; MMAs are warp instructions.
+            Stmt::Tile(_) | Stmt::Mma(_) => true,
         })
     }
     if block(&k.body) {

@@ -57,6 +57,7 @@ fn without_a_driver_every_entry_point_says_so() {
         weights_bf16: true,
         host_lanes: 1,
         decode_splits: 8,
+        tensor_cores: true,
         ..Options::default()
     };
     build(&m, &art, Target::Sm80, gpu, 0).unwrap();
@@ -133,6 +134,7 @@ fn gpu_matches_host(model: &Path) {
         weights_bf16: true,
         host_lanes: 1,
         decode_splits: 8,
+        tensor_cores: true,
     };
     let m = Model::open(model).unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();

@@ -13,11 +13,12 @@ use lamina_targets::Target;
 use crate::common::repo;
 
 /// Build options of a GPU plan: bf16 weights (the rule of GPU targets), decode attention in 8
-/// pieces (what `build --target` does by default).
+/// pieces, projections on tensor cores (what `build --target` does by default).
 fn gpu_options() -> lamina_compiler::passes::Options {
     lamina_compiler::passes::Options {
         weights_bf16: true,
         decode_splits: 8,
+        tensor_cores: true,
         ..Default::default()
     }
 }

@@ -89,6 +89,7 @@ fn check(spec: &str, len: usize) -> Result<(), TestCaseError> {
         weights_bf16: false,
         host_lanes: 1,
         decode_splits: 1,
+        tensor_cores: false,
     };
     let art = dir.path().join("artifact");
     build(&m, &art, Target::Host, options, 7)

@@ -41,6 +41,7 @@ fn kernel_text(example: &str) -> String {
         weights_bf16: false,
         host_lanes: 1,
         decode_splits: 1,
+        tensor_cores: false,
     };
     let (p, _) = lamina_compiler::build::compile_program(&m, options).unwrap();
     let text = p.print();

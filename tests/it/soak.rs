@@ -75,6 +75,7 @@ fn soak_long_decode_neither_leaks_nor_drifts() {
             weights_bf16: false,
             host_lanes: 1,
             decode_splits: 1,
+            tensor_cores: false,
         };
         let art = artifact(example, options, dir.path());
         let mut e = HostEngine::load(&art, None).unwrap();
@@ -126,6 +127,7 @@ fn soak_staggered_batch_equals_each_sequence_alone() {
         weights_bf16: false,
         host_lanes: 1,
         decode_splits: 1,
+        tensor_cores: false,
     };
     let art = artifact("kimi-linear-tiny.toml", options, dir.path());
     let v = {

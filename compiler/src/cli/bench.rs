@@ -73,6 +73,7 @@ pub fn bench(a: &BenchArgs) -> CliResult {
             } else {
                 super::build::GPU_DECODE_SPLITS
             },
+            tensor_cores: target != lamina_targets::Target::Host,
         };
         super::run::cached_build(&a.model, options, a.seed, target)?
     };

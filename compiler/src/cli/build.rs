@@ -32,6 +32,17 @@ pub struct SizeArgs {
     /// host.
     #[arg(long, default_value_t = 0)]
     pub decode_splits: usize,
+    /// Projections as tensor-core MMA tiles (bf16 operands, f32 accumulation): auto is on for
+    /// GPU targets; on the host, `on` runs the same arithmetic as loops.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub tensor_cores: Switch,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    Auto,
+    On,
+    Off,
 }
 
 /// Decode attention pieces on a GPU target when `--decode-splits` is auto.
@@ -56,6 +67,11 @@ impl SizeArgs {
         if self.decode_splits == 0 && target != Target::Host {
             o.decode_splits = GPU_DECODE_SPLITS;
         }
+        o.tensor_cores = match self.tensor_cores {
+            Switch::Auto => target != Target::Host,
+            Switch::On => true,
+            Switch::Off => false,
+        };
         Ok(o)
     }
 
@@ -81,6 +97,7 @@ impl SizeArgs {
             weights_bf16: self.weight_dtype == WeightDtype::Bf16,
             host_lanes: 1,
             decode_splits: self.decode_splits.max(1),
+            tensor_cores: self.tensor_cores == Switch::On,
         })
     }
 }

@@ -51,7 +51,8 @@ pub fn gpu_report(
     };
     println!(
         "{target} kernels: one program per warp (kernels with reductions) or per thread, {} threads \
-         per block, no dynamic shared memory; buffers f32 (the kernel IR has no bf16 storage yet)",
+         per block, no dynamic shared memory; weights bf16, activations and state f32; \
+         projections (linear_mma_*) on tensor cores, mma.sync m16n8k16 with bf16 operands",
         nvptx::BLOCK
     );
     println!(

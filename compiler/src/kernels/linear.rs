@@ -9,6 +9,10 @@
 //! Fusions (decided by `passes::fuse`): an RMSNorm of the input in the prologue (each program
 //! computes `1/rms` of every row once, the norm weight is folded into the reduction) and a
 //! residual add in the epilogue (`y = r + x Wᵀ`, written as the add's value).
+//!
+//! With tensor cores (`Ctx::tensor_cores`), a program is one [`MMA_ROWS`] × [`MMA_COLS`] tile
+//! of `y` instead (grid: column blocks × row blocks), computed by one `Stmt::Mma` with bf16
+//! operands and f32 accumulation; the same fusions sit in its prologue and epilogue.
 
 use lamina_ir::graph::{NodeIndex, Op};
 use lamina_ir::kernel::build::*;
@@ -18,6 +22,10 @@ use super::{act, launch, Bind, Ctx, Launch, Value};
 
 /// Output columns per program.
 pub const BN: usize = 16;
+/// Rows and columns of a program's tensor-core tile: 2 × 2 MMAs of 16 × 8, so decode (one
+/// row block) has as many programs as the register-tile kernel.
+pub const MMA_ROWS: usize = 32;
+pub const MMA_COLS: usize = 16;
 /// Register tile: rows × columns accumulated together.
 pub const RB: usize = 4;
 pub const CB: usize = 4;
@@ -36,6 +44,9 @@ pub fn build(cx: &Ctx, n: NodeIndex, residual: Option<NodeIndex>) -> Launch {
     let root = residual.unwrap_or(n);
     let norm = cx.fusion.of(root).norm;
     let (k, nn) = (*in_dim, *out_dim);
+    if cx.tensor_cores {
+        return build_mma(cx, n, residual, weight, k, nn);
+    }
     let bn = BN.min(nn);
     let blocks = nn.div_ceil(bn);
     let mut x_in = g.inputs(n)[0];
@@ -118,6 +129,88 @@ pub fn build(cx: &Ctx, n: NodeIndex, residual: Option<NodeIndex>) -> Launch {
     nodes.extend(norm);
     nodes.extend(residual);
     launch(name, vec![Dim::N(blocks)], params, body, nodes, g)
+}
+
+/// The projection as one tensor-core tile per program: `y[r0 + i, n0 + j]` for the program's
+/// row block `r0` and column block `n0`.
+fn build_mma(
+    cx: &Ctx,
+    n: NodeIndex,
+    residual: Option<NodeIndex>,
+    weight: &str,
+    k: usize,
+    nn: usize,
+) -> Launch {
+    let g = cx.graph;
+    let root = residual.unwrap_or(n);
+    let norm = cx.fusion.of(root).norm;
+    let mut x_in = g.inputs(n)[0];
+    let mut params = Vec::new();
+    let mut body = vec![
+        let_("n0", pid(0) * i(MMA_COLS)),
+        let_("nb", min(i(MMA_COLS), i(nn) - v("n0"))),
+        let_("r0", pid(1) * i(MMA_ROWS)),
+        let_("rb", min(i(MMA_ROWS), rows() - v("r0"))),
+    ];
+    let mut a = ld("x", [v("r0") + v("mi"), v("k")]);
+    let mut name = format!("linear_mma_{k}x{nn}");
+    let mut y = v("acc");
+    if let Some(nm) = norm {
+        let Op::RmsNorm {
+            weight: nw,
+            eps,
+            zero_centred,
+            ..
+        } = &g.node(nm).op
+        else {
+            unreachable!("fuse: norm prologues are RMSNorms")
+        };
+        x_in = g.inputs(nm)[0];
+        params.push(cx.weight("nw", nw));
+        let scale = if *zero_centred {
+            f(1.0) + ld("nw", [v("k")])
+        } else {
+            ld("nw", [v("k")])
+        };
+        // The normalised row is the operand (rounded to bf16 as an unfused norm's output
+        // would be): x · w · 1/rms.
+        a = a * scale * ld("inv", [v("mi")]);
+        body.push(local("inv", MMA_ROWS));
+        let x_rk = || ld("x", [v("r0") + v("r"), v("k")]);
+        body.push(for_(
+            "r",
+            i(0),
+            v("rb"),
+            vec![st(
+                "inv",
+                [v("r")],
+                rsqrt(sum("k", i(0), i(k), x_rk() * x_rk()) / f(k as f64) + f(*eps)),
+            )],
+        ));
+        name = format!("rms_norm{}_{name}", if *zero_centred { "_zc" } else { "" });
+    }
+    let other = residual.map(|add| g.inputs(add).into_iter().find(|&x| x != n).unwrap_or(n));
+    if let Some(o) = other {
+        params.push((input("res", &act(nn)), Bind::Act(Value::Node(o))));
+        y = ld("res", [v("r0") + v("mi"), v("n0") + v("mj")]) + y;
+        name += "_residual";
+    }
+    body.push(mma(
+        [MMA_ROWS, MMA_COLS, k],
+        v("rb"),
+        v("nb"),
+        a,
+        ld("w", [v("n0") + v("mj"), v("k")]),
+        vec![st("y", [v("r0") + v("mi"), v("n0") + v("mj")], y)],
+    ));
+    params.insert(0, (input("x", &act(k)), Bind::Act(Value::Node(x_in))));
+    params.insert(1, cx.weight("w", weight));
+    params.push((output("y", &act(nn)), Bind::Act(Value::Node(root))));
+    let mut nodes = vec![n];
+    nodes.extend(norm);
+    nodes.extend(residual);
+    let grid = vec![Dim::N(nn.div_ceil(MMA_COLS)), Dim::RowBlocks(MMA_ROWS)];
+    launch(name, grid, params, body, nodes, g)
 }
 
 /// `Σ_k x_at(r)·w_at(c)` for every (row, column) of an `rs × cs` register tile in one pass over

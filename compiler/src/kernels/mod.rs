@@ -98,6 +98,8 @@ pub struct Ctx<'g> {
     pub context: usize,
     /// Pieces the cached positions of one decode attention are split into (1: none).
     pub decode_splits: usize,
+    /// Projections as MMA tiles (see `passes::Options::tensor_cores`).
+    pub tensor_cores: bool,
     next_temp: std::cell::Cell<usize>,
 }
 
@@ -118,6 +120,7 @@ impl<'g> Ctx<'g> {
             slots,
             context,
             decode_splits: 1,
+            tensor_cores: false,
             next_temp: std::cell::Cell::new(0),
         }
     }

@@ -47,6 +47,10 @@ pub struct Options {
     /// separate programs and merged by a combine kernel (split-sequence, "flash decoding"):
     /// parallelism when one sequence's heads cannot fill the machine. 1: no split.
     pub decode_splits: usize,
+    /// Projections as tensor-core MMA tiles (bf16 operands, f32 accumulation): GPU targets
+    /// lower them to `mma.sync`, the host to loops with the same rounding (so tests check the
+    /// numerics and the tiling on the CPU).
+    pub tensor_cores: bool,
 }
 
 impl Default for Options {
@@ -59,6 +63,7 @@ impl Default for Options {
             weights_bf16: false,
             host_lanes: 1,
             decode_splits: 1,
+            tensor_cores: false,
         }
     }
 }

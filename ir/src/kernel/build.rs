@@ -2,7 +2,9 @@
 
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
-use super::{Access, BinOp, CmpOp, Dim, Elem, Expr, Param, ReduceOp, Stmt, TileOp, UnOp, View};
+use super::{
+    Access, BinOp, CmpOp, Dim, Elem, Expr, Mma, Param, ReduceOp, Stmt, TileOp, UnOp, View,
+};
 
 pub fn f(v: f64) -> Expr {
     Expr::F(v)
@@ -277,6 +279,38 @@ pub fn dot(out: View, a: View, b: View, m: Expr, n: Expr, depth: usize, accumula
         depth,
         accumulate,
     })
+}
+
+/// A tensor-core tile `[rows, cols, depth]` with `m × n` valid elements: `acc = Σ_k
+/// bf16(a)·bf16(b)`, `a` over (`mi`, `k`), `b` over (`mj`, `k`), then `epilogue` with `mi`,
+/// `mj` and `acc` bound (see [`Mma`]).
+pub fn mma(
+    [rows, cols, depth]: [usize; 3],
+    m: Expr,
+    n: Expr,
+    a: Expr,
+    b: Expr,
+    epilogue: Vec<Stmt>,
+) -> Stmt {
+    Stmt::Mma(Box::new(Mma {
+        rows,
+        cols,
+        m,
+        n,
+        depth,
+        i: "mi".into(),
+        j: "mj".into(),
+        k: "k".into(),
+        acc: "acc".into(),
+        a,
+        b,
+        epilogue,
+    }))
+}
+
+/// `x` rounded to bfloat16 (as f32).
+pub fn bf16(x: Expr) -> Expr {
+    un(UnOp::Bf16, x)
 }
 
 /// Inclusive prefix sums of `x` down `rows` rows of `cols` columns.

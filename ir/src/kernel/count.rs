@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 
-use super::{Dim, Elem, Expr, Kernel, Stmt, TileOp};
+use super::{Dim, Elem, Expr, Kernel, Mma, Stmt, TileOp};
 
 /// Work of one launch.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -223,7 +223,29 @@ impl Counter<'_> {
                 self.block(then, times * p.mean);
             }
             Stmt::Tile(op) => self.tile(op, times),
+            Stmt::Mma(mma) => self.mma(mma, times),
         }
+    }
+
+    /// As a GPU runs it: each operand element loaded once per tile (rounded to bf16), the
+    /// multiply-adds, then the epilogue per element.
+    fn mma(&mut self, mma: &Mma, times: f64) {
+        let (_, m) = self.expr(&mma.m, times);
+        let (_, n) = self.expr(&mma.n, times);
+        let depth = mma.depth as f64;
+        let k = Iv::iter(Iv::point(0.0), Iv::point(depth));
+        let saved = self.vars.clone();
+        self.vars.insert(mma.k.clone(), (T::I, k));
+        self.vars
+            .insert(mma.i.clone(), (T::I, Iv::iter(Iv::point(0.0), m)));
+        self.vars
+            .insert(mma.j.clone(), (T::I, Iv::iter(Iv::point(0.0), n)));
+        self.expr(&mma.a, times * m.mean * depth);
+        self.expr(&mma.b, times * n.mean * depth);
+        self.work.flops += 2.0 * m.mean * n.mean * depth * times;
+        self.vars.insert(mma.acc.clone(), (T::F, Iv::point(0.0)));
+        self.block(&mma.epilogue, times * m.mean * n.mean);
+        self.vars = saved;
     }
 
     fn tile(&mut self, op: &TileOp, times: f64) {

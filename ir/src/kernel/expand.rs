@@ -1,25 +1,34 @@
-//! Tile operations rewritten into the loops they stand for: what the host target lowers (LLVM
-//! vectorises the contiguous inner reductions). The loop variables start with `_`, which
-//! kernel builders do not use.
+//! Tile operations and MMA tiles rewritten into the loops they stand for: what the host target
+//! lowers (LLVM vectorises the contiguous inner reductions). The loop variables start with `_`,
+//! which kernel builders do not use.
 
 use super::build::*;
-use super::{Expr, Kernel, Stmt, TileOp, View};
+use super::{Expr, Kernel, Mma, Stmt, TileOp, View};
 
-/// `k` with every [`Stmt::Tile`] replaced by loops.
-pub fn expand_tiles(k: &Kernel) -> Kernel {
+/// `k` with every [`Stmt::Tile`] and [`Stmt::Mma`] replaced by loops.
+pub fn expand_all(k: &Kernel) -> Kernel {
     Kernel {
-        body: block(&k.body),
+        body: block(&k.body, true),
         ..k.clone()
     }
 }
 
-fn block(b: &[Stmt]) -> Vec<Stmt> {
-    b.iter().flat_map(stmt).collect()
+/// `k` with every [`Stmt::Tile`] replaced by loops ([`Stmt::Mma`] kept: a GPU lowers it).
+pub fn expand_tiles(k: &Kernel) -> Kernel {
+    Kernel {
+        body: block(&k.body, false),
+        ..k.clone()
+    }
 }
 
-fn stmt(s: &Stmt) -> Vec<Stmt> {
+fn block(b: &[Stmt], mma: bool) -> Vec<Stmt> {
+    b.iter().flat_map(|s| stmt(s, mma)).collect()
+}
+
+fn stmt(s: &Stmt, mma: bool) -> Vec<Stmt> {
     match s {
         Stmt::Tile(op) => tile(op),
+        Stmt::Mma(m) if mma => expand_mma(m),
         Stmt::For {
             var,
             lo,
@@ -33,16 +42,32 @@ fn stmt(s: &Stmt) -> Vec<Stmt> {
             lo: lo.clone(),
             hi: hi.clone(),
             carried: carried.clone(),
-            body: block(body),
+            body: block(body, mma),
             yields: yields.clone(),
             split: *split,
         }],
         Stmt::If { cond, then } => vec![Stmt::If {
             cond: cond.clone(),
-            then: block(then),
+            then: block(then, mma),
         }],
         other => vec![other.clone()],
     }
+}
+
+/// The MMA tile as loops: rows in parallel (each element's epilogue writes only its own
+/// outputs), columns in order, the sum over the depth with both operands rounded to bf16.
+fn expand_mma(m: &Mma) -> Vec<Stmt> {
+    let mut body = vec![let_(
+        &m.acc,
+        sum(&m.k, i(0), i(m.depth), bf16(m.a.clone()) * bf16(m.b.clone())),
+    )];
+    body.extend(m.epilogue.iter().cloned());
+    vec![for_par(
+        &m.i,
+        i(0),
+        m.m.clone(),
+        vec![for_(&m.j, i(0), m.n.clone(), body)],
+    )]
 }
 
 /// Element `(r, c)` of a view.

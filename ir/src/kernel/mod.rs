@@ -133,6 +133,8 @@ pub enum UnOp {
     Sigmoid,
     /// `log(1 + exp(x))`, linear above 20 (as torch).
     Softplus,
+    /// `x` rounded to the nearest bfloat16 (ties to even), as f32.
+    Bf16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -220,6 +222,47 @@ pub enum Stmt {
     },
     /// An operation on whole tiles held in locals (see [`TileOp`]).
     Tile(TileOp),
+    /// A matrix tile on tensor cores (see [`Mma`]).
+    Mma(Box<Mma>),
+}
+
+/// A product tile on a warp's tensor cores (NVIDIA: `mma.sync` m16n8k16, bf16 operands):
+///
+/// for every `i < m`, `j < n`: `acc = Σ_(k < depth) bf16(a)·bf16(b)`, `a` read with `(i, k)`
+/// bound and `b` with `(j, k)` (`b` is read transposed, as weights `[out, in]` are stored),
+/// both rounded to bfloat16, products exact, accumulated in f32; then `epilogue` with `i`, `j`
+/// and `acc` bound.
+///
+/// The epilogue runs once per element, in no particular order and on whichever thread holds
+/// the element: it may only write outputs of its own element `(i, j)`, and binds lets, stores
+/// and conditionals only (no loops, no locals). `a` is only evaluated for `i < m`, `k < depth`
+/// and `b` for `j < n`, `k < depth` (a GPU clamps the indices of the padding it loads), so the
+/// expressions need no masks of their own; `m` and `n` are at least 1.
+///
+/// The tile is `rows × cols` (multiples of 16 and 8: `m ≤ rows`, `n ≤ cols`); a GPU lowers
+/// it to `rows/16 × cols/8` MMAs per 16-deep step, the host to loops ([`expand`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mma {
+    pub rows: usize,
+    pub cols: usize,
+    pub m: Expr,
+    pub n: Expr,
+    pub depth: usize,
+    /// Names bound for the row, column and depth indices, and the accumulated value.
+    pub i: String,
+    pub j: String,
+    pub k: String,
+    pub acc: String,
+    pub a: Expr,
+    pub b: Expr,
+    pub epilogue: Vec<Stmt>,
+}
+
+impl Mma {
+    /// Row, column and depth multiples of one `mma.sync` m16n8k16.
+    pub const M: usize = 16;
+    pub const N: usize = 8;
+    pub const K: usize = 16;
 }
 
 /// A 2-d window on a local: element `(r, c)` is `buf[off + r·ld + c]`.
@@ -293,6 +336,7 @@ impl Kernel {
                 .map(|s| match s {
                     Stmt::Local { elem, len, .. } => elem.bytes() * len,
                     Stmt::For { body, .. } | Stmt::If { then: body, .. } => walk(body),
+                    Stmt::Mma(mma) => walk(&mma.epilogue),
                     _ => 0,
                 })
                 .sum()

@@ -130,6 +130,25 @@ fn stmt(out: &mut String, s: &Stmt, depth: usize) {
             block(out, then, depth + 1);
             let _ = writeln!(out, "{pad}}}");
         }
+        Stmt::Mma(mma) => {
+            let _ = writeln!(
+                out,
+                "{pad}mma {}x{} tile, {} < {}, {} < {}: {} = Σ_({} < {}) bf16({})·bf16({}) {{",
+                mma.rows,
+                mma.cols,
+                mma.i,
+                expr(&mma.m),
+                mma.j,
+                expr(&mma.n),
+                mma.acc,
+                mma.k,
+                mma.depth,
+                expr(&mma.a),
+                expr(&mma.b),
+            );
+            block(out, &mma.epilogue, depth + 1);
+            let _ = writeln!(out, "{pad}}}");
+        }
         Stmt::Tile(op) => {
             let w = |v: &View| format!("{}[off {}, ld {}]", v.buf, expr(&v.off), v.ld);
             let _ = match op {
@@ -210,6 +229,7 @@ pub fn expr(e: &Expr) -> String {
                 UnOp::Silu => "silu",
                 UnOp::Sigmoid => "sigmoid",
                 UnOp::Softplus => "softplus",
+                UnOp::Bf16 => "bf16",
             };
             format!("{name}({})", expr(a))
         }

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use super::{Access, BinOp, Dim, Elem, Expr, Kernel, Stmt, TileOp, UnOp, View};
+use super::{Access, BinOp, Dim, Elem, Expr, Kernel, Mma, Stmt, TileOp, UnOp, View};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ty {
@@ -240,7 +240,64 @@ impl Scope<'_> {
                 self.pop();
             }
             Stmt::Tile(op) => self.tile(op)?,
+            Stmt::Mma(mma) => self.mma(mma).map_err(|m| format!("mma: {m}"))?,
         }
+        Ok(())
+    }
+
+    /// Tile sizes in MMA multiples, int extents, f32 operands over their own indices, and an
+    /// epilogue of lets, stores and conditionals only.
+    fn mma(&mut self, mma: &Mma) -> Result<(), String> {
+        let Mma {
+            rows,
+            cols,
+            m,
+            n,
+            depth,
+            i,
+            j,
+            k,
+            acc,
+            a,
+            b,
+            epilogue,
+        } = mma;
+        if *rows == 0 || rows % Mma::M != 0 || *cols == 0 || cols % Mma::N != 0 || *depth == 0 {
+            return Err(format!(
+                "a {rows} x {cols} x {depth} tile (rows a multiple of {}, columns of {}, depth at least 1)",
+                Mma::M,
+                Mma::N
+            ));
+        }
+        if self.expr(m)? != Ty::Int || self.expr(n)? != Ty::Int {
+            return Err("the valid rows and columns must be ints".into());
+        }
+        for (what, e, idx) in [("a", a, i), ("b", b, j)] {
+            self.push();
+            self.bind(idx, Ty::Int);
+            self.bind(k, Ty::Int);
+            let t = self.expr(e).map_err(|m| format!("operand {what}: {m}"))?;
+            self.pop();
+            if t != Ty::F32 {
+                return Err(format!("operand {what} is {t:?}, not f32"));
+            }
+        }
+        fn plain(b: &[Stmt]) -> bool {
+            b.iter().all(|s| match s {
+                Stmt::Let(..) | Stmt::Store { .. } => true,
+                Stmt::If { then, .. } => plain(then),
+                _ => false,
+            })
+        }
+        if !plain(epilogue) {
+            return Err("the epilogue may only bind lets, store and branch".into());
+        }
+        self.push();
+        self.bind(i, Ty::Int);
+        self.bind(j, Ty::Int);
+        self.bind(acc, Ty::F32);
+        self.block(epilogue).map_err(|m| format!("epilogue: {m}"))?;
+        self.pop();
         Ok(())
     }
 

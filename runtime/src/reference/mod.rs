@@ -52,6 +52,8 @@ pub type Taps<F> = HashMap<String, Mat<F>>;
 pub struct Reference<'g, F> {
     graph: &'g Graph,
     w: Weights<F>,
+    /// Projections read their input rounded to bf16 (see [`Reference::with_bf16_projection_inputs`]).
+    bf16_projection_inputs: bool,
 }
 
 /// Greedy generation results (the `--logits-out` contract).
@@ -68,7 +70,16 @@ impl<'g, F: Real> Reference<'g, F> {
         Reference {
             graph,
             w: Weights::new(store),
+            bf16_projection_inputs: false,
         }
+    }
+
+    /// Every projection (`linear`) reads its input rounded to bf16, then computes exactly: the
+    /// arithmetic of tensor-core plans (bf16 operands, products exact in f32), so that they can
+    /// be checked at a tight tolerance rather than at the distance bf16 noise drifts a model.
+    pub fn with_bf16_projection_inputs(mut self) -> Self {
+        self.bf16_projection_inputs = true;
+        self
     }
 
     pub fn new_session(&self) -> Session<F> {
@@ -210,6 +221,16 @@ impl<'g, F: Real> Reference<'g, F> {
                     }
                 }
                 y
+            }
+            Op::Linear {
+                weight, out_dim, ..
+            } if self.bf16_projection_inputs => {
+                let mut x = ins[0].clone();
+                for v in x.data.iter_mut() {
+                    let f = v.to_f32().expect("f32/f64 convert");
+                    *v = F::of32(half::bf16::from_f32(f).to_f32());
+                }
+                linear(&x, w.get(weight), *out_dim)
             }
             Op::Linear {
                 weight, out_dim, ..

@@ -35,6 +35,9 @@ use melior::Context;
 
 use crate::TargetError;
 
+mod mma;
+pub use mma::{a_fragment, b_fragment, c_fragment};
+
 /// The static extent of GPU buffer parameters (2^40 elements): it only makes the memref type
 /// static, which the bare-pointer calling convention requires; indices are computed from the
 /// kernel's own strides and never checked against it.
@@ -353,7 +356,7 @@ fn collect_locals(b: &[Stmt], out: &mut Vec<(String, Elem, usize)>) {
             }
             Stmt::For { body, .. } => collect_locals(body, out),
             Stmt::If { then, .. } => collect_locals(then, out),
-            Stmt::Let(..) | Stmt::Store { .. } | Stmt::Tile(_) => {}
+            Stmt::Let(..) | Stmt::Store { .. } | Stmt::Tile(_) | Stmt::Mma(_) => {}
         }
     }
 }
@@ -679,6 +682,7 @@ impl<'c> Lower<'c> {
                     "{what}: tile operations are expanded into loops before lowering"
                 )))
             }
+            Stmt::Mma(m) => l.mma(blk, env, m, what, line)?,
         }
         Ok(())
     }
@@ -1001,6 +1005,10 @@ impl<'c> Lower<'c> {
                 self.op(blk, "arith.subi", &[z, x], self.index, false)
             }
             UnOp::Neg => m("arith.negf", x),
+            UnOp::Bf16 => {
+                let b = self.op(blk, "arith.truncf", &[x], Type::bfloat16(self.ctx), false);
+                self.op(blk, "arith.extf", &[b], f, false)
+            }
             UnOp::Exp => m("math.exp", x),
             UnOp::Log => m("math.log", x),
             UnOp::Sqrt => m("math.sqrt", x),

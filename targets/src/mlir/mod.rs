@@ -18,10 +18,14 @@ pub use lower::Flavor;
 use crate::{Target, TargetError};
 
 /// `k` verified, with its tile operations expanded into loops (neither target has a native
-/// lowering of them yet), verified again.
-fn prepared(k: &Kernel) -> Result<Kernel, TargetError> {
+/// lowering of them yet) and, on the host, its MMA tiles too, verified again.
+fn prepared(k: &Kernel, gpu: bool) -> Result<Kernel, TargetError> {
     verify_kernel(k).map_err(TargetError::Kernel)?;
-    let k = lamina_ir::kernel::expand::expand_tiles(k);
+    let k = if gpu {
+        lamina_ir::kernel::expand::expand_tiles(k)
+    } else {
+        lamina_ir::kernel::expand::expand_all(k)
+    };
     verify_kernel(&k).map_err(TargetError::Kernel)?;
     Ok(k)
 }
@@ -43,7 +47,7 @@ pub fn host_module<'c>(
 ) -> Result<Module<'c>, TargetError> {
     let module = Module::new(Location::unknown(&cx.context));
     for k in kernels {
-        lower::lower_kernel(&cx.context, &module.body(), &prepared(k)?, flavor)?;
+        lower::lower_kernel(&cx.context, &module.body(), &prepared(k, false)?, flavor)?;
     }
     cx.verify(&module, "kernel module")?;
     Ok(module)
@@ -77,7 +81,7 @@ pub fn gpu_module<'c>(
             .first_block()
             .ok_or_else(|| TargetError::Mlir("gpu.module has no body".into()))?;
         for k in kernels {
-            lower::lower_kernel(&cx.context, &block_ref, &prepared(k)?, flavor(k))?;
+            lower::lower_kernel(&cx.context, &block_ref, &prepared(k, true)?, flavor(k))?;
         }
     }
     cx.verify(&module, "GPU kernel module")?;
