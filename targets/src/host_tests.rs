@@ -311,16 +311,14 @@ fn mma_tiles_compute_rounded_products_exactly() {
         })
         .collect();
     // Rounding matters here: the unrounded product is far from `want`.
-    let plain = (0..depth)
-        .map(|k| x[k] as f64 * w[k] as f64)
-        .sum::<f64>()
-        + bias[0] as f64;
+    let plain = (0..depth).map(|k| x[k] as f64 * w[k] as f64).sum::<f64>() + bias[0] as f64;
     assert!((plain - want[0]).abs() > 1e-4, "{plain} vs {}", want[0]);
     let blocks = cols.div_ceil(16) * rows.div_ceil(32);
     for flavor in [Flavor::Host, Flavor::HostLanes(32)] {
         let dir = tempfile::tempdir().unwrap();
         let so = dir.path().join("kernels.so");
-        build_library_with_progress(&[kernel.clone()], &so, flavor, &|_, _| {}).unwrap();
+        build_library_with_progress(std::slice::from_ref(&kernel), &so, flavor, &|_, _| {})
+            .unwrap();
         let lib = unsafe { libloading::Library::new(&so) }.unwrap();
         let mut y = vec![f32::NAN; rows * cols];
         call(
@@ -345,7 +343,7 @@ fn mma_tiles_assemble_for_both_gpus() {
     use crate::Target;
     let kernel = mma_kernel(21, 40);
     for target in [Target::Sm80, Target::Sm90a] {
-        let (ptx, _) = crate::nvptx::compile_ptx(&[kernel.clone()], target).unwrap();
+        let (ptx, _) = crate::nvptx::compile_ptx(std::slice::from_ref(&kernel), target).unwrap();
         // 2 × 2 MMAs per 16-deep step, the loop over three steps not unrolled away.
         let mmas = ptx
             .lines()
@@ -355,7 +353,11 @@ fn mma_tiles_assemble_for_both_gpus() {
         if crate::nvptx::ptxas_path().is_some() {
             let res = crate::nvptx::ptxas(&ptx, target).unwrap();
             assert_eq!(res.len(), 1);
-            assert_eq!(res[0].spill_stores + res[0].spill_loads, 0, "{target}: spills");
+            assert_eq!(
+                res[0].spill_stores + res[0].spill_loads,
+                0,
+                "{target}: spills"
+            );
         } else {
             assert!(
                 std::env::var("LAMINA_REQUIRE_PTXAS").as_deref() != Ok("1"),

@@ -9,7 +9,7 @@ use lamina_ir::kernel::build::*;
 use lamina_ir::kernel::{Access, Dim, Elem, Expr, Stmt};
 use lamina_ir::spec::RouterKind;
 
-use super::linear::{col_tiles, register_tile, row_tiles, BN, CB, RB};
+use super::linear::{col_tiles, register_tile, row_tiles, BN, CB, MMA_COLS, MMA_ROWS, RB};
 use super::{act, launch, Bind, Ctx, Launch, Phase, Value};
 
 /// `for x in 0..n` keeping the first index of the largest `val(x)` among those `ok(x)`:
@@ -249,19 +249,24 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         g,
     );
 
-    // --- experts: h[r, kk, :] = silu(gate_e x) * (up_e x) ---
+    // Decode: only the chosen experts' weights are read. Tensor-core plans round the GEMM
+    // inputs to bf16 here too, so that decode computes what their prefill tiles compute.
+    let round = |e: Expr| if cx.tensor_cores { bf16(e) } else { e };
+
+    // --- experts: h[r, kk, j] = silu(gate_e[j]·x) · (up_e[j]·x), one program per (row,
+    // choice, block of BN columns j), each dot product a sum over the lanes ---
     let stacked = |leaf: &str, out: usize, inn: usize| stacked(prefix, e_n, leaf, out, inn);
     let dotx = |w: &str| {
         sum(
             "c",
             i(0),
             i(d),
-            ld("x", [pid(0), v("c")]) * ld(w, [v("e"), v("j"), v("c")]),
+            round(ld("x", [pid(0), v("c")])) * ld(w, [v("e"), v("j"), v("c")]),
         )
     };
     let experts = launch(
         format!("moe_gate_up_e{e_n}_k{k_n}_d{d}_i{inter}"),
-        vec![Dim::Rows, Dim::N(k_n)],
+        vec![Dim::Rows, Dim::N(k_n), Dim::N(inter.div_ceil(BN))],
         vec![
             (input("x", &act(d)), x),
             (
@@ -274,10 +279,11 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         ],
         vec![
             let_("e", ld("ids", [pid(0), pid(1)])),
+            let_("j0", pid(2) * i(BN)),
             for_(
                 "j",
-                i(0),
-                i(inter),
+                v("j0"),
+                min(v("j0") + i(BN), i(inter)),
                 vec![st(
                     "h",
                     [pid(0), pid(1) * i(inter) + v("j")],
@@ -289,10 +295,11 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         g,
     );
 
-    // --- down: y[r, o] = Σ_kk w[r, kk] · down_e[o, :] · h[r, kk, :] ---
+    // --- down: y[r, o] = Σ_kk w[r, kk] · down_e[o, :] · h[r, kk, :], one program per (row,
+    // block of BN outputs) ---
     let down = launch(
         format!("moe_down_e{e_n}_k{k_n}_d{d}_i{inter}"),
-        vec![Dim::Rows],
+        vec![Dim::Rows, Dim::N(d.div_ceil(BN))],
         vec![
             (input("h", &act(k_n * inter)), Bind::Act(hmid)),
             (
@@ -304,7 +311,14 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
             (output("y", &act(d)), Bind::Act(Value::Node(n))),
         ],
         vec![
-            for_("o", i(0), i(d), vec![st("y", [pid(0), v("o")], f(0.0))]),
+            let_("o0", pid(1) * i(BN)),
+            let_("o1", min(v("o0") + i(BN), i(d))),
+            for_(
+                "o",
+                v("o0"),
+                v("o1"),
+                vec![st("y", [pid(0), v("o")], f(0.0))],
+            ),
             for_(
                 "kk",
                 i(0),
@@ -314,8 +328,8 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
                     let_("we", ld("w", [pid(0), v("kk")])),
                     for_(
                         "o",
-                        i(0),
-                        i(d),
+                        v("o0"),
+                        v("o1"),
                         vec![st(
                             "y",
                             [pid(0), v("o")],
@@ -326,7 +340,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
                                         i(0),
                                         i(inter),
                                         ld("down", [v("e"), v("o"), v("j")])
-                                            * ld("h", [pid(0), v("kk") * i(inter) + v("j")]),
+                                            * round(ld("h", [pid(0), v("kk") * i(inter) + v("j")])),
                                     ),
                         )],
                     ),
@@ -393,6 +407,10 @@ fn grouped(
             ],
         ),
     ];
+    if cx.tensor_cores {
+        let (experts, down) = grouped_mma(cx, n, m, prefix, d, (ids, wts, hmid, yk), &gather);
+        return (experts, down, combine(cx, n, k_n, d, yk));
+    }
     let assignment = |p: Expr| ld("rl", [p]);
     // x row of assignment `a`.
     let x_of = |a: Expr| ld("x", [a / i(k_n), v("k")]);
@@ -481,8 +499,12 @@ fn grouped(
         g,
     );
 
-    // combine: y[r] = Σ_slot yk[r, slot].
-    let combine = launch(
+    (experts, down, combine(cx, n, k_n, d, yk))
+}
+
+/// The sum of a row's slots: `y[r] = Σ_slot yk[r, slot]`.
+fn combine(cx: &Ctx, n: NodeIndex, k_n: usize, d: usize, yk: Value) -> Launch {
+    launch(
         format!("moe_combine_k{k_n}_d{d}"),
         vec![Dim::Rows],
         vec![
@@ -505,7 +527,136 @@ fn grouped(
             )],
         )],
         vec![n],
+        cx.graph,
+    )
+}
+
+/// [`grouped`] on tensor cores: the expert's assignments in blocks of [`MMA_ROWS`], each block
+/// one MMA tile per projection (gate, then up with SwiGLU in its epilogue, reading the gate
+/// values back from a local; the down projection weighted in its epilogue).
+fn grouped_mma(
+    cx: &Ctx,
+    n: NodeIndex,
+    m: &lamina_ir::spec::MoeSpec,
+    prefix: &str,
+    d: usize,
+    (ids, wts, hmid, yk): (Value, Value, Value, Value),
+    gather: &[Stmt],
+) -> (Launch, Launch) {
+    const _: () = assert!(BN == MMA_COLS, "the gather's column blocks are MMA tiles");
+    let g = cx.graph;
+    let (e_n, k_n, inter) = (m.experts, m.top_k, m.intermediate);
+    let x = Bind::Act(Value::Node(g.inputs(n)[0]));
+    let stacked = |leaf: &str, out: usize, inn: usize| stacked(prefix, e_n, leaf, out, inn);
+    let ids_param = || {
+        (
+            param("ids", Elem::I64, &act(k_n), Access::Read),
+            Bind::Act(ids),
+        )
+    };
+    // Row `mi` of the block: assignment `asg` = token · k + slot.
+    let asg = || ld("rl", [v("p0") + v("mi")]);
+    let blocks = |tiles: Vec<Stmt>| {
+        for_(
+            "pb",
+            i(0),
+            (v("cnt") + i(MMA_ROWS - 1)) / i(MMA_ROWS),
+            [
+                vec![
+                    let_("p0", v("pb") * i(MMA_ROWS)),
+                    let_("pm", min(i(MMA_ROWS), v("cnt") - v("p0"))),
+                ],
+                tiles,
+            ]
+            .concat(),
+        )
+    };
+    let gv = || ld("gv", [v("mi") * i(MMA_COLS) + v("mj")]);
+
+    // gate/up: h[a, j] = silu(gate_e[j]·x) · (up_e[j]·x).
+    let nb = min(i(MMA_COLS), i(inter) - v("n0"));
+    let x_row = ld("x", [asg() / i(k_n), v("k")]);
+    let mut body = gather.to_vec();
+    body.push(local("gv", MMA_ROWS * MMA_COLS));
+    body.push(blocks(vec![
+        mma(
+            [MMA_ROWS, MMA_COLS, d],
+            v("pm"),
+            nb.clone(),
+            x_row.clone(),
+            ld("gate", [v("e"), v("n0") + v("mj"), v("k")]),
+            vec![st("gv", [v("mi") * i(MMA_COLS) + v("mj")], v("acc"))],
+        ),
+        mma(
+            [MMA_ROWS, MMA_COLS, d],
+            v("pm"),
+            nb,
+            x_row,
+            ld("up", [v("e"), v("n0") + v("mj"), v("k")]),
+            vec![
+                let_("asg", asg()),
+                st(
+                    "h",
+                    [
+                        v("asg") / i(k_n),
+                        rem(v("asg"), i(k_n)) * i(inter) + v("n0") + v("mj"),
+                    ],
+                    silu(gv()) * v("acc"),
+                ),
+            ],
+        ),
+    ]));
+    let experts = launch(
+        format!("moe_grouped_mma_gate_up_e{e_n}_k{k_n}_d{d}_i{inter}"),
+        vec![Dim::N(e_n), Dim::N(inter.div_ceil(MMA_COLS))],
+        vec![
+            (input("x", &act(d)), x),
+            ids_param(),
+            stacked("gate", inter, d),
+            stacked("up", inter, d),
+            (output("h", &act(k_n * inter)), Bind::Act(hmid)),
+        ],
+        body,
+        vec![n],
         g,
     );
-    (experts, down, combine)
+
+    // down: yk[a, o] = w[a] · down_e[o]·h[a].
+    let mut body = gather.to_vec();
+    body.push(blocks(vec![mma(
+        [MMA_ROWS, MMA_COLS, inter],
+        v("pm"),
+        min(i(MMA_COLS), i(d) - v("n0")),
+        ld(
+            "h",
+            [asg() / i(k_n), rem(asg(), i(k_n)) * i(inter) + v("k")],
+        ),
+        ld("down", [v("e"), v("n0") + v("mj"), v("k")]),
+        vec![
+            let_("asg", asg()),
+            st(
+                "yk",
+                [
+                    v("asg") / i(k_n),
+                    rem(v("asg"), i(k_n)) * i(d) + v("n0") + v("mj"),
+                ],
+                ld("w", [v("asg") / i(k_n), rem(v("asg"), i(k_n))]) * v("acc"),
+            ),
+        ],
+    )]));
+    let down = launch(
+        format!("moe_grouped_mma_down_e{e_n}_k{k_n}_d{d}_i{inter}"),
+        vec![Dim::N(e_n), Dim::N(d.div_ceil(MMA_COLS))],
+        vec![
+            (input("h", &act(k_n * inter)), Bind::Act(hmid)),
+            ids_param(),
+            (input("w", &act(k_n)), Bind::Act(wts)),
+            stacked("down", d, inter),
+            (output("yk", &act(k_n * d)), Bind::Act(yk)),
+        ],
+        body,
+        vec![n],
+        g,
+    );
+    (experts, down)
 }

@@ -59,7 +59,12 @@ fn stmt(s: &Stmt, mma: bool) -> Vec<Stmt> {
 fn expand_mma(m: &Mma) -> Vec<Stmt> {
     let mut body = vec![let_(
         &m.acc,
-        sum(&m.k, i(0), i(m.depth), bf16(m.a.clone()) * bf16(m.b.clone())),
+        sum(
+            &m.k,
+            i(0),
+            i(m.depth),
+            bf16(m.a.clone()) * bf16(m.b.clone()),
+        ),
     )];
     body.extend(m.epilogue.iter().cloned());
     vec![for_par(

@@ -74,9 +74,10 @@ impl<'g, F: Real> Reference<'g, F> {
         }
     }
 
-    /// Every projection (`linear`) reads its input rounded to bf16, then computes exactly: the
-    /// arithmetic of tensor-core plans (bf16 operands, products exact in f32), so that they can
-    /// be checked at a tight tolerance rather than at the distance bf16 noise drifts a model.
+    /// Every projection (`linear`, and the routed experts' GEMMs) reads its input rounded to
+    /// bf16, then computes exactly: the arithmetic of tensor-core plans (bf16 operands, products
+    /// exact in f32), so that they can be checked at a tight tolerance rather than at the
+    /// distance bf16 noise drifts a model.
     pub fn with_bf16_projection_inputs(mut self) -> Self {
         self.bf16_projection_inputs = true;
         self
@@ -146,6 +147,19 @@ impl<'g, F: Real> Reference<'g, F> {
         }
         sess.pos += t_len;
         Ok((vals.remove(&g.output).expect("output evaluated"), captured))
+    }
+
+    /// A projection or MoE node (stateless, one input) evaluated on the input `x` of `rows`
+    /// rows: for op-by-op checks of compiled plans against their own inputs. `None` for other
+    /// ops.
+    pub fn eval_projection(&self, n: lamina_ir::graph::NodeIndex, x: &Mat<F>) -> Option<Mat<F>> {
+        let node = self.graph.node(n);
+        if !matches!(node.op, Op::Linear { .. } | Op::Moe { .. }) {
+            return None;
+        }
+        let tokens = vec![0; x.rows];
+        let cols = node.ty.cols.unwrap_or(1);
+        Some(self.eval(&node.op, &[x], &tokens, &mut self.new_session(), cols))
     }
 
     fn eval(
@@ -395,7 +409,15 @@ impl<'g, F: Real> Reference<'g, F> {
                 moe,
                 prefix,
                 hidden,
-            } => mat(moe::moe(moe, prefix, &ins[0].data, t_len, *hidden, w)),
+            } => mat(moe::moe(
+                moe,
+                prefix,
+                &ins[0].data,
+                t_len,
+                *hidden,
+                w,
+                self.bf16_projection_inputs,
+            )),
         }
     }
 

@@ -60,6 +60,9 @@ pub fn route<F: Real>(m: &MoeSpec, logits: &[F], bias: Option<&[F]>) -> Vec<(usi
 }
 
 /// Routed experts of a MoE layer for `x: [T, D]`.
+/// The routed experts of `t_len` tokens. With `bf16_operands`, the experts' GEMM inputs (the
+/// token, then the activated intermediate) are rounded to bf16 first, as tensor-core plans do;
+/// the router always reads the unrounded token.
 pub fn moe<F: Real>(
     m: &MoeSpec,
     prefix: &str,
@@ -67,7 +70,16 @@ pub fn moe<F: Real>(
     t_len: usize,
     d: usize,
     w: &Weights<F>,
+    bf16_operands: bool,
 ) -> Vec<F> {
+    let round = |v: Vec<F>| -> Vec<F> {
+        if !bf16_operands {
+            return v;
+        }
+        v.into_iter()
+            .map(|x| F::of32(half::bf16::from_f32(x.to_f32().expect("f32/f64 convert")).to_f32()))
+            .collect()
+    };
     let router = w.get(&format!("{prefix}.router"));
     let bias = m
         .correction_bias
@@ -76,6 +88,7 @@ pub fn moe<F: Real>(
     let mut y = vec![F::zero(); t_len * d];
     for t in 0..t_len {
         let xt = &x[t * d..(t + 1) * d];
+        let xr = round(xt.to_vec());
         let logits: Vec<F> = (0..m.experts)
             .map(|e| dot(xt, &router[e * d..(e + 1) * d]))
             .collect();
@@ -87,8 +100,9 @@ pub fn moe<F: Real>(
                 w.get(&format!("{ep}.down_proj")),
             );
             let act: Vec<F> = (0..inter)
-                .map(|i| silu(dot(xt, &g[i * d..(i + 1) * d])) * dot(xt, &u[i * d..(i + 1) * d]))
+                .map(|i| silu(dot(&xr, &g[i * d..(i + 1) * d])) * dot(&xr, &u[i * d..(i + 1) * d]))
                 .collect();
+            let act = round(act);
             let yt = &mut y[t * d..(t + 1) * d];
             for (o, yo) in yt.iter_mut().enumerate() {
                 *yo = *yo + we * dot(&act, &dn[o * inter..(o + 1) * inter]);

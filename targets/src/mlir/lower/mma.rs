@@ -114,7 +114,7 @@ impl<'c> Lower<'c> {
             };
             let depth_last = bx(mma.depth as i64 - 1);
             let depth = bx(mma.depth as i64);
-            let ragged = mma.depth % Mma::K != 0;
+            let ragged = !mma.depth.is_multiple_of(Mma::K);
             // operand(idx, kk) for index `idx` (row or column, clamped to `last`) and depth
             // `kk`, both halves packed into one i32.
             let pack = |e: &lamina_ir::kernel::Expr,
@@ -181,11 +181,11 @@ impl<'c> Lower<'c> {
                 b_regs.push(regs);
             }
             let mut next = Vec::new();
-            for am in 0..tm {
-                for bn in 0..tn {
+            for (am, a) in a_regs.iter().enumerate() {
+                for (bn, b) in b_regs.iter().enumerate() {
                     let c0 = 1 + (am * tn + bn) * 4;
-                    let mut operands: Vec<Value> = a_regs[am].clone();
-                    operands.extend(&b_regs[bn]);
+                    let mut operands: Vec<Value> = a.clone();
+                    operands.extend(b);
                     for e in 0..4 {
                         operands.push(arg(c0 + e)?);
                     }
@@ -231,10 +231,14 @@ impl<'c> Lower<'c> {
                     let (r0, c0) = c_fragment(0, 0, e);
                     let i = add(g, ix((am * Mma::M + r0) as i64));
                     let j = add(two_t, ix((bn * Mma::N + c0) as i64));
-                    let ok_i =
-                        self.append(blk, arith::cmpi(self.ctx, CmpiPredicate::Ult, i, m, self.loc));
-                    let ok_j =
-                        self.append(blk, arith::cmpi(self.ctx, CmpiPredicate::Ult, j, n, self.loc));
+                    let ok_i = self.append(
+                        blk,
+                        arith::cmpi(self.ctx, CmpiPredicate::Ult, i, m, self.loc),
+                    );
+                    let ok_j = self.append(
+                        blk,
+                        arith::cmpi(self.ctx, CmpiPredicate::Ult, j, n, self.loc),
+                    );
                     let ok = self.op(blk, "arith.andi", &[ok_i, ok_j], self.i1, false);
                     let then = Block::new(&[]);
                     {
