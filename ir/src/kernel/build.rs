@@ -3,7 +3,7 @@
 use std::ops::{Add, Div, Mul, Neg, Sub};
 
 use super::{
-    Access, BinOp, CmpOp, Dim, Elem, Expr, Mma, Param, ReduceOp, Stmt, TileOp, UnOp, View,
+    Access, BinOp, CmpOp, Dim, Elem, Expr, Mma, MmaKind, Param, ReduceOp, Stmt, TileOp, UnOp, View,
 };
 
 pub fn f(v: f64) -> Expr {
@@ -293,6 +293,7 @@ pub fn mma(
     epilogue: Vec<Stmt>,
 ) -> Stmt {
     Stmt::Mma(Box::new(Mma {
+        kind: MmaKind::Bf16,
         rows,
         cols,
         m,
@@ -306,6 +307,11 @@ pub fn mma(
         b,
         epilogue,
     }))
+}
+
+/// `x` truncated to TF32 (as f32).
+pub fn tf32(x: Expr) -> Expr {
+    un(UnOp::Tf32, x)
 }
 
 /// `x` rounded to bfloat16 (as f32).

@@ -3,7 +3,7 @@
 //! which kernel builders do not use.
 
 use super::build::*;
-use super::{Expr, Kernel, Mma, Stmt, TileOp, View};
+use super::{Expr, Kernel, Mma, MmaKind, Stmt, TileOp, View};
 
 /// `k` with every [`Stmt::Tile`] and [`Stmt::Mma`] replaced by loops.
 pub fn expand_all(k: &Kernel) -> Kernel {
@@ -11,6 +11,102 @@ pub fn expand_all(k: &Kernel) -> Kernel {
         body: block(&k.body, true),
         ..k.clone()
     }
+}
+
+/// Rows and columns of the MMA tiles [`dots_on_tensor_cores`] cuts a `dot` into.
+pub const DOT_TILE: usize = 32;
+
+/// `k` with every `dot` tile operation whose output is not one of its operands rewritten as
+/// [`MmaKind::Tf32x3`] MMA tiles of [`DOT_TILE`]² (loops over the tile grid): what a GPU runs
+/// on tensor cores. Near-f32 products: the chunked recurrences keep their precision.
+pub fn dots_on_tensor_cores(k: &Kernel) -> Kernel {
+    fn block(b: &[Stmt]) -> Vec<Stmt> {
+        b.iter()
+            .flat_map(|s| match s {
+                Stmt::Tile(TileOp::Dot {
+                    out,
+                    a,
+                    b,
+                    m,
+                    n,
+                    depth,
+                    accumulate,
+                }) if out.buf != a.buf && out.buf != b.buf => {
+                    dot_tiles(out, a, b, m, n, *depth, *accumulate)
+                }
+                Stmt::For {
+                    var,
+                    lo,
+                    hi,
+                    carried,
+                    body,
+                    yields,
+                    split,
+                } => vec![Stmt::For {
+                    var: var.clone(),
+                    lo: lo.clone(),
+                    hi: hi.clone(),
+                    carried: carried.clone(),
+                    body: block(body),
+                    yields: yields.clone(),
+                    split: *split,
+                }],
+                Stmt::If { cond, then } => vec![Stmt::If {
+                    cond: cond.clone(),
+                    then: block(then),
+                }],
+                other => vec![other.clone()],
+            })
+            .collect()
+    }
+    Kernel {
+        body: block(&k.body),
+        ..k.clone()
+    }
+}
+
+/// `out (+)= a bᵀ` over `m × n` as a grid of MMA tiles (uniform loops: every lane of a warp
+/// runs them alike).
+fn dot_tiles(
+    out: &View,
+    a: &View,
+    b: &View,
+    m: &Expr,
+    n: &Expr,
+    depth: usize,
+    accumulate: bool,
+) -> Vec<Stmt> {
+    let t = DOT_TILE;
+    let (r, c) = (
+        v("_mb") * i(DOT_TILE) + v("_mi"),
+        v("_nb") * i(DOT_TILE) + v("_mj"),
+    );
+    let value = if accumulate {
+        at(out, r.clone(), c.clone()) + v("_acc")
+    } else {
+        v("_acc")
+    };
+    let tile = Stmt::Mma(Box::new(Mma {
+        kind: MmaKind::Tf32x3,
+        rows: DOT_TILE,
+        cols: DOT_TILE,
+        m: min(i(DOT_TILE), m.clone() - v("_mb") * i(DOT_TILE)),
+        n: min(i(DOT_TILE), n.clone() - v("_nb") * i(DOT_TILE)),
+        depth,
+        i: "_mi".into(),
+        j: "_mj".into(),
+        k: "_mk".into(),
+        acc: "_acc".into(),
+        a: at(a, r.clone(), v("_mk")),
+        b: at(b, c.clone(), v("_mk")),
+        epilogue: vec![set(out, r, c, value)],
+    }));
+    vec![for_(
+        "_mb",
+        i(0),
+        (m.clone() + i(t - 1)) / i(t),
+        vec![for_("_nb", i(0), (n.clone() + i(t - 1)) / i(t), vec![tile])],
+    )]
 }
 
 /// `k` with every [`Stmt::Tile`] replaced by loops ([`Stmt::Mma`] kept: a GPU lowers it).
@@ -55,17 +151,20 @@ fn stmt(s: &Stmt, mma: bool) -> Vec<Stmt> {
 }
 
 /// The MMA tile as loops: rows in parallel (each element's epilogue writes only its own
-/// outputs), columns in order, the sum over the depth with both operands rounded to bf16.
+/// outputs), columns in order, the sum over the depth with the products formed as the kind
+/// says.
 fn expand_mma(m: &Mma) -> Vec<Stmt> {
-    let mut body = vec![let_(
-        &m.acc,
-        sum(
-            &m.k,
-            i(0),
-            i(m.depth),
-            bf16(m.a.clone()) * bf16(m.b.clone()),
-        ),
-    )];
+    let product = match m.kind {
+        MmaKind::Bf16 => bf16(m.a.clone()) * bf16(m.b.clone()),
+        MmaKind::Tf32x3 => {
+            let (a, b) = (m.a.clone(), m.b.clone());
+            let (a_hi, b_hi) = (tf32(a.clone()), tf32(b.clone()));
+            let a_lo = tf32(a - a_hi.clone());
+            let b_lo = tf32(b - b_hi.clone());
+            a_hi.clone() * b_hi.clone() + a_hi * b_lo + a_lo * b_hi
+        }
+    };
+    let mut body = vec![let_(&m.acc, sum(&m.k, i(0), i(m.depth), product))];
     body.extend(m.epilogue.iter().cloned());
     vec![for_par(
         &m.i,

@@ -135,6 +135,8 @@ pub enum UnOp {
     Softplus,
     /// `x` rounded to the nearest bfloat16 (ties to even), as f32.
     Bf16,
+    /// `x` truncated to TF32 (the low 13 mantissa bits cleared), as f32.
+    Tf32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -226,12 +228,12 @@ pub enum Stmt {
     Mma(Box<Mma>),
 }
 
-/// A product tile on a warp's tensor cores (NVIDIA: `mma.sync` m16n8k16, bf16 operands):
+/// A product tile on a warp's tensor cores (NVIDIA: `mma.sync`):
 ///
-/// for every `i < m`, `j < n`: `acc = Σ_(k < depth) bf16(a)·bf16(b)`, `a` read with `(i, k)`
-/// bound and `b` with `(j, k)` (`b` is read transposed, as weights `[out, in]` are stored),
-/// both rounded to bfloat16, products exact, accumulated in f32; then `epilogue` with `i`, `j`
-/// and `acc` bound.
+/// for every `i < m`, `j < n`: `acc = Σ_(k < depth) a·b`, `a` read with `(i, k)` bound and `b`
+/// with `(j, k)` (`b` is read transposed, as weights `[out, in]` are stored), the products
+/// formed as [`MmaKind`] says and accumulated in f32; then `epilogue` with `i`, `j` and `acc`
+/// bound.
 ///
 /// The epilogue runs once per element, in no particular order and on whichever thread holds
 /// the element: it may only write outputs of its own element `(i, j)`, and binds lets, stores
@@ -240,9 +242,11 @@ pub enum Stmt {
 /// expressions need no masks of their own; `m` and `n` are at least 1.
 ///
 /// The tile is `rows × cols` (multiples of 16 and 8: `m ≤ rows`, `n ≤ cols`); a GPU lowers
-/// it to `rows/16 × cols/8` MMAs per 16-deep step, the host to loops ([`expand`]).
+/// it to `rows/16 × cols/8` MMAs per step of [`MmaKind::depth_step`], the host to loops
+/// ([`expand`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mma {
+    pub kind: MmaKind,
     pub rows: usize,
     pub cols: usize,
     pub m: Expr,
@@ -259,10 +263,38 @@ pub struct Mma {
 }
 
 impl Mma {
-    /// Row, column and depth multiples of one `mma.sync` m16n8k16.
+    /// Row and column multiples of one `mma.sync` (m16n8).
     pub const M: usize = 16;
     pub const N: usize = 8;
-    pub const K: usize = 16;
+}
+
+/// How an [`Mma`] forms its products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MmaKind {
+    /// `bf16(a)·bf16(b)`: both operands rounded to bfloat16, the product exact in f32
+    /// (`mma.sync` m16n8k16 bf16). The projections' precision.
+    Bf16,
+    /// `a·b` to about 2^-20 relative: each operand split into a TF32 head and a TF32 tail
+    /// (`hi = tf32(x)`, `lo = tf32(x − hi)`), `hi·hi + hi·lo + lo·hi` (three `mma.sync`
+    /// m16n8k8 tf32). Near-f32 products on tensor cores, for the chunked recurrences.
+    Tf32x3,
+}
+
+impl MmaKind {
+    /// Depth of one MMA step.
+    pub fn depth_step(self) -> usize {
+        match self {
+            MmaKind::Bf16 => 16,
+            MmaKind::Tf32x3 => 8,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MmaKind::Bf16 => "bf16",
+            MmaKind::Tf32x3 => "tf32x3",
+        }
+    }
 }
 
 /// A 2-d window on a local: element `(r, c)` is `buf[off + r·ld + c]`.

@@ -133,7 +133,8 @@ fn stmt(out: &mut String, s: &Stmt, depth: usize) {
         Stmt::Mma(mma) => {
             let _ = writeln!(
                 out,
-                "{pad}mma {}x{} tile, {} < {}, {} < {}: {} = Σ_({} < {}) bf16({})·bf16({}) {{",
+                "{pad}mma {} {}x{} tile, {} < {}, {} < {}: {} = Σ_({} < {}) ({})·({}) {{",
+                mma.kind.name(),
                 mma.rows,
                 mma.cols,
                 mma.i,
@@ -230,6 +231,7 @@ pub fn expr(e: &Expr) -> String {
                 UnOp::Sigmoid => "sigmoid",
                 UnOp::Softplus => "softplus",
                 UnOp::Bf16 => "bf16",
+                UnOp::Tf32 => "tf32",
             };
             format!("{name}({})", expr(a))
         }

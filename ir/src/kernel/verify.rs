@@ -249,6 +249,7 @@ impl Scope<'_> {
     /// epilogue of lets, stores and conditionals only.
     fn mma(&mut self, mma: &Mma) -> Result<(), String> {
         let Mma {
+            kind: _,
             rows,
             cols,
             m,

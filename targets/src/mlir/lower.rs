@@ -1009,6 +1009,20 @@ impl<'c> Lower<'c> {
                 let b = self.op(blk, "arith.truncf", &[x], Type::bfloat16(self.ctx), false);
                 self.op(blk, "arith.extf", &[b], f, false)
             }
+            UnOp::Tf32 => {
+                let i32t: Type = IntegerType::new(self.ctx, 32).into();
+                let mask = self.append(
+                    blk,
+                    arith::constant(
+                        self.ctx,
+                        IntegerAttribute::new(i32t, -8192).into(),
+                        self.loc,
+                    ),
+                );
+                let bits = self.op(blk, "arith.bitcast", &[x], i32t, false);
+                let kept = self.op(blk, "arith.andi", &[bits, mask], i32t, false);
+                self.op(blk, "arith.bitcast", &[kept], f, false)
+            }
             UnOp::Exp => m("math.exp", x),
             UnOp::Log => m("math.log", x),
             UnOp::Sqrt => m("math.sqrt", x),

@@ -17,14 +17,17 @@ pub use lower::Flavor;
 
 use crate::{Target, TargetError};
 
-/// `k` verified, with its tile operations expanded into loops (neither target has a native
-/// lowering of them yet) and, on the host, its MMA tiles too, verified again.
-fn prepared(k: &Kernel, gpu: bool) -> Result<Kernel, TargetError> {
+/// `k` verified and prepared for `flavor`, verified again: GPUs run `dot` tiles as TF32x3
+/// MMA tiles and expand the other tile operations into loops; the host expands everything into
+/// loops, with the `dot` tiles first rewritten as the GPU's MMAs when it emulates the GPU's
+/// lanes (so that tests run the GPU's tiling and products on the CPU).
+fn prepared(k: &Kernel, flavor: Flavor) -> Result<Kernel, TargetError> {
+    use lamina_ir::kernel::expand::{dots_on_tensor_cores, expand_all, expand_tiles};
     verify_kernel(k).map_err(TargetError::Kernel)?;
-    let k = if gpu {
-        lamina_ir::kernel::expand::expand_tiles(k)
-    } else {
-        lamina_ir::kernel::expand::expand_all(k)
+    let k = match flavor {
+        Flavor::Gpu { .. } => expand_tiles(&dots_on_tensor_cores(k)),
+        Flavor::HostLanes(_) => expand_all(&dots_on_tensor_cores(k)),
+        Flavor::Host => expand_all(k),
     };
     verify_kernel(&k).map_err(TargetError::Kernel)?;
     Ok(k)
@@ -47,7 +50,7 @@ pub fn host_module<'c>(
 ) -> Result<Module<'c>, TargetError> {
     let module = Module::new(Location::unknown(&cx.context));
     for k in kernels {
-        lower::lower_kernel(&cx.context, &module.body(), &prepared(k, false)?, flavor)?;
+        lower::lower_kernel(&cx.context, &module.body(), &prepared(k, flavor)?, flavor)?;
     }
     cx.verify(&module, "kernel module")?;
     Ok(module)
@@ -81,7 +84,7 @@ pub fn gpu_module<'c>(
             .first_block()
             .ok_or_else(|| TargetError::Mlir("gpu.module has no body".into()))?;
         for k in kernels {
-            lower::lower_kernel(&cx.context, &block_ref, &prepared(k, true)?, flavor(k))?;
+            lower::lower_kernel(&cx.context, &block_ref, &prepared(k, flavor(k))?, flavor(k))?;
         }
     }
     cx.verify(&module, "GPU kernel module")?;

@@ -1,19 +1,22 @@
-//! [`Stmt::Mma`](lamina_ir::kernel::Stmt::Mma) on a warp's tensor cores: `mma.sync.aligned.
-//! m16n8k16.row.col.f32.bf16.bf16.f32`, with each lane loading its own fragments straight from
-//! the operand expressions (no shared-memory staging yet).
+//! [`Stmt::Mma`](lamina_ir::kernel::Stmt::Mma) on a warp's tensor cores, with each lane
+//! loading its own fragments straight from the operand expressions (no shared-memory staging
+//! yet):
+//! - [`MmaKind::Bf16`]: `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`, a 32-bit
+//!   register holding two bf16 (the lower `k` in the low half);
+//! - [`MmaKind::Tf32x3`]: `mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32` three times
+//!   (`lo·hi`, `hi·lo`, then `hi·hi`), each operand element split into TF32 head and tail.
 //!
-//! A `rows × cols` tile is `rows/16 × cols/8` MMAs; a loop over the depth in steps of 16
-//! carries their f32 accumulators (4 per MMA per lane). Padding rows, columns and depth are
-//! loaded from clamped indices (a valid address) and, for the depth only, replaced by zero; the
-//! epilogue runs on the lane that holds each accumulator, for valid elements only, so the
-//! padding never reaches memory.
+//! A `rows × cols` tile is `rows/16 × cols/8` MMAs; a loop over the depth in MMA steps carries
+//! their f32 accumulators (4 per MMA per lane). Padding rows, columns and depth are loaded from
+//! clamped indices (a valid address) and, for the depth only, replaced by zero; the epilogue
+//! runs on the lane that holds each accumulator, for valid elements only, so the padding never
+//! reaches memory.
 //!
-//! Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"):
-//! lane `l` has group `g = l / 4` and thread-in-group `t = l % 4`, see [`a_fragment`],
-//! [`b_fragment`], [`c_fragment`]. A 32-bit register holds two bf16, the lower `k` in the low
-//! half.
+//! Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16 / mma.m16n8k8"): lane `l` has
+//! group `g = l / 4` and thread-in-group `t = l % 4`; see [`a_fragment`], [`b_fragment`],
+//! [`c_fragment`].
 
-use lamina_ir::kernel::Mma;
+use lamina_ir::kernel::{Expr, Mma, MmaKind};
 use melior::dialect::arith::CmpiPredicate;
 use melior::dialect::{arith, scf};
 use melior::ir::attribute::IntegerAttribute;
@@ -23,20 +26,34 @@ use melior::ir::{Attribute, Block, BlockLike, Identifier, Region, RegionLike, Ty
 
 use super::{bug, Env, Lower, Ty, R};
 
-/// `(row, k)` of A-fragment register `reg` (0..4), half `h` (0..2), for group `g` and
-/// thread-in-group `t`: registers 0 and 2 hold row `g`, 1 and 3 row `g + 8`; registers 2 and 3
-/// are 8 further along `k`.
-pub fn a_fragment(g: usize, t: usize, reg: usize, h: usize) -> (usize, usize) {
-    (g + 8 * (reg % 2), 2 * t + h + 8 * (reg / 2))
+/// Elements per 32-bit operand register: two bf16, or one tf32.
+fn per_register(kind: MmaKind) -> usize {
+    match kind {
+        MmaKind::Bf16 => 2,
+        MmaKind::Tf32x3 => 1,
+    }
 }
 
-/// `(column, k)` of B-fragment register `reg` (0..2), half `h`: column `g`, register 1 is 8
-/// further along `k`.
-pub fn b_fragment(g: usize, t: usize, reg: usize, h: usize) -> (usize, usize) {
-    (g, 2 * t + h + 8 * reg)
+/// `(row, k)` of A-fragment register `reg` (0..4), element `h` (0..per register), for group
+/// `g` and thread-in-group `t`: registers 0 and 2 hold row `g`, 1 and 3 row `g + 8`; registers
+/// 2 and 3 are half the MMA's depth further along `k`.
+pub fn a_fragment(kind: MmaKind, g: usize, t: usize, reg: usize, h: usize) -> (usize, usize) {
+    let e = per_register(kind);
+    (
+        g + 8 * (reg % 2),
+        e * t + h + kind.depth_step() / 2 * (reg / 2),
+    )
 }
 
-/// `(row, column)` of accumulator `e` (0..4): rows `g` then `g + 8`, columns `2t`, `2t + 1`.
+/// `(column, k)` of B-fragment register `reg` (0..2), element `h`: column `g`, register 1 half
+/// the depth further along `k`.
+pub fn b_fragment(kind: MmaKind, g: usize, t: usize, reg: usize, h: usize) -> (usize, usize) {
+    let e = per_register(kind);
+    (g, e * t + h + kind.depth_step() / 2 * reg)
+}
+
+/// `(row, column)` of accumulator `e` (0..4): rows `g` then `g + 8`, columns `2t`, `2t + 1`
+/// (both kinds).
 pub fn c_fragment(g: usize, t: usize, e: usize) -> (usize, usize) {
     (g + 8 * (e / 2), 2 * t + e % 2)
 }
@@ -59,6 +76,8 @@ impl<'c> Lower<'c> {
         let lane = env
             .lane
             .ok_or_else(|| bug(format!("{what}: mma: no lane id")))?;
+        let kind = mma.kind;
+        let step = kind.depth_step();
         let ix = |v: i64| self.const_index(blk, v);
         let add = |a: Value<'c, 'a>, b: Value<'c, 'a>| {
             self.op(blk, "arith.addi", &[a, b], self.index, false)
@@ -72,19 +91,24 @@ impl<'c> Lower<'c> {
         let m_last = self.op(blk, "arith.subi", &[m, one], self.index, false);
         let n_last = self.op(blk, "arith.subi", &[n, one], self.index, false);
         let (tm, tn) = (mma.rows / Mma::M, mma.cols / Mma::N);
-        let steps = mma.depth.div_ceil(Mma::K);
+        let steps = mma.depth.div_ceil(step);
         // Stores before the tile are visible to every lane's operand loads.
         self.warp_sync(blk);
 
         let i32t: Type = IntegerType::new(self.ctx, 32).into();
         let struct4 = Type::parse(self.ctx, "!llvm.struct<(f32, f32, f32, f32)>")
             .ok_or_else(|| bug("mma result type".into()))?;
+        let (ptx_type, shape) = match kind {
+            MmaKind::Bf16 => ("bf16", "#nvvm.shape<m = 16, n = 8, k = 16>"),
+            MmaKind::Tf32x3 => ("tf32", "#nvvm.shape<m = 16, n = 8, k = 8>"),
+        };
+        let mma_type = format!("#nvvm.mma_type<{ptx_type}>");
         let attrs: Vec<(Identifier, Attribute)> = [
             ("layoutA", "#nvvm.mma_layout<row>"),
             ("layoutB", "#nvvm.mma_layout<col>"),
-            ("multiplicandAPtxType", "#nvvm.mma_type<bf16>"),
-            ("multiplicandBPtxType", "#nvvm.mma_type<bf16>"),
-            ("shape", "#nvvm.shape<m = 16, n = 8, k = 16>"),
+            ("multiplicandAPtxType", mma_type.as_str()),
+            ("multiplicandBPtxType", mma_type.as_str()),
+            ("shape", shape),
             ("operandSegmentSizes", "array<i32: 4, 2, 4>"),
         ]
         .into_iter()
@@ -95,7 +119,7 @@ impl<'c> Lower<'c> {
         })
         .collect::<R<_>>()?;
 
-        // The depth loop: k0 = 0, 16, ... carrying tm·tn·4 accumulators.
+        // The depth loop: k0 = 0, step, ... carrying tm·tn·4 accumulators.
         let accs = tm * tn * 4;
         let zero = self.const_f32(blk, 0.0);
         let mut args = vec![(self.index, self.loc)];
@@ -112,102 +136,138 @@ impl<'c> Lower<'c> {
             let badd = |a: Value<'c, '_>, b: Value<'c, '_>| {
                 self.op(&body, "arith.addi", &[a, b], self.index, false)
             };
-            let depth_last = bx(mma.depth as i64 - 1);
-            let depth = bx(mma.depth as i64);
-            let ragged = !mma.depth.is_multiple_of(Mma::K);
-            // operand(idx, kk) for index `idx` (row or column, clamped to `last`) and depth
-            // `kk`, both halves packed into one i32.
-            let pack = |e: &lamina_ir::kernel::Expr,
-                        var: &str,
-                        idx: Value<'c, '_>,
-                        last: Value<'c, '_>,
-                        kk: Value<'c, '_>|
-             -> R<Value<'c, '_>> {
-                let idx = self.op(&body, "arith.minui", &[idx, last], self.index, false);
-                let mut halves = Vec::new();
-                for h in 0..2 {
-                    let k = badd(kk, bx(h));
-                    let kc = if ragged {
-                        self.op(&body, "arith.minui", &[k, depth_last], self.index, false)
-                    } else {
-                        k
-                    };
-                    let mut env2: Env<'c, '_> = env.clone();
-                    env2.vars.insert(var.to_string(), (idx, Ty::Int));
-                    env2.vars.insert(mma.k.clone(), (kc, Ty::Int));
-                    let (mut x, _) = self.expr(&body, &env2, e)?;
-                    if ragged {
-                        let inside = self.append(
-                            &body,
-                            arith::cmpi(self.ctx, CmpiPredicate::Ult, k, depth, self.loc),
-                        );
-                        let z = self.const_f32(&body, 0.0);
-                        x = self.append(&body, arith::select(inside, x, z, self.loc));
-                    }
-                    let b16 = self.op(&body, "arith.truncf", &[x], Type::bfloat16(self.ctx), false);
-                    let i16t: Type = IntegerType::new(self.ctx, 16).into();
-                    let bits = self.op(&body, "arith.bitcast", &[b16], i16t, false);
-                    halves.push(self.op(&body, "arith.extui", &[bits], i32t, false));
-                }
-                let sixteen = self.append(
+            let i32c = |v: i64| {
+                self.append(
                     &body,
-                    arith::constant(self.ctx, IntegerAttribute::new(i32t, 16).into(), self.loc),
-                );
-                let high = self.op(&body, "arith.shli", &[halves[1], sixteen], i32t, false);
-                Ok(self.op(&body, "arith.ori", &[halves[0], high], i32t, false))
+                    arith::constant(self.ctx, IntegerAttribute::new(i32t, v).into(), self.loc),
+                )
             };
-            // Lane offsets: g (row/column in a fragment) and 2t (depth).
-            let two_t = self.op(&body, "arith.muli", &[t, bx(2)], self.index, false);
+            // One register's worth of operand, as the registers the MMAs take: bf16, one
+            // register packing two elements; tf32x3, a head register and a tail register.
+            let registers = |e: &Expr,
+                             var: &str,
+                             idx: Value<'c, '_>,
+                             last: Value<'c, '_>,
+                             kk: Value<'c, '_>|
+             -> R<Vec<Value<'c, '_>>> {
+                let idx = self.op(&body, "arith.minui", &[idx, last], self.index, false);
+                match kind {
+                    MmaKind::Bf16 => {
+                        let mut halves = Vec::new();
+                        for h in 0..2 {
+                            let x =
+                                self.mma_element(&body, env, (mma, e, var), idx, badd(kk, bx(h)))?;
+                            let b16 = self.op(
+                                &body,
+                                "arith.truncf",
+                                &[x],
+                                Type::bfloat16(self.ctx),
+                                false,
+                            );
+                            let i16t: Type = IntegerType::new(self.ctx, 16).into();
+                            let bits = self.op(&body, "arith.bitcast", &[b16], i16t, false);
+                            halves.push(self.op(&body, "arith.extui", &[bits], i32t, false));
+                        }
+                        let high =
+                            self.op(&body, "arith.shli", &[halves[1], i32c(16)], i32t, false);
+                        Ok(vec![self.op(
+                            &body,
+                            "arith.ori",
+                            &[halves[0], high],
+                            i32t,
+                            false,
+                        )])
+                    }
+                    MmaKind::Tf32x3 => {
+                        // hi = x with the low 13 mantissa bits cleared; lo likewise of x − hi
+                        // (exact in f32).
+                        let x = self.mma_element(&body, env, (mma, e, var), idx, kk)?;
+                        let mask = i32c(-8192);
+                        let bits = self.op(&body, "arith.bitcast", &[x], i32t, false);
+                        let hi = self.op(&body, "arith.andi", &[bits, mask], i32t, false);
+                        let hi_f = self.op(&body, "arith.bitcast", &[hi], self.f32, false);
+                        let rest = self.op(&body, "arith.subf", &[x, hi_f], self.f32, false);
+                        let rest = self.op(&body, "arith.bitcast", &[rest], i32t, false);
+                        let lo = self.op(&body, "arith.andi", &[rest, mask], i32t, false);
+                        Ok(vec![hi, lo])
+                    }
+                }
+            };
+            // Lane offsets: g (row/column in a fragment) and t·(elements per register) (depth).
+            let e = per_register(kind) as i64;
+            let t_k = self.op(&body, "arith.muli", &[t, bx(e)], self.index, false);
+            // a_regs[tile][variant][reg], b_regs likewise (variant: bf16 one, tf32x3 hi/lo).
+            let variants = match kind {
+                MmaKind::Bf16 => 1,
+                MmaKind::Tf32x3 => 2,
+            };
             let mut a_regs = Vec::new();
             for am in 0..tm {
-                let mut regs = Vec::new();
+                let mut regs = vec![Vec::new(); variants];
                 for reg in 0..4 {
-                    let (r0, k_off) = a_fragment(0, 0, reg, 0);
+                    let (r0, k_off) = a_fragment(kind, 0, 0, reg, 0);
                     let row = badd(g, bx((am * Mma::M + r0) as i64));
-                    let kk = badd(badd(k0, two_t), bx(k_off as i64));
-                    regs.push(pack(&mma.a, &mma.i, row, m_last, kk)?);
+                    let kk = badd(badd(k0, t_k), bx(k_off as i64));
+                    for (v, r) in registers(&mma.a, &mma.i, row, m_last, kk)?
+                        .into_iter()
+                        .enumerate()
+                    {
+                        regs[v].push(r);
+                    }
                 }
                 a_regs.push(regs);
             }
             let mut b_regs = Vec::new();
             for bn in 0..tn {
-                let mut regs = Vec::new();
+                let mut regs = vec![Vec::new(); variants];
                 for reg in 0..2 {
-                    let (c0, k_off) = b_fragment(0, 0, reg, 0);
+                    let (c0, k_off) = b_fragment(kind, 0, 0, reg, 0);
                     let col = badd(g, bx((bn * Mma::N + c0) as i64));
-                    let kk = badd(badd(k0, two_t), bx(k_off as i64));
-                    regs.push(pack(&mma.b, &mma.j, col, n_last, kk)?);
+                    let kk = badd(badd(k0, t_k), bx(k_off as i64));
+                    for (v, r) in registers(&mma.b, &mma.j, col, n_last, kk)?
+                        .into_iter()
+                        .enumerate()
+                    {
+                        regs[v].push(r);
+                    }
                 }
                 b_regs.push(regs);
             }
+            // (A variant, B variant) per MMA, small terms first.
+            let products: &[(usize, usize)] = match kind {
+                MmaKind::Bf16 => &[(0, 0)],
+                MmaKind::Tf32x3 => &[(1, 0), (0, 1), (0, 0)],
+            };
             let mut next = Vec::new();
             for (am, a) in a_regs.iter().enumerate() {
                 for (bn, b) in b_regs.iter().enumerate() {
                     let c0 = 1 + (am * tn + bn) * 4;
-                    let mut operands: Vec<Value> = a.clone();
-                    operands.extend(b);
-                    for e in 0..4 {
-                        operands.push(arg(c0 + e)?);
+                    let mut c: Vec<Value> = (0..4).map(|e| arg(c0 + e)).collect::<R<_>>()?;
+                    for &(va, vb) in products {
+                        let mut operands: Vec<Value> = a[va].clone();
+                        operands.extend(&b[vb]);
+                        operands.extend(&c);
+                        let op = OperationBuilder::new("nvvm.mma.sync", self.loc)
+                            .add_operands(&operands)
+                            .add_attributes(&attrs)
+                            .add_results(&[struct4])
+                            .build()
+                            .map_err(|e| bug(format!("{what}: nvvm.mma.sync: {e}")))?;
+                        let d = self.append(&body, op);
+                        c = (0..4)
+                            .map(|e| self.extract(&body, d, e))
+                            .collect::<R<_>>()?;
                     }
-                    let op = OperationBuilder::new("nvvm.mma.sync", self.loc)
-                        .add_operands(&operands)
-                        .add_attributes(&attrs)
-                        .add_results(&[struct4])
-                        .build()
-                        .map_err(|e| bug(format!("{what}: nvvm.mma.sync: {e}")))?;
-                    let d = self.append(&body, op);
-                    for e in 0..4 {
-                        next.push(self.extract(&body, d, e)?);
-                    }
+                    next.extend(c);
                 }
             }
             body.append_operation(scf::r#yield(&next, self.loc));
         }
         let region = Region::new();
         region.append_block(body);
-        let (lo, hi, step) = (ix(0), ix((steps * Mma::K) as i64), ix(Mma::K as i64));
+        let (lo, hi, stride) = (ix(0), ix((steps * step) as i64), ix(step as i64));
         let op = OperationBuilder::new("scf.for", self.loc)
-            .add_operands(&[lo, hi, step])
+            .add_operands(&[lo, hi, stride])
             .add_operands(&vec![zero; accs])
             .add_results(&vec![self.f32; accs])
             .add_regions([region])
@@ -261,6 +321,39 @@ impl<'c> Lower<'c> {
         Ok(())
     }
 
+    /// Element `(idx, k)` of operand `e` (bound as `var` and `mma.k`): `k` clamped to the
+    /// depth and the value zero past it.
+    fn mma_element<'b>(
+        &self,
+        body: &'b Block<'c>,
+        env: &Env<'c, 'b>,
+        (mma, e, var): (&Mma, &Expr, &str),
+        idx: Value<'c, 'b>,
+        k: Value<'c, 'b>,
+    ) -> R<Value<'c, 'b>> {
+        let ragged = !mma.depth.is_multiple_of(mma.kind.depth_step());
+        let kc = if ragged {
+            let last = self.const_index(body, mma.depth as i64 - 1);
+            self.op(body, "arith.minui", &[k, last], self.index, false)
+        } else {
+            k
+        };
+        let mut env2 = env.clone();
+        env2.vars.insert(var.to_string(), (idx, Ty::Int));
+        env2.vars.insert(mma.k.clone(), (kc, Ty::Int));
+        let (mut x, _) = self.expr(body, &env2, e)?;
+        if ragged {
+            let depth = self.const_index(body, mma.depth as i64);
+            let inside = self.append(
+                body,
+                arith::cmpi(self.ctx, CmpiPredicate::Ult, k, depth, self.loc),
+            );
+            let z = self.const_f32(body, 0.0);
+            x = self.append(body, arith::select(inside, x, z, self.loc));
+        }
+        Ok(x)
+    }
+
     /// Field `e` of an LLVM struct value.
     fn extract<'a>(&self, blk: &'a Block<'c>, s: Value<'c, '_>, e: usize) -> R<Value<'c, 'a>> {
         let pos = Attribute::parse(self.ctx, &format!("array<i64: {e}>"))
@@ -286,17 +379,18 @@ mod tests {
         let mut a = [[0u8; 16]; 16];
         let mut b = [[0u8; 16]; 8];
         let mut c = [[0u8; 8]; 16];
+        let kind = MmaKind::Bf16;
         for lane in 0..32 {
             let (g, t) = (lane / 4, lane % 4);
             for reg in 0..4 {
                 for h in 0..2 {
-                    let (r, k) = a_fragment(g, t, reg, h);
+                    let (r, k) = a_fragment(kind, g, t, reg, h);
                     a[r][k] += 1;
                 }
             }
             for reg in 0..2 {
                 for h in 0..2 {
-                    let (n, k) = b_fragment(g, t, reg, h);
+                    let (n, k) = b_fragment(kind, g, t, reg, h);
                     b[n][k] += 1;
                 }
             }
@@ -309,9 +403,34 @@ mod tests {
         assert!(b.iter().flatten().all(|&x| x == 1));
         assert!(c.iter().flatten().all(|&x| x == 1));
         // Spot checks against the ISA's tables: lane 5 is group 1, thread 1.
-        assert_eq!(a_fragment(1, 1, 0, 1), (1, 3));
-        assert_eq!(a_fragment(1, 1, 3, 0), (9, 10));
-        assert_eq!(b_fragment(1, 1, 1, 1), (1, 11));
+        assert_eq!(a_fragment(kind, 1, 1, 0, 1), (1, 3));
+        assert_eq!(a_fragment(kind, 1, 1, 3, 0), (9, 10));
+        assert_eq!(b_fragment(kind, 1, 1, 1, 1), (1, 11));
         assert_eq!(c_fragment(1, 1, 2), (9, 2));
+    }
+
+    /// The m16n8k8 tf32 layout: A 16×8 in four registers of one element (rows g, g + 8;
+    /// columns t, t + 4), B 8×8 in two (k = t, t + 4).
+    #[test]
+    fn tf32_fragments_cover_their_tiles_once() {
+        let kind = MmaKind::Tf32x3;
+        let mut a = [[0u8; 8]; 16];
+        let mut b = [[0u8; 8]; 8];
+        for lane in 0..32 {
+            let (g, t) = (lane / 4, lane % 4);
+            for reg in 0..4 {
+                let (r, k) = a_fragment(kind, g, t, reg, 0);
+                a[r][k] += 1;
+            }
+            for reg in 0..2 {
+                let (n, k) = b_fragment(kind, g, t, reg, 0);
+                b[n][k] += 1;
+            }
+        }
+        assert!(a.iter().flatten().all(|&x| x == 1));
+        assert!(b.iter().flatten().all(|&x| x == 1));
+        assert_eq!(a_fragment(kind, 2, 3, 1, 0), (10, 3));
+        assert_eq!(a_fragment(kind, 2, 3, 2, 0), (2, 7));
+        assert_eq!(b_fragment(kind, 2, 3, 1, 0), (2, 7));
     }
 }
