@@ -252,11 +252,26 @@ fn tile_operations_compute_what_they_say() {
     }
 }
 
-/// `y = x wᵀ` as 32 × 16 MMA tiles with every edge ragged (45 rows, 21 columns, depth 40), an
-/// epilogue adding a bias: compiled for the host (and with 32 emulated lanes), every element
-/// written once, equal to Σ bf16(x)·bf16(w) computed exactly; and the same kernel for the GPU
-/// assembles (when ptxas is installed) with its MMAs.
-fn mma_kernel(cols: usize, depth: usize) -> Kernel {
+/// `y = x wᵀ + bias` as 32 × 16 MMA tiles with every edge ragged (45 rows, 21 columns, depth
+/// 40 or 37): compiled for the host (and with 32 emulated lanes), every element written once,
+/// equal to the kind's products summed exactly (bf16: Σ bf16(x)·bf16(w); TF32x3: Σ x·w to
+/// ~2^-20); and the same kernels for the GPU assemble (when ptxas is installed) with their MMAs.
+fn mma_kernel(cols: usize, depth: usize, kind: lamina_ir::kernel::MmaKind) -> Kernel {
+    let mut tile = mma(
+        [32, 16, depth],
+        min(i(32), rows() - v("r0")),
+        min(i(16), i(cols) - v("n0")),
+        ld("x", [v("r0") + v("mi"), v("k")]),
+        ld("w", [v("n0") + v("mj"), v("k")]),
+        vec![st(
+            "y",
+            [v("r0") + v("mi"), v("n0") + v("mj")],
+            v("acc") + ld("bias", [v("n0") + v("mj")]),
+        )],
+    );
+    if let lamina_ir::kernel::Stmt::Mma(m) = &mut tile {
+        m.kind = kind;
+    }
     Kernel {
         name: "mma_tile".into(),
         nodes: vec!["test.mma".into()],
@@ -267,31 +282,25 @@ fn mma_kernel(cols: usize, depth: usize) -> Kernel {
             input("bias", &[Dim::N(cols)]),
             output("y", &[Dim::Rows, Dim::N(cols)]),
         ],
-        body: vec![
-            let_("n0", pid(0) * i(16)),
-            let_("r0", pid(1) * i(32)),
-            mma(
-                [32, 16, depth],
-                min(i(32), rows() - v("r0")),
-                min(i(16), i(cols) - v("n0")),
-                ld("x", [v("r0") + v("mi"), v("k")]),
-                ld("w", [v("n0") + v("mj"), v("k")]),
-                vec![st(
-                    "y",
-                    [v("r0") + v("mi"), v("n0") + v("mj")],
-                    v("acc") + ld("bias", [v("n0") + v("mj")]),
-                )],
-            ),
-        ],
+        body: vec![let_("n0", pid(0) * i(16)), let_("r0", pid(1) * i(32)), tile],
     }
 }
 
 #[test]
 fn mma_tiles_compute_rounded_products_exactly() {
+    use lamina_ir::kernel::MmaKind;
+    // bf16 products exactly; TF32x3 products to ~2^-20 (depth 37: a ragged last step of 8).
+    for (kind, depth, tol) in [(MmaKind::Bf16, 40usize, 1e-6), (MmaKind::Tf32x3, 37, 1e-6)] {
+        check_mma_tile(kind, depth, tol);
+    }
+}
+
+fn check_mma_tile(kind: lamina_ir::kernel::MmaKind, depth: usize, tol: f64) {
     use crate::host::build_library_with_progress;
     use crate::mlir::Flavor;
-    let (rows, cols, depth) = (45usize, 21usize, 40usize);
-    let kernel = mma_kernel(cols, depth);
+    use lamina_ir::kernel::MmaKind;
+    let (rows, cols) = (45usize, 21usize);
+    let kernel = mma_kernel(cols, depth, kind);
     lamina_ir::kernel::verify::verify_kernel(&kernel).unwrap();
     let mut x: Vec<f32> = (0..rows * depth)
         .map(|p| ((p * 7919) % 1013) as f32 / 377.0 - 1.3)
@@ -300,19 +309,25 @@ fn mma_tiles_compute_rounded_products_exactly() {
         .map(|p| ((p * 104729) % 997) as f32 / 411.0 - 1.1)
         .collect();
     let mut bias: Vec<f32> = (0..cols).map(|c| c as f32 / 8.0).collect();
-    let bf = |v: f32| half::bf16::from_f32(v).to_f32() as f64;
-    let want: Vec<f64> = (0..rows * cols)
+    let bf = |v: f32| match kind {
+        MmaKind::Bf16 => half::bf16::from_f32(v).to_f32() as f64,
+        MmaKind::Tf32x3 => v as f64,
+    };
+    // Each element's value, and the size of its terms (errors are relative to them).
+    let want: Vec<(f64, f64)> = (0..rows * cols)
         .map(|p| {
             let (r, c) = (p / cols, p % cols);
-            let dot: f64 = (0..depth)
-                .map(|k| bf(x[r * depth + k]) * bf(w[c * depth + k]))
-                .sum();
-            dot + bias[c] as f64
+            let terms = (0..depth).map(|k| bf(x[r * depth + k]) * bf(w[c * depth + k]));
+            let dot: f64 = terms.clone().sum();
+            let size: f64 = terms.map(f64::abs).sum();
+            (dot + bias[c] as f64, size + (bias[c] as f64).abs())
         })
         .collect();
-    // Rounding matters here: the unrounded product is far from `want`.
-    let plain = (0..depth).map(|k| x[k] as f64 * w[k] as f64).sum::<f64>() + bias[0] as f64;
-    assert!((plain - want[0]).abs() > 1e-4, "{plain} vs {}", want[0]);
+    if kind == MmaKind::Bf16 {
+        // Rounding matters here: the unrounded product is far from `want`.
+        let plain = (0..depth).map(|k| x[k] as f64 * w[k] as f64).sum::<f64>() + bias[0] as f64;
+        assert!((plain - want[0].0).abs() > 1e-4, "{plain} vs {}", want[0].0);
+    }
     let blocks = cols.div_ceil(16) * rows.div_ceil(32);
     for flavor in [Flavor::Host, Flavor::HostLanes(32)] {
         let dir = tempfile::tempdir().unwrap();
@@ -329,10 +344,10 @@ fn mma_tiles_compute_rounded_products_exactly() {
             0,
             blocks as i64,
         );
-        for (p, (g, w)) in y.iter().zip(&want).enumerate() {
+        for (p, (g, (w, size))) in y.iter().zip(&want).enumerate() {
             assert!(
-                (*g as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()),
-                "{flavor:?} element {p}: {g} vs {w}"
+                (*g as f64 - w).abs() <= tol * (1.0 + size),
+                "{kind:?} {flavor:?} element {p}: {g} vs {w}"
             );
         }
     }
@@ -341,15 +356,22 @@ fn mma_tiles_compute_rounded_products_exactly() {
 #[test]
 fn mma_tiles_assemble_for_both_gpus() {
     use crate::Target;
-    let kernel = mma_kernel(21, 40);
-    for target in [Target::Sm80, Target::Sm90a] {
+    use lamina_ir::kernel::MmaKind;
+    for (target, kind) in [
+        (Target::Sm80, MmaKind::Bf16),
+        (Target::Sm90a, MmaKind::Bf16),
+        (Target::Sm80, MmaKind::Tf32x3),
+        (Target::Sm90a, MmaKind::Tf32x3),
+    ] {
+        let kernel = mma_kernel(21, 37, kind);
+        let instr = match kind {
+            MmaKind::Bf16 => "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+            MmaKind::Tf32x3 => "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
+        };
         let (ptx, _) = crate::nvptx::compile_ptx(std::slice::from_ref(&kernel), target).unwrap();
-        // 2 × 2 MMAs per 16-deep step, the loop over three steps not unrolled away.
-        let mmas = ptx
-            .lines()
-            .filter(|l| l.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"))
-            .count();
-        assert!(mmas >= 4, "{target}: {mmas} mma.sync in\n{ptx}");
+        // 2 × 2 MMAs per step (three each for TF32x3).
+        let mmas = ptx.lines().filter(|l| l.contains(instr)).count();
+        assert!(mmas >= 4, "{target} {kind:?}: {mmas} {instr} in\n{ptx}");
         if crate::nvptx::ptxas_path().is_some() {
             let res = crate::nvptx::ptxas(&ptx, target).unwrap();
             assert_eq!(res.len(), 1);
