@@ -18,7 +18,7 @@ use lamina_ir::graph::{NodeIndex, Op};
 use lamina_ir::kernel::build::*;
 use lamina_ir::kernel::{Dim, Expr, Stmt};
 
-use super::{act, launch, Bind, Ctx, Launch, Value};
+use super::{act, launch, Bind, Ctx, Launch, Phase, Value};
 
 /// Output columns per program.
 pub const BN: usize = 16;
@@ -31,7 +31,7 @@ pub const RB: usize = 4;
 pub const CB: usize = 4;
 
 /// The projection `n`; with `residual = Some(add)`, the add `add = r + n` in the epilogue.
-pub fn build(cx: &Ctx, n: NodeIndex, residual: Option<NodeIndex>) -> Launch {
+pub fn build(cx: &Ctx, n: NodeIndex, residual: Option<NodeIndex>) -> Vec<Launch> {
     let g = cx.graph;
     let Op::Linear {
         weight,
@@ -128,11 +128,34 @@ pub fn build(cx: &Ctx, n: NodeIndex, residual: Option<NodeIndex>) -> Launch {
     let mut nodes = vec![n];
     nodes.extend(norm);
     nodes.extend(residual);
-    launch(name, vec![Dim::N(blocks)], params, body, nodes, g)
+    vec![launch(name, vec![Dim::N(blocks)], params, body, nodes, g)]
+}
+
+/// Warps a decode projection should launch before its depth is split (split-K): fewer leave
+/// most of the GPU's memory parallelism unused at batch 1 (132 SMs).
+pub const DECODE_WARPS: usize = 1024;
+/// Least depth one split-K piece keeps (two MMA steps).
+pub const MIN_SPLIT_DEPTH: usize = 32;
+
+/// Pieces the depth `k` of a decode projection with `programs` tile programs is split into: a
+/// power of two, each piece a multiple of 16 and at least [`MIN_SPLIT_DEPTH`] deep, until
+/// [`DECODE_WARPS`] programs run.
+pub fn decode_k_splits(programs: usize, k: usize) -> usize {
+    let mut s = 1;
+    while programs * s < DECODE_WARPS
+        && k.is_multiple_of(2 * s * 16)
+        && k / (2 * s) >= MIN_SPLIT_DEPTH
+    {
+        s *= 2;
+    }
+    s
 }
 
 /// The projection as one tensor-core tile per program: `y[r0 + i, n0 + j]` for the program's
-/// row block `r0` and column block `n0`.
+/// row block `r0` and column block `n0`. In decode, when the column blocks alone are too few
+/// programs, the depth is split into `S` pieces ([`decode_k_splits`]): each program sums one
+/// piece into a partials buffer `[R, S·out]`, and a second kernel adds the pieces (and the
+/// residual).
 fn build_mma(
     cx: &Ctx,
     n: NodeIndex,
@@ -140,19 +163,33 @@ fn build_mma(
     weight: &str,
     k: usize,
     nn: usize,
-) -> Launch {
+) -> Vec<Launch> {
     let g = cx.graph;
     let root = residual.unwrap_or(n);
     let norm = cx.fusion.of(root).norm;
+    let blocks = nn.div_ceil(MMA_COLS);
+    let splits = match cx.phase {
+        Phase::Decode => decode_k_splits(blocks, k),
+        Phase::Prefill => 1,
+    };
+    let ks = k / splits;
     let mut x_in = g.inputs(n)[0];
     let mut params = Vec::new();
     let mut body = vec![
         let_("n0", pid(0) * i(MMA_COLS)),
         let_("nb", min(i(MMA_COLS), i(nn) - v("n0"))),
-        let_("r0", pid(1) * i(MMA_ROWS)),
+        // Grid: column blocks, [pieces,] row blocks.
+        let_("r0", pid(if splits > 1 { 2 } else { 1 }) * i(MMA_ROWS)),
         let_("rb", min(i(MMA_ROWS), rows() - v("r0"))),
     ];
-    let mut a = ld("x", [v("r0") + v("mi"), v("k")]);
+    // The depth index of the tile's `k` (offset by the piece when split).
+    let kg = if splits > 1 {
+        body.push(let_("k0", pid(1) * i(ks)));
+        v("k0") + v("k")
+    } else {
+        v("k")
+    };
+    let mut a = ld("x", [v("r0") + v("mi"), kg.clone()]);
     let mut name = format!("linear_mma_{k}x{nn}");
     let mut y = v("acc");
     if let Some(nm) = norm {
@@ -168,12 +205,12 @@ fn build_mma(
         x_in = g.inputs(nm)[0];
         params.push(cx.weight("nw", nw));
         let scale = if *zero_centred {
-            f(1.0) + ld("nw", [v("k")])
+            f(1.0) + ld("nw", [kg.clone()])
         } else {
-            ld("nw", [v("k")])
+            ld("nw", [kg.clone()])
         };
         // The normalised row is the operand (rounded to bf16 as an unfused norm's output
-        // would be): x · w · 1/rms.
+        // would be): x · w · 1/rms (of the whole row, also when the depth is split).
         a = a * scale * ld("inv", [v("mi")]);
         body.push(local("inv", MMA_ROWS));
         let x_rk = || ld("x", [v("r0") + v("r"), v("k")]);
@@ -190,27 +227,83 @@ fn build_mma(
         name = format!("rms_norm{}_{name}", if *zero_centred { "_zc" } else { "" });
     }
     let other = residual.map(|add| g.inputs(add).into_iter().find(|&x| x != n).unwrap_or(n));
-    if let Some(o) = other {
-        params.push((input("res", &act(nn)), Bind::Act(Value::Node(o))));
-        y = ld("res", [v("r0") + v("mi"), v("n0") + v("mj")]) + y;
-        name += "_residual";
-    }
-    body.push(mma(
-        [MMA_ROWS, MMA_COLS, k],
-        v("rb"),
-        v("nb"),
-        a,
-        ld("w", [v("n0") + v("mj"), v("k")]),
-        vec![st("y", [v("r0") + v("mi"), v("n0") + v("mj")], y)],
-    ));
-    params.insert(0, (input("x", &act(k)), Bind::Act(Value::Node(x_in))));
-    params.insert(1, cx.weight("w", weight));
-    params.push((output("y", &act(nn)), Bind::Act(Value::Node(root))));
     let mut nodes = vec![n];
     nodes.extend(norm);
     nodes.extend(residual);
-    let grid = vec![Dim::N(nn.div_ceil(MMA_COLS)), Dim::RowBlocks(MMA_ROWS)];
-    launch(name, grid, params, body, nodes, g)
+    params.insert(0, (input("x", &act(k)), Bind::Act(Value::Node(x_in))));
+    params.insert(1, cx.weight("w", weight));
+    let b = ld("w", [v("n0") + v("mj"), kg]);
+    if splits == 1 {
+        if let Some(o) = other {
+            params.push((input("res", &act(nn)), Bind::Act(Value::Node(o))));
+            y = ld("res", [v("r0") + v("mi"), v("n0") + v("mj")]) + y;
+            name += "_residual";
+        }
+        body.push(mma(
+            [MMA_ROWS, MMA_COLS, k],
+            v("rb"),
+            v("nb"),
+            a,
+            b,
+            vec![st("y", [v("r0") + v("mi"), v("n0") + v("mj")], y)],
+        ));
+        params.push((output("y", &act(nn)), Bind::Act(Value::Node(root))));
+        let grid = vec![Dim::N(blocks), Dim::RowBlocks(MMA_ROWS)];
+        return vec![launch(name, grid, params, body, nodes, g)];
+    }
+
+    // Split-K: partials, then their sum.
+    let part = cx.temp(splits * nn);
+    body.push(mma(
+        [MMA_ROWS, MMA_COLS, ks],
+        v("rb"),
+        v("nb"),
+        a,
+        b,
+        vec![st(
+            "part",
+            [v("r0") + v("mi"), pid(1) * i(nn) + v("n0") + v("mj")],
+            y,
+        )],
+    ));
+    params.push((output("part", &act(splits * nn)), Bind::Act(part)));
+    let grid = vec![Dim::N(blocks), Dim::N(splits), Dim::RowBlocks(MMA_ROWS)];
+    let partials = launch(
+        format!("{name}_splitk{splits}"),
+        grid,
+        params,
+        body,
+        nodes.clone(),
+        g,
+    );
+    let mut params = vec![(input("part", &act(splits * nn)), Bind::Act(part))];
+    let mut total = sum(
+        "s",
+        i(0),
+        i(splits),
+        ld("part", [pid(0), v("s") * i(nn) + v("c")]),
+    );
+    let mut rname = format!("splitk_sum{splits}_{nn}");
+    if let Some(o) = other {
+        params.push((input("res", &act(nn)), Bind::Act(Value::Node(o))));
+        total = ld("res", [pid(0), v("c")]) + total;
+        rname += "_residual";
+    }
+    params.push((output("y", &act(nn)), Bind::Act(Value::Node(root))));
+    let sum_kernel = launch(
+        rname,
+        vec![Dim::Rows],
+        params,
+        vec![for_par(
+            "c",
+            i(0),
+            i(nn),
+            vec![st("y", [pid(0), v("c")], total)],
+        )],
+        nodes,
+        g,
+    );
+    vec![partials, sum_kernel]
 }
 
 /// `Σ_k x_at(r)·w_at(c)` for every (row, column) of an `rs × cs` register tile in one pass over

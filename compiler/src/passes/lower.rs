@@ -43,7 +43,7 @@ fn lower_node(cx: &Ctx, n: lamina_ir::graph::NodeIndex) -> Vec<Launch> {
     let ins = cx.graph.inputs(n);
     if let Some(l) = cx.fusion.of(n).linear {
         // A residual add computed by the projection producing one of its operands.
-        return vec![linear::build(cx, l, Some(n))];
+        return linear::build(cx, l, Some(n));
     }
     match &cx.graph.node(n).op {
         // Bound directly by the embedding kernel.
@@ -51,7 +51,7 @@ fn lower_node(cx: &Ctx, n: lamina_ir::graph::NodeIndex) -> Vec<Launch> {
         Op::RmsNorm { .. } | Op::GatedRmsNorm { .. } | Op::L2Norm { .. } => {
             vec![norm::build(cx, n, &ins)]
         }
-        Op::Linear { .. } => vec![linear::build(cx, n, None)],
+        Op::Linear { .. } => linear::build(cx, n, None),
         Op::Embed { .. }
         | Op::Slice { .. }
         | Op::Unary(_)
