@@ -464,6 +464,25 @@ fn tensor_core_ops_match_the_reference_op_by_op() {
     }
 }
 
+/// Rows wider than one program's block of columns (`elementwise::MAP_COLS` = 256): hidden 320
+/// and intermediate 576 give ragged column blocks in the embedding, the SwiGLU, the residual
+/// adds and the split-K sums; with f32 projections and with tensor-core tiles.
+#[test]
+fn wide_rows_span_several_programs() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("wide.toml");
+    std::fs::write(
+        &spec,
+        "name = \"wide\"\nvocab_size = 97\nhidden_size = 320\nnum_layers = 2\n\n[norm]\neps = 1e-6\n\n\
+         [layers]\npattern = \"A\"\nffn_pattern = \"F\"\n\n\
+         [mixer.A]\nkind = \"gqa\"\nheads = 4\nkv_heads = 2\nhead_dim = 64\n\
+         rope = { theta = 10000.0, rotary_dim = 64 }\n\n[ffn.F]\nkind = \"swiglu\"\nintermediate = 576\n",
+    )
+    .unwrap();
+    check_model_with(&spec, &[1, 40], false, 1, 1, false);
+    check_model_with(&spec, &[1, 40], true, 1, 1, true);
+}
+
 /// Split-sequence decode attention: the cached positions in 4 pieces (3 key tiles each at
 /// context 320), partials merged by the combine kernel, for GQA (qwen3-next, minimax) and MLA
 /// (kimi, deepseek), at positions where one piece holds everything (the others are empty) and

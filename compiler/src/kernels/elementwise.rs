@@ -12,17 +12,37 @@ fn a(n: NodeIndex) -> Bind {
     Bind::Act(Value::Node(n))
 }
 
+/// Columns per program of a row-wise map wider than this: a row of a decode batch of one is
+/// still spread over several programs (warps on a GPU).
+pub const MAP_COLS: usize = 256;
+
+/// The grid of a row-wise map over `cols` columns, and the column range of a program: one
+/// program per row up to [`MAP_COLS`] columns, else per (row, block of `MAP_COLS`).
+pub fn map_grid(cols: usize) -> (Vec<Dim>, Expr, Expr) {
+    if cols <= MAP_COLS {
+        (vec![Dim::Rows], i(0), i(cols))
+    } else {
+        (
+            vec![Dim::Rows, Dim::N(cols.div_ceil(MAP_COLS))],
+            pid(1) * i(MAP_COLS),
+            min(pid(1) * i(MAP_COLS) + i(MAP_COLS), i(cols)),
+        )
+    }
+}
+
 pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
     let g = cx.graph;
     let cols = cx.cols(n);
     let xin = |name: &str, i: usize| (input(name, &act(cx.cols(ins[i]))), a(ins[i]));
     let out = (output("y", &act(cols)), a(n));
     let x = |name: &str| ld(name, [pid(0), v("c")]);
+    let mut grid = vec![Dim::Rows];
+    let (map_grid, lo, hi) = map_grid(cols);
     let map = |value: Expr| {
         vec![for_par(
             "c",
-            i(0),
-            i(cols),
+            lo.clone(),
+            hi.clone(),
             vec![st("y", [pid(0), v("c")], value)],
         )]
     };
@@ -38,8 +58,8 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
                 let_("t", ld("tokens", [pid(0)])),
                 for_par(
                     "c",
-                    i(0),
-                    i(*dim),
+                    lo.clone(),
+                    hi.clone(),
                     vec![st("y", [pid(0), v("c")], ld("table", [v("t"), v("c")]))],
                 ),
             ],
@@ -121,7 +141,10 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
         }
         op => unreachable!("elementwise builder given {}", op.mnemonic()),
     };
-    launch(name, vec![Dim::Rows], params, body, vec![n], g)
+    if !matches!(g.node(n).op, Op::Slice { .. }) {
+        grid = map_grid;
+    }
+    launch(name, grid, params, body, vec![n], g)
 }
 
 /// The log-decay gate of column `col` (`width` columns per head) from the projection value

@@ -290,16 +290,12 @@ fn build_mma(
         rname += "_residual";
     }
     params.push((output("y", &act(nn)), Bind::Act(Value::Node(root))));
+    let (grid, lo, hi) = super::elementwise::map_grid(nn);
     let sum_kernel = launch(
         rname,
-        vec![Dim::Rows],
+        grid,
         params,
-        vec![for_par(
-            "c",
-            i(0),
-            i(nn),
-            vec![st("y", [pid(0), v("c")], total)],
-        )],
+        vec![for_par("c", lo, hi, vec![st("y", [pid(0), v("c")], total)])],
         nodes,
         g,
     );
