@@ -60,7 +60,7 @@ fn lower_node(cx: &Ctx, n: lamina_ir::graph::NodeIndex) -> Vec<Launch> {
         | Op::SwiGlu
         | Op::DecayGate { .. } => vec![elementwise::build(cx, n, &ins)],
         Op::ShortConv { .. } => vec![conv::build(cx, n, &ins)],
-        Op::Recurrence { .. } => vec![recurrence::build(cx, n, &ins)],
+        Op::Recurrence { .. } => recurrence::build(cx, n, &ins),
         Op::Rope(_) => vec![attention::rope(cx, n, &ins)],
         Op::Attention { .. } => attention::gqa(cx, n, &ins),
         Op::MlaAttention { .. } => attention::mla(cx, n, &ins),

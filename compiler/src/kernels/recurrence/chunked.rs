@@ -35,7 +35,7 @@ use lamina_ir::kernel::build::*;
 use lamina_ir::kernel::{Dim, Expr, Stmt};
 
 use super::{update_name, Operands};
-use crate::kernels::{launch, Ctx, Launch, Phase};
+use crate::kernels::{launch, Ctx, Launch};
 
 /// Tokens per chunk.
 pub const CHUNK: usize = 64;
@@ -407,9 +407,9 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
     ]);
     // The fused convs' states, after every read of them: this key head's q and k channels and
     // its value heads' v channels.
-    body.extend(io.conv_commit(Phase::Prefill, "q", v("kh") * i(dk), dk));
-    body.extend(io.conv_commit(Phase::Prefill, "k", v("kh") * i(dk), dk));
-    body.extend(io.conv_commit(Phase::Prefill, "v", v("kh") * i(group * dv), group * dv));
+    body.extend(io.conv_commit("q", v("kh") * i(dk), dk));
+    body.extend(io.conv_commit("k", v("kh") * i(dk), dk));
+    body.extend(io.conv_commit("v", v("kh") * i(group * dv), group * dv));
     launch(
         format!(
             "recurrence_{}_{}{}_chunked{c_n}_h{h_n}x{hk_n}_dk{dk}_dv{dv}",

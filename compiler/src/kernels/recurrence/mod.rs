@@ -7,7 +7,10 @@
 //! columns: `u_j = β (v_j − Σ_c S_cj k_c)` only reads column j of S.
 //!
 //! Decode: programs `(row, head, tile of BV value columns)` take one step each, updating the
-//! state in place in two passes per column.
+//! state in place in two passes per column. Fused short convs run first, in their own kernel
+//! ([`conv_step`]: one program per (row, block of channels) convolves the token and shifts
+//! the conv states), so that the step's programs need not own a key head's conv channels: two
+//! launches per layer, and `heads × dv/BV` programs per row for the state's latency chain.
 //!
 //! Fusions (decided by `passes::fuse`, shared by both forms): in the prologue, the L2 norms of
 //! q and k, β's sigmoid and the decay gate are computed from their inputs; in the epilogue, the
@@ -48,11 +51,25 @@ pub struct Operands {
 
 impl Operands {
     pub fn new(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Operands {
+        Operands::with(cx, n, ins, None)
+    }
+
+    /// [`Operands::new`]; with `convolved`, the fused convs' outputs `[q, k, v]` were computed
+    /// by [`conv_step`]: they are bound in place of the projections and no conv is fused.
+    pub fn with(
+        cx: &Ctx,
+        n: NodeIndex,
+        ins: &[NodeIndex],
+        convolved: Option<[Value; 3]>,
+    ) -> Operands {
         let g = cx.graph;
         let Op::Recurrence { rec, state } = &g.node(n).op else {
             unreachable!("recurrence builder")
         };
-        let fused = cx.fusion.of(n);
+        let mut fused = cx.fusion.of(n).clone();
+        if convolved.is_some() {
+            fused.conv = None;
+        }
         let (h_n, hk_n, dk, dv) = (rec.heads, rec.key_heads, rec.dk, rec.dv);
         // An operand, or the input of the node absorbed in its place.
         let operand = |i: usize, absorbed: Option<NodeIndex>| {
@@ -86,11 +103,18 @@ impl Operands {
                 }
                 p
             }
-            None => vec![
-                (input("q", &act(hk_n * dk)), operand(0, fused.l2_q)),
-                (input("k", &act(hk_n * dk)), operand(1, fused.l2_k)),
-                (input("v", &act(h_n * dv)), operand(2, None)),
-            ],
+            None => match convolved {
+                Some([q, k, v]) => vec![
+                    (input("q", &act(hk_n * dk)), Bind::Act(q)),
+                    (input("k", &act(hk_n * dk)), Bind::Act(k)),
+                    (input("v", &act(h_n * dv)), Bind::Act(v)),
+                ],
+                None => vec![
+                    (input("q", &act(hk_n * dk)), operand(0, fused.l2_q)),
+                    (input("k", &act(hk_n * dk)), operand(1, fused.l2_k)),
+                    (input("v", &act(h_n * dv)), operand(2, None)),
+                ],
+            },
         };
         let conv = fused.conv.map(|c| match g.node(c[0]).op {
             Op::ShortConv { kernel, .. } => kernel,
@@ -239,39 +263,28 @@ impl Operands {
 
     /// Prefill: the conv state of channels `lo..lo+n` of `x` after the launch's rows (the
     /// window's last K-1 elements, written in ascending order: each read is at or ahead of the
-    /// write). Decode: the state shifted by the row's value.
-    pub fn conv_commit(&self, phase: Phase, x: &str, lo: Expr, n: usize) -> Vec<Stmt> {
+    /// write). (Decode shifts the states in [`conv_step`].)
+    pub fn conv_commit(&self, x: &str, lo: Expr, n: usize) -> Vec<Stmt> {
         let Some(kn) = self.conv else {
             return Vec::new();
         };
         let c = format!("c{x}");
         let ch = lo + v("cc");
-        let body = match phase {
-            Phase::Prefill => vec![for_(
+        vec![for_(
+            "cc",
+            i(0),
+            i(n),
+            vec![for_(
                 "e",
                 i(0),
                 i(kn - 1),
                 vec![st(
                     &c,
                     [v("s"), ch.clone(), v("e")],
-                    window(x, kn, rows() + v("e"), ch),
+                    window(x, kn, rows() + v("e"), ch.clone()),
                 )],
             )],
-            Phase::Decode => vec![
-                for_(
-                    "e",
-                    i(0),
-                    i(kn - 2),
-                    vec![st(
-                        &c,
-                        [v("s"), ch.clone(), v("e")],
-                        ld(&c, [v("s"), ch.clone(), v("e") + i(1)]),
-                    )],
-                ),
-                st(&c, [v("s"), ch.clone(), i(kn - 2)], ld(x, [v("t"), ch])),
-            ],
-        };
-        vec![for_("cc", i(0), i(n), body)]
+        )]
     }
 
     /// β at token `t` of head `h`.
@@ -308,11 +321,92 @@ fn window(x: &str, kn: usize, e: Expr, ch: Expr) -> Expr {
     )
 }
 
-pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
+pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     match cx.phase {
-        Phase::Prefill => chunked::build(cx, n, ins),
-        Phase::Decode => decode(cx, n, ins),
+        Phase::Prefill => vec![chunked::build(cx, n, ins)],
+        Phase::Decode => match cx.fusion.of(n).conv {
+            Some(_) => {
+                let (conv, convolved) = conv_step(cx, n, ins);
+                vec![conv, decode(cx, n, ins, Some(convolved))]
+            }
+            None => vec![decode(cx, n, ins, None)],
+        },
     }
+}
+
+/// Channels per program of [`conv_step`].
+pub const CONV_CHANNELS: usize = 256;
+
+/// Decode's fused short convs as their own kernel: per (row, block of [`CONV_CHANNELS`]
+/// channels of each of q, k, v), the SiLU conv of the row's token over the conv state, then
+/// the state shifted by the token (each channel read, then written, by one iteration). Returns
+/// the launch and the convolved `[q, k, v]`.
+fn conv_step(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> (Launch, [Value; 3]) {
+    let g = cx.graph;
+    let Op::Recurrence { rec, .. } = &g.node(n).op else {
+        unreachable!("recurrence builder")
+    };
+    let io = Operands::new(cx, n, ins);
+    let kn = io.conv.expect("conv_step: the convs are fused");
+    let convs = cx
+        .fusion
+        .of(n)
+        .conv
+        .expect("conv_step: the convs are fused");
+    let (hk_n, h_n, dk, dv) = (rec.key_heads, rec.heads, rec.dk, rec.dv);
+    let widths = [hk_n * dk, hk_n * dk, h_n * dv];
+    let outs = widths.map(|w| cx.temp(w));
+    // q, wq, cq, k, wk, ck, v, wv, cv: the conv operands as the step binds them.
+    let mut params: Vec<_> = io.params[..9].to_vec();
+    params.push((rows_i64("slot"), Bind::Slot));
+    let mut body = vec![
+        let_("t", pid(0)),
+        let_("s", ld("slot", [v("t")])),
+        let_("b0", pid(1) * i(CONV_CHANNELS)),
+    ];
+    for ((x, width), out) in ["q", "k", "v"].into_iter().zip(widths).zip(outs) {
+        let y = format!("{x}c");
+        params.push((output(&y, &act(width)), Bind::Act(out)));
+        let c = format!("c{x}");
+        let ch = || v("ch");
+        body.push(Stmt::If {
+            cond: lt(v("b0"), i(width)),
+            then: vec![for_par(
+                "ch",
+                v("b0"),
+                min(v("b0") + i(CONV_CHANNELS), i(width)),
+                vec![
+                    st(&y, [v("t"), ch()], io.conv_decode(x, v("t"), ch())),
+                    for_(
+                        "e",
+                        i(0),
+                        i(kn - 2),
+                        vec![st(
+                            &c,
+                            [v("s"), ch(), v("e")],
+                            ld(&c, [v("s"), ch(), v("e") + i(1)]),
+                        )],
+                    ),
+                    st(&c, [v("s"), ch(), i(kn - 2)], ld(x, [v("t"), ch()])),
+                ],
+            )],
+        });
+    }
+    let blocks = widths
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(1)
+        .div_ceil(CONV_CHANNELS);
+    let launch = launch(
+        format!("short_conv_step_k{kn}_q{}_v{}", widths[0], widths[2]),
+        vec![Dim::Rows, Dim::N(blocks)],
+        params,
+        body,
+        convs.to_vec(),
+        g,
+    );
+    (launch, outs)
 }
 
 fn update_name(u: Update) -> &'static str {
@@ -322,24 +416,19 @@ fn update_name(u: Update) -> &'static str {
     }
 }
 
-/// One step per (row, head, tile of value columns); with fused convs, per (row, key head),
-/// looping over the key head's value heads (a program is then the only reader and writer of
-/// its conv state channels).
-fn decode(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
+/// One step per (row, head, tile of value columns), reading the convolved q, k, v from
+/// [`conv_step`] when the convs are fused.
+fn decode(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex], convolved: Option<[Value; 3]>) -> Launch {
     let g = cx.graph;
     let Op::Recurrence { rec, .. } = &g.node(n).op else {
         unreachable!("recurrence builder")
     };
-    let io = Operands::new(cx, n, ins);
+    let io = Operands::with(cx, n, ins, convolved);
     let (h_n, hk_n, dk, dv) = (rec.heads, rec.key_heads, rec.dk, rec.dv);
     let group = h_n / hk_n;
-    let own_key_head = io.conv.is_some();
-    // A fused output norm needs the whole head's output row; so does a fused conv.
-    let bv = if io.norm.is_some() || own_key_head {
-        dv
-    } else {
-        tile(dv, BV)
-    };
+    debug_assert!(io.conv.is_none(), "decode runs fused convs in conv_step");
+    // A fused output norm needs the whole head's output row.
+    let bv = if io.norm.is_some() { dv } else { tile(dv, BV) };
     let s_at = || ld("state", [v("s"), v("h"), v("j0") + v("jj"), v("c")]);
     let kc = ld("kn", [v("c")]);
     let qc = ld("qn", [v("c")]);
@@ -461,8 +550,6 @@ fn decode(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
             )],
         ));
     }
-    // This head's v conv channels, after their last read.
-    step.extend(io.conv_commit(Phase::Decode, "v", v("h") * i(dv), dv));
 
     let mut body = vec![local("qn", dk), local("kn", dk)];
     if rec.decay == Decay::PerChannel {
@@ -472,29 +559,14 @@ fn decode(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
         body.push(local("ot", dv));
     }
     body.extend([let_("t", pid(0)), let_("s", ld("slot", [v("t")]))]);
-    let grid = if own_key_head {
-        body.push(let_("kh", pid(1)));
-        body.push(let_("j0", i(0)));
-        body.extend(pro);
-        body.push(for_(
-            "hh",
-            i(0),
-            i(group),
-            [vec![let_("h", v("kh") * i(group) + v("hh"))], step].concat(),
-        ));
-        body.extend(io.conv_commit(Phase::Decode, "q", v("kh") * i(dk), dk));
-        body.extend(io.conv_commit(Phase::Decode, "k", v("kh") * i(dk), dk));
-        vec![Dim::Rows, Dim::N(hk_n)]
-    } else {
-        body.extend([
-            let_("h", pid(1)),
-            let_("kh", v("h") / i(group)),
-            let_("j0", pid(2) * i(bv)),
-        ]);
-        body.extend(pro);
-        body.extend(step);
-        vec![Dim::Rows, Dim::N(h_n), Dim::N(dv / bv)]
-    };
+    body.extend([
+        let_("h", pid(1)),
+        let_("kh", v("h") / i(group)),
+        let_("j0", pid(2) * i(bv)),
+    ]);
+    body.extend(pro);
+    body.extend(step);
+    let grid = vec![Dim::Rows, Dim::N(h_n), Dim::N(dv / bv)];
     launch(
         format!(
             "recurrence_{}_{}{}_decode_h{h_n}x{hk_n}_dk{dk}_dv{dv}",
