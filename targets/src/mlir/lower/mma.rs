@@ -92,6 +92,16 @@ impl<'c> Lower<'c> {
         let n_last = self.op(blk, "arith.subi", &[n, one], self.index, false);
         let (tm, tn) = (mma.rows / Mma::M, mma.cols / Mma::N);
         let steps = mma.depth.div_ceil(step);
+        // Steps per iteration of the depth loop: up to 4 for bf16 tiles (their fragments are
+        // few registers), dividing the step count so that no step is padding; TF32x3 tiles
+        // (twice the fragments, in the register-heavy chunked kernels) are not unrolled.
+        let unroll = match kind {
+            MmaKind::Bf16 => [4, 2, 1]
+                .into_iter()
+                .find(|u| steps.is_multiple_of(*u))
+                .unwrap_or(1),
+            MmaKind::Tf32x3 => 1,
+        };
         // Stores before the tile are visible to every lane's operand loads.
         self.warp_sync(blk);
 
@@ -201,71 +211,82 @@ impl<'c> Lower<'c> {
                 MmaKind::Bf16 => 1,
                 MmaKind::Tf32x3 => 2,
             };
-            let mut a_regs = Vec::new();
-            for am in 0..tm {
-                let mut regs = vec![Vec::new(); variants];
-                for reg in 0..4 {
-                    let (r0, k_off) = a_fragment(kind, 0, 0, reg, 0);
-                    let row = badd(g, bx((am * Mma::M + r0) as i64));
-                    let kk = badd(badd(k0, t_k), bx(k_off as i64));
-                    for (v, r) in registers(&mma.a, &mma.i, row, m_last, kk)?
-                        .into_iter()
-                        .enumerate()
-                    {
-                        regs[v].push(r);
+            // Every unrolled step's fragments are loaded before the first MMA, so that `unroll`
+            // steps of loads are in flight at once.
+            let mut steps_regs = Vec::new();
+            for u in 0..unroll {
+                let k0 = badd(k0, bx((u * step) as i64));
+                let mut a_regs = Vec::new();
+                for am in 0..tm {
+                    let mut regs = vec![Vec::new(); variants];
+                    for reg in 0..4 {
+                        let (r0, k_off) = a_fragment(kind, 0, 0, reg, 0);
+                        let row = badd(g, bx((am * Mma::M + r0) as i64));
+                        let kk = badd(badd(k0, t_k), bx(k_off as i64));
+                        for (v, r) in registers(&mma.a, &mma.i, row, m_last, kk)?
+                            .into_iter()
+                            .enumerate()
+                        {
+                            regs[v].push(r);
+                        }
                     }
+                    a_regs.push(regs);
                 }
-                a_regs.push(regs);
-            }
-            let mut b_regs = Vec::new();
-            for bn in 0..tn {
-                let mut regs = vec![Vec::new(); variants];
-                for reg in 0..2 {
-                    let (c0, k_off) = b_fragment(kind, 0, 0, reg, 0);
-                    let col = badd(g, bx((bn * Mma::N + c0) as i64));
-                    let kk = badd(badd(k0, t_k), bx(k_off as i64));
-                    for (v, r) in registers(&mma.b, &mma.j, col, n_last, kk)?
-                        .into_iter()
-                        .enumerate()
-                    {
-                        regs[v].push(r);
+                let mut b_regs = Vec::new();
+                for bn in 0..tn {
+                    let mut regs = vec![Vec::new(); variants];
+                    for reg in 0..2 {
+                        let (c0, k_off) = b_fragment(kind, 0, 0, reg, 0);
+                        let col = badd(g, bx((bn * Mma::N + c0) as i64));
+                        let kk = badd(badd(k0, t_k), bx(k_off as i64));
+                        for (v, r) in registers(&mma.b, &mma.j, col, n_last, kk)?
+                            .into_iter()
+                            .enumerate()
+                        {
+                            regs[v].push(r);
+                        }
                     }
+                    b_regs.push(regs);
                 }
-                b_regs.push(regs);
+                steps_regs.push((a_regs, b_regs));
             }
             // (A variant, B variant) per MMA, small terms first.
             let products: &[(usize, usize)] = match kind {
                 MmaKind::Bf16 => &[(0, 0)],
                 MmaKind::Tf32x3 => &[(1, 0), (0, 1), (0, 0)],
             };
-            let mut next = Vec::new();
-            for (am, a) in a_regs.iter().enumerate() {
-                for (bn, b) in b_regs.iter().enumerate() {
-                    let c0 = 1 + (am * tn + bn) * 4;
-                    let mut c: Vec<Value> = (0..4).map(|e| arg(c0 + e)).collect::<R<_>>()?;
-                    for &(va, vb) in products {
-                        let mut operands: Vec<Value> = a[va].clone();
-                        operands.extend(&b[vb]);
-                        operands.extend(&c);
-                        let op = OperationBuilder::new("nvvm.mma.sync", self.loc)
-                            .add_operands(&operands)
-                            .add_attributes(&attrs)
-                            .add_results(&[struct4])
-                            .build()
-                            .map_err(|e| bug(format!("{what}: nvvm.mma.sync: {e}")))?;
-                        let d = self.append(&body, op);
-                        c = (0..4)
-                            .map(|e| self.extract(&body, d, e))
-                            .collect::<R<_>>()?;
+            let mut acc: Vec<Value> = (0..accs).map(|i| arg(1 + i)).collect::<R<_>>()?;
+            for (a_regs, b_regs) in &steps_regs {
+                let mut next = Vec::new();
+                for (am, a) in a_regs.iter().enumerate() {
+                    for (bn, b) in b_regs.iter().enumerate() {
+                        let c0 = (am * tn + bn) * 4;
+                        let mut c: Vec<Value> = acc[c0..c0 + 4].to_vec();
+                        for &(va, vb) in products {
+                            let mut operands: Vec<Value> = a[va].clone();
+                            operands.extend(&b[vb]);
+                            operands.extend(&c);
+                            let op = OperationBuilder::new("nvvm.mma.sync", self.loc)
+                                .add_operands(&operands)
+                                .add_attributes(&attrs)
+                                .add_results(&[struct4])
+                                .build()
+                                .map_err(|e| bug(format!("{what}: nvvm.mma.sync: {e}")))?;
+                            let d = self.append(&body, op);
+                            c = (0..4)
+                                .map(|e| self.extract(&body, d, e))
+                                .collect::<R<_>>()?;
+                        }
+                        next.extend(c);
                     }
-                    next.extend(c);
                 }
+                acc = next;
             }
-            body.append_operation(scf::r#yield(&next, self.loc));
+            body.append_operation(scf::r#yield(&acc, self.loc));
         }
         let region = Region::new();
         region.append_block(body);
-        let (lo, hi, stride) = (ix(0), ix((steps * step) as i64), ix(step as i64));
+        let (lo, hi, stride) = (ix(0), ix((steps * step) as i64), ix((unroll * step) as i64));
         let op = OperationBuilder::new("scf.for", self.loc)
             .add_operands(&[lo, hi, stride])
             .add_operands(&vec![zero; accs])
