@@ -72,6 +72,10 @@ impl SizeArgs {
             Switch::On => true,
             Switch::Off => false,
         };
+        // Tensor-core operands are bf16: auto weights follow.
+        if o.tensor_cores && self.weight_dtype == WeightDtype::Auto {
+            o.weights_bf16 = true;
+        }
         Ok(o)
     }
 
@@ -98,6 +102,12 @@ impl SizeArgs {
             host_lanes: 1,
             decode_splits: self.decode_splits.max(1),
             tensor_cores: self.tensor_cores == Switch::On,
+        })
+        .map(|mut o| {
+            if o.tensor_cores && self.weight_dtype == WeightDtype::Auto {
+                o.weights_bf16 = true;
+            }
+            o
         })
     }
 }

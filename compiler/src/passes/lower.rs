@@ -18,6 +18,13 @@ impl Pass for LowerToKernels {
     }
 
     fn run(&self, p: &mut Program) -> Result<(), Error> {
+        if p.options.tensor_cores && !p.options.weights_bf16 {
+            return Err(Error::Compile(
+                "tensor-core projections read bf16 weights: build with bf16 weights \
+                 (--weight-dtype bf16 or auto) or without --tensor-cores"
+                    .into(),
+            ));
+        }
         for phase in [Phase::Prefill, Phase::Decode] {
             let rows = match phase {
                 Phase::Prefill => p.options.max_prefill_rows,

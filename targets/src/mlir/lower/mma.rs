@@ -362,7 +362,13 @@ impl<'c> Lower<'c> {
         let mut env2 = env.clone();
         env2.vars.insert(var.to_string(), (idx, Ty::Int));
         env2.vars.insert(mma.k.clone(), (kc, Ty::Int));
-        let (mut x, _) = self.expr(body, &env2, e)?;
+        // Each lane evaluates its own elements: a reduction inside an operand runs whole on
+        // the lane, not dealt over the warp.
+        let lane_alone = Lower {
+            in_split: true,
+            ..*self
+        };
+        let (mut x, _) = lane_alone.expr(body, &env2, e)?;
         if ragged {
             let depth = self.const_index(body, mma.depth as i64);
             let inside = self.append(
