@@ -171,7 +171,7 @@ fn tiny_examples_match_the_reference() {
 
 /// Debug aid: the first graph node whose compiled value differs from the reference.
 #[test]
-#[ignore = "debugging aid: LAMINA_DEBUG_MODEL=examples/x.toml LAMINA_DEBUG_LEN=5"]
+#[ignore = "debugging aid: LAMINA_DEBUG_MODEL=examples/x.toml LAMINA_DEBUG_LEN=5 [LAMINA_DEBUG_MMA=1: tensor-core plan vs the rounding reference] [LAMINA_DEBUG_TOL=1e-4]"]
 fn first_divergent_node() {
     let path = repo().join(
         std::env::var("LAMINA_DEBUG_MODEL").unwrap_or("examples/qwen3-next-tiny.toml".into()),

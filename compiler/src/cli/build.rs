@@ -58,29 +58,6 @@ pub enum WeightDtype {
 impl SizeArgs {
     /// The build options for `target`.
     pub fn options_for(&self, target: Target) -> Result<Options, String> {
-        let mut o = self.options()?;
-        o.weights_bf16 = match self.weight_dtype {
-            WeightDtype::Auto => target != Target::Host,
-            WeightDtype::F32 => false,
-            WeightDtype::Bf16 => true,
-        };
-        if self.decode_splits == 0 && target != Target::Host {
-            o.decode_splits = GPU_DECODE_SPLITS;
-        }
-        o.tensor_cores = match self.tensor_cores {
-            Switch::Auto => target != Target::Host,
-            Switch::On => true,
-            Switch::Off => false,
-        };
-        // Tensor-core operands are bf16: auto weights follow.
-        if o.tensor_cores && self.weight_dtype == WeightDtype::Auto {
-            o.weights_bf16 = true;
-        }
-        Ok(o)
-    }
-
-    /// The build options for the host target.
-    pub fn options(&self) -> Result<Options, String> {
         for (name, v) in [
             ("--max-batch", self.max_batch),
             ("--max-context", self.max_context),
@@ -93,21 +70,29 @@ impl SizeArgs {
         if self.max_context > 1 << 24 || self.max_batch > 1 << 16 {
             return Err("--max-context is limited to 2^24 and --max-batch to 2^16".into());
         }
+        let gpu = target != Target::Host;
+        let tensor_cores = match self.tensor_cores {
+            Switch::Auto => gpu,
+            Switch::On => true,
+            Switch::Off => false,
+        };
         Ok(Options {
             max_batch: self.max_batch,
             max_context: self.max_context,
             max_prefill_rows: self.max_prefill_rows.min(self.max_context),
             keep_values: false,
-            weights_bf16: self.weight_dtype == WeightDtype::Bf16,
+            // GPU targets' rule; tensor-core operands are bf16 too.
+            weights_bf16: match self.weight_dtype {
+                WeightDtype::Auto => gpu || tensor_cores,
+                WeightDtype::F32 => false,
+                WeightDtype::Bf16 => true,
+            },
             host_lanes: 1,
-            decode_splits: self.decode_splits.max(1),
-            tensor_cores: self.tensor_cores == Switch::On,
-        })
-        .map(|mut o| {
-            if o.tensor_cores && self.weight_dtype == WeightDtype::Auto {
-                o.weights_bf16 = true;
-            }
-            o
+            decode_splits: match self.decode_splits {
+                0 if gpu => GPU_DECODE_SPLITS,
+                s => s.max(1),
+            },
+            tensor_cores,
         })
     }
 }

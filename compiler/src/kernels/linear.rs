@@ -59,46 +59,12 @@ pub fn build(cx: &Ctx, n: NodeIndex, residual: Option<NodeIndex>) -> Vec<Launch>
     let mut x_at: Box<dyn Fn(Expr) -> Expr> = Box::new(|r| ld("x", [r, v("k")]));
     let mut name = format!("linear_{k}x{nn}");
     if let Some(nm) = norm {
-        let Op::RmsNorm {
-            weight: nw,
-            eps,
-            zero_centred,
-            ..
-        } = &g.node(nm).op
-        else {
-            unreachable!("fuse: norm prologues are RMSNorms")
-        };
-        x_in = g.inputs(nm)[0];
-        params.push(cx.weight("nw", nw));
-        let zc = *zero_centred;
-        x_at = Box::new(move |r| {
-            let s = if zc {
-                f(1.0) + ld("nw", [v("k")])
-            } else {
-                ld("nw", [v("k")])
-            };
-            ld("x", [r, v("k")]) * s
-        });
-        body.push(local("inv", cx.rows));
-        body.push(for_(
-            "r",
-            i(0),
-            rows(),
-            vec![st(
-                "inv",
-                [v("r")],
-                rsqrt(
-                    sum(
-                        "k",
-                        i(0),
-                        i(k),
-                        ld("x", [v("r"), v("k")]) * ld("x", [v("r"), v("k")]),
-                    ) / f(k as f64)
-                        + f(*eps),
-                ),
-            )],
-        ));
-        name = format!("rms_norm{}_{name}", if zc { "_zc" } else { "" });
+        let fused = FusedNorm::of(cx, nm);
+        x_in = fused.input;
+        params.push(fused.param.clone());
+        body.extend(fused.inv_rows(cx.rows, rows(), &|r| r, k));
+        name = format!("{}_{name}", fused.prefix());
+        x_at = Box::new(move |r| ld("x", [r, v("k")]) * fused.scale(v("k")));
     }
     let other = residual.map(|add| g.inputs(add).into_iter().find(|&x| x != n).unwrap_or(n));
     if let Some(o) = other {
@@ -193,38 +159,14 @@ fn build_mma(
     let mut name = format!("linear_mma_{k}x{nn}");
     let mut y = v("acc");
     if let Some(nm) = norm {
-        let Op::RmsNorm {
-            weight: nw,
-            eps,
-            zero_centred,
-            ..
-        } = &g.node(nm).op
-        else {
-            unreachable!("fuse: norm prologues are RMSNorms")
-        };
-        x_in = g.inputs(nm)[0];
-        params.push(cx.weight("nw", nw));
-        let scale = if *zero_centred {
-            f(1.0) + ld("nw", [kg.clone()])
-        } else {
-            ld("nw", [kg.clone()])
-        };
+        let fused = FusedNorm::of(cx, nm);
+        x_in = fused.input;
+        params.push(fused.param.clone());
         // The normalised row is the operand (rounded to bf16 as an unfused norm's output
         // would be): x · w · 1/rms (of the whole row, also when the depth is split).
-        a = a * scale * ld("inv", [v("mi")]);
-        body.push(local("inv", MMA_ROWS));
-        let x_rk = || ld("x", [v("r0") + v("r"), v("k")]);
-        body.push(for_(
-            "r",
-            i(0),
-            v("rb"),
-            vec![st(
-                "inv",
-                [v("r")],
-                rsqrt(sum("k", i(0), i(k), x_rk() * x_rk()) / f(k as f64) + f(*eps)),
-            )],
-        ));
-        name = format!("rms_norm{}_{name}", if *zero_centred { "_zc" } else { "" });
+        a = a * fused.scale(kg.clone()) * ld("inv", [v("mi")]);
+        body.extend(fused.inv_rows(MMA_ROWS, v("rb"), &|r| v("r0") + r, k));
+        name = format!("{}_{name}", fused.prefix());
     }
     let other = residual.map(|add| g.inputs(add).into_iter().find(|&x| x != n).unwrap_or(n));
     let mut nodes = vec![n];
@@ -300,6 +242,80 @@ fn build_mma(
         g,
     );
     vec![partials, sum_kernel]
+}
+
+/// An RMSNorm fused into a projection's prologue: its input, its weight parameter `nw`, and
+/// the rows' `1/rms` computed into a local `inv`.
+struct FusedNorm {
+    input: NodeIndex,
+    param: (lamina_ir::kernel::Param, Bind),
+    eps: f64,
+    zero_centred: bool,
+}
+
+impl FusedNorm {
+    fn of(cx: &Ctx, nm: NodeIndex) -> FusedNorm {
+        let Op::RmsNorm {
+            weight,
+            eps,
+            zero_centred,
+            ..
+        } = &cx.graph.node(nm).op
+        else {
+            unreachable!("fuse: norm prologues are RMSNorms")
+        };
+        FusedNorm {
+            input: cx.graph.inputs(nm)[0],
+            param: cx.weight("nw", weight),
+            eps: *eps,
+            zero_centred: *zero_centred,
+        }
+    }
+
+    /// The norm's scale of channel `k`: `nw[k]`, or `1 + nw[k]` zero-centred.
+    fn scale(&self, k: Expr) -> Expr {
+        if self.zero_centred {
+            f(1.0) + ld("nw", [k])
+        } else {
+            ld("nw", [k])
+        }
+    }
+
+    /// A local `inv[len]` and `inv[r] = 1/rms` of x row `row(r)` for `r < count`, over `depth`
+    /// channels.
+    fn inv_rows(
+        &self,
+        len: usize,
+        count: Expr,
+        row: &dyn Fn(Expr) -> Expr,
+        depth: usize,
+    ) -> Vec<Stmt> {
+        let x_rk = || ld("x", [row(v("r")), v("k")]);
+        vec![
+            local("inv", len),
+            for_(
+                "r",
+                i(0),
+                count,
+                vec![st(
+                    "inv",
+                    [v("r")],
+                    rsqrt(
+                        sum("k", i(0), i(depth), x_rk() * x_rk()) / f(depth as f64) + f(self.eps),
+                    ),
+                )],
+            ),
+        ]
+    }
+
+    /// Kernel-name prefix: `rms_norm` or `rms_norm_zc`.
+    fn prefix(&self) -> &'static str {
+        if self.zero_centred {
+            "rms_norm_zc"
+        } else {
+            "rms_norm"
+        }
+    }
 }
 
 /// `Σ_k x_at(r)·w_at(c)` for every (row, column) of an `rs × cs` register tile in one pass over

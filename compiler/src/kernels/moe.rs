@@ -361,7 +361,8 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
 
 /// Prefill's expert GEMMs grouped by expert: a program owns one expert and a block of output
 /// columns, gathers the (row, slot) assignments routed to its expert, and runs them through
-/// register tiles, so each expert weight is read once per block instead of once per token.
+/// register tiles (or MMA tiles, with tensor cores), so each expert weight is read once per
+/// block instead of once per token.
 /// The down projection writes each assignment's weighted output to its own slot, and a last
 /// kernel sums a row's slots (programs of different experts never write the same element).
 #[allow(clippy::too_many_arguments)]
@@ -407,17 +408,59 @@ fn grouped(
             ],
         ),
     ];
-    if cx.tensor_cores {
-        let (experts, down) = grouped_mma(cx, n, m, prefix, d, (ids, wts, hmid, yk), &gather);
-        return (experts, down, combine(cx, n, k_n, d, yk));
-    }
+    let (up_body, down_body, kind) = if cx.tensor_cores {
+        let (u, dn) = mma_bodies(k_n, d, inter, &gather);
+        (u, dn, "_mma")
+    } else {
+        let (u, dn) = register_tile_bodies(k_n, d, inter, &gather);
+        (u, dn, "")
+    };
+    let experts = launch(
+        format!("moe_grouped{kind}_gate_up_e{e_n}_k{k_n}_d{d}_i{inter}"),
+        vec![Dim::N(e_n), Dim::N(inter.div_ceil(BN))],
+        vec![
+            (input("x", &act(d)), x),
+            ids_param(),
+            stacked("gate", inter, d),
+            stacked("up", inter, d),
+            (output("h", &act(k_n * inter)), Bind::Act(hmid)),
+        ],
+        up_body,
+        vec![n],
+        g,
+    );
+    let down = launch(
+        format!("moe_grouped{kind}_down_e{e_n}_k{k_n}_d{d}_i{inter}"),
+        vec![Dim::N(e_n), Dim::N(d.div_ceil(BN))],
+        vec![
+            (input("h", &act(k_n * inter)), Bind::Act(hmid)),
+            ids_param(),
+            (input("w", &act(k_n)), Bind::Act(wts)),
+            stacked("down", d, inter),
+            (output("yk", &act(k_n * d)), Bind::Act(yk)),
+        ],
+        down_body,
+        vec![n],
+        g,
+    );
+    (experts, down, combine(cx, n, k_n, d, yk))
+}
+
+/// The bodies of [`grouped`]'s gate/up and down kernels as register tiles over the expert's
+/// assignments (`gather` binds them).
+fn register_tile_bodies(
+    k_n: usize,
+    d: usize,
+    inter: usize,
+    gather: &[Stmt],
+) -> (Vec<Stmt>, Vec<Stmt>) {
     let assignment = |p: Expr| ld("rl", [p]);
     // x row of assignment `a`.
     let x_of = |a: Expr| ld("x", [a / i(k_n), v("k")]);
 
     // gate/up: h[a, j] = silu(gate_e[j]·x) · (up_e[j]·x), through a local of gate values.
     let nb_i = min(i(BN), i(inter) - v("n0"));
-    let mut body = gather.clone();
+    let mut body = gather.to_vec();
     body.push(local("gv", RB * CB));
     let gate_w = |c: Expr| ld("gate", [v("e"), c, v("k")]);
     let up_w = |c: Expr| ld("up", [v("e"), c, v("k")]);
@@ -447,21 +490,6 @@ fn grouped(
     body.extend(col_tiles(v("n0"), nb_i, &|cs: &[Expr]| {
         row_tiles(v("cnt"), &assignment, cs, &tile)
     }));
-    let experts = launch(
-        format!("moe_grouped_gate_up_e{e_n}_k{k_n}_d{d}_i{inter}"),
-        vec![Dim::N(e_n), Dim::N(inter.div_ceil(BN))],
-        vec![
-            (input("x", &act(d)), x),
-            ids_param(),
-            stacked("gate", inter, d),
-            stacked("up", inter, d),
-            (output("h", &act(k_n * inter)), Bind::Act(hmid)),
-        ],
-        body,
-        vec![n],
-        g,
-    );
-
     // down: yk[a, o] = w[a] · down_e[o]·h[a].
     let h_of = |a: Expr| {
         ld(
@@ -478,28 +506,14 @@ fn grouped(
         )
     };
     let tile = |rs: &[Expr], cs: &[Expr]| register_tile(rs, cs, inter, &h_of, &down_w, &store_y);
-    let mut body = gather;
+    let up_body = body;
+    let mut body = gather.to_vec();
     body.extend(col_tiles(
         v("n0"),
         min(i(BN), i(d) - v("n0")),
         &|cs: &[Expr]| row_tiles(v("cnt"), &assignment, cs, &tile),
     ));
-    let down = launch(
-        format!("moe_grouped_down_e{e_n}_k{k_n}_d{d}_i{inter}"),
-        vec![Dim::N(e_n), Dim::N(d.div_ceil(BN))],
-        vec![
-            (input("h", &act(k_n * inter)), Bind::Act(hmid)),
-            ids_param(),
-            (input("w", &act(k_n)), Bind::Act(wts)),
-            stacked("down", d, inter),
-            (output("yk", &act(k_n * d)), Bind::Act(yk)),
-        ],
-        body,
-        vec![n],
-        g,
-    );
-
-    (experts, down, combine(cx, n, k_n, d, yk))
+    (up_body, body)
 }
 
 /// The sum of a row's slots: `y[r] = Σ_slot yk[r, slot]`.
@@ -531,29 +545,12 @@ fn combine(cx: &Ctx, n: NodeIndex, k_n: usize, d: usize, yk: Value) -> Launch {
     )
 }
 
-/// [`grouped`] on tensor cores: the expert's assignments in blocks of [`MMA_ROWS`], each block
-/// one MMA tile per projection (gate, then up with SwiGLU in its epilogue, reading the gate
-/// values back from a local; the down projection weighted in its epilogue).
-fn grouped_mma(
-    cx: &Ctx,
-    n: NodeIndex,
-    m: &lamina_ir::spec::MoeSpec,
-    prefix: &str,
-    d: usize,
-    (ids, wts, hmid, yk): (Value, Value, Value, Value),
-    gather: &[Stmt],
-) -> (Launch, Launch) {
+/// The bodies of [`grouped`]'s kernels on tensor cores: the expert's assignments in blocks of
+/// [`MMA_ROWS`], each block one MMA tile per projection (gate, then up with SwiGLU in its
+/// epilogue, reading the gate values back from a local; the down projection weighted in its
+/// epilogue).
+fn mma_bodies(k_n: usize, d: usize, inter: usize, gather: &[Stmt]) -> (Vec<Stmt>, Vec<Stmt>) {
     const _: () = assert!(BN == MMA_COLS, "the gather's column blocks are MMA tiles");
-    let g = cx.graph;
-    let (e_n, k_n, inter) = (m.experts, m.top_k, m.intermediate);
-    let x = Bind::Act(Value::Node(g.inputs(n)[0]));
-    let stacked = |leaf: &str, out: usize, inn: usize| stacked(prefix, e_n, leaf, out, inn);
-    let ids_param = || {
-        (
-            param("ids", Elem::I64, &act(k_n), Access::Read),
-            Bind::Act(ids),
-        )
-    };
     // Row `mi` of the block: assignment `asg` = token · k + slot.
     let asg = || ld("rl", [v("p0") + v("mi")]);
     let blocks = |tiles: Vec<Stmt>| {
@@ -606,20 +603,7 @@ fn grouped_mma(
             ],
         ),
     ]));
-    let experts = launch(
-        format!("moe_grouped_mma_gate_up_e{e_n}_k{k_n}_d{d}_i{inter}"),
-        vec![Dim::N(e_n), Dim::N(inter.div_ceil(MMA_COLS))],
-        vec![
-            (input("x", &act(d)), x),
-            ids_param(),
-            stacked("gate", inter, d),
-            stacked("up", inter, d),
-            (output("h", &act(k_n * inter)), Bind::Act(hmid)),
-        ],
-        body,
-        vec![n],
-        g,
-    );
+    let up_body = body;
 
     // down: yk[a, o] = w[a] · down_e[o]·h[a].
     let mut body = gather.to_vec();
@@ -644,19 +628,5 @@ fn grouped_mma(
             ),
         ],
     )]));
-    let down = launch(
-        format!("moe_grouped_mma_down_e{e_n}_k{k_n}_d{d}_i{inter}"),
-        vec![Dim::N(e_n), Dim::N(d.div_ceil(MMA_COLS))],
-        vec![
-            (input("h", &act(k_n * inter)), Bind::Act(hmid)),
-            ids_param(),
-            (input("w", &act(k_n)), Bind::Act(wts)),
-            stacked("down", d, inter),
-            (output("yk", &act(k_n * d)), Bind::Act(yk)),
-        ],
-        body,
-        vec![n],
-        g,
-    );
-    (experts, down)
+    (up_body, body)
 }

@@ -7,10 +7,7 @@ use super::{Expr, Kernel, Mma, MmaKind, Stmt, TileOp, View};
 
 /// `k` with every [`Stmt::Tile`] and [`Stmt::Mma`] replaced by loops.
 pub fn expand_all(k: &Kernel) -> Kernel {
-    Kernel {
-        body: block(&k.body, true),
-        ..k.clone()
-    }
+    expand(k, true)
 }
 
 /// Rows and columns of the MMA tiles [`dots_on_tensor_cores`] cuts a `dot` into.
@@ -21,49 +18,21 @@ pub const DOT_TILE: usize = 32;
 /// on tensor cores. Near-f32 products: the chunked recurrences keep their precision. Dots
 /// inside split loops stay (an MMA needs the whole warp; their loops are dealt to its lanes).
 pub fn dots_on_tensor_cores(k: &Kernel) -> Kernel {
-    fn block(b: &[Stmt]) -> Vec<Stmt> {
-        b.iter()
-            .flat_map(|s| match s {
-                Stmt::Tile(TileOp::Dot {
-                    out,
-                    a,
-                    b,
-                    m,
-                    n,
-                    depth,
-                    accumulate,
-                }) if out.buf != a.buf && out.buf != b.buf => {
-                    dot_tiles(out, a, b, m, n, *depth, *accumulate)
-                }
-                Stmt::For {
-                    var,
-                    lo,
-                    hi,
-                    carried,
-                    body,
-                    yields,
-                    split: false,
-                } => vec![Stmt::For {
-                    var: var.clone(),
-                    lo: lo.clone(),
-                    hi: hi.clone(),
-                    carried: carried.clone(),
-                    body: block(body),
-                    yields: yields.clone(),
-                    split: false,
-                }],
-                Stmt::If { cond, then } => vec![Stmt::If {
-                    cond: cond.clone(),
-                    then: block(then),
-                }],
-                other => vec![other.clone()],
-            })
-            .collect()
-    }
-    Kernel {
-        body: block(&k.body),
-        ..k.clone()
-    }
+    let body = rewrite(&k.body, false, &|s| match s {
+        Stmt::Tile(TileOp::Dot {
+            out,
+            a,
+            b,
+            m,
+            n,
+            depth,
+            accumulate,
+        }) if out.buf != a.buf && out.buf != b.buf => {
+            Some(dot_tiles(out, a, b, m, n, *depth, *accumulate))
+        }
+        _ => None,
+    });
+    Kernel { body, ..k.clone() }
 }
 
 /// `out (+)= a bᵀ` over `m × n` as a grid of MMA tiles (uniform loops: every lane of a warp
@@ -112,43 +81,54 @@ fn dot_tiles(
 
 /// `k` with every [`Stmt::Tile`] replaced by loops ([`Stmt::Mma`] kept: a GPU lowers it).
 pub fn expand_tiles(k: &Kernel) -> Kernel {
-    Kernel {
-        body: block(&k.body, false),
-        ..k.clone()
-    }
+    expand(k, false)
 }
 
-fn block(b: &[Stmt], mma: bool) -> Vec<Stmt> {
-    b.iter().flat_map(|s| stmt(s, mma)).collect()
+/// Tiles, and with `mma` the MMA tiles, as loops.
+fn expand(k: &Kernel, mma: bool) -> Kernel {
+    let body = rewrite(&k.body, true, &|s| match s {
+        Stmt::Tile(op) => Some(tile(op)),
+        Stmt::Mma(m) if mma => Some(expand_mma(m)),
+        _ => None,
+    });
+    Kernel { body, ..k.clone() }
 }
 
-fn stmt(s: &Stmt, mma: bool) -> Vec<Stmt> {
-    match s {
-        Stmt::Tile(op) => tile(op),
-        Stmt::Mma(m) if mma => expand_mma(m),
-        Stmt::For {
-            var,
-            lo,
-            hi,
-            carried,
-            body,
-            yields,
-            split,
-        } => vec![Stmt::For {
-            var: var.clone(),
-            lo: lo.clone(),
-            hi: hi.clone(),
-            carried: carried.clone(),
-            body: block(body, mma),
-            yields: yields.clone(),
-            split: *split,
-        }],
-        Stmt::If { cond, then } => vec![Stmt::If {
-            cond: cond.clone(),
-            then: block(then, mma),
-        }],
-        other => vec![other.clone()],
-    }
+/// `b` with every statement `f` rewrites (`Some`) replaced by the statements it returns,
+/// looking inside loop and branch bodies (inside split loops only with `into_split`); the
+/// replacements themselves are not rewritten again.
+fn rewrite(b: &[Stmt], into_split: bool, f: &dyn Fn(&Stmt) -> Option<Vec<Stmt>>) -> Vec<Stmt> {
+    b.iter()
+        .flat_map(|s| {
+            if let Some(r) = f(s) {
+                return r;
+            }
+            match s {
+                Stmt::For {
+                    var,
+                    lo,
+                    hi,
+                    carried,
+                    body,
+                    yields,
+                    split,
+                } if into_split || !split => vec![Stmt::For {
+                    var: var.clone(),
+                    lo: lo.clone(),
+                    hi: hi.clone(),
+                    carried: carried.clone(),
+                    body: rewrite(body, into_split, f),
+                    yields: yields.clone(),
+                    split: *split,
+                }],
+                Stmt::If { cond, then } => vec![Stmt::If {
+                    cond: cond.clone(),
+                    then: rewrite(then, into_split, f),
+                }],
+                other => vec![other.clone()],
+            }
+        })
+        .collect()
 }
 
 /// The MMA tile as loops: rows in parallel (each element's epilogue writes only its own

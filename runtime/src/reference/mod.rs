@@ -241,8 +241,7 @@ impl<'g, F: Real> Reference<'g, F> {
             } if self.bf16_projection_inputs => {
                 let mut x = ins[0].clone();
                 for v in x.data.iter_mut() {
-                    let f = v.to_f32().expect("f32/f64 convert");
-                    *v = F::of32(half::bf16::from_f32(f).to_f32());
+                    *v = v.bf16_rounded();
                 }
                 linear(&x, w.get(weight), *out_dim)
             }

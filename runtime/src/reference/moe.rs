@@ -76,9 +76,7 @@ pub fn moe<F: Real>(
         if !bf16_operands {
             return v;
         }
-        v.into_iter()
-            .map(|x| F::of32(half::bf16::from_f32(x.to_f32().expect("f32/f64 convert")).to_f32()))
-            .collect()
+        v.into_iter().map(Real::bf16_rounded).collect()
     };
     let router = w.get(&format!("{prefix}.router"));
     let bias = m

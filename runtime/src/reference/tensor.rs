@@ -23,6 +23,11 @@ pub trait Real:
     fn of32(v: f32) -> Self {
         Self::from_f32(v).expect("every f32 converts to f32/f64")
     }
+    /// The value as f32, rounded to the nearest bfloat16 (a tensor-core plan's GEMM operand).
+    fn bf16_rounded(self) -> Self {
+        let f = self.to_f32().expect("f32/f64 convert to f32");
+        Self::of32(half::bf16::from_f32(f).to_f32())
+    }
 }
 
 impl Real for f32 {}

@@ -43,6 +43,9 @@ pub use mma::{a_fragment, b_fragment, c_fragment};
 /// kernel's own strides and never checked against it.
 pub const GPU_EXTENT: i64 = 1 << 40;
 
+/// The bits an f32 keeps as TF32 (sign, exponent, 10 mantissa bits): `0xFFFF_E000`.
+const TF32_MASK: i64 = -8192;
+
 /// How programs are mapped onto the target.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flavor {
@@ -1015,7 +1018,7 @@ impl<'c> Lower<'c> {
                     blk,
                     arith::constant(
                         self.ctx,
-                        IntegerAttribute::new(i32t, -8192).into(),
+                        IntegerAttribute::new(i32t, TF32_MASK).into(),
                         self.loc,
                     ),
                 );

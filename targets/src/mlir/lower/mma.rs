@@ -24,7 +24,7 @@ use melior::ir::operation::OperationBuilder;
 use melior::ir::r#type::IntegerType;
 use melior::ir::{Attribute, Block, BlockLike, Identifier, Region, RegionLike, Type, Value};
 
-use super::{bug, Env, Lower, Ty, R};
+use super::{bug, Env, Lower, Ty, R, TF32_MASK};
 
 /// Elements per 32-bit operand register: two bf16, or one tf32.
 fn per_register(kind: MmaKind) -> usize {
@@ -192,7 +192,7 @@ impl<'c> Lower<'c> {
                         // hi = x with the low 13 mantissa bits cleared; lo likewise of x − hi
                         // (exact in f32).
                         let x = self.mma_element(&body, env, (mma, e, var), idx, kk)?;
-                        let mask = i32c(-8192);
+                        let mask = i32c(TF32_MASK);
                         let bits = self.op(&body, "arith.bitcast", &[x], i32t, false);
                         let hi = self.op(&body, "arith.andi", &[bits, mask], i32t, false);
                         let hi_f = self.op(&body, "arith.bitcast", &[hi], self.f32, false);
