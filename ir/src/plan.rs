@@ -111,7 +111,8 @@ pub struct KernelEntry {
 #[serde(deny_unknown_fields)]
 pub struct GpuLaunch {
     pub block: u32,
-    /// Threads per program (1, or 32: a warp sharing the program's reductions).
+    /// Threads per program (1; 32: a warp sharing the program's reductions; or the whole
+    /// block: a block-cooperative tile).
     pub lanes: u32,
     /// Scratch bytes per program (a warp program's locals).
     pub scratch_bytes: u64,

@@ -257,10 +257,21 @@ fn tile_operations_compute_what_they_say() {
 /// equal to the kind's products summed exactly (bf16: Σ bf16(x)·bf16(w); TF32x3: Σ x·w to
 /// ~2^-20); and the same kernels for the GPU assemble (when ptxas is installed) with their MMAs.
 fn mma_kernel(cols: usize, depth: usize, kind: lamina_ir::kernel::MmaKind) -> Kernel {
+    sized_mma_kernel([32, 16], cols, depth, kind, lamina_ir::kernel::Elem::F32)
+}
+
+/// `y = x·wᵀ + bias` as `tr × tc` MMA tiles (`w` stored as `w_elem`).
+fn sized_mma_kernel(
+    [tr, tc]: [usize; 2],
+    cols: usize,
+    depth: usize,
+    kind: lamina_ir::kernel::MmaKind,
+    w_elem: lamina_ir::kernel::Elem,
+) -> Kernel {
     let mut tile = mma(
-        [32, 16, depth],
-        min(i(32), rows() - v("r0")),
-        min(i(16), i(cols) - v("n0")),
+        [tr, tc, depth],
+        min(i(tr), rows() - v("r0")),
+        min(i(tc), i(cols) - v("n0")),
         ld("x", [v("r0") + v("mi"), v("k")]),
         ld("w", [v("n0") + v("mj"), v("k")]),
         vec![st(
@@ -275,14 +286,75 @@ fn mma_kernel(cols: usize, depth: usize, kind: lamina_ir::kernel::MmaKind) -> Ke
     Kernel {
         name: "mma_tile".into(),
         nodes: vec!["test.mma".into()],
-        grid: vec![Dim::N(cols.div_ceil(16)), Dim::RowBlocks(32)],
+        grid: vec![Dim::N(cols.div_ceil(tc)), Dim::RowBlocks(tr)],
         params: vec![
             input("x", &[Dim::Rows, Dim::N(depth)]),
-            input("w", &[Dim::N(cols), Dim::N(depth)]),
+            param(
+                "w",
+                w_elem,
+                &[Dim::N(cols), Dim::N(depth)],
+                lamina_ir::kernel::Access::Read,
+            ),
             input("bias", &[Dim::N(cols)]),
             output("y", &[Dim::Rows, Dim::N(cols)]),
         ],
-        body: vec![let_("n0", pid(0) * i(16)), let_("r0", pid(1) * i(32)), tile],
+        body: vec![let_("n0", pid(0) * i(tc)), let_("r0", pid(1) * i(tr)), tile],
+    }
+}
+
+/// A prefill-sized bf16 tile (128 × 64, bf16 weights) runs as a block-cooperative program:
+/// the weights staged by `cp.async`, the activations by the threads, products by `wgmma` on
+/// sm_90a (two 64-row halves per 16-deep step) and by `mma.sync` on sm_80 (16 per warp per
+/// step); it assembles without spills within the static shared-memory budget. Its arithmetic
+/// is the MMA tile's (checked on the host by `mma_tiles_compute_rounded_products_exactly`).
+#[test]
+fn staged_tiles_assemble_for_both_gpus() {
+    use crate::mlir::lower::staged::{self, shared_bytes, staged_tile};
+    use crate::Target;
+    use lamina_ir::kernel::{Elem, MmaKind};
+    let kernel = sized_mma_kernel([128, 64], 200, 96, MmaKind::Bf16, Elem::Bf16);
+    let tile = staged_tile(&kernel).expect("a staged tile");
+    assert_eq!(crate::nvptx::lanes(&kernel), staged::LANES);
+    // f32 weights are staged by the threads (no cp.async); small tiles stay one warp.
+    let f32_weights = sized_mma_kernel([128, 64], 200, 96, MmaKind::Bf16, Elem::F32);
+    assert!(staged_tile(&f32_weights).is_some());
+    assert!(staged_tile(&mma_kernel(21, 40, MmaKind::Bf16)).is_none());
+    for target in [Target::Sm80, Target::Sm90a] {
+        let (ptx, _) = crate::nvptx::compile_ptx(std::slice::from_ref(&kernel), target).unwrap();
+        let count = |s: &str| ptx.matches(s).count();
+        assert!(
+            count("cp.async.cg.shared.global") >= 2,
+            "{target}: cp.async"
+        );
+        assert!(count("bar.sync") >= 1, "{target}: block barrier");
+        match target {
+            Target::Sm90a => {
+                assert_eq!(
+                    count("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16"),
+                    4
+                );
+                assert!(count("fence.proxy.async.shared::cta") >= 1);
+                assert!(count("wgmma.wait_group.sync.aligned") >= 1);
+            }
+            _ => {
+                let mma = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32";
+                assert_eq!(count(mma), 2 * 16, "{target}");
+                assert_eq!(count("wgmma"), 0);
+            }
+        }
+        if crate::nvptx::ptxas_path().is_some() {
+            let res = crate::nvptx::ptxas(&ptx, target).unwrap();
+            assert_eq!(res.len(), 1);
+            assert_eq!(res[0].spill_stores + res[0].spill_loads, 0, "{target}");
+            assert_eq!(res[0].shared as usize, shared_bytes(tile), "{target}");
+            assert!(res[0].blocks_per_sm(staged::LANES) >= 1, "{target}");
+        } else {
+            assert!(
+                std::env::var("LAMINA_REQUIRE_PTXAS").as_deref() != Ok("1"),
+                "ptxas required but not found"
+            );
+            eprintln!("SKIPPED: ptxas not installed, the staged kernel's PTX is not assembled");
+        }
     }
 }
 

@@ -1,18 +1,21 @@
 //! The NVPTX targets (sm_80, sm_90a): kernels → `gpu.module` → NVVM → LLVM NVPTX → PTX text,
 //! and `ptxas -v` to assemble it and read each kernel's resources.
 //!
-//! Mapping: one kernel-IR program per [`lanes`] consecutive threads — a warp for kernels with
-//! reductions or split loops, whose iterations the lanes share (coalesced rows, a shuffle
-//! butterfly to combine), one thread otherwise — [`BLOCK`] threads per block,
-//! `⌈programs · lanes / block⌉` blocks along x. A warp program keeps its locals in a scratch
+//! Mapping: one kernel-IR program per [`lanes`] consecutive threads — a whole block of 4 warps
+//! for a kernel that is one large tensor-core tile (the prefill projections, staged through
+//! shared memory: [`crate::mlir::lower::staged`]), a warp for kernels with reductions or split
+//! loops, whose iterations the lanes share (coalesced rows, a shuffle butterfly to combine),
+//! one thread otherwise — [`BLOCK`] threads per block, `⌈programs · lanes / block⌉` blocks
+//! along x. A warp program keeps its locals in a scratch
 //! buffer, one copy per program ([`scratch_bytes`] each, at `program · scratch_bytes`), which
 //! its lanes write alike between warp barriers; a thread program keeps them in local memory.
 //! Every buffer is one `.u64` pointer parameter (bare-pointer convention) in the kernel's
-//! parameter order, then the scratch pointer, then `rows`, all `.u64`; no dynamic shared
-//! memory. The runtime reads all of this from the plan ([`lamina_ir::plan::GpuLaunch`]).
+//! parameter order, then the scratch pointer, then `rows`, all `.u64`; shared memory is static
+//! (declared by the kernel), none dynamic. The runtime reads all of this from the plan
+//! ([`lamina_ir::plan::GpuLaunch`]).
 //!
-//! Not yet here (issue 4's remaining work): block-cooperative tiles, shared-memory staging,
-//! tensor-core MMAs (`mma.sync` / `wgmma`), bf16 activations.
+//! Not yet here (issue 4's remaining work): `wgmma` and TMA on sm_90a (the staged tiles use
+//! `mma.sync` and `cp.async` on both targets), bf16 activations.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,6 +27,7 @@ use melior::ir::operation::OperationLike;
 use melior::ir::BlockLike;
 
 use crate::mlir::context::GPU_PIPELINE;
+use crate::mlir::lower::staged::staged_tile;
 use crate::mlir::{gpu_module, MlirContext};
 use crate::{Target, TargetError};
 
@@ -50,10 +54,14 @@ pub fn block_size(_k: &Kernel) -> u32 {
     BLOCK
 }
 
-/// Threads per program of kernel `k`: a warp when it has a reduction or a split loop (after
-/// tile expansion) for the lanes to share, else one.
+/// Threads per program of kernel `k`: a block of warps when it is only a large tensor-core
+/// tile ([`staged_tile`]: the block stages the operands in shared memory); a warp when it has
+/// a reduction or a split loop (after tile expansion) for the lanes to share; else one.
 pub fn lanes(k: &Kernel) -> u32 {
     use lamina_ir::kernel::{Expr, Stmt};
+    if staged_tile(k).is_some() {
+        return crate::mlir::lower::staged::LANES;
+    }
     fn expr(e: &Expr) -> bool {
         match e {
             Expr::Reduce { .. } => true,
@@ -112,11 +120,12 @@ pub fn scratch_bytes(k: &Kernel) -> usize {
 /// Most scratch bytes one program may use.
 pub const SCRATCH_BUDGET: usize = 16 << 20;
 
-/// How kernel `k` is mapped onto the GPU.
-pub fn flavor(k: &Kernel) -> crate::mlir::Flavor {
+/// How kernel `k` is mapped onto `target`: staged tiles use `wgmma` on sm_90a.
+pub fn flavor(k: &Kernel, target: Target) -> crate::mlir::Flavor {
     crate::mlir::Flavor::Gpu {
         block: block_size(k),
         lanes: lanes(k),
+        wgmma: target == Target::Sm90a,
     }
 }
 
@@ -152,7 +161,7 @@ pub fn compile_ptx(
     let mut t = PtxTimings::default();
     let cx = MlirContext::new();
     let start = Instant::now();
-    let mut module = gpu_module(&cx, kernels, target, &flavor)?;
+    let mut module = gpu_module(&cx, kernels, target, &|k| flavor(k, target))?;
     t.lower = start.elapsed();
     let start = Instant::now();
     cx.run_pipeline(&mut module, GPU_PIPELINE, &format!("{target} lowering"))?;

@@ -247,7 +247,8 @@ fn gpu_text(file: &str, target: Target, ptx: bool) -> String {
             .map(|l| format!("{l}\n"))
             .collect()
     } else {
-        lamina_targets::mlir::print_gpu_mlir(&kernels, target, &nvptx::flavor).unwrap()
+        lamina_targets::mlir::print_gpu_mlir(&kernels, target, &|k| nvptx::flavor(k, target))
+            .unwrap()
     }
 }
 

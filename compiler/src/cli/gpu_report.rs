@@ -7,6 +7,7 @@ use lamina_ir::cost::Gpu;
 use lamina_ir::kernel::count::{launch_work, Work};
 use lamina_ir::kernel::Kernel;
 use lamina_ir::model::Model;
+use lamina_targets::mlir::lower::staged;
 use lamina_targets::nvptx::{self, Resources};
 use lamina_targets::Target;
 
@@ -50,10 +51,16 @@ pub fn gpu_report(
         }
     };
     println!(
-        "{target} kernels: one program per warp (kernels with reductions) or per thread, {} threads \
-         per block, no dynamic shared memory; weights bf16, activations and state f32; \
-         projections (linear_mma_*) on tensor cores, mma.sync m16n8k16 with bf16 operands",
-        nvptx::BLOCK
+        "{target} kernels: one program per block of {} warps (prefill projections: tiles staged in \
+         static shared memory by cp.async), per warp (kernels with reductions) or per thread, {} \
+         threads per block, no dynamic shared memory; weights bf16, activations and state f32; \
+         projections (linear_mma_*) on tensor cores with bf16 operands: {}",
+        staged::LANES / nvptx::WARP,
+        nvptx::BLOCK,
+        match target {
+            Target::Sm90a => "prefill wgmma m64n64k16 from shared memory, decode mma.sync m16n8k16",
+            _ => "mma.sync m16n8k16",
+        }
     );
     println!(
         "{:<64} {:>5} {:>5} {:>8} {:>11} {:>6} {:>7} {:>9} {:>10}",

@@ -54,11 +54,9 @@ pub fn ir(
             Stage::Mlir => {
                 let text = match target {
                     Target::Host => lamina_targets::mlir::print_mlir(&kernels),
-                    _ => lamina_targets::mlir::print_gpu_mlir(
-                        &kernels,
-                        target,
-                        &lamina_targets::nvptx::flavor,
-                    ),
+                    _ => lamina_targets::mlir::print_gpu_mlir(&kernels, target, &|k| {
+                        lamina_targets::nvptx::flavor(k, target)
+                    }),
                 };
                 print!("{}", text.map_err(|e| e.to_string())?);
             }

@@ -10,9 +10,14 @@
 //! computes `1/rms` of every row once, the norm weight is folded into the reduction) and a
 //! residual add in the epilogue (`y = r + x Wᵀ`, written as the add's value).
 //!
-//! With tensor cores (`Ctx::tensor_cores`), a program is one [`MMA_ROWS`] × [`MMA_COLS`] tile
-//! of `y` instead (grid: column blocks × row blocks), computed by one `Stmt::Mma` with bf16
-//! operands and f32 accumulation; the same fusions sit in its prologue and epilogue.
+//! With tensor cores (`Ctx::tensor_cores`), a program is one tile of `y` instead (grid: column
+//! blocks × row blocks), computed by one `Stmt::Mma` with bf16 operands and f32 accumulation;
+//! the same fusions sit in its prologue and epilogue:
+//! - prefill: [`PREFILL_MMA_ROWS`] × [`PREFILL_MMA_COLS`] tiles, and nothing in the program but
+//!   the tile (a fused norm's `1/rms` per row comes from a small kernel of its own), so that a
+//!   GPU runs each as one block of warps sharing operand slabs staged in shared memory;
+//! - decode: [`MMA_ROWS`] × [`MMA_COLS`] tiles, one warp each, the depth split when the
+//!   column blocks are too few programs ([`decode_k_splits`]).
 
 use lamina_ir::graph::{NodeIndex, Op};
 use lamina_ir::kernel::build::*;
@@ -22,10 +27,14 @@ use super::{act, launch, Bind, Ctx, Launch, Phase, Value};
 
 /// Output columns per program.
 pub const BN: usize = 16;
-/// Rows and columns of a program's tensor-core tile: 2 × 2 MMAs of 16 × 8, so decode (one
-/// row block) has as many programs as the register-tile kernel.
+/// Rows and columns of a decode program's tensor-core tile: 2 × 2 MMAs of 16 × 8, so decode
+/// (one row block) has as many programs as the register-tile kernel.
 pub const MMA_ROWS: usize = 32;
 pub const MMA_COLS: usize = 16;
+/// Rows and columns of a prefill program's tensor-core tile (a GPU block of 2 × 2 warps, each
+/// 64 × 32).
+pub const PREFILL_MMA_ROWS: usize = 128;
+pub const PREFILL_MMA_COLS: usize = 64;
 /// Register tile: rows × columns accumulated together.
 pub const RB: usize = 4;
 pub const CB: usize = 4;
@@ -121,7 +130,8 @@ pub fn decode_k_splits(programs: usize, k: usize) -> usize {
 /// row block `r0` and column block `n0`. In decode, when the column blocks alone are too few
 /// programs, the depth is split into `S` pieces ([`decode_k_splits`]): each program sums one
 /// piece into a partials buffer `[R, S·out]`, and a second kernel adds the pieces (and the
-/// residual).
+/// residual). In prefill, a fused norm's `1/rms` per row is computed by a kernel before the
+/// tiles (`rms_inv`), which read it as an input.
 fn build_mma(
     cx: &Ctx,
     n: NodeIndex,
@@ -133,7 +143,11 @@ fn build_mma(
     let g = cx.graph;
     let root = residual.unwrap_or(n);
     let norm = cx.fusion.of(root).norm;
-    let blocks = nn.div_ceil(MMA_COLS);
+    let (tile_rows, tile_cols) = match cx.phase {
+        Phase::Decode => (MMA_ROWS, MMA_COLS),
+        Phase::Prefill => (PREFILL_MMA_ROWS, PREFILL_MMA_COLS),
+    };
+    let blocks = nn.div_ceil(tile_cols);
     let splits = match cx.phase {
         Phase::Decode => decode_k_splits(blocks, k),
         Phase::Prefill => 1,
@@ -141,12 +155,13 @@ fn build_mma(
     let ks = k / splits;
     let mut x_in = g.inputs(n)[0];
     let mut params = Vec::new();
+    let mut launches = Vec::new();
     let mut body = vec![
-        let_("n0", pid(0) * i(MMA_COLS)),
-        let_("nb", min(i(MMA_COLS), i(nn) - v("n0"))),
+        let_("n0", pid(0) * i(tile_cols)),
+        let_("nb", min(i(tile_cols), i(nn) - v("n0"))),
         // Grid: column blocks, [pieces,] row blocks.
-        let_("r0", pid(if splits > 1 { 2 } else { 1 }) * i(MMA_ROWS)),
-        let_("rb", min(i(MMA_ROWS), rows() - v("r0"))),
+        let_("r0", pid(if splits > 1 { 2 } else { 1 }) * i(tile_rows)),
+        let_("rb", min(i(tile_rows), rows() - v("r0"))),
     ];
     // The depth index of the tile's `k` (offset by the piece when split).
     let kg = if splits > 1 {
@@ -164,9 +179,19 @@ fn build_mma(
         params.push(fused.param.clone());
         // The normalised row is the operand (rounded to bf16 as an unfused norm's output
         // would be): x · w · 1/rms (of the whole row, also when the depth is split).
-        a = a * fused.scale(kg.clone()) * ld("inv", [v("mi")]);
-        body.extend(fused.inv_rows(MMA_ROWS, v("rb"), &|r| v("r0") + r, k));
         name = format!("{}_{name}", fused.prefix());
+        match cx.phase {
+            Phase::Decode => {
+                a = a * fused.scale(kg.clone()) * ld("inv", [v("mi")]);
+                body.extend(fused.inv_rows(tile_rows, v("rb"), &|r| v("r0") + r, k));
+            }
+            Phase::Prefill => {
+                let inv = cx.temp(1);
+                launches.push(fused.inv_kernel(cx, inv, k, nm));
+                params.push((input("inv", &act(1)), Bind::Act(inv)));
+                a = a * fused.scale(kg.clone()) * ld("inv", [v("r0") + v("mi"), i(0)]);
+            }
+        }
     }
     let other = residual.map(|add| g.inputs(add).into_iter().find(|&x| x != n).unwrap_or(n));
     let mut nodes = vec![n];
@@ -182,7 +207,7 @@ fn build_mma(
             name += "_residual";
         }
         body.push(mma(
-            [MMA_ROWS, MMA_COLS, k],
+            [tile_rows, tile_cols, k],
             v("rb"),
             v("nb"),
             a,
@@ -190,14 +215,15 @@ fn build_mma(
             vec![st("y", [v("r0") + v("mi"), v("n0") + v("mj")], y)],
         ));
         params.push((output("y", &act(nn)), Bind::Act(Value::Node(root))));
-        let grid = vec![Dim::N(blocks), Dim::RowBlocks(MMA_ROWS)];
-        return vec![launch(name, grid, params, body, nodes, g)];
+        let grid = vec![Dim::N(blocks), Dim::RowBlocks(tile_rows)];
+        launches.push(launch(name, grid, params, body, nodes, g));
+        return launches;
     }
 
     // Split-K: partials, then their sum.
     let part = cx.temp(splits * nn);
     body.push(mma(
-        [MMA_ROWS, MMA_COLS, ks],
+        [tile_rows, tile_cols, ks],
         v("rb"),
         v("nb"),
         a,
@@ -209,7 +235,7 @@ fn build_mma(
         )],
     ));
     params.push((output("part", &act(splits * nn)), Bind::Act(part)));
-    let grid = vec![Dim::N(blocks), Dim::N(splits), Dim::RowBlocks(MMA_ROWS)];
+    let grid = vec![Dim::N(blocks), Dim::N(splits), Dim::RowBlocks(tile_rows)];
     let partials = launch(
         format!("{name}_splitk{splits}"),
         grid,
@@ -306,6 +332,29 @@ impl FusedNorm {
                 )],
             ),
         ]
+    }
+
+    /// A kernel writing `inv[r, 0] = 1/rms` of every row of the norm's input (one program per
+    /// row): part of norm `nm`.
+    fn inv_kernel(&self, cx: &Ctx, inv: Value, depth: usize, nm: NodeIndex) -> Launch {
+        let x = || ld("x", [pid(0), v("k")]);
+        let body = vec![st(
+            "inv",
+            [pid(0), i(0)],
+            rsqrt(sum("k", i(0), i(depth), x() * x()) / f(depth as f64) + f(self.eps)),
+        )];
+        let params = vec![
+            (input("x", &act(depth)), Bind::Act(Value::Node(self.input))),
+            (output("inv", &act(1)), Bind::Act(inv)),
+        ];
+        launch(
+            format!("rms_inv_{depth}"),
+            vec![Dim::Rows],
+            params,
+            body,
+            vec![nm],
+            cx.graph,
+        )
     }
 
     /// Kernel-name prefix: `rms_norm` or `rms_norm_zc`.

@@ -22,12 +22,14 @@ pub const HOST_PIPELINE: &str = "builtin.module(\
     convert-scf-to-cf, convert-to-llvm, reconcile-unrealized-casts)";
 
 /// NVPTX: inside the `gpu.module`, structured control flow to branches and everything to the
-/// NVVM/LLVM dialects with bare-pointer kernel arguments; then LLVM's NVPTX backend (O3, from
+/// NVVM/LLVM dialects with bare-pointer kernel arguments (nvgpu's async copies to NVVM first;
+/// NVVM ops without an LLVM intrinsic, such as `wgmma`, to inline PTX last); then LLVM's NVPTX backend (O3, from
 /// the module's `#nvvm.target`) writes PTX text into a `gpu.binary` (`format=isa`: PTX, not
 /// a cubin, so no CUDA toolkit is needed to build).
 pub const GPU_PIPELINE: &str = "builtin.module(\
     gpu.module(canonicalize, cse, loop-invariant-code-motion, convert-scf-to-cf, \
-    convert-gpu-to-nvvm{use-bare-ptr-memref-call-conv=1}, canonicalize, cse), \
+    convert-nvgpu-to-nvvm, convert-gpu-to-nvvm{use-bare-ptr-memref-call-conv=1}, \
+    convert-nvvm-to-llvm, canonicalize, cse), \
     reconcile-unrealized-casts, gpu-module-to-binary{format=isa})";
 
 /// An MLIR context with every upstream dialect loaded and diagnostics collected.

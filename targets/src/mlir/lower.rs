@@ -36,6 +36,7 @@ use melior::Context;
 use crate::TargetError;
 
 mod mma;
+pub mod staged;
 pub use mma::{a_fragment, b_fragment, c_fragment};
 
 /// The static extent of GPU buffer parameters (2^40 elements): it only makes the memref type
@@ -51,12 +52,13 @@ const TF32_MASK: i64 = -8192;
 pub enum Flavor {
     /// A loop over a range of programs, called from host threads.
     Host,
-    /// `lanes` consecutive GPU threads per program (1, or a warp's 32), `block` threads per
-    /// block. With several lanes, every lane runs the program's statements (loads of one address
+    /// `lanes` consecutive GPU threads per program (1, a warp's 32, or a whole block for a
+    /// block-cooperative tile: [`staged`]), `block` threads per block; `wgmma`: staged tiles
+    /// use sm_90a's warpgroup MMAs (else `mma.sync`). With several lanes, every lane runs the program's statements (loads of one address
     /// are broadcast, stores of one value coincide) except split loops and reductions, whose
     /// iterations are dealt round-robin to the lanes and whose partial results are combined by
     /// a butterfly of warp shuffles, so that every lane holds the same total after them.
-    Gpu { block: u32, lanes: u32 },
+    Gpu { block: u32, lanes: u32, wgmma: bool },
     /// The host frame, with split loops and reductions run as `lanes` lanes would on a GPU:
     /// lane by lane (lane j takes iterations lo + j, lo + j + lanes, ...), partials added in
     /// lane order. Tests compare it with [`Flavor::Host`] to check the GPU's split arithmetic
@@ -87,6 +89,8 @@ struct Env<'c, 'a> {
     rows: Value<'c, 'a>,
     /// This thread's lane in its program (GPU programs of several lanes).
     lane: Option<Value<'c, 'a>>,
+    /// The block's shared memory (block-cooperative programs, [`staged`]).
+    smem: Option<Value<'c, 'a>>,
 }
 
 struct Lower<'c> {
@@ -98,6 +102,8 @@ struct Lower<'c> {
     fastmath: Attribute<'c>,
     loc: Location<'c>,
     gpu: bool,
+    /// Staged tiles on warpgroup MMAs (sm_90a).
+    wgmma: bool,
     /// Threads per program (1 on the host).
     lanes: u32,
     /// Inside a split loop or reduction: lanes already differ, nothing more is split.
@@ -129,6 +135,7 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
             .ok_or_else(|| bug("fastmath attribute".into()))?,
         loc,
         gpu: matches!(flavor, Flavor::Gpu { .. }),
+        wgmma: matches!(flavor, Flavor::Gpu { wgmma: true, .. }),
         lanes: match flavor {
             Flavor::Host => 1,
             Flavor::Gpu { lanes, .. } | Flavor::HostLanes(lanes) => lanes.max(1),
@@ -147,7 +154,24 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
         // Host: rows, then the program range lo..hi.
         arg_types.extend([l.index, l.index, l.index]);
     }
-    let entry = Block::new(&arg_types.iter().map(|&t| (t, loc)).collect::<Vec<_>>());
+    // A block-cooperative program: its shared memory, a workgroup attribution (an entry-block
+    // argument after the function's).
+    let shared: Option<Type> = if l.gpu && l.lanes == staged::LANES {
+        let tile = staged::staged_tile(k).ok_or_else(|| {
+            bug(format!(
+                "{what}: {} threads per program, but not a block-cooperative tile",
+                l.lanes
+            ))
+        })?;
+        let bytes = staged::shared_bytes(tile) as i64;
+        let space = staged::workgroup_space(ctx)?;
+        Some(MemRefType::new(l.i8(), &[bytes], None, Some(space)).into())
+    } else {
+        None
+    };
+    let mut block_types: Vec<Type> = arg_types.clone();
+    block_types.extend(shared);
+    let entry = Block::new(&block_types.iter().map(|&t| (t, loc)).collect::<Vec<_>>());
     let n = k.params.len();
     let arg = |i: usize| -> R<Value> {
         entry
@@ -255,6 +279,10 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
             pids: Vec::new(),
             rows,
             lane,
+            smem: match shared {
+                Some(_) => Some(arg(n + 2)?),
+                None => None,
+            },
         };
         // pids from p, last axis fastest.
         let mut pids = vec![p; k.grid.len()];
@@ -309,18 +337,33 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
             fregion.append_block(entry);
             let fty = FunctionType::new(ctx, &arg_types, &[]);
             let unit = Attribute::unit(ctx);
+            let mut attrs = vec![
+                (
+                    Identifier::new(ctx, "sym_name"),
+                    StringAttribute::new(ctx, &k.name).into(),
+                ),
+                (
+                    Identifier::new(ctx, "function_type"),
+                    TypeAttribute::new(fty.into()).into(),
+                ),
+                (Identifier::new(ctx, "gpu.kernel"), unit),
+            ];
+            if shared.is_some() {
+                // One workgroup attribution, 16-byte aligned (cp.async writes 16 bytes).
+                let parse = |text: &str| {
+                    Attribute::parse(ctx, text).ok_or_else(|| bug(format!("attribute {text}")))
+                };
+                attrs.push((
+                    Identifier::new(ctx, "workgroup_attributions"),
+                    parse("1 : i64")?,
+                ));
+                attrs.push((
+                    Identifier::new(ctx, "workgroup_attrib_attrs"),
+                    parse("[{llvm.align = 16 : i64}]")?,
+                ));
+            }
             let op = OperationBuilder::new("gpu.func", loc)
-                .add_attributes(&[
-                    (
-                        Identifier::new(ctx, "sym_name"),
-                        StringAttribute::new(ctx, &k.name).into(),
-                    ),
-                    (
-                        Identifier::new(ctx, "function_type"),
-                        TypeAttribute::new(fty.into()).into(),
-                    ),
-                    (Identifier::new(ctx, "gpu.kernel"), unit),
-                ])
+                .add_attributes(&attrs)
                 .add_regions([fregion])
                 .build()
                 .map_err(|e| bug(format!("{what}: gpu.func: {e}")))?;
@@ -685,6 +728,7 @@ impl<'c> Lower<'c> {
                     "{what}: tile operations are expanded into loops before lowering"
                 )))
             }
+            Stmt::Mma(m) if l.lanes == staged::LANES => l.staged_mma(blk, env, m, what, line)?,
             Stmt::Mma(m) => l.mma(blk, env, m, what, line)?,
         }
         Ok(())

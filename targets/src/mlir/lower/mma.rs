@@ -79,9 +79,6 @@ impl<'c> Lower<'c> {
         let kind = mma.kind;
         let step = kind.depth_step();
         let ix = |v: i64| self.const_index(blk, v);
-        let add = |a: Value<'c, 'a>, b: Value<'c, 'a>| {
-            self.op(blk, "arith.addi", &[a, b], self.index, false)
-        };
         let four = ix(4);
         let g = self.op(blk, "arith.divui", &[lane, four], self.index, false);
         let t = self.op(blk, "arith.remui", &[lane, four], self.index, false);
@@ -106,28 +103,7 @@ impl<'c> Lower<'c> {
         self.warp_sync(blk);
 
         let i32t: Type = IntegerType::new(self.ctx, 32).into();
-        let struct4 = Type::parse(self.ctx, "!llvm.struct<(f32, f32, f32, f32)>")
-            .ok_or_else(|| bug("mma result type".into()))?;
-        let (ptx_type, shape) = match kind {
-            MmaKind::Bf16 => ("bf16", "#nvvm.shape<m = 16, n = 8, k = 16>"),
-            MmaKind::Tf32x3 => ("tf32", "#nvvm.shape<m = 16, n = 8, k = 8>"),
-        };
-        let mma_type = format!("#nvvm.mma_type<{ptx_type}>");
-        let attrs: Vec<(Identifier, Attribute)> = [
-            ("layoutA", "#nvvm.mma_layout<row>"),
-            ("layoutB", "#nvvm.mma_layout<col>"),
-            ("multiplicandAPtxType", mma_type.as_str()),
-            ("multiplicandBPtxType", mma_type.as_str()),
-            ("shape", shape),
-            ("operandSegmentSizes", "array<i32: 4, 2, 4>"),
-        ]
-        .into_iter()
-        .map(|(k, v)| {
-            Attribute::parse(self.ctx, v)
-                .map(|a| (Identifier::new(self.ctx, k), a))
-                .ok_or_else(|| bug(format!("mma attribute {v}")))
-        })
-        .collect::<R<_>>()?;
+        let attrs = self.mma_attrs(kind)?;
 
         // The depth loop: k0 = 0, step, ... carrying tm·tn·4 accumulators.
         let accs = tm * tn * 4;
@@ -163,30 +139,10 @@ impl<'c> Lower<'c> {
                 let idx = self.op(&body, "arith.minui", &[idx, last], self.index, false);
                 match kind {
                     MmaKind::Bf16 => {
-                        let mut halves = Vec::new();
-                        for h in 0..2 {
-                            let x =
-                                self.mma_element(&body, env, (mma, e, var), idx, badd(kk, bx(h)))?;
-                            let b16 = self.op(
-                                &body,
-                                "arith.truncf",
-                                &[x],
-                                Type::bfloat16(self.ctx),
-                                false,
-                            );
-                            let i16t: Type = IntegerType::new(self.ctx, 16).into();
-                            let bits = self.op(&body, "arith.bitcast", &[b16], i16t, false);
-                            halves.push(self.op(&body, "arith.extui", &[bits], i32t, false));
-                        }
-                        let high =
-                            self.op(&body, "arith.shli", &[halves[1], i32c(16)], i32t, false);
-                        Ok(vec![self.op(
-                            &body,
-                            "arith.ori",
-                            &[halves[0], high],
-                            i32t,
-                            false,
-                        )])
+                        let lo = self.mma_element(&body, env, (mma, e, var), idx, kk)?;
+                        let hi =
+                            self.mma_element(&body, env, (mma, e, var), idx, badd(kk, bx(1)))?;
+                        Ok(vec![self.pack_bf16(&body, lo, hi)])
                     }
                     MmaKind::Tf32x3 => {
                         // hi = x with the low 13 mantissa bits cleared; lo likewise of x − hi
@@ -263,19 +219,7 @@ impl<'c> Lower<'c> {
                         let c0 = (am * tn + bn) * 4;
                         let mut c: Vec<Value> = acc[c0..c0 + 4].to_vec();
                         for &(va, vb) in products {
-                            let mut operands: Vec<Value> = a[va].clone();
-                            operands.extend(&b[vb]);
-                            operands.extend(&c);
-                            let op = OperationBuilder::new("nvvm.mma.sync", self.loc)
-                                .add_operands(&operands)
-                                .add_attributes(&attrs)
-                                .add_results(&[struct4])
-                                .build()
-                                .map_err(|e| bug(format!("{what}: nvvm.mma.sync: {e}")))?;
-                            let d = self.append(&body, op);
-                            c = (0..4)
-                                .map(|e| self.extract(&body, d, e))
-                                .collect::<R<_>>()?;
+                            c = self.mma_sync(&body, &attrs, &a[va], &b[vb], &c, what)?;
                         }
                         next.extend(c);
                     }
@@ -299,19 +243,130 @@ impl<'c> Lower<'c> {
             .map(|i| r.result(i).map(Into::into).map_err(|e| bug(e.to_string())))
             .collect::<R<_>>()?;
 
-        // Epilogue: each lane its own accumulators, valid elements only; lanes differ from
-        // here on, so nothing inside is spread over them (and no warp barrier is issued).
+        let two_t = self.op(blk, "arith.muli", &[t, ix(2)], self.index, false);
+        self.mma_epilogue(
+            blk,
+            env,
+            mma,
+            &acc,
+            (g, two_t),
+            (tm, tn),
+            (m, n),
+            what,
+            line,
+        )?;
+        // What the epilogue stored is visible to every lane after the tile.
+        self.warp_sync(blk);
+        Ok(())
+    }
+
+    /// The `nvvm.mma.sync` attributes of `kind` (row-major A, column-major B: both operands'
+    /// rows run along the depth).
+    pub(super) fn mma_attrs(&self, kind: MmaKind) -> R<Vec<(Identifier<'c>, Attribute<'c>)>> {
+        let (ptx_type, shape) = match kind {
+            MmaKind::Bf16 => ("bf16", "#nvvm.shape<m = 16, n = 8, k = 16>"),
+            MmaKind::Tf32x3 => ("tf32", "#nvvm.shape<m = 16, n = 8, k = 8>"),
+        };
+        let mma_type = format!("#nvvm.mma_type<{ptx_type}>");
+        [
+            ("layoutA", "#nvvm.mma_layout<row>"),
+            ("layoutB", "#nvvm.mma_layout<col>"),
+            ("multiplicandAPtxType", mma_type.as_str()),
+            ("multiplicandBPtxType", mma_type.as_str()),
+            ("shape", shape),
+            ("operandSegmentSizes", "array<i32: 4, 2, 4>"),
+        ]
+        .into_iter()
+        .map(|(k, v)| {
+            Attribute::parse(self.ctx, v)
+                .map(|a| (Identifier::new(self.ctx, k), a))
+                .ok_or_else(|| bug(format!("mma attribute {v}")))
+        })
+        .collect()
+    }
+
+    /// One `mma.sync`: `c + a·b` from the A registers `a` (4), B registers `b` (2) and the four
+    /// accumulators `c`.
+    pub(super) fn mma_sync<'b>(
+        &self,
+        body: &'b Block<'c>,
+        attrs: &[(Identifier<'c>, Attribute<'c>)],
+        a: &[Value<'c, '_>],
+        b: &[Value<'c, '_>],
+        c: &[Value<'c, '_>],
+        what: &str,
+    ) -> R<Vec<Value<'c, 'b>>> {
+        let struct4 = Type::parse(self.ctx, "!llvm.struct<(f32, f32, f32, f32)>")
+            .ok_or_else(|| bug("mma result type".into()))?;
+        let mut operands: Vec<Value> = a.to_vec();
+        operands.extend(b);
+        operands.extend(c);
+        let op = OperationBuilder::new("nvvm.mma.sync", self.loc)
+            .add_operands(&operands)
+            .add_attributes(attrs)
+            .add_results(&[struct4])
+            .build()
+            .map_err(|e| bug(format!("{what}: nvvm.mma.sync: {e}")))?;
+        let d = self.append(body, op);
+        (0..4).map(|e| self.extract(body, d, e)).collect()
+    }
+
+    /// Two f32 rounded to bf16 and packed in one 32-bit register, `lo` in the low half (the
+    /// lower `k` of an MMA operand register).
+    pub(super) fn pack_bf16<'b>(
+        &self,
+        body: &'b Block<'c>,
+        lo: Value<'c, '_>,
+        hi: Value<'c, '_>,
+    ) -> Value<'c, 'b> {
+        let i32t: Type = IntegerType::new(self.ctx, 32).into();
+        let i16t: Type = IntegerType::new(self.ctx, 16).into();
+        let half = |x: Value<'c, '_>| {
+            let b16 = self.op(body, "arith.truncf", &[x], Type::bfloat16(self.ctx), false);
+            let bits = self.op(body, "arith.bitcast", &[b16], i16t, false);
+            self.op(body, "arith.extui", &[bits], i32t, false)
+        };
+        let (lo, hi) = (half(lo), half(hi));
+        let sixteen = self.append(
+            body,
+            arith::constant(self.ctx, IntegerAttribute::new(i32t, 16).into(), self.loc),
+        );
+        let high = self.op(body, "arith.shli", &[hi, sixteen], i32t, false);
+        self.op(body, "arith.ori", &[lo, high], i32t, false)
+    }
+
+    /// The epilogue of a lane's `tm × tn` MMAs, accumulators `acc` (4 per MMA, row-major over
+    /// the MMAs): element `e` of MMA `(am, bn)` is `(i, j) = (row0 + 16·am + ·, col0 + 8·bn +
+    /// ·)` as [`c_fragment`] places it (`row0` includes the lane's group, `col0` twice its
+    /// thread-in-group), run for `i < m`, `j < n` only. Lanes differ from here on, so nothing
+    /// inside is spread over them (and no warp barrier is issued).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn mma_epilogue<'a>(
+        &self,
+        blk: &'a Block<'c>,
+        env: &Env<'c, 'a>,
+        mma: &Mma,
+        acc: &[Value<'c, 'a>],
+        (row0, col0): (Value<'c, 'a>, Value<'c, 'a>),
+        (tm, tn): (usize, usize),
+        (m, n): (Value<'c, 'a>, Value<'c, 'a>),
+        what: &str,
+        line: &mut usize,
+    ) -> R<()> {
+        let ix = |v: i64| self.const_index(blk, v);
+        let add = |a: Value<'c, 'a>, b: Value<'c, 'a>| {
+            self.op(blk, "arith.addi", &[a, b], self.index, false)
+        };
         let lanes_apart = Lower {
             in_split: true,
             ..*self
         };
-        let two_t = self.op(blk, "arith.muli", &[t, ix(2)], self.index, false);
         for am in 0..tm {
             for bn in 0..tn {
                 for e in 0..4 {
                     let (r0, c0) = c_fragment(0, 0, e);
-                    let i = add(g, ix((am * Mma::M + r0) as i64));
-                    let j = add(two_t, ix((bn * Mma::N + c0) as i64));
+                    let i = add(row0, ix((am * Mma::M + r0) as i64));
+                    let j = add(col0, ix((bn * Mma::N + c0) as i64));
                     let ok_i = self.append(
                         blk,
                         arith::cmpi(self.ctx, CmpiPredicate::Ult, i, m, self.loc),
@@ -337,14 +392,12 @@ impl<'c> Lower<'c> {
                 }
             }
         }
-        // What the epilogue stored is visible to every lane after the tile.
-        self.warp_sync(blk);
         Ok(())
     }
 
     /// Element `(idx, k)` of operand `e` (bound as `var` and `mma.k`): `k` clamped to the
     /// depth and the value zero past it.
-    fn mma_element<'b>(
+    pub(super) fn mma_element<'b>(
         &self,
         body: &'b Block<'c>,
         env: &Env<'c, 'b>,
@@ -382,7 +435,12 @@ impl<'c> Lower<'c> {
     }
 
     /// Field `e` of an LLVM struct value.
-    fn extract<'a>(&self, blk: &'a Block<'c>, s: Value<'c, '_>, e: usize) -> R<Value<'c, 'a>> {
+    pub(super) fn extract<'a>(
+        &self,
+        blk: &'a Block<'c>,
+        s: Value<'c, '_>,
+        e: usize,
+    ) -> R<Value<'c, 'a>> {
         let pos = Attribute::parse(self.ctx, &format!("array<i64: {e}>"))
             .ok_or_else(|| bug("extractvalue position".into()))?;
         let op = OperationBuilder::new("llvm.extractvalue", self.loc)
