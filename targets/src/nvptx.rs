@@ -14,8 +14,8 @@
 //! (declared by the kernel), none dynamic. The runtime reads all of this from the plan
 //! ([`lamina_ir::plan::GpuLaunch`]).
 //!
-//! Not yet here (issue 4's remaining work): `wgmma` and TMA on sm_90a (the staged tiles use
-//! `mma.sync` and `cp.async` on both targets), bf16 activations.
+//! Not yet here (issue 4's remaining work): TMA and swizzled layouts on sm_90a (the staged
+//! tiles copy with `cp.async` on both targets), bf16 activations.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -49,9 +49,14 @@ pub fn shared_limit(target: Target) -> u32 {
     }
 }
 
-/// Threads per block of kernel `k`.
-pub fn block_size(_k: &Kernel) -> u32 {
-    BLOCK
+/// Threads per block of kernel `k`: a block-cooperative program is exactly one block (its
+/// static shared memory is the block's).
+pub fn block_size(k: &Kernel) -> u32 {
+    if staged_tile(k).is_some() {
+        crate::mlir::lower::staged::LANES
+    } else {
+        BLOCK
+    }
 }
 
 /// Threads per program of kernel `k`: a block of warps when it is only a large tensor-core

@@ -384,3 +384,71 @@ fn device_fill_covers_its_range() {
         a.len()
     );
 }
+
+/// Every prefill GEMM (projections and routed experts) whose depth is a whole number of staging
+/// slabs runs as a block-cooperative tile on GPUs: 128 threads per program and per block,
+/// 30 KiB of static shared memory; on sm_90a through `wgmma`, weights copied by `cp.async`.
+/// Shallower prefill GEMMs and decode keep one-warp tiles.
+#[test]
+fn prefill_gemms_are_block_cooperative() {
+    use lamina_compiler::kernels::Phase;
+    use lamina_targets::mlir::lower::staged::{self, staged_tile};
+    let m = Model::open(&repo().join("examples/kimi-linear-tiny.toml")).unwrap();
+    let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options()).unwrap();
+    let gemm = |name: &str| name.contains("linear_mma_") || name.starts_with("moe_mma_");
+    fn depth(body: &[lamina_ir::kernel::Stmt]) -> usize {
+        use lamina_ir::kernel::Stmt;
+        body.iter()
+            .map(|s| match s {
+                Stmt::Mma(m) => m.depth,
+                Stmt::If { then, .. } => depth(then),
+                _ => 0,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+    let mut staged_kernels = Vec::new();
+    for (phase, launches) in &p.schedules {
+        for l in launches.iter().filter(|l| gemm(&l.kernel.name)) {
+            let k = &l.kernel;
+            match phase {
+                Phase::Prefill if !depth(&k.body).is_multiple_of(staged::SLAB) => {
+                    assert_eq!(nvptx::lanes(k), nvptx::WARP, "{}", k.name)
+                }
+                Phase::Prefill => {
+                    assert!(staged_tile(k).is_some(), "{} is not staged", k.name);
+                    assert_eq!(nvptx::lanes(k), staged::LANES, "{}", k.name);
+                    assert_eq!(nvptx::block_size(k), staged::LANES, "{}", k.name);
+                    if !staged_kernels
+                        .iter()
+                        .any(|s: &lamina_ir::kernel::Kernel| s.name == k.name)
+                    {
+                        staged_kernels.push(k.clone());
+                    }
+                }
+                Phase::Decode => assert_eq!(nvptx::lanes(k), nvptx::WARP, "{}", k.name),
+            }
+        }
+    }
+    assert!(staged_kernels
+        .iter()
+        .any(|k| k.name.starts_with("moe_mma_down")));
+    let (ptx, _) = nvptx::compile_ptx(&staged_kernels, Target::Sm90a).unwrap();
+    for k in &staged_kernels {
+        let start = ptx
+            .find(&format!(".entry {}(", k.name))
+            .unwrap_or_else(|| panic!("no entry {}", k.name));
+        let end = ptx[start + 1..]
+            .find(".entry ")
+            .map_or(ptx.len(), |e| start + 1 + e);
+        let body = &ptx[start..end];
+        assert!(body.contains("wgmma.mma_async"), "{}: no wgmma", k.name);
+        assert!(body.contains("cp.async.cg.shared.global"), "{}", k.name);
+    }
+    if ptxas_or_skip("prefill_gemms_are_block_cooperative") {
+        for r in nvptx::ptxas(&ptx, Target::Sm90a).unwrap() {
+            assert_eq!(r.shared, 30720, "{}", r.kernel);
+            assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{}", r.kernel);
+        }
+    }
+}

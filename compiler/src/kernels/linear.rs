@@ -32,9 +32,20 @@ pub const BN: usize = 16;
 pub const MMA_ROWS: usize = 32;
 pub const MMA_COLS: usize = 16;
 /// Rows and columns of a prefill program's tensor-core tile (a GPU block of 2 × 2 warps, each
-/// 64 × 32).
+/// 64 × 32), for depths of whole staging slabs ([`prefill_tile`]).
 pub const PREFILL_MMA_ROWS: usize = 128;
 pub const PREFILL_MMA_COLS: usize = 64;
+
+/// The tensor-core tile of a prefill GEMM of depth `depth`: [`PREFILL_MMA_ROWS`] ×
+/// [`PREFILL_MMA_COLS`] when the depth is a whole number of the GPU's staging slabs (the tile
+/// then runs as a block-cooperative program), else the one-warp [`MMA_ROWS`] × [`MMA_COLS`].
+pub fn prefill_tile(depth: usize) -> (usize, usize) {
+    if depth.is_multiple_of(lamina_targets::mlir::lower::staged::SLAB) {
+        (PREFILL_MMA_ROWS, PREFILL_MMA_COLS)
+    } else {
+        (MMA_ROWS, MMA_COLS)
+    }
+}
 /// Register tile: rows × columns accumulated together.
 pub const RB: usize = 4;
 pub const CB: usize = 4;
@@ -145,7 +156,7 @@ fn build_mma(
     let norm = cx.fusion.of(root).norm;
     let (tile_rows, tile_cols) = match cx.phase {
         Phase::Decode => (MMA_ROWS, MMA_COLS),
-        Phase::Prefill => (PREFILL_MMA_ROWS, PREFILL_MMA_COLS),
+        Phase::Prefill => prefill_tile(k),
     };
     let blocks = nn.div_ceil(tile_cols);
     let splits = match cx.phase {

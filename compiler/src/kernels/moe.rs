@@ -9,7 +9,7 @@ use lamina_ir::kernel::build::*;
 use lamina_ir::kernel::{Access, Dim, Elem, Expr, Stmt};
 use lamina_ir::spec::RouterKind;
 
-use super::linear::{col_tiles, register_tile, row_tiles, BN, CB, MMA_COLS, MMA_ROWS, RB};
+use super::linear::{col_tiles, prefill_tile, register_tile, row_tiles, BN, CB, RB};
 use super::{act, launch, Bind, Ctx, Launch, Phase, Value};
 
 /// `for x in 0..n` keeping the first index of the largest `val(x)` among those `ok(x)`:
@@ -352,6 +352,11 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     );
     match cx.phase {
         Phase::Decode => vec![route, experts, down],
+        Phase::Prefill if cx.tensor_cores => {
+            let mut launches = vec![route];
+            launches.extend(grouped_mma(cx, n, m, prefix, d, ids, wts));
+            launches
+        }
         Phase::Prefill => {
             let (experts, down, combine) = grouped(cx, n, m, prefix, d, ids, wts);
             vec![route, experts, down, combine]
@@ -359,10 +364,10 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     }
 }
 
-/// Prefill's expert GEMMs grouped by expert: a program owns one expert and a block of output
-/// columns, gathers the (row, slot) assignments routed to its expert, and runs them through
-/// register tiles (or MMA tiles, with tensor cores), so each expert weight is read once per
-/// block instead of once per token.
+/// Prefill's expert GEMMs grouped by expert (without tensor cores): a program owns one expert
+/// and a block of output columns, gathers the (row, slot) assignments routed to its expert,
+/// and runs them through register tiles, so each expert weight is read once per block instead
+/// of once per token.
 /// The down projection writes each assignment's weighted output to its own slot, and a last
 /// kernel sums a row's slots (programs of different experts never write the same element).
 #[allow(clippy::too_many_arguments)]
@@ -408,15 +413,9 @@ fn grouped(
             ],
         ),
     ];
-    let (up_body, down_body, kind) = if cx.tensor_cores {
-        let (u, dn) = mma_bodies(k_n, d, inter, &gather);
-        (u, dn, "_mma")
-    } else {
-        let (u, dn) = register_tile_bodies(k_n, d, inter, &gather);
-        (u, dn, "")
-    };
+    let (up_body, down_body) = register_tile_bodies(k_n, d, inter, &gather);
     let experts = launch(
-        format!("moe_grouped{kind}_gate_up_e{e_n}_k{k_n}_d{d}_i{inter}"),
+        format!("moe_grouped_gate_up_e{e_n}_k{k_n}_d{d}_i{inter}"),
         vec![Dim::N(e_n), Dim::N(inter.div_ceil(BN))],
         vec![
             (input("x", &act(d)), x),
@@ -430,7 +429,7 @@ fn grouped(
         g,
     );
     let down = launch(
-        format!("moe_grouped{kind}_down_e{e_n}_k{k_n}_d{d}_i{inter}"),
+        format!("moe_grouped_down_e{e_n}_k{k_n}_d{d}_i{inter}"),
         vec![Dim::N(e_n), Dim::N(d.div_ceil(BN))],
         vec![
             (input("h", &act(k_n * inter)), Bind::Act(hmid)),
@@ -545,88 +544,277 @@ fn combine(cx: &Ctx, n: NodeIndex, k_n: usize, d: usize, yk: Value) -> Launch {
     )
 }
 
-/// The bodies of [`grouped`]'s kernels on tensor cores: the expert's assignments in blocks of
-/// [`MMA_ROWS`], each block one MMA tile per projection (gate, then up with SwiGLU in its
-/// epilogue, reading the gate values back from a local; the down projection weighted in its
-/// epilogue).
-fn mma_bodies(k_n: usize, d: usize, inter: usize, gather: &[Stmt]) -> (Vec<Stmt>, Vec<Stmt>) {
-    const _: () = assert!(BN == MMA_COLS, "the gather's column blocks are MMA tiles");
-    // Row `mi` of the block: assignment `asg` = token · k + slot.
-    let asg = || ld("rl", [v("p0") + v("mi")]);
-    let blocks = |tiles: Vec<Stmt>| {
-        for_(
-            "pb",
-            i(0),
-            (v("cnt") + i(MMA_ROWS - 1)) / i(MMA_ROWS),
-            [
-                vec![
-                    let_("p0", v("pb") * i(MMA_ROWS)),
-                    let_("pm", min(i(MMA_ROWS), v("cnt") - v("p0"))),
-                ],
-                tiles,
-            ]
-            .concat(),
-        )
-    };
-    let gv = || ld("gv", [v("mi") * i(MMA_COLS) + v("mj")]);
+/// Rows of tokens per chunk of the assignment sort: one program scans a chunk's assignments
+/// in order.
+const SORT_ROWS: usize = 32;
 
-    // gate/up: h[a, j] = silu(gate_e[j]·x) · (up_e[j]·x).
-    let nb = min(i(MMA_COLS), i(inter) - v("n0"));
-    let x_row = ld("x", [asg() / i(k_n), v("k")]);
-    let mut body = gather.to_vec();
-    body.push(local("gv", MMA_ROWS * MMA_COLS));
-    body.push(blocks(vec![
-        mma(
-            [MMA_ROWS, MMA_COLS, d],
-            v("pm"),
-            nb.clone(),
-            x_row.clone(),
+/// Prefill's expert GEMMs on tensor cores, vLLM-style: the (row, slot) assignments sorted by
+/// expert, then each GEMM as one [`prefill_tile`] MMA tile per program over a block of one expert's sorted assignments (grid: expert × row block × column
+/// block; a block past its expert's count does nothing). Every GEMM program is only its tile,
+/// so GPUs run it as a block-cooperative program with staged operands.
+///
+/// - `moe_count`: per chunk of [`SORT_ROWS`] rows and expert, the assignments routed to it;
+/// - `moe_offsets`: per expert, its offset in the sorted list and its count;
+/// - `moe_scatter`: per chunk and expert, its assignments written in order from the chunk's
+///   offset (the list is sorted by expert, then by assignment: deterministic);
+/// - gate, then up with SwiGLU in its epilogue (reading the gate values back), then down
+///   weighted by the routing weight, each assignment to its own slot; `combine` sums the slots.
+#[allow(clippy::too_many_arguments)]
+fn grouped_mma(
+    cx: &Ctx,
+    n: NodeIndex,
+    m: &lamina_ir::spec::MoeSpec,
+    prefix: &str,
+    d: usize,
+    ids: Value,
+    wts: Value,
+) -> Vec<Launch> {
+    let g = cx.graph;
+    let (e_n, k_n, inter) = (m.experts, m.top_k, m.intermediate);
+    let stacked = |leaf: &str, out: usize, inn: usize| stacked(prefix, e_n, leaf, out, inn);
+    let int_act = |name: &str, cols: usize, access: Access, v: Value| {
+        (param(name, Elem::I64, &act(cols), access), Bind::Act(v))
+    };
+    // counts[c, e]: chunk c's assignments to expert e; offs[0, e], cnts[0, e]: expert e's
+    // offset in the sorted list and its count (on average R·k/E: a hint for the cost model);
+    // sorted: the R·k assignments, flat.
+    let counts = cx.temp(e_n);
+    let offs = cx.temp(e_n);
+    let cnts = cx.temp(e_n);
+    let sorted = cx.temp(k_n);
+    let cnts_param = |access| {
+        let mut p = param("cnts", Elem::I64, &act(e_n), access);
+        p.mean_per_row = Some((k_n as u32, e_n as u32));
+        (p, Bind::Act(cnts))
+    };
+    let chunks = || (rows() + i(SORT_ROWS - 1)) / i(SORT_ROWS);
+    let routed = |a: Expr, e: Expr| eq(ld("ids", [a.clone() / i(k_n), rem(a, i(k_n))]), e);
+    let chunk = vec![
+        let_("a0", pid(0) * i(SORT_ROWS * k_n)),
+        let_("a1", min(v("a0") + i(SORT_ROWS * k_n), rows() * i(k_n))),
+    ];
+    let count = launch(
+        format!("moe_count_e{e_n}_k{k_n}"),
+        vec![Dim::RowBlocks(SORT_ROWS), Dim::N(e_n)],
+        vec![
+            int_act("ids", k_n, Access::Read, ids),
+            int_act("counts", e_n, Access::Write, counts),
+        ],
+        [
+            chunk.clone(),
+            vec![st(
+                "counts",
+                [pid(0), pid(1)],
+                to_i(sum(
+                    "a",
+                    v("a0"),
+                    v("a1"),
+                    select(routed(v("a"), pid(1)), f(1.0), f(0.0)),
+                )),
+            )],
+        ]
+        .concat(),
+        vec![n],
+        g,
+    );
+    let counted = |c: Expr, e: Expr| to_f(ld("counts", [c, e]));
+    let offsets = launch(
+        format!("moe_offsets_e{e_n}"),
+        vec![Dim::N(e_n)],
+        vec![
+            int_act("counts", e_n, Access::Read, counts),
+            int_act("offs", e_n, Access::Write, offs),
+            cnts_param(Access::Write),
+        ],
+        vec![
+            let_("e", pid(0)),
+            // Every chunk's count of the experts before e (flattened: q = chunk · e + expert).
+            st(
+                "offs",
+                [i(0), v("e")],
+                to_i(sum(
+                    "q",
+                    i(0),
+                    chunks() * v("e"),
+                    counted(v("q") / v("e"), rem(v("q"), v("e"))),
+                )),
+            ),
+            st(
+                "cnts",
+                [i(0), v("e")],
+                to_i(sum("c", i(0), chunks(), counted(v("c"), v("e")))),
+            ),
+        ],
+        vec![n],
+        g,
+    );
+    let scatter = launch(
+        format!("moe_scatter_e{e_n}_k{k_n}"),
+        vec![Dim::RowBlocks(SORT_ROWS), Dim::N(e_n)],
+        vec![
+            int_act("ids", k_n, Access::Read, ids),
+            int_act("counts", e_n, Access::Read, counts),
+            int_act("offs", e_n, Access::Read, offs),
+            int_act("sorted", k_n, Access::Write, sorted),
+        ],
+        [
+            chunk,
+            vec![
+                let_("e", pid(1)),
+                let_(
+                    "off",
+                    ld("offs", [i(0), v("e")])
+                        + to_i(sum("c", i(0), pid(0), counted(v("c"), v("e")))),
+                ),
+                for_carry(
+                    "a",
+                    v("a0"),
+                    v("a1"),
+                    vec![("j", v("off"))],
+                    vec![if_(
+                        routed(v("a"), v("e")),
+                        vec![st("sorted", [v("j") / i(k_n), rem(v("j"), i(k_n))], v("a"))],
+                    )],
+                    vec![v("j") + select(routed(v("a"), v("e")), i(1), i(0))],
+                ),
+            ],
+        ]
+        .concat(),
+        vec![n],
+        g,
+    );
+
+    // The GEMM tiles: rows are sorted assignments off + p0 + mi (assignment `asg` = token · k +
+    // slot), columns n0 + mj of the expert's weight; row blocks past the expert's count do
+    // nothing.
+    let tile = |cols: usize, depth: usize, a: Expr, b: Expr, epilogue: Vec<Stmt>| {
+        let (tr, tc) = prefill_tile(depth);
+        vec![
+            let_("e", pid(0)),
+            let_("pb", pid(1)),
+            let_("n0", pid(2) * i(tc)),
+            let_("off", ld("offs", [i(0), v("e")])),
+            let_("cnt", ld("cnts", [i(0), v("e")])),
+            let_("blocks", (v("cnt") + i(tr - 1)) / i(tr)),
+            if_(
+                lt(v("pb"), v("blocks")),
+                vec![
+                    let_("p0", v("pb") * i(tr)),
+                    mma(
+                        [tr, tc, depth],
+                        min(i(tr), v("cnt") - v("p0")),
+                        min(i(tc), i(cols) - v("n0")),
+                        a,
+                        b,
+                        epilogue,
+                    ),
+                ],
+            ),
+        ]
+    };
+    let asg = || {
+        let at = v("off") + v("p0") + v("mi");
+        ld("sorted", [at.clone() / i(k_n), rem(at, i(k_n))])
+    };
+    let grid = |cols: usize, depth: usize| {
+        let (tr, tc) = prefill_tile(depth);
+        vec![Dim::N(e_n), Dim::RowBlocks(tr), Dim::N(cols.div_ceil(tc))]
+    };
+    // Epilogue element (assignment asg, column n0 + mj) of a [R, k·cols] buffer.
+    let slot = |cols: usize| {
+        [
+            v("asg") / i(k_n),
+            rem(v("asg"), i(k_n)) * i(cols) + v("n0") + v("mj"),
+        ]
+    };
+    let x = Bind::Act(Value::Node(g.inputs(n)[0]));
+    let gate_v = cx.temp(k_n * inter);
+    let hmid = cx.temp(k_n * inter);
+    let yk = cx.temp(k_n * d);
+    let x_row = || ld("x", [asg() / i(k_n), v("k")]);
+    let gemm = |name: String, [cols, depth]: [usize; 2], params, body| {
+        launch(name, grid(cols, depth), params, body, vec![n], g)
+    };
+    let gate = gemm(
+        format!("moe_mma_gate_e{e_n}_k{k_n}_d{d}_i{inter}"),
+        [inter, d],
+        vec![
+            (input("x", &act(d)), x.clone()),
+            int_act("offs", e_n, Access::Read, offs),
+            cnts_param(Access::Read),
+            int_act("sorted", k_n, Access::Read, sorted),
+            stacked("gate", inter, d),
+            (output("g", &act(k_n * inter)), Bind::Act(gate_v)),
+        ],
+        tile(
+            inter,
+            d,
+            x_row(),
             ld("gate", [v("e"), v("n0") + v("mj"), v("k")]),
-            vec![st("gv", [v("mi") * i(MMA_COLS) + v("mj")], v("acc"))],
+            vec![let_("asg", asg()), st("g", slot(inter), v("acc"))],
         ),
-        mma(
-            [MMA_ROWS, MMA_COLS, d],
-            v("pm"),
-            nb,
-            x_row,
+    );
+    let up = gemm(
+        format!("moe_mma_up_swiglu_e{e_n}_k{k_n}_d{d}_i{inter}"),
+        [inter, d],
+        vec![
+            (input("x", &act(d)), x),
+            int_act("offs", e_n, Access::Read, offs),
+            cnts_param(Access::Read),
+            int_act("sorted", k_n, Access::Read, sorted),
+            stacked("up", inter, d),
+            (input("g", &act(k_n * inter)), Bind::Act(gate_v)),
+            (output("h", &act(k_n * inter)), Bind::Act(hmid)),
+        ],
+        tile(
+            inter,
+            d,
+            x_row(),
             ld("up", [v("e"), v("n0") + v("mj"), v("k")]),
             vec![
                 let_("asg", asg()),
+                st("h", slot(inter), silu(ld("g", slot(inter))) * v("acc")),
+            ],
+        ),
+    );
+    let h_row = ld(
+        "h",
+        [asg() / i(k_n), rem(asg(), i(k_n)) * i(inter) + v("k")],
+    );
+    let down = gemm(
+        format!("moe_mma_down_e{e_n}_k{k_n}_d{d}_i{inter}"),
+        [d, inter],
+        vec![
+            (input("h", &act(k_n * inter)), Bind::Act(hmid)),
+            int_act("offs", e_n, Access::Read, offs),
+            cnts_param(Access::Read),
+            int_act("sorted", k_n, Access::Read, sorted),
+            (input("w", &act(k_n)), Bind::Act(wts)),
+            stacked("down", d, inter),
+            (output("yk", &act(k_n * d)), Bind::Act(yk)),
+        ],
+        tile(
+            d,
+            inter,
+            h_row,
+            ld("down", [v("e"), v("n0") + v("mj"), v("k")]),
+            vec![
+                let_("asg", asg()),
                 st(
-                    "h",
-                    [
-                        v("asg") / i(k_n),
-                        rem(v("asg"), i(k_n)) * i(inter) + v("n0") + v("mj"),
-                    ],
-                    silu(gv()) * v("acc"),
+                    "yk",
+                    slot(d),
+                    ld("w", [v("asg") / i(k_n), rem(v("asg"), i(k_n))]) * v("acc"),
                 ),
             ],
         ),
-    ]));
-    let up_body = body;
-
-    // down: yk[a, o] = w[a] · down_e[o]·h[a].
-    let mut body = gather.to_vec();
-    body.push(blocks(vec![mma(
-        [MMA_ROWS, MMA_COLS, inter],
-        v("pm"),
-        min(i(MMA_COLS), i(d) - v("n0")),
-        ld(
-            "h",
-            [asg() / i(k_n), rem(asg(), i(k_n)) * i(inter) + v("k")],
-        ),
-        ld("down", [v("e"), v("n0") + v("mj"), v("k")]),
-        vec![
-            let_("asg", asg()),
-            st(
-                "yk",
-                [
-                    v("asg") / i(k_n),
-                    rem(v("asg"), i(k_n)) * i(d) + v("n0") + v("mj"),
-                ],
-                ld("w", [v("asg") / i(k_n), rem(v("asg"), i(k_n))]) * v("acc"),
-            ),
-        ],
-    )]));
-    (up_body, body)
+    );
+    vec![
+        count,
+        offsets,
+        scatter,
+        gate,
+        up,
+        down,
+        combine(cx, n, k_n, d, yk),
+    ]
 }

@@ -256,6 +256,7 @@ pub fn param(name: &str, elem: Elem, shape: &[Dim], access: Access) -> Param {
         elem,
         shape: shape.to_vec(),
         access,
+        mean_per_row: None,
     }
 }
 

@@ -5,8 +5,10 @@
 //! Loop trip counts come from interval arithmetic on the bounds: a bound that depends on the
 //! program id or an enclosing loop variable is taken at its midpoint (a triangular loop counts
 //! half), and one that depends on data (a position, an expert's token count: any int loaded
-//! from a buffer) at the middle of the caller's `data` interval. Both branches of data-dependent
-//! control flow are assumed taken. Every f32 arithmetic or transcendental operation counts as
+//! from a buffer) at the middle of the caller's `data` interval, or at the mean a parameter
+//! declares ([`Param::mean_per_row`](super::Param)). A comparison `x < y` of a spread value
+//! with data holds for the share of `x`'s range below `y`'s mean (and inside `if x < y`, a
+//! variable `x` is taken below it); other data-dependent conditions are assumed to hold. Every f32 arithmetic or transcendental operation counts as
 //! one FLOP, a multiply-add as two. Bytes are counted as issued (a value loaded twice counts
 //! twice): [`Work::dram_bytes`] caps them by the parameters' footprint for the roofline.
 
@@ -220,7 +222,28 @@ impl Counter<'_> {
             }
             Stmt::If { cond, then } => {
                 let (_, p) = self.expr(cond, times);
+                // Inside `if x < y` (y data), x lies below y's mean.
+                let refined = match cond {
+                    Expr::Cmp(super::CmpOp::Lt, a, b) => match (&**a, self.expr_quiet(b)) {
+                        (Expr::Var(x), Some(y)) if y.data => self
+                            .vars
+                            .get(x)
+                            .filter(|(t, iv)| *t == T::I && !iv.data)
+                            .map(|&(_, iv)| (x.clone(), iv, y)),
+                        _ => None,
+                    },
+                    _ => None,
+                };
+                let saved = refined.as_ref().map(|(x, iv, y)| {
+                    let hi = (iv.hi + 1.0).min(y.mean).max(iv.lo + 1.0);
+                    let inside = Iv::iter(Iv::point(iv.lo), Iv::point(hi));
+                    self.vars.insert(x.clone(), (T::I, inside));
+                    (x.clone(), *iv)
+                });
                 self.block(then, times * p.mean);
+                if let Some((x, iv)) = saved {
+                    self.vars.insert(x, (T::I, iv));
+                }
             }
             Stmt::Tile(op) => self.tile(op, times),
             Stmt::Mma(mma) => self.mma(mma, times),
@@ -267,6 +290,12 @@ impl Counter<'_> {
         }
     }
 
+    /// The interval of int `e`, counting no work.
+    fn expr_quiet(&mut self, e: &Expr) -> Option<Iv> {
+        let (t, iv) = self.expr(e, 0.0);
+        (t == T::I).then_some(iv)
+    }
+
     fn expr(&mut self, e: &Expr, times: f64) -> (T, Iv) {
         let zero = Iv::point(0.0);
         match e {
@@ -286,10 +315,24 @@ impl Counter<'_> {
                     self.work.load_bytes += bytes * times;
                     *self.per_buf.entry(b.clone()).or_default() += bytes * times;
                 }
-                let int = !self.locals.contains(b)
-                    && self.k.param(b).is_some_and(|p| p.elem == Elem::I64);
-                if int {
-                    (T::I, self.data)
+                let param = self.k.param(b).filter(|_| !self.locals.contains(b));
+                if let Some(p) = param.filter(|p| p.elem == Elem::I64) {
+                    match p.mean_per_row {
+                        Some((num, den)) => {
+                            let rows = self.rows as f64;
+                            let mean = rows * num as f64 / den.max(1) as f64;
+                            (
+                                T::I,
+                                Iv {
+                                    lo: 0.0,
+                                    hi: rows.max(mean),
+                                    mean,
+                                    data: true,
+                                },
+                            )
+                        }
+                        None => (T::I, self.data),
+                    }
                 } else {
                     (T::F, zero)
                 }
@@ -349,9 +392,18 @@ impl Counter<'_> {
                 // Equality of loaded data with a value ranging over n possibilities (a
                 // token's expert against this program's expert) holds once in n; any other
                 // comparison (bounds, masks) is taken as holding.
+                use super::CmpOp::*;
+                // The share of a spread int below a data value's mean.
+                let below = |spread: Iv, data: f64| {
+                    ((data - spread.lo) / (spread.hi - spread.lo + 1.0)).clamp(0.0, 1.0)
+                };
                 let p = match (op, x.data, y.data) {
-                    (super::CmpOp::Eq, true, false) => 1.0 / (y.hi - y.lo + 1.0),
-                    (super::CmpOp::Eq, false, true) => 1.0 / (x.hi - x.lo + 1.0),
+                    (Eq, true, false) => 1.0 / (y.hi - y.lo + 1.0),
+                    (Eq, false, true) => 1.0 / (x.hi - x.lo + 1.0),
+                    (Lt, false, true) => below(x, y.mean),
+                    (Le, false, true) => below(x, y.mean + 1.0),
+                    (Gt, true, false) => below(y, x.mean),
+                    (Ge, true, false) => below(y, x.mean + 1.0),
                     _ => 1.0,
                 };
                 (
@@ -417,6 +469,7 @@ mod tests {
             elem: Elem::F32,
             shape,
             access,
+            mean_per_row: None,
         }
     }
 
@@ -467,6 +520,7 @@ mod tests {
                     elem: Elem::I64,
                     shape: vec![Dim::N(1)],
                     access: Access::Read,
+                    mean_per_row: None,
                 },
                 param("y", vec![Dim::N(1)], Access::Write),
             ],

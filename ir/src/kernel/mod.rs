@@ -99,6 +99,11 @@ pub struct Param {
     pub elem: Elem,
     pub shape: Vec<Dim>,
     pub access: Access,
+    /// Cost model only (no effect on code): the ints stored here average `R · num / den` (an
+    /// expert's share of the routed assignments, `R · k / E`), for [`count`]'s estimates of
+    /// data-dependent guards.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_per_row: Option<(u32, u32)>,
 }
 
 impl Param {

@@ -163,6 +163,12 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
                 l.lanes
             ))
         })?;
+        if !matches!(flavor, Flavor::Gpu { block, .. } if block == staged::LANES) {
+            return Err(bug(format!(
+                "{what}: a block-cooperative program must be its whole block ({} threads)",
+                staged::LANES
+            )));
+        }
         let bytes = staged::shared_bytes(tile) as i64;
         let space = staged::workgroup_space(ctx)?;
         Some(MemRefType::new(l.i8(), &[bytes], None, Some(space)).into())

@@ -10,11 +10,16 @@
 //! - Pipeline: two stages. While the warps multiply slab `s` from one stage, slab `s + 1` is in
 //!   flight into the other (the copies asynchronously, the evaluated pairs in registers, stored
 //!   after the products); one block barrier per slab separates the stages' writers and readers.
-//! - Products: each warp owns a `rows/WARPS_M × cols/WARPS_N` sub-tile, `mma.sync`
-//!   m16n8k16 bf16, fragments read from shared memory as 32-bit pairs with the layouts of
-//!   [`a_fragment`](super::a_fragment) / [`b_fragment`](super::b_fragment).
-//! - Layout: rows of [`LD`] bf16 (80 bytes: 16-byte aligned for `cp.async`; consecutive rows
-//!   start 20 banks apart, so a fragment load's 32 lanes hit 32 distinct banks).
+//! - Products, sm_80 ([`Layout::Padded`]): each warp owns a `rows/WARPS_M × cols/WARPS_N`
+//!   sub-tile, `mma.sync` m16n8k16 bf16, fragments read from shared memory as 32-bit pairs
+//!   with the layouts of [`a_fragment`](super::a_fragment) / [`b_fragment`](super::b_fragment);
+//!   rows of [`LD`] bf16 (80 bytes: 16-byte aligned for `cp.async`; consecutive rows start 20
+//!   banks apart, so a fragment load's 32 lanes hit 32 distinct banks).
+//! - Products, sm_90a ([`Layout::CoreMatrices`]): the block is one warpgroup; per 16-deep step
+//!   one `wgmma.mma_async` m64nNk16 per 64-row half, both operands read by the tensor cores
+//!   through shared-memory [`descriptor`]s (K-major core matrices, no swizzle), the
+//!   accumulators one register struct per half; `wgmma.fence` before, commit and wait after
+//!   each slab, and `fence.proxy.async` before the barrier that publishes a slab.
 //! - Ragged edges: rows and columns past `m`/`n` are loaded from the last valid row (clamped)
 //!   and never stored; the depth is a whole number of slabs ([`staged_tile`] requires it).
 //!
@@ -82,16 +87,31 @@ pub fn descriptor(address: u64) -> u64 {
 }
 
 /// The tile of `k` when it runs as a block-cooperative program: a body of `let`s without
-/// reductions then one bf16 MMA of at least [`MIN_TILE`] × [`MIN_TILE`], rows and columns
-/// multiples of 32 (whole warp sub-tiles and whole `cp.async` rounds), depth a whole number of
-/// slabs, staged within [`SHARED_BUDGET`].
+/// reductions then one bf16 MMA, or an `if` (on such values: the same for the whole block) of
+/// such a body; the MMA at least [`MIN_TILE`] × [`MIN_TILE`], rows and columns multiples of 32
+/// (whole warp sub-tiles and whole `cp.async` rounds), depth a whole number of slabs, staged
+/// within [`SHARED_BUDGET`].
 pub fn staged_tile(k: &Kernel) -> Option<&Mma> {
-    let (last, lets) = k.body.split_last()?;
-    let Stmt::Mma(mma) = last else { return None };
+    only_tile(&k.body)
+}
+
+fn only_tile(body: &[Stmt]) -> Option<&Mma> {
+    let (last, lets) = body.split_last()?;
     let pure = lets
         .iter()
         .all(|s| matches!(s, Stmt::Let(_, e) if !has_reduce(e)));
-    let fits = mma.kind == MmaKind::Bf16
+    let mma = match last {
+        Stmt::Mma(mma) => mma,
+        Stmt::If { cond, then } if !has_reduce(cond) => only_tile(then)?,
+        _ => return None,
+    };
+    // The extents are evaluated by the whole block, the operands per element pair by each
+    // thread: no reductions in them (a block has no cross-warp combine).
+    let plain = [&mma.m, &mma.n, &mma.a, &mma.b]
+        .into_iter()
+        .all(|e| !has_reduce(e));
+    let fits = plain
+        && mma.kind == MmaKind::Bf16
         && mma.rows >= MIN_TILE
         && mma.cols >= MIN_TILE
         && mma.rows.is_multiple_of(32)
@@ -166,22 +186,33 @@ pub fn warp_origin(mma: &Mma, warp: usize) -> (usize, usize) {
     )
 }
 
-/// An operand `cp.async` can copy: a load of a bf16 buffer `[_, c]` (`c` a multiple of 8, so
-/// that 8 elements are 16 aligned bytes) at `[row, k]`, `row` not depending on `k`.
-fn copyable<'e>(env: &Env, mma: &Mma, e: &'e Expr) -> Option<(&'e str, &'e Expr, usize)> {
+/// An operand `cp.async` can copy: a load of a bf16 buffer `[.., c]` (`c` a multiple of 8, so
+/// that 8 elements are 16 aligned bytes) at `[.., k]`, no other index depending on `k`: the
+/// buffer, the indices before `k` and their strides.
+fn copyable<'e>(env: &Env, mma: &Mma, e: &'e Expr) -> Option<Copy<'e>> {
     let Expr::Load(buf, idx) = e else { return None };
     let info = env.bufs.get(buf)?;
-    match (idx.as_slice(), info.strides.as_slice()) {
-        ([row, Expr::Var(k)], [stride, 1])
-            if *k == mma.k
-                && info.elem == lamina_ir::kernel::Elem::Bf16
-                && stride.is_multiple_of(8)
-                && !mentions(row, &mma.k) =>
-        {
-            Some((buf.as_str(), row, *stride))
-        }
-        _ => None,
-    }
+    let (Expr::Var(k), rest) = idx.split_last()? else {
+        return None;
+    };
+    let (1, outer) = info.strides.split_last()? else {
+        return None;
+    };
+    let ok = *k == mma.k
+        && info.elem == lamina_ir::kernel::Elem::Bf16
+        && outer.iter().all(|s| s.is_multiple_of(8))
+        && !rest.is_empty()
+        && rest.iter().all(|x| !mentions(x, &mma.k));
+    ok.then(|| Copy {
+        buf: buf.as_str(),
+        index: rest.iter().zip(outer.iter().copied()).collect(),
+    })
+}
+
+/// A `cp.async`-able operand: `buf[index..., k]`, each index with its stride.
+struct Copy<'e> {
+    buf: &'e str,
+    index: Vec<(&'e Expr, usize)>,
 }
 
 /// One operand of the tile: its expression, the name its row index binds, its rows in the
@@ -191,7 +222,7 @@ struct Operand<'x, 'c, 'a> {
     var: &'x str,
     rows: usize,
     last: Value<'c, 'a>,
-    copy: Option<(&'x str, &'x Expr, usize)>,
+    copy: Option<Copy<'x>>,
     /// Byte offset of its slab within a stage.
     offset: usize,
     layout: Layout,
@@ -689,13 +720,13 @@ impl<'c> Lower<'c> {
         };
         let bf16 = Type::bfloat16(self.ctx);
         for op in ops {
-            let Some((buf, row_e, stride)) = op.copy else {
+            let Some(copy) = &op.copy else {
                 continue;
             };
             let src = env
                 .bufs
-                .get(buf)
-                .ok_or_else(|| bug(format!("cp.async: no buffer {buf}")))?
+                .get(copy.buf)
+                .ok_or_else(|| bug(format!("cp.async: no buffer {}", copy.buf)))?
                 .value;
             let view = self.shared_view(body, smem, stage, bf16, op.rows * LD, op.offset)?;
             for it in 0..chunk_rounds(op.rows) {
@@ -705,12 +736,11 @@ impl<'c> Lower<'c> {
                 let clamped = int("arith.minui", row, op.last);
                 let mut env2 = env.clone();
                 env2.vars.insert(op.var.to_string(), (clamped, Ty::Int));
-                let (r, _) = self.expr(body, &env2, row_e)?;
-                let from = int(
-                    "arith.addi",
-                    int("arith.muli", r, bx(stride)),
-                    int("arith.addi", k0, k8),
-                );
+                let mut from = int("arith.addi", k0, k8);
+                for &(x, stride) in &copy.index {
+                    let (x, _) = self.expr(body, &env2, x)?;
+                    from = int("arith.addi", from, int("arith.muli", x, bx(stride)));
+                }
                 let to = self.slab_index(body, op.layout, row, k8);
                 let token = Type::parse(self.ctx, "!nvgpu.device.async.token")
                     .ok_or_else(|| bug("async token type".into()))?;
