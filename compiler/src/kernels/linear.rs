@@ -142,7 +142,7 @@ pub fn decode_k_splits(programs: usize, k: usize) -> usize {
 /// programs, the depth is split into `S` pieces ([`decode_k_splits`]): each program sums one
 /// piece into a partials buffer `[R, S·out]`, and a second kernel adds the pieces (and the
 /// residual). In prefill, a fused norm's `1/rms` per row is computed by a kernel before the
-/// tiles (`rms_inv`), which read it as an input.
+/// first tile it feeds (`rms_inv`), which the tiles read as an input.
 fn build_mma(
     cx: &Ctx,
     n: NodeIndex,
@@ -197,8 +197,11 @@ fn build_mma(
                 body.extend(fused.inv_rows(tile_rows, v("rb"), &|r| v("r0") + r, k));
             }
             Phase::Prefill => {
-                let inv = cx.temp(1);
-                launches.push(fused.inv_kernel(cx, inv, k, nm));
+                // Once per norm, for every projection it feeds (q, k, v, ...).
+                let (inv, new) = cx.norm_inv(nm);
+                if new {
+                    launches.push(fused.inv_kernel(cx, inv, k, nm));
+                }
                 params.push((input("inv", &act(1)), Bind::Act(inv)));
                 a = a * fused.scale(kg.clone()) * ld("inv", [v("r0") + v("mi"), i(0)]);
             }

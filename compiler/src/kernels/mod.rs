@@ -101,6 +101,9 @@ pub struct Ctx<'g> {
     /// Projections as MMA tiles (see `passes::Options::tensor_cores`).
     pub tensor_cores: bool,
     next_temp: std::cell::Cell<usize>,
+    /// Per RMSNorm fused into prefill tensor-core projections: the temporary holding its rows'
+    /// `1/rms`, computed once for all the projections it feeds.
+    norm_inv: std::cell::RefCell<std::collections::HashMap<NodeIndex, Value>>,
 }
 
 impl<'g> Ctx<'g> {
@@ -122,7 +125,19 @@ impl<'g> Ctx<'g> {
             decode_splits: 1,
             tensor_cores: false,
             next_temp: std::cell::Cell::new(0),
+            norm_inv: Default::default(),
         }
+    }
+
+    /// The temporary of norm `nm`'s `1/rms` per row, and whether it is new (its kernel still
+    /// to be launched).
+    pub fn norm_inv(&self, nm: NodeIndex) -> (Value, bool) {
+        if let Some(&v) = self.norm_inv.borrow().get(&nm) {
+            return (v, false);
+        }
+        let v = self.temp(1);
+        self.norm_inv.borrow_mut().insert(nm, v);
+        (v, true)
     }
 
     pub fn temp(&self, cols: usize) -> Value {

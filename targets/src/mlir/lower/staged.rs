@@ -155,11 +155,17 @@ fn stage_bytes(mma: &Mma) -> usize {
     (mma.rows + mma.cols) * LD * 2
 }
 
-/// `(row, k)` (k even) of the pair thread `tid` fetches in round `it` of a slab: consecutive
-/// threads take consecutive pairs along a row (a warp reads one row's 32 elements).
+/// `(row, k)` (k even) of the pair thread `tid` fetches in round `it` of a slab: each warp's
+/// 32 pairs are 8 rows × 4 pairs of one 8-deep block (lanes 4 apart, rows apart), so its
+/// 32-bit shared stores hit 32 distinct banks in both layouts (a core-matrix row, or padded
+/// rows 20 banks apart), and its global loads are 8 runs of 8 consecutive elements.
 pub fn slab_pair(tid: usize, it: usize) -> (usize, usize) {
     let p = it * LANES as usize + tid;
-    (p / (SLAB / 2), 2 * (p % (SLAB / 2)))
+    let (lane, w) = (p % 32, p / 32);
+    (
+        (w / (SLAB / 8)) * 8 + lane / 4,
+        (w % (SLAB / 8)) * 8 + 2 * (lane % 4),
+    )
 }
 
 /// Rounds of [`slab_pair`] for a slab of `rows` rows.
@@ -685,10 +691,8 @@ impl<'c> Lower<'c> {
             let mut regs = Vec::new();
             if op.copy.is_none() {
                 for it in 0..pair_rounds(op.rows) {
-                    let p = int("arith.addi", tid, bx(it * LANES as usize));
-                    let row = int("arith.divui", p, bx(SLAB / 2));
-                    let kp = int("arith.remui", p, bx(SLAB / 2));
-                    let k = int("arith.addi", k0, int("arith.muli", kp, bx(2)));
+                    let (row, k) = self.pair_at(body, tid, it);
+                    let k = int("arith.addi", k0, k);
                     let row = int("arith.minui", row, op.last);
                     let lo = self.mma_element(body, env, (mma, op.e, op.var), row, k)?;
                     let k1 = int("arith.addi", k, bx(1));
@@ -790,9 +794,7 @@ impl<'c> Lower<'c> {
             }
             let view = self.shared_view(body, smem, stage, i32t, op.rows * LD / 2, op.offset)?;
             for (it, &x) in regs.iter().enumerate() {
-                let p = int("arith.addi", tid, bx(it * LANES as usize));
-                let row = int("arith.divui", p, bx(SLAB / 2));
-                let k = int("arith.muli", int("arith.remui", p, bx(SLAB / 2)), bx(2));
+                let (row, k) = self.pair_at(body, tid, it);
                 let at = int(
                     "arith.divui",
                     self.slab_index(body, op.layout, row, k),
@@ -807,6 +809,33 @@ impl<'c> Lower<'c> {
             }
         }
         Ok(())
+    }
+
+    /// [`slab_pair`] in MLIR.
+    fn pair_at<'b>(
+        &self,
+        body: &'b Block<'c>,
+        tid: Value<'c, '_>,
+        it: usize,
+    ) -> (Value<'c, 'b>, Value<'c, 'b>) {
+        let bx = |v: usize| self.const_index(body, v as i64);
+        let int = |name: &str, x: Value<'c, '_>, y: Value<'c, '_>| {
+            self.op(body, name, &[x, y], self.index, false)
+        };
+        let p = int("arith.addi", tid, bx(it * LANES as usize));
+        let lane = int("arith.remui", p, bx(32));
+        let w = int("arith.divui", p, bx(32));
+        let row = int(
+            "arith.addi",
+            int("arith.muli", int("arith.divui", w, bx(SLAB / 8)), bx(8)),
+            int("arith.divui", lane, bx(4)),
+        );
+        let k = int(
+            "arith.addi",
+            int("arith.muli", int("arith.remui", w, bx(SLAB / 8)), bx(8)),
+            int("arith.muli", int("arith.remui", lane, bx(4)), bx(2)),
+        );
+        (row, k)
     }
 
     /// [`slab_offset`] in MLIR.
@@ -965,10 +994,23 @@ mod tests {
     }
 
     /// Shared-memory rows are 16-byte aligned (for `cp.async`), a fragment load's 32 lanes
-    /// hit 32 distinct banks, and two stages of a prefill tile fit the static budget.
+    /// and a warp's pair stores hit 32 distinct banks, and two stages of a prefill tile fit
+    /// the static budget.
     #[test]
     fn shared_layout_is_aligned_and_conflict_free() {
         assert_eq!((LD * 2) % 16, 0);
+        for layout in [Layout::Padded, Layout::CoreMatrices] {
+            for it in 0..pair_rounds(128) {
+                for warp in 0..LANES as usize / 32 {
+                    let mut banks = [0u8; 32];
+                    for lane in 0..32 {
+                        let (r, k) = slab_pair(warp * 32 + lane, it);
+                        banks[(slab_offset(layout, r, k) * 2 / 4) % 32] += 1;
+                    }
+                    assert!(banks.iter().all(|&b| b == 1), "{layout:?} {it} {warp}");
+                }
+            }
+        }
         for reg in 0..4 {
             let mut banks = [0u8; 32];
             for lane in 0..32 {
