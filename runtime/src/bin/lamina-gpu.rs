@@ -86,6 +86,10 @@ struct BenchArgs {
     /// Fill a native spec's random weights on the device (full-size plans).
     #[arg(long)]
     device_weights: bool,
+    /// More decode measurements after the first, in the same process (the weights loaded
+    /// once): `CONTEXT:BATCH` pairs, comma-separated, e.g. `4096:1,4096:8,32768:1`.
+    #[arg(long, value_delimiter = ',')]
+    decode_at: Vec<String>,
     #[arg(long, default_value_t = 2048)]
     copy_mib: usize,
 }
@@ -249,6 +253,24 @@ fn bench(a: &BenchArgs) -> Result<(), String> {
             a.prompt_len
         ));
     }
+    // The extra decode measurements, checked before any work.
+    let mut extra = Vec::new();
+    for spec in &a.decode_at {
+        let parsed = spec
+            .split_once(':')
+            .and_then(|(c, b)| Some((c.parse::<usize>().ok()?, b.parse::<usize>().ok()?)));
+        match parsed {
+            Some((c, b)) if b >= 1 && b <= limits.max_batch && c + gen <= limits.max_context => {
+                extra.push((c, b))
+            }
+            _ => {
+                return Err(format!(
+                    "--decode-at {spec}: expected CONTEXT:BATCH with batch 1..={} and context + gen ≤ {}",
+                    limits.max_batch, limits.max_context
+                ))
+            }
+        }
+    }
     let err = |x: lamina_ir::Error| x.to_string();
     let v = e.vocab();
     let prompt = |s: usize, len: usize| -> Vec<i64> {
@@ -282,6 +304,32 @@ fn bench(a: &BenchArgs) -> Result<(), String> {
             (batch * a.prompt_len) as f64 / prefill
         );
     }
+    let bw = copy_bandwidth(a.copy_mib << 20).map_err(err)?;
+    decode_timed(&mut e, &name, (start, gen), last, bw)?;
+    for (context, b) in extra {
+        // The first step of a new batch size captures its graph: untimed.
+        let first: Vec<i64> = (0..b).map(|s| (s as i64 * 31 + 7) % v as i64).collect();
+        for s in 0..b {
+            e.positions_mut()[s] = context;
+        }
+        let warm: Vec<(usize, i64)> = first.iter().copied().enumerate().collect();
+        e.decode(&warm).map_err(err)?;
+        decode_timed(&mut e, &name, (context, gen), first, bw)?;
+    }
+    Ok(())
+}
+
+/// `gen − 1` timed decode steps of the sequences `0..last.len()` from position `start`, their
+/// tokens fed back, reported against the roofline at copy bandwidth `bw`.
+fn decode_timed(
+    e: &mut CudaEngine,
+    name: &str,
+    (start, gen): (usize, usize),
+    mut last: Vec<i64>,
+    bw: f64,
+) -> Result<(), String> {
+    let err = |x: lamina_ir::Error| x.to_string();
+    let (v, batch) = (e.vocab(), last.len());
     for s in 0..batch {
         e.positions_mut()[s] = start;
     }
@@ -295,7 +343,6 @@ fn bench(a: &BenchArgs) -> Result<(), String> {
         }
     }
     let step = t.elapsed().as_secs_f64() / steps as f64;
-    let bw = copy_bandwidth(a.copy_mib << 20).map_err(err)?;
     let c = e.plan.cost;
     let mean_ctx = (start + steps / 2) as u64;
     let bytes = c.decode_weight_bytes
