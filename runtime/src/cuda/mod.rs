@@ -4,11 +4,13 @@
 //!
 //! Loading checks the device against the plan's target (an sm_90a plan needs compute
 //! capability 9.0; an sm_80 plan runs on 8.0 and newer, the driver JIT-compiling its PTX),
-//! loads the PTX module once, uploads the weights (f32, as the host executor sees them),
-//! zeroes the pools and allocates one arena and the row-index buffers. A run walks the launch
-//! list on one stream: program `p` of a kernel is thread `p` of a 1-d grid of
-//! `⌈programs / block⌉` blocks, with one device pointer per buffer then `rows` (the launch
-//! contract in [`lamina_ir::plan::GpuLaunch`]). Decode steps are captured into a CUDA graph
+//! loads the PTX module once, uploads the weights in the plan's dtypes (bf16 for GPU plans,
+//! through the host executor's loader: casts, stacked experts), zeroes the pools and allocates
+//! one arena and the row-index buffers. A run walks the launch list on one stream: program `p`
+//! of a kernel is threads `p·lanes ..< (p + 1)·lanes` (one, a warp, or a whole block for a
+//! staged tile) of a 1-d grid of `⌈programs · lanes / block⌉` blocks, with one device pointer
+//! per buffer, the scratch pointer, then `rows` (the launch contract in
+//! [`lamina_ir::plan::GpuLaunch`]). Decode steps are captured into a CUDA graph
 //! per batch size on first use and replayed after (the row indices are copied in before the
 //! graph). `LAMINA_CUDA_SYNC=1` runs every launch eagerly and synchronises after each, so
 //! that a faulting kernel is named.
