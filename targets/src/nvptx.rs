@@ -67,20 +67,12 @@ pub fn lanes(k: &Kernel) -> u32 {
     if staged_tile(k).is_some() {
         return crate::mlir::lower::staged::LANES;
     }
-    fn expr(e: &Expr) -> bool {
-        match e {
-            Expr::Reduce { .. } => true,
-            Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => false,
-            Expr::Load(_, idx) => idx.iter().any(expr),
-            Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => expr(a) || expr(b),
-            Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => expr(a),
-            Expr::Select(c, a, b) => expr(c) || expr(a) || expr(b),
-        }
-    }
     fn block(b: &[Stmt]) -> bool {
         b.iter().any(|s| match s {
-            Stmt::Let(_, e) => expr(e),
-            Stmt::Store { idx, value, .. } => idx.iter().any(expr) || expr(value),
+            Stmt::Let(_, e) => e.has_reduce(),
+            Stmt::Store { idx, value, .. } => {
+                idx.iter().any(Expr::has_reduce) || value.has_reduce()
+            }
             Stmt::For {
                 split,
                 body,
@@ -91,13 +83,13 @@ pub fn lanes(k: &Kernel) -> u32 {
                 ..
             } => {
                 *split
-                    || expr(lo)
-                    || expr(hi)
-                    || carried.iter().any(|(_, e)| expr(e))
-                    || yields.iter().any(expr)
+                    || lo.has_reduce()
+                    || hi.has_reduce()
+                    || carried.iter().any(|(_, e)| e.has_reduce())
+                    || yields.iter().any(Expr::has_reduce)
                     || block(body)
             }
-            Stmt::If { cond, then } => expr(cond) || block(then),
+            Stmt::If { cond, then } => cond.has_reduce() || block(then),
             Stmt::Local { .. } => false,
             // Tiles expand into reductions; MMAs are warp instructions.
             Stmt::Tile(_) | Stmt::Mma(_) => true,

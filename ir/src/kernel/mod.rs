@@ -190,6 +190,35 @@ pub enum Expr {
     },
 }
 
+impl Expr {
+    /// Whether `self` reads variable `name` (anywhere, reduction bounds and bodies included).
+    pub fn reads(&self, name: &str) -> bool {
+        match self {
+            Expr::Var(n) => n == name,
+            Expr::F(_) | Expr::I(_) | Expr::Pid(_) | Expr::Rows => false,
+            Expr::Load(_, idx) => idx.iter().any(|i| i.reads(name)),
+            Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => a.reads(name) || b.reads(name),
+            Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => a.reads(name),
+            Expr::Select(c, a, b) => c.reads(name) || a.reads(name) || b.reads(name),
+            Expr::Reduce { lo, hi, body, .. } => {
+                lo.reads(name) || hi.reads(name) || body.reads(name)
+            }
+        }
+    }
+
+    /// Whether `self` contains a reduction (which a GPU deals over a warp's lanes).
+    pub fn has_reduce(&self) -> bool {
+        match self {
+            Expr::Reduce { .. } => true,
+            Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => false,
+            Expr::Load(_, idx) => idx.iter().any(Expr::has_reduce),
+            Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => a.has_reduce() || b.has_reduce(),
+            Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => a.has_reduce(),
+            Expr::Select(c, a, b) => c.has_reduce() || a.has_reduce() || b.has_reduce(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Stmt {
     Let(String, Expr),

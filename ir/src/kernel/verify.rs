@@ -432,7 +432,7 @@ fn split_sum(
             }
         }
         if let Stmt::Let(l, e) = s {
-            if let Some(m) = names.iter().find(|m| reads(e, m)) {
+            if let Some(m) = names.iter().find(|m| e.reads(m)) {
                 return Err(format!(
                     "split loop {var}: let {l} reads the carried value {m} (partial sums differ per thread)"
                 ));
@@ -442,7 +442,7 @@ fn split_sum(
     for ((n, _), y) in carried.iter().zip(yields) {
         let ok = match y {
             Expr::Bin(BinOp::Add, a, term) => {
-                **a == Expr::Var(n.clone()) && !names.iter().any(|m| reads(term, m))
+                **a == Expr::Var(n.clone()) && !names.iter().any(|m| term.reads(m))
             }
             _ => false,
         };
@@ -462,21 +462,6 @@ fn declares_local(body: &[Stmt]) -> bool {
         Stmt::For { body, .. } | Stmt::If { then: body, .. } => declares_local(body),
         _ => false,
     })
-}
-
-/// Whether `e` reads variable `name`.
-fn reads(e: &Expr, name: &str) -> bool {
-    match e {
-        Expr::Var(n) => n == name,
-        Expr::F(_) | Expr::I(_) | Expr::Pid(_) | Expr::Rows => false,
-        Expr::Load(_, idx) => idx.iter().any(|i| reads(i, name)),
-        Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => reads(a, name) || reads(b, name),
-        Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => reads(a, name),
-        Expr::Select(c, a, b) => reads(c, name) || reads(a, name) || reads(b, name),
-        Expr::Reduce { lo, hi, body, .. } => {
-            reads(lo, name) || reads(hi, name) || reads(body, name)
-        }
-    }
 }
 
 #[cfg(test)]

@@ -99,17 +99,17 @@ fn only_tile(body: &[Stmt]) -> Option<&Mma> {
     let (last, lets) = body.split_last()?;
     let pure = lets
         .iter()
-        .all(|s| matches!(s, Stmt::Let(_, e) if !has_reduce(e)));
+        .all(|s| matches!(s, Stmt::Let(_, e) if !e.has_reduce()));
     let mma = match last {
         Stmt::Mma(mma) => mma,
-        Stmt::If { cond, then } if !has_reduce(cond) => only_tile(then)?,
+        Stmt::If { cond, then } if !cond.has_reduce() => only_tile(then)?,
         _ => return None,
     };
     // The extents are evaluated by the whole block, the operands per element pair by each
     // thread: no reductions in them (a block has no cross-warp combine).
     let plain = [&mma.m, &mma.n, &mma.a, &mma.b]
         .into_iter()
-        .all(|e| !has_reduce(e));
+        .all(|e| !e.has_reduce());
     let fits = plain
         && mma.kind == MmaKind::Bf16
         && mma.rows >= MIN_TILE
@@ -119,31 +119,6 @@ fn only_tile(body: &[Stmt]) -> Option<&Mma> {
         && mma.depth.is_multiple_of(SLAB)
         && shared_bytes(mma) <= SHARED_BUDGET;
     (pure && fits).then_some(mma)
-}
-
-fn has_reduce(e: &Expr) -> bool {
-    match e {
-        Expr::Reduce { .. } => true,
-        Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => false,
-        Expr::Load(_, idx) => idx.iter().any(has_reduce),
-        Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => has_reduce(a) || has_reduce(b),
-        Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => has_reduce(a),
-        Expr::Select(c, a, b) => has_reduce(c) || has_reduce(a) || has_reduce(b),
-    }
-}
-
-fn mentions(e: &Expr, var: &str) -> bool {
-    match e {
-        Expr::Var(v) => v == var,
-        Expr::F(_) | Expr::I(_) | Expr::Pid(_) | Expr::Rows => false,
-        Expr::Load(_, idx) => idx.iter().any(|x| mentions(x, var)),
-        Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => mentions(a, var) || mentions(b, var),
-        Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => mentions(a, var),
-        Expr::Select(c, a, b) => mentions(c, var) || mentions(a, var) || mentions(b, var),
-        Expr::Reduce { lo, hi, body, .. } => {
-            mentions(lo, var) || mentions(hi, var) || mentions(body, var)
-        }
-    }
 }
 
 /// Shared-memory bytes of a staged tile: [`STAGES`] × (A and B slabs).
@@ -208,7 +183,7 @@ fn copyable<'e>(env: &Env, mma: &Mma, e: &'e Expr) -> Option<Copy<'e>> {
         && info.elem == lamina_ir::kernel::Elem::Bf16
         && outer.iter().all(|s| s.is_multiple_of(8))
         && !rest.is_empty()
-        && rest.iter().all(|x| !mentions(x, &mma.k));
+        && rest.iter().all(|x| !x.reads(&mma.k));
     ok.then(|| Copy {
         buf: buf.as_str(),
         index: rest.iter().zip(outer.iter().copied()).collect(),
