@@ -1,73 +1,200 @@
 //! The chunked form of the recurrences, for prefill: chunks of [`CHUNK`] tokens, the
 //! per-channel (KDA) decay products formed against sub-chunks of [`SUB`] rows. The executable
-//! specification is `lamina_runtime::reference::chunked` (the WY / UT-transform form); this is
-//! the same algebra arranged per value column. Per chunk with in-chunk cumulative log-decay
-//! `G` (per channel for KDA), state `S` at the chunk start and q pre-scaled:
+//! specification is `lamina_runtime::reference::chunked` (the WY / UT-transform form). Per
+//! chunk with in-chunk cumulative log-decay `G` (per channel for KDA), state `S` at the chunk
+//! start and q pre-scaled:
 //!
 //! ```text
 //! M_qk[t,s] = Σ_c q_tc k_sc e^(G_tc − G_sc)   (s ≤ t)      M_kk likewise with k_t (s < t)
-//! delta:    u_t = β_t (v_t − (k_t ⊙ e^G_t)ᵀ S − Σ_(s<t) M_kk[t,s] u_s)   (forward substitution)
-//! additive: u_t = v_t
+//! delta:    u = U − W S   with  U = (I + L)⁻¹ β v,  W = (I + L)⁻¹ β (k ⊙ e^G),  L = diag(β) M_kk
+//! additive: u = U = v
 //! o_t = (q_t ⊙ e^G_t)ᵀ S + Σ_(s≤t) M_qk[t,s] u_s
 //! S  ← e^G_L ⊙ S + Σ_s (k_s ⊙ e^(G_L − G_s)) u_sᵀ
 //! ```
 //!
-//! Every row of `u`, `o` and `S` above is separable in value columns, so after the `[C, C]`
-//! matrices a program walks the head's value columns one by one: three contiguous passes over
-//! a state column per chunk instead of two per token. One program per key head: its q and k
-//! (convolved, normalised) are loaded once per chunk for the value heads sharing them, whose
-//! `M` matrices serve all their columns; with fused short convs the program is the only
-//! reader and writer of those channels' conv states, committed at its end. A fused gated
-//! output norm is applied per row when the chunk's outputs are written.
+//! Everything but the last three lines depends on the chunk's own tokens only, so the work is
+//! split the way flash-linear-attention splits it (launches in this order):
+//!
+//! 1. [`chunks`]: one program per (chunk, value head), all chunks at once: the chunk's q and k
+//!    (convolved and L2-normalised when fused), the gates, the cumulative decay, `M_qk`,
+//!    `M_kk`, the triangular solve for `W` and `U`, and the decayed copies `q ⊙ e^G` and
+//!    `k ⊙ e^(G_L − G)`, handed on in row-major temporaries. All the O(C²·d) work is here.
+//! 2. [`scan`]: one program per (value head, [`SCAN_COLS`] state columns), walking the chunks
+//!    in order: per chunk `u = U − W S`, the outputs, and the state update: the only serial
+//!    chain, O(C·dk) per token and column, with the state's columns split over programs
+//!    (every row of `u`, `o` and `S` above is separable in value columns).
+//! 3. With a fused gated output norm, [`out_norm`] over each (row, head): the scan's programs
+//!    hold only a part of a head's output row.
+//! 4. With fused short convs, [`conv_commit`]: the conv states after the launch's rows, once
+//!    every chunk has read them.
 //!
 //! The matrix work is written as tile operations (`ir::kernel::TileOp`): the cumulative
 //! log-decay is a `cumsum`, the products `X Kᵀ` (scalar decay) and the off-diagonal sub-chunk
-//! blocks (per-channel decay) are `dot`s, and the forward substitution per value column is a
-//! `trisolve` with `L = diag(β) M_kk`. The host expands them into loops; a GPU target can map
-//! them to tensor-core MMAs and warp-level scans.
+//! blocks (per-channel decay) are `dot`s (tensor-core tiles on a GPU), and the solve for `W`
+//! and `U` is one `trisolve` over their `dk + dv` columns. The host expands them into loops.
 //!
 //! Per-channel decay cannot be factored out of the products. Within a diagonal sub-chunk the
 //! factors are formed pairwise; across sub-chunks both sides are rescaled against the query
 //! row's sub-chunk start `r`: `e^(G_t − r) e^(r − G_s)`, each exponent ≤ 0 (no overflow).
 
-use lamina_ir::graph::{Decay, NodeIndex, Op, Update};
+use lamina_ir::graph::{Decay, NodeIndex, Op, Recurrence, Update};
 use lamina_ir::kernel::build::*;
-use lamina_ir::kernel::{Dim, Expr, Stmt};
+use lamina_ir::kernel::{Dim, Expr, Param, Stmt};
 
-use super::{update_name, Operands};
-use crate::kernels::{launch, Ctx, Launch};
+use super::{update_name, window, Operands, CONV_CHANNELS};
+use crate::kernels::{act, launch, tile, Bind, Ctx, Launch, Value};
 
 /// Tokens per chunk.
 pub const CHUNK: usize = 64;
 /// Rows per sub-chunk of the per-channel decay products.
 pub const SUB: usize = 16;
+/// State (value) columns per program of the scan.
+pub const SCAN_COLS: usize = 16;
 
-pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
-    let g = cx.graph;
-    let Op::Recurrence { rec, .. } = &g.node(n).op else {
+/// The recurrence's sizes and kind.
+struct Shape {
+    rec: Recurrence,
+    h_n: usize,
+    hk_n: usize,
+    dk: usize,
+    dv: usize,
+    group: usize,
+    delta: bool,
+    channel: bool,
+    /// Decay columns per token and head: dk for per-channel decay, else one.
+    w: usize,
+}
+
+impl Shape {
+    fn of(rec: &Recurrence) -> Shape {
+        let channel = rec.decay == Decay::PerChannel;
+        Shape {
+            rec: *rec,
+            h_n: rec.heads,
+            hk_n: rec.key_heads,
+            dk: rec.dk,
+            dv: rec.dv,
+            group: rec.heads / rec.key_heads,
+            delta: rec.update == Update::Delta,
+            channel,
+            w: if channel { rec.dk } else { 1 },
+        }
+    }
+
+    /// Columns of the solve's right-hand side per token: W's then U's for the delta rule.
+    fn rhs_cols(&self) -> usize {
+        self.dk + self.dv
+    }
+}
+
+/// What [`chunks`] hands [`scan`], per token row and value head (`[R, heads · width]`).
+struct Handoff {
+    /// `W` (delta rule only), width dk.
+    w: Option<Value>,
+    /// `U`, width dv.
+    u: Value,
+    /// `q ⊙ e^G`, width dk.
+    qg: Value,
+    /// `k ⊙ e^(G_L − G)`, width dk.
+    kd: Value,
+    /// Row t of the chunk's `M_qk` (columns `s ≤ t` written), width [`CHUNK`].
+    mq: Value,
+    /// `e^G_L` of each chunk, in the chunk's first row, width `w`.
+    eg: Value,
+}
+
+pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
+    let Op::Recurrence { rec, .. } = &cx.graph.node(n).op else {
         unreachable!("recurrence builder")
     };
     let io = Operands::new(cx, n, ins);
-    let (h_n, hk_n, dk, dv) = (rec.heads, rec.key_heads, rec.dk, rec.dv);
-    let c_n = CHUNK;
-    let group = h_n / hk_n;
-    let delta = rec.update == Update::Delta;
-    let channel = rec.decay == Decay::PerChannel;
-    // Decay columns per token: dk for per-channel decay, else one.
-    let w = if channel { dk } else { 1 };
+    let sh = Shape::of(rec);
+    let hand = Handoff {
+        w: sh.delta.then(|| cx.temp(sh.h_n * sh.dk)),
+        u: cx.temp(sh.h_n * sh.dv),
+        qg: cx.temp(sh.h_n * sh.dk),
+        kd: cx.temp(sh.h_n * sh.dk),
+        mq: cx.temp(sh.h_n * CHUNK),
+        eg: cx.temp(sh.h_n * sh.w),
+    };
+    // With a fused output norm the scan writes the raw outputs here.
+    let raw = io.norm.map(|_| cx.temp(sh.h_n * sh.dv));
+    let mut launches = vec![
+        chunks(cx, n, &io, &sh, &hand),
+        scan(cx, n, &io, &sh, &hand, raw),
+    ];
+    if let Some(raw) = raw {
+        launches.push(out_norm(cx, &io, &sh, raw));
+    }
+    if io.conv.is_some() {
+        launches.push(conv_commit(cx, &io, &sh));
+    }
+    launches
+}
+
+/// The parameters of `io` named in `names`, in `io`'s order.
+fn pick(io: &Operands, names: &[&str]) -> Vec<(Param, Bind)> {
+    io.params
+        .iter()
+        .filter(|(p, _)| names.contains(&p.name.as_str()))
+        .cloned()
+        .collect()
+}
+
+/// `name` as an `[R, width]` parameter bound to temporary `t`.
+fn temp_param(name: &str, width: usize, t: Value, write: bool) -> (Param, Bind) {
+    let p = if write {
+        output(name, &act(width))
+    } else {
+        input(name, &act(width))
+    };
+    (p, Bind::Act(t))
+}
+
+/// Step 1: one program per (chunk, value head).
+fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> Launch {
+    let rec = &sh.rec;
+    let (dk, dv, w, c_n) = (sh.dk, sh.dv, sh.w, CHUNK);
+    let (delta, channel) = (sh.delta, sh.channel);
+    let nr = sh.rhs_cols();
     let wc = |c: Expr| if channel { c } else { i(0) };
     let gl = |name: &str, t: Expr, c: Expr| ld(name, [t * i(w) + wc(c)]);
     let at = |name: &str, t: Expr, c: Expr| ld(name, [t * i(dk) + c]);
-    let s_col = |c: Expr| ld("state", [v("s"), v("h"), v("jj"), c]);
     let r = || v("c0") + v("t");
+    let last = || v("l") - i(1);
 
-    let mut chunk: Vec<Stmt> = vec![
-        let_("c0", v("ci") * i(c_n)),
-        let_("l", min(i(c_n), rows() - v("c0"))),
+    let mut body = vec![
+        local("qs", c_n * dk),
+        local("ks", c_n * dk),
+        local("G", c_n * w),
+        local("mqk", c_n * c_n),
     ];
+    if delta {
+        body.extend([
+            local("bt", c_n),
+            local("mkk", c_n * c_n),
+            local("rhs", c_n * nr),
+        ]);
+    }
+    if channel {
+        body.extend([
+            local("qt", c_n * dk),
+            local("kt", c_n * dk),
+            local("kb", c_n * c_n / SUB * dk),
+        ]);
+    }
+    body.extend([
+        let_("c0", pid(0) * i(c_n)),
+        let_("h", pid(1)),
+        let_("kh", v("h") / i(sh.group)),
+        let_("l", min(i(c_n), rows() - v("c0"))),
+    ]);
+    if io.conv.is_some() {
+        body.push(let_("s", ld("slot", [i(0)])));
+    }
 
-    // 1. This chunk's q (scaled) and k of the key head (convolved and L2-normalised when
-    //    fused), shared by the group's value heads.
+    // 1. The chunk's q (scaled) and k of the key head (convolved and L2-normalised when
+    //    fused): tokens are independent, so the lanes of a warp take one each.
     let mut load: Vec<Stmt> = Vec::new();
     for (buf, local_buf, eps, scale) in [("q", "qs", io.l2_q, rec.scale), ("k", "ks", io.l2_k, 1.0)]
     {
@@ -103,10 +230,9 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
             ));
         }
     }
-    chunk.push(for_("t", i(0), v("l"), load));
+    body.push(for_par("t", i(0), v("l"), load));
 
-    // Per value head of the group: β and the cumulative log-decay.
-    let mut head: Vec<Stmt> = vec![let_("h", v("kh") * i(group) + v("hh"))];
+    // 2. β and the cumulative log-decay of the value head.
     let mut gates: Vec<Stmt> = Vec::new();
     if delta {
         gates.push(st("bt", [v("t")], io.beta_at(r())));
@@ -123,44 +249,60 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
         i(w),
         vec![st("G", [v("t") * i(w) + v("e")], g_tok)],
     ));
-    head.push(for_("t", i(0), v("l"), gates));
-    head.push(cumsum(view("G", i(0), w), v("l"), w));
+    body.push(for_par("t", i(0), v("l"), gates));
+    body.push(cumsum(view("G", i(0), w), v("l"), w));
 
-    // 2. Decayed copies: q ⊙ e^G, k ⊙ e^G, (k ⊙ e^(G_L − G))ᵀ, e^G_L.
-    let last = v("l") - i(1);
-    head.push(for_(
+    // 3. Handed on: e^G_L (in the chunk's first row), q ⊙ e^G, k ⊙ e^(G_L − G); for the
+    //    delta rule the solve's right-hand side β (k ⊙ e^G | v), else U = v.
+    body.push(for_par(
         "e",
         i(0),
         i(w),
         vec![st(
             "eg",
-            [v("e")],
-            exp(ld("G", [last.clone() * i(w) + v("e")])),
+            [v("c0"), v("h") * i(w) + v("e")],
+            exp(ld("G", [last() * i(w) + v("e")])),
         )],
     ));
-    head.push(for_(
+    let hc = || v("h") * i(dk) + v("c");
+    let mut decayed = vec![
+        let_("ge", exp(gl("G", v("t"), v("c")))),
+        st("qg", [r(), hc()], at("qs", v("t"), v("c")) * v("ge")),
+        st(
+            "kd",
+            [r(), hc()],
+            at("ks", v("t"), v("c")) * exp(gl("G", last(), v("c")) - gl("G", v("t"), v("c"))),
+        ),
+    ];
+    if delta {
+        decayed.push(st(
+            "rhs",
+            [v("t") * i(nr) + v("c")],
+            ld("bt", [v("t")]) * at("ks", v("t"), v("c")) * v("ge"),
+        ));
+    }
+    let hj = || v("h") * i(dv) + v("j");
+    let vt = io.conv_prefill("v", r(), hj());
+    let values = if delta {
+        st(
+            "rhs",
+            [v("t") * i(nr) + i(dk) + v("j")],
+            ld("bt", [v("t")]) * vt,
+        )
+    } else {
+        st("u", [r(), hj()], vt)
+    };
+    body.push(for_par(
         "t",
         i(0),
         v("l"),
-        vec![for_(
-            "c",
-            i(0),
-            i(dk),
-            [
-                vec![let_("ge", exp(gl("G", v("t"), v("c"))))],
-                scaled_copies(dk, [("qs", "qg"), ("ks", "kg")], "ge"),
-                vec![st(
-                    "kd",
-                    [v("c") * i(c_n) + v("t")],
-                    at("ks", v("t"), v("c"))
-                        * exp(gl("G", last.clone(), v("c")) - gl("G", v("t"), v("c"))),
-                )],
-            ]
-            .concat(),
-        )],
+        vec![
+            for_("c", i(0), i(dk), decayed),
+            for_("j", i(0), i(dv), vec![values]),
+        ],
     ));
 
-    // 3. The decay-weighted products M_qk (s ≤ t) and, for the delta rule, M_kk (s < t).
+    // 4. The decay-weighted products M_qk (s ≤ t) and, for the delta rule, M_kk (s < t).
     let mats: Vec<(&str, &str)> = if delta {
         vec![("mqk", "qs"), ("mkk", "ks")]
     } else {
@@ -170,7 +312,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
         // M = (X Kᵀ) ⊙ e^(G_t − G_s) on the causal part.
         let mut row = vec![let_("e", exp(ld("G", [v("t")]) - ld("G", [v("x")])))];
         for (m, x) in &mats {
-            head.push(dot(
+            body.push(dot(
                 view(m, i(0), c_n),
                 view(x, i(0), dk),
                 view("ks", i(0), dk),
@@ -185,7 +327,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
                 v("e") * ld(m, [v("t") * i(c_n) + v("x")]),
             ));
         }
-        head.push(for_(
+        body.push(for_par(
             "t",
             i(0),
             v("l"),
@@ -194,7 +336,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
     } else {
         // Rows rescaled against their sub-chunk start, and for every sub-chunk start r0 the
         // earlier keys rescaled against it: kb[b][s] = k_s ⊙ e^(G_r0 − G_s), s < r0.
-        head.push(for_(
+        body.push(for_par(
             "t",
             i(0),
             v("l"),
@@ -215,13 +357,13 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
                 ),
             ],
         ));
-        head.push(for_(
+        body.push(for_(
             "b",
             i(1),
             (v("l") + i(SUB - 1)) / i(SUB),
             vec![
                 let_("r0", v("b") * i(SUB)),
-                for_(
+                for_par(
                     "x",
                     i(0),
                     v("r0"),
@@ -267,8 +409,8 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
                 ),
             ));
         }
-        head.push(for_("b", i(1), (v("l") + i(SUB - 1)) / i(SUB), cross));
-        head.push(for_(
+        body.push(for_("b", i(1), (v("l") + i(SUB - 1)) / i(SUB), cross));
+        body.push(for_par(
             "t",
             i(0),
             v("l"),
@@ -278,9 +420,27 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
             ],
         ));
     }
+    // M_qk's causal rows handed on.
+    body.push(for_par(
+        "t",
+        i(0),
+        v("l"),
+        vec![for_(
+            "x",
+            i(0),
+            v("t") + i(1),
+            vec![st(
+                "mq",
+                [r(), v("h") * i(c_n) + v("x")],
+                ld("mqk", [v("t") * i(c_n) + v("x")]),
+            )],
+        )],
+    ));
+
+    // 5. Delta rule: L = diag(β) M_kk (the solve reads its strictly lower part), then
+    //    [W | U] = (I + L)⁻¹ β [k ⊙ e^G | v], handed on.
     if delta {
-        // L = diag(β) M_kk: the strictly lower part of I + L is what the solve reads.
-        head.push(for_(
+        body.push(for_par(
             "t",
             i(0),
             v("l"),
@@ -295,133 +455,283 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Launch {
                 )],
             )],
         ));
-    }
-
-    // 4. Value columns: solve for u, emit the outputs, advance the state.
-    let col = v("h") * i(dv) + v("jj");
-    let vt = io.conv_prefill("v", r(), col.clone());
-    // Delta rule: u = (I + L)⁻¹ β ⊙ (v − (K ⊙ e^G) S), the right-hand side first.
-    let u = if delta {
-        ld("bt", [v("t")]) * (vt - sum("c", i(0), i(dk), s_col(v("c")) * at("kg", v("t"), v("c"))))
-    } else {
-        vt
-    };
-    let mut solve = vec![for_("t", i(0), v("l"), vec![st("ul", [v("t")], u)])];
-    if delta {
-        solve.push(trisolve(
+        body.push(trisolve(
             view("mkk", i(0), c_n),
-            view("ul", i(0), 1),
+            view("rhs", i(0), nr),
             v("l"),
-            1,
+            nr,
         ));
-    }
-    let mut column = solve;
-    column.extend([
-        for_(
+        body.push(for_par(
             "t",
             i(0),
             v("l"),
-            vec![st(
-                "ot",
-                [v("t") * i(dv) + v("jj")],
-                sum("c", i(0), i(dk), s_col(v("c")) * at("qg", v("t"), v("c")))
-                    + sum(
-                        "x",
-                        i(0),
-                        v("t") + i(1),
-                        ld("mqk", [v("t") * i(c_n) + v("x")]) * ld("ul", [v("x")]),
-                    ),
-            )],
+            vec![
+                for_(
+                    "c",
+                    i(0),
+                    i(dk),
+                    vec![st("w", [r(), hc()], ld("rhs", [v("t") * i(nr) + v("c")]))],
+                ),
+                for_(
+                    "j",
+                    i(0),
+                    i(dv),
+                    vec![st(
+                        "u",
+                        [r(), hj()],
+                        ld("rhs", [v("t") * i(nr) + i(dk) + v("j")]),
+                    )],
+                ),
+            ],
+        ));
+    }
+
+    // Everything but the state, the output and its norm; then the handoff.
+    let mut params: Vec<(Param, Bind)> = io
+        .params
+        .iter()
+        .filter(|(p, _)| {
+            !["state", "nw", "z", "o"].contains(&p.name.as_str())
+                && (p.name != "slot" || io.conv.is_some())
+        })
+        .cloned()
+        .collect();
+    let h_n = sh.h_n;
+    if let Some(wt) = hand.w {
+        params.push(temp_param("w", h_n * dk, wt, true));
+    }
+    params.extend([
+        temp_param("u", h_n * dv, hand.u, true),
+        temp_param("qg", h_n * dk, hand.qg, true),
+        temp_param("kd", h_n * dk, hand.kd, true),
+        temp_param("mq", h_n * c_n, hand.mq, true),
+        temp_param("eg", h_n * w, hand.eg, true),
+    ]);
+    let mut nodes = io.nodes.clone();
+    nodes.retain(|&m| Some(m) != cx.fusion.of(n).out_norm);
+    let suffix = io.suffix.trim_end_matches("_gnorm");
+    launch(
+        format!(
+            "recurrence_{}_{}{suffix}_chunk{c_n}_h{h_n}x{}_dk{dk}_dv{dv}",
+            update_name(rec.update),
+            io.decay_name,
+            sh.hk_n,
         ),
-        for_(
+        vec![Dim::RowBlocks(c_n), Dim::N(h_n)],
+        params,
+        body,
+        nodes,
+        cx.graph,
+    )
+}
+
+/// Step 2: one program per (value head, [`SCAN_COLS`] state columns), over the chunks in
+/// order. Writes the outputs to `o`, or to `raw` when a norm follows.
+fn scan(
+    cx: &Ctx,
+    n: NodeIndex,
+    io: &Operands,
+    sh: &Shape,
+    hand: &Handoff,
+    raw: Option<Value>,
+) -> Launch {
+    let rec = &sh.rec;
+    let (h_n, dk, dv, w, c_n) = (sh.h_n, sh.dk, sh.dv, sh.w, CHUNK);
+    let bv = tile(dv, SCAN_COLS);
+    let wc = |c: Expr| if sh.channel { c } else { i(0) };
+    // Column jj of this program's block, key channel c of the state.
+    let s_at = |jj: Expr, c: Expr| ld("state", [v("s"), v("h"), v("j0") + jj, c]);
+    let row = |t: Expr| v("c0") + t;
+    let hk = |c: Expr| v("h") * i(dk) + c;
+    let hv = |jj: Expr| v("h") * i(dv) + v("j0") + jj;
+    let vn = |x: Expr, jj: Expr| ld("vn", [x * i(bv) + jj]);
+
+    // Pairs (token x, column jj) of the chunk with jj fastest: lane-adjacent pairs read
+    // adjacent U and output columns.
+    let pair =
+        |q: &str, x: &str, jj: &str| vec![let_(x, v(q) / i(bv)), let_(jj, v(q) - v(x) * i(bv))];
+    // u = U − W S (delta rule) or U, for every token of the chunk.
+    let u = match sh.delta {
+        true => {
+            ld("u", [row(v("x")), hv(v("jj"))])
+                - sum(
+                    "c",
+                    i(0),
+                    i(dk),
+                    ld("w", [row(v("x")), hk(v("c"))]) * s_at(v("jj"), v("c")),
+                )
+        }
+        false => ld("u", [row(v("x")), hv(v("jj"))]),
+    };
+    let mut fill = pair("q", "x", "jj");
+    fill.push(st("vn", [v("q")], u));
+    // o_t = (q_t ⊙ e^G_t)ᵀ S + Σ_(x ≤ t) M_qk[t, x] u_x.
+    let mut outs = pair("q", "t", "jj");
+    outs.push(st(
+        "o",
+        [row(v("t")), hv(v("jj"))],
+        sum(
             "c",
             i(0),
             i(dk),
-            vec![st(
-                "state",
-                [v("s"), v("h"), v("jj"), v("c")],
-                s_col(v("c")) * ld("eg", [wc(v("c"))])
-                    + sum(
-                        "x",
-                        i(0),
-                        v("l"),
-                        ld("kd", [v("c") * i(c_n) + v("x")]) * ld("ul", [v("x")]),
-                    ),
-            )],
+            ld("qg", [row(v("t")), hk(v("c"))]) * s_at(v("jj"), v("c")),
+        ) + sum(
+            "x",
+            i(0),
+            v("t") + i(1),
+            ld("mq", [row(v("t")), v("h") * i(c_n) + v("x")]) * vn(v("x"), v("jj")),
         ),
-    ]);
-    head.push(for_("jj", i(0), i(dv), column));
-
-    // 5. The chunk's outputs, through the fused gated norm when there is one.
-    let ot = || ld("ot", [v("t") * i(dv) + v("jj")]);
-    let out_col = v("h") * i(dv) + v("jj");
-    let write = match io.norm {
-        Some((eps, _)) => vec![
-            let_(
-                "inv_o",
-                rsqrt(sum("jj", i(0), i(dv), ot() * ot()) / f(dv as f64) + f(eps)),
-            ),
-            for_(
-                "jj",
-                i(0),
-                i(dv),
-                vec![st(
-                    "o",
-                    [r(), out_col.clone()],
-                    ot() * v("inv_o") * ld("nw", [v("jj")]) * io.norm_gate(r(), out_col.clone()),
-                )],
-            ),
-        ],
-        None => vec![for_("jj", i(0), i(dv), vec![st("o", [r(), out_col], ot())])],
-    };
-    head.push(for_("t", i(0), v("l"), write));
-
-    chunk.push(for_("hh", i(0), i(group), head));
-
-    let mut body = vec![
-        local("qs", c_n * dk),
-        local("ks", c_n * dk),
-        local("qg", c_n * dk),
-        local("kg", c_n * dk),
-        local("kd", dk * c_n),
-        local("G", c_n * w),
-        local("eg", w),
-        local("mqk", c_n * c_n),
-        local("ul", c_n),
-        local("ot", c_n * dv),
+    ));
+    // S ← e^G_L ⊙ S + Σ_x (k_x ⊙ e^(G_L − G_x)) u_xᵀ, element by element (c fastest: the
+    // column is contiguous in the pool).
+    let advance = vec![
+        let_("jj", v("q") / i(dk)),
+        let_("c", v("q") - v("jj") * i(dk)),
+        st(
+            "state",
+            [v("s"), v("h"), v("j0") + v("jj"), v("c")],
+            s_at(v("jj"), v("c")) * ld("eg", [v("c0"), v("h") * i(w) + wc(v("c"))])
+                + sum(
+                    "x",
+                    i(0),
+                    v("l"),
+                    ld("kd", [row(v("x")), hk(v("c"))]) * vn(v("x"), v("jj")),
+                ),
+        ),
     ];
-    if delta {
-        body.extend([local("bt", c_n), local("mkk", c_n * c_n)]);
-    }
-    if channel {
-        body.extend([
-            local("qt", c_n * dk),
-            local("kt", c_n * dk),
-            local("kb", c_n * c_n / SUB * dk),
-        ]);
-    }
-    body.extend([
-        let_("kh", pid(0)),
+    let chunk = vec![
+        let_("c0", v("ci") * i(c_n)),
+        let_("l", min(i(c_n), rows() - v("c0"))),
+        for_par("q", i(0), v("l") * i(bv), fill),
+        for_par("q", i(0), v("l") * i(bv), outs),
+        for_par("q", i(0), i(bv * dk), advance),
+    ];
+    let body = vec![
+        local("vn", c_n * bv),
+        let_("h", pid(0)),
+        let_("j0", pid(1) * i(bv)),
         let_("s", ld("slot", [i(0)])),
         for_("ci", i(0), (rows() + i(c_n - 1)) / i(c_n), chunk),
+    ];
+
+    let mut params = pick(io, &["state", "slot"]);
+    if let Some(wt) = hand.w {
+        params.push(temp_param("w", h_n * dk, wt, false));
+    }
+    params.extend([
+        temp_param("u", h_n * dv, hand.u, false),
+        temp_param("qg", h_n * dk, hand.qg, false),
+        temp_param("kd", h_n * dk, hand.kd, false),
+        temp_param("mq", h_n * c_n, hand.mq, false),
+        temp_param("eg", h_n * w, hand.eg, false),
     ]);
-    // The fused convs' states, after every read of them: this key head's q and k channels and
-    // its value heads' v channels.
-    body.extend(io.conv_commit("q", v("kh") * i(dk), dk));
-    body.extend(io.conv_commit("k", v("kh") * i(dk), dk));
-    body.extend(io.conv_commit("v", v("kh") * i(group * dv), group * dv));
+    params.push(match raw {
+        Some(t) => temp_param("o", h_n * dv, t, true),
+        None => pick(io, &["o"]).remove(0),
+    });
     launch(
         format!(
-            "recurrence_{}_{}{}_chunked{c_n}_h{h_n}x{hk_n}_dk{dk}_dv{dv}",
+            "recurrence_{}_{}_scan{c_n}_h{h_n}_dk{dk}_dv{dv}_bv{bv}",
             update_name(rec.update),
             io.decay_name,
-            io.suffix
         ),
-        vec![Dim::N(hk_n)],
-        io.params,
+        vec![Dim::N(h_n), Dim::N(dv / bv)],
+        params,
         body,
-        io.nodes,
-        g,
+        vec![n],
+        cx.graph,
+    )
+}
+
+/// Step 3 (fused gated output norm): per (row, value head), the RMSNorm of the head's raw
+/// output row times the gate.
+fn out_norm(cx: &Ctx, io: &Operands, sh: &Shape, raw: Value) -> Launch {
+    let (eps, act_fn) = io.norm.expect("out_norm: a fused norm");
+    let (h_n, dv) = (sh.h_n, sh.dv);
+    let raw_at = || ld("raw", [v("t"), v("h") * i(dv) + v("jj")]);
+    let col = || v("h") * i(dv) + v("jj");
+    let body = vec![
+        let_("t", pid(0)),
+        let_("h", pid(1)),
+        let_(
+            "inv_o",
+            rsqrt(sum("jj", i(0), i(dv), raw_at() * raw_at()) / f(dv as f64) + f(eps)),
+        ),
+        for_par(
+            "jj",
+            i(0),
+            i(dv),
+            vec![st(
+                "o",
+                [v("t"), col()],
+                raw_at() * v("inv_o") * ld("nw", [v("jj")]) * io.norm_gate(v("t"), col()),
+            )],
+        ),
+    ];
+    let mut params = vec![temp_param("raw", h_n * dv, raw, false)];
+    params.extend(pick(io, &["nw", "z", "o"]));
+    launch(
+        format!(
+            "recurrence_out_norm_{}_h{h_n}_d{dv}",
+            match act_fn {
+                lamina_ir::graph::Unary::Sigmoid => "sigmoid",
+                _ => "silu",
+            }
+        ),
+        vec![Dim::Rows, Dim::N(h_n)],
+        params,
+        body,
+        // The norm is the last node of the fused group.
+        io.nodes[io.nodes.len() - 1..].to_vec(),
+        cx.graph,
+    )
+}
+
+/// Step 4 (fused short convs): each channel's conv state after the launch's rows (the window's
+/// last K−1 elements, in ascending order: each read is at or ahead of the write), per block of
+/// [`CONV_CHANNELS`] channels of q, k and v.
+fn conv_commit(cx: &Ctx, io: &Operands, sh: &Shape) -> Launch {
+    let kn = io.conv.expect("conv_commit: fused convs");
+    let widths = [sh.hk_n * sh.dk, sh.hk_n * sh.dk, sh.h_n * sh.dv];
+    let mut body = vec![
+        let_("s", ld("slot", [i(0)])),
+        let_("b0", pid(0) * i(CONV_CHANNELS)),
+    ];
+    for (x, width) in ["q", "k", "v"].into_iter().zip(widths) {
+        let c = format!("c{x}");
+        body.push(if_(
+            lt(v("b0"), i(width)),
+            vec![for_par(
+                "ch",
+                v("b0"),
+                min(v("b0") + i(CONV_CHANNELS), i(width)),
+                vec![for_(
+                    "e",
+                    i(0),
+                    i(kn - 1),
+                    vec![st(
+                        &c,
+                        [v("s"), v("ch"), v("e")],
+                        window(x, kn, rows() + v("e"), v("ch")),
+                    )],
+                )],
+            )],
+        ));
+    }
+    let blocks = widths
+        .iter()
+        .max()
+        .copied()
+        .unwrap_or(1)
+        .div_ceil(CONV_CHANNELS);
+    let convs = io.nodes[..3].to_vec();
+    launch(
+        format!("short_conv_commit_k{kn}_q{}_v{}", widths[0], widths[2]),
+        vec![Dim::N(blocks)],
+        pick(io, &["q", "cq", "k", "ck", "v", "cv", "slot"]),
+        body,
+        convs,
+        cx.graph,
     )
 }
 

@@ -323,7 +323,7 @@ fn window(x: &str, kn: usize, e: Expr, ch: Expr) -> Expr {
 
 pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     match cx.phase {
-        Phase::Prefill => vec![chunked::build(cx, n, ins)],
+        Phase::Prefill => chunked::build(cx, n, ins),
         Phase::Decode => match cx.fusion.of(n).conv {
             Some(_) => {
                 let (conv, convolved) = conv_step(cx, n, ins);
