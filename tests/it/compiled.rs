@@ -485,6 +485,30 @@ fn wide_rows_span_several_programs() {
     check_model_with(&spec, &[1, 40], true, 1, 1, true);
 }
 
+/// Recurrences whose value heads span several scan programs (16 state columns each: 3 for
+/// dv 48, 5 for lightning's dv 40 in 8-column tiles) and whose key width is not the tiny
+/// examples' 16, prefilled over several chunks and across two prefill launches (300 = 256 +
+/// 44), with the lanes run one by one as a warp's and without.
+#[test]
+fn wide_recurrences_span_several_scan_programs() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("wide-rec.toml");
+    std::fs::write(
+        &spec,
+        "name = \"wide-rec\"\nvocab_size = 97\nhidden_size = 64\nnum_layers = 3\n\n[norm]\neps = 1e-6\n\n\
+         [layers]\npattern = \"GKL\"\nffn_pattern = \"F\"\n\n\
+         [mixer.G]\nkind = \"gated_delta\"\nkey_heads = 1\nvalue_heads = 2\nkey_head_dim = 32\n\
+         value_head_dim = 48\nconv_kernel = 4\n\n\
+         [mixer.K]\nkind = \"kda\"\nheads = 2\nhead_dim = 48\nconv_kernel = 4\ngate_rank = 16\n\
+         output_gate_rank = 16\n\n\
+         [mixer.L]\nkind = \"lightning\"\nheads = 2\nhead_dim = 40\nnorm_eps = 1e-6\n\n\
+         [ffn.F]\nkind = \"swiglu\"\nintermediate = 96\n",
+    )
+    .unwrap();
+    check_model(&spec, &[1, 70, 300]);
+    check_model_with(&spec, &[70], false, 32, 1, false);
+}
+
 /// Split-sequence decode attention: the cached positions in 4 pieces (3 key tiles each at
 /// context 320), partials merged by the combine kernel, for GQA (qwen3-next, minimax) and MLA
 /// (kimi, deepseek), at positions where one piece holds everything (the others are empty) and
