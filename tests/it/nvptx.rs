@@ -452,3 +452,66 @@ fn prefill_gemms_are_block_cooperative() {
         }
     }
 }
+
+/// Prefill runs each linear-attention recurrence chunk-parallel: a warp program per (chunk,
+/// value head) for the intra-chunk work, then a warp program per (value head, block of state
+/// columns) for the scan over the chunks, both with their products as tensor-core tiles
+/// (`mma.sync`, 3×TF32 for near-f32 products), for the delta rule with scalar (Qwen3-Next) and
+/// per-channel (Kimi) decay and the additive rule with fixed decay (MiniMax).
+#[test]
+fn chunked_recurrences_are_chunk_parallel_on_tensor_cores() {
+    use lamina_compiler::kernels::recurrence::chunked::{CHUNK, SCAN_COLS};
+    use lamina_compiler::kernels::Phase;
+    use lamina_ir::kernel::Dim;
+    for (example, heads, dv) in [
+        ("qwen3-next-80b-a3b.toml", 32, 128),
+        ("kimi-linear-48b-a3b.toml", 32, 128),
+        ("minimax-text-01.toml", 64, 128),
+    ] {
+        let m = Model::open(&repo().join("examples").join(example)).unwrap();
+        let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options()).unwrap();
+        let prefill = &p.schedules[&Phase::Prefill];
+        let find = |part: &str| {
+            prefill
+                .iter()
+                .find(|l| l.kernel.name.starts_with("recurrence_") && l.kernel.name.contains(part))
+                .unwrap_or_else(|| panic!("{example}: no {part} kernel"))
+                .kernel
+                .clone()
+        };
+        let (chunk, scan) = (find("_chunk64_"), find("_scan64_"));
+        assert_eq!(
+            chunk.grid,
+            vec![Dim::RowBlocks(CHUNK), Dim::N(heads)],
+            "{example}"
+        );
+        assert_eq!(
+            scan.grid,
+            vec![Dim::N(heads), Dim::N(dv / SCAN_COLS)],
+            "{example}"
+        );
+        assert!(!prefill.iter().any(|l| l.kernel.name.contains("_chunked")));
+        let kernels = [chunk, scan];
+        for k in &kernels {
+            assert_eq!(nvptx::lanes(k), nvptx::WARP, "{}", k.name);
+        }
+        let (ptx, _) = nvptx::compile_ptx(&kernels, Target::Sm90a).unwrap();
+        for k in &kernels {
+            let start = ptx.find(&format!(".entry {}(", k.name)).unwrap();
+            let end = ptx[start + 1..]
+                .find(".entry ")
+                .map_or(ptx.len(), |e| start + 1 + e);
+            assert!(
+                ptx[start..end].contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"),
+                "{}: no tf32 mma",
+                k.name
+            );
+        }
+        if ptxas_or_skip("chunked_recurrences_are_chunk_parallel_on_tensor_cores") {
+            for r in nvptx::ptxas(&ptx, Target::Sm90a).unwrap() {
+                assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{}", r.kernel);
+                assert!(r.blocks_per_sm(nvptx::BLOCK) >= 1, "{}", r.kernel);
+            }
+        }
+    }
+}

@@ -17,7 +17,7 @@
 //!
 //! 1. [`chunks`]: one program per (chunk, value head), all chunks at once: the chunk's q and k
 //!    (convolved and L2-normalised when fused), the gates, the cumulative decay, `M_qk`,
-//!    `M_kk`, the triangular solve for `W` and `U`, and the decayed copies `q ⊙ e^G` and
+//!    `M_kk`, `T = (I + L)⁻¹` and the products `W`, `U`, and the decayed copies `q ⊙ e^G` and
 //!    `k ⊙ e^(G_L − G)`, handed on in row-major temporaries. All the O(C²·d) work is here.
 //! 2. [`scan`]: one program per (value head, [`SCAN_COLS`] state columns), walking the chunks
 //!    in order: per chunk `u = U − W S`, the outputs, and the state update: the only serial
@@ -30,8 +30,9 @@
 //!
 //! The matrix work is written as tile operations (`ir::kernel::TileOp`): the cumulative
 //! log-decay is a `cumsum`, the products `X Kᵀ` (scalar decay) and the off-diagonal sub-chunk
-//! blocks (per-channel decay) are `dot`s (tensor-core tiles on a GPU), and the solve for `W`
-//! and `U` is one `trisolve` over their `dk + dv` columns. The host expands them into loops.
+//! blocks (per-channel decay) and `[W | U] = T β [k ⊙ e^G | v]` are `dot`s (tensor-core tiles
+//! on a GPU), `T` is a `trisolve` on the identity (C columns, not dk + dv), and the scan's
+//! three products per chunk are `dot`s too. The host expands them into loops.
 //!
 //! Per-channel decay cannot be factored out of the products. Within a diagonal sub-chunk the
 //! factors are formed pairwise; across sub-chunks both sides are rescaled against the query
@@ -81,7 +82,7 @@ impl Shape {
         }
     }
 
-    /// Columns of the solve's right-hand side per token: W's then U's for the delta rule.
+    /// Columns of `[W | U]` per token (the delta rule).
     fn rhs_cols(&self) -> usize {
         self.dk + self.dv
     }
@@ -173,7 +174,9 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
         body.extend([
             local("bt", c_n),
             local("mkk", c_n * c_n),
-            local("rhs", c_n * nr),
+            local("rhst", nr * c_n),
+            local("tm", c_n * c_n),
+            local("wu", c_n * nr),
         ]);
     }
     if channel {
@@ -253,7 +256,7 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
     body.push(cumsum(view("G", i(0), w), v("l"), w));
 
     // 3. Handed on: e^G_L (in the chunk's first row), q ⊙ e^G, k ⊙ e^(G_L − G); for the
-    //    delta rule the solve's right-hand side β (k ⊙ e^G | v), else U = v.
+    //    delta rule β [k ⊙ e^G | v] transposed (what T multiplies), else U = v.
     body.push(for_par(
         "e",
         i(0),
@@ -276,8 +279,8 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
     ];
     if delta {
         decayed.push(st(
-            "rhs",
-            [v("t") * i(nr) + v("c")],
+            "rhst",
+            [v("c") * i(c_n) + v("t")],
             ld("bt", [v("t")]) * at("ks", v("t"), v("c")) * v("ge"),
         ));
     }
@@ -285,8 +288,8 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
     let vt = io.conv_prefill("v", r(), hj());
     let values = if delta {
         st(
-            "rhs",
-            [v("t") * i(nr) + i(dk) + v("j")],
+            "rhst",
+            [(i(dk) + v("j")) * i(c_n) + v("t")],
             ld("bt", [v("t")]) * vt,
         )
     } else {
@@ -301,6 +304,19 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
             for_("j", i(0), i(dv), vec![values]),
         ],
     ));
+    if delta {
+        // The right-hand side's columns past the chunk are zero (the product below runs over
+        // the whole chunk).
+        body.push(for_par(
+            "q",
+            i(0),
+            i(nr * c_n),
+            vec![if_(
+                ge(rem(v("q"), i(c_n)), v("l")),
+                vec![st("rhst", [v("q")], f(0.0))],
+            )],
+        ));
+    }
 
     // 4. The decay-weighted products M_qk (s ≤ t) and, for the delta rule, M_kk (s < t).
     let mats: Vec<(&str, &str)> = if delta {
@@ -437,8 +453,9 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
         )],
     ));
 
-    // 5. Delta rule: L = diag(β) M_kk (the solve reads its strictly lower part), then
-    //    [W | U] = (I + L)⁻¹ β [k ⊙ e^G | v], handed on.
+    // 5. Delta rule: L = diag(β) M_kk (the solve reads its strictly lower part), T = (I + L)⁻¹
+    //    by forward substitution on the identity, then [W | U] = T β [k ⊙ e^G | v] as one
+    //    product (tensor cores on a GPU), handed on.
     if delta {
         body.push(for_par(
             "t",
@@ -455,11 +472,30 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
                 )],
             )],
         ));
+        body.push(for_par(
+            "q",
+            i(0),
+            i(c_n * c_n),
+            vec![st(
+                "tm",
+                [v("q")],
+                select(eq(v("q") / i(c_n), rem(v("q"), i(c_n))), f(1.0), f(0.0)),
+            )],
+        ));
         body.push(trisolve(
             view("mkk", i(0), c_n),
-            view("rhs", i(0), nr),
+            view("tm", i(0), c_n),
             v("l"),
-            nr,
+            c_n,
+        ));
+        body.push(dot(
+            view("wu", i(0), nr),
+            view("tm", i(0), c_n),
+            view("rhst", i(0), c_n),
+            v("l"),
+            i(nr),
+            c_n,
+            false,
         ));
         body.push(for_par(
             "t",
@@ -470,7 +506,7 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
                     "c",
                     i(0),
                     i(dk),
-                    vec![st("w", [r(), hc()], ld("rhs", [v("t") * i(nr) + v("c")]))],
+                    vec![st("w", [r(), hc()], ld("wu", [v("t") * i(nr) + v("c")]))],
                 ),
                 for_(
                     "j",
@@ -479,7 +515,7 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
                     vec![st(
                         "u",
                         [r(), hj()],
-                        ld("rhs", [v("t") * i(nr) + i(dk) + v("j")]),
+                        ld("wu", [v("t") * i(nr) + i(dk) + v("j")]),
                     )],
                 ),
             ],
@@ -539,80 +575,204 @@ fn scan(
     let (h_n, dk, dv, w, c_n) = (sh.h_n, sh.dk, sh.dv, sh.w, CHUNK);
     let bv = tile(dv, SCAN_COLS);
     let wc = |c: Expr| if sh.channel { c } else { i(0) };
-    // Column jj of this program's block, key channel c of the state.
-    let s_at = |jj: Expr, c: Expr| ld("state", [v("s"), v("h"), v("j0") + jj, c]);
     let row = |t: Expr| v("c0") + t;
     let hk = |c: Expr| v("h") * i(dk) + c;
     let hv = |jj: Expr| v("h") * i(dv) + v("j0") + jj;
-    let vn = |x: Expr, jj: Expr| ld("vn", [x * i(bv) + jj]);
-
-    // Pairs (token x, column jj) of the chunk with jj fastest: lane-adjacent pairs read
-    // adjacent U and output columns.
-    let pair =
-        |q: &str, x: &str, jj: &str| vec![let_(x, v(q) / i(bv)), let_(jj, v(q) - v(x) * i(bv))];
-    // u = U − W S (delta rule) or U, for every token of the chunk.
-    let u = match sh.delta {
-        true => {
-            ld("u", [row(v("x")), hv(v("jj"))])
-                - sum(
-                    "c",
-                    i(0),
-                    i(dk),
-                    ld("w", [row(v("x")), hk(v("c"))]) * s_at(v("jj"), v("c")),
-                )
-        }
-        false => ld("u", [row(v("x")), hv(v("jj"))]),
+    // Flattened index `q` of a `[rows, cols]` local as (r, c).
+    let rc = |r: &str, c: &str, cols: usize| {
+        vec![let_(r, v("q") / i(cols)), let_(c, v("q") - v(r) * i(cols))]
     };
-    let mut fill = pair("q", "x", "jj");
-    fill.push(st("vn", [v("q")], u));
-    // o_t = (q_t ⊙ e^G_t)ᵀ S + Σ_(x ≤ t) M_qk[t, x] u_x.
-    let mut outs = pair("q", "t", "jj");
-    outs.push(st(
-        "o",
-        [row(v("t")), hv(v("jj"))],
-        sum(
-            "c",
-            i(0),
-            i(dk),
-            ld("qg", [row(v("t")), hk(v("c"))]) * s_at(v("jj"), v("c")),
-        ) + sum(
-            "x",
-            i(0),
-            v("t") + i(1),
-            ld("mq", [row(v("t")), v("h") * i(c_n) + v("x")]) * vn(v("x"), v("jj")),
+    let with = |mut pre: Vec<Stmt>, s: Stmt| {
+        pre.push(s);
+        pre
+    };
+    let state_at = || ld("state", [v("s"), v("h"), v("j0") + v("jj"), v("c")]);
+
+    // The chunk staged in locals, in the layouts the products read (their depth is the whole
+    // chunk, so what lies past its last token is zero): q ⊙ e^G and W by rows, `k ⊙ e^(G_L − G)`
+    // transposed, M_qk's causal part. The products are `dot` tiles: tensor cores on a GPU.
+    let mut stage = vec![for_par(
+        "q",
+        i(0),
+        v("l") * i(dk),
+        with(
+            rc("x", "c", dk),
+            st("ql", [v("q")], ld("qg", [row(v("x")), hk(v("c"))])),
         ),
-    ));
-    // S ← e^G_L ⊙ S + Σ_x (k_x ⊙ e^(G_L − G_x)) u_xᵀ, element by element (c fastest: the
-    // column is contiguous in the pool).
-    let advance = vec![
-        let_("jj", v("q") / i(dk)),
-        let_("c", v("q") - v("jj") * i(dk)),
-        st(
-            "state",
-            [v("s"), v("h"), v("j0") + v("jj"), v("c")],
-            s_at(v("jj"), v("c")) * ld("eg", [v("c0"), v("h") * i(w) + wc(v("c"))])
-                + sum(
-                    "x",
-                    i(0),
-                    v("l"),
-                    ld("kd", [row(v("x")), hk(v("c"))]) * vn(v("x"), v("jj")),
+    )];
+    if sh.delta {
+        stage.push(for_par(
+            "q",
+            i(0),
+            v("l") * i(dk),
+            with(
+                rc("x", "c", dk),
+                st("wl", [v("q")], ld("w", [row(v("x")), hk(v("c"))])),
+            ),
+        ));
+    }
+    let last = || v("l") - i(1);
+    stage.extend([
+        for_par(
+            "q",
+            i(0),
+            i(dk * c_n),
+            with(
+                rc("c", "x", c_n),
+                st(
+                    "kdt",
+                    [v("q")],
+                    select(
+                        lt(v("x"), v("l")),
+                        ld("kd", [row(min(v("x"), last())), hk(v("c"))]),
+                        f(0.0),
+                    ),
                 ),
+            ),
         ),
-    ];
-    let chunk = vec![
+        // (Rows past the chunk are not read: the product has l rows.)
+        for_par(
+            "q",
+            i(0),
+            v("l") * i(c_n),
+            with(
+                rc("t", "x", c_n),
+                st(
+                    "mql",
+                    [v("q")],
+                    select(
+                        le(v("x"), v("t")),
+                        ld("mq", [row(v("t")), v("h") * i(c_n) + v("x")]),
+                        f(0.0),
+                    ),
+                ),
+            ),
+        ),
+    ]);
+
+    // u = U − W S (delta rule) or U, transposed: ut[jj, x], zero past the chunk.
+    let mut chunk = vec![
         let_("c0", v("ci") * i(c_n)),
         let_("l", min(i(c_n), rows() - v("c0"))),
-        for_par("q", i(0), v("l") * i(bv), fill),
-        for_par("q", i(0), v("l") * i(bv), outs),
-        for_par("q", i(0), i(bv * dk), advance),
     ];
-    let body = vec![
-        local("vn", c_n * bv),
+    chunk.extend(stage);
+    let u_at = ld("u", [row(min(v("x"), last())), hv(v("jj"))]);
+    let u_val = if sh.delta {
+        chunk.push(dot(
+            view("ut", i(0), c_n),
+            view("sl", i(0), dk),
+            view("wl", i(0), dk),
+            i(bv),
+            v("l"),
+            dk,
+            false,
+        ));
+        u_at - ld("ut", [v("q")])
+    } else {
+        u_at
+    };
+    chunk.push(for_par(
+        "q",
+        i(0),
+        i(bv * c_n),
+        with(
+            rc("jj", "x", c_n),
+            st("ut", [v("q")], select(lt(v("x"), v("l")), u_val, f(0.0))),
+        ),
+    ));
+    // o = (Q ⊙ e^G) S + M_qk u.
+    chunk.extend([
+        dot(
+            view("ol", i(0), bv),
+            view("ql", i(0), dk),
+            view("sl", i(0), dk),
+            v("l"),
+            i(bv),
+            dk,
+            false,
+        ),
+        dot(
+            view("ol", i(0), bv),
+            view("mql", i(0), c_n),
+            view("ut", i(0), c_n),
+            v("l"),
+            i(bv),
+            c_n,
+            true,
+        ),
+        for_par(
+            "q",
+            i(0),
+            v("l") * i(bv),
+            with(
+                rc("t", "jj", bv),
+                st("o", [row(v("t")), hv(v("jj"))], ld("ol", [v("q")])),
+            ),
+        ),
+    ]);
+    // S ← e^G_L ⊙ S + (K ⊙ e^(G_L − G))ᵀ u, as Sᵀ[jj, c] += Σ_x ut[jj, x] kdt[c, x].
+    chunk.extend([
+        for_par(
+            "q",
+            i(0),
+            i(bv * dk),
+            with(
+                rc("jj", "c", dk),
+                st(
+                    "sl",
+                    [v("q")],
+                    ld("sl", [v("q")]) * ld("eg", [v("c0"), v("h") * i(w) + wc(v("c"))]),
+                ),
+            ),
+        ),
+        dot(
+            view("sl", i(0), dk),
+            view("ut", i(0), c_n),
+            view("kdt", i(0), c_n),
+            i(bv),
+            i(dk),
+            c_n,
+            true,
+        ),
+    ]);
+
+    let mut body = vec![
+        local("sl", bv * dk),
+        local("ql", c_n * dk),
+        local("kdt", dk * c_n),
+        local("mql", c_n * c_n),
+        local("ut", bv * c_n),
+        local("ol", c_n * bv),
+    ];
+    if sh.delta {
+        body.push(local("wl", c_n * dk));
+    }
+    body.extend([
         let_("h", pid(0)),
         let_("j0", pid(1) * i(bv)),
         let_("s", ld("slot", [i(0)])),
+        // The state's columns j0.. as rows of sl (contiguous in the pool).
+        for_par(
+            "q",
+            i(0),
+            i(bv * dk),
+            with(rc("jj", "c", dk), st("sl", [v("q")], state_at())),
+        ),
         for_("ci", i(0), (rows() + i(c_n - 1)) / i(c_n), chunk),
-    ];
+        for_par(
+            "q",
+            i(0),
+            i(bv * dk),
+            with(
+                rc("jj", "c", dk),
+                st(
+                    "state",
+                    [v("s"), v("h"), v("j0") + v("jj"), v("c")],
+                    ld("sl", [v("q")]),
+                ),
+            ),
+        ),
+    ]);
 
     let mut params = pick(io, &["state", "slot"]);
     if let Some(wt) = hand.w {
