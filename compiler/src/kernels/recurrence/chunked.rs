@@ -42,7 +42,7 @@ use lamina_ir::graph::{Decay, NodeIndex, Op, Recurrence, Update};
 use lamina_ir::kernel::build::*;
 use lamina_ir::kernel::{Dim, Expr, Param, Stmt};
 
-use super::{update_name, window, Operands, CONV_CHANNELS};
+use super::{update_name, Operands, CONV_CHANNELS};
 use crate::kernels::{act, launch, tile, Bind, Ctx, Launch, Value};
 
 /// Tokens per chunk.
@@ -104,6 +104,26 @@ struct Handoff {
     eg: Value,
 }
 
+impl Handoff {
+    /// The handoff as parameters: written by [`chunks`], read by [`scan`].
+    fn params(&self, sh: &Shape, write: bool) -> Vec<(Param, Bind)> {
+        let h_n = sh.h_n;
+        let mut p: Vec<(Param, Bind)> = self
+            .w
+            .map(|w| temp_param("w", h_n * sh.dk, w, write))
+            .into_iter()
+            .collect();
+        p.extend([
+            temp_param("u", h_n * sh.dv, self.u, write),
+            temp_param("qg", h_n * sh.dk, self.qg, write),
+            temp_param("kd", h_n * sh.dk, self.kd, write),
+            temp_param("mq", h_n * CHUNK, self.mq, write),
+            temp_param("eg", h_n * sh.w, self.eg, write),
+        ]);
+        p
+    }
+}
+
 pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     let Op::Recurrence { rec, .. } = &cx.graph.node(n).op else {
         unreachable!("recurrence builder")
@@ -125,10 +145,10 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         scan(cx, n, &io, &sh, &hand, raw),
     ];
     if let Some(raw) = raw {
-        launches.push(out_norm(cx, &io, &sh, raw));
+        launches.push(out_norm(cx, n, &io, &sh, raw));
     }
     if io.conv.is_some() {
-        launches.push(conv_commit(cx, &io, &sh));
+        launches.push(conv_commit(cx, n, &io, &sh));
     }
     launches
 }
@@ -532,17 +552,8 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
         })
         .cloned()
         .collect();
+    params.extend(hand.params(sh, true));
     let h_n = sh.h_n;
-    if let Some(wt) = hand.w {
-        params.push(temp_param("w", h_n * dk, wt, true));
-    }
-    params.extend([
-        temp_param("u", h_n * dv, hand.u, true),
-        temp_param("qg", h_n * dk, hand.qg, true),
-        temp_param("kd", h_n * dk, hand.kd, true),
-        temp_param("mq", h_n * c_n, hand.mq, true),
-        temp_param("eg", h_n * w, hand.eg, true),
-    ]);
     let mut nodes = io.nodes.clone();
     nodes.retain(|&m| Some(m) != cx.fusion.of(n).out_norm);
     let suffix = io.suffix.trim_end_matches("_gnorm");
@@ -775,16 +786,7 @@ fn scan(
     ]);
 
     let mut params = pick(io, &["state", "slot"]);
-    if let Some(wt) = hand.w {
-        params.push(temp_param("w", h_n * dk, wt, false));
-    }
-    params.extend([
-        temp_param("u", h_n * dv, hand.u, false),
-        temp_param("qg", h_n * dk, hand.qg, false),
-        temp_param("kd", h_n * dk, hand.kd, false),
-        temp_param("mq", h_n * c_n, hand.mq, false),
-        temp_param("eg", h_n * w, hand.eg, false),
-    ]);
+    params.extend(hand.params(sh, false));
     params.push(match raw {
         Some(t) => temp_param("o", h_n * dv, t, true),
         None => pick(io, &["o"]).remove(0),
@@ -805,7 +807,7 @@ fn scan(
 
 /// Step 3 (fused gated output norm): per (row, value head), the RMSNorm of the head's raw
 /// output row times the gate.
-fn out_norm(cx: &Ctx, io: &Operands, sh: &Shape, raw: Value) -> Launch {
+fn out_norm(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, raw: Value) -> Launch {
     let (eps, act_fn) = io.norm.expect("out_norm: a fused norm");
     let (h_n, dv) = (sh.h_n, sh.dv);
     let raw_at = || ld("raw", [v("t"), v("h") * i(dv) + v("jj")]);
@@ -841,8 +843,7 @@ fn out_norm(cx: &Ctx, io: &Operands, sh: &Shape, raw: Value) -> Launch {
         vec![Dim::Rows, Dim::N(h_n)],
         params,
         body,
-        // The norm is the last node of the fused group.
-        io.nodes[io.nodes.len() - 1..].to_vec(),
+        cx.fusion.of(n).out_norm.into_iter().collect(),
         cx.graph,
     )
 }
@@ -850,7 +851,7 @@ fn out_norm(cx: &Ctx, io: &Operands, sh: &Shape, raw: Value) -> Launch {
 /// Step 4 (fused short convs): each channel's conv state after the launch's rows (the window's
 /// last K−1 elements, in ascending order: each read is at or ahead of the write), per block of
 /// [`CONV_CHANNELS`] channels of q, k and v.
-fn conv_commit(cx: &Ctx, io: &Operands, sh: &Shape) -> Launch {
+fn conv_commit(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape) -> Launch {
     let kn = io.conv.expect("conv_commit: fused convs");
     let widths = [sh.hk_n * sh.dk, sh.hk_n * sh.dk, sh.h_n * sh.dv];
     let mut body = vec![
@@ -858,23 +859,13 @@ fn conv_commit(cx: &Ctx, io: &Operands, sh: &Shape) -> Launch {
         let_("b0", pid(0) * i(CONV_CHANNELS)),
     ];
     for (x, width) in ["q", "k", "v"].into_iter().zip(widths) {
-        let c = format!("c{x}");
         body.push(if_(
             lt(v("b0"), i(width)),
             vec![for_par(
                 "ch",
                 v("b0"),
                 min(v("b0") + i(CONV_CHANNELS), i(width)),
-                vec![for_(
-                    "e",
-                    i(0),
-                    i(kn - 1),
-                    vec![st(
-                        &c,
-                        [v("s"), v("ch"), v("e")],
-                        window(x, kn, rows() + v("e"), v("ch")),
-                    )],
-                )],
+                io.conv_commit(x, v("ch")),
             )],
         ));
     }
@@ -884,7 +875,7 @@ fn conv_commit(cx: &Ctx, io: &Operands, sh: &Shape) -> Launch {
         .copied()
         .unwrap_or(1)
         .div_ceil(CONV_CHANNELS);
-    let convs = io.nodes[..3].to_vec();
+    let convs = cx.fusion.of(n).conv.map(Vec::from).unwrap_or_default();
     launch(
         format!("short_conv_commit_k{kn}_q{}_v{}", widths[0], widths[2]),
         vec![Dim::N(blocks)],

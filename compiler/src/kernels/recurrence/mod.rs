@@ -14,7 +14,8 @@
 //!
 //! Fusions (decided by `passes::fuse`, shared by both forms): in the prologue, the L2 norms of
 //! q and k, β's sigmoid and the decay gate are computed from their inputs; in the epilogue, the
-//! gated RMSNorm over the head's output row (then a program owns the whole head).
+//! gated RMSNorm over the head's output row (decode: then a program owns the whole head;
+//! prefill: its own launch after the scan, see [`chunked`]).
 
 pub mod chunked;
 
@@ -261,28 +262,21 @@ impl Operands {
         )
     }
 
-    /// Prefill: the conv state of channels `lo..lo+n` of `x` after the launch's rows (the
-    /// window's last K-1 elements, written in ascending order: each read is at or ahead of the
-    /// write). (Decode shifts the states in [`conv_step`].)
-    pub fn conv_commit(&self, x: &str, lo: Expr, n: usize) -> Vec<Stmt> {
+    /// Prefill: the conv state of channel `ch` of `x` after the launch's rows (the window's
+    /// last K-1 elements, written in ascending order: each read is at or ahead of the write).
+    /// (Decode shifts the states in [`conv_step`].)
+    pub fn conv_commit(&self, x: &str, ch: Expr) -> Vec<Stmt> {
         let Some(kn) = self.conv else {
             return Vec::new();
         };
-        let c = format!("c{x}");
-        let ch = lo + v("cc");
         vec![for_(
-            "cc",
+            "e",
             i(0),
-            i(n),
-            vec![for_(
-                "e",
-                i(0),
-                i(kn - 1),
-                vec![st(
-                    &c,
-                    [v("s"), ch.clone(), v("e")],
-                    window(x, kn, rows() + v("e"), ch.clone()),
-                )],
+            i(kn - 1),
+            vec![st(
+                &format!("c{x}"),
+                [v("s"), ch.clone(), v("e")],
+                window(x, kn, rows() + v("e"), ch),
             )],
         )]
     }
