@@ -491,27 +491,68 @@ fn chunked_recurrences_are_chunk_parallel_on_tensor_cores() {
             "{example}"
         );
         assert!(!prefill.iter().any(|l| l.kernel.name.contains("_chunked")));
-        let kernels = [chunk, scan];
-        for k in &kernels {
-            assert_eq!(nvptx::lanes(k), nvptx::WARP, "{}", k.name);
+        warps_on_tf32_tensor_cores(&[chunk, scan]);
+    }
+}
+
+/// Each of `kernels` is a warp program with 3xTF32 `mma.sync` in its sm_90a PTX; ptxas: no
+/// spills, at least one block per SM.
+fn warps_on_tf32_tensor_cores(kernels: &[lamina_ir::kernel::Kernel]) {
+    for k in kernels {
+        assert_eq!(nvptx::lanes(k), nvptx::WARP, "{}", k.name);
+    }
+    let (ptx, _) = nvptx::compile_ptx(kernels, Target::Sm90a).unwrap();
+    for k in kernels {
+        let start = ptx.find(&format!(".entry {}(", k.name)).unwrap();
+        let end = ptx[start + 1..]
+            .find(".entry ")
+            .map_or(ptx.len(), |e| start + 1 + e);
+        assert!(
+            ptx[start..end].contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"),
+            "{}: no tf32 mma",
+            k.name
+        );
+    }
+    if ptxas_or_skip("warps_on_tf32_tensor_cores") {
+        for r in nvptx::ptxas(&ptx, Target::Sm90a).unwrap() {
+            assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{}", r.kernel);
+            assert!(r.blocks_per_sm(nvptx::BLOCK) >= 1, "{}", r.kernel);
         }
-        let (ptx, _) = nvptx::compile_ptx(&kernels, Target::Sm90a).unwrap();
-        for k in &kernels {
-            let start = ptx.find(&format!(".entry {}(", k.name)).unwrap();
-            let end = ptx[start + 1..]
-                .find(".entry ")
-                .map_or(ptx.len(), |e| start + 1 + e);
-            assert!(
-                ptx[start..end].contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"),
-                "{}: no tf32 mma",
+    }
+}
+
+/// GQA prefill attends flash-style: a warp program per (64 query rows, head), logits and
+/// value products as tensor-core tiles (Qwen3-Next's 256-wide heads, MiniMax's 128-wide);
+/// decode keeps its split-sequence kernels.
+#[test]
+fn gqa_prefill_is_flash_attention_on_tensor_cores() {
+    use lamina_compiler::kernels::attention::FLASH_Q;
+    use lamina_compiler::kernels::Phase;
+    use lamina_ir::kernel::Dim;
+    for (example, heads) in [
+        ("qwen3-next-80b-a3b.toml", 16),
+        ("minimax-text-01.toml", 64),
+    ] {
+        let m = Model::open(&repo().join("examples").join(example)).unwrap();
+        let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options()).unwrap();
+        let attend: Vec<_> = p.schedules[&Phase::Prefill]
+            .iter()
+            .filter(|l| l.kernel.name.starts_with("gqa_"))
+            .map(|l| l.kernel.clone())
+            .collect();
+        assert!(!attend.is_empty(), "{example}");
+        for k in &attend {
+            assert!(k.name.starts_with("gqa_flash_"), "{}", k.name);
+            assert_eq!(
+                k.grid,
+                vec![Dim::RowBlocks(FLASH_Q), Dim::N(heads)],
+                "{}",
                 k.name
             );
         }
-        if ptxas_or_skip("chunked_recurrences_are_chunk_parallel_on_tensor_cores") {
-            for r in nvptx::ptxas(&ptx, Target::Sm90a).unwrap() {
-                assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{}", r.kernel);
-                assert!(r.blocks_per_sm(nvptx::BLOCK) >= 1, "{}", r.kernel);
-            }
-        }
+        assert!(p.schedules[&Phase::Decode]
+            .iter()
+            .any(|l| l.kernel.name.starts_with("gqa_attend_")));
+        warps_on_tf32_tensor_cores(&attend[..1]);
     }
 }

@@ -7,6 +7,10 @@
 //! absorbed form: `q̃ = W_UKᵀ q_nope` against the latent cache, the latent-space output mapped
 //! back with `W_UV`, so keys and values are never expanded.
 //!
+//! GQA prefill is flash-attention style instead ([`gqa_flash`]): 64 query rows per program, the
+//! logits and the value products of each 32-key tile as `dot` tiles (tensor cores on a GPU).
+//! (MLA prefill still runs the 4-query blocks of [`attend_block`].)
+//!
 //! Decode with `Ctx::decode_splits = S > 1` splits the cached positions into `S` pieces of
 //! whole key tiles (split-sequence, "flash decoding"): one program per (row, head, piece)
 //! leaves its piece's running max, sum and unnormalised output; a combine kernel per
@@ -455,6 +459,12 @@ pub fn gqa(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         vec![("k", a(ins[1]), kw), ("v", a(ins[2]), hkv * vd)],
         *cache,
     );
+    if cx.phase == Phase::Prefill {
+        return vec![
+            write,
+            gqa_flash(cx, n, ins, (hq, hkv, hd, vd), *scale, *cache),
+        ];
+    }
     let (bq, rows_block) = block_rows(cx);
     let terms = [Term {
         query: Box::new(|q, e| ld("q", [v(&format!("rq{q}")), pid(1) * i(hd) + e])),
@@ -531,6 +541,223 @@ pub fn gqa(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         g,
     );
     vec![write, attend]
+}
+
+/// Query rows per program of the flash-style GQA prefill.
+pub const FLASH_Q: usize = 64;
+/// Keys per tile of the flash-style GQA prefill.
+pub const FLASH_K: usize = 32;
+
+/// GQA prefill, flash-attention style: one program per ([`FLASH_Q`] query rows, head), keys
+/// in tiles of [`FLASH_K`]: the query block and each key tile (values transposed) staged in
+/// locals, the logits `Q Kᵀ` and the update `acc += P V` as `dot` tiles (tensor cores on a
+/// GPU), the online softmax per query row in between (running max and sum, the accumulator
+/// rescaled once per tile). The rows of a prefill launch are consecutive positions of one
+/// sequence, so the last row sees the most keys: `pos[last] + 1`.
+fn gqa_flash(
+    cx: &Ctx,
+    n: NodeIndex,
+    ins: &[NodeIndex],
+    (hq, hkv, hd, vd): (usize, usize, usize, usize),
+    scale: f64,
+    cache: lamina_ir::graph::StateId,
+) -> Launch {
+    let (fq, fk) = (FLASH_Q, FLASH_K);
+    let kw = hkv * hd;
+    let row = || v("r0") + v("t");
+    let sc = |jj: Expr| ld("sc", [v("t") * i(fk) + jj]);
+    // Key jj of the tile is visible to row t: position j0 + jj < pos[t] + 1.
+    let visible = |jj: Expr| lt(v("j0") + jj, v("pt"));
+    let softmax = vec![
+        let_("pt", ld("pos", [row()]) + i(1)),
+        if_(
+            lt(v("j0"), v("pt")),
+            vec![
+                let_(
+                    "m2",
+                    max(
+                        ld("m", [v("t")]),
+                        max_over(
+                            "jj",
+                            i(0),
+                            min(v("nb"), v("pt") - v("j0")),
+                            f(scale) * sc(v("jj")),
+                        ),
+                    ),
+                ),
+                let_("corr", exp(ld("m", [v("t")]) - v("m2"))),
+                // Probabilities; zero past the row's position and past the tile (the product
+                // below runs over the whole tile).
+                for_(
+                    "jj",
+                    i(0),
+                    v("nb"),
+                    vec![st(
+                        "sc",
+                        [v("t") * i(fk) + v("jj")],
+                        select(
+                            visible(v("jj")),
+                            exp(f(scale) * sc(v("jj")) - v("m2")),
+                            f(0.0),
+                        ),
+                    )],
+                ),
+                for_(
+                    "jj",
+                    v("nb"),
+                    i(fk),
+                    vec![st("sc", [v("t") * i(fk) + v("jj")], f(0.0))],
+                ),
+                st(
+                    "l",
+                    [v("t")],
+                    ld("l", [v("t")]) * v("corr") + sum("jj", i(0), v("nb"), sc(v("jj"))),
+                ),
+                st("m", [v("t")], v("m2")),
+                for_(
+                    "d",
+                    i(0),
+                    i(vd),
+                    vec![st(
+                        "acc",
+                        [v("t") * i(vd) + v("d")],
+                        ld("acc", [v("t") * i(vd) + v("d")]) * v("corr"),
+                    )],
+                ),
+            ],
+        ),
+        if_(
+            ge(v("j0"), v("pt")),
+            vec![for_(
+                "jj",
+                i(0),
+                i(fk),
+                vec![st("sc", [v("t") * i(fk) + v("jj")], f(0.0))],
+            )],
+        ),
+    ];
+    // Key jj of the tile, clamped to the last key (a select below evaluates it past the tile).
+    let j = || min(v("j0") + v("jj"), v("nk") - i(1));
+    let key = |e: Expr| ld("cache", [v("s"), j(), v("kvh") * i(hd) + e]);
+    let value = |d: Expr| ld("cache", [v("s"), j(), i(kw) + v("kvh") * i(vd) + d]);
+    let tile = vec![
+        let_("j0", v("jt") * i(fk)),
+        let_("nb", min(i(fk), v("nk") - v("j0"))),
+        for_par(
+            "jj",
+            i(0),
+            i(fk),
+            vec![
+                if_(
+                    lt(v("jj"), v("nb")),
+                    vec![for_(
+                        "e",
+                        i(0),
+                        i(hd),
+                        vec![st("kt", [v("jj") * i(hd) + v("e")], key(v("e")))],
+                    )],
+                ),
+                for_(
+                    "d",
+                    i(0),
+                    i(vd),
+                    vec![st(
+                        "vt",
+                        [v("d") * i(fk) + v("jj")],
+                        select(lt(v("jj"), v("nb")), value(v("d")), f(0.0)),
+                    )],
+                ),
+            ],
+        ),
+        dot(
+            view("sc", i(0), fk),
+            view("qt", i(0), hd),
+            view("kt", i(0), hd),
+            v("nq"),
+            v("nb"),
+            hd,
+            false,
+        ),
+        for_par("t", i(0), v("nq"), softmax),
+        dot(
+            view("acc", i(0), vd),
+            view("sc", i(0), fk),
+            view("vt", i(0), fk),
+            v("nq"),
+            i(vd),
+            fk,
+            true,
+        ),
+    ];
+    let body = vec![
+        local("qt", fq * hd),
+        local("kt", fk * hd),
+        local("vt", vd * fk),
+        local("sc", fq * fk),
+        local("acc", fq * vd),
+        local("m", fq),
+        local("l", fq),
+        let_("r0", pid(0) * i(fq)),
+        let_("nq", min(i(fq), rows() - v("r0"))),
+        let_("s", ld("slot", [v("r0")])),
+        let_("kvh", pid(1) / i(hq / hkv)),
+        let_("nk", ld("pos", [v("r0") + v("nq") - i(1)]) + i(1)),
+        for_par(
+            "t",
+            i(0),
+            v("nq"),
+            vec![
+                for_(
+                    "e",
+                    i(0),
+                    i(hd),
+                    vec![st(
+                        "qt",
+                        [v("t") * i(hd) + v("e")],
+                        ld("q", [row(), pid(1) * i(hd) + v("e")]),
+                    )],
+                ),
+                for_(
+                    "d",
+                    i(0),
+                    i(vd),
+                    vec![st("acc", [v("t") * i(vd) + v("d")], f(0.0))],
+                ),
+                st("m", [v("t")], f(f64::NEG_INFINITY)),
+                st("l", [v("t")], f(0.0)),
+            ],
+        ),
+        for_("jt", i(0), (v("nk") + i(fk - 1)) / i(fk), tile),
+        for_par(
+            "t",
+            i(0),
+            v("nq"),
+            vec![for_(
+                "d",
+                i(0),
+                i(vd),
+                vec![st(
+                    "o",
+                    [row(), pid(1) * i(vd) + v("d")],
+                    ld("acc", [v("t") * i(vd) + v("d")]) / ld("l", [v("t")]),
+                )],
+            )],
+        ),
+    ];
+    launch(
+        format!("gqa_flash_h{hq}x{hkv}_d{hd}_v{vd}_q{fq}_k{fk}"),
+        vec![Dim::RowBlocks(fq), Dim::N(hq)],
+        vec![
+            (input("q", &act(hq * hd)), a(ins[0])),
+            cx.state("cache", cache),
+            (rows_i64("slot"), Bind::Slot),
+            (rows_i64("pos"), Bind::Pos),
+            (output("o", &act(hq * vd)), a(n)),
+        ],
+        body,
+        vec![n],
+        cx.graph,
+    )
 }
 
 /// MLA (absorbed): returns the latent cache write and the attend launch.
