@@ -488,13 +488,13 @@ pub fn gqa(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         let attend = launch(
             format!("gqa_attend_h{hq}x{hkv}_d{hd}_v{vd}_q1_split{s}"),
             vec![Dim::Rows, Dim::N(hq), Dim::N(s)],
-            vec![
-                (input("q", &act(hq * hd)), a(ins[0])),
-                cx.state("cache", *cache),
-                (rows_i64("slot"), Bind::Slot),
-                (rows_i64("pos"), Bind::Pos),
+            gqa_params(
+                cx,
+                ins,
+                hq * hd,
+                *cache,
                 (output("part", &act(width)), Bind::Act(part)),
-            ],
+            ),
             inner,
             vec![n],
             g,
@@ -529,18 +529,30 @@ pub fn gqa(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     let attend = launch(
         format!("gqa_attend_h{hq}x{hkv}_d{hd}_v{vd}_q{bq}"),
         block_grid(bq, hq),
-        vec![
-            (input("q", &act(hq * hd)), a(ins[0])),
-            cx.state("cache", *cache),
-            (rows_i64("slot"), Bind::Slot),
-            (rows_i64("pos"), Bind::Pos),
-            (output("o", &act(hq * vd)), a(n)),
-        ],
+        gqa_params(cx, ins, hq * hd, *cache, (output("o", &act(hq * vd)), a(n))),
         inner,
         vec![n],
         g,
     );
     vec![write, attend]
+}
+
+/// The parameters of a GQA attend kernel: the queries (`q_cols` wide), the cache, the rows'
+/// slots and positions, then `out`.
+fn gqa_params(
+    cx: &Ctx,
+    ins: &[NodeIndex],
+    q_cols: usize,
+    cache: lamina_ir::graph::StateId,
+    out: (lamina_ir::kernel::Param, Bind),
+) -> Vec<(lamina_ir::kernel::Param, Bind)> {
+    vec![
+        (input("q", &act(q_cols)), a(ins[0])),
+        cx.state("cache", cache),
+        (rows_i64("slot"), Bind::Slot),
+        (rows_i64("pos"), Bind::Pos),
+        out,
+    ]
 }
 
 /// Query rows per program of the flash-style GQA prefill.
@@ -747,13 +759,7 @@ fn gqa_flash(
     launch(
         format!("gqa_flash_h{hq}x{hkv}_d{hd}_v{vd}_q{fq}_k{fk}"),
         vec![Dim::RowBlocks(fq), Dim::N(hq)],
-        vec![
-            (input("q", &act(hq * hd)), a(ins[0])),
-            cx.state("cache", cache),
-            (rows_i64("slot"), Bind::Slot),
-            (rows_i64("pos"), Bind::Pos),
-            (output("o", &act(hq * vd)), a(n)),
-        ],
+        gqa_params(cx, ins, hq * hd, cache, (output("o", &act(hq * vd)), a(n))),
         body,
         vec![n],
         cx.graph,
