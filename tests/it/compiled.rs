@@ -509,6 +509,29 @@ fn wide_recurrences_span_several_scan_programs() {
     check_model_with(&spec, &[70], false, 32, 1, false);
 }
 
+/// MLA prefill (flash-style, absorbed) where the slabbed weight products have whole slabs and
+/// a ragged last one: `q_nope·W_UK` over 48 = 32 + 16 columns, `W_UV·acc` over the latent width
+/// 80 = 2·32 + 16, value width 40; prompts within one 64-row block, over several blocks and
+/// key tiles, and across two prefill launches (300 = 256 + 44, the second attending to keys
+/// of the first); lanes emulated and not.
+#[test]
+fn wide_mla_prefill_spans_several_weight_slabs() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("wide-mla.toml");
+    std::fs::write(
+        &spec,
+        "name = \"wide-mla\"\nvocab_size = 97\nhidden_size = 64\nnum_layers = 2\n\n[norm]\neps = 1e-6\n\n\
+         [layers]\npattern = \"A\"\nffn_pattern = \"F\"\n\n\
+         [mixer.A]\nkind = \"mla\"\nheads = 2\nq_lora_rank = 24\nkv_lora_rank = 80\n\
+         qk_nope_head_dim = 48\nqk_rope_head_dim = 16\nv_head_dim = 40\n\n\
+         [mixer.A.rope]\ntheta = 10000.0\nrotary_dim = 16\n\n\
+         [ffn.F]\nkind = \"swiglu\"\nintermediate = 96\n",
+    )
+    .unwrap();
+    check_model(&spec, &[1, 70, 300]);
+    check_model_with(&spec, &[130], false, 32, 1, false);
+}
+
 /// Split-sequence decode attention: the cached positions in 4 pieces (3 key tiles each at
 /// context 320), partials merged by the combine kernel, for GQA (qwen3-next, minimax) and MLA
 /// (kimi, deepseek), at positions where one piece holds everything (the others are empty) and

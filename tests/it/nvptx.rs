@@ -521,28 +521,31 @@ fn warps_on_tf32_tensor_cores(kernels: &[lamina_ir::kernel::Kernel]) {
     }
 }
 
-/// GQA prefill attends flash-style: a warp program per (64 query rows, head), logits and
-/// value products as tensor-core tiles (Qwen3-Next's 256-wide heads, MiniMax's 128-wide);
-/// decode keeps its split-sequence kernels.
+/// Prefill attends flash-style: a warp program per (64 query rows, head), logits and value
+/// products as tensor-core tiles; GQA (Qwen3-Next's 256-wide heads, MiniMax's 128-wide) and
+/// absorbed MLA (Kimi's and DeepSeek-V3's 576-wide latent keys, with the `W_UK`/`W_UV`
+/// products). Decode keeps its split-sequence kernels.
 #[test]
-fn gqa_prefill_is_flash_attention_on_tensor_cores() {
+fn prefill_attention_is_flash_attention_on_tensor_cores() {
     use lamina_compiler::kernels::attention::FLASH_Q;
     use lamina_compiler::kernels::Phase;
     use lamina_ir::kernel::Dim;
-    for (example, heads) in [
-        ("qwen3-next-80b-a3b.toml", 16),
-        ("minimax-text-01.toml", 64),
+    for (example, family, heads) in [
+        ("qwen3-next-80b-a3b.toml", "gqa_", 16),
+        ("minimax-text-01.toml", "gqa_", 64),
+        ("kimi-linear-48b-a3b.toml", "mla_", 32),
+        ("deepseek-v3.toml", "mla_", 128),
     ] {
         let m = Model::open(&repo().join("examples").join(example)).unwrap();
         let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options()).unwrap();
         let attend: Vec<_> = p.schedules[&Phase::Prefill]
             .iter()
-            .filter(|l| l.kernel.name.starts_with("gqa_"))
+            .filter(|l| l.kernel.name.starts_with(family))
             .map(|l| l.kernel.clone())
             .collect();
         assert!(!attend.is_empty(), "{example}");
         for k in &attend {
-            assert!(k.name.starts_with("gqa_flash_"), "{}", k.name);
+            assert!(k.name.starts_with(&format!("{family}flash_")), "{}", k.name);
             assert_eq!(
                 k.grid,
                 vec![Dim::RowBlocks(FLASH_Q), Dim::N(heads)],
@@ -552,7 +555,7 @@ fn gqa_prefill_is_flash_attention_on_tensor_cores() {
         }
         assert!(p.schedules[&Phase::Decode]
             .iter()
-            .any(|l| l.kernel.name.starts_with("gqa_attend_")));
+            .any(|l| l.kernel.name.starts_with(&format!("{family}attend_"))));
         warps_on_tf32_tensor_cores(&attend[..1]);
     }
 }
