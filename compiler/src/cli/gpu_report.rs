@@ -145,31 +145,55 @@ pub fn gpu_report(
             gpu.flops / 1e12
         );
         println!(
-            "{:<64} {:>8} {:>9} {:>12} {:>12} {:>12}",
-            "kernel", "launches", "blocks", "MFLOP/launch", "MB/launch", "roofline µs"
+            "{:<64} {:>8} {:>9} {:>12} {:>12} {:>12} {:>12} {:>12}",
+            "kernel",
+            "launches",
+            "blocks",
+            "MFLOP/launch",
+            "MB/launch",
+            "roofline µs",
+            "scratch MB",
+            "scratch µs"
         );
-        let (mut t, mut flops, mut bytes) = (0.0, 0.0, 0.0);
+        let (mut t, mut flops, mut bytes, mut scratch_t) = (0.0, 0.0, 0.0, 0.0);
         for r in &rows_v {
             let time = r.roofline(gpu);
             t += time;
             flops += r.work.flops * r.launches as f64;
             bytes += r.work.dram_bytes() * r.launches as f64;
+            // Warp programs keep their locals in global scratch: its traffic, and the time it
+            // takes if none of it stays in L1/L2 (an upper bound).
+            let (scratch, scratch_time) = if nvptx::scratch_bytes(r.kernel) > 0 {
+                let s = r.work.scratch_bytes;
+                scratch_t += r.launches as f64 * s / gpu.bandwidth;
+                (
+                    format!("{:.3}", s / 1e6),
+                    format!("{:.2}", s / gpu.bandwidth * 1e6),
+                )
+            } else {
+                ("-".into(), "-".into())
+            };
             println!(
-                "{:<64} {:>8} {:>9} {:>12.3} {:>12.3} {:>12.2}",
+                "{:<64} {:>8} {:>9} {:>12.3} {:>12.3} {:>12.2} {:>12} {:>12}",
                 r.kernel.name,
                 r.launches,
                 r.blocks,
                 r.work.flops / 1e6,
                 r.work.dram_bytes() / 1e6,
-                time * 1e6
+                time * 1e6,
+                scratch,
+                scratch_time
             );
         }
         println!(
-            "{} total: {:.2} GFLOP, {:.3} GB, roofline {:.1} µs",
+            "{} total: {:.2} GFLOP, {:.3} GB, roofline {:.1} µs; warp programs' scratch traffic \
+             {:.1} µs more if it all reached HBM (an upper bound: L1/L2 hits are faster; locals \
+             staged in shared memory or registers remove it)",
             phase.name(),
             flops / 1e9,
             bytes / 1e9,
-            t * 1e6
+            t * 1e6,
+            scratch_t * 1e6
         );
     }
     Ok(())

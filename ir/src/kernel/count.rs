@@ -11,6 +11,10 @@
 //! variable `x` is taken below it); other data-dependent conditions are assumed to hold. Every f32 arithmetic or transcendental operation counts as
 //! one FLOP, a multiply-add as two. Bytes are counted as issued (a value loaded twice counts
 //! twice): [`Work::dram_bytes`] caps them by the parameters' footprint for the roofline.
+//! Bytes loaded from and stored to locals are counted apart ([`Work::scratch_bytes`]): a GPU
+//! warp program keeps its locals in a global scratch buffer, so they cost memory traffic
+//! (cached or not) that the parameters' roofline does not show; a tile operation moves its
+//! operands as the GPU's tensor-core tiles read them.
 
 use std::collections::HashMap;
 
@@ -26,6 +30,8 @@ pub struct Work {
     /// DRAM traffic estimate: per parameter, the bytes issued to it, at most its footprint at
     /// this row count (a tile loaded by many programs is read from DRAM once).
     pub dram_bytes: f64,
+    /// Bytes loaded from and stored to locals, as issued by the programs.
+    pub scratch_bytes: f64,
 }
 
 impl Work {
@@ -122,6 +128,7 @@ pub fn launch_work(k: &Kernel, rows: usize, data: (f64, f64)) -> Work {
         load_bytes: c.work.load_bytes * programs,
         store_bytes: c.work.store_bytes * programs,
         dram_bytes,
+        scratch_bytes: c.work.scratch_bytes * programs,
     }
 }
 
@@ -132,8 +139,10 @@ impl Counter<'_> {
         }
     }
 
-    fn elem_bytes(&self, buf: &str) -> Option<f64> {
+    /// Bytes per element of parameter `buf`; a local's accesses are counted as scratch.
+    fn elem_bytes(&mut self, buf: &str, times: f64) -> Option<f64> {
         if self.locals.contains(buf) {
+            self.work.scratch_bytes += 4.0 * times;
             return None;
         }
         self.k.param(buf).map(|p| p.elem.bytes() as f64)
@@ -153,7 +162,7 @@ impl Counter<'_> {
                     self.expr(i, times);
                 }
                 self.expr(value, times);
-                if let Some(b) = self.elem_bytes(buf) {
+                if let Some(b) = self.elem_bytes(buf, times) {
                     self.work.store_bytes += b * times;
                     *self.per_buf.entry(buf.clone()).or_default() += b * times;
                 }
@@ -271,23 +280,42 @@ impl Counter<'_> {
         self.vars = saved;
     }
 
+    /// Tiles work on f32 locals: their FLOPs, and their operands' scratch traffic.
     fn tile(&mut self, op: &TileOp, times: f64) {
-        // Tiles work on locals: FLOPs only.
-        match op {
-            TileOp::Dot { m, n, depth, .. } => {
+        let (flops, elems) = match op {
+            TileOp::Dot {
+                m,
+                n,
+                depth,
+                accumulate,
+                ..
+            } => {
                 let (_, m) = self.expr(m, times);
                 let (_, n) = self.expr(n, times);
-                self.work.flops += 2.0 * m.mean * n.mean * *depth as f64 * times;
+                let (m, n, d) = (m.mean, n.mean, *depth as f64);
+                // As `expand::dots_on_tensor_cores` tiles it: each output tile of DOT_TILE²
+                // reads its rows of `a` and of `b` over the depth; `out` written once (and
+                // read first when accumulating).
+                let t = super::expand::DOT_TILE as f64;
+                let out = m * n * if *accumulate { 2.0 } else { 1.0 };
+                (
+                    2.0 * m * n * d,
+                    m * d * (n / t).ceil() + n * d * (m / t).ceil() + out,
+                )
             }
             TileOp::Cumsum { rows, cols, .. } => {
                 let (_, r) = self.expr(rows, times);
-                self.work.flops += r.mean * *cols as f64 * times;
+                (r.mean * *cols as f64, 2.0 * r.mean * *cols as f64)
             }
             TileOp::TriSolve { n, cols, .. } => {
+                // Row i: its i entries of `l` and i earlier rows of `x`, then row i written.
                 let (_, n) = self.expr(n, times);
-                self.work.flops += n.mean * n.mean * *cols as f64 * times;
+                let (n, c) = (n.mean, *cols as f64);
+                (n * n * c, n * n / 2.0 * (1.0 + c) + 2.0 * n * c)
             }
-        }
+        };
+        self.work.flops += flops * times;
+        self.work.scratch_bytes += 4.0 * elems * times;
     }
 
     /// The interval of int `e`, counting no work.
@@ -311,7 +339,7 @@ impl Counter<'_> {
                 for i in idx {
                     self.expr(i, times);
                 }
-                if let Some(bytes) = self.elem_bytes(b) {
+                if let Some(bytes) = self.elem_bytes(b, times) {
                     self.work.load_bytes += bytes * times;
                     *self.per_buf.entry(b.clone()).or_default() += bytes * times;
                 }
@@ -541,5 +569,42 @@ mod tests {
         let w = launch_work(&k, 1, (0.0, 100.0));
         // 50 trips × (one add in the body + one accumulate).
         assert_eq!(w.flops, 100.0);
+    }
+
+    #[test]
+    fn locals_and_tiles_count_as_scratch_traffic() {
+        // A local store, then `c += a·bᵀ` over 64 × 32 × 16: as 32 × 32 tensor-core tiles, `a`
+        // is read once (one column tile), `b` twice (two row tiles), `c` read and written.
+        let k = Kernel {
+            name: "tile".into(),
+            nodes: vec![],
+            grid: vec![Dim::N(3)],
+            params: vec![param("y", vec![Dim::N(3)], Access::Write)],
+            body: vec![
+                local("a", 64 * 16),
+                local("b", 32 * 16),
+                local("c", 64 * 32),
+                st("a", [i(0)], f(1.0)),
+                dot(
+                    view("c", i(0), 32),
+                    view("a", i(0), 16),
+                    view("b", i(0), 16),
+                    i(64),
+                    i(32),
+                    16,
+                    true,
+                ),
+                st("y", [pid(0)], ld("c", [i(0)])),
+            ],
+        };
+        let w = launch_work(&k, 1, (0.0, 0.0));
+        let elems = 1.0 + 64.0 * 16.0 + 2.0 * 32.0 * 16.0 + 2.0 * 64.0 * 32.0 + 1.0;
+        assert_eq!(w.scratch_bytes, 3.0 * 4.0 * elems);
+        assert_eq!(w.flops, 3.0 * 2.0 * 64.0 * 32.0 * 16.0);
+        // Only the parameter's bytes reach the roofline.
+        assert_eq!(
+            (w.load_bytes, w.store_bytes, w.dram_bytes()),
+            (0.0, 12.0, 12.0)
+        );
     }
 }
