@@ -389,6 +389,66 @@ fn tensor_core_tiles_match_the_reference() {
     );
 }
 
+/// Tensor-core plans store the activations that only GEMMs read (attention and recurrence
+/// outputs before `o_proj`, SwiGLU outputs, the experts' intermediate rows) as bf16; the GEMMs
+/// round their operands to bf16 anyway, so the logits are bit for bit those of the same plan
+/// with every activation f32 (`keep_values` plans keep all f32), in prefill (two launches) and
+/// decode. And the plan really is narrower: some activation parameters are bf16.
+#[test]
+fn bf16_gemm_operands_change_no_bit() {
+    use lamina_compiler::kernels::{Bind, Phase};
+    use lamina_ir::kernel::Elem;
+    for ex in [
+        "examples/qwen3-next-tiny.toml",
+        "examples/kimi-linear-tiny.toml",
+        "examples/minimax-tiny.toml",
+        "examples/deepseek-v3-tiny.toml",
+    ] {
+        let path = repo().join(ex);
+        let options = |keep_values| Options {
+            max_batch: 2,
+            max_context: 320,
+            max_prefill_rows: 256,
+            keep_values,
+            weights_bf16: true,
+            host_lanes: 1,
+            decode_splits: 1,
+            tensor_cores: true,
+        };
+        let m = Model::open(&path).unwrap();
+        for (keep, want_bf16) in [(false, true), (true, false)] {
+            let (p, _) = lamina_compiler::build::compile_program(&m, options(keep)).unwrap();
+            for phase in [Phase::Prefill, Phase::Decode] {
+                let narrow = p.schedules[&phase]
+                    .iter()
+                    .flat_map(|l| l.kernel.params.iter().zip(&l.args))
+                    .filter(|(q, b)| matches!(b, Bind::Act(_)) && q.elem == Elem::Bf16)
+                    .count();
+                assert_eq!(narrow > 0, want_bf16, "{ex} {phase:?} keep_values {keep}");
+            }
+        }
+        let (_, mut narrow, _d1) = engine(&path, options(false), 0);
+        let (_, mut wide, _d2) = engine(&path, options(true), 0);
+        let p = prompt(300, m.graph.vocab_size, 5);
+        let mut got = Vec::new();
+        for e in [&mut narrow, &mut wide] {
+            e.reset(0).unwrap();
+            let mut logits = e.prefill(0, &p).unwrap().to_vec();
+            for tok in [3, 11] {
+                logits.extend(e.decode(&[(0, tok)]).unwrap().iter());
+            }
+            assert!(logits.iter().all(|x| x.is_finite()), "{ex}");
+            got.push(logits);
+        }
+        let differ = got[0]
+            .iter()
+            .zip(&got[1])
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(differ, 0, "{ex}: {differ} logits differ");
+    }
+}
+
 /// Tensor-core plans op by op, without drift across layers: every projection and MoE node
 /// whose value the plan keeps, recomputed by the reference (f64, the same bf16 rounding of its
 /// GEMM inputs) from the plan's own input to that node. Only this op's arithmetic differs, so

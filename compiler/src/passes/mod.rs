@@ -7,8 +7,10 @@
 //! 3. `lower-to-kernels`: per phase, every unfused op (with what it absorbs) to kernel
 //!    launches ([`crate::kernels`]);
 //! 4. `weight-precision`: weights read as bf16 when the build asks for it ([`precision`]);
-//! 5. `dedupe-kernels`: identical kernels (same signature) shared by every launch;
-//! 6. `plan-memory`: liveness-based arena offsets for every activation, per phase.
+//! 5. `activation-precision`: in tensor-core plans, activations that are only ever GEMM
+//!    operands stored as bf16 ([`precision::ActivationPrecision`]);
+//! 6. `dedupe-kernels`: identical kernels (same signature) shared by every launch;
+//! 7. `plan-memory`: liveness-based arena offsets for every activation, per phase.
 
 pub mod dedupe;
 pub mod fuse;
@@ -190,6 +192,7 @@ pub fn pipeline() -> Vec<Box<dyn Pass>> {
         Box::new(fuse::Fuse),
         Box::new(lower::LowerToKernels),
         Box::new(precision::WeightPrecision),
+        Box::new(precision::ActivationPrecision),
         Box::new(dedupe::DedupeKernels),
         Box::new(memory::PlanMemory),
     ]
