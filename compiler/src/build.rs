@@ -197,18 +197,20 @@ pub fn make_plan(
                 offset_per_row: off,
                 bytes_per_row: bytes,
             },
+            // Node values readable as f32 rows (`HostEngine::value`): those stored as bf16
+            // (GEMM-only activations of tensor-core plans) are left out.
             values: mem
                 .slots
                 .iter()
                 .filter_map(|(v, &(o, b))| match v {
-                    Value::Node(n) => Some((
+                    Value::Node(n) if b == 4 * g.node(*n).ty.cols.unwrap_or(1) => Some((
                         g.node(*n).name.clone(),
                         Arg::Arena {
                             offset_per_row: o,
                             bytes_per_row: b,
                         },
                     )),
-                    Value::Temp(..) => None,
+                    _ => None,
                 })
                 .collect(),
         });

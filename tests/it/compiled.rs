@@ -446,6 +446,16 @@ fn bf16_gemm_operands_change_no_bit() {
             .filter(|(a, b)| a.to_bits() != b.to_bits())
             .count();
         assert_eq!(differ, 0, "{ex}: {differ} logits differ");
+        // Values stored as bf16 are not offered as f32 rows.
+        let mut hidden = 0;
+        for n in m.graph.schedule() {
+            let node = m.graph.node(n);
+            match narrow.value(true, &node.name, 1) {
+                Some(v) => assert_eq!(v.len(), node.ty.cols.unwrap_or(1), "{ex} {}", node.name),
+                None => hidden += 1,
+            }
+        }
+        assert!(hidden > 0, "{ex}: every decode value offered");
     }
 }
 

@@ -145,14 +145,14 @@ pub fn gpu_report(
             gpu.flops / 1e12
         );
         println!(
-            "{:<64} {:>8} {:>9} {:>12} {:>12} {:>12} {:>12} {:>12}",
+            "{:<64} {:>8} {:>9} {:>12} {:>12} {:>12} {:>17} {:>12}",
             "kernel",
             "launches",
             "blocks",
             "MFLOP/launch",
             "MB/launch",
             "roofline µs",
-            "scratch MB",
+            "scratch MB/launch",
             "scratch µs"
         );
         let (mut t, mut flops, mut bytes, mut scratch_t) = (0.0, 0.0, 0.0, 0.0);
@@ -161,20 +161,19 @@ pub fn gpu_report(
             t += time;
             flops += r.work.flops * r.launches as f64;
             bytes += r.work.dram_bytes() * r.launches as f64;
-            // Warp programs keep their locals in global scratch: its traffic, and the time it
-            // takes if none of it stays in L1/L2 (an upper bound).
+            // Warp programs keep their locals in global scratch: its traffic per launch, and
+            // the time it takes over all launches (as the roofline column) if none of it stays
+            // in L1/L2 (an upper bound).
             let (scratch, scratch_time) = if nvptx::scratch_bytes(r.kernel) > 0 {
                 let s = r.work.scratch_bytes;
-                scratch_t += r.launches as f64 * s / gpu.bandwidth;
-                (
-                    format!("{:.3}", s / 1e6),
-                    format!("{:.2}", s / gpu.bandwidth * 1e6),
-                )
+                let time = r.launches as f64 * s / gpu.bandwidth;
+                scratch_t += time;
+                (format!("{:.3}", s / 1e6), format!("{:.2}", time * 1e6))
             } else {
                 ("-".into(), "-".into())
             };
             println!(
-                "{:<64} {:>8} {:>9} {:>12.3} {:>12.3} {:>12.2} {:>12} {:>12}",
+                "{:<64} {:>8} {:>9} {:>12.3} {:>12.3} {:>12.2} {:>17} {:>12}",
                 r.kernel.name,
                 r.launches,
                 r.blocks,

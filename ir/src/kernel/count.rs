@@ -92,7 +92,8 @@ struct Counter<'k> {
     rows: usize,
     data: Iv,
     vars: HashMap<String, (T, Iv)>,
-    locals: std::collections::HashSet<String>,
+    /// Locals and their element sizes.
+    locals: HashMap<String, f64>,
     work: Work,
     /// Bytes issued per parameter, per program.
     per_buf: HashMap<String, f64>,
@@ -141,8 +142,8 @@ impl Counter<'_> {
 
     /// Bytes per element of parameter `buf`; a local's accesses are counted as scratch.
     fn elem_bytes(&mut self, buf: &str, times: f64) -> Option<f64> {
-        if self.locals.contains(buf) {
-            self.work.scratch_bytes += 4.0 * times;
+        if let Some(bytes) = self.locals.get(buf) {
+            self.work.scratch_bytes += bytes * times;
             return None;
         }
         self.k.param(buf).map(|p| p.elem.bytes() as f64)
@@ -154,8 +155,8 @@ impl Counter<'_> {
                 let (t, iv) = self.expr(e, times);
                 self.vars.insert(n.clone(), (t, iv));
             }
-            Stmt::Local { name, .. } => {
-                self.locals.insert(name.clone());
+            Stmt::Local { name, elem, .. } => {
+                self.locals.insert(name.clone(), elem.bytes() as f64);
             }
             Stmt::Store { buf, idx, value } => {
                 for i in idx {
@@ -305,7 +306,8 @@ impl Counter<'_> {
             }
             TileOp::Cumsum { rows, cols, .. } => {
                 let (_, r) = self.expr(rows, times);
-                (r.mean * *cols as f64, 2.0 * r.mean * *cols as f64)
+                // Per element: x[t] and x[t − 1] read, x[t] written.
+                (r.mean * *cols as f64, 3.0 * r.mean * *cols as f64)
             }
             TileOp::TriSolve { n, cols, .. } => {
                 // Row i: its i entries of `l` and i earlier rows of `x`, then row i written.
@@ -343,7 +345,7 @@ impl Counter<'_> {
                     self.work.load_bytes += bytes * times;
                     *self.per_buf.entry(b.clone()).or_default() += bytes * times;
                 }
-                let param = self.k.param(b).filter(|_| !self.locals.contains(b));
+                let param = self.k.param(b).filter(|_| !self.locals.contains_key(b));
                 if let Some(p) = param.filter(|p| p.elem == Elem::I64) {
                     match p.mean_per_row {
                         Some((num, den)) => {
