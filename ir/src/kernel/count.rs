@@ -14,7 +14,8 @@
 //! Bytes loaded from and stored to locals are counted apart ([`Work::scratch_bytes`]): a GPU
 //! warp program keeps its locals in a global scratch buffer, so they cost memory traffic
 //! (cached or not) that the parameters' roofline does not show; a tile operation moves its
-//! operands as the GPU's tensor-core tiles read them.
+//! operands as the GPU's tensor-core tiles read them. Inside a split loop (dealt to a warp's
+//! lanes) an access whose index is the same on every lane is one access per warp step.
 
 use std::collections::HashMap;
 
@@ -94,6 +95,11 @@ struct Counter<'k> {
     vars: HashMap<String, (T, Iv)>,
     /// Locals and their element sizes.
     locals: HashMap<String, f64>,
+    /// Names whose value differs between the lanes of a split loop (its variable, `let`s and
+    /// reduction variables that depend on it), and the lanes sharing one step of the innermost
+    /// split loop.
+    varying: Vec<String>,
+    lanes: Option<f64>,
     work: Work,
     /// Bytes issued per parameter, per program.
     per_buf: HashMap<String, f64>,
@@ -111,6 +117,8 @@ pub fn launch_work(k: &Kernel, rows: usize, data: (f64, f64)) -> Work {
         },
         vars: HashMap::new(),
         locals: Default::default(),
+        varying: Vec::new(),
+        lanes: None,
         work: Work::default(),
         per_buf: HashMap::new(),
     };
@@ -140,10 +148,16 @@ impl Counter<'_> {
         }
     }
 
-    /// Bytes per element of parameter `buf`; a local's accesses are counted as scratch.
-    fn elem_bytes(&mut self, buf: &str, times: f64) -> Option<f64> {
+    /// Bytes per element of parameter `buf`; an access `buf[idx]` to a local is counted as
+    /// scratch (once per warp step when every lane reads the same element).
+    fn elem_bytes(&mut self, buf: &str, idx: &[Expr], times: f64) -> Option<f64> {
         if let Some(bytes) = self.locals.get(buf) {
-            self.work.scratch_bytes += bytes * times;
+            let per_lane = idx.iter().any(|e| self.varying.iter().any(|v| e.reads(v)));
+            let steps = match self.lanes {
+                Some(l) if !per_lane => times / l,
+                _ => times,
+            };
+            self.work.scratch_bytes += bytes * steps;
             return None;
         }
         self.k.param(buf).map(|p| p.elem.bytes() as f64)
@@ -154,6 +168,9 @@ impl Counter<'_> {
             Stmt::Let(n, e) => {
                 let (t, iv) = self.expr(e, times);
                 self.vars.insert(n.clone(), (t, iv));
+                if self.varying.iter().any(|v| e.reads(v)) {
+                    self.varying.push(n.clone());
+                }
             }
             Stmt::Local { name, elem, .. } => {
                 self.locals.insert(name.clone(), elem.bytes() as f64);
@@ -163,7 +180,7 @@ impl Counter<'_> {
                     self.expr(i, times);
                 }
                 self.expr(value, times);
-                if let Some(b) = self.elem_bytes(buf, times) {
+                if let Some(b) = self.elem_bytes(buf, idx, times) {
                     self.work.store_bytes += b * times;
                     *self.per_buf.entry(buf.clone()).or_default() += b * times;
                 }
@@ -175,11 +192,16 @@ impl Counter<'_> {
                 carried,
                 body,
                 yields,
-                ..
+                split,
             } => {
                 let (_, l) = self.expr(lo, times);
                 let (_, h) = self.expr(hi, times);
                 let trips = Iv::trips(l, h);
+                let scope = (self.varying.len(), self.lanes);
+                if *split {
+                    self.varying.push(var.clone());
+                    self.lanes = Some(trips.clamp(1.0, 32.0));
+                }
                 let mut inits = Vec::new();
                 for (n, e) in carried {
                     let init = self.expr(e, times);
@@ -229,6 +251,8 @@ impl Counter<'_> {
                             .insert(n.clone(), (T::I, grown(*init, *inc, trips)));
                     }
                 }
+                self.varying.truncate(scope.0);
+                self.lanes = scope.1;
             }
             Stmt::If { cond, then } => {
                 let (_, p) = self.expr(cond, times);
@@ -250,7 +274,9 @@ impl Counter<'_> {
                     self.vars.insert(x.clone(), (T::I, inside));
                     (x.clone(), *iv)
                 });
+                let scope = self.varying.len();
                 self.block(then, times * p.mean);
+                self.varying.truncate(scope);
                 if let Some((x, iv)) = saved {
                     self.vars.insert(x, (T::I, iv));
                 }
@@ -341,7 +367,7 @@ impl Counter<'_> {
                 for i in idx {
                     self.expr(i, times);
                 }
-                if let Some(bytes) = self.elem_bytes(b, times) {
+                if let Some(bytes) = self.elem_bytes(b, idx, times) {
                     self.work.load_bytes += bytes * times;
                     *self.per_buf.entry(b.clone()).or_default() += bytes * times;
                 }
@@ -484,7 +510,10 @@ impl Counter<'_> {
                 let (_, h) = self.expr(hi, times);
                 let trips = Iv::trips(l, h);
                 let saved = self.vars.insert(var.clone(), (T::I, Iv::iter(l, h)));
+                // A GPU deals a reduction over the lanes.
+                self.varying.push(var.clone());
                 self.expr(body, times * trips);
+                self.varying.pop();
                 self.work.flops += times * trips;
                 match saved {
                     Some(v) => self.vars.insert(var.clone(), v),
@@ -608,5 +637,36 @@ mod tests {
             (w.load_bytes, w.store_bytes, w.dram_bytes()),
             (0.0, 12.0, 12.0)
         );
+    }
+
+    #[test]
+    fn uniform_local_reads_in_split_loops_count_once_per_warp_step() {
+        // for_par c in 0..64 (2 warp steps): a[c] per lane, b[0] the same on every lane, and
+        // b[d] via a `let` of the lane's index.
+        let k = Kernel {
+            name: "lanes".into(),
+            nodes: vec![],
+            grid: vec![Dim::N(1)],
+            params: vec![param("y", vec![Dim::N(64)], Access::Write)],
+            body: vec![
+                local("a", 64),
+                local("b", 64),
+                for_par(
+                    "c",
+                    i(0),
+                    i(64),
+                    vec![
+                        Stmt::Let("d".into(), v("c") + i(0)),
+                        st(
+                            "y",
+                            [v("c")],
+                            ld("a", [v("c")]) + ld("b", [i(0)]) + ld("b", [v("d")]),
+                        ),
+                    ],
+                ),
+            ],
+        };
+        let w = launch_work(&k, 1, (0.0, 0.0));
+        assert_eq!(w.scratch_bytes, 4.0 * (64.0 + 2.0 + 64.0));
     }
 }
