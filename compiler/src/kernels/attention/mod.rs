@@ -174,13 +174,13 @@ struct Term<'a> {
 
 /// The attend loop of one decode query (row `rq`, slot `s`, bound by the caller): keys
 /// `0..=pos` in tiles of [`BK`], one key per lane for the logits (each term one pass over
-/// the key), the running max and sum corrected once per tile, the values accumulated from one
-/// load per key element. With a `piece`, only that piece's tiles. Leaves `acc[d]` and `l[0]`
-/// in locals.
+/// the key), the running max and sum corrected once per tile, then one value column per lane
+/// (`value(j, d)`: element `d` of value `j`), the tile's weighted sum in a register. With a
+/// `piece`, only that piece's tiles. Leaves `acc[d]` and `l[0]` in locals.
 fn attend_block(
     terms: &[Term],
     scale: f64,
-    value: &dyn Fn(Expr) -> Expr,
+    value: &dyn Fn(Expr, Expr) -> Expr,
     width: usize,
     piece: Option<Piece>,
 ) -> Vec<Stmt> {
@@ -236,29 +236,23 @@ fn attend_block(
             ld("l", [i(0)]) * v("corr") + sum("jj", i(0), v("nb"), sc(v("jj"))),
         ),
         st("m", [i(0)], v("m2")),
+        // One lane per value column: the tile's weighted values summed in a register, the
+        // accumulator rescaled and updated once per tile.
         for_par(
             "d",
             i(0),
             i(width),
-            vec![st("acc", [v("d")], ld("acc", [v("d")]) * v("corr"))],
-        ),
-        for_(
-            "jj",
-            i(0),
-            v("nb"),
-            vec![
-                key(),
-                for_par(
-                    "d",
-                    i(0),
-                    i(width),
-                    vec![st(
-                        "acc",
-                        [v("d")],
-                        ld("acc", [v("d")]) + sc(v("jj")) * value(v("d")),
-                    )],
-                ),
-            ],
+            vec![st(
+                "acc",
+                [v("d")],
+                ld("acc", [v("d")]) * v("corr")
+                    + sum(
+                        "jj",
+                        i(0),
+                        v("nb"),
+                        sc(v("jj")) * value(v("j0") + v("jj"), v("d")),
+                    ),
+            )],
         ),
     ];
     let tiles = (v("nk") + i(BK - 1)) / i(BK);
@@ -388,7 +382,7 @@ pub fn gqa(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         key: Box::new(|e| ld("cache", [v("s"), v("j"), v("kvh") * i(hd) + e])),
         len: hd,
     }];
-    let value = |d: Expr| ld("cache", [v("s"), v("j"), i(kw) + v("kvh") * i(vd) + d]);
+    let value = |j: Expr, d: Expr| ld("cache", [v("s"), j, i(kw) + v("kvh") * i(vd) + d]);
     let split = decode_split(cx);
     let mut inner = decode_row();
     inner.push(let_("kvh", pid(1) / i(hq / hkv)));
@@ -518,28 +512,25 @@ pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
             len: dr,
         },
     ];
-    let value = |d: Expr| ld("cache", [v("s"), v("j"), d]);
+    let value = |j: Expr, d: Expr| ld("cache", [v("s"), j, d]);
     let mut body = decode_row();
     body.push(local("qt", r));
-    // q̃ = W_UK(h)ᵀ q_nope: [r], accumulated row by row of W_UK (contiguous).
-    body.push(for_par("e", i(0), i(r), vec![st("qt", [v("e")], f(0.0))]));
-    body.push(for_(
-        "d",
+    // q̃ = W_UK(h)ᵀ q_nope: [r], one latent column per lane summed in a register (the lanes
+    // read consecutive elements of each row of W_UK).
+    body.push(for_par(
+        "e",
         i(0),
-        i(dn),
-        vec![
-            let_("qd", ld("q", [v("rq"), pid(1) * i(qk) + v("d")])),
-            for_par(
-                "e",
+        i(r),
+        vec![st(
+            "qt",
+            [v("e")],
+            sum(
+                "d",
                 i(0),
-                i(r),
-                vec![st(
-                    "qt",
-                    [v("e")],
-                    ld("qt", [v("e")]) + v("qd") * ld("kv_b", [wrow(v("d")), v("e")]),
-                )],
+                i(dn),
+                ld("q", [v("rq"), pid(1) * i(qk) + v("d")]) * ld("kv_b", [wrow(v("d")), v("e")]),
             ),
-        ],
+        )],
     ));
     let split = decode_split(cx);
     let piece = split.map(|(_, per)| Piece {
