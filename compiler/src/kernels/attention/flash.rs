@@ -19,8 +19,8 @@ use lamina_ir::graph::{NodeIndex, StateId};
 use lamina_ir::kernel::build::*;
 use lamina_ir::kernel::{Dim, Expr, Stmt};
 
-use super::{a, gqa_params, Ctx, Launch};
-use crate::kernels::{act, launch, rows_i64, Bind};
+use super::{a, gqa_params, mla_params, Ctx, Launch};
+use crate::kernels::{act, launch};
 
 /// Query rows per program of a flash-style prefill attention.
 pub const FLASH_Q: usize = 64;
@@ -451,14 +451,14 @@ pub(super) fn mla(
             FLASH_Q
         ),
         vec![Dim::RowBlocks(FLASH_Q), Dim::N(h)],
-        vec![
-            (input("q", &act(h * qw)), a(ins[0])),
-            cx.weight("kv_b", kv_b),
-            cx.state("cache", cache),
-            (rows_i64("slot"), Bind::Slot),
-            (rows_i64("pos"), Bind::Pos),
+        mla_params(
+            cx,
+            ins,
+            h * qw,
+            kv_b,
+            cache,
             (output("o", &act(h * vd)), a(n)),
-        ],
+        ),
         body,
         vec![n],
         cx.graph,

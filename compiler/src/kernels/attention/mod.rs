@@ -464,6 +464,26 @@ fn gqa_params(
     ]
 }
 
+/// The parameters of an MLA attend kernel: the queries (`q_cols` wide), `kv_b` (W_UK and
+/// W_UV), the latent cache, the rows' slots and positions, then `out`.
+fn mla_params(
+    cx: &Ctx,
+    ins: &[NodeIndex],
+    q_cols: usize,
+    kv_b: &str,
+    cache: lamina_ir::graph::StateId,
+    out: (lamina_ir::kernel::Param, Bind),
+) -> Vec<(lamina_ir::kernel::Param, Bind)> {
+    vec![
+        (input("q", &act(q_cols)), a(ins[0])),
+        cx.weight("kv_b", kv_b),
+        cx.state("cache", cache),
+        (rows_i64("slot"), Bind::Slot),
+        (rows_i64("pos"), Bind::Pos),
+        out,
+    ]
+}
+
 /// MLA (absorbed): returns the latent cache write and the attend launch.
 pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     let g = cx.graph;
@@ -546,14 +566,14 @@ pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         let attend = launch(
             format!("mla_attend_h{h_n}_r{r}_nope{dn}_rope{dr}_v{vd}_q1_split{s}"),
             vec![Dim::Rows, Dim::N(h_n), Dim::N(s)],
-            vec![
-                (input("q", &act(h_n * qk)), a(ins[0])),
-                cx.weight("kv_b", kv_b),
-                cx.state("cache", *cache),
-                (rows_i64("slot"), Bind::Slot),
-                (rows_i64("pos"), Bind::Pos),
+            mla_params(
+                cx,
+                ins,
+                h_n * qk,
+                kv_b,
+                *cache,
                 (output("part", &act(width)), Bind::Act(part)),
-            ],
+            ),
             body,
             vec![n],
             g,
@@ -607,14 +627,14 @@ pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     let attend = launch(
         format!("mla_attend_h{h_n}_r{r}_nope{dn}_rope{dr}_v{vd}_q1"),
         vec![Dim::Rows, Dim::N(h_n)],
-        vec![
-            (input("q", &act(h_n * qk)), a(ins[0])),
-            cx.weight("kv_b", kv_b),
-            cx.state("cache", *cache),
-            (rows_i64("slot"), Bind::Slot),
-            (rows_i64("pos"), Bind::Pos),
+        mla_params(
+            cx,
+            ins,
+            h_n * qk,
+            kv_b,
+            *cache,
             (output("o", &act(h_n * vd)), a(n)),
-        ],
+        ),
         body,
         vec![n],
         g,
