@@ -361,8 +361,13 @@ fn staged_tiles_assemble_for_both_gpus() {
 #[test]
 fn mma_tiles_compute_rounded_products_exactly() {
     use lamina_ir::kernel::MmaKind;
-    // bf16 products exactly; TF32x3 products to ~2^-20 (depth 37: a ragged last step of 8).
-    for (kind, depth, tol) in [(MmaKind::Bf16, 40usize, 1e-6), (MmaKind::Tf32x3, 37, 1e-6)] {
+    // bf16 products exactly; TF32x3 products to ~2^-20 (depth 37: a ragged last step of 8);
+    // f32 tiles (f32 products on the host, TF32x3 with the lanes emulated) likewise.
+    for (kind, depth, tol) in [
+        (MmaKind::Bf16, 40usize, 1e-6),
+        (MmaKind::Tf32x3, 37, 1e-6),
+        (MmaKind::F32, 37, 1e-6),
+    ] {
         check_mma_tile(kind, depth, tol);
     }
 }
@@ -383,7 +388,7 @@ fn check_mma_tile(kind: lamina_ir::kernel::MmaKind, depth: usize, tol: f64) {
     let mut bias: Vec<f32> = (0..cols).map(|c| c as f32 / 8.0).collect();
     let bf = |v: f32| match kind {
         MmaKind::Bf16 => half::bf16::from_f32(v).to_f32() as f64,
-        MmaKind::Tf32x3 => v as f64,
+        MmaKind::Tf32x3 | MmaKind::F32 => v as f64,
     };
     // Each element's value, and the size of its terms (errors are relative to them).
     let want: Vec<(f64, f64)> = (0..rows * cols)
@@ -434,11 +439,13 @@ fn mma_tiles_assemble_for_both_gpus() {
         (Target::Sm90a, MmaKind::Bf16),
         (Target::Sm80, MmaKind::Tf32x3),
         (Target::Sm90a, MmaKind::Tf32x3),
+        (Target::Sm80, MmaKind::F32),
     ] {
         let kernel = mma_kernel(21, 37, kind);
         let instr = match kind {
             MmaKind::Bf16 => "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
-            MmaKind::Tf32x3 => "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
+            // An f32 tile runs as TF32x3 on a GPU.
+            MmaKind::Tf32x3 | MmaKind::F32 => "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
         };
         let (ptx, _) = crate::nvptx::compile_ptx(std::slice::from_ref(&kernel), target).unwrap();
         // 2 × 2 MMAs per step (three each for TF32x3).

@@ -579,13 +579,14 @@ fn wide_recurrences_span_several_scan_programs() {
     check_model_with(&spec, &[70], false, 32, 1, false);
 }
 
-/// MLA prefill (flash-style, absorbed) where the slabbed weight products have whole slabs and
-/// a ragged last one: `q_nope·W_UK` over 48 = 32 + 16 columns, `W_UV·acc` over the latent width
-/// 80 = 2·32 + 16, value width 40; prompts within one 64-row block, over several blocks and
-/// key tiles, and across two prefill launches (300 = 256 + 44, the second attending to keys
-/// of the first); lanes emulated and not.
+/// MLA prefill (flash-style, absorbed) where the weight products span several MMA tiles with a
+/// ragged last one: `q̃ = q_nope·W_UK` is 80 = 2·32 + 16 latent columns wide over a depth of
+/// 48 (6 TF32 steps), the logits 80 + 16 deep, `W_UV·acc` 40 = 32 + 8 columns over the latent
+/// depth 80; prompts within one 64-row block, over several blocks and key tiles, and across two
+/// prefill launches (300 = 256 + 44, the second attending to keys of the first); lanes
+/// emulated and not.
 #[test]
-fn wide_mla_prefill_spans_several_weight_slabs() {
+fn wide_mla_prefill_has_ragged_tiles() {
     let dir = tempfile::tempdir().unwrap();
     let spec = dir.path().join("wide-mla.toml");
     std::fs::write(

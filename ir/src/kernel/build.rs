@@ -310,6 +310,46 @@ pub fn mma(
     }))
 }
 
+/// An `m × n` product as a grid of [`DOT_TILE`](super::expand::DOT_TILE)² MMA tiles of
+/// `kind` (uniform loops over the grid: every lane of a warp runs them alike). Per output row
+/// `r` and column `c` of the whole product: `acc = Σ_(k < depth) a(r, k)·b(c, k)`, then
+/// `epilogue(r, c, acc)`, which may write only element `(r, c)`'s outputs. `a` is evaluated
+/// only for `r < m` and `b` only for `c < n` (see [`Mma`]). The grid and tile variables start
+/// with `_`.
+pub fn mma_tiles(
+    kind: MmaKind,
+    m: Expr,
+    n: Expr,
+    depth: usize,
+    a: &dyn Fn(Expr, Expr) -> Expr,
+    b: &dyn Fn(Expr, Expr) -> Expr,
+    epilogue: &dyn Fn(Expr, Expr, Expr) -> Vec<Stmt>,
+) -> Stmt {
+    let t = super::expand::DOT_TILE;
+    let (r, c) = (v("_mb") * i(t) + v("_mi"), v("_nb") * i(t) + v("_mj"));
+    let tile = Stmt::Mma(Box::new(Mma {
+        kind,
+        rows: t,
+        cols: t,
+        m: min(i(t), m.clone() - v("_mb") * i(t)),
+        n: min(i(t), n.clone() - v("_nb") * i(t)),
+        depth,
+        i: "_mi".into(),
+        j: "_mj".into(),
+        k: "_mk".into(),
+        acc: "_acc".into(),
+        a: a(r.clone(), v("_mk")),
+        b: b(c.clone(), v("_mk")),
+        epilogue: epilogue(r, c, v("_acc")),
+    }));
+    for_(
+        "_mb",
+        i(0),
+        (m + i(t - 1)) / i(t),
+        vec![for_("_nb", i(0), (n + i(t - 1)) / i(t), vec![tile])],
+    )
+}
+
 /// `x` truncated to TF32 (as f32).
 pub fn tf32(x: Expr) -> Expr {
     un(UnOp::Tf32, x)

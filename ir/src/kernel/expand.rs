@@ -14,11 +14,16 @@ pub fn expand_all(k: &Kernel) -> Kernel {
 pub const DOT_TILE: usize = 32;
 
 /// `k` with every `dot` tile operation whose output is not one of its operands rewritten as
-/// [`MmaKind::Tf32x3`] MMA tiles of [`DOT_TILE`]² (loops over the tile grid): what a GPU runs
-/// on tensor cores. Near-f32 products: the chunked recurrences keep their precision. Dots
-/// inside split loops stay (an MMA needs the whole warp; their loops are dealt to its lanes).
+/// [`MmaKind::Tf32x3`] MMA tiles of [`DOT_TILE`]² (loops over the tile grid), and every
+/// [`MmaKind::F32`] tile made `Tf32x3`: what a GPU runs on tensor cores. Near-f32 products:
+/// the chunked recurrences and attention keep their precision. Dots inside split loops stay
+/// (an MMA needs the whole warp; their loops are dealt to its lanes).
 pub fn dots_on_tensor_cores(k: &Kernel) -> Kernel {
     let body = rewrite(&k.body, false, &|s| match s {
+        Stmt::Mma(m) if m.kind == MmaKind::F32 => Some(vec![Stmt::Mma(Box::new(Mma {
+            kind: MmaKind::Tf32x3,
+            ..(**m).clone()
+        }))]),
         Stmt::Tile(TileOp::Dot {
             out,
             a,
@@ -46,36 +51,21 @@ fn dot_tiles(
     depth: usize,
     accumulate: bool,
 ) -> Vec<Stmt> {
-    let t = DOT_TILE;
-    let (r, c) = (
-        v("_mb") * i(DOT_TILE) + v("_mi"),
-        v("_nb") * i(DOT_TILE) + v("_mj"),
-    );
-    let value = if accumulate {
-        at(out, r.clone(), c.clone()) + v("_acc")
-    } else {
-        v("_acc")
-    };
-    let tile = Stmt::Mma(Box::new(Mma {
-        kind: MmaKind::Tf32x3,
-        rows: DOT_TILE,
-        cols: DOT_TILE,
-        m: min(i(DOT_TILE), m.clone() - v("_mb") * i(DOT_TILE)),
-        n: min(i(DOT_TILE), n.clone() - v("_nb") * i(DOT_TILE)),
+    vec![mma_tiles(
+        MmaKind::Tf32x3,
+        m.clone(),
+        n.clone(),
         depth,
-        i: "_mi".into(),
-        j: "_mj".into(),
-        k: "_mk".into(),
-        acc: "_acc".into(),
-        a: at(a, r.clone(), v("_mk")),
-        b: at(b, c.clone(), v("_mk")),
-        epilogue: vec![set(out, r, c, value)],
-    }));
-    vec![for_(
-        "_mb",
-        i(0),
-        (m.clone() + i(t - 1)) / i(t),
-        vec![for_("_nb", i(0), (n.clone() + i(t - 1)) / i(t), vec![tile])],
+        &|r, k| at(a, r, k),
+        &|c, k| at(b, c, k),
+        &|r, c, acc| {
+            let value = if accumulate {
+                at(out, r.clone(), c.clone()) + acc
+            } else {
+                acc
+            };
+            vec![set(out, r, c, value)]
+        },
     )]
 }
 
@@ -144,6 +134,7 @@ fn expand_mma(m: &Mma) -> Vec<Stmt> {
             let b_lo = tf32(b - b_hi.clone());
             a_hi.clone() * b_hi.clone() + a_hi * b_lo + a_lo * b_hi
         }
+        MmaKind::F32 => m.a.clone() * m.b.clone(),
     };
     let mut body = vec![let_(&m.acc, sum(&m.k, i(0), i(m.depth), product))];
     body.extend(m.epilogue.iter().cloned());

@@ -312,6 +312,11 @@ pub enum MmaKind {
     /// (`hi = tf32(x)`, `lo = tf32(x − hi)`), `hi·hi + hi·lo + lo·hi` (three `mma.sync`
     /// m16n8k8 tf32). Near-f32 products on tensor cores, for the chunked recurrences.
     Tf32x3,
+    /// `a·b` in f32, as a `dot` tile: the host forms the products exactly, a GPU as
+    /// [`MmaKind::Tf32x3`] ([`expand::dots_on_tensor_cores`] rewrites the kind). For products
+    /// whose operands are not all locals (a `dot` takes views of locals), e.g. attention
+    /// reading its keys straight from the cache.
+    F32,
 }
 
 impl MmaKind {
@@ -319,7 +324,7 @@ impl MmaKind {
     pub fn depth_step(self) -> usize {
         match self {
             MmaKind::Bf16 => 16,
-            MmaKind::Tf32x3 => 8,
+            MmaKind::Tf32x3 | MmaKind::F32 => 8,
         }
     }
 
@@ -327,6 +332,7 @@ impl MmaKind {
         match self {
             MmaKind::Bf16 => "bf16",
             MmaKind::Tf32x3 => "tf32x3",
+            MmaKind::F32 => "f32",
         }
     }
 }

@@ -30,7 +30,7 @@ use super::{bug, Env, Lower, Ty, R, TF32_MASK};
 fn per_register(kind: MmaKind) -> usize {
     match kind {
         MmaKind::Bf16 => 2,
-        MmaKind::Tf32x3 => 1,
+        MmaKind::Tf32x3 | MmaKind::F32 => 1,
     }
 }
 
@@ -77,6 +77,11 @@ impl<'c> Lower<'c> {
             .lane
             .ok_or_else(|| bug(format!("{what}: mma: no lane id")))?;
         let kind = mma.kind;
+        if kind == MmaKind::F32 {
+            return Err(bug(format!(
+                "{what}: an f32 mma tile reaches a GPU as tf32x3 (dots_on_tensor_cores)"
+            )));
+        }
         let step = kind.depth_step();
         let ix = |v: i64| self.const_index(blk, v);
         let four = ix(4);
@@ -97,7 +102,7 @@ impl<'c> Lower<'c> {
                 .into_iter()
                 .find(|u| steps.is_multiple_of(*u))
                 .unwrap_or(1),
-            MmaKind::Tf32x3 => 1,
+            MmaKind::Tf32x3 | MmaKind::F32 => 1,
         };
         // Stores before the tile are visible to every lane's operand loads.
         self.warp_sync(blk);
@@ -144,7 +149,7 @@ impl<'c> Lower<'c> {
                             self.mma_element(&body, env, (mma, e, var), idx, badd(kk, bx(1)))?;
                         Ok(vec![self.pack_bf16(&body, lo, hi)])
                     }
-                    MmaKind::Tf32x3 => {
+                    MmaKind::Tf32x3 | MmaKind::F32 => {
                         // hi = x with the low 13 mantissa bits cleared; lo likewise of x − hi
                         // (exact in f32).
                         let x = self.mma_element(&body, env, (mma, e, var), idx, kk)?;
@@ -165,7 +170,7 @@ impl<'c> Lower<'c> {
             // a_regs[tile][variant][reg], b_regs likewise (variant: bf16 one, tf32x3 hi/lo).
             let variants = match kind {
                 MmaKind::Bf16 => 1,
-                MmaKind::Tf32x3 => 2,
+                MmaKind::Tf32x3 | MmaKind::F32 => 2,
             };
             // Every unrolled step's fragments are loaded before the first MMA, so that `unroll`
             // steps of loads are in flight at once.
@@ -209,7 +214,7 @@ impl<'c> Lower<'c> {
             // (A variant, B variant) per MMA, small terms first.
             let products: &[(usize, usize)] = match kind {
                 MmaKind::Bf16 => &[(0, 0)],
-                MmaKind::Tf32x3 => &[(1, 0), (0, 1), (0, 0)],
+                MmaKind::Tf32x3 | MmaKind::F32 => &[(1, 0), (0, 1), (0, 0)],
             };
             let mut acc: Vec<Value> = (0..accs).map(|i| arg(1 + i)).collect::<R<_>>()?;
             for (a_regs, b_regs) in &steps_regs {
@@ -265,7 +270,7 @@ impl<'c> Lower<'c> {
     pub(super) fn mma_attrs(&self, kind: MmaKind) -> R<Vec<(Identifier<'c>, Attribute<'c>)>> {
         let (ptx_type, shape) = match kind {
             MmaKind::Bf16 => ("bf16", "#nvvm.shape<m = 16, n = 8, k = 16>"),
-            MmaKind::Tf32x3 => ("tf32", "#nvvm.shape<m = 16, n = 8, k = 8>"),
+            MmaKind::Tf32x3 | MmaKind::F32 => ("tf32", "#nvvm.shape<m = 16, n = 8, k = 8>"),
         };
         let mma_type = format!("#nvvm.mma_type<{ptx_type}>");
         [
