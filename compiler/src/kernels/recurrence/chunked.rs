@@ -28,11 +28,14 @@
 //! 4. With fused short convs, [`conv_commit`]: the conv states after the launch's rows, once
 //!    every chunk has read them.
 //!
-//! The matrix work is written as tile operations (`ir::kernel::TileOp`): the cumulative
-//! log-decay is a `cumsum`, the products `X Kᵀ` (scalar decay) and the off-diagonal sub-chunk
-//! blocks (per-channel decay) and `[W | U] = T β [k ⊙ e^G | v]` are `dot`s (tensor-core tiles
-//! on a GPU), `T` is a `trisolve` on the identity (C columns, not dk + dv), and the scan's
-//! three products per chunk are `dot`s too. The host expands them into loops.
+//! The matrix work is written as tile operations (`ir::kernel::TileOp`) and f32 MMA tiles
+//! (`mma_tiles`; both 3xTF32 tensor-core tiles on a GPU, loops on the host): the cumulative
+//! log-decay is a `cumsum`; the off-diagonal sub-chunk blocks (per-channel decay) are `dot`s;
+//! `T` is a `trisolve` on the identity (C columns, not dk + dv); the products `X Kᵀ` (scalar
+//! decay) and `[W | U] = T β [k ⊙ e^G | v]` are MMA tiles whose epilogues apply the decay and
+//! β and store the handoff directly, and the scan's three products per chunk are MMA tiles
+//! reading the handoff where it lies (only the state columns, `u` and the output block are
+//! per-program scratch).
 //!
 //! Per-channel decay cannot be factored out of the products. Within a diagonal sub-chunk the
 //! factors are formed pairwise; across sub-chunks both sides are rescaled against the query
@@ -40,7 +43,7 @@
 
 use lamina_ir::graph::{Decay, NodeIndex, Op, Recurrence, Update};
 use lamina_ir::kernel::build::*;
-use lamina_ir::kernel::{Dim, Expr, Param, Stmt};
+use lamina_ir::kernel::{Dim, Expr, MmaKind, Param, Stmt};
 
 use super::{update_name, Operands, CONV_CHANNELS};
 use crate::kernels::{act, launch, tile, Bind, Ctx, Launch, Value};
@@ -181,14 +184,14 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
     let wc = |c: Expr| if channel { c } else { i(0) };
     let gl = |name: &str, t: Expr, c: Expr| ld(name, [t * i(w) + wc(c)]);
     let at = |name: &str, t: Expr, c: Expr| ld(name, [t * i(dk) + c]);
-    let r = || v("c0") + v("t");
+    let r_of = |t: Expr| v("c0") + t;
+    let r = || r_of(v("t"));
     let last = || v("l") - i(1);
 
     let mut body = vec![
         local("qs", c_n * dk),
         local("ks", c_n * dk),
         local("G", c_n * w),
-        local("mqk", c_n * c_n),
     ];
     if delta {
         body.extend([
@@ -196,11 +199,11 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
             local("mkk", c_n * c_n),
             local("rhst", nr * c_n),
             local("tm", c_n * c_n),
-            local("wu", c_n * nr),
         ]);
     }
     if channel {
         body.extend([
+            local("mqk", c_n * c_n),
             local("qt", c_n * dk),
             local("kt", c_n * dk),
             local("kb", c_n * c_n / SUB * dk),
@@ -345,30 +348,47 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
         vec![("mqk", "qs")]
     };
     if !channel {
-        // M = (X Kᵀ) ⊙ e^(G_t − G_s) on the causal part.
-        let mut row = vec![let_("e", exp(ld("G", [v("t")]) - ld("G", [v("x")])))];
-        for (m, x) in &mats {
-            body.push(dot(
-                view(m, i(0), c_n),
-                view(x, i(0), dk),
-                view("ks", i(0), dk),
+        // M = (X Kᵀ) ⊙ e^(G_t − G_s) on the causal part, in the products' epilogues: M_qk
+        // (s ≤ t) handed on, M_kk (s < t) kept as L = diag(β) M_kk.
+        let decayed = |t: Expr, s: Expr, acc: Expr| exp(ld("G", [t]) - ld("G", [s])) * acc;
+        body.push(mma_tiles(
+            MmaKind::F32,
+            v("l"),
+            v("l"),
+            dk,
+            &|t, c| at("qs", t, c),
+            &|s, c| at("ks", s, c),
+            &|t, s, acc| {
+                vec![if_(
+                    le(s.clone(), t.clone()),
+                    vec![st(
+                        "mq",
+                        [r_of(t.clone()), v("h") * i(c_n) + s.clone()],
+                        decayed(t, s, acc),
+                    )],
+                )]
+            },
+        ));
+        if delta {
+            body.push(mma_tiles(
+                MmaKind::F32,
                 v("l"),
                 v("l"),
                 dk,
-                false,
-            ));
-            row.push(st(
-                m,
-                [v("t") * i(c_n) + v("x")],
-                v("e") * ld(m, [v("t") * i(c_n) + v("x")]),
+                &|t, c| at("ks", t, c),
+                &|s, c| at("ks", s, c),
+                &|t, s, acc| {
+                    vec![if_(
+                        lt(s.clone(), t.clone()),
+                        vec![st(
+                            "mkk",
+                            [t.clone() * i(c_n) + s.clone()],
+                            ld("bt", [t.clone()]) * decayed(t, s, acc),
+                        )],
+                    )]
+                },
             ));
         }
-        body.push(for_par(
-            "t",
-            i(0),
-            v("l"),
-            vec![for_("x", i(0), v("t") + i(1), row)],
-        ));
     } else {
         // Rows rescaled against their sub-chunk start, and for every sub-chunk start r0 the
         // earlier keys rescaled against it: kb[b][s] = k_s ⊙ e^(G_r0 − G_s), s < r0.
@@ -456,27 +476,8 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
             ],
         ));
     }
-    // M_qk's causal rows handed on.
-    body.push(for_par(
-        "t",
-        i(0),
-        v("l"),
-        vec![for_(
-            "x",
-            i(0),
-            v("t") + i(1),
-            vec![st(
-                "mq",
-                [r(), v("h") * i(c_n) + v("x")],
-                ld("mqk", [v("t") * i(c_n) + v("x")]),
-            )],
-        )],
-    ));
-
-    // 5. Delta rule: L = diag(β) M_kk (the solve reads its strictly lower part), T = (I + L)⁻¹
-    //    by forward substitution on the identity, then [W | U] = T β [k ⊙ e^G | v] as one
-    //    product (tensor cores on a GPU), handed on.
-    if delta {
+    if channel {
+        // M_qk's causal rows handed on; L = diag(β) M_kk.
         body.push(for_par(
             "t",
             i(0),
@@ -484,14 +485,37 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
             vec![for_(
                 "x",
                 i(0),
-                v("t"),
+                v("t") + i(1),
                 vec![st(
-                    "mkk",
-                    [v("t") * i(c_n) + v("x")],
-                    ld("bt", [v("t")]) * ld("mkk", [v("t") * i(c_n) + v("x")]),
+                    "mq",
+                    [r(), v("h") * i(c_n) + v("x")],
+                    ld("mqk", [v("t") * i(c_n) + v("x")]),
                 )],
             )],
         ));
+        if delta {
+            body.push(for_par(
+                "t",
+                i(0),
+                v("l"),
+                vec![for_(
+                    "x",
+                    i(0),
+                    v("t"),
+                    vec![st(
+                        "mkk",
+                        [v("t") * i(c_n) + v("x")],
+                        ld("bt", [v("t")]) * ld("mkk", [v("t") * i(c_n) + v("x")]),
+                    )],
+                )],
+            ));
+        }
+    }
+
+    // 5. Delta rule: T = (I + L)⁻¹ (the solve reads L's strictly lower part) by forward
+    //    substitution on the identity, then [W | U] = T β [k ⊙ e^G | v] as one product
+    //    (tensor cores on a GPU) stored straight into the handoff.
+    if delta {
         body.push(for_par(
             "q",
             i(0),
@@ -508,37 +532,29 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
             v("l"),
             c_n,
         ));
-        body.push(dot(
-            view("wu", i(0), nr),
-            view("tm", i(0), c_n),
-            view("rhst", i(0), c_n),
+        body.push(mma_tiles(
+            MmaKind::F32,
             v("l"),
             i(nr),
             c_n,
-            false,
-        ));
-        body.push(for_par(
-            "t",
-            i(0),
-            v("l"),
-            vec![
-                for_(
-                    "c",
-                    i(0),
-                    i(dk),
-                    vec![st("w", [r(), hc()], ld("wu", [v("t") * i(nr) + v("c")]))],
-                ),
-                for_(
-                    "j",
-                    i(0),
-                    i(dv),
-                    vec![st(
-                        "u",
-                        [r(), hj()],
-                        ld("wu", [v("t") * i(nr) + i(dk) + v("j")]),
-                    )],
-                ),
-            ],
+            &|t, x| ld("tm", [t * i(c_n) + x]),
+            &|c, x| ld("rhst", [c * i(c_n) + x]),
+            &|t, c, acc| {
+                vec![
+                    if_(
+                        lt(c.clone(), i(dk)),
+                        vec![st(
+                            "w",
+                            [r_of(t.clone()), v("h") * i(dk) + c.clone()],
+                            acc.clone(),
+                        )],
+                    ),
+                    if_(
+                        ge(c.clone(), i(dk)),
+                        vec![st("u", [r_of(t), v("h") * i(dv) + c - i(dk)], acc)],
+                    ),
+                ]
+            },
         ));
     }
 
@@ -599,165 +615,119 @@ fn scan(
     };
     let state_at = || ld("state", [v("s"), v("h"), v("j0") + v("jj"), v("c")]);
 
-    // The chunk staged in locals, in the layouts the products read (their depth is the whole
-    // chunk, so what lies past its last token is zero): q ⊙ e^G and W by rows, `k ⊙ e^(G_L − G)`
-    // transposed, M_qk's causal part. The products are `dot` tiles: tensor cores on a GPU.
-    let mut stage = vec![for_par(
-        "q",
-        i(0),
-        v("l") * i(dk),
-        with(
-            rc("x", "c", dk),
-            st("ql", [v("q")], ld("qg", [row(v("x")), hk(v("c"))])),
-        ),
-    )];
-    if sh.delta {
-        stage.push(for_par(
-            "q",
-            i(0),
-            v("l") * i(dk),
-            with(
-                rc("x", "c", dk),
-                st("wl", [v("q")], ld("w", [row(v("x")), hk(v("c"))])),
-            ),
-        ));
-    }
+    // Per chunk, three products, all f32 MMA tiles (tensor cores on a GPU) reading the chunk's
+    // handoff where it lies; only the state columns, `u` and the output block are locals.
     let last = || v("l") - i(1);
-    stage.extend([
-        for_par(
-            "q",
-            i(0),
-            i(dk * c_n),
-            with(
-                rc("c", "x", c_n),
-                st(
-                    "kdt",
-                    [v("q")],
-                    select(
-                        lt(v("x"), v("l")),
-                        ld("kd", [row(min(v("x"), last())), hk(v("c"))]),
-                        f(0.0),
-                    ),
-                ),
-            ),
-        ),
-        // (Rows past the chunk are not read: the product has l rows.)
-        for_par(
-            "q",
-            i(0),
-            v("l") * i(c_n),
-            with(
-                rc("t", "x", c_n),
-                st(
-                    "mql",
-                    [v("q")],
-                    select(
-                        le(v("x"), v("t")),
-                        ld("mq", [row(v("t")), v("h") * i(c_n) + v("x")]),
-                        f(0.0),
-                    ),
-                ),
-            ),
-        ),
-    ]);
-
-    // u = U − W S (delta rule) or U, transposed: ut[jj, x], zero past the chunk.
     let mut chunk = vec![
         let_("c0", v("ci") * i(c_n)),
         let_("l", min(i(c_n), rows() - v("c0"))),
     ];
-    chunk.extend(stage);
-    let u_at = ld("u", [row(min(v("x"), last())), hv(v("jj"))]);
-    let u_val = if sh.delta {
-        chunk.push(dot(
-            view("ut", i(0), c_n),
-            view("sl", i(0), dk),
-            view("wl", i(0), dk),
-            i(bv),
-            v("l"),
-            dk,
-            false,
-        ));
-        u_at - ld("ut", [v("q")])
-    } else {
-        u_at
-    };
-    chunk.push(for_par(
-        "q",
-        i(0),
-        i(bv * c_n),
-        with(
-            rc("jj", "x", c_n),
-            st("ut", [v("q")], select(lt(v("x"), v("l")), u_val, f(0.0))),
-        ),
-    ));
-    // o = (Q ⊙ e^G) S + M_qk u.
-    chunk.extend([
-        dot(
-            view("ol", i(0), bv),
-            view("ql", i(0), dk),
-            view("sl", i(0), dk),
-            v("l"),
-            i(bv),
-            dk,
-            false,
-        ),
-        dot(
-            view("ol", i(0), bv),
-            view("mql", i(0), c_n),
-            view("ut", i(0), c_n),
-            v("l"),
-            i(bv),
-            c_n,
-            true,
-        ),
-        for_par(
-            "q",
-            i(0),
-            v("l") * i(bv),
-            with(
-                rc("t", "jj", bv),
-                st("o", [row(v("t")), hv(v("jj"))], ld("ol", [v("q")])),
+    // u = U − W S (delta rule) or U, transposed: ut[jj, x], zero past the chunk (the products
+    // below run over the whole chunk).
+    let u_at = |jj: Expr, x: Expr| ld("u", [row(x), hv(jj)]);
+    if sh.delta {
+        chunk.extend([
+            mma_tiles(
+                MmaKind::F32,
+                i(bv),
+                v("l"),
+                dk,
+                &|jj, c| ld("sl", [jj * i(dk) + c]),
+                &|x, c| ld("w", [row(x), hk(c)]),
+                &|jj, x, acc| {
+                    vec![st(
+                        "ut",
+                        [jj.clone() * i(c_n) + x.clone()],
+                        u_at(jj, x) - acc,
+                    )]
+                },
             ),
-        ),
-    ]);
-    // S ← e^G_L ⊙ S + (K ⊙ e^(G_L − G))ᵀ u, as Sᵀ[jj, c] += Σ_x ut[jj, x] kdt[c, x].
-    chunk.extend([
-        for_par(
-            "q",
-            i(0),
-            i(bv * dk),
-            with(
-                rc("jj", "c", dk),
-                st(
-                    "sl",
-                    [v("q")],
-                    ld("sl", [v("q")]) * ld("eg", [v("c0"), v("h") * i(w) + wc(v("c"))]),
+            for_par(
+                "q",
+                i(0),
+                i(bv * c_n),
+                with(
+                    rc("jj", "x", c_n),
+                    if_(ge(v("x"), v("l")), vec![st("ut", [v("q")], f(0.0))]),
                 ),
             ),
-        ),
-        dot(
-            view("sl", i(0), dk),
-            view("ut", i(0), c_n),
-            view("kdt", i(0), c_n),
+        ]);
+    } else {
+        chunk.push(for_par(
+            "q",
+            i(0),
+            i(bv * c_n),
+            with(
+                rc("jj", "x", c_n),
+                st(
+                    "ut",
+                    [v("q")],
+                    select(
+                        lt(v("x"), v("l")),
+                        u_at(v("jj"), min(v("x"), last())),
+                        f(0.0),
+                    ),
+                ),
+            ),
+        ));
+    }
+    // o = (Q ⊙ e^G) S + M_qk u (M_qk's causal part; the rest of its rows is never written).
+    chunk.extend([
+        mma_tiles(
+            MmaKind::F32,
+            v("l"),
             i(bv),
-            i(dk),
+            dk,
+            &|t, c| ld("qg", [row(t), hk(c)]),
+            &|jj, c| ld("sl", [jj * i(dk) + c]),
+            &|t, jj, acc| vec![st("ol", [t * i(bv) + jj], acc)],
+        ),
+        mma_tiles(
+            MmaKind::F32,
+            v("l"),
+            i(bv),
             c_n,
-            true,
+            &|t, x| {
+                select(
+                    le(x.clone(), t.clone()),
+                    ld("mq", [row(t), v("h") * i(c_n) + x]),
+                    f(0.0),
+                )
+            },
+            &|jj, x| ld("ut", [jj * i(c_n) + x]),
+            &|t, jj, acc| {
+                vec![st(
+                    "o",
+                    [row(t.clone()), hv(jj.clone())],
+                    ld("ol", [t * i(bv) + jj]) + acc,
+                )]
+            },
         ),
     ]);
+    // S ← e^G_L ⊙ S + (K ⊙ e^(G_L − G))ᵀ u, as Sᵀ[jj, c] = Sᵀ[jj, c]·e^G_L[c] + Σ_x ut[jj, x]
+    // kd[x, c] (keys past the chunk clamped to its last: their u is zero).
+    chunk.push(mma_tiles(
+        MmaKind::F32,
+        i(bv),
+        i(dk),
+        c_n,
+        &|jj, x| ld("ut", [jj * i(c_n) + x]),
+        &|c, x| ld("kd", [row(min(x, last())), hk(c)]),
+        &|jj, c, acc| {
+            let q = jj * i(dk) + c.clone();
+            vec![st(
+                "sl",
+                [q.clone()],
+                ld("sl", [q]) * ld("eg", [v("c0"), v("h") * i(w) + wc(c)]) + acc,
+            )]
+        },
+    ));
 
     let mut body = vec![
         local("sl", bv * dk),
-        local("ql", c_n * dk),
-        local("kdt", dk * c_n),
-        local("mql", c_n * c_n),
         local("ut", bv * c_n),
         local("ol", c_n * bv),
     ];
-    if sh.delta {
-        body.push(local("wl", c_n * dk));
-    }
     body.extend([
         let_("h", pid(0)),
         let_("j0", pid(1) * i(bv)),
