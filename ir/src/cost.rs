@@ -33,8 +33,10 @@ pub struct Gpu {
     pub memory: u64,
     /// Memory bandwidth, bytes/s.
     pub bandwidth: f64,
-    /// Dense bf16 tensor throughput, FLOP/s.
+    /// Dense bf16 tensor throughput, FLOP/s (dense TF32 is half of it on every GPU listed).
     pub flops: f64,
+    /// FP32 throughput of the CUDA cores (no tensor cores), FLOP/s.
+    pub f32_flops: f64,
     /// Where the numbers come from.
     pub source: &'static str,
 }
@@ -47,35 +49,45 @@ pub const GPUS: &[Gpu] = &[
         memory: 80_000_000_000,
         bandwidth: 2.039e12,
         flops: 312e12,
-        source: "NVIDIA A100 datasheet (80GB SXM): 2,039 GB/s HBM2e, 312 TFLOPS dense BF16",
+        f32_flops: 19.5e12,
+        source: "NVIDIA A100 datasheet (80GB SXM): 2,039 GB/s HBM2e, 312 TFLOPS dense BF16, \
+                 156 TF32, 19.5 FP32",
     },
     Gpu {
         name: "h100",
         memory: 80_000_000_000,
         bandwidth: 3.35e12,
         flops: 989e12,
-        source: "NVIDIA H100 datasheet (SXM): 80 GB HBM3 3.35 TB/s, 989 TFLOPS dense BF16",
+        f32_flops: 67e12,
+        source: "NVIDIA H100 datasheet (SXM): 80 GB HBM3 3.35 TB/s, 989 TFLOPS dense BF16, \
+                 495 TF32, 67 FP32",
     },
     Gpu {
         name: "h200",
         memory: 141_000_000_000,
         bandwidth: 4.8e12,
         flops: 989e12,
-        source: "NVIDIA H200 datasheet (SXM): 141 GB HBM3e 4.8 TB/s, 989 TFLOPS dense BF16",
+        f32_flops: 67e12,
+        source: "NVIDIA H200 datasheet (SXM): 141 GB HBM3e 4.8 TB/s, 989 TFLOPS dense BF16, \
+                 495 TF32, 67 FP32",
     },
     Gpu {
         name: "b200",
         memory: 180_000_000_000,
         bandwidth: 8.0e12,
         flops: 2250e12,
-        source: "NVIDIA DGX B200 datasheet, per GPU: 180 GB HBM3e 8 TB/s, 2.25 PFLOPS dense BF16",
+        f32_flops: 75e12,
+        source: "NVIDIA DGX B200 datasheet, per GPU: 180 GB HBM3e 8 TB/s, 2.25 PFLOPS dense BF16, \
+                 1.1 PFLOPS TF32, 75 TFLOPS FP32",
     },
     Gpu {
         name: "l40s",
         memory: 48_000_000_000,
         bandwidth: 0.864e12,
         flops: 362e12,
-        source: "NVIDIA L40S datasheet: 48 GB GDDR6 864 GB/s, 362 TFLOPS dense BF16",
+        f32_flops: 91.6e12,
+        source: "NVIDIA L40S datasheet: 48 GB GDDR6 864 GB/s, 362 TFLOPS dense BF16, 183 TF32, \
+                 91.6 FP32",
     },
 ];
 

@@ -232,6 +232,14 @@ fn gpu_report() {
         let line = text.lines().find(|l| l.starts_with(phase)).unwrap();
         assert!(line.contains("roofline") && !line.contains("NaN"), "{line}");
     }
+    // Each kernel's roofline row ends with what bounds it.
+    let bounds = ["memory", "bf16 mma", "tf32x3 mma", "cuda cores"];
+    let rows: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("_chunk64_") || l.starts_with("rms_norm_linear_mma"))
+        .filter(|l| bounds.iter().any(|b| l.ends_with(b)))
+        .collect();
+    assert!(rows.len() >= 2, "no roofline rows with a bound in\n{text}");
 }
 
 /// GPU MLIR and PTX of the tiny examples, reviewed with `cargo insta review`.

@@ -42,7 +42,8 @@ impl CostArgs {
                 memory: u64::MAX,
                 bandwidth: f64::NAN,
                 flops: f64::NAN,
-                source: "--bandwidth / --flops",
+                f32_flops: f64::NAN,
+                source: "--bandwidth / --flops (CUDA-core FP32 taken at H100's ratio to BF16)",
             },
             Some(name) => gpu(name).ok_or_else(|| {
                 let known: Vec<&str> = GPUS.iter().map(|g| g.name).collect();
@@ -60,7 +61,15 @@ impl CostArgs {
             g.bandwidth = bw * 1e9;
         }
         if let Some(fl) = self.flops {
+            // A measured tensor throughput scales the CUDA cores' ceiling alike; a custom GPU
+            // gets H100's ratio (67 / 989).
+            let ratio = if g.flops.is_nan() {
+                67.0 / 989.0
+            } else {
+                g.f32_flops / g.flops
+            };
             g.flops = fl * 1e12;
+            g.f32_flops = g.flops * ratio;
         }
         if g.bandwidth.is_nan() || g.flops.is_nan() {
             return Err("without --gpu, give both --bandwidth and --flops".into());

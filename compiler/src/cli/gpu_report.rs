@@ -25,10 +25,30 @@ pub struct KernelRow<'k> {
 }
 
 impl KernelRow<'_> {
-    /// Roofline time of all its launches, seconds.
+    /// Roofline time of all its launches, seconds: DRAM bytes at the bandwidth, or the
+    /// arithmetic ([`Work::compute_seconds`]), whichever is longer.
     pub fn roofline(&self, gpu: &Gpu) -> f64 {
         let w = &self.work;
-        self.launches as f64 * (w.dram_bytes() / gpu.bandwidth).max(w.flops / gpu.flops)
+        self.launches as f64
+            * (w.dram_bytes() / gpu.bandwidth).max(w.compute_seconds(gpu.flops, gpu.f32_flops))
+    }
+
+    /// What bounds it: the longest of the DRAM time and the arithmetic time, and of the
+    /// latter, the kind of arithmetic that takes longest.
+    pub fn bound(&self, gpu: &Gpu) -> &'static str {
+        let w = &self.work;
+        let compute = w.compute_seconds(gpu.flops, gpu.f32_flops);
+        if w.dram_bytes() / gpu.bandwidth >= compute {
+            return "memory";
+        }
+        [
+            ("bf16 mma", w.bf16_mma_flops / gpu.flops),
+            ("tf32x3 mma", 6.0 * w.tf32x3_flops / gpu.flops),
+            ("cuda cores", w.cuda_core_flops() / gpu.f32_flops),
+        ]
+        .into_iter()
+        .fold(("memory", -1.0), |a, b| if b.1 > a.1 { b } else { a })
+        .0
     }
 }
 
@@ -138,14 +158,16 @@ pub fn gpu_report(
         rows_v.sort_by(|a, b| b.roofline(gpu).total_cmp(&a.roofline(gpu)));
         println!();
         println!(
-            "{} ({what}): roofline on {} ({:.2} TB/s, {:.0} TFLOP/s)",
+            "{} ({what}): roofline on {} ({:.2} TB/s; {:.0} TFLOP/s bf16 MMA, 3xTF32 products \
+             at a sixth of it, {:.1} TFLOP/s f32 on CUDA cores)",
             phase.name(),
             gpu.name,
             gpu.bandwidth / 1e12,
-            gpu.flops / 1e12
+            gpu.flops / 1e12,
+            gpu.f32_flops / 1e12
         );
         println!(
-            "{:<64} {:>8} {:>9} {:>12} {:>12} {:>12} {:>17} {:>12}",
+            "{:<64} {:>8} {:>9} {:>12} {:>12} {:>12} {:>17} {:>12}  bound",
             "kernel",
             "launches",
             "blocks",
@@ -173,7 +195,7 @@ pub fn gpu_report(
                 ("-".into(), "-".into())
             };
             println!(
-                "{:<64} {:>8} {:>9} {:>12.3} {:>12.3} {:>12.2} {:>17} {:>12}",
+                "{:<64} {:>8} {:>9} {:>12.3} {:>12.3} {:>12.2} {:>17} {:>12}  {}",
                 r.kernel.name,
                 r.launches,
                 r.blocks,
@@ -181,7 +203,8 @@ pub fn gpu_report(
                 r.work.dram_bytes() / 1e6,
                 time * 1e6,
                 scratch,
-                scratch_time
+                scratch_time,
+                r.bound(gpu)
             );
         }
         println!(

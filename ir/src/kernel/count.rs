@@ -19,12 +19,18 @@
 
 use std::collections::HashMap;
 
-use super::{Dim, Elem, Expr, Kernel, Mma, Stmt, TileOp};
+use super::{Dim, Elem, Expr, Kernel, Mma, MmaKind, Stmt, TileOp};
 
 /// Work of one launch.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Work {
+    /// Every f32 operation; of them, the products a GPU runs on tensor cores:
     pub flops: f64,
+    /// bf16 MMA tiles (the projections);
+    pub bf16_mma_flops: f64,
+    /// f32 products as 3xTF32 MMAs (`dot` tiles outside split loops, `tf32x3` and `f32` MMA
+    /// tiles): three TF32 MMAs each, at half the bf16 rate.
+    pub tf32x3_flops: f64,
     /// Bytes loaded from and stored to parameters, as issued by the programs.
     pub load_bytes: f64,
     pub store_bytes: f64,
@@ -38,6 +44,20 @@ pub struct Work {
 impl Work {
     pub fn dram_bytes(&self) -> f64 {
         self.dram_bytes
+    }
+
+    /// FLOPs left to the CUDA cores.
+    pub fn cuda_core_flops(&self) -> f64 {
+        (self.flops - self.bf16_mma_flops - self.tf32x3_flops).max(0.0)
+    }
+
+    /// Seconds of arithmetic at the given ceilings (FLOP/s: dense bf16 tensor, CUDA-core f32),
+    /// the three kinds one after another: bf16 MMAs at the tensor rate, 3xTF32 ones as three
+    /// TF32 MMAs at half of it, the rest on the CUDA cores.
+    pub fn compute_seconds(&self, tensor: f64, cuda_core: f64) -> f64 {
+        self.bf16_mma_flops / tensor
+            + 6.0 * self.tf32x3_flops / tensor
+            + self.cuda_core_flops() / cuda_core
     }
 }
 
@@ -134,6 +154,8 @@ pub fn launch_work(k: &Kernel, rows: usize, data: (f64, f64)) -> Work {
         .sum();
     Work {
         flops: c.work.flops * programs,
+        bf16_mma_flops: c.work.bf16_mma_flops * programs,
+        tf32x3_flops: c.work.tf32x3_flops * programs,
         load_bytes: c.work.load_bytes * programs,
         store_bytes: c.work.store_bytes * programs,
         dram_bytes,
@@ -301,7 +323,12 @@ impl Counter<'_> {
             .insert(mma.j.clone(), (T::I, Iv::iter(Iv::point(0.0), n)));
         self.expr(&mma.a, times * m.mean * depth);
         self.expr(&mma.b, times * n.mean * depth);
-        self.work.flops += 2.0 * m.mean * n.mean * depth * times;
+        let flops = 2.0 * m.mean * n.mean * depth * times;
+        self.work.flops += flops;
+        match mma.kind {
+            MmaKind::Bf16 => self.work.bf16_mma_flops += flops,
+            MmaKind::Tf32x3 | MmaKind::F32 => self.work.tf32x3_flops += flops,
+        }
         self.vars.insert(mma.acc.clone(), (T::F, Iv::point(0.0)));
         self.block(&mma.epilogue, times * m.mean * n.mean);
         self.vars = saved;
@@ -343,6 +370,10 @@ impl Counter<'_> {
             }
         };
         self.work.flops += flops * times;
+        // A GPU runs a dot on tensor cores unless it sits in a split loop (dealt to the lanes).
+        if matches!(op, TileOp::Dot { .. }) && self.lanes.is_none() {
+            self.work.tf32x3_flops += flops * times;
+        }
         self.work.scratch_bytes += 4.0 * elems * times;
     }
 
@@ -603,6 +634,54 @@ mod tests {
     }
 
     #[test]
+    fn products_are_classed_by_the_units_that_run_them() {
+        // A bf16 MMA tile (16 × 8 × 32), the same dot twice (outside and inside a split loop),
+        // and one exp per program.
+        let dot_ = || {
+            dot(
+                view("c", i(0), 8),
+                view("a", i(0), 32),
+                view("b", i(0), 32),
+                i(16),
+                i(8),
+                32,
+                false,
+            )
+        };
+        let k = Kernel {
+            name: "classes".into(),
+            nodes: vec![],
+            grid: vec![Dim::N(1)],
+            params: vec![param("y", vec![Dim::N(1)], Access::Write)],
+            body: vec![
+                local("a", 16 * 32),
+                local("b", 8 * 32),
+                local("c", 16 * 8),
+                mma(
+                    [16, 8, 32],
+                    i(16),
+                    i(8),
+                    ld("a", [v("mi") * i(32) + v("k")]),
+                    ld("b", [v("mj") * i(32) + v("k")]),
+                    vec![],
+                ),
+                dot_(),
+                for_par("p", i(0), i(1), vec![dot_()]),
+                st("y", [i(0)], exp(f(1.0))),
+            ],
+        };
+        let w = launch_work(&k, 1, (0.0, 0.0));
+        let product = 2.0 * 16.0 * 8.0 * 32.0;
+        assert_eq!(w.bf16_mma_flops, product);
+        assert_eq!(w.tf32x3_flops, product);
+        assert_eq!(w.cuda_core_flops(), product + 1.0);
+        // bf16 at the tensor rate, 3xTF32 at a sixth of it, the rest on the CUDA cores.
+        let t = w.compute_seconds(1e12, 1e11);
+        let want = product / 1e12 + 6.0 * product / 1e12 + (product + 1.0) / 1e11;
+        assert!((t - want).abs() < 1e-18, "{t} vs {want}");
+    }
+
+    #[test]
     fn locals_and_tiles_count_as_scratch_traffic() {
         // A local store, then `c += a·bᵀ` over 64 × 32 × 16: as 32 × 32 tensor-core tiles, `a`
         // is read once (one column tile), `b` twice (two row tiles), `c` read and written.
@@ -632,6 +711,9 @@ mod tests {
         let elems = 1.0 + 64.0 * 16.0 + 2.0 * 32.0 * 16.0 + 2.0 * 64.0 * 32.0 + 1.0;
         assert_eq!(w.scratch_bytes, 3.0 * 4.0 * elems);
         assert_eq!(w.flops, 3.0 * 2.0 * 64.0 * 32.0 * 16.0);
+        // All on tensor cores, as 3xTF32.
+        assert_eq!(w.tf32x3_flops, w.flops);
+        assert_eq!(w.cuda_core_flops(), 0.0);
         // Only the parameter's bytes reach the roofline.
         assert_eq!(
             (w.load_bytes, w.store_bytes, w.dram_bytes()),
