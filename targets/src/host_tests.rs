@@ -367,6 +367,7 @@ fn mma_tiles_compute_rounded_products_exactly() {
         (MmaKind::Bf16, 40usize, 1e-6),
         (MmaKind::Tf32x3, 37, 1e-6),
         (MmaKind::F32, 37, 1e-6),
+        (MmaKind::Tf32, 37, 1e-6),
     ] {
         check_mma_tile(kind, depth, tol);
     }
@@ -389,6 +390,8 @@ fn check_mma_tile(kind: lamina_ir::kernel::MmaKind, depth: usize, tol: f64) {
     let bf = |v: f32| match kind {
         MmaKind::Bf16 => half::bf16::from_f32(v).to_f32() as f64,
         MmaKind::Tf32x3 | MmaKind::F32 => v as f64,
+        // Rounded to TF32 (ties away): products of two are exact in f32.
+        MmaKind::Tf32 => f32::from_bits((v.to_bits() + 0x1000) & 0xffff_e000) as f64,
     };
     // Each element's value, and the size of its terms (errors are relative to them).
     let want: Vec<(f64, f64)> = (0..rows * cols)
@@ -400,7 +403,7 @@ fn check_mma_tile(kind: lamina_ir::kernel::MmaKind, depth: usize, tol: f64) {
             (dot + bias[c] as f64, size + (bias[c] as f64).abs())
         })
         .collect();
-    if kind == MmaKind::Bf16 {
+    if matches!(kind, MmaKind::Bf16 | MmaKind::Tf32) {
         // Rounding matters here: the unrounded product is far from `want`.
         let plain = (0..depth).map(|k| x[k] as f64 * w[k] as f64).sum::<f64>() + bias[0] as f64;
         assert!((plain - want[0].0).abs() > 1e-4, "{plain} vs {}", want[0].0);
@@ -440,12 +443,15 @@ fn mma_tiles_assemble_for_both_gpus() {
         (Target::Sm80, MmaKind::Tf32x3),
         (Target::Sm90a, MmaKind::Tf32x3),
         (Target::Sm80, MmaKind::F32),
+        (Target::Sm90a, MmaKind::Tf32),
     ] {
         let kernel = mma_kernel(21, 37, kind);
         let instr = match kind {
             MmaKind::Bf16 => "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
             // An f32 tile runs as TF32x3 on a GPU.
-            MmaKind::Tf32x3 | MmaKind::F32 => "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
+            MmaKind::Tf32x3 | MmaKind::F32 | MmaKind::Tf32 => {
+                "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"
+            }
         };
         let (ptx, _) = crate::nvptx::compile_ptx(std::slice::from_ref(&kernel), target).unwrap();
         // 2 × 2 MMAs per step (three each for TF32x3).

@@ -58,6 +58,7 @@ fn without_a_driver_every_entry_point_says_so() {
         host_lanes: 1,
         decode_splits: 8,
         tensor_cores: true,
+        tf32_products: false,
         ..Options::default()
     };
     build(&m, &art, Target::Sm80, gpu, 0).unwrap();
@@ -135,6 +136,7 @@ fn gpu_matches_host(model: &Path) {
         host_lanes: 1,
         decode_splits: 8,
         tensor_cores: true,
+        tf32_products: false,
     };
     let m = Model::open(model).unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();

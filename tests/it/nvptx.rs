@@ -19,6 +19,7 @@ fn gpu_options() -> lamina_compiler::passes::Options {
         weights_bf16: true,
         decode_splits: 8,
         tensor_cores: true,
+        tf32_products: false,
         ..Default::default()
     }
 }
@@ -233,7 +234,7 @@ fn gpu_report() {
         assert!(line.contains("roofline") && !line.contains("NaN"), "{line}");
     }
     // Each kernel's roofline row ends with what bounds it.
-    let bounds = ["memory", "bf16 mma", "tf32x3 mma", "cuda cores"];
+    let bounds = ["memory", "bf16 mma", "tf32x3 mma", "tf32 mma", "cuda cores"];
     let rows: Vec<&str> = text
         .lines()
         .filter(|l| l.contains("_chunk64_") || l.starts_with("rms_norm_linear_mma"))
@@ -526,6 +527,45 @@ fn warps_on_tf32_tensor_cores(kernels: &[lamina_ir::kernel::Kernel]) {
             assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{}", r.kernel);
             assert!(r.blocks_per_sm(nvptx::BLOCK) >= 1, "{}", r.kernel);
         }
+    }
+}
+
+/// With TF32 products (`--products tf32`) the flash attention and chunked recurrence kernels
+/// (named `_tf32`) issue one TF32 `mma.sync` where the default plan issues three, and still
+/// assemble without spills.
+#[test]
+fn tf32_products_are_a_third_of_the_mmas() {
+    use lamina_compiler::kernels::Phase;
+    let instr = "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32";
+    for example in ["qwen3-next-80b-a3b.toml", "kimi-linear-48b-a3b.toml"] {
+        let m = Model::open(&repo().join("examples").join(example)).unwrap();
+        let hot = |tf32: bool| {
+            let options = lamina_compiler::passes::Options {
+                tf32_products: tf32,
+                ..gpu_options()
+            };
+            let (p, _) = lamina_compiler::build::compile_program(&m, options).unwrap();
+            let kernels: Vec<_> = p
+                .phase_kernels(Phase::Prefill)
+                .into_iter()
+                .filter(|k| {
+                    ["_flash_", "_chunk64_", "_scan64_"]
+                        .iter()
+                        .any(|s| k.name.contains(s))
+                })
+                .cloned()
+                .collect();
+            let (ptx, _) = nvptx::compile_ptx(&kernels, Target::Sm90a).unwrap();
+            (kernels, ptx.matches(instr).count())
+        };
+        let ((plain, three), (tf32, one)) = (hot(false), hot(true));
+        assert_eq!(plain.len(), tf32.len(), "{example}");
+        assert!(tf32.iter().all(|k| k.name.ends_with("_tf32")), "{example}");
+        assert!(
+            one > 0 && three == 3 * one,
+            "{example}: {three} vs {one} tf32 MMAs"
+        );
+        warps_on_tf32_tensor_cores(&tf32);
     }
 }
 

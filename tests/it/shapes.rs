@@ -90,6 +90,7 @@ fn check(spec: &str, len: usize) -> Result<(), TestCaseError> {
         host_lanes: 1,
         decode_splits: 1,
         tensor_cores: false,
+        tf32_products: false,
     };
     let art = dir.path().join("artifact");
     build(&m, &art, Target::Host, options, 7)

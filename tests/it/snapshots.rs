@@ -42,6 +42,7 @@ fn kernel_text(example: &str) -> String {
         host_lanes: 1,
         decode_splits: 1,
         tensor_cores: false,
+        tf32_products: false,
     };
     let (p, _) = lamina_compiler::build::compile_program(&m, options).unwrap();
     let text = p.print();

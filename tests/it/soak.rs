@@ -76,6 +76,7 @@ fn soak_long_decode_neither_leaks_nor_drifts() {
             host_lanes: 1,
             decode_splits: 1,
             tensor_cores: false,
+            tf32_products: false,
         };
         let art = artifact(example, options, dir.path());
         let mut e = HostEngine::load(&art, None).unwrap();
@@ -128,6 +129,7 @@ fn soak_staggered_batch_equals_each_sequence_alone() {
         host_lanes: 1,
         decode_splits: 1,
         tensor_cores: false,
+        tf32_products: false,
     };
     let art = artifact("kimi-linear-tiny.toml", options, dir.path());
     let v = {

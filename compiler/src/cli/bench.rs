@@ -51,6 +51,10 @@ pub struct BenchArgs {
     /// MiB copied by the bandwidth measurement.
     #[arg(long, default_value_t = 512)]
     memcpy_mib: usize,
+    /// Attention's and the recurrences' f32 products: f32 (3xTF32 on GPUs) or tf32 (one TF32
+    /// MMA, as `build --products tf32`).
+    #[arg(long, value_enum, default_value = "f32")]
+    products: super::build::Products,
 }
 
 pub fn bench(a: &BenchArgs) -> CliResult {
@@ -74,6 +78,7 @@ pub fn bench(a: &BenchArgs) -> CliResult {
                 super::build::GPU_DECODE_SPLITS
             },
             tensor_cores: target != lamina_targets::Target::Host,
+            tf32_products: a.products == super::build::Products::Tf32,
         };
         super::run::cached_build(&a.model, options, a.seed, target)?
     };

@@ -36,6 +36,19 @@ pub struct SizeArgs {
     /// GPU targets; on the host, `on` runs the same arithmetic as loops.
     #[arg(long, value_enum, default_value = "auto")]
     pub tensor_cores: Switch,
+    /// How attention and the chunked recurrences form their f32 products on tensor cores: f32
+    /// (3xTF32 on GPUs, ~2^-20 relative; exact on the host) or tf32 (experimental: one TF32
+    /// MMA, operands rounded to 10 mantissa bits, a third of the work; the host rounds alike;
+    /// within 1e-2 of the reference on the Qwen3-Next and Kimi tiny examples, not on the
+    /// DeepSeek-V3 and MiniMax ones).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub products: Products,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Products {
+    F32,
+    Tf32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -93,6 +106,7 @@ impl SizeArgs {
                 s => s.max(1),
             },
             tensor_cores,
+            tf32_products: self.products == Products::Tf32,
         })
     }
 }

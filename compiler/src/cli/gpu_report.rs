@@ -44,6 +44,7 @@ impl KernelRow<'_> {
         [
             ("bf16 mma", w.bf16_mma_flops / gpu.flops),
             ("tf32x3 mma", 6.0 * w.tf32x3_flops / gpu.flops),
+            ("tf32 mma", 2.0 * w.tf32_flops / gpu.flops),
             ("cuda cores", w.cuda_core_flops() / gpu.f32_flops),
         ]
         .into_iter()

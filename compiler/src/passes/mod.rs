@@ -9,8 +9,10 @@
 //! 4. `weight-precision`: weights read as bf16 when the build asks for it ([`precision`]);
 //! 5. `activation-precision`: in tensor-core plans, activations that are only ever GEMM
 //!    operands stored as bf16 ([`precision::ActivationPrecision`]);
-//! 6. `dedupe-kernels`: identical kernels (same signature) shared by every launch;
-//! 7. `plan-memory`: liveness-based arena offsets for every activation, per phase.
+//! 6. `product-precision`: with TF32 products, attention's and the recurrences' f32 products
+//!    as TF32 MMA tiles ([`precision::ProductPrecision`]);
+//! 7. `dedupe-kernels`: identical kernels (same signature) shared by every launch;
+//! 8. `plan-memory`: liveness-based arena offsets for every activation, per phase.
 
 pub mod dedupe;
 pub mod fuse;
@@ -53,6 +55,11 @@ pub struct Options {
     /// lower them to `mma.sync`, the host to loops with the same rounding (so tests check the
     /// numerics and the tiling on the CPU).
     pub tensor_cores: bool,
+    /// Attention's and the chunked recurrences' f32 products as single TF32 MMAs (operands
+    /// rounded to 10 mantissa bits, 2^-11 relative, 8x finer than bf16) instead of 3xTF32
+    /// (~2^-20): a third of the tensor-core work. Experimental: end to end within DESIGN's
+    /// bf16-operand bound on some tiny models only (`compiled::tf32_products_*` tests).
+    pub tf32_products: bool,
 }
 
 impl Default for Options {
@@ -66,6 +73,7 @@ impl Default for Options {
             host_lanes: 1,
             decode_splits: 1,
             tensor_cores: false,
+            tf32_products: false,
         }
     }
 }
@@ -193,6 +201,7 @@ pub fn pipeline() -> Vec<Box<dyn Pass>> {
         Box::new(lower::LowerToKernels),
         Box::new(precision::WeightPrecision),
         Box::new(precision::ActivationPrecision),
+        Box::new(precision::ProductPrecision),
         Box::new(dedupe::DedupeKernels),
         Box::new(memory::PlanMemory),
     ]

@@ -5,6 +5,11 @@
 //!
 //! `activation-precision` ([`ActivationPrecision`]): in tensor-core plans, activations read
 //! only as bf16 GEMM operands are stored as bf16 (bit for bit the same results).
+//!
+//! `product-precision` ([`ProductPrecision`]): with `Options::tf32_products`, the f32 products
+//! (`dot` tiles and `f32` MMA tiles: attention, the chunked recurrences) become TF32 MMA tiles
+//! on every target, the host included (so tests see the GPU's arithmetic); otherwise a GPU runs
+//! them as 3xTF32 and the host in f32.
 
 use std::collections::HashMap;
 
@@ -15,6 +20,29 @@ use super::{Pass, Program};
 use crate::kernels::{Bind, Value};
 
 pub struct WeightPrecision;
+
+pub struct ProductPrecision;
+
+impl Pass for ProductPrecision {
+    fn name(&self) -> &'static str {
+        "product-precision"
+    }
+
+    fn run(&self, p: &mut Program) -> Result<(), Error> {
+        if !p.options.tf32_products {
+            return Ok(());
+        }
+        // A kernel whose products changed is named for it (`gqa_flash_..._tf32`).
+        for l in p.schedules.values_mut().flatten() {
+            let k = lamina_ir::kernel::expand::dots_as_mma(&l.kernel, MmaKind::Tf32);
+            if k.body != l.kernel.body {
+                l.kernel.body = k.body;
+                l.kernel.name += "_tf32";
+            }
+        }
+        Ok(())
+    }
+}
 
 impl Pass for WeightPrecision {
     fn name(&self) -> &'static str {

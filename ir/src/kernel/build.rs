@@ -355,6 +355,11 @@ pub fn tf32(x: Expr) -> Expr {
     un(UnOp::Tf32, x)
 }
 
+/// `x` rounded to the nearest TF32, ties away from zero (as f32).
+pub fn tf32_round(x: Expr) -> Expr {
+    un(UnOp::Tf32Round, x)
+}
+
 /// `x` rounded to bfloat16 (as f32).
 pub fn bf16(x: Expr) -> Expr {
     un(UnOp::Bf16, x)

@@ -29,8 +29,10 @@ pub struct Work {
     /// bf16 MMA tiles (the projections);
     pub bf16_mma_flops: f64,
     /// f32 products as 3xTF32 MMAs (`dot` tiles outside split loops, `tf32x3` and `f32` MMA
-    /// tiles): three TF32 MMAs each, at half the bf16 rate.
+    /// tiles): three TF32 MMAs each, at half the bf16 rate;
     pub tf32x3_flops: f64,
+    /// `tf32` MMA tiles: one TF32 MMA each.
+    pub tf32_flops: f64,
     /// Bytes loaded from and stored to parameters, as issued by the programs.
     pub load_bytes: f64,
     pub store_bytes: f64,
@@ -48,15 +50,16 @@ impl Work {
 
     /// FLOPs left to the CUDA cores.
     pub fn cuda_core_flops(&self) -> f64 {
-        (self.flops - self.bf16_mma_flops - self.tf32x3_flops).max(0.0)
+        (self.flops - self.bf16_mma_flops - self.tf32x3_flops - self.tf32_flops).max(0.0)
     }
 
     /// Seconds of arithmetic at the given ceilings (FLOP/s: dense bf16 tensor, CUDA-core f32),
-    /// the three kinds one after another: bf16 MMAs at the tensor rate, 3xTF32 ones as three
-    /// TF32 MMAs at half of it, the rest on the CUDA cores.
+    /// the kinds one after another: bf16 MMAs at the tensor rate, TF32 ones at half of it
+    /// (3xTF32: three of them), the rest on the CUDA cores.
     pub fn compute_seconds(&self, tensor: f64, cuda_core: f64) -> f64 {
         self.bf16_mma_flops / tensor
             + 6.0 * self.tf32x3_flops / tensor
+            + 2.0 * self.tf32_flops / tensor
             + self.cuda_core_flops() / cuda_core
     }
 }
@@ -156,6 +159,7 @@ pub fn launch_work(k: &Kernel, rows: usize, data: (f64, f64)) -> Work {
         flops: c.work.flops * programs,
         bf16_mma_flops: c.work.bf16_mma_flops * programs,
         tf32x3_flops: c.work.tf32x3_flops * programs,
+        tf32_flops: c.work.tf32_flops * programs,
         load_bytes: c.work.load_bytes * programs,
         store_bytes: c.work.store_bytes * programs,
         dram_bytes,
@@ -328,6 +332,7 @@ impl Counter<'_> {
         match mma.kind {
             MmaKind::Bf16 => self.work.bf16_mma_flops += flops,
             MmaKind::Tf32x3 | MmaKind::F32 => self.work.tf32x3_flops += flops,
+            MmaKind::Tf32 => self.work.tf32_flops += flops,
         }
         self.vars.insert(mma.acc.clone(), (T::F, Iv::point(0.0)));
         self.block(&mma.epilogue, times * m.mean * n.mean);
@@ -635,8 +640,8 @@ mod tests {
 
     #[test]
     fn products_are_classed_by_the_units_that_run_them() {
-        // A bf16 MMA tile (16 × 8 × 32), the same dot twice (outside and inside a split loop),
-        // and one exp per program.
+        // A bf16 MMA tile (16 × 8 × 32), the same as a TF32 tile, the same dot twice (outside
+        // and inside a split loop), and one exp per program.
         let dot_ = || {
             dot(
                 view("c", i(0), 8),
@@ -648,6 +653,17 @@ mod tests {
                 false,
             )
         };
+        let tile = |kind| match mma(
+            [16, 8, 32],
+            i(16),
+            i(8),
+            ld("a", [v("mi") * i(32) + v("k")]),
+            ld("b", [v("mj") * i(32) + v("k")]),
+            vec![],
+        ) {
+            Stmt::Mma(m) => Stmt::Mma(Box::new(Mma { kind, ..*m })),
+            _ => unreachable!(),
+        };
         let k = Kernel {
             name: "classes".into(),
             nodes: vec![],
@@ -657,14 +673,8 @@ mod tests {
                 local("a", 16 * 32),
                 local("b", 8 * 32),
                 local("c", 16 * 8),
-                mma(
-                    [16, 8, 32],
-                    i(16),
-                    i(8),
-                    ld("a", [v("mi") * i(32) + v("k")]),
-                    ld("b", [v("mj") * i(32) + v("k")]),
-                    vec![],
-                ),
+                tile(MmaKind::Bf16),
+                tile(MmaKind::Tf32),
                 dot_(),
                 for_par("p", i(0), i(1), vec![dot_()]),
                 st("y", [i(0)], exp(f(1.0))),
@@ -674,10 +684,12 @@ mod tests {
         let product = 2.0 * 16.0 * 8.0 * 32.0;
         assert_eq!(w.bf16_mma_flops, product);
         assert_eq!(w.tf32x3_flops, product);
+        assert_eq!(w.tf32_flops, product);
         assert_eq!(w.cuda_core_flops(), product + 1.0);
-        // bf16 at the tensor rate, 3xTF32 at a sixth of it, the rest on the CUDA cores.
+        // bf16 at the tensor rate, TF32 at half of it (3xTF32: three times), the rest on the
+        // CUDA cores.
         let t = w.compute_seconds(1e12, 1e11);
-        let want = product / 1e12 + 6.0 * product / 1e12 + (product + 1.0) / 1e11;
+        let want = (1.0 + 6.0 + 2.0) * product / 1e12 + (product + 1.0) / 1e11;
         assert!((t - want).abs() < 1e-18, "{t} vs {want}");
     }
 

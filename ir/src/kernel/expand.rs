@@ -19,9 +19,15 @@ pub const DOT_TILE: usize = 32;
 /// the chunked recurrences and attention keep their precision. Dots inside split loops stay
 /// (an MMA needs the whole warp; their loops are dealt to its lanes).
 pub fn dots_on_tensor_cores(k: &Kernel) -> Kernel {
+    dots_as_mma(k, MmaKind::Tf32x3)
+}
+
+/// [`dots_on_tensor_cores`] with the products formed as `kind` ([`MmaKind::Tf32x3`] or
+/// [`MmaKind::Tf32`]).
+pub fn dots_as_mma(k: &Kernel, kind: MmaKind) -> Kernel {
     let body = rewrite(&k.body, false, &|s| match s {
         Stmt::Mma(m) if m.kind == MmaKind::F32 => Some(vec![Stmt::Mma(Box::new(Mma {
-            kind: MmaKind::Tf32x3,
+            kind,
             ..(**m).clone()
         }))]),
         Stmt::Tile(TileOp::Dot {
@@ -33,7 +39,7 @@ pub fn dots_on_tensor_cores(k: &Kernel) -> Kernel {
             depth,
             accumulate,
         }) if out.buf != a.buf && out.buf != b.buf => {
-            Some(dot_tiles(out, a, b, m, n, *depth, *accumulate))
+            Some(dot_tiles(kind, out, a, b, m, n, *depth, *accumulate))
         }
         _ => None,
     });
@@ -42,7 +48,9 @@ pub fn dots_on_tensor_cores(k: &Kernel) -> Kernel {
 
 /// `out (+)= a bᵀ` over `m × n` as a grid of MMA tiles (uniform loops: every lane of a warp
 /// runs them alike).
+#[allow(clippy::too_many_arguments)]
 fn dot_tiles(
+    kind: MmaKind,
     out: &View,
     a: &View,
     b: &View,
@@ -52,7 +60,7 @@ fn dot_tiles(
     accumulate: bool,
 ) -> Vec<Stmt> {
     vec![mma_tiles(
-        MmaKind::Tf32x3,
+        kind,
         m.clone(),
         n.clone(),
         depth,
@@ -135,6 +143,7 @@ fn expand_mma(m: &Mma) -> Vec<Stmt> {
             a_hi.clone() * b_hi.clone() + a_hi * b_lo + a_lo * b_hi
         }
         MmaKind::F32 => m.a.clone() * m.b.clone(),
+        MmaKind::Tf32 => tf32_round(m.a.clone()) * tf32_round(m.b.clone()),
     };
     let mut body = vec![let_(&m.acc, sum(&m.k, i(0), i(m.depth), product))];
     body.extend(m.epilogue.iter().cloned());

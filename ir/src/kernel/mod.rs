@@ -142,6 +142,9 @@ pub enum UnOp {
     Bf16,
     /// `x` truncated to TF32 (the low 13 mantissa bits cleared), as f32.
     Tf32,
+    /// `x` rounded to the nearest TF32 (ties away from zero: `(bits + 2^12) & !(2^13 − 1)`),
+    /// as f32: unbiased, unlike truncation.
+    Tf32Round,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -317,6 +320,11 @@ pub enum MmaKind {
     /// whose operands are not all locals (a `dot` takes views of locals), e.g. attention
     /// reading its keys straight from the cache.
     F32,
+    /// `a·b` with both operands rounded to the nearest TF32 (10 mantissa bits, 2^-11 relative
+    /// at most), one `mma.sync` m16n8k8 tf32: a third of `Tf32x3`'s MMAs, eight times finer
+    /// than bf16 operands. What `dot` tiles and `F32` tiles become in plans built with TF32
+    /// products (`passes::Options::tf32_products`).
+    Tf32,
 }
 
 impl MmaKind {
@@ -324,7 +332,7 @@ impl MmaKind {
     pub fn depth_step(self) -> usize {
         match self {
             MmaKind::Bf16 => 16,
-            MmaKind::Tf32x3 | MmaKind::F32 => 8,
+            MmaKind::Tf32x3 | MmaKind::F32 | MmaKind::Tf32 => 8,
         }
     }
 
@@ -333,6 +341,7 @@ impl MmaKind {
             MmaKind::Bf16 => "bf16",
             MmaKind::Tf32x3 => "tf32x3",
             MmaKind::F32 => "f32",
+            MmaKind::Tf32 => "tf32",
         }
     }
 }

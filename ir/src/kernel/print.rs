@@ -232,6 +232,7 @@ pub fn expr(e: &Expr) -> String {
                 UnOp::Softplus => "softplus",
                 UnOp::Bf16 => "bf16",
                 UnOp::Tf32 => "tf32",
+                UnOp::Tf32Round => "tf32_round",
             };
             format!("{name}({})", expr(a))
         }

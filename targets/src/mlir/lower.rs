@@ -1043,6 +1043,25 @@ impl<'c> Lower<'c> {
             .collect()
     }
 
+    /// An f32's bits (as i32) plus half a TF32 step (2^12): masked to TF32 afterwards, the
+    /// nearest TF32 value, ties away from zero (the carry may round up into the exponent).
+    pub(super) fn tf32_half_up<'a>(
+        &self,
+        blk: &'a Block<'c>,
+        bits: Value<'c, 'a>,
+    ) -> Value<'c, 'a> {
+        let i32t: Type = IntegerType::new(self.ctx, 32).into();
+        let half = self.append(
+            blk,
+            arith::constant(
+                self.ctx,
+                IntegerAttribute::new(i32t, 1 << 12).into(),
+                self.loc,
+            ),
+        );
+        self.op(blk, "arith.addi", &[bits, half], i32t, false)
+    }
+
     fn unary<'a>(&self, blk: &'a Block<'c>, op: UnOp, x: Value<'c, 'a>, t: Ty) -> Value<'c, 'a> {
         let f = self.f32;
         let m = |name: &str, x: Value<'c, 'a>| {
@@ -1062,8 +1081,12 @@ impl<'c> Lower<'c> {
                 let b = self.op(blk, "arith.truncf", &[x], Type::bfloat16(self.ctx), false);
                 self.op(blk, "arith.extf", &[b], f, false)
             }
-            UnOp::Tf32 => {
+            UnOp::Tf32 | UnOp::Tf32Round => {
                 let i32t: Type = IntegerType::new(self.ctx, 32).into();
+                let mut bits = self.op(blk, "arith.bitcast", &[x], i32t, false);
+                if op == UnOp::Tf32Round {
+                    bits = self.tf32_half_up(blk, bits);
+                }
                 let mask = self.append(
                     blk,
                     arith::constant(
@@ -1072,7 +1095,6 @@ impl<'c> Lower<'c> {
                         self.loc,
                     ),
                 );
-                let bits = self.op(blk, "arith.bitcast", &[x], i32t, false);
                 let kept = self.op(blk, "arith.andi", &[bits, mask], i32t, false);
                 self.op(blk, "arith.bitcast", &[kept], f, false)
             }

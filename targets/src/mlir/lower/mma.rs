@@ -30,7 +30,7 @@ use super::{bug, Env, Lower, Ty, R, TF32_MASK};
 fn per_register(kind: MmaKind) -> usize {
     match kind {
         MmaKind::Bf16 => 2,
-        MmaKind::Tf32x3 | MmaKind::F32 => 1,
+        MmaKind::Tf32x3 | MmaKind::F32 | MmaKind::Tf32 => 1,
     }
 }
 
@@ -102,7 +102,7 @@ impl<'c> Lower<'c> {
                 .into_iter()
                 .find(|u| steps.is_multiple_of(*u))
                 .unwrap_or(1),
-            MmaKind::Tf32x3 | MmaKind::F32 => 1,
+            MmaKind::Tf32x3 | MmaKind::F32 | MmaKind::Tf32 => 1,
         };
         // Stores before the tile are visible to every lane's operand loads.
         self.warp_sync(blk);
@@ -162,6 +162,20 @@ impl<'c> Lower<'c> {
                         let lo = self.op(&body, "arith.andi", &[rest, mask], i32t, false);
                         Ok(vec![hi, lo])
                     }
+                    MmaKind::Tf32 => {
+                        // x rounded to the nearest TF32 (as the host's `tf32_round`).
+                        let x = self.mma_element(&body, env, (mma, e, var), idx, kk)?;
+                        let bits = self.op(&body, "arith.bitcast", &[x], i32t, false);
+                        let bits = self.tf32_half_up(&body, bits);
+                        let mask = i32c(TF32_MASK);
+                        Ok(vec![self.op(
+                            &body,
+                            "arith.andi",
+                            &[bits, mask],
+                            i32t,
+                            false,
+                        )])
+                    }
                 }
             };
             // Lane offsets: g (row/column in a fragment) and t·(elements per register) (depth).
@@ -169,7 +183,7 @@ impl<'c> Lower<'c> {
             let t_k = self.op(&body, "arith.muli", &[t, bx(e)], self.index, false);
             // a_regs[tile][variant][reg], b_regs likewise (variant: bf16 one, tf32x3 hi/lo).
             let variants = match kind {
-                MmaKind::Bf16 => 1,
+                MmaKind::Bf16 | MmaKind::Tf32 => 1,
                 MmaKind::Tf32x3 | MmaKind::F32 => 2,
             };
             // Every unrolled step's fragments are loaded before the first MMA, so that `unroll`
@@ -213,7 +227,7 @@ impl<'c> Lower<'c> {
             }
             // (A variant, B variant) per MMA, small terms first.
             let products: &[(usize, usize)] = match kind {
-                MmaKind::Bf16 => &[(0, 0)],
+                MmaKind::Bf16 | MmaKind::Tf32 => &[(0, 0)],
                 MmaKind::Tf32x3 | MmaKind::F32 => &[(1, 0), (0, 1), (0, 0)],
             };
             let mut acc: Vec<Value> = (0..accs).map(|i| arg(1 + i)).collect::<R<_>>()?;
@@ -270,7 +284,9 @@ impl<'c> Lower<'c> {
     pub(super) fn mma_attrs(&self, kind: MmaKind) -> R<Vec<(Identifier<'c>, Attribute<'c>)>> {
         let (ptx_type, shape) = match kind {
             MmaKind::Bf16 => ("bf16", "#nvvm.shape<m = 16, n = 8, k = 16>"),
-            MmaKind::Tf32x3 | MmaKind::F32 => ("tf32", "#nvvm.shape<m = 16, n = 8, k = 8>"),
+            MmaKind::Tf32x3 | MmaKind::F32 | MmaKind::Tf32 => {
+                ("tf32", "#nvvm.shape<m = 16, n = 8, k = 8>")
+            }
         };
         let mma_type = format!("#nvvm.mma_type<{ptx_type}>");
         [
