@@ -162,6 +162,52 @@ impl<'g, F: Real> Reference<'g, F> {
         Some(self.eval(&node.op, &[x], &tokens, &mut self.new_session(), cols))
     }
 
+    /// Node `n` of a prefill of `tokens` from an empty session, evaluated on given inputs: each
+    /// input is `known(input)` when that gives one (a compiled plan's own value), else is
+    /// evaluated the same way from its inputs (a node fused into `n`'s kernel, which the plan
+    /// never stores). For op-by-op checks of stateful and multi-input ops (recurrences,
+    /// attention): only the arithmetic of `n` and of what it absorbs differs from the plan's.
+    pub fn eval_from(
+        &self,
+        n: lamina_ir::graph::NodeIndex,
+        tokens: &[i64],
+        known: &dyn Fn(lamina_ir::graph::NodeIndex) -> Option<Mat<F>>,
+    ) -> Mat<F> {
+        fn go<F: Real>(
+            r: &Reference<'_, F>,
+            n: lamina_ir::graph::NodeIndex,
+            tokens: &[i64],
+            known: &dyn Fn(lamina_ir::graph::NodeIndex) -> Option<Mat<F>>,
+            sess: &mut Session<F>,
+            memo: &mut HashMap<lamina_ir::graph::NodeIndex, Mat<F>>,
+        ) -> Mat<F> {
+            let ins: Vec<Mat<F>> = r
+                .graph
+                .inputs(n)
+                .iter()
+                .map(|&i| {
+                    if let Some(v) = memo.get(&i) {
+                        return v.clone();
+                    }
+                    let v = known(i).unwrap_or_else(|| go(r, i, tokens, known, sess, memo));
+                    memo.insert(i, v.clone());
+                    v
+                })
+                .collect();
+            let node = r.graph.node(n);
+            let refs: Vec<&Mat<F>> = ins.iter().collect();
+            r.eval(&node.op, &refs, tokens, sess, node.ty.cols.unwrap_or(1))
+        }
+        go(
+            self,
+            n,
+            tokens,
+            known,
+            &mut self.new_session(),
+            &mut HashMap::new(),
+        )
+    }
+
     fn eval(
         &self,
         op: &Op,
