@@ -101,6 +101,63 @@ fn norm_kernel_runs_from_a_shared_library() {
     }
 }
 
+/// The bits of `v` rounded to the nearest TF32, ties away from zero; infinities and NaNs only
+/// masked (as `UnOp::Tf32Round` and the TF32 MMA fragments compute it).
+fn tf32_round_bits(v: f32) -> u32 {
+    let b = v.to_bits();
+    let up = if b & 0x7f80_0000 == 0x7f80_0000 {
+        b
+    } else {
+        b.wrapping_add(0x1000)
+    };
+    up & 0xffff_e000
+}
+
+/// `UnOp::Tf32Round` on the host, bit for bit: ties, a carry into the exponent, the largest
+/// finite values (rounding to infinity), both infinities, and NaNs, which stay NaNs (NVIDIA's
+/// canonical 0x7fffffff would carry into the sign bit and come out as -0 if rounded as a
+/// finite value).
+#[test]
+fn tf32_rounding_is_to_nearest_and_keeps_nan() {
+    let kernel = Kernel {
+        name: "round".into(),
+        nodes: vec![],
+        grid: vec![Dim::Rows],
+        params: vec![input("x", &[Dim::Rows]), output("y", &[Dim::Rows])],
+        body: vec![st("y", [pid(0)], tf32_round(ld("x", [pid(0)])))],
+    };
+    let bits: [u32; 12] = [
+        0x3f80_1000, // 1 + half a TF32 step: a tie, away from zero
+        0x3f80_0fff, // just below: down
+        0xbf80_1000, // the negative tie: away from zero
+        0x3fff_f000, // carries into the exponent: 2.0
+        0x7f7f_ffff, // the largest finite f32: to infinity
+        0x7f80_0000,
+        0xff80_0000,
+        0x7fff_ffff, // NVIDIA's canonical NaN
+        0xffff_ffff,
+        0x7fc0_0000,
+        0x0000_1000, // a denormal tie
+        0x0000_0000,
+    ];
+    let mut x: Vec<f32> = bits.iter().map(|&b| f32::from_bits(b)).collect();
+    let mut y = vec![0f32; x.len()];
+    let dir = tempfile::tempdir().unwrap();
+    let so = dir.path().join("kernels.so");
+    build_library(std::slice::from_ref(&kernel), &so).unwrap();
+    let lib = unsafe { libloading::Library::new(&so) }.unwrap();
+    let n = x.len() as i64;
+    call(&lib, "round", &mut [&mut x, &mut y], n, 0, n);
+    for (&xv, &yv) in x.iter().zip(&y) {
+        assert_eq!(yv.to_bits(), tf32_round_bits(xv), "{:#010x}", xv.to_bits());
+        assert_eq!(yv.is_nan(), xv.is_nan(), "{:#010x}", xv.to_bits());
+    }
+    assert_eq!(y[0].to_bits(), 0x3f80_2000);
+    assert_eq!(y[1].to_bits(), 0x3f80_0000);
+    assert_eq!(y[3], 2.0);
+    assert_eq!(y[4], f32::INFINITY);
+}
+
 #[test]
 fn mlir_text_is_verified_and_names_the_kernel() {
     let text = crate::mlir::print_mlir(&[norm_kernel(8)]).unwrap();
@@ -391,7 +448,7 @@ fn check_mma_tile(kind: lamina_ir::kernel::MmaKind, depth: usize, tol: f64) {
         MmaKind::Bf16 => half::bf16::from_f32(v).to_f32() as f64,
         MmaKind::Tf32x3 | MmaKind::F32 => v as f64,
         // Rounded to TF32 (ties away): products of two are exact in f32.
-        MmaKind::Tf32 => f32::from_bits((v.to_bits() + 0x1000) & 0xffff_e000) as f64,
+        MmaKind::Tf32 => f32::from_bits(tf32_round_bits(v)) as f64,
     };
     // Each element's value, and the size of its terms (errors are relative to them).
     let want: Vec<(f64, f64)> = (0..rows * cols)

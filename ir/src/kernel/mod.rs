@@ -143,7 +143,8 @@ pub enum UnOp {
     /// `x` truncated to TF32 (the low 13 mantissa bits cleared), as f32.
     Tf32,
     /// `x` rounded to the nearest TF32 (ties away from zero: `(bits + 2^12) & !(2^13 − 1)`),
-    /// as f32: unbiased, unlike truncation.
+    /// as f32: unbiased, unlike truncation. Infinities and NaNs are only masked (a NaN whose
+    /// payload lies in the low 13 bits alone becomes an infinity, as with `Tf32`).
     Tf32Round,
 }
 

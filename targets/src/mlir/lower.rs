@@ -1044,22 +1044,29 @@ impl<'c> Lower<'c> {
     }
 
     /// An f32's bits (as i32) plus half a TF32 step (2^12): masked to TF32 afterwards, the
-    /// nearest TF32 value, ties away from zero (the carry may round up into the exponent).
+    /// nearest TF32 value, ties away from zero (the carry may round up into the exponent, a
+    /// finite value to infinity). Infinities and NaNs are left alone: a NaN's carry could
+    /// reach the sign bit and leave ±0 after the mask (NVIDIA's canonical NaN is 0x7fffffff).
     pub(super) fn tf32_half_up<'a>(
         &self,
         blk: &'a Block<'c>,
         bits: Value<'c, 'a>,
     ) -> Value<'c, 'a> {
         let i32t: Type = IntegerType::new(self.ctx, 32).into();
-        let half = self.append(
+        let c = |v: i64| {
+            self.append(
+                blk,
+                arith::constant(self.ctx, IntegerAttribute::new(i32t, v).into(), self.loc),
+            )
+        };
+        let (half, exponent) = (c(1 << 12), c(0x7f80_0000));
+        let up = self.op(blk, "arith.addi", &[bits, half], i32t, false);
+        let e = self.op(blk, "arith.andi", &[bits, exponent], i32t, false);
+        let special = self.append(
             blk,
-            arith::constant(
-                self.ctx,
-                IntegerAttribute::new(i32t, 1 << 12).into(),
-                self.loc,
-            ),
+            arith::cmpi(self.ctx, CmpiPredicate::Eq, e, exponent, self.loc),
         );
-        self.op(blk, "arith.addi", &[bits, half], i32t, false)
+        self.append(blk, arith::select(special, bits, up, self.loc))
     }
 
     fn unary<'a>(&self, blk: &'a Block<'c>, op: UnOp, x: Value<'c, 'a>, t: Ty) -> Value<'c, 'a> {
