@@ -75,6 +75,7 @@ fn model_options(bf16: bool, lanes: u32, splits: usize, mma: bool) -> Options {
         decode_splits: splits,
         tensor_cores: mma,
         tf32_products: false,
+        bf16_handoffs: false,
     }
 }
 
@@ -87,7 +88,7 @@ fn check_model_options(path: &std::path::Path, lens: &[usize], options: Options)
         options.decode_splits,
         options.tensor_cores,
     );
-    let tol = if mma || options.tf32_products {
+    let tol = if mma || options.tf32_products || options.bf16_handoffs {
         TOL_MMA
     } else {
         TOL
@@ -212,6 +213,7 @@ fn first_divergent_node() {
         decode_splits: 1,
         tensor_cores: std::env::var("LAMINA_DEBUG_MMA").is_ok(),
         tf32_products: false,
+        bf16_handoffs: false,
     };
     let (m, mut e, _dir) = engine(&path, options, 0);
     let mut w = m.weights(0).unwrap();
@@ -272,6 +274,7 @@ fn oracle_families_match_reference_and_oracle_tokens() {
             decode_splits: 1,
             tensor_cores: false,
             tf32_products: false,
+            bf16_handoffs: false,
         };
         let (_, mut e, _dir) = engine(&model, options, 0);
         for len in [7, 33, 100] {
@@ -300,6 +303,7 @@ fn batched_decode_matches_single_runs() {
             decode_splits: 1,
             tensor_cores: false,
             tf32_products: false,
+            bf16_handoffs: false,
         };
         let (m, mut e, _dir) = engine(&path, options, 0);
         let v = m.graph.vocab_size;
@@ -419,6 +423,7 @@ fn tensor_core_tiles_match_the_reference() {
 fn tf32_options(lanes: u32) -> Options {
     Options {
         tf32_products: true,
+        bf16_handoffs: false,
         ..model_options(true, lanes, 1, false)
     }
 }
@@ -465,19 +470,49 @@ fn tf32_products_match_the_reference() {
     );
 }
 
-/// Why TF32 products stay experimental: end to end, these two tiny random models amplify the
-/// per-op error (at most 5.6e-4 on every recurrence and attention output, see
-/// `recurrences_and_attention_match_the_reference_op_by_op`) past DESIGN's bound for logits.
+/// Plans whose chunked recurrences hand over bf16 (`--handoffs bf16`, experimental) end to
+/// end, on the tiny examples where the random model keeps the per-op error (at most 3.1e-3,
+/// see `recurrences_and_attention_match_the_reference_op_by_op`) within DESIGN's bound:
+/// Kimi's KDA (4.0e-3 prefill, 5.9e-3 decode) and MiniMax's lightning attention (1.1e-3,
+/// 2.1e-3).
 #[test]
-#[ignore = "TF32 products are not validated end to end: deepseek-v3-tiny reaches 8.6e-2 and \
-            minimax-tiny 3.6e-2 at 65 tokens, over DESIGN's 1e-2, though each op is within 6e-4"]
-fn tf32_products_on_deepseek_and_minimax() {
+fn bf16_handoffs_match_the_reference() {
+    for ex in [
+        "examples/kimi-linear-tiny.toml",
+        "examples/minimax-tiny.toml",
+    ] {
+        let options = Options {
+            bf16_handoffs: true,
+            ..model_options(true, 1, 1, false)
+        };
+        check_model_options(&repo().join(ex), &[1, 65], options);
+    }
+}
+
+/// Why TF32 products and bf16 handoffs stay experimental: end to end, some tiny random models
+/// amplify their per-op errors (TF32 at most 5.6e-4, bf16 handoffs 3.1e-3 on every recurrence
+/// and attention output, see `recurrences_and_attention_match_the_reference_op_by_op`) past
+/// DESIGN's bound for logits, and not monotonically (MiniMax with both passes).
+#[test]
+#[ignore = "not validated end to end: TF32 products reach 8.6e-2 on deepseek-v3-tiny and \
+            3.6e-2 on minimax-tiny, bf16 handoffs 2.0e-2 on qwen3-next-tiny, at 65 tokens, \
+            over DESIGN's 1e-2, though each op is within 6e-4 and 3.1e-3"]
+fn reduced_precision_misses_end_to_end() {
     for ex in [
         "examples/minimax-tiny.toml",
         "examples/deepseek-v3-tiny.toml",
     ] {
         check_tf32_products(ex);
     }
+    let options = Options {
+        bf16_handoffs: true,
+        ..model_options(true, 1, 1, false)
+    };
+    check_model_options(
+        &repo().join("examples/qwen3-next-tiny.toml"),
+        &[1, 65],
+        options,
+    );
 }
 
 /// The recurrences and attention op by op, on the plan's own inputs: every recurrence and
@@ -495,6 +530,8 @@ fn recurrences_and_attention_match_the_reference_op_by_op() {
     use std::collections::HashMap;
     const F32_OP: f64 = 2e-5;
     const TF32_OP: f64 = 2e-3;
+    // DESIGN's bound for bf16 operands.
+    const BF16_OP: f64 = 1e-2;
     for ex in [
         "examples/qwen3-next-tiny.toml",
         "examples/kimi-linear-tiny.toml",
@@ -502,7 +539,11 @@ fn recurrences_and_attention_match_the_reference_op_by_op() {
         "examples/deepseek-v3-tiny.toml",
     ] {
         let path = repo().join(ex);
-        for tf32 in [false, true] {
+        for (tf32, bf16h, tol, mode) in [
+            (false, false, F32_OP, "f32 (3xTF32) products"),
+            (true, false, TF32_OP, "tf32 products"),
+            (false, true, BF16_OP, "bf16 handoffs"),
+        ] {
             let options = Options {
                 max_batch: 1,
                 max_context: 256,
@@ -513,6 +554,7 @@ fn recurrences_and_attention_match_the_reference_op_by_op() {
                 decode_splits: 1,
                 tensor_cores: false,
                 tf32_products: tf32,
+                bf16_handoffs: bf16h,
             };
             let (m, mut e, _dir) = engine(&path, options, 0);
             let g = &m.graph;
@@ -567,13 +609,7 @@ fn recurrences_and_attention_match_the_reference_op_by_op() {
                 };
                 let want = r.eval_from(n, &p, &|i| stored.get(&i).cloned());
                 let err = rel_err(&got.data, &want.data);
-                let tol = if tf32 { TF32_OP } else { F32_OP };
-                assert!(
-                    err <= tol,
-                    "{ex} ({} products) {}: rel err {err:.3e}",
-                    if tf32 { "tf32" } else { "f32" },
-                    node.name
-                );
+                assert!(err <= tol, "{ex} ({mode}) {}: rel err {err:.3e}", node.name);
                 checked += 1;
                 attn_checked += usize::from(attention(&node.op));
                 rec_checked += usize::from(recurrent(&node.op));
@@ -588,8 +624,7 @@ fn recurrences_and_attention_match_the_reference_op_by_op() {
                 "{ex}: {rec_checked} of {rec_nodes} recurrences"
             );
             eprintln!(
-                "{ex}, {} products: {checked} recurrence/attention outputs op by op, worst rel err {worst:.2e}",
-                if tf32 { "tf32" } else { "f32 (3xTF32)" }
+                "{ex}, {mode}: {checked} recurrence/attention outputs op by op, worst rel err {worst:.2e}"
             );
         }
     }
@@ -621,6 +656,7 @@ fn bf16_gemm_operands_change_no_bit() {
             decode_splits: 1,
             tensor_cores: true,
             tf32_products: false,
+            bf16_handoffs: false,
         };
         let m = Model::open(&path).unwrap();
         for (keep, want_bf16) in [(false, true), (true, false)] {
@@ -693,6 +729,7 @@ fn tensor_core_ops_match_the_reference_op_by_op() {
             decode_splits: 1,
             tensor_cores: true,
             tf32_products: false,
+            bf16_handoffs: false,
         };
         let (m, mut e, _dir) = engine(&path, options, 0);
         let w = m.weights(0).unwrap().rounded_to_bf16();

@@ -59,6 +59,7 @@ fn without_a_driver_every_entry_point_says_so() {
         decode_splits: 8,
         tensor_cores: true,
         tf32_products: false,
+        bf16_handoffs: false,
         ..Options::default()
     };
     build(&m, &art, Target::Sm80, gpu, 0).unwrap();
@@ -137,6 +138,7 @@ fn gpu_matches_host(model: &Path) {
         decode_splits: 8,
         tensor_cores: true,
         tf32_products: false,
+        bf16_handoffs: false,
     };
     let m = Model::open(model).unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();

@@ -20,6 +20,7 @@ fn gpu_options() -> lamina_compiler::passes::Options {
         decode_splits: 8,
         tensor_cores: true,
         tf32_products: false,
+        bf16_handoffs: false,
         ..Default::default()
     }
 }
@@ -542,6 +543,7 @@ fn tf32_products_are_a_third_of_the_mmas() {
         let hot = |tf32: bool| {
             let options = lamina_compiler::passes::Options {
                 tf32_products: tf32,
+                bf16_handoffs: false,
                 ..gpu_options()
             };
             let (p, _) = lamina_compiler::build::compile_program(&m, options).unwrap();

@@ -91,6 +91,7 @@ fn check(spec: &str, len: usize) -> Result<(), TestCaseError> {
         decode_splits: 1,
         tensor_cores: false,
         tf32_products: false,
+        bf16_handoffs: false,
     };
     let art = dir.path().join("artifact");
     build(&m, &art, Target::Host, options, 7)

@@ -43,6 +43,7 @@ fn kernel_text(example: &str) -> String {
         decode_splits: 1,
         tensor_cores: false,
         tf32_products: false,
+        bf16_handoffs: false,
     };
     let (p, _) = lamina_compiler::build::compile_program(&m, options).unwrap();
     let text = p.print();

@@ -77,6 +77,7 @@ fn soak_long_decode_neither_leaks_nor_drifts() {
             decode_splits: 1,
             tensor_cores: false,
             tf32_products: false,
+            bf16_handoffs: false,
         };
         let art = artifact(example, options, dir.path());
         let mut e = HostEngine::load(&art, None).unwrap();
@@ -130,6 +131,7 @@ fn soak_staggered_batch_equals_each_sequence_alone() {
         decode_splits: 1,
         tensor_cores: false,
         tf32_products: false,
+        bf16_handoffs: false,
     };
     let art = artifact("kimi-linear-tiny.toml", options, dir.path());
     let v = {

@@ -55,6 +55,9 @@ pub struct BenchArgs {
     /// MMA, as `build --products tf32`).
     #[arg(long, value_enum, default_value = "f32")]
     products: super::build::Products,
+    /// The chunked recurrences' handoffs: f32 or bf16 (as `build --handoffs bf16`).
+    #[arg(long, value_enum, default_value = "f32")]
+    handoffs: super::build::Handoffs,
 }
 
 pub fn bench(a: &BenchArgs) -> CliResult {
@@ -79,6 +82,7 @@ pub fn bench(a: &BenchArgs) -> CliResult {
             },
             tensor_cores: target != lamina_targets::Target::Host,
             tf32_products: a.products == super::build::Products::Tf32,
+            bf16_handoffs: a.handoffs == super::build::Handoffs::Bf16,
         };
         super::run::cached_build(&a.model, options, a.seed, target)?
     };

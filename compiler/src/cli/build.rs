@@ -43,6 +43,17 @@ pub struct SizeArgs {
     /// DeepSeek-V3 and MiniMax tiny models amplify that past 1e-2).
     #[arg(long, value_enum, default_value = "f32")]
     pub products: Products,
+    /// How the chunked recurrences hand their per-chunk products and raw outputs from kernel
+    /// to kernel: f32, or bf16 (experimental: half the bytes of the memory-bound chunk/scan
+    /// pair; each recurrence op within 1e-2 of the f64 reference, see issue 4).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub handoffs: Handoffs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Handoffs {
+    F32,
+    Bf16,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -107,6 +118,7 @@ impl SizeArgs {
             },
             tensor_cores,
             tf32_products: self.products == Products::Tf32,
+            bf16_handoffs: self.handoffs == Handoffs::Bf16,
         })
     }
 }

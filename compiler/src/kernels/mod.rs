@@ -100,6 +100,8 @@ pub struct Ctx<'g> {
     pub decode_splits: usize,
     /// Projections as MMA tiles (see `passes::Options::tensor_cores`).
     pub tensor_cores: bool,
+    /// Chunked recurrences hand over bf16 (see `passes::Options::bf16_handoffs`).
+    pub bf16_handoffs: bool,
     next_temp: std::cell::Cell<usize>,
     /// Per RMSNorm fused into prefill tensor-core projections: the temporary holding its rows'
     /// `1/rms`, computed once for all the projections it feeds.
@@ -124,6 +126,7 @@ impl<'g> Ctx<'g> {
             context,
             decode_splits: 1,
             tensor_cores: false,
+            bf16_handoffs: false,
             next_temp: std::cell::Cell::new(0),
             norm_inv: Default::default(),
         }

@@ -60,6 +60,11 @@ pub struct Options {
     /// (~2^-20): a third of the tensor-core work. Experimental: end to end within DESIGN's
     /// bf16-operand bound on some tiny models only (`compiled::tf32_products_*` tests).
     pub tf32_products: bool,
+    /// The chunked recurrences hand their per-chunk products (`W`, `U`, `q ⊙ e^G`,
+    /// `k ⊙ e^(G_L − G)`, `M_qk`) and raw outputs from kernel to kernel as bf16 (the issue's
+    /// activation rule) instead of f32: half the bytes of the memory-bound chunk/scan pair.
+    /// Experimental, like `tf32_products`.
+    pub bf16_handoffs: bool,
 }
 
 impl Default for Options {
@@ -74,6 +79,7 @@ impl Default for Options {
             decode_splits: 1,
             tensor_cores: false,
             tf32_products: false,
+            bf16_handoffs: false,
         }
     }
 }

@@ -43,7 +43,7 @@
 
 use lamina_ir::graph::{Decay, NodeIndex, Op, Recurrence, Update};
 use lamina_ir::kernel::build::*;
-use lamina_ir::kernel::{Dim, Expr, MmaKind, Param, Stmt};
+use lamina_ir::kernel::{Dim, Elem, Expr, MmaKind, Param, Stmt};
 
 use super::{update_name, Operands, CONV_CHANNELS};
 use crate::kernels::{act, launch, tile, Bind, Ctx, Launch, Value};
@@ -108,8 +108,9 @@ struct Handoff {
 }
 
 impl Handoff {
-    /// The handoff as parameters: written by [`chunks`], read by [`scan`].
-    fn params(&self, sh: &Shape, write: bool) -> Vec<(Param, Bind)> {
+    /// The handoff as parameters: written by [`chunks`], read by [`scan`]; with `bf16`, all
+    /// but `e^G_L` (one row per chunk) stored as bf16.
+    fn params(&self, sh: &Shape, write: bool, bf16: bool) -> Vec<(Param, Bind)> {
         let h_n = sh.h_n;
         let mut p: Vec<(Param, Bind)> = self
             .w
@@ -121,8 +122,13 @@ impl Handoff {
             temp_param("qg", h_n * sh.dk, self.qg, write),
             temp_param("kd", h_n * sh.dk, self.kd, write),
             temp_param("mq", h_n * CHUNK, self.mq, write),
-            temp_param("eg", h_n * sh.w, self.eg, write),
         ]);
+        if bf16 {
+            for (param, _) in &mut p {
+                param.elem = Elem::Bf16;
+            }
+        }
+        p.push(temp_param("eg", h_n * sh.w, self.eg, write));
         p
     }
 }
@@ -163,6 +169,24 @@ fn pick(io: &Operands, names: &[&str]) -> Vec<(Param, Bind)> {
         .filter(|(p, _)| names.contains(&p.name.as_str()))
         .cloned()
         .collect()
+}
+
+/// The scan's raw output (before the fused norm) as a parameter: bf16 with bf16 handoffs.
+fn raw_param(cx: &Ctx, name: &str, width: usize, t: Value, write: bool) -> (Param, Bind) {
+    let (mut p, b) = temp_param(name, width, t, write);
+    if cx.bf16_handoffs {
+        p.elem = Elem::Bf16;
+    }
+    (p, b)
+}
+
+/// Kernels handing over bf16 are named for it.
+fn handoff_suffix(cx: &Ctx) -> &'static str {
+    if cx.bf16_handoffs {
+        "_bf16handoff"
+    } else {
+        ""
+    }
 }
 
 /// `name` as an `[R, width]` parameter bound to temporary `t`.
@@ -568,17 +592,18 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
         })
         .cloned()
         .collect();
-    params.extend(hand.params(sh, true));
+    params.extend(hand.params(sh, true, cx.bf16_handoffs));
     let h_n = sh.h_n;
     let mut nodes = io.nodes.clone();
     nodes.retain(|&m| Some(m) != cx.fusion.of(n).out_norm);
     let suffix = io.suffix.trim_end_matches("_gnorm");
     launch(
         format!(
-            "recurrence_{}_{}{suffix}_chunk{c_n}_h{h_n}x{}_dk{dk}_dv{dv}",
+            "recurrence_{}_{}{suffix}_chunk{c_n}_h{h_n}x{}_dk{dk}_dv{dv}{}",
             update_name(rec.update),
             io.decay_name,
             sh.hk_n,
+            handoff_suffix(cx),
         ),
         vec![Dim::RowBlocks(c_n), Dim::N(h_n)],
         params,
@@ -756,16 +781,17 @@ fn scan(
     ]);
 
     let mut params = pick(io, &["state", "slot"]);
-    params.extend(hand.params(sh, false));
+    params.extend(hand.params(sh, false, cx.bf16_handoffs));
     params.push(match raw {
-        Some(t) => temp_param("o", h_n * dv, t, true),
+        Some(t) => raw_param(cx, "o", h_n * dv, t, true),
         None => pick(io, &["o"]).remove(0),
     });
     launch(
         format!(
-            "recurrence_{}_{}_scan{c_n}_h{h_n}_dk{dk}_dv{dv}_bv{bv}",
+            "recurrence_{}_{}_scan{c_n}_h{h_n}_dk{dk}_dv{dv}_bv{bv}{}",
             update_name(rec.update),
             io.decay_name,
+            handoff_suffix(cx),
         ),
         vec![Dim::N(h_n), Dim::N(dv / bv)],
         params,
@@ -800,15 +826,16 @@ fn out_norm(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, raw: Value) -> La
             )],
         ),
     ];
-    let mut params = vec![temp_param("raw", h_n * dv, raw, false)];
+    let mut params = vec![raw_param(cx, "raw", h_n * dv, raw, false)];
     params.extend(pick(io, &["nw", "z", "o"]));
     launch(
         format!(
-            "recurrence_out_norm_{}_h{h_n}_d{dv}",
+            "recurrence_out_norm_{}_h{h_n}_d{dv}{}",
             match act_fn {
                 lamina_ir::graph::Unary::Sigmoid => "sigmoid",
                 _ => "silu",
-            }
+            },
+            handoff_suffix(cx),
         ),
         vec![Dim::Rows, Dim::N(h_n)],
         params,
