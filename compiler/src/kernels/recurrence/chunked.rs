@@ -730,14 +730,32 @@ fn scan(
         ),
     ]);
     // S ← e^G_L ⊙ S + (K ⊙ e^(G_L − G))ᵀ u, as Sᵀ[jj, c] = Sᵀ[jj, c]·e^G_L[c] + Σ_x ut[jj, x]
-    // kd[x, c] (keys past the chunk clamped to its last: their u is zero).
+    // kd[x, c]. `kd` is staged transposed (zero past the chunk): read in place, the sum over
+    // the chunk's keys would stride across rows, which the host cannot vectorise.
+    chunk.push(for_par(
+        "q",
+        i(0),
+        i(dk * c_n),
+        with(
+            rc("c", "x", c_n),
+            st(
+                "kdt",
+                [v("q")],
+                select(
+                    lt(v("x"), v("l")),
+                    ld("kd", [row(min(v("x"), last())), hk(v("c"))]),
+                    f(0.0),
+                ),
+            ),
+        ),
+    ));
     chunk.push(mma_tiles(
         MmaKind::F32,
         i(bv),
         i(dk),
         c_n,
         &|jj, x| ld("ut", [jj * i(c_n) + x]),
-        &|c, x| ld("kd", [row(min(x, last())), hk(c)]),
+        &|c, x| ld("kdt", [c * i(c_n) + x]),
         &|jj, c, acc| {
             let q = jj * i(dk) + c.clone();
             vec![st(
@@ -752,6 +770,7 @@ fn scan(
         local("sl", bv * dk),
         local("ut", bv * c_n),
         local("ol", c_n * bv),
+        local("kdt", dk * c_n),
     ];
     body.extend([
         let_("h", pid(0)),
