@@ -12,6 +12,14 @@ use lamina_targets::Target;
 
 use crate::common::{rel_err, repo};
 
+/// The four tiny examples, one per architecture family.
+const TINY_EXAMPLES: [&str; 4] = [
+    "examples/qwen3-next-tiny.toml",
+    "examples/kimi-linear-tiny.toml",
+    "examples/minimax-tiny.toml",
+    "examples/deepseek-v3-tiny.toml",
+];
+
 const TOL: f64 = 1e-5;
 /// Tensor-core plans end to end against the reference with the same bf16 rounding of GEMM
 /// inputs (DESIGN.md's bound for bf16 operands). Many runs agree to ~4e-8; where an
@@ -79,8 +87,8 @@ fn model_options(bf16: bool, lanes: u32, splits: usize, mma: bool) -> Options {
     }
 }
 
-/// [`check_model_with`] for any options: tensor-core tiles or TF32 products are held to
-/// DESIGN's 1e-2 for bf16 operands, everything else to f32's 1e-5.
+/// [`check_model_with`] for any options: tensor-core tiles, TF32 products or bf16 handoffs are
+/// held to DESIGN's 1e-2 for bf16 operands, everything else to f32's 1e-5.
 fn check_model_options(path: &std::path::Path, lens: &[usize], options: Options) {
     let (bf16, lanes, splits, mma) = (
         options.weights_bf16,
@@ -400,12 +408,7 @@ fn split_lanes_match_the_reference() {
 /// `lamina-targets` (`mma_tiles_compute_rounded_products_exactly`).
 #[test]
 fn tensor_core_tiles_match_the_reference() {
-    for ex in [
-        "examples/qwen3-next-tiny.toml",
-        "examples/kimi-linear-tiny.toml",
-        "examples/minimax-tiny.toml",
-        "examples/deepseek-v3-tiny.toml",
-    ] {
+    for ex in TINY_EXAMPLES {
         check_model_with(&repo().join(ex), &[1, 65], true, 1, 1, true);
     }
     check_model_with(
@@ -532,12 +535,7 @@ fn recurrences_and_attention_match_the_reference_op_by_op() {
     const TF32_OP: f64 = 2e-3;
     // DESIGN's bound for bf16 operands.
     const BF16_OP: f64 = 1e-2;
-    for ex in [
-        "examples/qwen3-next-tiny.toml",
-        "examples/kimi-linear-tiny.toml",
-        "examples/minimax-tiny.toml",
-        "examples/deepseek-v3-tiny.toml",
-    ] {
+    for ex in TINY_EXAMPLES {
         let path = repo().join(ex);
         for (tf32, bf16h, tol, mode) in [
             (false, false, F32_OP, "f32 (3xTF32) products"),
@@ -639,12 +637,7 @@ fn recurrences_and_attention_match_the_reference_op_by_op() {
 fn bf16_gemm_operands_change_no_bit() {
     use lamina_compiler::kernels::{Bind, Phase};
     use lamina_ir::kernel::Elem;
-    for ex in [
-        "examples/qwen3-next-tiny.toml",
-        "examples/kimi-linear-tiny.toml",
-        "examples/minimax-tiny.toml",
-        "examples/deepseek-v3-tiny.toml",
-    ] {
+    for ex in TINY_EXAMPLES {
         let path = repo().join(ex);
         let options = |keep_values| Options {
             max_batch: 2,
@@ -710,12 +703,7 @@ fn bf16_gemm_operands_change_no_bit() {
 /// ragged), and a decode step at batch 1.
 #[test]
 fn tensor_core_ops_match_the_reference_op_by_op() {
-    for ex in [
-        "examples/qwen3-next-tiny.toml",
-        "examples/kimi-linear-tiny.toml",
-        "examples/minimax-tiny.toml",
-        "examples/deepseek-v3-tiny.toml",
-    ] {
+    for ex in TINY_EXAMPLES {
         let path = repo().join(ex);
         // 600 rows in one launch: 1200 routed assignments over 8 experts, so experts get more
         // than one 128-row block of the grouped GEMMs, and the sort runs over 19 chunks.
@@ -854,12 +842,7 @@ fn wide_mla_prefill_has_ragged_tiles() {
 /// where all four hold keys (300 tokens); and with the GPU's lane arithmetic emulated.
 #[test]
 fn split_decode_attention_matches_the_reference() {
-    for ex in [
-        "examples/qwen3-next-tiny.toml",
-        "examples/kimi-linear-tiny.toml",
-        "examples/minimax-tiny.toml",
-        "examples/deepseek-v3-tiny.toml",
-    ] {
+    for ex in TINY_EXAMPLES {
         check_model_with(&repo().join(ex), &[1, 300], false, 1, 4, false);
     }
     check_model_with(

@@ -37,19 +37,13 @@ impl KernelRow<'_> {
     /// latter, the kind of arithmetic that takes longest.
     pub fn bound(&self, gpu: &Gpu) -> &'static str {
         let w = &self.work;
-        let compute = w.compute_seconds(gpu.flops, gpu.f32_flops);
-        if w.dram_bytes() / gpu.bandwidth >= compute {
+        if w.dram_bytes() / gpu.bandwidth >= w.compute_seconds(gpu.flops, gpu.f32_flops) {
             return "memory";
         }
-        [
-            ("bf16 mma", w.bf16_mma_flops / gpu.flops),
-            ("tf32x3 mma", 6.0 * w.tf32x3_flops / gpu.flops),
-            ("tf32 mma", 2.0 * w.tf32_flops / gpu.flops),
-            ("cuda cores", w.cuda_core_flops() / gpu.f32_flops),
-        ]
-        .into_iter()
-        .fold(("memory", -1.0), |a, b| if b.1 > a.1 { b } else { a })
-        .0
+        w.compute_terms(gpu.flops, gpu.f32_flops)
+            .into_iter()
+            .fold(("memory", -1.0), |a, b| if b.1 > a.1 { b } else { a })
+            .0
     }
 }
 

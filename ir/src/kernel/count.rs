@@ -53,14 +53,24 @@ impl Work {
         (self.flops - self.bf16_mma_flops - self.tf32x3_flops - self.tf32_flops).max(0.0)
     }
 
-    /// Seconds of arithmetic at the given ceilings (FLOP/s: dense bf16 tensor, CUDA-core f32),
-    /// the kinds one after another: bf16 MMAs at the tensor rate, TF32 ones at half of it
-    /// (3xTF32: three of them), the rest on the CUDA cores.
+    /// Seconds of each kind of arithmetic at the given ceilings (FLOP/s: dense bf16 tensor,
+    /// CUDA-core f32), named: bf16 MMAs at the tensor rate, TF32 ones at half of it (3xTF32:
+    /// three of them), the rest on the CUDA cores.
+    pub fn compute_terms(&self, tensor: f64, cuda_core: f64) -> [(&'static str, f64); 4] {
+        [
+            ("bf16 mma", self.bf16_mma_flops / tensor),
+            ("tf32x3 mma", 6.0 * self.tf32x3_flops / tensor),
+            ("tf32 mma", 2.0 * self.tf32_flops / tensor),
+            ("cuda cores", self.cuda_core_flops() / cuda_core),
+        ]
+    }
+
+    /// Seconds of arithmetic: the [`compute_terms`](Self::compute_terms) one after another.
     pub fn compute_seconds(&self, tensor: f64, cuda_core: f64) -> f64 {
-        self.bf16_mma_flops / tensor
-            + 6.0 * self.tf32x3_flops / tensor
-            + 2.0 * self.tf32_flops / tensor
-            + self.cuda_core_flops() / cuda_core
+        self.compute_terms(tensor, cuda_core)
+            .iter()
+            .map(|(_, t)| t)
+            .sum()
     }
 }
 

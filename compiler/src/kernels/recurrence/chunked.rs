@@ -33,9 +33,10 @@
 //! log-decay is a `cumsum`; the off-diagonal sub-chunk blocks (per-channel decay) are `dot`s;
 //! `T` is a `trisolve` on the identity (C columns, not dk + dv); the products `X Kᵀ` (scalar
 //! decay) and `[W | U] = T β [k ⊙ e^G | v]` are MMA tiles whose epilogues apply the decay and
-//! β and store the handoff directly, and the scan's three products per chunk are MMA tiles
-//! reading the handoff where it lies (only the state columns, `u` and the output block are
-//! per-program scratch).
+//! β and store the handoff directly, and the scan's products per chunk are MMA tiles reading
+//! the handoff where it lies, but for `k ⊙ e^(G_L − G)`, staged transposed so that the host
+//! can vectorise the state update's sum over the chunk (the state columns, `u`, the output
+//! block and that copy are per-program scratch).
 //!
 //! Per-channel decay cannot be factored out of the products. Within a diagonal sub-chunk the
 //! factors are formed pairwise; across sub-chunks both sides are rescaled against the query
@@ -366,54 +367,39 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
     }
 
     // 4. The decay-weighted products M_qk (s ≤ t) and, for the delta rule, M_kk (s < t).
-    let mats: Vec<(&str, &str)> = if delta {
-        vec![("mqk", "qs"), ("mkk", "ks")]
-    } else {
-        vec![("mqk", "qs")]
-    };
     if !channel {
         // M = (X Kᵀ) ⊙ e^(G_t − G_s) on the causal part, in the products' epilogues: M_qk
-        // (s ≤ t) handed on, M_kk (s < t) kept as L = diag(β) M_kk.
-        let decayed = |t: Expr, s: Expr, acc: Expr| exp(ld("G", [t]) - ld("G", [s])) * acc;
-        body.push(mma_tiles(
-            MmaKind::F32,
-            v("l"),
-            v("l"),
-            dk,
-            &|t, c| at("qs", t, c),
-            &|s, c| at("ks", s, c),
-            &|t, s, acc| {
-                vec![if_(
-                    le(s.clone(), t.clone()),
-                    vec![st(
-                        "mq",
-                        [r_of(t.clone()), v("h") * i(c_n) + s.clone()],
-                        decayed(t, s, acc),
-                    )],
-                )]
-            },
-        ));
+        // (s ≤ t) handed on, M_kk (s < t) kept as L = diag(β) M_kk. `store(t, s, m)` writes
+        // the kept elements.
+        let causal =
+            |x: &str, keep: fn(Expr, Expr) -> Expr, store: &dyn Fn(Expr, Expr, Expr) -> Stmt| {
+                mma_tiles(
+                    MmaKind::F32,
+                    v("l"),
+                    v("l"),
+                    dk,
+                    &|t, c| at(x, t, c),
+                    &|s, c| at("ks", s, c),
+                    &|t, s, acc| {
+                        let m = exp(ld("G", [t.clone()]) - ld("G", [s.clone()])) * acc;
+                        vec![if_(keep(s.clone(), t.clone()), vec![store(t, s, m)])]
+                    },
+                )
+            };
+        body.push(causal("qs", le, &|t, s, m| {
+            st("mq", [r_of(t), v("h") * i(c_n) + s], m)
+        }));
         if delta {
-            body.push(mma_tiles(
-                MmaKind::F32,
-                v("l"),
-                v("l"),
-                dk,
-                &|t, c| at("ks", t, c),
-                &|s, c| at("ks", s, c),
-                &|t, s, acc| {
-                    vec![if_(
-                        lt(s.clone(), t.clone()),
-                        vec![st(
-                            "mkk",
-                            [t.clone() * i(c_n) + s.clone()],
-                            ld("bt", [t.clone()]) * decayed(t, s, acc),
-                        )],
-                    )]
-                },
-            ));
+            body.push(causal("ks", lt, &|t, s, m| {
+                st("mkk", [t.clone() * i(c_n) + s], ld("bt", [t]) * m)
+            }));
         }
     } else {
+        let mats: Vec<(&str, &str)> = if delta {
+            vec![("mqk", "qs"), ("mkk", "ks")]
+        } else {
+            vec![("mqk", "qs")]
+        };
         // Rows rescaled against their sub-chunk start, and for every sub-chunk start r0 the
         // earlier keys rescaled against it: kb[b][s] = k_s ⊙ e^(G_r0 − G_s), s < r0.
         body.push(for_par(
@@ -640,8 +626,9 @@ fn scan(
     };
     let state_at = || ld("state", [v("s"), v("h"), v("j0") + v("jj"), v("c")]);
 
-    // Per chunk, three products, all f32 MMA tiles (tensor cores on a GPU) reading the chunk's
-    // handoff where it lies; only the state columns, `u` and the output block are locals.
+    // Per chunk, the products are f32 MMA tiles (tensor cores on a GPU) reading the chunk's
+    // handoff where it lies, but for `kd` (see the state update); the state columns, `u`, the
+    // output block and `kd` transposed are locals.
     let last = || v("l") - i(1);
     let mut chunk = vec![
         let_("c0", v("ci") * i(c_n)),
@@ -766,13 +753,11 @@ fn scan(
         },
     ));
 
-    let mut body = vec![
+    let body = vec![
         local("sl", bv * dk),
         local("ut", bv * c_n),
         local("ol", c_n * bv),
         local("kdt", dk * c_n),
-    ];
-    body.extend([
         let_("h", pid(0)),
         let_("j0", pid(1) * i(bv)),
         let_("s", ld("slot", [i(0)])),
@@ -797,7 +782,7 @@ fn scan(
                 ),
             ),
         ),
-    ]);
+    ];
 
     let mut params = pick(io, &["state", "slot"]);
     params.extend(hand.params(sh, false, cx.bf16_handoffs));
