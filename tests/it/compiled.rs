@@ -839,11 +839,20 @@ fn wide_mla_prefill_has_ragged_tiles() {
 /// Split-sequence decode attention: the cached positions in 4 pieces (3 key tiles each at
 /// context 320), partials merged by the combine kernel, for GQA (qwen3-next, minimax) and MLA
 /// (kimi, deepseek), at positions where one piece holds everything (the others are empty) and
-/// where all four hold keys (300 tokens); and with the GPU's lane arithmetic emulated.
+/// where all four hold keys (300 tokens); and with the GPU's lane arithmetic emulated. Each
+/// decode program attends a group of query heads (the tiny GQA models' pairs, the tiny MLA
+/// models' 4 heads at once), so the per-head locals and partials are checked too.
 #[test]
 fn split_decode_attention_matches_the_reference() {
     for ex in TINY_EXAMPLES {
         check_model_with(&repo().join(ex), &[1, 300], false, 1, 4, false);
+    }
+    // The automatic split (GPU targets' default): 2 pieces of 5 tiles at context 320.
+    for ex in [
+        "examples/qwen3-next-tiny.toml",
+        "examples/kimi-linear-tiny.toml",
+    ] {
+        check_model_with(&repo().join(ex), &[300], false, 32, 0, false);
     }
     check_model_with(
         &repo().join("tests/fixtures/oracle/deepseek_v3/model"),

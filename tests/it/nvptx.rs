@@ -571,6 +571,69 @@ fn tf32_products_are_a_third_of_the_mmas() {
     }
 }
 
+/// Decode attention reads each cached key and value about once per launch, whatever the number
+/// of query heads sharing it: a GQA program attends its KV head's whole group (Qwen3-Next's
+/// and MiniMax's 8 query heads), an MLA program up to 32 heads of the one latent head (Kimi's
+/// 32, DeepSeek-V3's 128 in 4 groups, each of which reads the latent rows). The count model's
+/// issued loads at batch 1 over a full 32K context, against the bytes of the attended cache
+/// rows times the groups reading each: each key once, the values once
+/// more (MLA: the latent's `c` part of the same rows), the group's queries as broadcasts per
+/// key step (MLA: 32 heads' q̃, about 0.9x) — under 4x. One program per query head, as before,
+/// issued 8x (GQA) to 128x (MLA) of them.
+#[test]
+fn decode_attention_reads_the_cache_once_per_kv_head() {
+    use lamina_compiler::kernels::Phase;
+    use lamina_ir::kernel::count::launch_work;
+    use lamina_ir::kernel::Dim;
+    let context = 32768;
+    for (example, family, readers) in [
+        ("qwen3-next-80b-a3b.toml", "gqa_attend_", 1),
+        ("minimax-text-01.toml", "gqa_attend_", 1),
+        ("kimi-linear-48b-a3b.toml", "mla_attend_", 1),
+        ("deepseek-v3.toml", "mla_attend_", 4),
+    ] {
+        let m = Model::open(&repo().join("examples").join(example)).unwrap();
+        let options = lamina_compiler::passes::Options {
+            max_batch: 1,
+            max_context: context,
+            decode_splits: 0,
+            ..gpu_options()
+        };
+        let (p, _) = lamina_compiler::build::compile_program(&m, options).unwrap();
+        let k = p
+            .phase_kernels(Phase::Decode)
+            .into_iter()
+            .find(|k| k.name.starts_with(family))
+            .unwrap_or_else(|| panic!("{example}: no {family} kernel"));
+        let cache = k.param("cache").unwrap();
+        let Some(&Dim::N(entry)) = cache.shape.last() else {
+            panic!("{}: cache shape {:?}", k.name, cache.shape)
+        };
+        // The count model attends the middle of the positions: half the context.
+        let attended = (readers * context / 2 * entry * cache.elem.bytes()) as f64;
+        if family == "mla_attend_" {
+            assert_eq!(k.grid[1], Dim::N(readers), "{}", k.name);
+        }
+        let w = launch_work(k, 1, (0.0, context as f64));
+        let ratio = w.load_bytes / attended;
+        assert!(
+            (1.0..4.0).contains(&ratio),
+            "{example}: {} loads {:.1} MB per launch, {ratio:.2}x the {:.1} MB of cache rows it \
+             attends",
+            k.name,
+            w.load_bytes / 1e6,
+            attended / 1e6
+        );
+        // The automatic split still gives a batch-1 row programs to fill the SMs.
+        assert!(
+            k.programs(1) >= 32,
+            "{}: {} programs",
+            k.name,
+            k.programs(1)
+        );
+    }
+}
+
 /// Prefill attends flash-style: a warp program per (64 query rows, head), logits and value
 /// products as tensor-core tiles; GQA (Qwen3-Next's 256-wide heads, MiniMax's 128-wide) and
 /// absorbed MLA (Kimi's and DeepSeek-V3's 576-wide latent keys, with the `W_UK`/`W_UV`

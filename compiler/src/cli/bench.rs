@@ -75,11 +75,8 @@ pub fn bench(a: &BenchArgs) -> CliResult {
             keep_values: false,
             weights_bf16: target != lamina_targets::Target::Host,
             host_lanes: 1,
-            decode_splits: if target == lamina_targets::Target::Host {
-                1
-            } else {
-                super::build::GPU_DECODE_SPLITS
-            },
+            // Host: no split; GPU: automatic.
+            decode_splits: usize::from(target == lamina_targets::Target::Host),
             tensor_cores: target != lamina_targets::Target::Host,
             tf32_products: a.products == super::build::Products::Tf32,
             bf16_handoffs: a.handoffs == super::build::Handoffs::Bf16,

@@ -28,8 +28,8 @@ pub struct SizeArgs {
     #[arg(long, value_enum, default_value = "auto")]
     pub weight_dtype: WeightDtype,
     /// Pieces of the cached positions one decode attention is split into (merged by a combine
-    /// kernel); 0 = auto: 8 for GPU targets (heads × pieces fill the SMs at batch 1), 1 on the
-    /// host.
+    /// kernel); 0 = auto: on GPU targets enough pieces that the attend programs (per KV head
+    /// or MLA head group, per piece) fill the SMs at batch 1, none on the host.
     #[arg(long, default_value_t = 0)]
     pub decode_splits: usize,
     /// Projections as tensor-core MMA tiles (bf16 operands, f32 accumulation): auto is on for
@@ -68,9 +68,6 @@ pub enum Switch {
     On,
     Off,
 }
-
-/// Decode attention pieces on a GPU target when `--decode-splits` is auto.
-pub const GPU_DECODE_SPLITS: usize = 8;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum WeightDtype {
@@ -112,9 +109,10 @@ impl SizeArgs {
                 WeightDtype::Bf16 => true,
             },
             host_lanes: 1,
+            // 0 stays automatic on GPU targets (the attention builders choose).
             decode_splits: match self.decode_splits {
-                0 if gpu => GPU_DECODE_SPLITS,
-                s => s.max(1),
+                0 if !gpu => 1,
+                s => s,
             },
             tensor_cores,
             tf32_products: self.products == Products::Tf32,

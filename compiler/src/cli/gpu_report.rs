@@ -124,6 +124,15 @@ pub fn gpu_report(
             gpu.name
         );
     }
+    // Decode attends the positions the plan holds: `--context` beyond `--max-context` would
+    // price keys that the plan's caches and split pieces do not have.
+    if context > options.max_context {
+        println!(
+            "decode positions: --context {context} is capped at the plan's --max-context {}",
+            options.max_context
+        );
+    }
+    let context = context.min(options.max_context);
     let data = (0.0, context as f64);
     for (phase, rows, what) in [
         (

@@ -96,7 +96,8 @@ pub struct Ctx<'g> {
     pub slots: usize,
     /// Positions per slot in the KV/latent caches.
     pub context: usize,
-    /// Pieces the cached positions of one decode attention are split into (1: none).
+    /// Pieces the cached positions of one decode attention are split into (1: none; 0: the
+    /// attention builder chooses, see `attention::DECODE_PROGRAMS`).
     pub decode_splits: usize,
     /// Projections as MMA tiles (see `passes::Options::tensor_cores`).
     pub tensor_cores: bool,

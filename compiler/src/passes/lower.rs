@@ -32,7 +32,7 @@ impl Pass for LowerToKernels {
             };
             let o = p.options;
             let mut cx = Ctx::new(p.graph, &p.fusion, phase, rows, o.max_batch, o.max_context);
-            cx.decode_splits = o.decode_splits.max(1);
+            cx.decode_splits = o.decode_splits;
             cx.tensor_cores = o.tensor_cores;
             cx.bf16_handoffs = o.bf16_handoffs;
             let mut launches = Vec::new();

@@ -49,7 +49,9 @@ pub struct Options {
     pub host_lanes: u32,
     /// Decode attention splits the cached positions into this many pieces, attended by
     /// separate programs and merged by a combine kernel (split-sequence, "flash decoding"):
-    /// parallelism when one sequence's heads cannot fill the machine. 1: no split.
+    /// parallelism when one sequence's heads cannot fill the machine. 1: no split; 0: enough
+    /// pieces for about `kernels::attention::DECODE_PROGRAMS` attend programs per row (GPU
+    /// targets' default).
     pub decode_splits: usize,
     /// Projections as tensor-core MMA tiles (bf16 operands, f32 accumulation): GPU targets
     /// lower them to `mma.sync`, the host to loops with the same rounding (so tests check the

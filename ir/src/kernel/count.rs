@@ -184,19 +184,20 @@ impl Counter<'_> {
         }
     }
 
-    /// Bytes per element of parameter `buf`; an access `buf[idx]` to a local is counted as
-    /// scratch (once per warp step when every lane reads the same element).
+    /// The bytes an access `buf[idx]` executed `times` times moves: a local's are counted as
+    /// scratch (and `None` returned), a parameter's returned. Either is one access per warp
+    /// step when every lane of the split loop reads the same element (a broadcast).
     fn elem_bytes(&mut self, buf: &str, idx: &[Expr], times: f64) -> Option<f64> {
+        let per_lane = idx.iter().any(|e| self.varying.iter().any(|v| e.reads(v)));
+        let steps = match self.lanes {
+            Some(l) if !per_lane => times / l,
+            _ => times,
+        };
         if let Some(bytes) = self.locals.get(buf) {
-            let per_lane = idx.iter().any(|e| self.varying.iter().any(|v| e.reads(v)));
-            let steps = match self.lanes {
-                Some(l) if !per_lane => times / l,
-                _ => times,
-            };
             self.work.scratch_bytes += bytes * steps;
             return None;
         }
-        self.k.param(buf).map(|p| p.elem.bytes() as f64)
+        self.k.param(buf).map(|p| p.elem.bytes() as f64 * steps)
     }
 
     fn stmt(&mut self, s: &Stmt, times: f64) {
@@ -217,8 +218,8 @@ impl Counter<'_> {
                 }
                 self.expr(value, times);
                 if let Some(b) = self.elem_bytes(buf, idx, times) {
-                    self.work.store_bytes += b * times;
-                    *self.per_buf.entry(buf.clone()).or_default() += b * times;
+                    self.work.store_bytes += b;
+                    *self.per_buf.entry(buf.clone()).or_default() += b;
                 }
             }
             Stmt::For {
@@ -414,8 +415,8 @@ impl Counter<'_> {
                     self.expr(i, times);
                 }
                 if let Some(bytes) = self.elem_bytes(b, idx, times) {
-                    self.work.load_bytes += bytes * times;
-                    *self.per_buf.entry(b.clone()).or_default() += bytes * times;
+                    self.work.load_bytes += bytes;
+                    *self.per_buf.entry(b.clone()).or_default() += bytes;
                 }
                 let param = self.k.param(b).filter(|_| !self.locals.contains_key(b));
                 if let Some(p) = param.filter(|p| p.elem == Elem::I64) {

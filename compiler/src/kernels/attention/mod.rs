@@ -1,19 +1,22 @@
 //! Rotary embeddings, GQA and MLA.
 //!
 //! Attention is two kernels: the cache write (`[slots, context, entry]` pool, one program per
-//! row) and the attend kernel, one program per (row, head), with an online softmax over the
-//! cached positions `0..=pos` in tiles of `BK` keys (the tile's logits in a local, the running
-//! max and sum corrected once per tile, one pass over K and V). MLA attends in the
-//! absorbed form: `q̃ = W_UKᵀ q_nope` against the latent cache, the latent-space output mapped
-//! back with `W_UV`, so keys and values are never expanded.
+//! row) and the attend kernel. MLA attends in the absorbed form: `q̃ = W_UKᵀ q_nope` against
+//! the latent cache, the latent-space output mapped back with `W_UV`, so keys and values are
+//! never expanded.
 //!
-//! Prefill is flash-attention style instead ([`flash`], GQA and MLA): 64 query rows per
-//! program, the logits and the value products of each 32-key tile as `dot` tiles (tensor cores
-//! on a GPU). The one-query programs of [`attend_block`] serve decode.
+//! Prefill is flash-attention style ([`flash`], GQA and MLA): 64 query rows per program, the
+//! logits and the value products of each 32-key tile as MMA tiles (tensor cores on a GPU).
 //!
-//! Decode with `Ctx::decode_splits = S > 1` splits the cached positions into `S` pieces of
-//! whole key tiles (split-sequence, "flash decoding"): one program per (row, head, piece)
-//! leaves its piece's running max, sum and unnormalised output; a combine kernel per
+//! Decode ([`attend_block`]) is one program per (row, KV head): a GQA program attends the KV
+//! head's whole group of query heads, an MLA program up to [`MLA_DECODE_HEADS`] heads of the
+//! one latent head (FlashMLA-style), so each cached key and value is read once per program,
+//! not once per query head. An online softmax per head over the cached positions `0..=pos`
+//! in tiles of [`BK`] keys: the tile's logits in a local, the running max and sum corrected
+//! once per tile, one pass over K and V. With `Ctx::decode_splits = S > 1` (or 0: chosen,
+//! see [`DECODE_PROGRAMS`]) the positions are split into `S` pieces of whole key tiles
+//! (split-sequence, "flash decoding"): one program per (row, KV head, piece) leaves each
+//! head's running max, sum and unnormalised output for its piece; a combine kernel per
 //! (row, head) rescales them to the common max and normalises (MLA maps back with `W_UV`
 //! there).
 
@@ -164,96 +167,153 @@ fn cache_write(
 /// Keys per tile of the decode online softmax.
 pub const BK: usize = 32;
 
-/// One term of the logits: `Σ_e query(e) · key(e)` over `e ∈ 0..len`, where `key` reads
-/// element `e` of key `j`.
+/// Most query heads one MLA decode program attends together (they share the one latent KV
+/// head; more would put more carried sums in registers than one lane holds). A GQA decode
+/// program attends its whole KV group.
+pub const MLA_DECODE_HEADS: usize = 32;
+
+/// Decode attention programs per row that the automatic split (`Ctx::decode_splits == 0`)
+/// aims for: about one per SM of an H100/H200 at batch 1.
+pub const DECODE_PROGRAMS: usize = 128;
+
+/// Fewest key tiles in one piece of an automatic split: a piece's partial results (per head
+/// `width + 2` floats) should stay small next to the keys and values it reads.
+pub const DECODE_PIECE_TILES: usize = 4;
+
+/// One term of the logits: `Σ_e query(g, e) · key(e)` over `e ∈ 0..len`, where `query` reads
+/// element `e` of the program's query head `g` and `key` element `e` of key `j`.
 struct Term<'a> {
-    query: Box<dyn Fn(Expr) -> Expr + 'a>,
+    query: Box<dyn Fn(Expr, Expr) -> Expr + 'a>,
     key: Box<dyn Fn(Expr) -> Expr + 'a>,
     len: usize,
 }
 
-/// The attend loop of one decode query (row `rq`, slot `s`, bound by the caller): keys
-/// `0..=pos` in tiles of [`BK`], one key per lane for the logits (each term one pass over
-/// the key), the running max and sum corrected once per tile, then one value column per lane
-/// (`value(j, d)`: element `d` of value `j`), the tile's weighted sum in a register. With a
-/// `piece`, only that piece's tiles. Leaves `acc[d]` and `l[0]` in locals.
+/// The attend loop of one decode row (`rq`, slot `s`, bound by the caller) for the program's
+/// `heads` query heads, which share their keys and values (a GQA group, or MLA heads over the
+/// one latent head): keys `0..=pos` in tiles of [`BK`]; one key per lane for the logits, each
+/// key element loaded once for every head (each term one pass over the key); per head the
+/// running max and sum, corrected once per tile; then one value column per lane, each value
+/// element loaded once and weighted for every head in registers (`value(j, d)`: element `d`
+/// of value `j`). With a `piece`, only that piece's tiles. Leaves head `g`'s unnormalised
+/// output in `acc[g·width + d]` and its sum in `l[g]`.
 fn attend_block(
     terms: &[Term],
+    heads: usize,
     scale: f64,
     value: &dyn Fn(Expr, Expr) -> Expr,
     width: usize,
     piece: Option<Piece>,
 ) -> Vec<Stmt> {
-    let key = || let_("j", v("j0") + v("jj"));
-    let sc = |jj: Expr| ld("sc", [jj]);
+    let sc = |g: Expr, jj: Expr| ld("sc", [g * i(BK) + jj]);
     let mut body = vec![
-        local("acc", width),
-        local("sc", BK),
-        local("m", 1),
-        local("l", 1),
-        for_par("d", i(0), i(width), vec![st("acc", [v("d")], f(0.0))]),
-        st("m", [i(0)], f(f64::NEG_INFINITY)),
-        st("l", [i(0)], f(0.0)),
+        local("acc", heads * width),
+        local("sc", heads * BK),
+        local("m", heads),
+        local("l", heads),
+        local("corr", heads),
+        for_par(
+            "d",
+            i(0),
+            i(heads * width),
+            vec![st("acc", [v("d")], f(0.0))],
+        ),
+        for_par(
+            "g",
+            i(0),
+            i(heads),
+            vec![
+                st("m", [v("g")], f(f64::NEG_INFINITY)),
+                st("l", [v("g")], f(0.0)),
+            ],
+        ),
         let_("nk", ld("pos", [v("rq")]) + i(1)),
     ];
-    // The logits of key j, one pass per term (every key of a tile is below `nk`).
-    let mut logits = vec![key()];
+    // The logits of key j for every head, one pass per term (every key of a tile is below
+    // `nk`): `s{t}_{g}` carries head g's part.
+    let carried = |t: usize, g: usize| format!("s{t}_{g}");
+    let mut logits = vec![let_("j", v("j0") + v("jj"))];
     for (t, term) in terms.iter().enumerate() {
-        let name = format!("s{t}");
+        let names: Vec<String> = (0..heads).map(|g| carried(t, g)).collect();
         logits.push(for_carry(
             "e",
             i(0),
             i(term.len),
-            vec![(name.as_str(), f(0.0))],
+            names.iter().map(|n| (n.as_str(), f(0.0))).collect(),
             vec![let_("kj", (term.key)(v("e")))],
-            vec![v(&name) + (term.query)(v("e")) * v("kj")],
+            (0..heads)
+                .map(|g| v(&names[g]) + (term.query)(i(g), v("e")) * v("kj"))
+                .collect(),
         ));
     }
-    let total = (0..terms.len())
-        .map(|t| v(&format!("s{t}")))
-        .reduce(|a, b| a + b)
-        .unwrap_or(f(0.0));
-    logits.push(st("sc", [v("jj")], f(scale) * total));
+    for g in 0..heads {
+        let total = (0..terms.len())
+            .map(|t| v(&carried(t, g)))
+            .reduce(|a, b| a + b)
+            .unwrap_or(f(0.0));
+        logits.push(st("sc", [i(g * BK) + v("jj")], f(scale) * total));
+    }
+    // Per head: the tile's max, the correction of the running sum and accumulator, the
+    // probabilities in place of the logits.
+    let softmax = for_(
+        "g",
+        i(0),
+        i(heads),
+        vec![
+            let_(
+                "m2",
+                max(
+                    ld("m", [v("g")]),
+                    max_over("jj", i(0), v("nb"), sc(v("g"), v("jj"))),
+                ),
+            ),
+            let_("c", exp(ld("m", [v("g")]) - v("m2"))),
+            for_par(
+                "jj",
+                i(0),
+                v("nb"),
+                vec![st(
+                    "sc",
+                    [v("g") * i(BK) + v("jj")],
+                    exp(sc(v("g"), v("jj")) - v("m2")),
+                )],
+            ),
+            st(
+                "l",
+                [v("g")],
+                ld("l", [v("g")]) * v("c") + sum("jj", i(0), v("nb"), sc(v("g"), v("jj"))),
+            ),
+            st("m", [v("g")], v("m2")),
+            st("corr", [v("g")], v("c")),
+        ],
+    );
+    // One lane per value column: the tile's weighted values of every head summed in
+    // registers (`pv{g}`), each accumulator rescaled and updated once per tile.
+    let pv: Vec<String> = (0..heads).map(|g| format!("pv{g}")).collect();
+    let mut column = vec![for_carry(
+        "jj",
+        i(0),
+        v("nb"),
+        pv.iter().map(|n| (n.as_str(), f(0.0))).collect(),
+        vec![let_("vj", value(v("j0") + v("jj"), v("d")))],
+        (0..heads)
+            .map(|g| v(&pv[g]) + ld("sc", [i(g * BK) + v("jj")]) * v("vj"))
+            .collect(),
+    )];
+    for (g, name) in pv.iter().enumerate() {
+        let at = i(g * width) + v("d");
+        column.push(st(
+            "acc",
+            [at.clone()],
+            ld("acc", [at]) * ld("corr", [i(g)]) + v(name),
+        ));
+    }
     let tile = vec![
         let_("j0", v("jt") * i(BK)),
         let_("nb", min(i(BK), v("nk") - v("j0"))),
         // One key per lane: the logits of different keys are independent.
         for_par("jj", i(0), v("nb"), logits),
-        let_(
-            "m2",
-            max(ld("m", [i(0)]), max_over("jj", i(0), v("nb"), sc(v("jj")))),
-        ),
-        let_("corr", exp(ld("m", [i(0)]) - v("m2"))),
-        for_par(
-            "jj",
-            i(0),
-            v("nb"),
-            vec![st("sc", [v("jj")], exp(sc(v("jj")) - v("m2")))],
-        ),
-        st(
-            "l",
-            [i(0)],
-            ld("l", [i(0)]) * v("corr") + sum("jj", i(0), v("nb"), sc(v("jj"))),
-        ),
-        st("m", [i(0)], v("m2")),
-        // One lane per value column: the tile's weighted values summed in a register, the
-        // accumulator rescaled and updated once per tile.
-        for_par(
-            "d",
-            i(0),
-            i(width),
-            vec![st(
-                "acc",
-                [v("d")],
-                ld("acc", [v("d")]) * v("corr")
-                    + sum(
-                        "jj",
-                        i(0),
-                        v("nb"),
-                        sc(v("jj")) * value(v("j0") + v("jj"), v("d")),
-                    ),
-            )],
-        ),
+        softmax,
+        for_par("d", i(0), i(width), column),
     ];
     let tiles = (v("nk") + i(BK - 1)) / i(BK);
     let (first, end) = match piece {
@@ -272,30 +332,55 @@ struct Piece {
     tiles: usize,
 }
 
-/// Split decode: `(pieces, key tiles per piece)` when this attention is split.
-fn decode_split(cx: &Ctx) -> Option<(usize, usize)> {
-    let s = cx.decode_splits;
-    if cx.phase != Phase::Decode || s <= 1 {
+/// Split decode: `(pieces, key tiles per piece)` when this attention is split, for `programs`
+/// attend programs per row without a split. `Ctx::decode_splits == 0` picks the pieces so
+/// that a row has about [`DECODE_PROGRAMS`] programs, each piece at least
+/// [`DECODE_PIECE_TILES`] tiles; no piece is empty at full context.
+fn decode_split(cx: &Ctx, programs: usize) -> Option<(usize, usize)> {
+    if cx.phase != Phase::Decode {
         return None;
     }
-    let per = cx.context.div_ceil(BK).div_ceil(s).max(1);
-    Some((s, per))
+    let tiles = cx.context.div_ceil(BK);
+    let want = match cx.decode_splits {
+        0 => DECODE_PROGRAMS
+            .div_ceil(programs.max(1))
+            .min(tiles / DECODE_PIECE_TILES),
+        s => s,
+    };
+    let per = tiles.div_ceil(want.clamp(1, tiles.max(1))).max(1);
+    let pieces = tiles.div_ceil(per);
+    (pieces > 1).then_some((pieces, per))
 }
 
-/// A piece's partial result, `[m, l, acc[0..width]]` at `part[row, ((head·S + piece)·(width +
-/// 2)) ..]`, from the locals `attend_block` leaves (one query).
-fn store_piece(pieces: usize, width: usize) -> Vec<Stmt> {
-    let at = |k: Expr| [v("rq"), (pid(1) * i(pieces) + pid(2)) * i(width + 2) + k];
-    vec![
-        st("part", at(i(0)), ld("m", [i(0)])),
-        st("part", at(i(1)), ld("l", [i(0)])),
-        for_par(
-            "d",
-            i(0),
-            i(width),
-            vec![st("part", at(i(2) + v("d")), ld("acc", [v("d")]))],
-        ),
-    ]
+/// The program's pieces' partial results, per head `h = pid(1)·heads + g`: `[m, l,
+/// acc[0..width]]` at `part[row, ((h·S + piece)·(width + 2)) ..]`, from the locals
+/// `attend_block` leaves.
+fn store_piece(heads: usize, pieces: usize, width: usize) -> Stmt {
+    let at = |k: Expr| {
+        [
+            v("rq"),
+            ((pid(1) * i(heads) + v("g")) * i(pieces) + pid(2)) * i(width + 2) + k,
+        ]
+    };
+    for_(
+        "g",
+        i(0),
+        i(heads),
+        vec![
+            st("part", at(i(0)), ld("m", [v("g")])),
+            st("part", at(i(1)), ld("l", [v("g")])),
+            for_par(
+                "d",
+                i(0),
+                i(width),
+                vec![st(
+                    "part",
+                    at(i(2) + v("d")),
+                    ld("acc", [v("g") * i(width) + v("d")]),
+                )],
+            ),
+        ],
+    )
 }
 
 /// The combine of a split decode attention, per (row, head): binds `mstar` (the common max)
@@ -334,21 +419,29 @@ fn decode_row() -> Vec<Stmt> {
     vec![let_("rq", pid(0)), let_("s", ld("slot", [v("rq")]))]
 }
 
-/// `o[rq, head·width + d] = value(d)`.
-fn store_row(width: usize, value: &dyn Fn(Expr) -> Expr) -> Stmt {
-    for_par(
-        "d",
+/// `o[rq, h·width + d] = value(g, d)` for each of the program's `heads` heads `h = pid(1)·heads
+/// + g`.
+fn store_rows(heads: usize, width: usize, value: &dyn Fn(Expr, Expr) -> Expr) -> Stmt {
+    for_(
+        "g",
         i(0),
-        i(width),
-        vec![st(
-            "o",
-            [v("rq"), pid(1) * i(width) + v("d")],
-            value(v("d")),
+        i(heads),
+        vec![for_par(
+            "d",
+            i(0),
+            i(width),
+            vec![st(
+                "o",
+                [v("rq"), (pid(1) * i(heads) + v("g")) * i(width) + v("d")],
+                value(v("g"), v("d")),
+            )],
         )],
     )
 }
 
-/// GQA: returns the cache write and the attend launch.
+/// GQA: returns the cache write and the attend launch(es). Decode: one program per (row, KV
+/// head[, piece]) attends the KV head's whole group of query heads, so each key and value is
+/// read once per group (not once per query head).
 pub fn gqa(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     let g = cx.graph;
     let Op::Attention {
@@ -377,28 +470,29 @@ pub fn gqa(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
             flash::gqa(cx, n, ins, (hq, hkv, hd, vd), *scale, *cache),
         ];
     }
+    // Program (row, KV head pid(1)[, piece]); its query head g is pid(1)·group + g.
+    let group = hq / hkv;
     let terms = [Term {
-        query: Box::new(|e| ld("q", [v("rq"), pid(1) * i(hd) + e])),
-        key: Box::new(|e| ld("cache", [v("s"), v("j"), v("kvh") * i(hd) + e])),
+        query: Box::new(|g, e| ld("q", [v("rq"), (pid(1) * i(group) + g) * i(hd) + e])),
+        key: Box::new(|e| ld("cache", [v("s"), v("j"), pid(1) * i(hd) + e])),
         len: hd,
     }];
-    let value = |j: Expr, d: Expr| ld("cache", [v("s"), j, i(kw) + v("kvh") * i(vd) + d]);
-    let split = decode_split(cx);
+    let value = |j: Expr, d: Expr| ld("cache", [v("s"), j, i(kw) + pid(1) * i(vd) + d]);
+    let split = decode_split(cx, hkv);
     let mut inner = decode_row();
-    inner.push(let_("kvh", pid(1) / i(hq / hkv)));
     let piece = split.map(|(_, per)| Piece {
         index: pid(2),
         tiles: per,
     });
-    inner.extend(attend_block(&terms, *scale, &value, vd, piece));
+    inner.extend(attend_block(&terms, group, *scale, &value, vd, piece));
     if let Some((s, _)) = split {
         // Split decode: partials per piece, then the combine.
-        inner.extend(store_piece(s, vd));
+        inner.push(store_piece(group, s, vd));
         let width = hq * s * (vd + 2);
         let part = cx.temp(width);
         let attend = launch(
             format!("gqa_attend_h{hq}x{hkv}_d{hd}_v{vd}_q1_split{s}"),
-            vec![Dim::Rows, Dim::N(hq), Dim::N(s)],
+            vec![Dim::Rows, Dim::N(hkv), Dim::N(s)],
             gqa_params(
                 cx,
                 ins,
@@ -434,10 +528,12 @@ pub fn gqa(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         );
         return vec![write, attend, combine];
     }
-    inner.push(store_row(vd, &|d| ld("acc", [d]) / ld("l", [i(0)])));
+    inner.push(store_rows(group, vd, &|g, d| {
+        ld("acc", [g.clone() * i(vd) + d]) / ld("l", [g])
+    }));
     let attend = launch(
         format!("gqa_attend_h{hq}x{hkv}_d{hd}_v{vd}_q1"),
-        vec![Dim::Rows, Dim::N(hq)],
+        vec![Dim::Rows, Dim::N(hkv)],
         gqa_params(cx, ins, hq * hd, *cache, (output("o", &act(hq * vd)), a(n))),
         inner,
         vec![n],
@@ -464,8 +560,8 @@ fn gqa_params(
     ]
 }
 
-/// The parameters of an MLA attend kernel: the queries (`q_cols` wide), `kv_b` (W_UK and
-/// W_UV), the latent cache, the rows' slots and positions, then `out`.
+/// The parameters of an MLA prefill attend kernel: the queries (`q_cols` wide), `kv_b` (W_UK
+/// and W_UV), the latent cache, the rows' slots and positions, then `out`.
 fn mla_params(
     cx: &Ctx,
     ins: &[NodeIndex],
@@ -484,7 +580,10 @@ fn mla_params(
     ]
 }
 
-/// MLA (absorbed): returns the latent cache write and the attend launch.
+/// MLA (absorbed): returns the latent cache write and the attend launch(es). Decode: one
+/// program per (row, group of up to [`MLA_DECODE_HEADS`] heads[, piece]), FlashMLA-style:
+/// the group's heads share each latent cache row `[c | k_rope]` as their key and its `c` as
+/// their value, read once per group.
 pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     let g = cx.graph;
     let Op::MlaAttention {
@@ -519,61 +618,90 @@ pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         };
         return vec![write, flash::mla(cx, n, ins, &shape, *scale, kv_b, *cache)];
     }
-    let wrow = |d: Expr| pid(1) * i(dn + vd) + d;
+    // Program (row, head group pid(1)[, piece]) of `group` heads; its head g is
+    // pid(1)·group + g. Row `d` of head h's W_UK (d < dn) or W_UV (dn ≤ d), `r` wide:
+    let group = (1..=MLA_DECODE_HEADS.min(h_n))
+        .rev()
+        .find(|g| h_n % g == 0)
+        .unwrap_or(1);
+    let head = |g: Expr| pid(1) * i(group) + g;
+    let wrow = |h: Expr, d: Expr| h * i(dn + vd) + d;
     let terms = [
         Term {
-            query: Box::new(|e| ld("qt", [e])),
+            query: Box::new(|g, e| ld("qt", [v("rq"), head(g) * i(r) + e])),
             key: Box::new(|e| ld("cache", [v("s"), v("j"), e])),
             len: r,
         },
         Term {
-            query: Box::new(|e| ld("q", [v("rq"), pid(1) * i(qk) + i(dn) + e])),
+            query: Box::new(|g, e| ld("q", [v("rq"), head(g) * i(qk) + i(dn) + e])),
             key: Box::new(|e| ld("cache", [v("s"), v("j"), i(r) + e])),
             len: dr,
         },
     ];
     let value = |j: Expr, d: Expr| ld("cache", [v("s"), j, d]);
-    let mut body = decode_row();
-    body.push(local("qt", r));
-    // q̃ = W_UK(h)ᵀ q_nope: [r], one latent column per lane summed in a register (the lanes
-    // read consecutive elements of each row of W_UK).
-    body.push(for_par(
-        "e",
-        i(0),
-        i(r),
-        vec![st(
-            "qt",
-            [v("e")],
-            sum(
-                "d",
-                i(0),
-                i(dn),
-                ld("q", [v("rq"), pid(1) * i(qk) + v("d")]) * ld("kv_b", [wrow(v("d")), v("e")]),
-            ),
+    // q̃ = W_UK(h)ᵀ q_nope, [rows, heads·r], once per row and head (not per piece): one
+    // latent column per lane summed in a register (the lanes read consecutive elements of
+    // each row of W_UK).
+    let qt = cx.temp(h_n * r);
+    let q_param = || (input("q", &act(h_n * qk)), a(ins[0]));
+    let absorb = launch(
+        format!("mla_absorb_h{h_n}_r{r}_nope{dn}"),
+        vec![Dim::Rows, Dim::N(h_n)],
+        vec![
+            q_param(),
+            cx.weight("kv_b", kv_b),
+            (output("qt", &act(h_n * r)), Bind::Act(qt)),
+        ],
+        vec![for_par(
+            "e",
+            i(0),
+            i(r),
+            vec![st(
+                "qt",
+                [pid(0), pid(1) * i(r) + v("e")],
+                sum(
+                    "d",
+                    i(0),
+                    i(dn),
+                    ld("q", [pid(0), pid(1) * i(qk) + v("d")])
+                        * ld("kv_b", [wrow(pid(1), v("d")), v("e")]),
+                ),
+            )],
         )],
-    ));
-    let split = decode_split(cx);
+        vec![n],
+        g,
+    );
+    // The attend kernel's parameters: q (for q_rope), q̃, kv_b where it maps back, the cache,
+    // the rows' slots and positions, then `out`.
+    let attend_params = |kv_b_too: bool, out| {
+        let mut ps = vec![q_param(), (input("qt", &act(h_n * r)), Bind::Act(qt))];
+        if kv_b_too {
+            ps.push(cx.weight("kv_b", kv_b));
+        }
+        ps.extend([
+            cx.state("cache", *cache),
+            (rows_i64("slot"), Bind::Slot),
+            (rows_i64("pos"), Bind::Pos),
+            out,
+        ]);
+        ps
+    };
+    let mut body = decode_row();
+    let split = decode_split(cx, h_n / group);
     let piece = split.map(|(_, per)| Piece {
         index: pid(2),
         tiles: per,
     });
-    body.extend(attend_block(&terms, *scale, &value, r, piece));
+    body.extend(attend_block(&terms, group, *scale, &value, r, piece));
     if let Some((s, _)) = split {
         // Split decode: latent partials per piece; the combine normalises and maps back.
-        body.extend(store_piece(s, r));
+        body.push(store_piece(group, s, r));
         let width = h_n * s * (r + 2);
         let part = cx.temp(width);
         let attend = launch(
-            format!("mla_attend_h{h_n}_r{r}_nope{dn}_rope{dr}_v{vd}_q1_split{s}"),
-            vec![Dim::Rows, Dim::N(h_n), Dim::N(s)],
-            mla_params(
-                cx,
-                ins,
-                h_n * qk,
-                kv_b,
-                *cache,
-                (output("part", &act(width)), Bind::Act(part)),
-            ),
+            format!("mla_attend_h{h_n}_g{group}_r{r}_nope{dn}_rope{dr}_v{vd}_q1_split{s}"),
+            vec![Dim::Rows, Dim::N(h_n / group), Dim::N(s)],
+            attend_params(false, (output("part", &act(width)), Bind::Act(part))),
             body,
             vec![n],
             g,
@@ -597,7 +725,7 @@ pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
                     "e",
                     i(0),
                     i(r),
-                    ld("kv_b", [wrow(i(dn) + v("d")), v("e")]) * ld("ol", [v("e")]),
+                    ld("kv_b", [wrow(pid(1), i(dn) + v("d")), v("e")]) * ld("ol", [v("e")]),
                 ),
             )],
         ));
@@ -613,31 +741,25 @@ pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
             vec![n],
             g,
         );
-        return vec![write, attend, combine];
+        return vec![write, absorb, attend, combine];
     }
-    // o = W_UV(h) (acc / l).
-    body.push(store_row(vd, &|d| {
+    // o = W_UV(h) (acc / l) per head.
+    body.push(store_rows(group, vd, &|g, d| {
         sum(
             "e",
             i(0),
             i(r),
-            ld("kv_b", [wrow(i(dn) + d), v("e")]) * ld("acc", [v("e")]),
-        ) / ld("l", [i(0)])
+            ld("kv_b", [wrow(head(g.clone()), i(dn) + d), v("e")])
+                * ld("acc", [g.clone() * i(r) + v("e")]),
+        ) / ld("l", [g])
     }));
     let attend = launch(
-        format!("mla_attend_h{h_n}_r{r}_nope{dn}_rope{dr}_v{vd}_q1"),
-        vec![Dim::Rows, Dim::N(h_n)],
-        mla_params(
-            cx,
-            ins,
-            h_n * qk,
-            kv_b,
-            *cache,
-            (output("o", &act(h_n * vd)), a(n)),
-        ),
+        format!("mla_attend_h{h_n}_g{group}_r{r}_nope{dn}_rope{dr}_v{vd}_q1"),
+        vec![Dim::Rows, Dim::N(h_n / group)],
+        attend_params(true, (output("o", &act(h_n * vd)), a(n))),
         body,
         vec![n],
         g,
     );
-    vec![write, attend]
+    vec![write, absorb, attend]
 }
