@@ -1,4 +1,4 @@
-//! Prefill attention, flash-attention style, for GQA and MLA.
+//! Prefill attention, flash-attention style, for GQA and MLA; and MLA decode.
 //!
 //! One program per ([`FLASH_Q`] query rows, head). The cached keys follow in tiles of
 //! [`FLASH_K`]. Per tile the logits `Q Kᵀ` and the update `acc = corr·acc + P V` are f32 MMA
@@ -9,6 +9,9 @@
 //! query row: running max `m` and sum `l`, and the correction `corr` the update applies to the
 //! accumulator. The rows of a prefill launch are consecutive positions of one sequence, so the
 //! last row sees the most keys, `pos[last] + 1`.
+//!
+//! MLA decode ([`mla_decode`]) is the same loop with a group of query heads of one decode row
+//! as the block's rows, so its products run on tensor cores too (FlashMLA's design).
 //!
 //! GQA normalises `acc / l` into the output. MLA attends in the absorbed form, as decode does:
 //! the query block is `[q_nope·W_UK(h) | q_rope]` (a product straight from `q` and `kv_b`),
@@ -25,11 +28,15 @@ use crate::kernels::{act, launch};
 
 /// Query rows per program of a flash-style prefill attention.
 pub const FLASH_Q: usize = 64;
-/// Keys per tile of a flash-style prefill attention (64-key tiles spill on sm_80).
+/// Keys per tile of a flash-style attention (64-key tiles spill on sm_80).
 pub const FLASH_K: usize = 32;
+// Split decode counts its pieces in tiles of the decode attention's width.
+const _: () = assert!(FLASH_K == super::BK);
 
 /// One flash-attention program's shape and its operands.
 struct Flash<'a> {
+    /// Rows of the program's block: query rows (prefill) or query heads (MLA decode).
+    rows: usize,
     /// Logit width: a query row and a key row.
     qk: usize,
     /// Value width: an accumulator row.
@@ -41,6 +48,13 @@ struct Flash<'a> {
     key: &'a dyn Fn(Expr, Expr) -> Expr,
     /// Element `d` of value `j` (`j` < `nk`).
     value: &'a dyn Fn(Expr, Expr) -> Expr,
+    /// How many keys block row `t` sees: positions `0..sees(t)`.
+    sees: &'a dyn Fn(Expr) -> Expr,
+}
+
+/// Prefill: block row `t` (position `pos[r0 + t]`) sees the keys up to its own position.
+fn causal(t: Expr) -> Expr {
+    ld("pos", [row(t)]) + i(1)
 }
 
 /// Row `t` of the program's block.
@@ -49,24 +63,23 @@ fn row(t: Expr) -> Expr {
 }
 
 impl Flash<'_> {
-    /// The locals, the block's rows (`r0`, `nq` rows, slot `s`, then the caller's `lets`, then
-    /// `nk` keys), and per row `t` of the block the accumulator and the running statistics
-    /// zeroed.
-    fn prologue(&self, lets: Vec<Stmt>) -> Vec<Stmt> {
-        let (fq, fk, vw) = (FLASH_Q, FLASH_K, self.vw);
-        let mut out = vec![
-            local("sc", fq * fk),
-            local("acc", fq * vw),
-            local("m", fq),
-            local("l", fq),
-            local("corr", fq),
-            let_("r0", pid(0) * i(fq)),
-            let_("nq", min(i(fq), rows() - v("r0"))),
-            let_("s", ld("slot", [v("r0")])),
-        ];
-        out.extend(lets);
-        out.push(let_("nk", ld("pos", [v("r0") + v("nq") - i(1)]) + i(1)));
-        out.push(for_par(
+    /// The locals: the tile's logits and probabilities `sc`, the accumulator `acc`, the
+    /// running max `m` and sum `l` and the tile's correction `corr` per block row.
+    fn locals(&self) -> Vec<Stmt> {
+        let (rows, fk, vw) = (self.rows, FLASH_K, self.vw);
+        vec![
+            local("sc", rows * fk),
+            local("acc", rows * vw),
+            local("m", rows),
+            local("l", rows),
+            local("corr", rows),
+        ]
+    }
+
+    /// Per row `t < nq` of the block, the accumulator and the running statistics zeroed.
+    fn zero(&self) -> Stmt {
+        let vw = self.vw;
+        for_par(
             "t",
             i(0),
             v("nq"),
@@ -80,13 +93,33 @@ impl Flash<'_> {
                 st("m", [v("t")], f(f64::NEG_INFINITY)),
                 st("l", [v("t")], f(0.0)),
             ],
-        ));
+        )
+    }
+
+    /// Prefill: the locals, the block's rows (`r0`, `nq` rows, slot `s`, then the caller's
+    /// `lets`, then `nk` keys), and the accumulators zeroed.
+    fn prologue(&self, lets: Vec<Stmt>) -> Vec<Stmt> {
+        let fq = FLASH_Q;
+        let mut out = self.locals();
+        out.extend([
+            let_("r0", pid(0) * i(fq)),
+            let_("nq", min(i(fq), rows() - v("r0"))),
+            let_("s", ld("slot", [v("r0")])),
+        ]);
+        out.extend(lets);
+        out.push(let_("nk", ld("pos", [v("r0") + v("nq") - i(1)]) + i(1)));
+        out.push(self.zero());
         out
     }
 
-    /// The loop over key tiles: leaves the unnormalised output in `acc[t·vw + d]` and the
-    /// softmax sum in `l[t]`.
+    /// Every key tile, `0..⌈nk / FLASH_K⌉`.
     fn tiles(&self) -> Stmt {
+        self.tiles_in(i(0), (v("nk") + i(FLASH_K - 1)) / i(FLASH_K))
+    }
+
+    /// The loop over key tiles `first..end`: leaves the unnormalised output in
+    /// `acc[t·vw + d]` and the softmax sum in `l[t]`.
+    fn tiles_in(&self, first: Expr, end: Expr) -> Stmt {
         let (fk, qk, vw) = (FLASH_K, self.qk, self.vw);
         let sc = |jj: Expr| ld("sc", [v("t") * i(fk) + jj]);
         let zero_sc = |lo: Expr| {
@@ -100,7 +133,7 @@ impl Flash<'_> {
         // Key jj of the tile is visible to row t: position j0 + jj < pos[t] + 1.
         let visible = |jj: Expr| lt(v("j0") + jj, v("pt"));
         let softmax = vec![
-            let_("pt", ld("pos", [row(v("t"))]) + i(1)),
+            let_("pt", (self.sees)(v("t"))),
             if_(
                 lt(v("j0"), v("pt")),
                 vec![
@@ -180,7 +213,7 @@ impl Flash<'_> {
                 },
             ),
         ];
-        for_("jt", i(0), (v("nk") + i(fk - 1)) / i(fk), tile)
+        for_("jt", first, end, tile)
     }
 }
 
@@ -199,12 +232,14 @@ pub(super) fn gqa(
     let key = |j: Expr, e: Expr| ld("cache", [v("s"), j, v("kvh") * i(hd) + e]);
     let value = |j: Expr, d: Expr| ld("cache", [v("s"), j, i(kw) + v("kvh") * i(vd) + d]);
     let fl = Flash {
+        rows: FLASH_Q,
         qk: hd,
         vw: vd,
         scale,
         query: &query,
         key: &key,
         value: &value,
+        sees: &causal,
     };
     let mut body = fl.prologue(vec![let_("kvh", pid(1) / i(hq / hkv))]);
     body.extend([
@@ -270,12 +305,14 @@ pub(super) fn mla(
     let key = |j: Expr, e: Expr| ld("cache", [v("s"), j, e]);
     let value = |j: Expr, d: Expr| ld("cache", [v("s"), j, d]);
     let fl = Flash {
+        rows: FLASH_Q,
         qk,
         vw: r,
         scale,
         query: &query,
         key: &key,
         value: &value,
+        sees: &causal,
     };
     let mut body = vec![local("qt", FLASH_Q * qk)];
     body.extend(fl.prologue(vec![]));
@@ -342,4 +379,51 @@ pub(super) fn mla(
         vec![n],
         cx.graph,
     )
+}
+
+/// MLA decode, flash-style over the latent cache: the program's block rows are a group of
+/// `group` query heads of one decode row (`rq`, slot `s`, bound by the caller), program
+/// `(row, group pid(1)[, piece])`, all of which see the row's keys `0..=pos`. The queries
+/// `[q̃ | q_rope]` per head come from `qt` (`[rows, heads·(r + dr)]`, the absorb kernel's
+/// output), keys are latent cache rows `[c | k_rope]` and values their `c` part, so the
+/// logits (group × 32 keys, depth `r + dr`) and the update `P·V` (group × `r`, depth 32 keys)
+/// are f32 MMA tiles: on a GPU's tensor cores, as FlashMLA computes them, where one head per
+/// program would leave them to the CUDA cores. With `piece = (index, tiles)`, only that
+/// piece's key tiles. Leaves head `g`'s unnormalised latent output in `acc[g·r + c]`, its sum
+/// in `l[g]` and its max in `m[g]`.
+pub(super) fn mla_decode(
+    sh: &MlaShape,
+    group: usize,
+    scale: f64,
+    piece: Option<(Expr, usize)>,
+) -> Vec<Stmt> {
+    let (r, qk) = (sh.rank, sh.rank + sh.rope);
+    let query = |t: Expr, e: Expr| ld("qt", [v("rq"), (pid(1) * i(group) + t) * i(qk) + e]);
+    let key = |j: Expr, e: Expr| ld("cache", [v("s"), j, e]);
+    let value = |j: Expr, d: Expr| ld("cache", [v("s"), j, d]);
+    let sees = |_: Expr| v("nk");
+    let fl = Flash {
+        rows: group,
+        qk,
+        vw: r,
+        scale,
+        query: &query,
+        key: &key,
+        value: &value,
+        sees: &sees,
+    };
+    let mut body = fl.locals();
+    body.extend([
+        let_("nq", i(group)),
+        let_("nk", ld("pos", [v("rq")]) + i(1)),
+        fl.zero(),
+    ]);
+    body.push(match piece {
+        None => fl.tiles(),
+        Some((index, per)) => {
+            let tiles = (v("nk") + i(FLASH_K - 1)) / i(FLASH_K);
+            fl.tiles_in(index.clone() * i(per), min(tiles, (index + i(1)) * i(per)))
+        }
+    });
+    body
 }

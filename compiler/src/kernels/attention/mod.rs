@@ -8,12 +8,14 @@
 //! Prefill is flash-attention style ([`flash`], GQA and MLA): 64 query rows per program, the
 //! logits and the value products of each 32-key tile as MMA tiles (tensor cores on a GPU).
 //!
-//! Decode ([`attend_block`]) is one program per (row, KV head): a GQA program attends the KV
+//! Decode is one program per (row, KV head): a GQA program ([`attend_block`]) attends the KV
 //! head's whole group of query heads, an MLA program up to [`MLA_DECODE_HEADS`] heads of the
-//! one latent head (FlashMLA-style), so each cached key and value is read once per program,
-//! not once per query head. An online softmax per head over the cached positions `0..=pos`
-//! in tiles of [`BK`] keys: the tile's logits in a local, the running max and sum corrected
-//! once per tile, one pass over K and V. With `Ctx::decode_splits = S > 1` (or 0: chosen,
+//! one latent head (`flash::mla_decode`, FlashMLA-style: the heads are the rows of the
+//! flash loop's MMA tiles; their latent queries come from an absorb kernel, once per row), so
+//! each cached key and value is read once per program, not once per query head. An online
+//! softmax per head over the cached positions `0..=pos` in tiles of [`BK`] keys: the tile's
+//! logits in a local, the running max and sum corrected once per tile, one pass over K and
+//! V. With `Ctx::decode_splits = S > 1` (or 0: chosen,
 //! see [`DECODE_PROGRAMS`]) the positions are split into `S` pieces of whole key tiles
 //! (split-sequence, "flash decoding"): one program per (row, KV head, piece) leaves each
 //! head's running max, sum and unnormalised output for its piece; a combine kernel per
@@ -608,14 +610,14 @@ pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         vec![("c", a(ins[1]), r), ("kr", a(ins[2]), dr)],
         *cache,
     );
+    let shape = flash::MlaShape {
+        heads: h_n,
+        rank: r,
+        nope: dn,
+        rope: dr,
+        v_dim: vd,
+    };
     if cx.phase == Phase::Prefill {
-        let shape = flash::MlaShape {
-            heads: h_n,
-            rank: r,
-            nope: dn,
-            rope: dr,
-            v_dim: vd,
-        };
         return vec![write, flash::mla(cx, n, ins, &shape, *scale, kv_b, *cache)];
     }
     // Program (row, head group pid(1)[, piece]) of `group` heads; its head g is
@@ -626,55 +628,54 @@ pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         .unwrap_or(1);
     let head = |g: Expr| pid(1) * i(group) + g;
     let wrow = |h: Expr, d: Expr| h * i(dn + vd) + d;
-    let terms = [
-        Term {
-            query: Box::new(|g, e| ld("qt", [v("rq"), head(g) * i(r) + e])),
-            key: Box::new(|e| ld("cache", [v("s"), v("j"), e])),
-            len: r,
-        },
-        Term {
-            query: Box::new(|g, e| ld("q", [v("rq"), head(g) * i(qk) + i(dn) + e])),
-            key: Box::new(|e| ld("cache", [v("s"), v("j"), i(r) + e])),
-            len: dr,
-        },
-    ];
-    let value = |j: Expr, d: Expr| ld("cache", [v("s"), j, d]);
-    // q̃ = W_UK(h)ᵀ q_nope, [rows, heads·r], once per row and head (not per piece): one
-    // latent column per lane summed in a register (the lanes read consecutive elements of
-    // each row of W_UK).
-    let qt = cx.temp(h_n * r);
-    let q_param = || (input("q", &act(h_n * qk)), a(ins[0]));
+    // The queries in latent space, [rows, heads·(r + dr)], once per row and head (not per
+    // piece): q̃ = W_UK(h)ᵀ q_nope, one latent column per lane summed in a register (the
+    // lanes read consecutive elements of each row of W_UK), then q_rope.
+    let lq = r + dr;
+    let qt = cx.temp(h_n * lq);
     let absorb = launch(
-        format!("mla_absorb_h{h_n}_r{r}_nope{dn}"),
+        format!("mla_absorb_h{h_n}_r{r}_nope{dn}_rope{dr}"),
         vec![Dim::Rows, Dim::N(h_n)],
         vec![
-            q_param(),
+            (input("q", &act(h_n * qk)), a(ins[0])),
             cx.weight("kv_b", kv_b),
-            (output("qt", &act(h_n * r)), Bind::Act(qt)),
+            (output("qt", &act(h_n * lq)), Bind::Act(qt)),
         ],
-        vec![for_par(
-            "e",
-            i(0),
-            i(r),
-            vec![st(
-                "qt",
-                [pid(0), pid(1) * i(r) + v("e")],
-                sum(
-                    "d",
-                    i(0),
-                    i(dn),
-                    ld("q", [pid(0), pid(1) * i(qk) + v("d")])
-                        * ld("kv_b", [wrow(pid(1), v("d")), v("e")]),
-                ),
-            )],
-        )],
+        vec![
+            for_par(
+                "e",
+                i(0),
+                i(r),
+                vec![st(
+                    "qt",
+                    [pid(0), pid(1) * i(lq) + v("e")],
+                    sum(
+                        "d",
+                        i(0),
+                        i(dn),
+                        ld("q", [pid(0), pid(1) * i(qk) + v("d")])
+                            * ld("kv_b", [wrow(pid(1), v("d")), v("e")]),
+                    ),
+                )],
+            ),
+            for_par(
+                "e",
+                i(0),
+                i(dr),
+                vec![st(
+                    "qt",
+                    [pid(0), pid(1) * i(lq) + i(r) + v("e")],
+                    ld("q", [pid(0), pid(1) * i(qk) + i(dn) + v("e")]),
+                )],
+            ),
+        ],
         vec![n],
         g,
     );
-    // The attend kernel's parameters: q (for q_rope), q̃, kv_b where it maps back, the cache,
-    // the rows' slots and positions, then `out`.
+    // The attend kernel's parameters: the latent queries, kv_b where it maps back, the
+    // cache, the rows' slots and positions, then `out`.
     let attend_params = |kv_b_too: bool, out| {
-        let mut ps = vec![q_param(), (input("qt", &act(h_n * r)), Bind::Act(qt))];
+        let mut ps = vec![(input("qt", &act(h_n * lq)), Bind::Act(qt))];
         if kv_b_too {
             ps.push(cx.weight("kv_b", kv_b));
         }
@@ -688,11 +689,12 @@ pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     };
     let mut body = decode_row();
     let split = decode_split(cx, h_n / group);
-    let piece = split.map(|(_, per)| Piece {
-        index: pid(2),
-        tiles: per,
-    });
-    body.extend(attend_block(&terms, group, *scale, &value, r, piece));
+    body.extend(flash::mla_decode(
+        &shape,
+        group,
+        *scale,
+        split.map(|(_, per)| (pid(2), per)),
+    ));
     if let Some((s, _)) = split {
         // Split decode: latent partials per piece; the combine normalises and maps back.
         body.push(store_piece(group, s, r));
