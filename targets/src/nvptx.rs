@@ -6,12 +6,15 @@
 //! shared memory: [`crate::mlir::lower::staged`]), a warp for kernels with reductions or split
 //! loops, whose iterations the lanes share (coalesced rows, a shuffle butterfly to combine),
 //! one thread otherwise — [`BLOCK`] threads per block, `⌈programs · lanes / block⌉` blocks
-//! along x. A warp program keeps its locals in a scratch
-//! buffer, one copy per program ([`scratch_bytes`] each, at `program · scratch_bytes`), which
-//! its lanes write alike between warp barriers; a thread program keeps them in local memory.
+//! along x. A warp program keeps its locals in the block's static shared memory, a slice per
+//! warp, when the block's fit [`SHARED_LOCALS_BUDGET`] ([`locals_in_shared`]: decode attention,
+//! the decode recurrent steps, split-K norms, routers), else in a scratch buffer, one copy per
+//! program ([`scratch_bytes`] each, at `program · scratch_bytes`: flash attention, the chunked
+//! recurrences); its lanes write them alike between warp barriers. A thread program keeps them
+//! in local memory.
 //! Every buffer is one `.u64` pointer parameter (bare-pointer convention) in the kernel's
 //! parameter order, then the scratch pointer, then `rows`, all `.u64`; shared memory is static
-//! (declared by the kernel), none dynamic. The runtime reads all of this from the plan
+//! (declared by the kernel, at most 48 KiB), none dynamic. The runtime reads all of this from the plan
 //! ([`lamina_ir::plan::GpuLaunch`]).
 //!
 //! Not yet here (issue 4's remaining work): TMA and swizzled layouts on sm_90a (the staged
@@ -105,12 +108,37 @@ pub fn lanes(k: &Kernel) -> u32 {
 /// Threads of a warp: the lanes of a program that shares its reductions.
 pub const WARP: u32 = 32;
 
-/// Scratch bytes per program of kernel `k`: its locals when it is a warp program, else 0.
-pub fn scratch_bytes(k: &Kernel) -> usize {
+/// Bytes of the locals of a program of `k` of several lanes (one copy per program, as the
+/// GPU lowering lays them out), 0 for thread programs.
+fn warp_locals(k: &Kernel) -> usize {
+    use lamina_ir::kernel::expand::{dots_on_tensor_cores, expand_tiles};
     if lanes(k) > 1 {
-        crate::mlir::lower::local_layout(&lamina_ir::kernel::expand::expand_tiles(k)).1
+        crate::mlir::lower::local_layout(&expand_tiles(&dots_on_tensor_cores(k))).1
     } else {
         0
+    }
+}
+
+/// Most static shared memory a block of warp programs gives its locals: the static limit
+/// (48 KiB, no opt-in), so a block of [`BLOCK`] threads keeps its 4 warps' locals in shared
+/// memory when each has at most 12 KiB.
+pub const SHARED_LOCALS_BUDGET: usize = 48 << 10;
+
+/// Whether warp program `k` keeps its locals in the block's shared memory (a slice per warp):
+/// when the block's warps' locals fit [`SHARED_LOCALS_BUDGET`]. Larger locals stay in the
+/// scratch buffer ([`scratch_bytes`]).
+pub fn locals_in_shared(k: &Kernel) -> bool {
+    let per = warp_locals(k);
+    lanes(k) == WARP && per > 0 && per * (BLOCK / WARP) as usize <= SHARED_LOCALS_BUDGET
+}
+
+/// Scratch bytes per program of kernel `k`: its locals when it is a warp program whose locals
+/// are not in shared memory, else 0.
+pub fn scratch_bytes(k: &Kernel) -> usize {
+    if locals_in_shared(k) {
+        0
+    } else {
+        warp_locals(k)
     }
 }
 
@@ -123,6 +151,7 @@ pub fn flavor(k: &Kernel, target: Target) -> crate::mlir::Flavor {
         block: block_size(k),
         lanes: lanes(k),
         wgmma: target == Target::Sm90a,
+        shared_locals: locals_in_shared(k),
     }
 }
 
@@ -204,13 +233,28 @@ pub struct Resources {
 }
 
 impl Resources {
-    /// Blocks of `block` threads that fit on one SM by registers (ignoring the allocation
-    /// granularity, which can only lower it by one warp's worth).
-    pub fn blocks_per_sm(&self, block: u32) -> u32 {
-        if self.registers == 0 {
-            return 32;
-        }
-        REGISTERS_PER_SM / (self.registers * block)
+    /// Blocks of `block` threads resident on one SM of `target`: the fewest that its registers
+    /// (ignoring the allocation granularity, which can only lower it by one warp's worth), its
+    /// shared memory (each block's static bytes plus the 1 KiB the driver reserves), its
+    /// 2048 threads and its 32 blocks allow.
+    pub fn blocks_per_sm(&self, block: u32, target: Target) -> u32 {
+        let by_registers = match self.registers {
+            0 => u32::MAX,
+            r => REGISTERS_PER_SM / (r * block.max(1)),
+        };
+        let by_shared = match self.shared {
+            0 => u32::MAX,
+            s => shared_per_sm(target) / (s + 1024),
+        };
+        by_registers.min(by_shared).min(2048 / block.max(1)).min(32)
+    }
+}
+
+/// Shared memory of one SM on the target (sm_90: 228 KiB, sm_80: 164 KiB).
+pub fn shared_per_sm(target: Target) -> u32 {
+    match target {
+        Target::Sm90a => 228 << 10,
+        _ => 164 << 10,
     }
 }
 
@@ -351,6 +395,15 @@ ptxas info    : Used 10 registers, used 0 barriers, 376 bytes cmem[0]\n";
             (r[1].kernel.as_str(), r[1].registers, r[1].shared),
             ("add_1", 10, 0)
         );
-        assert_eq!(r[1].blocks_per_sm(128), 51);
+        // 10 registers would allow 51 blocks of 128 threads: the SM's 2048 threads allow 16.
+        assert_eq!(r[1].blocks_per_sm(128, Target::Sm90a), 16);
+        assert_eq!(r[0].blocks_per_sm(128, Target::Sm90a), 12);
+        // 48 KiB of shared memory per block: 4 fit an sm_90 SM's 228 KiB, 3 an sm_80's 164.
+        let shared = Resources {
+            shared: 48 << 10,
+            ..r[1].clone()
+        };
+        assert_eq!(shared.blocks_per_sm(128, Target::Sm90a), 4);
+        assert_eq!(shared.blocks_per_sm(128, Target::Sm80), 3);
     }
 }

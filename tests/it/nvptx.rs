@@ -70,10 +70,12 @@ fn assembles(example: &str) {
                 k.name
             );
             assert!(
-                r.registers > 0 && r.blocks_per_sm(block) >= 1,
-                "{example} {target} {}: {} registers × {block} threads exceed an SM",
+                r.registers > 0 && r.blocks_per_sm(block, target) >= 1,
+                "{example} {target} {}: {} registers × {block} threads or {} B of shared \
+                 memory exceed an SM",
                 k.name,
-                r.registers
+                r.registers,
+                r.shared
             );
             assert!(
                 r.shared <= nvptx::shared_limit(target),
@@ -526,7 +528,11 @@ fn warps_on_tf32_tensor_cores(kernels: &[lamina_ir::kernel::Kernel]) {
     if ptxas_or_skip("warps_on_tf32_tensor_cores") {
         for r in nvptx::ptxas(&ptx, Target::Sm90a).unwrap() {
             assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{}", r.kernel);
-            assert!(r.blocks_per_sm(nvptx::BLOCK) >= 1, "{}", r.kernel);
+            assert!(
+                r.blocks_per_sm(nvptx::BLOCK, Target::Sm90a) >= 1,
+                "{}",
+                r.kernel
+            );
         }
     }
 }

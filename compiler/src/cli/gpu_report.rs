@@ -105,7 +105,7 @@ pub fn gpu_report(
                     r.spill_stores,
                     r.spill_loads,
                     r.shared,
-                    r.blocks_per_sm(nvptx::block_size(k)),
+                    r.blocks_per_sm(nvptx::block_size(k), target),
                     reserve(r.stack) / 1e9,
                     nvptx::scratch_bytes(k)
                 );

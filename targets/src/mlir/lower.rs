@@ -16,7 +16,9 @@
 //!
 //! Buffers are flat memrefs indexed with constant row-major strides; locals are stack
 //! allocations made once at function entry (GPU thread programs: per-thread local memory; GPU
-//! warp programs: a slice of the scratch buffer per program). Every operation
+//! warp programs: a slice of the block's static shared memory per warp when the block's
+//! locals fit [`crate::nvptx::SHARED_LOCALS_BUDGET`], else a slice of the scratch buffer per
+//! program). Every operation
 //! carries a location naming the kernel, its graph nodes and the statement, so diagnostics
 //! point back at the source.
 
@@ -58,7 +60,14 @@ pub enum Flavor {
     /// are broadcast, stores of one value coincide) except split loops and reductions, whose
     /// iterations are dealt round-robin to the lanes and whose partial results are combined by
     /// a butterfly of warp shuffles, so that every lane holds the same total after them.
-    Gpu { block: u32, lanes: u32, wgmma: bool },
+    /// `shared_locals`: a warp program's locals live in the block's static shared memory (one
+    /// slice per warp) instead of the scratch buffer.
+    Gpu {
+        block: u32,
+        lanes: u32,
+        wgmma: bool,
+        shared_locals: bool,
+    },
     /// The host frame, with split loops and reductions run as `lanes` lanes would on a GPU:
     /// lane by lane (lane j takes iterations lo + j, lo + j + lanes, ...), partials added in
     /// lane order. Tests compare it with [`Flavor::Host`] to check the GPU's split arithmetic
@@ -154,9 +163,34 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
         // Host: rows, then the program range lo..hi.
         arg_types.extend([l.index, l.index, l.index]);
     }
+    // Locals, sized for their largest use.
+    let (layout, per_program) = local_layout(k);
+    // Warp programs whose locals live in shared memory: a slice per warp of the block.
+    let shared_locals = match flavor {
+        Flavor::Gpu {
+            block,
+            lanes,
+            shared_locals: true,
+            ..
+        } if lanes == crate::nvptx::WARP && per_program > 0 => {
+            let bytes = per_program * (block / lanes) as usize;
+            if bytes > crate::nvptx::SHARED_LOCALS_BUDGET {
+                return Err(bug(format!(
+                    "{what}: {bytes} bytes of locals per block, over the shared budget of {}",
+                    crate::nvptx::SHARED_LOCALS_BUDGET
+                )));
+            }
+            Some(bytes)
+        }
+        _ => None,
+    };
     // A block-cooperative program: its shared memory, a workgroup attribution (an entry-block
-    // argument after the function's).
-    let shared: Option<Type> = if l.gpu && l.lanes == staged::LANES {
+    // argument after the function's); or a warp program's locals, likewise.
+    let staged_program = l.gpu && l.lanes == staged::LANES;
+    let shared: Option<Type> = if let Some(bytes) = shared_locals {
+        let space = staged::workgroup_space(ctx)?;
+        Some(MemRefType::new(l.i8(), &[bytes as i64], None, Some(space)).into())
+    } else if staged_program {
         let tile = staged::staged_tile(k).ok_or_else(|| {
             bug(format!(
                 "{what}: {} threads per program, but not a block-cooperative tile",
@@ -225,26 +259,37 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
     } else {
         None
     };
-    // Locals, sized for their largest use. Host and thread programs: stack slots allocated at
-    // entry (an alloca inside the program loop would grow the stack every iteration). Warp
-    // programs: one copy per program in the scratch buffer (per-lane local memory would be
-    // reserved for every resident thread), which all lanes write alike between warp barriers.
-    let (layout, per_program) = local_layout(k);
+    // Host and thread programs: locals are stack slots allocated at entry (an alloca inside
+    // the program loop would grow the stack every iteration). Warp programs: one copy per
+    // program (per-lane local memory would be reserved for every resident thread), which all
+    // lanes write alike between warp barriers: the warp's slice of the block's shared memory,
+    // or the program's slice of the scratch buffer.
     let scratch_base = match gpu_pid {
+        Some((_, Some(_))) if shared_locals.is_some() => {
+            let tid = l.gpu_index(&entry, "gpu.thread_id")?;
+            let lanes = l.const_index(&entry, l.lanes as i64);
+            let warp = l.op(&entry, "arith.divui", &[tid, lanes], l.index, false);
+            let size = l.const_index(&entry, per_program as i64);
+            Some(l.op(&entry, "arith.muli", &[warp, size], l.index, false))
+        }
         Some((p, Some(_))) if per_program > 0 => {
             let size = l.const_index(&entry, per_program as i64);
             Some(l.op(&entry, "arith.muli", &[p, size], l.index, false))
         }
         _ => None,
     };
+    let (space, source) = match shared_locals {
+        Some(_) => (Some(staged::workgroup_space(ctx)?), arg(n + 2)?),
+        None => (None, arg(n)?),
+    };
     for (name, elem, len, offset) in &layout {
-        let ty = MemRefType::new(l.elem(*elem), &[*len as i64], None, None);
+        let ty = MemRefType::new(l.elem(*elem), &[*len as i64], None, space);
         let value: Value = match scratch_base {
             Some(base) => {
                 let off = l.const_index(&entry, *offset as i64);
                 let at = l.op(&entry, "arith.addi", &[base, off], l.index, false);
                 let view = OperationBuilder::new("memref.view", loc)
-                    .add_operands(&[arg(n)?, at])
+                    .add_operands(&[source, at])
                     .add_results(&[ty.into()])
                     .build()
                     .map_err(|e| bug(format!("{what}: memref.view: {e}")))?;
@@ -286,8 +331,8 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
             rows,
             lane,
             smem: match shared {
-                Some(_) => Some(arg(n + 2)?),
-                None => None,
+                Some(_) if staged_program => Some(arg(n + 2)?),
+                _ => None,
             },
         };
         // pids from p, last axis fastest.
