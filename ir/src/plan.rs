@@ -101,8 +101,8 @@ pub struct KernelEntry {
 
 /// The launch contract of one GPU kernel.
 ///
-/// Blocks: `⌈programs(rows) · lanes / block⌉` along x, `block` threads each (a multiple of
-/// `lanes`); program `p` is threads `p · lanes ..< (p + 1) · lanes` of the grid, counted
+/// Blocks: `⌈programs(rows) · lanes / block⌉` along x, exactly `block` threads each (a multiple
+/// of `lanes`; kernels size their static shared memory for it); program `p` is threads `p · lanes ..< (p + 1) · lanes` of the grid, counted
 /// `blockIdx.x · block + threadIdx.x` (threads past the last program return at once).
 /// Parameters (`abi = "ptr-per-buffer+scratch+rows"`): one `.u64` device pointer per entry of
 /// the kernel's `params`, in order, then the scratch pointer, then `rows`, all `.u64`. Program
@@ -114,7 +114,8 @@ pub struct GpuLaunch {
     /// Threads per program (1; 32: a warp sharing the program's reductions; or the whole
     /// block: a block-cooperative tile).
     pub lanes: u32,
-    /// Scratch bytes per program (a warp program's locals).
+    /// Scratch bytes per program (a warp program's locals, unless they fit the block's shared
+    /// memory: then 0).
     pub scratch_bytes: u64,
     pub dynamic_shared_bytes: u32,
     pub abi: String,

@@ -7,10 +7,10 @@
 //! loops, whose iterations the lanes share (coalesced rows, a shuffle butterfly to combine),
 //! one thread otherwise — [`BLOCK`] threads per block, `⌈programs · lanes / block⌉` blocks
 //! along x. A warp program keeps its locals in the block's static shared memory, a slice per
-//! warp, when the block's fit [`SHARED_LOCALS_BUDGET`] ([`locals_in_shared`]: decode attention,
-//! the decode recurrent steps, split-K norms, routers), else in a scratch buffer, one copy per
-//! program ([`scratch_bytes`] each, at `program · scratch_bytes`: flash attention, the chunked
-//! recurrences); its lanes write them alike between warp barriers. A thread program keeps them
+//! warp, when the block's fit [`SHARED_LOCALS_BUDGET`] ([`locals_in_shared`]: GQA decode
+//! attention, the decode recurrent steps, split-K norms, routers), else in a scratch buffer, one
+//! copy per program ([`scratch_bytes`] each, at `program · scratch_bytes`: flash attention, MLA
+//! decode attention, the chunked recurrences); its lanes write them alike between warp barriers. A thread program keeps them
 //! in local memory.
 //! Every buffer is one `.u64` pointer parameter (bare-pointer convention) in the kernel's
 //! parameter order, then the scratch pointer, then `rows`, all `.u64`; shared memory is static

@@ -836,6 +836,44 @@ fn wide_mla_prefill_has_ragged_tiles() {
     check_model_with(&spec, &[130], false, 32, 1, false);
 }
 
+/// Multi-query attention (36 query heads on one KV head): the group is more than one decode
+/// program holds (`GQA_DECODE_HEADS` = 16), so 3 programs of 12 heads share it, each reading its
+/// keys and values; whole and split decode, lanes emulated and not.
+#[test]
+fn multi_query_decode_shares_the_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("mqa.toml");
+    std::fs::write(
+        &spec,
+        "name = \"mqa\"\nvocab_size = 97\nhidden_size = 64\nnum_layers = 2\n\n[norm]\neps = 1e-6\n\n\
+         [layers]\npattern = \"A\"\nffn_pattern = \"F\"\n\n\
+         [mixer.A]\nkind = \"gqa\"\nheads = 36\nkv_heads = 1\nhead_dim = 8\n\
+         rope = { theta = 10000.0, rotary_dim = 8 }\n\n\
+         [ffn.F]\nkind = \"swiglu\"\nintermediate = 96\n",
+    )
+    .unwrap();
+    let m = lamina_ir::model::Model::open(&spec).unwrap();
+    let options = Options {
+        decode_splits: 4,
+        ..model_options(false, 1, 4, false)
+    };
+    let (p, _) = lamina_compiler::build::compile_program(&m, options).unwrap();
+    let attend = p
+        .phase_kernels(lamina_compiler::kernels::Phase::Decode)
+        .into_iter()
+        .find(|k| k.name.starts_with("gqa_attend_"))
+        .unwrap()
+        .clone();
+    assert_eq!(
+        attend.grid[1],
+        lamina_ir::kernel::Dim::N(3),
+        "{}",
+        attend.name
+    );
+    check_model_with(&spec, &[1, 40, 300], false, 1, 1, false);
+    check_model_with(&spec, &[300], false, 32, 4, false);
+}
+
 /// Split-sequence decode attention: the cached positions in 4 pieces (3 key tiles each at
 /// context 320), partials merged by the combine kernel, for GQA (qwen3-next, minimax) and MLA
 /// (kimi, deepseek), at positions where one piece holds everything (the others are empty) and

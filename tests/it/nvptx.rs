@@ -583,8 +583,9 @@ fn tf32_products_are_a_third_of_the_mmas() {
 /// 32, DeepSeek-V3's 128 in 4 groups, each of which reads the latent rows). The count model's
 /// issued loads at batch 1 over a full 32K context, against the bytes of the attended cache
 /// rows times the groups reading each: each key once, the values once
-/// more (MLA: the latent's `c` part of the same rows), the group's queries as broadcasts per
-/// key step (MLA: 32 heads' q̃, about 0.9x) — under 4x. One program per query head, as before,
+/// more (MLA: the latent's `c` part of the same rows, 0.89x of them), the group's queries
+/// per key step (GQA: broadcasts; MLA: MMA operands, 32 heads' [q̃ | q_rope] per 32-key tile,
+/// about 1x) — under 4x. One program per query head, as before,
 /// issued 8x (GQA) to 128x (MLA) of them.
 #[test]
 fn decode_attention_reads_the_cache_once_per_kv_head() {
@@ -620,6 +621,14 @@ fn decode_attention_reads_the_cache_once_per_kv_head() {
         if family == "mla_attend_" {
             assert_eq!(k.grid[1], Dim::N(readers), "{}", k.name);
         }
+        // GQA's locals (the group's accumulators and logits) fit the block's shared memory;
+        // MLA's 32 heads' latent accumulators (64 KiB) stay in the scratch buffer.
+        assert_eq!(
+            (nvptx::locals_in_shared(k), nvptx::scratch_bytes(k) == 0),
+            (family == "gqa_attend_", family == "gqa_attend_"),
+            "{}",
+            k.name
+        );
         let w = launch_work(k, 1, (0.0, context as f64));
         let ratio = w.load_bytes / attended;
         assert!(

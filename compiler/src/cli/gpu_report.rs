@@ -133,6 +133,13 @@ pub fn gpu_report(
         );
     }
     let context = context.min(options.max_context);
+    if batch > options.max_batch {
+        println!(
+            "decode rows: --batch {batch} is capped at the plan's --max-batch {}",
+            options.max_batch
+        );
+    }
+    let batch = batch.min(options.max_batch);
     let data = (0.0, context as f64);
     for (phase, rows, what) in [
         (
@@ -187,7 +194,8 @@ pub fn gpu_report(
             t += time;
             flops += r.work.flops * r.launches as f64;
             bytes += r.work.dram_bytes() * r.launches as f64;
-            // Warp programs keep their locals in global scratch: its traffic per launch, and
+            // Warp programs whose locals do not fit in shared memory keep them in global
+            // scratch: its traffic per launch, and
             // the time it takes over all launches (as the roofline column) if none of it stays
             // in L1/L2 (an upper bound).
             let (scratch, scratch_time) = if nvptx::scratch_bytes(r.kernel) > 0 {

@@ -12,8 +12,8 @@
 //! one FLOP, a multiply-add as two. Bytes are counted as issued (a value loaded twice counts
 //! twice): [`Work::dram_bytes`] caps them by the parameters' footprint for the roofline.
 //! Bytes loaded from and stored to locals are counted apart ([`Work::scratch_bytes`]): a GPU
-//! warp program keeps its locals in a global scratch buffer, so they cost memory traffic
-//! (cached or not) that the parameters' roofline does not show; a tile operation moves its
+//! warp program keeps its locals in a global scratch buffer unless they fit in shared memory,
+//! so they may cost memory traffic (cached or not) that the parameters' roofline does not show; a tile operation moves its
 //! operands as the GPU's tensor-core tiles read them. Inside a split loop (dealt to a warp's
 //! lanes) an access whose index is the same on every lane is one access per warp step.
 
@@ -557,10 +557,16 @@ impl Counter<'_> {
                 let (_, h) = self.expr(hi, times);
                 let trips = Iv::trips(l, h);
                 let saved = self.vars.insert(var.clone(), (T::I, Iv::iter(l, h)));
-                // A GPU deals a reduction over the lanes.
-                self.varying.push(var.clone());
+                // A GPU deals a reduction over the lanes, unless it runs inside a split loop
+                // (each lane then runs its own whole): only a dealt one varies between lanes.
+                let scope = (self.varying.len(), self.lanes);
+                if self.lanes.is_none() {
+                    self.varying.push(var.clone());
+                    self.lanes = Some(trips.clamp(1.0, 32.0));
+                }
                 self.expr(body, times * trips);
-                self.varying.pop();
+                self.varying.truncate(scope.0);
+                self.lanes = scope.1;
                 self.work.flops += times * trips;
                 match saved {
                     Some(v) => self.vars.insert(var.clone(), v),

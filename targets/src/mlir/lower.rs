@@ -370,7 +370,10 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
             ));
         }
         // No `known_block_size`: its `.maxntid` makes ptxas trade registers for local-memory
-        // spills in the chunked kernels; any block size up to 1024 works with the PTX.
+        // spills in the chunked kernels. The block size must be the plan's nonetheless: a
+        // block-cooperative tile is exactly one block, and a warp program with shared locals
+        // finds its slice at `(threadIdx.x / 32) · per_program` of a static array sized for
+        // the plan's block (more threads would address past it).
         Flavor::Gpu { .. } => {
             let mut total = l.const_index(&entry, 1);
             for &d in &k.grid {
@@ -424,8 +427,9 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
     Ok(())
 }
 
-/// Every local of `k` (after tile expansion) with its byte offset in a program's scratch
-/// (8-byte aligned), and the bytes per program: the GPU's warp programs keep their locals there.
+/// Every local of `k` (after tile expansion) with its byte offset in a program's copy
+/// (8-byte aligned), and the bytes per program: the GPU's warp programs lay out their locals so,
+/// in a slice of the block's shared memory or of the scratch buffer.
 pub fn local_layout(k: &Kernel) -> (Vec<(String, Elem, usize, usize)>, usize) {
     let mut locals = Vec::new();
     collect_locals(&k.body, &mut locals);

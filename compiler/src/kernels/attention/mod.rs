@@ -1,7 +1,8 @@
 //! Rotary embeddings, GQA and MLA.
 //!
-//! Attention is two kernels: the cache write (`[slots, context, entry]` pool, one program per
-//! row) and the attend kernel. MLA attends in the absorbed form: `q̃ = W_UKᵀ q_nope` against
+//! Attention is the cache write (`[slots, context, entry]` pool, one program per row) and the
+//! attend kernel; decode adds the combine of a split attend, and MLA decode the absorb kernel
+//! before the attend. MLA attends in the absorbed form: `q̃ = W_UKᵀ q_nope` against
 //! the latent cache, the latent-space output mapped back with `W_UV`, so keys and values are
 //! never expanded.
 //!
@@ -9,7 +10,7 @@
 //! logits and the value products of each 32-key tile as MMA tiles (tensor cores on a GPU).
 //!
 //! Decode is one program per (row, KV head): a GQA program ([`attend_block`]) attends the KV
-//! head's whole group of query heads, an MLA program up to [`MLA_DECODE_HEADS`] heads of the
+//! head's whole group of query heads (up to [`GQA_DECODE_HEADS`]), an MLA program up to [`MLA_DECODE_HEADS`] heads of the
 //! one latent head (`flash::mla_decode`, FlashMLA-style: the heads are the rows of the
 //! flash loop's MMA tiles; their latent queries come from an absorb kernel, once per row), so
 //! each cached key and value is read once per program, not once per query head. An online
@@ -170,9 +171,14 @@ fn cache_write(
 pub const BK: usize = 32;
 
 /// Most query heads one MLA decode program attends together (they share the one latent KV
-/// head; more would put more carried sums in registers than one lane holds). A GQA decode
-/// program attends its whole KV group.
+/// head): the rows of one 32-row MMA tile, whose accumulator (`heads · kv_lora_rank` floats)
+/// is a local.
 pub const MLA_DECODE_HEADS: usize = 32;
+
+/// Most query heads one GQA decode program attends together: each lane carries a logit sum
+/// and a weighted value sum per head in registers. A KV group of more heads (multi-query
+/// attention) is shared between several programs, each reading the group's keys and values.
+pub const GQA_DECODE_HEADS: usize = 16;
 
 /// Decode attention programs per row that the automatic split (`Ctx::decode_splits == 0`)
 /// aims for: about one per SM of an H100/H200 at batch 1.
@@ -190,9 +196,8 @@ struct Term<'a> {
     len: usize,
 }
 
-/// The attend loop of one decode row (`rq`, slot `s`, bound by the caller) for the program's
-/// `heads` query heads, which share their keys and values (a GQA group, or MLA heads over the
-/// one latent head): keys `0..=pos` in tiles of [`BK`]; one key per lane for the logits, each
+/// GQA decode's attend loop for one decode row (`rq`, slot `s`, bound by the caller) and the
+/// program's `heads` query heads, which share their keys and values (a KV group): keys `0..=pos` in tiles of [`BK`]; one key per lane for the logits, each
 /// key element loaded once for every head (each term one pass over the key); per head the
 /// running max and sum, corrected once per tile; then one value column per lane, each value
 /// element loaded once and weighted for every head in registers (`value(j, d)`: element `d`
@@ -421,8 +426,8 @@ fn decode_row() -> Vec<Stmt> {
     vec![let_("rq", pid(0)), let_("s", ld("slot", [v("rq")]))]
 }
 
-/// `o[rq, h·width + d] = value(g, d)` for each of the program's `heads` heads `h = pid(1)·heads
-/// + g`.
+/// `o[rq, h·width + d] = value(g, d)` for each of the program's `heads` heads, head
+/// `h = pid(1)·heads + g`.
 fn store_rows(heads: usize, width: usize, value: &dyn Fn(Expr, Expr) -> Expr) -> Stmt {
     for_(
         "g",
@@ -472,15 +477,24 @@ pub fn gqa(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
             flash::gqa(cx, n, ins, (hq, hkv, hd, vd), *scale, *cache),
         ];
     }
-    // Program (row, KV head pid(1)[, piece]); its query head g is pid(1)·group + g.
-    let group = hq / hkv;
+    // Program (row, pid(1)[, piece]) attends `group` query heads of one KV group (the whole
+    // group, or a share of at most GQA_DECODE_HEADS of it): its head g is pid(1)·group + g,
+    // its KV head pid(1) / shares.
+    let shares = (1..=hq / hkv)
+        .find(|s| (hq / hkv) % s == 0 && (hq / hkv) / s <= GQA_DECODE_HEADS)
+        .unwrap_or(hq / hkv);
+    let group = hq / hkv / shares;
+    let kvh = || match shares {
+        1 => pid(1),
+        s => pid(1) / i(s),
+    };
     let terms = [Term {
         query: Box::new(|g, e| ld("q", [v("rq"), (pid(1) * i(group) + g) * i(hd) + e])),
-        key: Box::new(|e| ld("cache", [v("s"), v("j"), pid(1) * i(hd) + e])),
+        key: Box::new(|e| ld("cache", [v("s"), v("j"), kvh() * i(hd) + e])),
         len: hd,
     }];
-    let value = |j: Expr, d: Expr| ld("cache", [v("s"), j, i(kw) + pid(1) * i(vd) + d]);
-    let split = decode_split(cx, hkv);
+    let value = |j: Expr, d: Expr| ld("cache", [v("s"), j, i(kw) + kvh() * i(vd) + d]);
+    let split = decode_split(cx, hkv * shares);
     let mut inner = decode_row();
     let piece = split.map(|(_, per)| Piece {
         index: pid(2),
@@ -494,7 +508,7 @@ pub fn gqa(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         let part = cx.temp(width);
         let attend = launch(
             format!("gqa_attend_h{hq}x{hkv}_d{hd}_v{vd}_q1_split{s}"),
-            vec![Dim::Rows, Dim::N(hkv), Dim::N(s)],
+            vec![Dim::Rows, Dim::N(hkv * shares), Dim::N(s)],
             gqa_params(
                 cx,
                 ins,
@@ -535,7 +549,7 @@ pub fn gqa(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     }));
     let attend = launch(
         format!("gqa_attend_h{hq}x{hkv}_d{hd}_v{vd}_q1"),
-        vec![Dim::Rows, Dim::N(hkv)],
+        vec![Dim::Rows, Dim::N(hkv * shares)],
         gqa_params(cx, ins, hq * hd, *cache, (output("o", &act(hq * vd)), a(n))),
         inner,
         vec![n],
