@@ -388,14 +388,13 @@ pub(super) fn mla(
 /// output), keys are latent cache rows `[c | k_rope]` and values their `c` part, so the
 /// logits (group × 32 keys, depth `r + dr`) and the update `P·V` (group × `r`, depth 32 keys)
 /// are f32 MMA tiles: on a GPU's tensor cores, as FlashMLA computes them, where one head per
-/// program would leave them to the CUDA cores. With `piece = (index, tiles)`, only that
-/// piece's key tiles. Leaves head `g`'s unnormalised latent output in `acc[g·r + c]`, its sum
+/// program would leave them to the CUDA cores. With a `piece`, only that piece's key tiles. Leaves head `g`'s unnormalised latent output in `acc[g·r + c]`, its sum
 /// in `l[g]` and its max in `m[g]`.
 pub(super) fn mla_decode(
     sh: &MlaShape,
     group: usize,
     scale: f64,
-    piece: Option<(Expr, usize)>,
+    piece: Option<super::Piece>,
 ) -> Vec<Stmt> {
     let (r, qk) = (sh.rank, sh.rank + sh.rope);
     let query = |t: Expr, e: Expr| ld("qt", [v("rq"), (pid(1) * i(group) + t) * i(qk) + e]);
@@ -418,12 +417,7 @@ pub(super) fn mla_decode(
         let_("nk", ld("pos", [v("rq")]) + i(1)),
         fl.zero(),
     ]);
-    body.push(match piece {
-        None => fl.tiles(),
-        Some((index, per)) => {
-            let tiles = (v("nk") + i(FLASH_K - 1)) / i(FLASH_K);
-            fl.tiles_in(index.clone() * i(per), min(tiles, (index + i(1)) * i(per)))
-        }
-    });
+    let (first, end) = super::tile_range(piece);
+    body.push(fl.tiles_in(first, end));
     body
 }

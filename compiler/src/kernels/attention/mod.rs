@@ -188,23 +188,24 @@ pub const DECODE_PROGRAMS: usize = 128;
 /// `width + 2` floats) should stay small next to the keys and values it reads.
 pub const DECODE_PIECE_TILES: usize = 4;
 
-/// One term of the logits: `Σ_e query(g, e) · key(e)` over `e ∈ 0..len`, where `query` reads
-/// element `e` of the program's query head `g` and `key` element `e` of key `j`.
-struct Term<'a> {
-    query: Box<dyn Fn(Expr, Expr) -> Expr + 'a>,
-    key: Box<dyn Fn(Expr) -> Expr + 'a>,
+/// The logits of a GQA decode program: `Σ_e query(g, e) · key(e)` over `e ∈ 0..len`, where
+/// `query` reads element `e` of the program's query head `g` and `key` element `e` of key `j`.
+struct Logits<'a> {
+    query: &'a dyn Fn(Expr, Expr) -> Expr,
+    key: &'a dyn Fn(Expr) -> Expr,
     len: usize,
 }
 
 /// GQA decode's attend loop for one decode row (`rq`, slot `s`, bound by the caller) and the
-/// program's `heads` query heads, which share their keys and values (a KV group): keys `0..=pos` in tiles of [`BK`]; one key per lane for the logits, each
-/// key element loaded once for every head (each term one pass over the key); per head the
+/// program's `heads` query heads, which share their keys and values (a KV group): keys
+/// `0..=pos` in tiles of [`BK`]; one key per lane for the logits, each key element loaded once
+/// for every head; per head the
 /// running max and sum, corrected once per tile; then one value column per lane, each value
 /// element loaded once and weighted for every head in registers (`value(j, d)`: element `d`
 /// of value `j`). With a `piece`, only that piece's tiles. Leaves head `g`'s unnormalised
 /// output in `acc[g·width + d]` and its sum in `l[g]`.
 fn attend_block(
-    terms: &[Term],
+    logits_of: &Logits,
     heads: usize,
     scale: f64,
     value: &dyn Fn(Expr, Expr) -> Expr,
@@ -235,29 +236,24 @@ fn attend_block(
         ),
         let_("nk", ld("pos", [v("rq")]) + i(1)),
     ];
-    // The logits of key j for every head, one pass per term (every key of a tile is below
-    // `nk`): `s{t}_{g}` carries head g's part.
-    let carried = |t: usize, g: usize| format!("s{t}_{g}");
-    let mut logits = vec![let_("j", v("j0") + v("jj"))];
-    for (t, term) in terms.iter().enumerate() {
-        let names: Vec<String> = (0..heads).map(|g| carried(t, g)).collect();
-        logits.push(for_carry(
+    // The logits of key j for every head, one pass over the key (every key of a tile is
+    // below `nk`): `s{g}` carries head g's.
+    let names: Vec<String> = (0..heads).map(|g| format!("s{g}")).collect();
+    let mut logits = vec![
+        let_("j", v("j0") + v("jj")),
+        for_carry(
             "e",
             i(0),
-            i(term.len),
+            i(logits_of.len),
             names.iter().map(|n| (n.as_str(), f(0.0))).collect(),
-            vec![let_("kj", (term.key)(v("e")))],
+            vec![let_("kj", (logits_of.key)(v("e")))],
             (0..heads)
-                .map(|g| v(&names[g]) + (term.query)(i(g), v("e")) * v("kj"))
+                .map(|g| v(&names[g]) + (logits_of.query)(i(g), v("e")) * v("kj"))
                 .collect(),
-        ));
-    }
-    for g in 0..heads {
-        let total = (0..terms.len())
-            .map(|t| v(&carried(t, g)))
-            .reduce(|a, b| a + b)
-            .unwrap_or(f(0.0));
-        logits.push(st("sc", [i(g * BK) + v("jj")], f(scale) * total));
+        ),
+    ];
+    for (g, name) in names.iter().enumerate() {
+        logits.push(st("sc", [i(g * BK) + v("jj")], f(scale) * v(name)));
     }
     // Per head: the tile's max, the correction of the running sum and accumulator, the
     // probabilities in place of the logits.
@@ -322,28 +318,32 @@ fn attend_block(
         softmax,
         for_par("d", i(0), i(width), column),
     ];
-    let tiles = (v("nk") + i(BK - 1)) / i(BK);
-    let (first, end) = match piece {
-        None => (i(0), tiles),
-        Some(Piece { index, tiles: per }) => {
-            (index.clone() * i(per), min(tiles, (index + i(1)) * i(per)))
-        }
-    };
+    let (first, end) = tile_range(piece);
     body.push(for_("jt", first, end, tile));
     body
 }
 
-/// The key tiles `index·tiles ..< (index + 1)·tiles` of a split decode attention.
+/// The piece of a split decode program (grid axis 2): key tiles `pid(2)·tiles ..< (pid(2) +
+/// 1)·tiles`.
+#[derive(Clone, Copy)]
 struct Piece {
-    index: Expr,
     tiles: usize,
 }
 
-/// Split decode: `(pieces, key tiles per piece)` when this attention is split, for `programs`
-/// attend programs per row without a split. `Ctx::decode_splits == 0` picks the pieces so
+/// The key tiles (of [`BK`] keys) a decode program attends: `0..⌈nk / BK⌉`, or its piece's.
+fn tile_range(piece: Option<Piece>) -> (Expr, Expr) {
+    let all = (v("nk") + i(BK - 1)) / i(BK);
+    match piece {
+        None => (i(0), all),
+        Some(Piece { tiles }) => (pid(2) * i(tiles), min(all, (pid(2) + i(1)) * i(tiles))),
+    }
+}
+
+/// Split decode: `(pieces, the piece of a program)` when this attention is split, for
+/// `programs` attend programs per row without a split. `Ctx::decode_splits == 0` picks the pieces so
 /// that a row has about [`DECODE_PROGRAMS`] programs, each piece at least
 /// [`DECODE_PIECE_TILES`] tiles; no piece is empty at full context.
-fn decode_split(cx: &Ctx, programs: usize) -> Option<(usize, usize)> {
+fn decode_split(cx: &Ctx, programs: usize) -> Option<(usize, Piece)> {
     if cx.phase != Phase::Decode {
         return None;
     }
@@ -356,7 +356,7 @@ fn decode_split(cx: &Ctx, programs: usize) -> Option<(usize, usize)> {
     };
     let per = tiles.div_ceil(want.clamp(1, tiles.max(1))).max(1);
     let pieces = tiles.div_ceil(per);
-    (pieces > 1).then_some((pieces, per))
+    (pieces > 1).then_some((pieces, Piece { tiles: per }))
 }
 
 /// The program's pieces' partial results, per head `h = pid(1)·heads + g`: `[m, l,
@@ -488,19 +488,18 @@ pub fn gqa(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         1 => pid(1),
         s => pid(1) / i(s),
     };
-    let terms = [Term {
-        query: Box::new(|g, e| ld("q", [v("rq"), (pid(1) * i(group) + g) * i(hd) + e])),
-        key: Box::new(|e| ld("cache", [v("s"), v("j"), kvh() * i(hd) + e])),
+    let query = |g, e| ld("q", [v("rq"), (pid(1) * i(group) + g) * i(hd) + e]);
+    let key = |e| ld("cache", [v("s"), v("j"), kvh() * i(hd) + e]);
+    let logits = Logits {
+        query: &query,
+        key: &key,
         len: hd,
-    }];
+    };
     let value = |j: Expr, d: Expr| ld("cache", [v("s"), j, i(kw) + kvh() * i(vd) + d]);
     let split = decode_split(cx, hkv * shares);
     let mut inner = decode_row();
-    let piece = split.map(|(_, per)| Piece {
-        index: pid(2),
-        tiles: per,
-    });
-    inner.extend(attend_block(&terms, group, *scale, &value, vd, piece));
+    let piece = split.map(|(_, piece)| piece);
+    inner.extend(attend_block(&logits, group, *scale, &value, vd, piece));
     if let Some((s, _)) = split {
         // Split decode: partials per piece, then the combine.
         inner.push(store_piece(group, s, vd));
@@ -707,7 +706,7 @@ pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         &shape,
         group,
         *scale,
-        split.map(|(_, per)| (pid(2), per)),
+        split.map(|(_, piece)| piece),
     ));
     if let Some((s, _)) = split {
         // Split decode: latent partials per piece; the combine normalises and maps back.
