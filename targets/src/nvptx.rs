@@ -6,8 +6,12 @@
 //! shared memory: [`crate::mlir::lower::staged`]), a warp for kernels with reductions or split
 //! loops, whose iterations the lanes share (coalesced rows, a shuffle butterfly to combine),
 //! one thread otherwise — [`BLOCK`] threads per block, `⌈programs · lanes / block⌉` blocks
-//! along x. A warp program keeps its locals in the block's static shared memory, a slice per
-//! warp, when the block's fit [`SHARED_LOCALS_BUDGET`] ([`locals_in_shared`]: GQA decode
+//! along x. A warp program's tensor-core tiles stage their aligned global operands through a
+//! slice of the block's static shared memory per warp by `cp.async`
+//! ([`warp_staging_bytes`], [`crate::mlir::lower::warp_stage`]: flash attention's queries and
+//! keys, the chunked recurrences' tiles, MLA decode's queries and latent rows, split-K
+//! projections' weights). It keeps its locals in the block's static shared memory too, a
+//! slice per warp, when the block's fit [`SHARED_LOCALS_BUDGET`] ([`locals_in_shared`]: GQA decode
 //! attention, the decode recurrent steps, split-K norms, routers), else in a scratch buffer, one
 //! copy per program ([`scratch_bytes`] each, at `program · scratch_bytes`: flash attention, MLA
 //! decode attention, the chunked recurrences); its lanes write them alike between warp barriers. A thread program keeps them
@@ -119,9 +123,9 @@ fn warp_locals(k: &Kernel) -> usize {
     }
 }
 
-/// Most static shared memory a block of warp programs gives its locals: the static limit
-/// (48 KiB, no opt-in), so a block of [`BLOCK`] threads keeps its 4 warps' locals in shared
-/// memory when each has at most 12 KiB.
+/// Most static shared memory a block of warp programs gives its locals and MMA staging: the
+/// static limit (48 KiB, no opt-in), so a block of [`BLOCK`] threads keeps its 4 warps' locals
+/// in shared memory when each has at most 12 KiB.
 pub const SHARED_LOCALS_BUDGET: usize = 48 << 10;
 
 /// Whether warp program `k` keeps its locals in the block's shared memory (a slice per warp):
@@ -152,6 +156,28 @@ pub fn flavor(k: &Kernel, target: Target) -> crate::mlir::Flavor {
         lanes: lanes(k),
         wgmma: target == Target::Sm90a,
         shared_locals: locals_in_shared(k),
+        staging: warp_staging_bytes(k),
+    }
+}
+
+/// Bytes of each warp's slice of shared memory that stage its MMA operands through `cp.async`
+/// ([`crate::mlir::lower::warp_stage`]): what its largest tile needs, when the block's slices
+/// (with the locals, if they live in shared memory) fit [`SHARED_LOCALS_BUDGET`]; else 0 and
+/// the fragments are loaded straight from the operands.
+pub fn warp_staging_bytes(k: &Kernel) -> usize {
+    use lamina_ir::kernel::expand::{dots_on_tensor_cores, expand_tiles};
+    if lanes(k) != WARP {
+        return 0;
+    }
+    let shared = locals_in_shared(k);
+    let expanded = expand_tiles(&dots_on_tensor_cores(k));
+    let staging = crate::mlir::lower::warp_stage::kernel_bytes(&expanded, !shared);
+    let locals = if shared { warp_locals(k) } else { 0 };
+    let per_warp = (locals + staging).next_multiple_of(16);
+    if staging > 0 && per_warp * (BLOCK / WARP) as usize <= SHARED_LOCALS_BUDGET {
+        staging
+    } else {
+        0
     }
 }
 

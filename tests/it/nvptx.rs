@@ -507,33 +507,105 @@ fn chunked_recurrences_are_chunk_parallel_on_tensor_cores() {
     }
 }
 
-/// Each of `kernels` is a warp program with 3xTF32 `mma.sync` in its sm_90a PTX; ptxas: no
+/// Each of `kernels` is a warp program with 3xTF32 `mma.sync` in its sm_90a PTX, staging
+/// its operands through shared memory ([`warps_stage_through_shared_memory`]); ptxas: no
 /// spills, at least one block per SM.
 fn warps_on_tf32_tensor_cores(kernels: &[lamina_ir::kernel::Kernel]) {
+    let ptx = warps_stage_through_shared_memory(kernels, Target::Sm90a);
     for k in kernels {
-        assert_eq!(nvptx::lanes(k), nvptx::WARP, "{}", k.name);
-    }
-    let (ptx, _) = nvptx::compile_ptx(kernels, Target::Sm90a).unwrap();
-    for k in kernels {
-        let start = ptx.find(&format!(".entry {}(", k.name)).unwrap();
-        let end = ptx[start + 1..]
-            .find(".entry ")
-            .map_or(ptx.len(), |e| start + 1 + e);
         assert!(
-            ptx[start..end].contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"),
+            entry(&ptx, &k.name).contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"),
             "{}: no tf32 mma",
             k.name
         );
     }
-    if ptxas_or_skip("warps_on_tf32_tensor_cores") {
-        for r in nvptx::ptxas(&ptx, Target::Sm90a).unwrap() {
-            assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{}", r.kernel);
-            assert!(
-                r.blocks_per_sm(nvptx::BLOCK, Target::Sm90a) >= 1,
-                "{}",
-                r.kernel
-            );
+}
+
+/// The PTX of kernel `name` in `ptx`.
+fn entry<'p>(ptx: &'p str, name: &str) -> &'p str {
+    let start = ptx
+        .find(&format!(".entry {name}("))
+        .unwrap_or_else(|| panic!("no entry {name}"));
+    let end = ptx[start + 1..]
+        .find(".entry ")
+        .map_or(ptx.len(), |e| start + 1 + e);
+    &ptx[start..end]
+}
+
+/// Each of `kernels` is a warp program whose tensor-core tiles copy operands into the warp's
+/// slice of shared memory with `cp.async` (two slabs in flight: `wait_group 1` in the loop),
+/// its locals in the scratch buffer; ptxas: the block's static shared memory is its 4 warps'
+/// staging areas, no spills, at least one block per SM. Returns the PTX for `target`.
+fn warps_stage_through_shared_memory(
+    kernels: &[lamina_ir::kernel::Kernel],
+    target: Target,
+) -> String {
+    for k in kernels {
+        assert_eq!(nvptx::lanes(k), nvptx::WARP, "{}", k.name);
+        assert!(
+            nvptx::warp_staging_bytes(k) > 0,
+            "{}: nothing staged",
+            k.name
+        );
+    }
+    let (ptx, _) = nvptx::compile_ptx(kernels, target).unwrap();
+    for k in kernels {
+        let text = entry(&ptx, &k.name);
+        for op in [
+            "cp.async.cg.shared.global",
+            "cp.async.wait_group \t1",
+            "bar.warp.sync",
+        ] {
+            assert!(text.contains(op), "{} {target}: no {op}", k.name);
         }
+    }
+    if ptxas_or_skip("warps_stage_through_shared_memory") {
+        for r in nvptx::ptxas(&ptx, target).unwrap() {
+            let k = kernels.iter().find(|k| k.name == r.kernel).unwrap();
+            assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{}", r.kernel);
+            assert!(r.blocks_per_sm(nvptx::BLOCK, target) >= 1, "{}", r.kernel);
+            if !nvptx::locals_in_shared(k) {
+                let warps = (nvptx::BLOCK / nvptx::WARP) as usize;
+                assert_eq!(
+                    r.shared as usize,
+                    warps * nvptx::warp_staging_bytes(k),
+                    "{}",
+                    r.kernel
+                );
+            }
+        }
+    }
+    ptx
+}
+
+/// Decode's tensor-core tiles stage their operands too: the MLA absorbed attention (the query
+/// group and the latent cache rows) and the split-K projections (the weight rows), on both
+/// targets.
+#[test]
+fn decode_tiles_stage_weights_and_cache() {
+    use lamina_compiler::kernels::Phase;
+    let m = Model::open(&repo().join("examples/kimi-linear-48b-a3b.toml")).unwrap();
+    let options = lamina_compiler::passes::Options {
+        max_batch: 1,
+        max_context: 4096,
+        decode_splits: 0,
+        ..gpu_options()
+    };
+    let (p, _) = lamina_compiler::build::compile_program(&m, options).unwrap();
+    let decode = p.phase_kernels(Phase::Decode);
+    let pick = |prefix: &str| {
+        decode
+            .iter()
+            .find(|k| k.name.starts_with(prefix))
+            .map(|k| (*k).clone())
+            .unwrap_or_else(|| panic!("no {prefix} kernel"))
+    };
+    let kernels = [
+        pick("mla_attend_"),
+        pick("rms_norm_linear_mma_2304x4096_splitk"),
+    ];
+    for target in [Target::Sm80, Target::Sm90a] {
+        warps_stage_through_shared_memory(&kernels, target);
     }
 }
 

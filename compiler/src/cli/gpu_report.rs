@@ -67,8 +67,9 @@ pub fn gpu_report(
     };
     println!(
         "{target} kernels: one program per block of {} warps (prefill projections: tiles staged in \
-         static shared memory by cp.async), per warp (kernels with reductions) or per thread, {} \
-         threads per block, no dynamic shared memory; weights bf16, state f32, activations f32 but those only GEMMs read (bf16, `_bf16<param>`); \
+         static shared memory by cp.async), per warp (kernels with reductions; their tensor-core tiles \
+         stage aligned global operands in the warp's slice of static shared memory by cp.async) or \
+         per thread, {} threads per block, no dynamic shared memory; weights bf16, state f32, activations f32 but those only GEMMs read (bf16, `_bf16<param>`); \
          projections (linear_mma_*) on tensor cores with bf16 operands: {}",
         staged::LANES / nvptx::WARP,
         nvptx::BLOCK,

@@ -39,6 +39,7 @@ use crate::TargetError;
 
 mod mma;
 pub mod staged;
+pub mod warp_stage;
 pub use mma::{a_fragment, b_fragment, c_fragment};
 
 /// The static extent of GPU buffer parameters (2^40 elements): it only makes the memref type
@@ -61,12 +62,15 @@ pub enum Flavor {
     /// iterations are dealt round-robin to the lanes and whose partial results are combined by
     /// a butterfly of warp shuffles, so that every lane holds the same total after them.
     /// `shared_locals`: a warp program's locals live in the block's static shared memory (one
-    /// slice per warp) instead of the scratch buffer.
+    /// slice per warp) instead of the scratch buffer. `staging`: bytes of each warp's slice
+    /// that stage its MMA operands ([`warp_stage`]; 0: fragments are loaded from the operands
+    /// directly).
     Gpu {
         block: u32,
         lanes: u32,
         wgmma: bool,
         shared_locals: bool,
+        staging: usize,
     },
     /// The host frame, with split loops and reductions run as `lanes` lanes would on a GPU:
     /// lane by lane (lane j takes iterations lo + j, lo + j + lanes, ...), partials added in
@@ -88,6 +92,9 @@ struct BufInfo<'c, 'a> {
     elem: Elem,
     /// Row-major strides (a local has `[1]`).
     strides: Vec<usize>,
+    /// A local in the block's shared memory (else global: a parameter, a local in scratch, or
+    /// a thread's local memory).
+    shared: bool,
 }
 
 #[derive(Clone)]
@@ -100,6 +107,11 @@ struct Env<'c, 'a> {
     lane: Option<Value<'c, 'a>>,
     /// The block's shared memory (block-cooperative programs, [`staged`]).
     smem: Option<Value<'c, 'a>>,
+    /// A warp program's MMA staging: the block's shared memory and the byte offset of this
+    /// warp's staging area in it ([`warp_stage`]).
+    warp_stage: Option<(Value<'c, 'a>, Value<'c, 'a>)>,
+    /// The kernel's `let` definitions (alignment proofs of staged operands).
+    lets: std::rc::Rc<warp_stage::Lets>,
 }
 
 struct Lower<'c> {
@@ -165,29 +177,34 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
     }
     // Locals, sized for their largest use.
     let (layout, per_program) = local_layout(k);
-    // Warp programs whose locals live in shared memory: a slice per warp of the block.
-    let shared_locals = match flavor {
+    // A warp program's slice of the block's shared memory: its locals (when they live there),
+    // then its MMA staging area; (bytes per warp, bytes of locals).
+    let warp_slice = match flavor {
         Flavor::Gpu {
             block,
             lanes,
-            shared_locals: true,
+            shared_locals,
+            staging,
             ..
-        } if lanes == crate::nvptx::WARP && per_program > 0 => {
-            let bytes = per_program * (block / lanes) as usize;
+        } if lanes == crate::nvptx::WARP => {
+            let locals = if shared_locals { per_program } else { 0 };
+            let per_warp = (locals + staging).next_multiple_of(16);
+            let bytes = per_warp * (block / lanes) as usize;
             if bytes > crate::nvptx::SHARED_LOCALS_BUDGET {
                 return Err(bug(format!(
-                    "{what}: {bytes} bytes of locals per block, over the shared budget of {}",
+                    "{what}: {bytes} bytes of locals and staging per block, over the shared budget of {}",
                     crate::nvptx::SHARED_LOCALS_BUDGET
                 )));
             }
-            Some(bytes)
+            (per_warp > 0).then_some((per_warp, bytes, locals))
         }
         _ => None,
     };
+    let shared_locals = warp_slice.is_some_and(|(_, _, locals)| locals > 0);
     // A block-cooperative program: its shared memory, a workgroup attribution (an entry-block
-    // argument after the function's); or a warp program's locals, likewise.
+    // argument after the function's); or a warp program's slices, likewise.
     let staged_program = l.gpu && l.lanes == staged::LANES;
-    let shared: Option<Type> = if let Some(bytes) = shared_locals {
+    let shared: Option<Type> = if let Some((_, bytes, _)) = warp_slice {
         let space = staged::workgroup_space(ctx)?;
         Some(MemRefType::new(l.i8(), &[bytes as i64], None, Some(space)).into())
     } else if staged_program {
@@ -238,6 +255,7 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
                 value: arg(i)?,
                 elem: p.elem,
                 strides,
+                shared: false,
             },
         );
     }
@@ -264,23 +282,39 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
     // program (per-lane local memory would be reserved for every resident thread), which all
     // lanes write alike between warp barriers: the warp's slice of the block's shared memory,
     // or the program's slice of the scratch buffer.
-    let scratch_base = match gpu_pid {
-        Some((_, Some(_))) if shared_locals.is_some() => {
+    let warp_base = match (gpu_pid, warp_slice) {
+        (Some((_, Some(_))), Some((per_warp, _, _))) => {
             let tid = l.gpu_index(&entry, "gpu.thread_id")?;
             let lanes = l.const_index(&entry, l.lanes as i64);
             let warp = l.op(&entry, "arith.divui", &[tid, lanes], l.index, false);
-            let size = l.const_index(&entry, per_program as i64);
+            let size = l.const_index(&entry, per_warp as i64);
             Some(l.op(&entry, "arith.muli", &[warp, size], l.index, false))
         }
+        _ => None,
+    };
+    let scratch_base = match gpu_pid {
+        Some((_, Some(_))) if shared_locals => warp_base,
         Some((p, Some(_))) if per_program > 0 => {
             let size = l.const_index(&entry, per_program as i64);
             Some(l.op(&entry, "arith.muli", &[p, size], l.index, false))
         }
         _ => None,
     };
-    let (space, source) = match shared_locals {
-        Some(_) => (Some(staged::workgroup_space(ctx)?), arg(n + 2)?),
-        None => (None, arg(n)?),
+    let (space, source) = if shared_locals {
+        (Some(staged::workgroup_space(ctx)?), arg(n + 2)?)
+    } else {
+        (None, arg(n)?)
+    };
+    let warp_stage = match (warp_base, flavor) {
+        (Some(base), Flavor::Gpu { staging, .. }) if staging > 0 => {
+            let locals = warp_slice.map_or(0, |(_, _, locals)| locals);
+            let off = l.const_index(&entry, locals as i64);
+            Some((
+                arg(n + 2)?,
+                l.op(&entry, "arith.addi", &[base, off], l.index, false),
+            ))
+        }
+        _ => None,
     };
     for (name, elem, len, offset) in &layout {
         let ty = MemRefType::new(l.elem(*elem), &[*len as i64], None, space);
@@ -311,6 +345,7 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
                 value,
                 elem: *elem,
                 strides: vec![1],
+                shared: shared_locals,
             },
         );
     }
@@ -334,6 +369,8 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
                 Some(_) if staged_program => Some(arg(n + 2)?),
                 _ => None,
             },
+            warp_stage,
+            lets: std::rc::Rc::new(warp_stage::lets(k)),
         };
         // pids from p, last axis fastest.
         let mut pids = vec![p; k.grid.len()];
@@ -428,7 +465,7 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
 }
 
 /// Every local of `k` (after tile expansion) with its byte offset in a program's copy
-/// (8-byte aligned), and the bytes per program: the GPU's warp programs lay out their locals so,
+/// (16-byte aligned, as a `cp.async` source must be), and the bytes per program: the GPU's warp programs lay out their locals so,
 /// in a slice of the block's shared memory or of the scratch buffer.
 pub fn local_layout(k: &Kernel) -> (Vec<(String, Elem, usize, usize)>, usize) {
     let mut locals = Vec::new();
@@ -438,7 +475,7 @@ pub fn local_layout(k: &Kernel) -> (Vec<(String, Elem, usize, usize)>, usize) {
         .into_iter()
         .map(|(name, elem, len)| {
             let at = offset;
-            offset += (len * elem.bytes()).div_ceil(8) * 8;
+            offset += (len * elem.bytes()).next_multiple_of(16);
             (name, elem, len, at)
         })
         .collect();

@@ -1,6 +1,7 @@
-//! [`Stmt::Mma`](lamina_ir::kernel::Stmt::Mma) on a warp's tensor cores, with each lane
-//! loading its own fragments straight from the operand expressions (no shared-memory staging
-//! yet):
+//! [`Stmt::Mma`](lamina_ir::kernel::Stmt::Mma) on a warp's tensor cores. Operands that are
+//! aligned loads along the depth from global memory wait in the warp's slice of shared memory
+//! on the way ([`super::warp_stage`], `cp.async`, when the kernel has staging memory); every
+//! other operand is loaded by each lane, fragment by fragment, straight from its expression:
 //! - [`MmaKind::Bf16`]: `mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32`, a 32-bit
 //!   register holding two bf16 (the lower `k` in the low half);
 //! - [`MmaKind::Tf32x3`]: `mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32` three times
@@ -82,7 +83,6 @@ impl<'c> Lower<'c> {
                 "{what}: an f32 mma tile reaches a GPU as tf32x3 (dots_on_tensor_cores)"
             )));
         }
-        let step = kind.depth_step();
         let ix = |v: i64| self.const_index(blk, v);
         let four = ix(4);
         let g = self.op(blk, "arith.divui", &[lane, four], self.index, false);
@@ -92,6 +92,48 @@ impl<'c> Lower<'c> {
         let one = ix(1);
         let m_last = self.op(blk, "arith.subi", &[m, one], self.index, false);
         let n_last = self.op(blk, "arith.subi", &[n, one], self.index, false);
+        let (tm, tn) = (mma.rows / Mma::M, mma.cols / Mma::N);
+        // Stores before the tile are visible to every lane's operand loads.
+        self.warp_sync(blk);
+
+        let acc = match self.warp_staged(env, mma) {
+            Some(copies) => {
+                self.warp_staged_mma(blk, env, mma, copies, (lane, g, t), (m, n), what)?
+            }
+            None => self.direct_mma(blk, env, mma, (g, t), (m_last, n_last), what)?,
+        };
+
+        let two_t = self.op(blk, "arith.muli", &[t, ix(2)], self.index, false);
+        self.mma_epilogue(
+            blk,
+            env,
+            mma,
+            &acc,
+            (g, two_t),
+            (tm, tn),
+            (m, n),
+            what,
+            line,
+        )?;
+        // What the epilogue stored is visible to every lane after the tile.
+        self.warp_sync(blk);
+        Ok(())
+    }
+
+    /// The depth loop of `mma` with every lane loading its fragments straight from the operand
+    /// expressions: the tile's accumulators, `tm · tn · 4` per lane.
+    fn direct_mma<'a>(
+        &self,
+        blk: &'a Block<'c>,
+        env: &Env<'c, 'a>,
+        mma: &Mma,
+        (g, t): (Value<'c, 'a>, Value<'c, 'a>),
+        (m_last, n_last): (Value<'c, 'a>, Value<'c, 'a>),
+        what: &str,
+    ) -> R<Vec<Value<'c, 'a>>> {
+        let kind = mma.kind;
+        let step = kind.depth_step();
+        let ix = |v: i64| self.const_index(blk, v);
         let (tm, tn) = (mma.rows / Mma::M, mma.cols / Mma::N);
         let steps = mma.depth.div_ceil(step);
         // Steps per iteration of the depth loop: up to 4 for bf16 tiles (their fragments are
@@ -104,10 +146,6 @@ impl<'c> Lower<'c> {
                 .unwrap_or(1),
             MmaKind::Tf32x3 | MmaKind::F32 | MmaKind::Tf32 => 1,
         };
-        // Stores before the tile are visible to every lane's operand loads.
-        self.warp_sync(blk);
-
-        let i32t: Type = IntegerType::new(self.ctx, 32).into();
         let attrs = self.mma_attrs(kind)?;
 
         // The depth loop: k0 = 0, step, ... carrying tm·tn·4 accumulators.
@@ -127,12 +165,6 @@ impl<'c> Lower<'c> {
             let badd = |a: Value<'c, '_>, b: Value<'c, '_>| {
                 self.op(&body, "arith.addi", &[a, b], self.index, false)
             };
-            let i32c = |v: i64| {
-                self.append(
-                    &body,
-                    arith::constant(self.ctx, IntegerAttribute::new(i32t, v).into(), self.loc),
-                )
-            };
             // One register's worth of operand, as the registers the MMAs take: bf16, one
             // register packing two elements; tf32x3, a head register and a tail register.
             let registers = |e: &Expr,
@@ -149,32 +181,9 @@ impl<'c> Lower<'c> {
                             self.mma_element(&body, env, (mma, e, var), idx, badd(kk, bx(1)))?;
                         Ok(vec![self.pack_bf16(&body, lo, hi)])
                     }
-                    MmaKind::Tf32x3 | MmaKind::F32 => {
-                        // hi = x with the low 13 mantissa bits cleared; lo likewise of x − hi
-                        // (exact in f32).
+                    MmaKind::Tf32x3 | MmaKind::F32 | MmaKind::Tf32 => {
                         let x = self.mma_element(&body, env, (mma, e, var), idx, kk)?;
-                        let mask = i32c(TF32_MASK);
-                        let bits = self.op(&body, "arith.bitcast", &[x], i32t, false);
-                        let hi = self.op(&body, "arith.andi", &[bits, mask], i32t, false);
-                        let hi_f = self.op(&body, "arith.bitcast", &[hi], self.f32, false);
-                        let rest = self.op(&body, "arith.subf", &[x, hi_f], self.f32, false);
-                        let rest = self.op(&body, "arith.bitcast", &[rest], i32t, false);
-                        let lo = self.op(&body, "arith.andi", &[rest, mask], i32t, false);
-                        Ok(vec![hi, lo])
-                    }
-                    MmaKind::Tf32 => {
-                        // x rounded to the nearest TF32 (as the host's `tf32_round`).
-                        let x = self.mma_element(&body, env, (mma, e, var), idx, kk)?;
-                        let bits = self.op(&body, "arith.bitcast", &[x], i32t, false);
-                        let bits = self.tf32_half_up(&body, bits);
-                        let mask = i32c(TF32_MASK);
-                        Ok(vec![self.op(
-                            &body,
-                            "arith.andi",
-                            &[bits, mask],
-                            i32t,
-                            false,
-                        )])
+                        self.tf32_registers(&body, kind, x)
                     }
                 }
             };
@@ -258,25 +267,57 @@ impl<'c> Lower<'c> {
             .build()
             .map_err(|e| bug(format!("{what}: mma depth loop: {e}")))?;
         let r = blk.append_operation(op);
-        let acc: Vec<Value> = (0..accs)
+        (0..accs)
             .map(|i| r.result(i).map(Into::into).map_err(|e| bug(e.to_string())))
-            .collect::<R<_>>()?;
+            .collect()
+    }
 
-        let two_t = self.op(blk, "arith.muli", &[t, ix(2)], self.index, false);
-        self.mma_epilogue(
-            blk,
-            env,
-            mma,
-            &acc,
-            (g, two_t),
-            (tm, tn),
-            (m, n),
-            what,
-            line,
-        )?;
-        // What the epilogue stored is visible to every lane after the tile.
-        self.warp_sync(blk);
-        Ok(())
+    /// The registers a TF32 kind takes for f32 element `x`: [`MmaKind::Tf32x3`] (and `F32`),
+    /// a head `hi = x` with the low 13 mantissa bits cleared and a tail likewise of `x − hi`
+    /// (exact in f32); [`MmaKind::Tf32`], `x` rounded to the nearest TF32 (as the host's
+    /// `tf32_round`).
+    pub(super) fn tf32_registers<'b>(
+        &self,
+        body: &'b Block<'c>,
+        kind: MmaKind,
+        x: Value<'c, '_>,
+    ) -> R<Vec<Value<'c, 'b>>> {
+        let i32t: Type = IntegerType::new(self.ctx, 32).into();
+        let mask = || {
+            self.append(
+                body,
+                arith::constant(
+                    self.ctx,
+                    IntegerAttribute::new(i32t, TF32_MASK).into(),
+                    self.loc,
+                ),
+            )
+        };
+        match kind {
+            MmaKind::Tf32x3 | MmaKind::F32 => {
+                let mask = mask();
+                let bits = self.op(body, "arith.bitcast", &[x], i32t, false);
+                let hi = self.op(body, "arith.andi", &[bits, mask], i32t, false);
+                let hi_f = self.op(body, "arith.bitcast", &[hi], self.f32, false);
+                let rest = self.op(body, "arith.subf", &[x, hi_f], self.f32, false);
+                let rest = self.op(body, "arith.bitcast", &[rest], i32t, false);
+                let lo = self.op(body, "arith.andi", &[rest, mask], i32t, false);
+                Ok(vec![hi, lo])
+            }
+            MmaKind::Tf32 => {
+                let bits = self.op(body, "arith.bitcast", &[x], i32t, false);
+                let bits = self.tf32_half_up(body, bits);
+                let mask = mask();
+                Ok(vec![self.op(
+                    body,
+                    "arith.andi",
+                    &[bits, mask],
+                    i32t,
+                    false,
+                )])
+            }
+            MmaKind::Bf16 => Err(bug("tf32 registers of a bf16 tile".into())),
+        }
     }
 
     /// The `nvvm.mma.sync` attributes of `kind` (row-major A, column-major B: both operands'

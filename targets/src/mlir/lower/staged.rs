@@ -721,31 +721,47 @@ impl<'c> Lower<'c> {
                     from = int("arith.addi", from, int("arith.muli", x, bx(stride)));
                 }
                 let to = self.slab_index(body, op.layout, row, k8);
-                let token = Type::parse(self.ctx, "!nvgpu.device.async.token")
-                    .ok_or_else(|| bug("async token type".into()))?;
-                let attr = |text: &str| {
-                    Attribute::parse(self.ctx, text)
-                        .ok_or_else(|| bug(format!("cp.async attribute {text}")))
-                };
-                let copy = OperationBuilder::new("nvgpu.device_async_copy", self.loc)
-                    .add_operands(&[view, to, src, from])
-                    .add_attributes(&[
-                        (Identifier::new(self.ctx, "dstElements"), attr("8 : index")?),
-                        (
-                            Identifier::new(self.ctx, "bypassL1"),
-                            Attribute::unit(self.ctx),
-                        ),
-                        (
-                            Identifier::new(self.ctx, "operandSegmentSizes"),
-                            attr("array<i32: 1, 1, 1, 1, 0>")?,
-                        ),
-                    ])
-                    .add_results(&[token])
-                    .build()
-                    .map_err(|e| bug(format!("nvgpu.device_async_copy: {e}")))?;
-                body.append_operation(copy);
+                self.async_copy(body, (view, to), (src, from), 8)?;
             }
         }
+        Ok(())
+    }
+
+    /// One 16-byte `cp.async` (L1 bypassed) of `elements` from `src[from]` (global) to
+    /// `dst[to]` (shared), not yet committed to a group.
+    pub(super) fn async_copy(
+        &self,
+        body: &Block<'c>,
+        (dst, to): (Value<'c, '_>, Value<'c, '_>),
+        (src, from): (Value<'c, '_>, Value<'c, '_>),
+        elements: usize,
+    ) -> R<()> {
+        let token = Type::parse(self.ctx, "!nvgpu.device.async.token")
+            .ok_or_else(|| bug("async token type".into()))?;
+        let attr = |text: &str| {
+            Attribute::parse(self.ctx, text)
+                .ok_or_else(|| bug(format!("cp.async attribute {text}")))
+        };
+        let copy = OperationBuilder::new("nvgpu.device_async_copy", self.loc)
+            .add_operands(&[dst, to, src, from])
+            .add_attributes(&[
+                (
+                    Identifier::new(self.ctx, "dstElements"),
+                    attr(&format!("{elements} : index"))?,
+                ),
+                (
+                    Identifier::new(self.ctx, "bypassL1"),
+                    Attribute::unit(self.ctx),
+                ),
+                (
+                    Identifier::new(self.ctx, "operandSegmentSizes"),
+                    attr("array<i32: 1, 1, 1, 1, 0>")?,
+                ),
+            ])
+            .add_results(&[token])
+            .build()
+            .map_err(|e| bug(format!("nvgpu.device_async_copy: {e}")))?;
+        body.append_operation(copy);
         Ok(())
     }
 
@@ -845,7 +861,7 @@ impl<'c> Lower<'c> {
     }
 
     /// `count` elements of `elem` at byte `stage + offset` of the block's shared memory.
-    fn shared_view<'b>(
+    pub(super) fn shared_view<'b>(
         &self,
         body: &'b Block<'c>,
         smem: Value<'c, '_>,
@@ -866,7 +882,7 @@ impl<'c> Lower<'c> {
         Ok(self.append(body, op))
     }
 
-    fn cp_async_commit(&self, body: &Block<'c>) -> R<()> {
+    pub(super) fn cp_async_commit(&self, body: &Block<'c>) -> R<()> {
         body.append_operation(
             OperationBuilder::new("nvvm.cp.async.commit.group", self.loc)
                 .build()
@@ -876,7 +892,7 @@ impl<'c> Lower<'c> {
     }
 
     /// Waits until at most `n` of this thread's committed `cp.async` groups are pending.
-    fn cp_async_wait(&self, body: &Block<'c>, n: i64) -> R<()> {
+    pub(super) fn cp_async_wait(&self, body: &Block<'c>, n: i64) -> R<()> {
         let i32t: Type = IntegerType::new(self.ctx, 32).into();
         body.append_operation(
             OperationBuilder::new("nvvm.cp.async.wait.group", self.loc)
