@@ -552,7 +552,7 @@ fn warps_stage_through_shared_memory(
     for k in kernels {
         let text = entry(&ptx, &k.name);
         for op in [
-            "cp.async.cg.shared.global",
+            "cp.async.ca.shared.global",
             "cp.async.wait_group \t1",
             "bar.warp.sync",
         ] {

@@ -721,20 +721,22 @@ impl<'c> Lower<'c> {
                     from = int("arith.addi", from, int("arith.muli", x, bx(stride)));
                 }
                 let to = self.slab_index(body, op.layout, row, k8);
-                self.async_copy(body, (view, to), (src, from), 8)?;
+                self.async_copy(body, (view, to), (src, from), 8, true)?;
             }
         }
         Ok(())
     }
 
-    /// One 16-byte `cp.async` (L1 bypassed) of `elements` from `src[from]` (global) to
-    /// `dst[to]` (shared), not yet committed to a group.
+    /// One 16-byte `cp.async` of `elements` from `src[from]` (global) to `dst[to]` (shared),
+    /// not yet committed to a group: `.cg` (`bypass_l1`: cached in L2 only, for data read once)
+    /// or `.ca` (also in L1, for data the program reads again).
     pub(super) fn async_copy(
         &self,
         body: &Block<'c>,
         (dst, to): (Value<'c, '_>, Value<'c, '_>),
         (src, from): (Value<'c, '_>, Value<'c, '_>),
         elements: usize,
+        bypass_l1: bool,
     ) -> R<()> {
         let token = Type::parse(self.ctx, "!nvgpu.device.async.token")
             .ok_or_else(|| bug("async token type".into()))?;
@@ -742,22 +744,28 @@ impl<'c> Lower<'c> {
             Attribute::parse(self.ctx, text)
                 .ok_or_else(|| bug(format!("cp.async attribute {text}")))
         };
-        let copy = OperationBuilder::new("nvgpu.device_async_copy", self.loc)
-            .add_operands(&[dst, to, src, from])
-            .add_attributes(&[
-                (
-                    Identifier::new(self.ctx, "dstElements"),
-                    attr(&format!("{elements} : index"))?,
-                ),
+        let mut attrs = vec![
+            (
+                Identifier::new(self.ctx, "dstElements"),
+                attr(&format!("{elements} : index"))?,
+            ),
+            (
+                Identifier::new(self.ctx, "operandSegmentSizes"),
+                attr("array<i32: 1, 1, 1, 1, 0>")?,
+            ),
+        ];
+        if bypass_l1 {
+            attrs.insert(
+                1,
                 (
                     Identifier::new(self.ctx, "bypassL1"),
                     Attribute::unit(self.ctx),
                 ),
-                (
-                    Identifier::new(self.ctx, "operandSegmentSizes"),
-                    attr("array<i32: 1, 1, 1, 1, 0>")?,
-                ),
-            ])
+            );
+        }
+        let copy = OperationBuilder::new("nvgpu.device_async_copy", self.loc)
+            .add_operands(&[dst, to, src, from])
+            .add_attributes(&attrs)
             .add_results(&[token])
             .build()
             .map_err(|e| bug(format!("nvgpu.device_async_copy: {e}")))?;

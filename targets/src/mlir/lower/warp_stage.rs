@@ -12,7 +12,9 @@
 //! - Slabs: [`SLAB_BYTES`] of depth per operand row (16 f32 or 32 bf16, two MMA steps), rows
 //!   padded to [`ROW_BYTES`] so that consecutive rows start 20 banks apart: a fragment load's
 //!   32 lanes (8 rows × 4 words) hit 32 distinct banks, and rows stay 16-byte aligned.
-//! - Copies: each lane copies 16-byte chunks (row `c / 4`, chunk `c % 4` for `c = 32·round +
+//! - Copies: `cp.async.ca` (kept in L1 too, as the direct fragment loads were: MLA reads its
+//!   latent rows again as values, flash its query block every key tile); each lane copies
+//!   16-byte chunks (row `c / 4`, chunk `c % 4` for `c = 32·round +
 //!   lane`): a row's 64 bytes are 4 consecutive lanes, so a round reads 8 whole 64-byte runs.
 //!   Rows past the tile's edge copy the last valid row (a valid address; never stored).
 //! - Pipeline: slab 0 is issued before the loop; iteration `s` issues slab `s + 1` into the
@@ -561,7 +563,9 @@ impl<'c> Lower<'c> {
                         op.rows
                     )));
                 }
-                self.async_copy(body, (view, to), (src, from), CHUNK / ebytes)?;
+                // `.ca`: the program reads much of it again (MLA's values are its keys' rows,
+                // the queries and the chunk's tiles recur), as the fragment loads did.
+                self.async_copy(body, (view, to), (src, from), CHUNK / ebytes, false)?;
             }
         }
         Ok(())
