@@ -531,3 +531,30 @@ fn mma_tiles_assemble_for_both_gpus() {
         }
     }
 }
+
+/// A warp's share of a dealt reduction runs [`crate::mlir::lower::REDUCE_UNROLL`] iterations
+/// per trip, each one's load issued before the first add (so a decode GEMV keeps that many
+/// loads in flight per lane), then the remainder one by one.
+#[test]
+fn dealt_reductions_keep_loads_in_flight() {
+    use crate::mlir::lower::REDUCE_UNROLL;
+    use crate::Target;
+    let kernel = norm_kernel(2048);
+    assert_eq!(crate::nvptx::lanes(&kernel), crate::nvptx::WARP);
+    let (ptx, _) = crate::nvptx::compile_ptx(std::slice::from_ref(&kernel), Target::Sm90a).unwrap();
+    // The longest run of global loads between two branches: one unrolled trip's.
+    let mut run = 0;
+    let mut most = 0;
+    for line in ptx.lines() {
+        if line.contains("ld.global") {
+            run += 1;
+            most = most.max(run);
+        } else if line.contains("bra") || line.starts_with("$L") {
+            run = 0;
+        }
+    }
+    assert!(
+        most >= REDUCE_UNROLL,
+        "{most} loads in the longest straight run of\n{ptx}"
+    );
+}

@@ -47,6 +47,9 @@ pub use mma::{a_fragment, b_fragment, c_fragment};
 /// kernel's own strides and never checked against it.
 pub const GPU_EXTENT: i64 = 1 << 40;
 
+/// Iterations per trip of a lane's share of a dealt GPU reduction ([`Lower::unrolled_reduce`]).
+pub const REDUCE_UNROLL: usize = 8;
+
 /// The bits an f32 keeps as TF32 (sign, exponent, 10 mantissa bits): `0xFFFF_E000`.
 const TF32_MASK: i64 = -8192;
 
@@ -987,8 +990,11 @@ impl<'c> Lower<'c> {
                         .lane
                         .ok_or_else(|| bug("reduction: no lane id".into()))?;
                     let lo = self.op(blk, "arith.addi", &[lo, lane], self.index, false);
-                    let partial =
-                        inner.reduce_loop(blk, env, var, (lo, hi, step), init, combine, body)?;
+                    let partial = if body.has_reduce() {
+                        inner.reduce_loop(blk, env, var, (lo, hi, step), init, combine, body)?
+                    } else {
+                        inner.unrolled_reduce(blk, env, var, (lo, hi), init, combine, body)?
+                    };
                     return Ok((self.lanes_combine(blk, partial, combine)?, Ty::F32));
                 }
                 let outer = Block::new(&[(self.index, self.loc), (self.f32, self.loc)]);
@@ -1046,6 +1052,70 @@ impl<'c> Lower<'c> {
             .build()
             .map_err(|e| bug(format!("reduction: {e}")))?;
         Ok(self.append(blk, op))
+    }
+
+    /// A lane's share of a dealt reduction, `var` in `lo, lo + lanes, ... < hi`, combined in
+    /// that order as [`Self::reduce_loop`] does, but [`REDUCE_UNROLL`] iterations per trip
+    /// (every one's loads issued before the first combine), then the rest one by one: a warp
+    /// keeps that many loads in flight instead of waiting out each one's latency (a decode
+    /// GEMV's dot products are such reductions). The same values combined in the same order
+    /// (as the plain loop, up to the reassociation its `reassoc` flags already allow).
+    #[allow(clippy::too_many_arguments)]
+    fn unrolled_reduce<'a>(
+        &self,
+        blk: &'a Block<'c>,
+        env: &Env<'c, 'a>,
+        var: &str,
+        (lo, hi): (Value<'c, 'a>, Value<'c, 'a>),
+        init: Value<'c, 'a>,
+        combine: &str,
+        body: &Expr,
+    ) -> R<Value<'c, 'a>> {
+        let step = self.lanes as i64;
+        let ix = |v: i64| self.const_index(blk, v);
+        let int = |name: &str, a: Value<'c, 'a>, b: Value<'c, 'a>| {
+            self.op(blk, name, &[a, b], self.index, false)
+        };
+        // Whole trips: ⌊max(hi − lo, 0) / (U · lanes)⌋, ending at `mid`.
+        let ahead = self.append(
+            blk,
+            arith::cmpi(self.ctx, CmpiPredicate::Sgt, hi, lo, self.loc),
+        );
+        let span = int("arith.subi", hi, lo);
+        let span = self.append(blk, arith::select(ahead, span, ix(0), self.loc));
+        let trip = ix(REDUCE_UNROLL as i64 * step);
+        let mid = int(
+            "arith.addi",
+            lo,
+            int("arith.muli", int("arith.divui", span, trip), trip),
+        );
+        let inner = Block::new(&[(self.index, self.loc), (self.f32, self.loc)]);
+        {
+            let mut env2: Env<'c, '_> = env.clone();
+            let iv: Value = inner.argument(0).map_err(|e| bug(e.to_string()))?.into();
+            let mut acc: Value = inner.argument(1).map_err(|e| bug(e.to_string()))?.into();
+            let mut xs = Vec::new();
+            for u in 0..REDUCE_UNROLL as i64 {
+                let off = self.const_index(&inner, u * step);
+                let at = self.op(&inner, "arith.addi", &[iv, off], self.index, false);
+                env2.vars.insert(var.to_string(), (at, Ty::Int));
+                xs.push(self.expr(&inner, &env2, body)?.0);
+            }
+            for x in xs {
+                acc = self.op(&inner, combine, &[acc, x], self.f32, true);
+            }
+            inner.append_operation(scf::r#yield(&[acc], self.loc));
+        }
+        let region = Region::new();
+        region.append_block(inner);
+        let op = OperationBuilder::new("scf.for", self.loc)
+            .add_operands(&[lo, mid, trip, init])
+            .add_results(&[self.f32])
+            .add_regions([region])
+            .build()
+            .map_err(|e| bug(format!("reduction: {e}")))?;
+        let whole = self.append(blk, op);
+        self.reduce_loop(blk, env, var, (mid, hi, ix(step)), whole, combine, body)
     }
 
     /// `scf.for var in lo..hi step` carrying `inits`; the body's statements, then `yields`.
