@@ -137,6 +137,18 @@ pub fn decode_k_splits(programs: usize, k: usize) -> usize {
     s
 }
 
+/// Output columns per program of a decode GEMV on CUDA cores (the MoE experts' dot products)
+/// over `cols` columns, with `per_block` programs per column block at batch 1: [`BN`], halved
+/// while fewer than [`DECODE_WARPS`] programs would run. Each program's dot products are
+/// sequential, so at batch 1 the number of programs is the kernel's memory parallelism.
+pub fn decode_cols(per_block: usize, cols: usize) -> usize {
+    let mut b = BN;
+    while b > 1 && per_block * cols.div_ceil(b) < DECODE_WARPS {
+        b /= 2;
+    }
+    b
+}
+
 /// The projection as one tensor-core tile per program: `y[r0 + i, n0 + j]` for the program's
 /// row block `r0` and column block `n0`. In decode, when the column blocks alone are too few
 /// programs, the depth is split into `S` pieces ([`decode_k_splits`]): each program sums one

@@ -9,7 +9,7 @@ use lamina_ir::kernel::build::*;
 use lamina_ir::kernel::{Access, Dim, Elem, Expr, Stmt};
 use lamina_ir::spec::RouterKind;
 
-use super::linear::{col_tiles, prefill_tile, register_tile, row_tiles, BN, CB, RB};
+use super::linear::{col_tiles, decode_cols, prefill_tile, register_tile, row_tiles, BN, CB, RB};
 use super::{act, launch, Bind, Ctx, Launch, Phase, Value};
 
 /// `for x in 0..n` keeping the first index of the largest `val(x)` among those `ok(x)`:
@@ -254,7 +254,10 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     let round = |e: Expr| if cx.tensor_cores { bf16(e) } else { e };
 
     // --- experts: h[r, kk, j] = silu(gate_e[j]·x) · (up_e[j]·x), one program per (row,
-    // choice, block of BN columns j), each dot product a sum over the lanes ---
+    // choice, block of `gate_cols` columns j), each dot product a sum over the lanes; blocks
+    // narrow enough that a batch-1 step runs DECODE_WARPS programs (decode_cols) ---
+    let gate_cols = decode_cols(k_n, inter);
+    let down_cols = decode_cols(1, d);
     let stacked = |leaf: &str, out: usize, inn: usize| stacked(prefix, e_n, leaf, out, inn);
     let dotx = |w: &str| {
         sum(
@@ -265,8 +268,8 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         )
     };
     let experts = launch(
-        format!("moe_gate_up_e{e_n}_k{k_n}_d{d}_i{inter}"),
-        vec![Dim::Rows, Dim::N(k_n), Dim::N(inter.div_ceil(BN))],
+        format!("moe_gate_up_e{e_n}_k{k_n}_d{d}_i{inter}_c{gate_cols}"),
+        vec![Dim::Rows, Dim::N(k_n), Dim::N(inter.div_ceil(gate_cols))],
         vec![
             (input("x", &act(d)), x),
             (
@@ -279,11 +282,11 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         ],
         vec![
             let_("e", ld("ids", [pid(0), pid(1)])),
-            let_("j0", pid(2) * i(BN)),
+            let_("j0", pid(2) * i(gate_cols)),
             for_(
                 "j",
                 v("j0"),
-                min(v("j0") + i(BN), i(inter)),
+                min(v("j0") + i(gate_cols), i(inter)),
                 vec![st(
                     "h",
                     [pid(0), pid(1) * i(inter) + v("j")],
@@ -296,10 +299,10 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     );
 
     // --- down: y[r, o] = Σ_kk w[r, kk] · down_e[o, :] · h[r, kk, :], one program per (row,
-    // block of BN outputs) ---
+    // block of `down_cols` outputs) ---
     let down = launch(
-        format!("moe_down_e{e_n}_k{k_n}_d{d}_i{inter}"),
-        vec![Dim::Rows, Dim::N(d.div_ceil(BN))],
+        format!("moe_down_e{e_n}_k{k_n}_d{d}_i{inter}_c{down_cols}"),
+        vec![Dim::Rows, Dim::N(d.div_ceil(down_cols))],
         vec![
             (input("h", &act(k_n * inter)), Bind::Act(hmid)),
             (
@@ -311,8 +314,8 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
             (output("y", &act(d)), Bind::Act(Value::Node(n))),
         ],
         vec![
-            let_("o0", pid(1) * i(BN)),
-            let_("o1", min(v("o0") + i(BN), i(d))),
+            let_("o0", pid(1) * i(down_cols)),
+            let_("o1", min(v("o0") + i(down_cols), i(d))),
             for_(
                 "o",
                 v("o0"),
