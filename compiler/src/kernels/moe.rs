@@ -254,18 +254,59 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     let round = |e: Expr| if cx.tensor_cores { bf16(e) } else { e };
 
     // --- experts: h[r, kk, j] = silu(gate_e[j]·x) · (up_e[j]·x), one program per (row,
-    // choice, block of `gate_cols` columns j), each dot product a sum over the lanes; blocks
-    // narrow enough that a batch-1 step runs DECODE_WARPS programs (decode_cols) ---
+    // choice, block of `gate_cols` columns j): one pass over x, dealt over the lanes, carries
+    // every column's gate and up sums, so each x element is loaded once per block and a lane
+    // has 2 · gate_cols weight loads in flight per step. Blocks are narrow enough that a
+    // batch-1 step runs DECODE_WARPS programs (decode_cols) ---
     let gate_cols = decode_cols(k_n, inter);
     let down_cols = decode_cols(1, d);
     let stacked = |leaf: &str, out: usize, inn: usize| stacked(prefix, e_n, leaf, out, inn);
-    let dotx = |w: &str| {
-        sum(
-            "c",
-            i(0),
-            i(d),
-            round(ld("x", [pid(0), v("c")])) * ld(w, [v("e"), v("j"), v("c")]),
-        )
+    let gate_up = {
+        // Column b of the block (clamped into the matrix when the last block is partial).
+        let col = |b: usize| {
+            if inter.is_multiple_of(gate_cols) {
+                v("j0") + i(b)
+            } else {
+                min(v("j0") + i(b), i(inter - 1))
+            }
+        };
+        let mut loads = vec![let_("xc", round(ld("x", [pid(0), v("c")])))];
+        let mut carried = Vec::new();
+        let mut yields = Vec::new();
+        for b in 0..gate_cols {
+            loads.push(let_(
+                &format!("gw{b}"),
+                ld("gate", [v("e"), col(b), v("c")]),
+            ));
+            loads.push(let_(&format!("uw{b}"), ld("up", [v("e"), col(b), v("c")])));
+        }
+        let names: Vec<(String, String)> = (0..gate_cols)
+            .map(|b| (format!("g{b}"), format!("u{b}")))
+            .collect();
+        for (b, (gn, un)) in names.iter().enumerate() {
+            carried.push((gn.as_str(), f(0.0)));
+            carried.push((un.as_str(), f(0.0)));
+            yields.push(v(gn) + v("xc") * v(&format!("gw{b}")));
+            yields.push(v(un) + v("xc") * v(&format!("uw{b}")));
+        }
+        let mut body = vec![
+            let_("e", ld("ids", [pid(0), pid(1)])),
+            let_("j0", pid(2) * i(gate_cols)),
+            for_sum("c", i(0), i(d), carried, loads, yields),
+        ];
+        for (b, (gn, un)) in names.iter().enumerate() {
+            let store = st(
+                "h",
+                [pid(0), pid(1) * i(inter) + v("j0") + i(b)],
+                silu(v(gn)) * v(un),
+            );
+            body.push(if inter.is_multiple_of(gate_cols) {
+                store
+            } else {
+                if_(lt(v("j0") + i(b), i(inter)), vec![store])
+            });
+        }
+        body
     };
     let experts = launch(
         format!("moe_gate_up_e{e_n}_k{k_n}_d{d}_i{inter}_c{gate_cols}"),
@@ -280,26 +321,62 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
             stacked("up", inter, d),
             (output("h", &act(k_n * inter)), Bind::Act(hmid)),
         ],
-        vec![
-            let_("e", ld("ids", [pid(0), pid(1)])),
-            let_("j0", pid(2) * i(gate_cols)),
-            for_(
-                "j",
-                v("j0"),
-                min(v("j0") + i(gate_cols), i(inter)),
-                vec![st(
-                    "h",
-                    [pid(0), pid(1) * i(inter) + v("j")],
-                    silu(dotx("gate")) * dotx("up"),
-                )],
-            ),
-        ],
+        gate_up,
         vec![n],
         g,
     );
 
     // --- down: y[r, o] = Σ_kk w[r, kk] · down_e[o, :] · h[r, kk, :], one program per (row,
-    // block of `down_cols` outputs) ---
+    // block of `down_cols` outputs); per choice kk, one pass over h carries the block's sums ---
+    let down_body = {
+        let out = |b: usize| {
+            if d.is_multiple_of(down_cols) {
+                v("o0") + i(b)
+            } else {
+                min(v("o0") + i(b), i(d - 1))
+            }
+        };
+        let guard = |b: usize, s: Stmt| {
+            if d.is_multiple_of(down_cols) {
+                s
+            } else {
+                if_(lt(v("o0") + i(b), i(d)), vec![s])
+            }
+        };
+        let names: Vec<String> = (0..down_cols).map(|b| format!("s{b}")).collect();
+        let mut loads = vec![let_(
+            "hj",
+            round(ld("h", [pid(0), v("kk") * i(inter) + v("j")])),
+        )];
+        let mut carried = Vec::new();
+        let mut yields = Vec::new();
+        for (b, name) in names.iter().enumerate() {
+            loads.push(let_(
+                &format!("dw{b}"),
+                ld("down", [v("e"), out(b), v("j")]),
+            ));
+            carried.push((name.as_str(), f(0.0)));
+            yields.push(v(name) + v(&format!("dw{b}")) * v("hj"));
+        }
+        let mut per_choice = vec![
+            let_("e", ld("ids", [pid(0), v("kk")])),
+            let_("we", ld("w", [pid(0), v("kk")])),
+            for_sum("j", i(0), i(inter), carried, loads, yields),
+        ];
+        for (b, name) in names.iter().enumerate() {
+            let at = [pid(0), v("o0") + i(b)];
+            per_choice.push(guard(
+                b,
+                st("y", at.clone(), ld("y", at) + v("we") * v(name)),
+            ));
+        }
+        let mut body = vec![let_("o0", pid(1) * i(down_cols))];
+        for b in 0..down_cols {
+            body.push(guard(b, st("y", [pid(0), v("o0") + i(b)], f(0.0))));
+        }
+        body.push(for_("kk", i(0), i(k_n), per_choice));
+        body
+    };
     let down = launch(
         format!("moe_down_e{e_n}_k{k_n}_d{d}_i{inter}_c{down_cols}"),
         vec![Dim::Rows, Dim::N(d.div_ceil(down_cols))],
@@ -313,43 +390,7 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
             stacked("down", d, inter),
             (output("y", &act(d)), Bind::Act(Value::Node(n))),
         ],
-        vec![
-            let_("o0", pid(1) * i(down_cols)),
-            let_("o1", min(v("o0") + i(down_cols), i(d))),
-            for_(
-                "o",
-                v("o0"),
-                v("o1"),
-                vec![st("y", [pid(0), v("o")], f(0.0))],
-            ),
-            for_(
-                "kk",
-                i(0),
-                i(k_n),
-                vec![
-                    let_("e", ld("ids", [pid(0), v("kk")])),
-                    let_("we", ld("w", [pid(0), v("kk")])),
-                    for_(
-                        "o",
-                        v("o0"),
-                        v("o1"),
-                        vec![st(
-                            "y",
-                            [pid(0), v("o")],
-                            ld("y", [pid(0), v("o")])
-                                + v("we")
-                                    * sum(
-                                        "j",
-                                        i(0),
-                                        i(inter),
-                                        ld("down", [v("e"), v("o"), v("j")])
-                                            * round(ld("h", [pid(0), v("kk") * i(inter) + v("j")])),
-                                    ),
-                        )],
-                    ),
-                ],
-            ),
-        ],
+        down_body,
         vec![n],
         g,
     );
