@@ -168,6 +168,9 @@ pub fn make_plan(
                     Bind::State(id) => Arg::Pool { index: id.0 },
                     Bind::Const(name, data) => Arg::Const {
                         index: intern(&mut constants, &mut cindex, name, || {
+                            // Each table starts on 16 bytes (a GPU tile may copy it by
+                            // 16-byte `cp.async`).
+                            cdata.resize(cdata.len().next_multiple_of(4), 0.0);
                             let e = ConstEntry {
                                 name: name.clone(),
                                 offset: cdata.len(),

@@ -26,7 +26,7 @@
 //! The host runs the same `Stmt::Mma` as loops; this module only decides where the operands
 //! wait on the way to the tensor cores, so the products are those of [`super::mma`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use lamina_ir::kernel::{BinOp, Elem, Expr, Kernel, Mma, MmaKind, Stmt};
 use melior::dialect::scf;
@@ -71,22 +71,96 @@ pub fn slab_depth(kind: MmaKind) -> usize {
 /// A global buffer's element and row-major strides, by name (`None`: not in global memory).
 pub type Lookup<'l> = dyn Fn(&str) -> Option<(Elem, Vec<usize>)> + 'l;
 
-/// Every definition of each `let` name of a kernel (a name may be bound in several scopes).
-pub type Lets = HashMap<String, Vec<Expr>>;
+/// The kernel's `let` definitions, for [`stageable`]'s alignment proofs: every definition of
+/// each name (a name may be bound in several scopes, MMA epilogues included), and the names
+/// also bound some other way (loop variables, carried values, reduction variables, MMA
+/// indices), which prove nothing.
+#[derive(Debug, Default)]
+pub struct Lets {
+    defs: HashMap<String, Vec<Expr>>,
+    other: HashSet<String>,
+}
 
-/// The `let` definitions of `k`, for [`stageable`]'s alignment proofs.
+impl Lets {
+    /// Every definition of `name`, when `let`s are its only bindings.
+    fn only_lets(&self, name: &str) -> Option<&[Expr]> {
+        if self.other.contains(name) {
+            return None;
+        }
+        self.defs.get(name).map(Vec::as_slice)
+    }
+}
+
+/// The `let` definitions of `k`.
 pub fn lets(k: &Kernel) -> Lets {
+    fn expr(e: &Expr, out: &mut Lets) {
+        match e {
+            Expr::Reduce {
+                var, lo, hi, body, ..
+            } => {
+                out.other.insert(var.clone());
+                for x in [lo, hi, body] {
+                    expr(x, out);
+                }
+            }
+            Expr::Load(_, idx) => idx.iter().for_each(|x| expr(x, out)),
+            Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => {
+                expr(a, out);
+                expr(b, out);
+            }
+            Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => expr(a, out),
+            Expr::Select(c, a, b) => [c, a, b].into_iter().for_each(|x| expr(x, out)),
+            Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => {}
+        }
+    }
     fn walk(b: &[Stmt], out: &mut Lets) {
         for s in b {
             match s {
-                Stmt::Let(n, e) => out.entry(n.clone()).or_default().push(e.clone()),
-                Stmt::For { body, .. } => walk(body, out),
-                Stmt::If { then, .. } => walk(then, out),
-                _ => {}
+                Stmt::Let(n, e) => {
+                    out.defs.entry(n.clone()).or_default().push(e.clone());
+                    expr(e, out);
+                }
+                Stmt::For {
+                    var,
+                    lo,
+                    hi,
+                    carried,
+                    body,
+                    yields,
+                    ..
+                } => {
+                    out.other.insert(var.clone());
+                    for (n, e) in carried {
+                        out.other.insert(n.clone());
+                        expr(e, out);
+                    }
+                    [lo, hi]
+                        .into_iter()
+                        .chain(yields)
+                        .for_each(|x| expr(x, out));
+                    walk(body, out);
+                }
+                Stmt::If { cond, then } => {
+                    expr(cond, out);
+                    walk(then, out);
+                }
+                Stmt::Mma(m) => {
+                    for n in [&m.i, &m.j, &m.k, &m.acc] {
+                        out.other.insert(n.clone());
+                    }
+                    [&m.m, &m.n, &m.a, &m.b]
+                        .into_iter()
+                        .for_each(|x| expr(x, out));
+                    walk(&m.epilogue, out);
+                }
+                Stmt::Store { idx, value, .. } => {
+                    idx.iter().chain([value]).for_each(|x| expr(x, out));
+                }
+                Stmt::Local { .. } | Stmt::Tile(_) => {}
             }
         }
     }
-    let mut out = Lets::new();
+    let mut out = Lets::default();
     walk(&k.body, &mut out);
     out
 }
@@ -124,7 +198,9 @@ pub fn stageable<'e>(
         },
         _ => return None,
     };
-    let aligned = offset.is_none_or(|c| multiple_of(c, per_chunk, lets, 0))
+    // Every lane computes its own rows' addresses: no reduction (dealt over the lanes) in them.
+    let aligned = !idx.iter().any(Expr::has_reduce)
+        && offset.is_none_or(|c| multiple_of(c, per_chunk, lets, 0))
         && outer_strides.iter().all(|s| s.is_multiple_of(per_chunk))
         && outer.iter().all(|x| !x.reads(k));
     aligned.then(|| Stageable {
@@ -148,7 +224,7 @@ fn multiple_of(e: &Expr, n: usize, lets: &Lets, depth: usize) -> bool {
             multiple_of(a, n, lets, depth) || multiple_of(b, n, lets, depth)
         }
         Expr::Var(v) if depth < 8 => lets
-            .get(v)
+            .only_lets(v)
             .is_some_and(|defs| defs.iter().all(|d| multiple_of(d, n, lets, depth + 1))),
         _ => false,
     }
@@ -489,8 +565,10 @@ impl<'c> Lower<'c> {
             .build()
             .map_err(|e| bug(format!("{what}: staged mma slab loop: {e}")))?;
         let r = blk.append_operation(op);
-        // The last iteration's redundant copies land before the stage is reused.
+        // The last iteration's redundant copies land (each lane's own, then every lane's)
+        // before the epilogue stores or the stage is reused.
         self.cp_async_wait(blk, 0)?;
+        self.warp_sync(blk);
         (0..accs)
             .map(|i| r.result(i).map(Into::into).map_err(|e| bug(e.to_string())))
             .collect()
@@ -556,7 +634,7 @@ impl<'c> Lower<'c> {
                     int("arith.muli", row, bx(ROW_BYTES / ebytes)),
                     kc,
                 );
-                // Rows past the operand's tile rows (a partial last round) copy nothing.
+                // Whole rounds only (tile rows are multiples of 8).
                 if (it + 1) * 32 * CHUNK > op.rows * SLAB_BYTES {
                     return Err(bug(format!(
                         "cp.async: {} rows are not whole rounds of 32 chunks",
@@ -601,9 +679,29 @@ mod tests {
     /// a depth that is not whole slabs are not.
     #[test]
     fn stages_aligned_loads_along_the_depth() {
-        let mut lets = Lets::new();
-        lets.insert("k0".into(), vec![pid(1) * i(32)]);
-        lets.insert("odd".into(), vec![pid(1) * i(32), pid(1) * i(3)]);
+        let mut lets = Lets::default();
+        lets.defs.insert("k0".into(), vec![pid(1) * i(32)]);
+        lets.defs
+            .insert("odd".into(), vec![pid(1) * i(32), pid(1) * i(3)]);
+        // From a kernel: a name bound only by `let`s keeps its definitions; one also bound
+        // as a loop variable (or carried, reduced over, an MMA index) proves nothing.
+        let k = Kernel {
+            name: "k".into(),
+            nodes: vec![],
+            grid: vec![lamina_ir::kernel::Dim::Rows],
+            params: vec![],
+            body: vec![
+                let_("k0", pid(1) * i(32)),
+                let_("t", i(32)),
+                for_("t", i(0), i(4), vec![let_("k0", v("t") * i(64))]),
+            ],
+        };
+        let found = super::lets(&k);
+        assert_eq!(found.only_lets("k0").map(<[Expr]>::len), Some(2));
+        assert!(found.only_lets("t").is_none());
+        // `t` is a `let` somewhere and a loop variable elsewhere: it proves nothing.
+        lets.defs.insert("t".into(), vec![i(32)]);
+        lets.other.insert("t".into());
         let tf = MmaKind::Tf32x3;
         let q = ld("q", [v("r0") + v("mi"), pid(1) * i(32) + v("k")]);
         let k = ld("cache", [v("s"), v("j0") + v("mj"), v("k") + i(64)]);
@@ -626,6 +724,8 @@ mod tests {
             select(le(v("k"), v("mi")), q.clone(), f(0.0)),
             ld("q", [v("mi"), pid(1) * i(3) + v("k")]),
             ld("q", [v("mi"), v("odd") + v("k")]),
+            ld("q", [v("mi"), v("t") + v("k")]),
+            ld("q", [sum("r", i(0), i(4), v("r")), v("k")]),
             ld("shared_local", [v("mi") * i(32) + v("k")]),
             ld("w", [v("mi"), v("k")]),
         ];
