@@ -788,6 +788,31 @@ fn wide_rows_span_several_programs() {
     check_model_with(&spec, &[1, 40], true, 1, 1, true);
 }
 
+/// Decode MoE experts whose intermediate width is not a whole number of column blocks: 8
+/// experts chosen per row at intermediate 2052 give 16-column blocks (1032 programs at batch 1,
+/// `linear::decode_cols`), the last one 4 columns wide, its rows clamped and stores guarded;
+/// checked against the reference, lanes also run one by one as a warp's.
+#[test]
+fn decode_moe_blocks_may_be_ragged() {
+    use lamina_compiler::kernels::linear::decode_cols;
+    assert_eq!(decode_cols(8, 2052), 16);
+    assert_ne!(2052 % decode_cols(8, 2052), 0);
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("ragged-moe.toml");
+    std::fs::write(
+        &spec,
+        "name = \"ragged-moe\"\nvocab_size = 97\nhidden_size = 64\nnum_layers = 1\n\n[norm]\neps = 1e-6\n\n\
+         [layers]\npattern = \"A\"\nffn_pattern = \"M\"\n\n\
+         [mixer.A]\nkind = \"gqa\"\nheads = 2\nkv_heads = 1\nhead_dim = 32\n\
+         rope = { theta = 10000.0, rotary_dim = 32 }\n\n\
+         [ffn.M]\nkind = \"moe\"\nexperts = 8\ntop_k = 8\nintermediate = 2052\nrouter = \"softmax\"\n\
+         renormalize = true\nshared_intermediate = 16\n",
+    )
+    .unwrap();
+    check_model_with(&spec, &[1, 5], false, 1, 1, false);
+    check_model_with(&spec, &[1, 5], false, 32, 1, false);
+}
+
 /// Recurrences whose value heads span several scan programs (16 state columns each: 3 for
 /// dv 48, 5 for lightning's dv 40 in 8-column tiles) and whose key width is not the tiny
 /// examples' 16, prefilled over several chunks and across two prefill launches (300 = 256 +
