@@ -161,9 +161,10 @@ pub fn flavor(k: &Kernel, target: Target) -> crate::mlir::Flavor {
 }
 
 /// Bytes of each warp's slice of shared memory that stage its MMA operands through `cp.async`
-/// ([`crate::mlir::lower::warp_stage`]): what its largest tile needs, when the block's slices
-/// (with the locals, if they live in shared memory) fit [`SHARED_LOCALS_BUDGET`]; else 0 and
-/// the fragments are loaded straight from the operands.
+/// ([`crate::mlir::lower::warp_stage`]): as many stages of its largest tile as fit (2 to 4)
+/// beside its locals (if they live in shared memory) in a quarter of
+/// [`SHARED_LOCALS_BUDGET`]; 0 when not even 2 fit, and the fragments are loaded straight
+/// from the operands.
 pub fn warp_staging_bytes(k: &Kernel) -> usize {
     use lamina_ir::kernel::expand::{dots_on_tensor_cores, expand_tiles};
     if lanes(k) != WARP {
@@ -171,11 +172,14 @@ pub fn warp_staging_bytes(k: &Kernel) -> usize {
     }
     let shared = locals_in_shared(k);
     let expanded = expand_tiles(&dots_on_tensor_cores(k));
-    let staging = crate::mlir::lower::warp_stage::kernel_bytes(&expanded, !shared);
+    use crate::mlir::lower::warp_stage::{kernel_stage_bytes, stages, MIN_STAGES};
+    let stage = kernel_stage_bytes(&expanded, !shared);
     let locals = if shared { warp_locals(k) } else { 0 };
-    let per_warp = (locals + staging).next_multiple_of(16);
-    if staging > 0 && per_warp * (BLOCK / WARP) as usize <= SHARED_LOCALS_BUDGET {
-        staging
+    // Each warp's share of the budget, less its locals (its slice is rounded to 16 bytes).
+    let area = (SHARED_LOCALS_BUDGET / (BLOCK / WARP) as usize).saturating_sub(locals) / 16 * 16;
+    let n = stages(area, stage);
+    if stage > 0 && n >= MIN_STAGES {
+        n * stage
     } else {
         0
     }

@@ -110,9 +110,9 @@ struct Env<'c, 'a> {
     lane: Option<Value<'c, 'a>>,
     /// The block's shared memory (block-cooperative programs, [`staged`]).
     smem: Option<Value<'c, 'a>>,
-    /// A warp program's MMA staging: the block's shared memory and the byte offset of this
-    /// warp's staging area in it ([`warp_stage`]).
-    warp_stage: Option<(Value<'c, 'a>, Value<'c, 'a>)>,
+    /// A warp program's MMA staging: the block's shared memory, the byte offset of this warp's
+    /// staging area in it, and the area's bytes ([`warp_stage`]).
+    warp_stage: Option<(Value<'c, 'a>, Value<'c, 'a>, usize)>,
     /// The kernel's `let` definitions (alignment proofs of staged operands).
     lets: std::rc::Rc<warp_stage::Lets>,
 }
@@ -315,6 +315,7 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
             Some((
                 arg(n + 2)?,
                 l.op(&entry, "arith.addi", &[base, off], l.index, false),
+                staging,
             ))
         }
         _ => None,

@@ -17,11 +17,14 @@
 //!   16-byte chunks (row `c / 4`, chunk `c % 4` for `c = 32·round +
 //!   lane`): a row's 64 bytes are 4 consecutive lanes, so a round reads 8 whole 64-byte runs.
 //!   Rows past the tile's edge copy the last valid row (a valid address; never stored).
-//! - Pipeline: slab 0 is issued before the loop; iteration `s` issues slab `s + 1` into the
-//!   other stage, waits for its own copies of slab `s` (`cp.async.wait_group 1`), then a warp
-//!   barrier makes every lane's copies visible; after the products, a second warp barrier lets
-//!   the next iteration overwrite the stage just read. The last iteration re-issues its own slab
-//!   into the idle stage rather than branching; the copies are drained after the loop.
+//! - Pipeline: `S` stages, from 2 to 4, as many as the warp's staging area holds ([`stages`]:
+//!   the decode projections' thin weight slabs get 4, the flash and chunk tiles 2). Slabs
+//!   `0 .. S − 1` are issued before the loop; iteration `s` issues slab `s + S − 1` into the stage
+//!   slab `s − 1` used, waits for its own copies of slab `s` (`cp.async.wait_group S − 1`), then
+//!   a warp barrier makes every lane's copies visible; after the products, a second warp
+//!   barrier lets the next iteration overwrite the stage just read. Past the depth, the last
+//!   slab is re-issued into a stage no later iteration reads rather than branching; the copies
+//!   are drained after the loop.
 //!
 //! The host runs the same `Stmt::Mma` as loops; this module only decides where the operands
 //! wait on the way to the tensor cores, so the products are those of [`super::mma`].
@@ -40,8 +43,10 @@ use super::{a_fragment, b_fragment, bug, Env, Lower, Ty, R};
 pub const SLAB_BYTES: usize = 64;
 /// Shared-memory bytes per slab row: the slab plus 16 bytes of padding (20 banks apart).
 pub const ROW_BYTES: usize = SLAB_BYTES + 16;
-/// Slabs in flight: one being multiplied, one being copied.
-pub const STAGES: usize = 2;
+/// Stages a tile may use: from 2 (one slab multiplied while the next is copied) to 4 (three
+/// in flight), as many as the warp's staging area holds ([`stages`]).
+pub const MIN_STAGES: usize = 2;
+pub const MAX_STAGES: usize = 4;
 /// Bytes of one `cp.async`.
 const CHUNK: usize = 16;
 
@@ -230,17 +235,24 @@ fn multiple_of(e: &Expr, n: usize, lets: &Lets, depth: usize) -> bool {
     }
 }
 
-/// Shared-memory bytes one warp needs to stage `mma` (0 when neither operand can be staged).
-pub fn mma_bytes(mma: &Mma, lookup: &Lookup, lets: &Lets) -> usize {
+/// Shared-memory bytes of one stage of `mma`: a slab of each staged operand (0 when neither
+/// operand can be staged).
+pub fn stage_bytes(mma: &Mma, lookup: &Lookup, lets: &Lets) -> usize {
     let rows = stageable(mma, &mma.a, lookup, lets).map_or(0, |_| mma.rows)
         + stageable(mma, &mma.b, lookup, lets).map_or(0, |_| mma.cols);
-    STAGES * rows * ROW_BYTES
+    rows * ROW_BYTES
 }
 
-/// Shared-memory bytes a warp program of `k` (tiles expanded, products on tensor cores) needs
-/// to stage its largest MMA; `locals_global`: its locals live in the scratch buffer (so they
-/// can be staged), rather than in shared memory.
-pub fn kernel_bytes(k: &Kernel, locals_global: bool) -> usize {
+/// Stages a tile of `stage` bytes per stage uses in a staging area of `area` bytes: as many as
+/// fit, at most [`MAX_STAGES`] (the area holds at least [`MIN_STAGES`] of the kernel's largest).
+pub fn stages(area: usize, stage: usize) -> usize {
+    (area / stage.max(1)).min(MAX_STAGES)
+}
+
+/// Shared-memory bytes of one stage of the largest MMA of a warp program of `k` (tiles
+/// expanded, products on tensor cores); `locals_global`: its locals live in the scratch buffer
+/// (so they can be staged), rather than in shared memory.
+pub fn kernel_stage_bytes(k: &Kernel, locals_global: bool) -> usize {
     let mut locals = Vec::new();
     if locals_global {
         collect_locals(&k.body, &mut locals);
@@ -264,7 +276,7 @@ pub fn kernel_bytes(k: &Kernel, locals_global: bool) -> usize {
     let lets = lets(k);
     let mut most = 0;
     visit_mmas(&k.body, &mut |m| {
-        most = most.max(mma_bytes(m, &lookup, &lets))
+        most = most.max(stage_bytes(m, &lookup, &lets))
     });
     most
 }
@@ -348,7 +360,7 @@ impl<'c> Lower<'c> {
         (m, n): (Value<'c, 'a>, Value<'c, 'a>),
         what: &str,
     ) -> R<Vec<Value<'c, 'a>>> {
-        let (smem, base) = env
+        let (smem, base, area) = env
             .warp_stage
             .ok_or_else(|| bug(format!("{what}: staged warp tile without shared memory")))?;
         let kind = mma.kind;
@@ -381,12 +393,23 @@ impl<'c> Lower<'c> {
             offset: b_offset,
         };
         let stage_bytes = b.offset + b.copy.as_ref().map_or(0, |_| mma.cols * ROW_BYTES);
+        let n_stages = stages(area, stage_bytes);
+        if n_stages < MIN_STAGES {
+            return Err(bug(format!(
+                "{what}: {area} bytes of staging hold {n_stages} stages of {stage_bytes}"
+            )));
+        }
         let (tm, tn) = (mma.rows / Mma::M, mma.cols / Mma::N);
         let accs = tm * tn * 4;
 
-        // Slab 0 into stage 0.
-        self.copy_warp_slab(blk, env, [&a, &b], (smem, base), ix(0), lane)?;
-        self.cp_async_commit(blk)?;
+        // Slabs 0 .. stages − 1 into stages 0 .. stages − 1 (a short depth re-copies its last
+        // slab), one commit group each.
+        for p in 0..n_stages - 1 {
+            let at = int("arith.addi", base, ix(p * stage_bytes));
+            let k0 = ix(p.min(slabs - 1) * slab);
+            self.copy_warp_slab(blk, env, [&a, &b], (smem, at), k0, lane)?;
+            self.cp_async_commit(blk)?;
+        }
 
         let mut args = vec![(self.index, self.loc)];
         args.extend((0..accs).map(|_| (self.f32, self.loc)));
@@ -402,14 +425,17 @@ impl<'c> Lower<'c> {
             let bint = |name: &str, x: Value<'c, '_>, y: Value<'c, '_>| {
                 self.op(&body, name, &[x, y], self.index, false)
             };
-            let next = bint("arith.addi", s, bx(1));
+            // Slab s + stages − 1 goes into the stage slab s − 1 left (every lane finished it:
+            // the barrier ending the last iteration); past the depth, the last slab again, into
+            // a stage no later iteration reads.
+            let next = bint("arith.addi", s, bx(n_stages - 1));
             let stage_at = |which: Value<'c, '_>| {
                 bint(
                     "arith.addi",
                     base,
                     bint(
                         "arith.muli",
-                        bint("arith.remui", which, bx(2)),
+                        bint("arith.remui", which, bx(n_stages)),
                         bx(stage_bytes),
                     ),
                 )
@@ -422,8 +448,9 @@ impl<'c> Lower<'c> {
             );
             self.copy_warp_slab(&body, env, [&a, &b], (smem, there), next_k, lane)?;
             self.cp_async_commit(&body)?;
-            // This lane's copies of slab s have landed; the barrier publishes every lane's.
-            self.cp_async_wait(&body, 1)?;
+            // This lane's copies of slab s have landed (the stages − 1 later groups may still
+            // be in flight); the barrier publishes every lane's.
+            self.cp_async_wait(&body, n_stages as i64 - 1)?;
             self.warp_sync(&body);
             let k0 = bint("arith.muli", s, bx(slab));
             let attrs = self.mma_attrs(kind)?;
@@ -709,7 +736,7 @@ mod tests {
         let a = stageable(&m, &m.a, &lookup, &lets).expect("q is staged");
         assert_eq!((a.buf, a.elem, a.outer.len()), ("q", Elem::F32, 1));
         assert!(stageable(&m, &m.b, &lookup, &lets).is_some(), "cache");
-        assert_eq!(mma_bytes(&m, &lookup, &lets), STAGES * 64 * ROW_BYTES);
+        assert_eq!(stage_bytes(&m, &lookup, &lets), 64 * ROW_BYTES);
         let local = ld("sc", [v("mi") * i(32) + v("k")]);
         assert!(stageable(
             &tile(tf, 32, local.clone(), k.clone()),
@@ -735,7 +762,7 @@ mod tests {
         }
         // Depth 40 is not whole 16-element slabs.
         let m = tile(tf, 40, q.clone(), k.clone());
-        assert_eq!(mma_bytes(&m, &lookup, &lets), 0);
+        assert_eq!(stage_bytes(&m, &lookup, &lets), 0);
         // bf16 weights at an offset proven through a `let`.
         let w = ld("w", [v("mj"), v("k0") + v("k")]);
         let m = tile(MmaKind::Bf16, 64, ld("q", [v("mi"), v("k")]), w.clone());
@@ -744,7 +771,10 @@ mod tests {
             "f32 into a bf16 tile"
         );
         assert!(stageable(&m, &w, &lookup, &lets).is_some());
-        assert_eq!(mma_bytes(&m, &lookup, &lets), STAGES * 32 * ROW_BYTES);
+        assert_eq!(stage_bytes(&m, &lookup, &lets), 32 * ROW_BYTES);
+        assert_eq!(stages(4 * 32 * ROW_BYTES + 100, 32 * ROW_BYTES), 4);
+        assert_eq!(stages(12 << 10, 48 * ROW_BYTES), 3);
+        assert_eq!(stages(12 << 10, 64 * ROW_BYTES), MIN_STAGES);
     }
 
     /// Every 16-byte chunk of a slab is copied by exactly one (lane, round), a round's copies
