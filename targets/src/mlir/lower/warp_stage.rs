@@ -1,5 +1,5 @@
 //! A warp program's [`Stmt::Mma`] with its operands staged through the warp's slice of shared
-//! memory by `cp.async`, two slabs in flight: the warp-level counterpart of [`super::staged`]
+//! memory by `cp.async`, in a pipeline of 2 to 4 stages: the warp-level counterpart of [`super::staged`]
 //! (which stages a whole block's tile), for the tiles inside warp programs (flash attention,
 //! the chunked recurrences, MLA decode, split-K projections).
 //!
