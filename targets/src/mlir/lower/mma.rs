@@ -35,6 +35,18 @@ fn per_register(kind: MmaKind) -> usize {
     }
 }
 
+/// The attributes of an `nvvm.mma.sync` ([`Lower::mma_attrs`]).
+pub(super) type MmaAttrs<'c> = [(Identifier<'c>, Attribute<'c>)];
+
+/// Registers per operand element of `kind` (bf16 and TF32: one; TF32x3: a head and a tail)
+/// and the `(A variant, B variant)` pairs multiplied per MMA, small terms first.
+pub(super) fn register_variants(kind: MmaKind) -> (usize, &'static [(usize, usize)]) {
+    match kind {
+        MmaKind::Bf16 | MmaKind::Tf32 => (1, &[(0, 0)]),
+        MmaKind::Tf32x3 | MmaKind::F32 => (2, &[(1, 0), (0, 1), (0, 0)]),
+    }
+}
+
 /// `(row, k)` of A-fragment register `reg` (0..4), element `h` (0..per register), for group
 /// `g` and thread-in-group `t`: registers 0 and 2 hold row `g`, 1 and 3 row `g + 8`; registers
 /// 2 and 3 are half the MMA's depth further along `k`.
@@ -167,34 +179,15 @@ impl<'c> Lower<'c> {
             };
             // One register's worth of operand, as the registers the MMAs take: bf16, one
             // register packing two elements; tf32x3, a head register and a tail register.
-            let registers = |e: &Expr,
-                             var: &str,
-                             idx: Value<'c, '_>,
-                             last: Value<'c, '_>,
-                             kk: Value<'c, '_>|
-             -> R<Vec<Value<'c, '_>>> {
+            let registers = |e: &Expr, var: &str, idx, last, kk| {
                 let idx = self.op(&body, "arith.minui", &[idx, last], self.index, false);
-                match kind {
-                    MmaKind::Bf16 => {
-                        let lo = self.mma_element(&body, env, (mma, e, var), idx, kk)?;
-                        let hi =
-                            self.mma_element(&body, env, (mma, e, var), idx, badd(kk, bx(1)))?;
-                        Ok(vec![self.pack_bf16(&body, lo, hi)])
-                    }
-                    MmaKind::Tf32x3 | MmaKind::F32 | MmaKind::Tf32 => {
-                        let x = self.mma_element(&body, env, (mma, e, var), idx, kk)?;
-                        self.tf32_registers(&body, kind, x)
-                    }
-                }
+                self.expr_registers(&body, env, (mma, e, var), idx, kk)
             };
             // Lane offsets: g (row/column in a fragment) and t·(elements per register) (depth).
             let e = per_register(kind) as i64;
             let t_k = self.op(&body, "arith.muli", &[t, bx(e)], self.index, false);
             // a_regs[tile][variant][reg], b_regs likewise (variant: bf16 one, tf32x3 hi/lo).
-            let variants = match kind {
-                MmaKind::Bf16 | MmaKind::Tf32 => 1,
-                MmaKind::Tf32x3 | MmaKind::F32 => 2,
-            };
+            let (variants, products) = register_variants(kind);
             // Every unrolled step's fragments are loaded before the first MMA, so that `unroll`
             // steps of loads are in flight at once.
             let mut steps_regs = Vec::new();
@@ -234,25 +227,9 @@ impl<'c> Lower<'c> {
                 }
                 steps_regs.push((a_regs, b_regs));
             }
-            // (A variant, B variant) per MMA, small terms first.
-            let products: &[(usize, usize)] = match kind {
-                MmaKind::Bf16 | MmaKind::Tf32 => &[(0, 0)],
-                MmaKind::Tf32x3 | MmaKind::F32 => &[(1, 0), (0, 1), (0, 0)],
-            };
             let mut acc: Vec<Value> = (0..accs).map(|i| arg(1 + i)).collect::<R<_>>()?;
             for (a_regs, b_regs) in &steps_regs {
-                let mut next = Vec::new();
-                for (am, a) in a_regs.iter().enumerate() {
-                    for (bn, b) in b_regs.iter().enumerate() {
-                        let c0 = (am * tn + bn) * 4;
-                        let mut c: Vec<Value> = acc[c0..c0 + 4].to_vec();
-                        for &(va, vb) in products {
-                            c = self.mma_sync(&body, &attrs, &a[va], &b[vb], &c, what)?;
-                        }
-                        next.extend(c);
-                    }
-                }
-                acc = next;
+                acc = self.step_products(&body, (&attrs, products), a_regs, b_regs, &acc, what)?;
             }
             body.append_operation(scf::r#yield(&acc, self.loc));
         }
@@ -270,6 +247,59 @@ impl<'c> Lower<'c> {
         (0..accs)
             .map(|i| r.result(i).map(Into::into).map_err(|e| bug(e.to_string())))
             .collect()
+    }
+
+    /// One MMA step of a tile: every (A tile, B tile) pair's `mma.sync`s (`products`: the
+    /// (A variant, B variant) pairs, [`register_variants`]) on the accumulators `acc`
+    /// (row-major over the pairs, 4 each); returns the new accumulators.
+    pub(super) fn step_products<'b>(
+        &self,
+        body: &'b Block<'c>,
+        (attrs, products): (&MmaAttrs<'c>, &[(usize, usize)]),
+        a_regs: &[Vec<Vec<Value<'c, 'b>>>],
+        b_regs: &[Vec<Vec<Value<'c, 'b>>>],
+        acc: &[Value<'c, 'b>],
+        what: &str,
+    ) -> R<Vec<Value<'c, 'b>>> {
+        let tn = b_regs.len();
+        let mut next = Vec::new();
+        for (am, a) in a_regs.iter().enumerate() {
+            for (bn, b) in b_regs.iter().enumerate() {
+                let c0 = (am * tn + bn) * 4;
+                let mut c: Vec<Value> = acc[c0..c0 + 4].to_vec();
+                for &(va, vb) in products {
+                    c = self.mma_sync(body, attrs, &a[va], &b[vb], &c, what)?;
+                }
+                next.extend(c);
+            }
+        }
+        Ok(next)
+    }
+
+    /// One register's worth of operand `e` of `mma` (its row bound as `var` at `row`, already
+    /// clamped) at depth `k`, evaluated from the expression: bf16, one register packing
+    /// elements `k` and `k + 1`; the TF32 kinds, [`Self::tf32_registers`] of element `k`.
+    pub(super) fn expr_registers<'b>(
+        &self,
+        body: &'b Block<'c>,
+        env: &Env<'c, 'b>,
+        (mma, e, var): (&Mma, &Expr, &str),
+        row: Value<'c, 'b>,
+        k: Value<'c, 'b>,
+    ) -> R<Vec<Value<'c, 'b>>> {
+        match mma.kind {
+            MmaKind::Bf16 => {
+                let lo = self.mma_element(body, env, (mma, e, var), row, k)?;
+                let one = self.const_index(body, 1);
+                let k1 = self.op(body, "arith.addi", &[k, one], self.index, false);
+                let hi = self.mma_element(body, env, (mma, e, var), row, k1)?;
+                Ok(vec![self.pack_bf16(body, lo, hi)])
+            }
+            kind => {
+                let x = self.mma_element(body, env, (mma, e, var), row, k)?;
+                self.tf32_registers(body, kind, x)
+            }
+        }
     }
 
     /// The registers a TF32 kind takes for f32 element `x`: [`MmaKind::Tf32x3`] (and `F32`),

@@ -35,7 +35,8 @@ use melior::ir::{
     Attribute, Block, BlockLike, Identifier, Region, RegionLike, Type, Value, ValueLike,
 };
 
-use super::{a_fragment, b_fragment, bug, Env, Lower, Ty, R};
+use super::warp_stage::Stageable;
+use super::{a_fragment, b_fragment, bug, Env, Lower, R};
 
 /// Warps along the tile's rows and columns.
 pub const WARPS_M: usize = 2;
@@ -170,7 +171,7 @@ pub fn warp_origin(mma: &Mma, warp: usize) -> (usize, usize) {
 /// An operand `cp.async` can copy: a load of a bf16 buffer `[.., c]` (`c` a multiple of 8, so
 /// that 8 elements are 16 aligned bytes) at `[.., k]`, no other index depending on `k`: the
 /// buffer, the indices before `k` and their strides.
-fn copyable<'e>(env: &Env, mma: &Mma, e: &'e Expr) -> Option<Copy<'e>> {
+fn copyable<'e>(env: &Env, mma: &Mma, e: &'e Expr) -> Option<Stageable<'e>> {
     let Expr::Load(buf, idx) = e else { return None };
     let info = env.bufs.get(buf)?;
     let (Expr::Var(k), rest) = idx.split_last()? else {
@@ -184,16 +185,12 @@ fn copyable<'e>(env: &Env, mma: &Mma, e: &'e Expr) -> Option<Copy<'e>> {
         && outer.iter().all(|s| s.is_multiple_of(8))
         && !rest.is_empty()
         && rest.iter().all(|x| !x.reads(&mma.k));
-    ok.then(|| Copy {
+    ok.then(|| Stageable {
         buf: buf.as_str(),
-        index: rest.iter().zip(outer.iter().copied()).collect(),
+        elem: lamina_ir::kernel::Elem::Bf16,
+        outer: rest.iter().zip(outer.iter().copied()).collect(),
+        offset: None,
     })
-}
-
-/// A `cp.async`-able operand: `buf[index..., k]`, each index with its stride.
-struct Copy<'e> {
-    buf: &'e str,
-    index: Vec<(&'e Expr, usize)>,
 }
 
 /// One operand of the tile: its expression, the name its row index binds, its rows in the
@@ -203,7 +200,7 @@ struct Operand<'x, 'c, 'a> {
     var: &'x str,
     rows: usize,
     last: Value<'c, 'a>,
-    copy: Option<Copy<'x>>,
+    copy: Option<Stageable<'x>>,
     /// Byte offset of its slab within a stage.
     offset: usize,
     layout: Layout,
@@ -713,13 +710,7 @@ impl<'c> Lower<'c> {
                 let row = int("arith.divui", c, bx(SLAB / 8));
                 let k8 = int("arith.muli", int("arith.remui", c, bx(SLAB / 8)), bx(8));
                 let clamped = int("arith.minui", row, op.last);
-                let mut env2 = env.clone();
-                env2.vars.insert(op.var.to_string(), (clamped, Ty::Int));
-                let mut from = int("arith.addi", k0, k8);
-                for &(x, stride) in &copy.index {
-                    let (x, _) = self.expr(body, &env2, x)?;
-                    from = int("arith.addi", from, int("arith.muli", x, bx(stride)));
-                }
+                let from = self.copy_source(body, env, (op.var, clamped), copy, k0, k8)?;
                 let to = self.slab_index(body, op.layout, row, k8);
                 self.async_copy(body, (view, to), (src, from), 8, true)?;
             }

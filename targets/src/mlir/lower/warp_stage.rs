@@ -37,6 +37,7 @@ use melior::ir::operation::OperationBuilder;
 use melior::ir::r#type::IntegerType;
 use melior::ir::{Block, BlockLike, Region, RegionLike, Type, Value};
 
+use super::mma::register_variants;
 use super::{a_fragment, b_fragment, bug, Env, Lower, Ty, R};
 
 /// Depth bytes of one staged slab row: 16 f32 or 32 bf16 (two MMA steps of either kind).
@@ -253,10 +254,11 @@ pub fn stages(area: usize, stage: usize) -> usize {
 /// expanded, products on tensor cores); `locals_global`: its locals live in the scratch buffer
 /// (so they can be staged), rather than in shared memory.
 pub fn kernel_stage_bytes(k: &Kernel, locals_global: bool) -> usize {
-    let mut locals = Vec::new();
-    if locals_global {
-        collect_locals(&k.body, &mut locals);
-    }
+    let locals = if locals_global {
+        super::local_layout(k).0
+    } else {
+        Vec::new()
+    };
     let lookup = |name: &str| -> Option<(Elem, Vec<usize>)> {
         if let Some(p) = k.params.iter().find(|p| p.name == name) {
             let mut strides = vec![1usize; p.shape.len()];
@@ -270,8 +272,8 @@ pub fn kernel_stage_bytes(k: &Kernel, locals_global: bool) -> usize {
         }
         locals
             .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, e)| (*e, vec![1]))
+            .find(|(n, ..)| n == name)
+            .map(|(_, e, ..)| (*e, vec![1]))
     };
     let lets = lets(k);
     let mut most = 0;
@@ -279,17 +281,6 @@ pub fn kernel_stage_bytes(k: &Kernel, locals_global: bool) -> usize {
         most = most.max(stage_bytes(m, &lookup, &lets))
     });
     most
-}
-
-fn collect_locals(b: &[Stmt], out: &mut Vec<(String, Elem)>) {
-    for s in b {
-        match s {
-            Stmt::Local { name, elem, .. } => out.push((name.clone(), *elem)),
-            Stmt::For { body, .. } => collect_locals(body, out),
-            Stmt::If { then, .. } => collect_locals(then, out),
-            _ => {}
-        }
-    }
 }
 
 fn visit_mmas(b: &[Stmt], f: &mut dyn FnMut(&Mma)) {
@@ -508,33 +499,12 @@ impl<'c> Lower<'c> {
                     }
                     None => {
                         let k = bint("arith.addi", k0, kl);
-                        match kind {
-                            MmaKind::Bf16 => {
-                                let lo =
-                                    self.mma_element(&body, env, (mma, op.e, op.var), row, k)?;
-                                let k1 = bint("arith.addi", k, bx(1));
-                                let hi =
-                                    self.mma_element(&body, env, (mma, op.e, op.var), row, k1)?;
-                                Ok(vec![self.pack_bf16(&body, lo, hi)])
-                            }
-                            _ => {
-                                let x =
-                                    self.mma_element(&body, env, (mma, op.e, op.var), row, k)?;
-                                self.tf32_registers(&body, kind, x)
-                            }
-                        }
+                        self.expr_registers(&body, env, (mma, op.e, op.var), row, k)
                     }
                 }
             };
             let t_k = bint("arith.muli", t, bx(per_register));
-            let variants = match kind {
-                MmaKind::Bf16 | MmaKind::Tf32 => 1,
-                MmaKind::Tf32x3 | MmaKind::F32 => 2,
-            };
-            let products: &[(usize, usize)] = match kind {
-                MmaKind::Bf16 | MmaKind::Tf32 => &[(0, 0)],
-                MmaKind::Tf32x3 | MmaKind::F32 => &[(1, 0), (0, 1), (0, 0)],
-            };
+            let (variants, products) = register_variants(kind);
             let mut acc: Vec<Value> = (0..accs).map(|i| arg(1 + i)).collect::<R<_>>()?;
             for u in 0..slab / step {
                 let kl = bint("arith.addi", t_k, bx(u * step));
@@ -564,18 +534,8 @@ impl<'c> Lower<'c> {
                     }
                     b_regs.push(regs);
                 }
-                let mut next = Vec::new();
-                for (am, ar) in a_regs.iter().enumerate() {
-                    for (bn, br) in b_regs.iter().enumerate() {
-                        let c0 = (am * tn + bn) * 4;
-                        let mut c: Vec<Value> = acc[c0..c0 + 4].to_vec();
-                        for &(x, y) in products {
-                            c = self.mma_sync(&body, &attrs, &ar[x], &br[y], &c, what)?;
-                        }
-                        next.extend(c);
-                    }
-                }
-                acc = next;
+                acc =
+                    self.step_products(&body, (&attrs, products), &a_regs, &b_regs, &acc, what)?;
             }
             // Every lane is done with this stage before the next iteration copies into it.
             self.warp_sync(&body);
@@ -599,6 +559,35 @@ impl<'c> Lower<'c> {
         (0..accs)
             .map(|i| r.result(i).map(Into::into).map_err(|e| bug(e.to_string())))
             .collect()
+    }
+
+    /// The element index in `copy`'s buffer of its row `row` (bound as `var`) at depth
+    /// `k0 + k`: `k0 + k + offset + Σ index · stride`.
+    pub(super) fn copy_source<'b>(
+        &self,
+        body: &'b Block<'c>,
+        env: &Env<'c, 'b>,
+        (var, row): (&str, Value<'c, 'b>),
+        copy: &Stageable<'_>,
+        k0: Value<'c, 'b>,
+        k: Value<'c, 'b>,
+    ) -> R<Value<'c, 'b>> {
+        let int = |name: &str, x: Value<'c, 'b>, y: Value<'c, 'b>| {
+            self.op(body, name, &[x, y], self.index, false)
+        };
+        let mut env2 = env.clone();
+        env2.vars.insert(var.to_string(), (row, Ty::Int));
+        let mut from = int("arith.addi", k0, k);
+        if let Some(c) = copy.offset {
+            let (c, _) = self.expr(body, &env2, c)?;
+            from = int("arith.addi", from, c);
+        }
+        for &(x, stride) in &copy.outer {
+            let (x, _) = self.expr(body, &env2, x)?;
+            let stride = self.const_index(body, stride as i64);
+            from = int("arith.addi", from, int("arith.muli", x, stride));
+        }
+        Ok(from)
     }
 
     /// Issues this lane's `cp.async` copies of slab `k0` (depth elements) of the staged
@@ -645,17 +634,7 @@ impl<'c> Lower<'c> {
                     bx(CHUNK / ebytes),
                 );
                 let clamped = int("arith.minui", row, op.last);
-                let mut env2 = env.clone();
-                env2.vars.insert(op.var.to_string(), (clamped, Ty::Int));
-                let mut from = int("arith.addi", k0, kc);
-                if let Some(c) = copy.offset {
-                    let (c, _) = self.expr(body, &env2, c)?;
-                    from = int("arith.addi", from, c);
-                }
-                for &(x, stride) in &copy.outer {
-                    let (x, _) = self.expr(body, &env2, x)?;
-                    from = int("arith.addi", from, int("arith.muli", x, bx(stride)));
-                }
+                let from = self.copy_source(body, env, (op.var, clamped), copy, k0, kc)?;
                 let to = int(
                     "arith.addi",
                     int("arith.muli", row, bx(ROW_BYTES / ebytes)),
