@@ -2,7 +2,7 @@
 //! packed ABI the runtime uses.
 
 use lamina_ir::kernel::build::*;
-use lamina_ir::kernel::{Dim, Kernel};
+use lamina_ir::kernel::{Dim, Elem, Expr, Kernel};
 
 use crate::host::{build_library, symbol};
 
@@ -532,14 +532,30 @@ fn mma_tiles_assemble_for_both_gpus() {
     }
 }
 
-/// A warp's share of a dealt reduction runs [`crate::mlir::lower::REDUCE_UNROLL`] iterations
-/// per trip, each one's load issued before the first add (so a decode GEMV keeps that many
-/// loads in flight per lane), then the remainder one by one.
+/// A warp's share of a dealt reduction that reads nothing contiguously (here a strided row)
+/// runs [`crate::mlir::lower::REDUCE_UNROLL`] iterations per trip, each one's load issued
+/// before the first add (so the warp keeps that many loads in flight per lane), then the
+/// remainder one by one.
 #[test]
 fn dealt_reductions_keep_loads_in_flight() {
     use crate::mlir::lower::REDUCE_UNROLL;
     use crate::Target;
-    let kernel = norm_kernel(2048);
+    let cols = 2048;
+    let x = |c: Expr| ld("x", [pid(0), c * i(2)]);
+    let kernel = Kernel {
+        name: "strided_norm".into(),
+        nodes: vec![],
+        grid: vec![Dim::Rows],
+        params: vec![
+            input("x", &[Dim::Rows, Dim::N(2 * cols)]),
+            output("y", &[Dim::Rows]),
+        ],
+        body: vec![st(
+            "y",
+            [pid(0)],
+            sum("c", i(0), i(cols), x(v("c")) * x(v("c"))),
+        )],
+    };
     assert_eq!(crate::nvptx::lanes(&kernel), crate::nvptx::WARP);
     let (ptx, _) = crate::nvptx::compile_ptx(std::slice::from_ref(&kernel), Target::Sm90a).unwrap();
     // The longest run of global loads between two branches: one unrolled trip's.
@@ -557,4 +573,145 @@ fn dealt_reductions_keep_loads_in_flight() {
         most >= REDUCE_UNROLL,
         "{most} loads in the longest straight run of\n{ptx}"
     );
+}
+
+/// A GEMV-like kernel of `depth` (a split sum carrying two output columns, and a reduction)
+/// whose weights are `w_elem`: every loop reads `x` and `w` contiguously, so it is dealt in
+/// blocks ([`crate::mlir::lower`]'s `deal`).
+fn blocked_kernel(depth: usize, w_elem: Elem) -> Kernel {
+    use lamina_ir::kernel::Access;
+    let x = |c: &str| ld("x", [pid(0), v(c)]);
+    let w = |r: Expr, c: &str| ld("w", [r, v(c)]);
+    Kernel {
+        name: "blocked".into(),
+        nodes: vec![],
+        grid: vec![Dim::Rows, Dim::N(4)],
+        params: vec![
+            input("x", &[Dim::Rows, Dim::N(depth)]),
+            param("w", w_elem, &[Dim::N(8), Dim::N(depth)], Access::Read),
+            output("y", &[Dim::Rows, Dim::N(8)]),
+            output("s", &[Dim::Rows, Dim::N(4)]),
+        ],
+        body: vec![
+            for_sum(
+                "c",
+                i(0),
+                i(depth),
+                vec![("a", f(0.0)), ("b", f(0.0))],
+                vec![
+                    let_("xc", x("c")),
+                    let_("w0", w(pid(1) * i(2), "c")),
+                    let_("w1", w(pid(1) * i(2) + i(1), "c")),
+                ],
+                vec![v("a") + v("xc") * v("w0"), v("b") + v("xc") * v("w1")],
+            ),
+            st("y", [pid(0), pid(1) * i(2)], v("a")),
+            st("y", [pid(0), pid(1) * i(2) + i(1)], v("b")),
+            st(
+                "s",
+                [pid(0), pid(1)],
+                sum("k", i(0), i(depth), x("k") * w(pid(1), "k")),
+            ),
+        ],
+    }
+}
+
+/// Split sums and reductions that read buffers contiguously are dealt to the lanes in
+/// blocks (here 4 f32 iterations, rounds of 128): the host's emulation of the lanes takes
+/// every iteration once, in the whole trips (4 rounds each here), the rounds left over and the
+/// ragged remainder alike, and matches the plain host build and an f64 sum. Depths: below a
+/// round; 2 rounds; 6 rounds (a trip and 2 left) and a remainder; 16 rounds and a remainder.
+#[test]
+fn blocked_deal_takes_every_iteration_once() {
+    use crate::host::build_library_with_progress;
+    use crate::mlir::Flavor;
+    for depth in [40, 256, 3 * 256 + 40, 2048 + 40] {
+        let kernel = blocked_kernel(depth, Elem::F32);
+        let rows = 3;
+        let x: Vec<f32> = (0..rows * depth)
+            .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+            .collect();
+        let w: Vec<f32> = (0..8 * depth)
+            .map(|i| ((i * 104_729) % 97) as f32 / 48.0 - 1.0)
+            .collect();
+        let dot = |r: usize, o: usize| -> f64 {
+            (0..depth)
+                .map(|c| x[r * depth + c] as f64 * w[o * depth + c] as f64)
+                .sum()
+        };
+        for flavor in [Flavor::Host, Flavor::HostLanes(32)] {
+            let dir = tempfile::tempdir().unwrap();
+            let so = dir.path().join("kernels.so");
+            build_library_with_progress(std::slice::from_ref(&kernel), &so, flavor, &|_, _| {})
+                .unwrap();
+            let lib = unsafe { libloading::Library::new(&so) }.unwrap();
+            let (mut x, mut w) = (x.clone(), w.clone());
+            let mut y = vec![f32::NAN; rows * 8];
+            let mut s = vec![f32::NAN; rows * 4];
+            call(
+                &lib,
+                "blocked",
+                &mut [&mut x, &mut w, &mut y, &mut s],
+                rows as i64,
+                0,
+                rows as i64 * 4,
+            );
+            for r in 0..rows {
+                for o in 0..8 {
+                    let (got, want) = (y[r * 8 + o] as f64, dot(r, o));
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{flavor:?} depth {depth} y[{r}, {o}]: {got} vs {want}"
+                    );
+                }
+                for o in 0..4 {
+                    let (got, want) = (s[r * 4 + o] as f64, dot(r, o));
+                    assert!(
+                        (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{flavor:?} depth {depth} s[{r}, {o}]: {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// On a GPU, the blocked deal reads each lane's block of a contiguous operand with 16-byte
+/// vector loads: 8 bf16 weights in one `ld.global.v4`, 8 f32 activations in two; only the
+/// ragged remainder is read element by element. The kernel assembles without spills.
+#[test]
+fn blocked_deal_reads_16_byte_vectors() {
+    use crate::Target;
+    let kernel = blocked_kernel(2048 + 40, Elem::Bf16);
+    assert_eq!(crate::nvptx::lanes(&kernel), crate::nvptx::WARP);
+    for target in [Target::Sm80, Target::Sm90a] {
+        let (ptx, _) = crate::nvptx::compile_ptx(std::slice::from_ref(&kernel), target).unwrap();
+        let count = |s: &str| ptx.lines().filter(|l| l.contains(s)).count();
+        // Per round: the sum's x (2 vector loads), w0 and w1 (1 each), 64 bytes a lane; the
+        // reduction's x (2) and w (1), 48 bytes. Both take 4 rounds per trip (256 bytes at
+        // most), and the 8 whole rounds are 2 trips (the loops of leftover rounds fold away).
+        assert!(
+            count("ld.global.v4.b32") >= 4 * 4 + 4 * 3,
+            "{target}: {ptx}"
+        );
+        // The remainders' scalar loads: x, w0 and w1, then x and w.
+        assert!(
+            count("ld.global.b16") + count("ld.global.u16") >= 3,
+            "{target}: {ptx}"
+        );
+        if crate::nvptx::ptxas_path().is_some() {
+            let res = crate::nvptx::ptxas(&ptx, target).unwrap();
+            assert_eq!(
+                res[0].spill_stores + res[0].spill_loads,
+                0,
+                "{target}: spills"
+            );
+        } else {
+            assert!(
+                std::env::var("LAMINA_REQUIRE_PTXAS").as_deref() != Ok("1"),
+                "ptxas required but not found"
+            );
+            eprintln!("SKIPPED: ptxas not installed, the blocked kernel is not assembled");
+        }
+    }
 }

@@ -837,6 +837,33 @@ fn wide_recurrences_span_several_scan_programs() {
     check_model_with(&spec, &[70], false, 32, 1, false);
 }
 
+/// The blocked deal of split sums and reductions (lanes taking blocks of 8 bf16 or 4 f32
+/// consecutive iterations, read as vectors on a GPU) at widths where it runs: hidden 776 is 3
+/// rounds of 8 × 32 bf16 weights and a remainder of 8 (norms, routers, the experts' gate and
+/// up, the split-K projections), head and expert widths of 128 and 264 whole and ragged rounds
+/// of 4 × 32 f32 (the recurrent decode step, the experts' down); lanes emulated, bf16 weights,
+/// against the reference.
+#[test]
+fn blocked_lanes_match_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = dir.path().join("blocked.toml");
+    std::fs::write(
+        &spec,
+        "name = \"blocked\"\nvocab_size = 97\nhidden_size = 776\nnum_layers = 3\n\n[norm]\neps = 1e-6\n\n\
+         [layers]\npattern = \"GKA\"\nffn_pattern = \"M\"\n\n\
+         [mixer.G]\nkind = \"gated_delta\"\nkey_heads = 1\nvalue_heads = 2\nkey_head_dim = 128\n\
+         value_head_dim = 128\nconv_kernel = 4\n\n\
+         [mixer.K]\nkind = \"kda\"\nheads = 1\nhead_dim = 128\nconv_kernel = 4\ngate_rank = 16\n\
+         output_gate_rank = 16\n\n\
+         [mixer.A]\nkind = \"gqa\"\nheads = 2\nkv_heads = 1\nhead_dim = 128\n\
+         rope = { theta = 10000.0, rotary_dim = 32 }\n\n\
+         [ffn.M]\nkind = \"moe\"\nexperts = 4\ntop_k = 2\nintermediate = 264\nrouter = \"softmax\"\n\
+         renormalize = true\nshared_intermediate = 16\n",
+    )
+    .unwrap();
+    check_model_with(&spec, &[1, 65], true, 32, 1, false);
+}
+
 /// MLA prefill (flash-style, absorbed) where the weight products span several MMA tiles with a
 /// ragged last one: `q̃ = q_nope·W_UK` is 80 = 2·32 + 16 latent columns wide over a depth of
 /// 48 (6 TF32 steps), the logits 80 + 16 deep, `W_UV·acc` 40 = 32 + 8 columns over the latent

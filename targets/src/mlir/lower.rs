@@ -37,6 +37,7 @@ use melior::Context;
 
 use crate::TargetError;
 
+mod deal;
 mod mma;
 pub mod staged;
 pub mod warp_stage;
@@ -60,10 +61,12 @@ pub enum Flavor {
     Host,
     /// `lanes` consecutive GPU threads per program (1, a warp's 32, or a whole block for a
     /// block-cooperative tile: [`staged`]), `block` threads per block; `wgmma`: staged tiles
-    /// use sm_90a's warpgroup MMAs (else `mma.sync`). With several lanes, every lane runs the program's statements (loads of one address
-    /// are broadcast, stores of one value coincide) except split loops and reductions, whose
-    /// iterations are dealt round-robin to the lanes and whose partial results are combined by
-    /// a butterfly of warp shuffles, so that every lane holds the same total after them.
+    /// use sm_90a's warpgroup MMAs (else `mma.sync`). With several lanes, every lane runs the
+    /// program's statements (loads of one address are broadcast, stores of one value coincide)
+    /// except split loops and reductions, whose iterations are dealt to the lanes (round-robin,
+    /// or in blocks of contiguous iterations read by vector loads: [`deal`]) and whose partial
+    /// results are combined by a butterfly of warp shuffles, so that every lane holds the same
+    /// total after them.
     /// `shared_locals`: a warp program's locals live in the block's static shared memory (one
     /// slice per warp) instead of the scratch buffer. `staging`: bytes of each warp's slice
     /// that stage its MMA operands ([`warp_stage`]; 0: fragments are loaded from the operands
@@ -76,8 +79,8 @@ pub enum Flavor {
         staging: usize,
     },
     /// The host frame, with split loops and reductions run as `lanes` lanes would on a GPU:
-    /// lane by lane (lane j takes iterations lo + j, lo + j + lanes, ...), partials added in
-    /// lane order. Tests compare it with [`Flavor::Host`] to check the GPU's split arithmetic
+    /// lane by lane (each lane's iterations as the GPU deals them), partials added in lane
+    /// order. Tests compare it with [`Flavor::Host`] to check the GPU's split arithmetic
     /// on the CPU.
     HostLanes(u32),
 }
@@ -115,6 +118,9 @@ struct Env<'c, 'a> {
     warp_stage: Option<(Value<'c, 'a>, Value<'c, 'a>, usize)>,
     /// The kernel's `let` definitions (alignment proofs of staged operands).
     lets: std::rc::Rc<warp_stage::Lets>,
+    /// Inside a lane's block of a blocked deal ([`deal`]): the values of this iteration's
+    /// contiguous loads, already read as vectors.
+    blocked: Option<std::rc::Rc<Vec<(Expr, Value<'c, 'a>)>>>,
 }
 
 struct Lower<'c> {
@@ -375,6 +381,7 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
             },
             warp_stage,
             lets: std::rc::Rc::new(warp_stage::lets(k)),
+            blocked: None,
         };
         // pids from p, last axis fastest.
         let mut pids = vec![p; k.grid.len()];
@@ -689,15 +696,15 @@ impl<'c> Lower<'c> {
             }
             Stmt::For {
                 var,
-                lo,
-                hi,
+                lo: lo_expr,
+                hi: hi_expr,
                 carried,
                 body,
                 yields,
                 split,
             } => {
-                let (lo, _) = l.expr(blk, env, lo)?;
-                let (hi, _) = l.expr(blk, env, hi)?;
+                let (lo, _) = l.expr(blk, env, lo_expr)?;
+                let (hi, _) = l.expr(blk, env, hi_expr)?;
                 let mut inits = Vec::new();
                 let mut tys = Vec::new();
                 for (_, e) in carried {
@@ -706,8 +713,9 @@ impl<'c> Lower<'c> {
                     tys.push(t);
                 }
                 let starts = inits.clone();
-                // A split sum over the lanes: lane j takes iterations lo + j, lo + j + lanes,
-                // ... from zero partials; the totals are added to the initial values after.
+                // A split sum over the lanes: each lane takes its share of the iterations (lo + j,
+                // lo + j + lanes, ..., or blocks: [`deal`]) from zero partials; the totals are
+                // added to the initial values after.
                 let spread = *split && l.lanes > 1 && !l.in_split;
                 let results = if !spread {
                     let step = l.const_index(blk, 1);
@@ -737,19 +745,24 @@ impl<'c> Lower<'c> {
                     if parallel {
                         l.warp_sync(blk);
                     }
+                    // Blocks of contiguous iterations per lane when the body reads buffers
+                    // contiguously ([`deal`]).
+                    let lookup = |n: &str| l.buffer(env, n);
+                    let deal = deal::split_sum_deal(
+                        var, lo_expr, carried, body, yields, &lookup, &env.lets,
+                    )
+                    .filter(|d| d.has_rounds(lo_expr, hi_expr, l.lanes));
                     let totals = if l.gpu {
                         let lane = env.lane.ok_or_else(|| bug(format!("{what}: no lane id")))?;
-                        let lo = l.op(blk, "arith.addi", &[lo, lane], l.index, false);
-                        let partials = inner.carried_loop(
+                        let partials = inner.lane_split_sum(
                             blk,
                             env,
                             var,
-                            (lo, hi, step),
+                            (lo, hi),
+                            (lane, step),
                             &zeros,
-                            &tys,
-                            carried,
-                            body,
-                            yields,
+                            (carried, body, yields),
+                            deal.as_ref(),
                             what,
                             line,
                         )?;
@@ -765,20 +778,18 @@ impl<'c> Lower<'c> {
                         {
                             let lane: Value =
                                 outer.argument(0).map_err(|e| bug(e.to_string()))?.into();
-                            let lo = l.op(&outer, "arith.addi", &[lo, lane], l.index, false);
                             let zeros: Vec<Value> =
                                 tys.iter().map(|_| l.const_f32(&outer, 0.0)).collect();
                             let env2: Env<'c, '_> = env.clone();
-                            let partials = inner.carried_loop(
+                            let partials = inner.lane_split_sum(
                                 &outer,
                                 &env2,
                                 var,
-                                (lo, hi, step),
+                                (lo, hi),
+                                (lane, step),
                                 &zeros,
-                                &tys,
-                                carried,
-                                body,
-                                yields,
+                                (carried, body, yields),
+                                deal.as_ref(),
                                 what,
                                 line,
                             )?;
@@ -865,6 +876,14 @@ impl<'c> Lower<'c> {
             Expr::Pid(a) => (env.pids[*a], Ty::Int),
             Expr::Rows => (env.rows, Ty::Int),
             Expr::Load(b, idx) => {
+                // A blocked deal's contiguous load: already read, as a vector.
+                if let Some((_, v)) = env
+                    .blocked
+                    .as_ref()
+                    .and_then(|v| v.iter().find(|l| &l.0 == e))
+                {
+                    return Ok((*v, Ty::F32));
+                }
                 let info = env
                     .bufs
                     .get(b)
@@ -955,12 +974,12 @@ impl<'c> Lower<'c> {
             Expr::Reduce {
                 op,
                 var,
-                lo,
-                hi,
+                lo: lo_expr,
+                hi: hi_expr,
                 body,
             } => {
-                let (lo, _) = self.expr(blk, env, lo)?;
-                let (hi, _) = self.expr(blk, env, hi)?;
+                let (lo, _) = self.expr(blk, env, lo_expr)?;
+                let (hi, _) = self.expr(blk, env, hi_expr)?;
                 let init = self.const_f32(
                     blk,
                     match op {
@@ -968,9 +987,9 @@ impl<'c> Lower<'c> {
                         ReduceOp::Max => f64::NEG_INFINITY,
                     },
                 );
-                // Over several lanes: lane j reduces lo + j, lo + j + lanes, ...; a butterfly
-                // combines the partials (GPU), or they are combined in lane order (host
-                // emulation).
+                // Over several lanes: each lane reduces its share (lo + j, lo + j + lanes, ...,
+                // or blocks: [`deal`]); a butterfly combines the partials (GPU), or they are
+                // combined in lane order (host emulation).
                 let spread = self.lanes > 1 && !self.in_split;
                 let combine = match op {
                     ReduceOp::Sum => "arith.addf",
@@ -986,32 +1005,43 @@ impl<'c> Lower<'c> {
                     ..*self
                 };
                 let step = self.const_index(blk, self.lanes as i64);
+                // Blocks of contiguous iterations per lane when the body reads buffers
+                // contiguously ([`deal`]).
+                let lookup = |n: &str| self.buffer(env, n);
+                let deal = deal::reduction_deal(var, lo_expr, body, &lookup, &env.lets)
+                    .filter(|d| d.has_rounds(lo_expr, hi_expr, self.lanes));
                 if self.gpu {
                     let lane = env
                         .lane
                         .ok_or_else(|| bug("reduction: no lane id".into()))?;
-                    let lo = self.op(blk, "arith.addi", &[lo, lane], self.index, false);
-                    let partial = if body.has_reduce() {
-                        inner.reduce_loop(blk, env, var, (lo, hi, step), init, combine, body)?
-                    } else {
-                        inner.unrolled_reduce(blk, env, var, (lo, hi), init, combine, body)?
-                    };
+                    let partial = inner.lane_reduction(
+                        blk,
+                        env,
+                        var,
+                        (lo, hi),
+                        (lane, step),
+                        init,
+                        combine,
+                        body,
+                        deal.as_ref(),
+                    )?;
                     return Ok((self.lanes_combine(blk, partial, combine)?, Ty::F32));
                 }
                 let outer = Block::new(&[(self.index, self.loc), (self.f32, self.loc)]);
                 {
                     let lane: Value = outer.argument(0).map_err(|e| bug(e.to_string()))?.into();
                     let total: Value = outer.argument(1).map_err(|e| bug(e.to_string()))?.into();
-                    let lo = self.op(&outer, "arith.addi", &[lo, lane], self.index, false);
                     let env2: Env<'c, '_> = env.clone();
-                    let partial = inner.reduce_loop(
+                    let partial = inner.lane_reduction(
                         &outer,
                         &env2,
                         var,
-                        (lo, hi, step),
+                        (lo, hi),
+                        (lane, step),
                         init,
                         combine,
                         body,
+                        deal.as_ref(),
                     )?;
                     let next = self.op(&outer, combine, &[total, partial], self.f32, true);
                     outer.append_operation(scf::r#yield(&[next], self.loc));

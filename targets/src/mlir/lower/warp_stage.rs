@@ -220,7 +220,7 @@ pub fn stageable<'e>(
 /// Whether integer expression `e` is a multiple of `n` whatever its variables hold: constants,
 /// sums and products of such, and `let`s every definition of which is one (`depth` bounds
 /// the chase through `let`s).
-fn multiple_of(e: &Expr, n: usize, lets: &Lets, depth: usize) -> bool {
+pub(super) fn multiple_of(e: &Expr, n: usize, lets: &Lets, depth: usize) -> bool {
     match e {
         Expr::I(c) => c.rem_euclid(n as i64) == 0,
         Expr::Bin(BinOp::Add | BinOp::Sub, a, b) => {
