@@ -122,19 +122,41 @@ pub fn build(cx: &Ctx, n: NodeIndex, residual: Option<NodeIndex>) -> Vec<Launch>
 pub const DECODE_WARPS: usize = 1024;
 /// Least depth one split-K piece keeps (two MMA steps).
 pub const MIN_SPLIT_DEPTH: usize = 32;
+/// Depth granule of a split-K piece: one 64-byte bf16 slab, which a warp stages through shared
+/// memory by `cp.async` (a piece of a whole number of slabs has its weights staged; any other
+/// is loaded fragment by fragment).
+pub const SPLIT_SLAB: usize = 32;
+/// Depth granule of a piece when the depth is not a whole number of slabs: one MMA step.
+const SPLIT_STEP: usize = 16;
 
-/// Pieces the depth `k` of a decode projection with `programs` tile programs is split into: a
-/// power of two, each piece a multiple of 16 and at least [`MIN_SPLIT_DEPTH`] deep, until
-/// [`DECODE_WARPS`] programs run.
+/// Pieces the depth `k` of a decode projection with `programs` tile programs is split into:
+/// the fewest that make [`DECODE_WARPS`] programs, or else the most there can be, each piece a
+/// whole number of [`SPLIT_SLAB`]s (of MMA steps when `k` is not) and at least
+/// [`MIN_SPLIT_DEPTH`] deep. E.g. 2304 = 72 slabs over 64 column blocks: 18 pieces of 128
+/// (16 pieces of 144 would not stage).
 pub fn decode_k_splits(programs: usize, k: usize) -> usize {
-    let mut s = 1;
-    while programs * s < DECODE_WARPS
-        && k.is_multiple_of(2 * s * 16)
-        && k / (2 * s) >= MIN_SPLIT_DEPTH
-    {
-        s *= 2;
+    let unit = if k.is_multiple_of(SPLIT_SLAB) {
+        SPLIT_SLAB
+    } else {
+        SPLIT_STEP
+    };
+    if !k.is_multiple_of(unit) {
+        return 1;
     }
-    s
+    let units = k / unit;
+    let mut best = 1;
+    for s in 1..=units {
+        if k / s < MIN_SPLIT_DEPTH {
+            break;
+        }
+        if units.is_multiple_of(s) {
+            best = s;
+            if programs * s >= DECODE_WARPS {
+                break;
+            }
+        }
+    }
+    best
 }
 
 /// Output columns per program of a decode GEMV on CUDA cores (the MoE experts' dot products)
@@ -474,4 +496,31 @@ pub fn col_tiles(n0: Expr, nb: Expr, body: &dyn Fn(&[Expr]) -> Vec<Stmt>) -> Vec
             [vec![let_("c", n0 + v("j"))], body(&[v("c")])].concat(),
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_splits_keep_pieces_stageable() {
+        // 2304 = 72 slabs: 64 column blocks need 16 pieces; 16 does not divide 72, 18 does.
+        assert_eq!(decode_k_splits(64, 2304), 18);
+        assert_eq!(2304 / 18 % SPLIT_SLAB, 0);
+        // Powers of two where they divide: 4096 over 256 blocks, 1024 over 144.
+        assert_eq!(decode_k_splits(256, 4096), 4);
+        assert_eq!(decode_k_splits(144, 1024), 8);
+        // Few blocks: as many pieces as there can be, none below MIN_SPLIT_DEPTH.
+        assert_eq!(decode_k_splits(2, 2304), 72);
+        assert_eq!(decode_k_splits(1, 64), 2);
+        // Enough blocks already, or a depth that splits into no whole MMA steps.
+        assert_eq!(decode_k_splits(2048, 2304), 1);
+        assert_eq!(decode_k_splits(8, 40), 1);
+        // Not a whole number of slabs: pieces of whole MMA steps (48 = 3 steps).
+        assert_eq!(decode_k_splits(8, 48), 1);
+        assert_eq!(decode_k_splits(8, 80), 1);
+        assert_eq!(decode_k_splits(8, 112), 1);
+        assert_eq!(decode_k_splits(8, 208), 1);
+        assert_eq!(decode_k_splits(100, 240), 5);
+    }
 }
