@@ -575,9 +575,10 @@ fn dealt_reductions_keep_loads_in_flight() {
     );
 }
 
-/// A GEMV-like kernel of `depth` (a split sum carrying two output columns, and a reduction)
-/// whose weights are `w_elem`: every loop reads `x` and `w` contiguously, so it is dealt in
-/// blocks ([`crate::mlir::lower`]'s `deal`).
+/// A GEMV-like kernel of `depth` (a split sum carrying two output columns, a reduction, and a
+/// parallel loop writing a row of products) whose weights are `w_elem`: every loop reads `x`
+/// and `w` contiguously (the parallel one writes `z` so too), so it is dealt in blocks
+/// ([`crate::mlir::lower`]'s `deal`).
 fn blocked_kernel(depth: usize, w_elem: Elem) -> Kernel {
     use lamina_ir::kernel::Access;
     let x = |c: &str| ld("x", [pid(0), v(c)]);
@@ -591,6 +592,7 @@ fn blocked_kernel(depth: usize, w_elem: Elem) -> Kernel {
             param("w", w_elem, &[Dim::N(8), Dim::N(depth)], Access::Read),
             output("y", &[Dim::Rows, Dim::N(8)]),
             output("s", &[Dim::Rows, Dim::N(4)]),
+            output("z", &[Dim::Rows, Dim::N(4), Dim::N(depth)]),
         ],
         body: vec![
             for_sum(
@@ -612,14 +614,25 @@ fn blocked_kernel(depth: usize, w_elem: Elem) -> Kernel {
                 [pid(0), pid(1)],
                 sum("k", i(0), i(depth), x("k") * w(pid(1), "k")),
             ),
+            for_par(
+                "c",
+                i(0),
+                i(depth),
+                vec![st(
+                    "z",
+                    [pid(0), pid(1), v("c")],
+                    x("c") * w(pid(1), "c") + f(1.0),
+                )],
+            ),
         ],
     }
 }
 
-/// Split sums and reductions that read buffers contiguously are dealt to the lanes in
-/// blocks (here 4 f32 iterations, rounds of 128): the host's emulation of the lanes takes
-/// every iteration once, in the whole trips (4 rounds each here), the rounds left over and the
-/// ragged remainder alike, and matches the plain host build and an f64 sum. Depths: below a
+/// Split sums, reductions and parallel loops that read (or write) buffers contiguously are
+/// dealt to the lanes in blocks (here 4 f32 iterations, rounds of 128): the host's emulation
+/// of the lanes takes every iteration once, in the whole trips (4 rounds each here), the
+/// rounds left over and the ragged remainder alike, and matches the plain host build and an
+/// f64 sum. Depths: below a
 /// round; 2 rounds; 6 rounds (a trip and 2 left) and a remainder; 16 rounds and a remainder.
 #[test]
 fn blocked_deal_takes_every_iteration_once() {
@@ -648,10 +661,11 @@ fn blocked_deal_takes_every_iteration_once() {
             let (mut x, mut w) = (x.clone(), w.clone());
             let mut y = vec![f32::NAN; rows * 8];
             let mut s = vec![f32::NAN; rows * 4];
+            let mut z = vec![f32::NAN; rows * 4 * depth];
             call(
                 &lib,
                 "blocked",
-                &mut [&mut x, &mut w, &mut y, &mut s],
+                &mut [&mut x, &mut w, &mut y, &mut s, &mut z],
                 rows as i64,
                 0,
                 rows as i64 * 4,
@@ -665,6 +679,14 @@ fn blocked_deal_takes_every_iteration_once() {
                     );
                 }
                 for o in 0..4 {
+                    for c in 0..depth {
+                        let want = x[r * depth + c] as f64 * w[o * depth + c] as f64 + 1.0;
+                        let got = z[(r * 4 + o) * depth + c] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                            "{flavor:?} depth {depth} z[{r}, {o}, {c}]: {got} vs {want}"
+                        );
+                    }
                     let (got, want) = (s[r * 4 + o] as f64, dot(r, o));
                     assert!(
                         (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
@@ -694,6 +716,8 @@ fn blocked_deal_reads_16_byte_vectors() {
             count("ld.global.v4.b32") >= 4 * 4 + 4 * 3,
             "{target}: {ptx}"
         );
+        // The parallel loop's rows of z: 8 f32 per block, two vector stores.
+        assert!(count("st.global.v4.b32") >= 2, "{target}: {ptx}");
         // The remainders' scalar loads: x, w0 and w1, then x and w.
         assert!(
             count("ld.global.b16") + count("ld.global.u16") >= 3,

@@ -1,5 +1,7 @@
 //! Mixture of experts: routing in one kernel (router logits, softmax or sigmoid, correction
-//! bias, group-limited top-k, renormalisation, scaling), then the routed SwiGLU experts
+//! bias, group-limited top-k, renormalisation, scaling; in decode the logits come from a GEMV
+//! kernel of one program per expert, `moe_logits`, and each top-k choice is two warp
+//! reductions, the largest score then its least index), then the routed SwiGLU experts
 //! (gate and up projections with SwiGLU in their epilogue, one program per (row, choice)) and
 //! the down projections weighted and summed per row. Expert matrices are stacked
 //! `[E, out, in]` when the weights are loaded.
@@ -12,23 +14,21 @@ use lamina_ir::spec::RouterKind;
 use super::linear::{col_tiles, decode_cols, prefill_tile, register_tile, row_tiles, BN, CB, RB};
 use super::{act, launch, Bind, Ctx, Launch, Phase, Value};
 
-/// `for x in 0..n` keeping the first index of the largest `val(x)` among those `ok(x)`:
-/// binds `best_v`, `best_i`.
-fn argmax(n: usize, val: Expr) -> Stmt {
-    for_carry(
-        "x",
-        i(0),
-        i(n),
-        vec![("best_v", f(f64::NEG_INFINITY)), ("best_i", i(0))],
-        vec![
-            let_("cand", val),
-            let_("better", gt(v("cand"), v("best_v"))),
-        ],
-        vec![
-            select(v("better"), v("cand"), v("best_v")),
-            select(v("better"), v("x"), v("best_i")),
-        ],
-    )
+/// The first index `x < n` of the largest `val` (which reads `x`), as two reductions that a
+/// GPU deals over a warp's lanes: `best_v`, the largest value, then `best_i`, the least index
+/// holding it (`-max(-x)` over the indices whose value equals it), clamped into `0..n` (a NaN
+/// matches nothing: index `n - 1`). Binds `best_v` and `best_i`.
+fn argmax(n: usize, val: Expr) -> Vec<Stmt> {
+    let neg_index = select(
+        eq(val.clone(), v("best_v")),
+        f(0.0) - to_f(v("x")),
+        f(f64::NEG_INFINITY),
+    );
+    let index = f(0.0) - max_over("x", i(0), i(n), neg_index);
+    vec![
+        let_("best_v", max_over("x", i(0), i(n), val)),
+        let_("best_i", to_i(min(max(index, f(0.0)), f((n - 1) as f64)))),
+    ]
 }
 
 /// The routed experts' `{prefix}.experts.*.{leaf}_proj` stacked `[E, out, in]`.
@@ -65,12 +65,19 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     let hmid = cx.temp(k_n * inter);
     let x = Bind::Act(Value::Node(ins[0]));
 
-    // --- route ---
-    let mut body = vec![
-        local("sc", e_n),
-        local("ch", e_n),
-        let_("r", pid(0)),
-        for_(
+    // --- route: the router logits, then the scores and the top-k choice. Prefill fuses the
+    // logits' dot products into the routing program of each row; a decode step (a handful of
+    // rows, one program each) reads them from a GEMV kernel of many programs instead, since
+    // one warp would stream the whole router matrix alone (`logits`) ---
+    let logits = (cx.phase == Phase::Decode).then(|| cx.temp(e_n));
+    let scores = match logits {
+        Some(_) => for_par(
+            "e",
+            i(0),
+            i(e_n),
+            vec![st("sc", [v("e")], ld("logits", [v("r"), v("e")]))],
+        ),
+        None => for_(
             "e",
             i(0),
             i(e_n),
@@ -85,6 +92,12 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
                 ),
             )],
         ),
+    };
+    let mut body = vec![
+        local("sc", e_n),
+        local("ch", e_n),
+        let_("r", pid(0)),
+        scores,
     ];
     match m.router {
         RouterKind::Softmax => {
@@ -153,11 +166,14 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
             "kk",
             i(0),
             i(m.topk_groups),
-            vec![
+            [
                 argmax(m.groups, ld("gs", [v("x")])),
-                st("keep", [v("best_i")], f(1.0)),
-                st("gs", [v("best_i")], f(f64::NEG_INFINITY)),
-            ],
+                vec![
+                    st("keep", [v("best_i")], f(1.0)),
+                    st("gs", [v("best_i")], f(f64::NEG_INFINITY)),
+                ],
+            ]
+            .concat(),
         ));
         body.push(for_par(
             "e",
@@ -178,12 +194,15 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         "kk",
         i(0),
         i(k_n),
-        vec![
+        [
             argmax(e_n, ld("ch", [v("x")])),
-            st("ids", [v("r"), v("kk")], v("best_i")),
-            st("w", [v("r"), v("kk")], ld("sc", [v("best_i")])),
-            st("ch", [v("best_i")], f(f64::NEG_INFINITY)),
-        ],
+            vec![
+                st("ids", [v("r"), v("kk")], v("best_i")),
+                st("w", [v("r"), v("kk")], ld("sc", [v("best_i")])),
+                st("ch", [v("best_i")], f(f64::NEG_INFINITY)),
+            ],
+        ]
+        .concat(),
     ));
     let scale = f(m.routed_scaling);
     if m.renormalize {
@@ -217,10 +236,13 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
             )],
         ));
     }
-    let mut params = vec![
-        (input("x", &act(d)), x.clone()),
-        cx.weight("router", &format!("{prefix}.router")),
-    ];
+    let mut params = match logits {
+        Some(l) => vec![(input("logits", &act(e_n)), Bind::Act(l))],
+        None => vec![
+            (input("x", &act(d)), x.clone()),
+            cx.weight("router", &format!("{prefix}.router")),
+        ],
+    };
     if m.correction_bias {
         params.push(super::elementwise::flat_weight(
             cx,
@@ -237,9 +259,13 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         RouterKind::Softmax => "softmax",
         RouterKind::Sigmoid => "sigmoid",
     };
+    let from = match logits {
+        Some(_) => "logits".to_string(),
+        None => format!("d{d}"),
+    };
     let route = launch(
         format!(
-            "moe_route_{router_kind}_e{e_n}_k{k_n}_g{}x{}_d{d}",
+            "moe_route_{router_kind}_e{e_n}_k{k_n}_g{}x{}_{from}",
             m.groups, m.topk_groups
         ),
         vec![Dim::Rows],
@@ -248,6 +274,8 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         vec![n],
         g,
     );
+
+    let logits_launch = logits.map(|l| router_logits(cx, n, prefix, (e_n, d), x.clone(), l));
 
     // Decode: only the chosen experts' weights are read. Tensor-core plans round the GEMM
     // inputs to bf16 here too, so that decode computes what their prefill tiles compute.
@@ -395,7 +423,10 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         g,
     );
     match cx.phase {
-        Phase::Decode => vec![route, experts, down],
+        Phase::Decode => {
+            let logits = logits_launch.expect("decode routes from logits");
+            vec![logits, route, experts, down]
+        }
         Phase::Prefill if cx.tensor_cores => {
             let mut launches = vec![route];
             launches.extend(grouped_mma(cx, n, m, prefix, d, ids, wts));
@@ -406,6 +437,62 @@ pub fn build(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
             vec![route, experts, down, combine]
         }
     }
+}
+
+/// Decode's router logits `logits[r, e] = x[r, :] · router[e, :]` (f32, as the fused prefill
+/// router computes them) for `e_n` experts over `d`: one program per (row, block of
+/// [`decode_cols`] experts), a split sum over `d` carrying the block's dot products, so a
+/// batch-1 step streams the router matrix with many warps.
+fn router_logits(
+    cx: &Ctx,
+    n: NodeIndex,
+    prefix: &str,
+    (e_n, d): (usize, usize),
+    x: Bind,
+    logits: Value,
+) -> Launch {
+    let cols = decode_cols(1, e_n);
+    let ragged = !e_n.is_multiple_of(cols);
+    let expert = |b: usize| {
+        if ragged {
+            min(v("e0") + i(b), i(e_n - 1))
+        } else {
+            v("e0") + i(b)
+        }
+    };
+    let names: Vec<String> = (0..cols).map(|b| format!("s{b}")).collect();
+    let mut loads = vec![let_("xc", ld("x", [pid(0), v("c")]))];
+    let mut carried = Vec::new();
+    let mut yields = Vec::new();
+    for (b, name) in names.iter().enumerate() {
+        loads.push(let_(&format!("rw{b}"), ld("router", [expert(b), v("c")])));
+        carried.push((name.as_str(), f(0.0)));
+        yields.push(v(name) + v("xc") * v(&format!("rw{b}")));
+    }
+    let mut body = vec![
+        let_("e0", pid(1) * i(cols)),
+        for_sum("c", i(0), i(d), carried, loads, yields),
+    ];
+    for (b, name) in names.iter().enumerate() {
+        let store = st("logits", [pid(0), v("e0") + i(b)], v(name));
+        body.push(if ragged {
+            if_(lt(v("e0") + i(b), i(e_n)), vec![store])
+        } else {
+            store
+        });
+    }
+    launch(
+        format!("moe_logits_e{e_n}_d{d}_c{cols}"),
+        vec![Dim::Rows, Dim::N(e_n.div_ceil(cols))],
+        vec![
+            (input("x", &act(d)), x),
+            cx.weight("router", &format!("{prefix}.router")),
+            (output("logits", &act(e_n)), Bind::Act(logits)),
+        ],
+        body,
+        vec![n],
+        cx.graph,
+    )
 }
 
 /// Prefill's expert GEMMs grouped by expert (without tensor cores): a program owns one expert

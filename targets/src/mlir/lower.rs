@@ -745,12 +745,16 @@ impl<'c> Lower<'c> {
                     if parallel {
                         l.warp_sync(blk);
                     }
-                    // Blocks of contiguous iterations per lane when the body reads buffers
-                    // contiguously ([`deal`]).
+                    // Blocks of contiguous iterations per lane when the body reads (or, in a
+                    // parallel loop, writes) buffers contiguously ([`deal`]).
                     let lookup = |n: &str| l.buffer(env, n);
-                    let deal = deal::split_sum_deal(
-                        var, lo_expr, carried, body, yields, &lookup, &env.lets,
-                    )
+                    let deal = if carried.is_empty() {
+                        deal::parallel_deal(var, lo_expr, body, &lookup, &env.lets)
+                    } else {
+                        deal::split_sum_deal(
+                            var, lo_expr, carried, body, yields, &lookup, &env.lets,
+                        )
+                    }
                     .filter(|d| d.has_rounds(lo_expr, hi_expr, l.lanes));
                     let totals = if l.gpu {
                         let lane = env.lane.ok_or_else(|| bug(format!("{what}: no lane id")))?;

@@ -27,9 +27,14 @@
 //!   is its own device allocation, an arena slot at a multiple of 64 bytes per row, or a
 //!   16-byte aligned constant table; locals are laid out on 16 bytes
 //!   ([`super::local_layout`]) in shared memory or in a scratch slice of such.
-//! - Which loops: a dealt split sum (its body only `let`s, so nothing is written while the
-//!   vectors are live) or a dealt reduction, without a reduction inside, that reads at least
-//!   one such operand.
+//! - Stores: in a parallel split loop (each iteration writes only elements no other reads or
+//!   writes), a store `buf[outer.., c + var]` of the same form is written after the block's
+//!   iterations, their values in one vector store; a buffer the loop also stores element by
+//!   element keeps all its stores in place.
+//! - Which loops, without a reduction inside: a dealt split sum whose body is only `let`s, a
+//!   dealt reduction, or a parallel split loop of `let`s and stores in which no statement reads
+//!   a buffer an earlier one stored to (a deferred store would not be seen), with at least one
+//!   such operand.
 //!
 //! The choice depends only on the kernel IR, and the host's emulation of the lanes
 //! ([`super::Flavor::HostLanes`]) runs the same blocks lane by lane (with scalar loads), so the
@@ -56,10 +61,13 @@ pub const TRIP_BYTES: usize = 256;
 /// Most rounds per trip.
 pub const MAX_TRIP_ROUNDS: usize = 4;
 
-/// How a dealt loop is blocked: its contiguous loads, and the iterations per block.
+/// How a dealt loop is blocked: its contiguous loads, its contiguous stores (a parallel
+/// loop's, written as one vector per block after the block's iterations), and the iterations
+/// per block.
 #[derive(Debug, PartialEq)]
 pub struct Deal<'e> {
     pub loads: Vec<&'e Expr>,
+    pub stores: Vec<&'e Stmt>,
     pub block: usize,
 }
 
@@ -91,9 +99,22 @@ pub fn contiguous(
     lookup: &Lookup,
     lets: &Lets,
 ) -> bool {
-    let Expr::Load(buf, idx) = load else {
-        return false;
-    };
+    match load {
+        Expr::Load(buf, idx) => contiguous_at(buf, idx, var, lo, bound, lookup, lets),
+        _ => false,
+    }
+}
+
+/// [`contiguous`] for element `buf[idx]` (a load's or a store's).
+fn contiguous_at(
+    buf: &str,
+    idx: &[Expr],
+    var: &str,
+    lo: &Expr,
+    bound: &[&str],
+    lookup: &Lookup,
+    lets: &Lets,
+) -> bool {
     let Some((elem, strides)) = lookup(buf) else {
         return false;
     };
@@ -160,7 +181,11 @@ pub fn deal<'e>(
             out.push(e);
         }
     }
-    (!out.is_empty()).then_some(Deal { loads: out, block })
+    (!out.is_empty()).then_some(Deal {
+        loads: out,
+        stores: Vec::new(),
+        block,
+    })
 }
 
 /// The blocked deal of a dealt split sum over `var` (from `lo`): none unless its body is only
@@ -206,14 +231,92 @@ pub fn reduction_deal<'e>(
     deal(&[body], var, lo, &[], lookup, lets)
 }
 
+/// The blocked deal of a dealt parallel loop over `var` (from `lo`; each iteration writes only
+/// elements no other iteration reads or writes): its contiguous loads, read as vectors before
+/// the block's iterations, and its contiguous stores, written as vectors after them. None
+/// unless the body is only `let`s and stores, without reductions, and no statement reads a
+/// buffer the body stored to before it (a deferred store would not be seen).
+pub fn parallel_deal<'e>(
+    var: &str,
+    lo: &Expr,
+    body: &'e [Stmt],
+    lookup: &Lookup,
+    lets: &Lets,
+) -> Option<Deal<'e>> {
+    let mut bound: Vec<&str> = Vec::new();
+    let mut exprs: Vec<&Expr> = Vec::new();
+    let mut stored: Vec<&str> = Vec::new();
+    let mut stores = Vec::new();
+    for s in body {
+        let (reads, writes): (Vec<&Expr>, _) = match s {
+            Stmt::Let(n, e) => {
+                bound.push(n);
+                (vec![e], None)
+            }
+            Stmt::Store { buf, idx, value } => {
+                (idx.iter().chain([value]).collect(), Some((s, buf, idx)))
+            }
+            _ => return None,
+        };
+        for e in &reads {
+            if e.has_reduce() || stored.iter().any(|b| reads_buffer(e, b)) {
+                return None;
+            }
+        }
+        exprs.extend(reads);
+        if let Some((s, buf, idx)) = writes {
+            stored.push(buf);
+            stores.push((s, buf.as_str(), idx.as_slice()));
+        }
+    }
+    let loads = deal(&exprs, var, lo, &bound, lookup, lets);
+    let mut block = loads.as_ref().map_or(0, |d| d.block);
+    // A buffer also stored element by element keeps all its stores in order: none deferred.
+    let contiguous_store =
+        |buf: &str, idx: &[Expr]| contiguous_at(buf, idx, var, lo, &bound, lookup, lets);
+    let scalar: Vec<&str> = stores
+        .iter()
+        .filter(|(_, buf, idx)| !contiguous_store(buf, idx))
+        .map(|(_, buf, _)| *buf)
+        .collect();
+    let mut out = Vec::new();
+    for (s, buf, idx) in stores {
+        if contiguous_store(buf, idx) && !scalar.contains(&buf) {
+            block = lookup(buf).map_or(block, |(e, _)| block.max(per_vector(e)));
+            out.push(s);
+        }
+    }
+    let loads = loads.map_or(Vec::new(), |d| d.loads);
+    (!loads.is_empty() || !out.is_empty()).then_some(Deal {
+        loads,
+        stores: out,
+        block,
+    })
+}
+
+/// Whether `e` loads from `buf`.
+fn reads_buffer(e: &Expr, buf: &str) -> bool {
+    match e {
+        Expr::Load(b, idx) => b == buf || idx.iter().any(|x| reads_buffer(x, buf)),
+        Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => reads_buffer(a, buf) || reads_buffer(b, buf),
+        Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => reads_buffer(a, buf),
+        Expr::Select(c, a, b) => [c, a, b].into_iter().any(|x| reads_buffer(x, buf)),
+        Expr::Reduce { lo, hi, body, .. } => {
+            [lo, hi, body].into_iter().any(|x| reads_buffer(x, buf))
+        }
+        Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => false,
+    }
+}
+
 /// One iteration of a blocked loop: given the environment (the loop variable bound) and the
-/// carried values, emits the iteration into the block and returns the next carried values.
+/// carried values, emits the iteration into the block and returns the next carried values and
+/// (GPU) the values of the deal's contiguous stores, in order, left for the block to write.
 pub(super) type Step<'s, 'c> = dyn for<'x> FnMut(
         &Lower<'c>,
         &'x Block<'c>,
         &Env<'c, 'x>,
         &[Value<'c, 'x>],
-    ) -> R<Vec<Value<'c, 'x>>>
+    ) -> R<(Vec<Value<'c, 'x>>, Vec<Value<'c, 'x>>)>
     + 's;
 
 impl<'c> Lower<'c> {
@@ -345,6 +448,8 @@ impl<'c> Lower<'c> {
                 blocks.push((at, vectors));
             }
             for (at, vectors) in &blocks {
+                // GPU: each contiguous store's values, written as one vector after the block.
+                let mut stored = vec![Vec::new(); deal.stores.len()];
                 for u in 0..deal.block {
                     let mut here: Env<'c, '_> = env.clone();
                     let off = self.const_index(&inner, u as i64);
@@ -355,7 +460,18 @@ impl<'c> Lower<'c> {
                             vectors.iter().map(|(e, v)| ((*e).clone(), v[u])).collect(),
                         ));
                     }
-                    accs = step(self, &inner, &here, &accs)?;
+                    let (next, values) = step(self, &inner, &here, &accs)?;
+                    accs = next;
+                    for (s, v) in stored.iter_mut().zip(values) {
+                        s.push(v);
+                    }
+                }
+                if self.gpu && !deal.stores.is_empty() {
+                    let mut there: Env<'c, '_> = env.clone();
+                    there.vars.insert(var.to_string(), (*at, Ty::Int));
+                    for (store, values) in deal.stores.iter().zip(&stored) {
+                        self.vector_store(&inner, &there, store, values)?;
+                    }
                 }
             }
             inner.append_operation(scf::r#yield(&accs, self.loc));
@@ -425,8 +541,29 @@ impl<'c> Lower<'c> {
                 for ((n, _), &v) in carried.iter().zip(accs) {
                     e.vars.insert(n.clone(), (v, Ty::F32));
                 }
-                l.block(b, &mut e, body, what, line)?;
-                yields.iter().map(|y| Ok(l.expr(b, &e, y)?.0)).collect()
+                // The body, its contiguous stores' values kept for the block's vector stores
+                // (GPU); a parallel loop's other statements as they are.
+                let mut stored = Vec::new();
+                for s in body {
+                    *line += 1;
+                    match s {
+                        Stmt::Store { buf, value, .. }
+                            if l.gpu && deal.stores.iter().any(|x| std::ptr::eq(*x, s)) =>
+                        {
+                            let (v, t) = l.with_loc(what, *line).expr(b, &e, value)?;
+                            if t != Ty::F32 {
+                                return Err(bug(format!("{what}: store of {t:?} into {buf}")));
+                            }
+                            stored.push(v);
+                        }
+                        _ => l.stmt(b, &mut e, s, what, line)?,
+                    }
+                }
+                let next = yields
+                    .iter()
+                    .map(|y| Ok(l.expr(b, &e, y)?.0))
+                    .collect::<R<Vec<_>>>()?;
+                Ok((next, stored))
             },
         )?;
         let from = self.op(blk, "arith.addi", &[mid, lane], self.index, false);
@@ -482,7 +619,10 @@ impl<'c> Lower<'c> {
             deal,
             &mut |l, b, e, accs| {
                 let (x, _) = l.expr(b, e, body)?;
-                Ok(vec![l.op(b, combine, &[accs[0], x], l.f32, true)])
+                Ok((
+                    vec![l.op(b, combine, &[accs[0], x], l.f32, true)],
+                    Vec::new(),
+                ))
             },
         )?;
         let from = self.op(blk, "arith.addi", &[mid, lane], self.index, false);
@@ -500,6 +640,61 @@ impl<'c> Lower<'c> {
         let b = self.const_index(blk, block as i64);
         let off = self.op(blk, "arith.muli", &[lane, b], self.index, false);
         self.op(blk, "arith.addi", &[first, off], self.index, false)
+    }
+
+    /// Writes the values of contiguous `store` for a block's iterations, collected while they
+    /// ran ([`Deferred`]), as one `vector.store` (16-byte aligned) at its index in `env`,
+    /// narrowed to bf16 if need be.
+    fn vector_store<'a>(
+        &self,
+        blk: &'a Block<'c>,
+        env: &Env<'c, 'a>,
+        store: &Stmt,
+        values: &[Value<'c, 'a>],
+    ) -> R<()> {
+        let Stmt::Store { buf, idx, .. } = store else {
+            return Err(bug(format!("blocked deal: {store:?} is not a store")));
+        };
+        let info = env
+            .bufs
+            .get(buf)
+            .cloned()
+            .ok_or_else(|| bug(format!("unknown buffer {buf}")))?;
+        let at = self.linear(blk, env, &info, idx)?;
+        let parse =
+            |text: &str| Type::parse(self.ctx, text).ok_or_else(|| bug(format!("type {text}")));
+        let n = values.len();
+        let wide = parse(&format!("vector<{n}xf32>"))?;
+        let op = OperationBuilder::new("vector.from_elements", self.loc)
+            .add_operands(values)
+            .add_results(&[wide])
+            .build()
+            .map_err(|e| bug(format!("vector.from_elements for {buf}: {e}")))?;
+        let mut v = self.append(blk, op);
+        match info.elem {
+            Elem::F32 => {}
+            Elem::Bf16 => {
+                v = self.op(
+                    blk,
+                    "arith.truncf",
+                    &[v],
+                    parse(&format!("vector<{n}xbf16>"))?,
+                    false,
+                )
+            }
+            Elem::I64 => return Err(bug(format!("blocked deal: vector store of i64 {buf}"))),
+        }
+        let i64t: Type = IntegerType::new(self.ctx, 64).into();
+        let op = OperationBuilder::new("vector.store", self.loc)
+            .add_operands(&[v, info.value, at])
+            .add_attributes(&[(
+                Identifier::new(self.ctx, "alignment"),
+                IntegerAttribute::new(i64t, VECTOR_BYTES as i64).into(),
+            )])
+            .build()
+            .map_err(|e| bug(format!("vector.store of {buf}: {e}")))?;
+        blk.append_operation(op);
+        Ok(())
     }
 
     /// The `block` f32 values of contiguous `load` from its index in `env` on: one
@@ -652,6 +847,7 @@ mod tests {
             d,
             Deal {
                 loads: vec![&x],
+                stores: vec![],
                 block: 4
             }
         );
@@ -665,6 +861,7 @@ mod tests {
             d,
             Deal {
                 loads: vec![&x, &w],
+                stores: vec![],
                 block: 8
             }
         );
@@ -702,5 +899,41 @@ mod tests {
         // Nothing contiguous: not blocked.
         let strided = E::Load("x".into(), vec![var("c"), E::I(0)]);
         assert!(reduction_deal("c", &E::I(0), &strided, &lookup, &lets).is_none());
+    }
+
+    #[test]
+    fn parallel_loops_defer_contiguous_stores() {
+        let lets = Lets::default();
+        let st = |buf: &str, idx: Vec<E>, value: E| Stmt::Store {
+            buf: buf.into(),
+            idx,
+            value,
+        };
+        let x = E::Load("x".into(), vec![E::Pid(0), var("c")]);
+        let acc = E::Load("acc".into(), vec![var("c")]);
+        // acc[c] = acc[c] · x[c]: read then written, both contiguous.
+        let body = vec![st("acc", vec![var("c")], mul(acc.clone(), x.clone()))];
+        let d = parallel_deal("c", &E::I(0), &body, &lookup, &lets).unwrap();
+        assert_eq!(
+            (d.loads, d.stores, d.block),
+            (vec![&acc, &x], vec![&body[0]], 4)
+        );
+        // A bf16 store widens the blocks to 8.
+        let body = vec![st("w", vec![E::I(0), E::I(0), var("c")], x.clone())];
+        let d = parallel_deal("c", &E::I(0), &body, &lookup, &lets).unwrap();
+        assert_eq!((d.stores.len(), d.block), (1, 8));
+        // Read after a store to the same buffer: not blocked.
+        let body = vec![
+            st("acc", vec![var("c")], x.clone()),
+            Stmt::Let("a".into(), acc.clone()),
+        ];
+        assert!(parallel_deal("c", &E::I(0), &body, &lookup, &lets).is_none());
+        // A buffer also stored element by element (strided) keeps its contiguous store in place.
+        let body = vec![
+            st("acc", vec![var("c")], x.clone()),
+            st("acc", vec![mul(var("c"), E::I(2))], x.clone()),
+        ];
+        let d = parallel_deal("c", &E::I(0), &body, &lookup, &lets).unwrap();
+        assert_eq!((d.loads, d.stores), (vec![&x], vec![]));
     }
 }
