@@ -719,19 +719,45 @@ impl<'c> Lower<'c> {
                 let spread = *split && l.lanes > 1 && !l.in_split;
                 let results = if !spread {
                     let step = l.const_index(blk, 1);
-                    l.carried_loop(
-                        blk,
-                        env,
-                        var,
-                        (lo, hi, step),
-                        &inits,
-                        &tys,
-                        carried,
-                        body,
-                        yields,
-                        what,
-                        line,
-                    )?
+                    // A warp program's sequential loop reads contiguous operands in blocks too.
+                    let lookup = |n: &str| l.buffer(env, n);
+                    let deal = (l.lanes > 1)
+                        .then(|| {
+                            deal::split_sum_deal(
+                                var, lo_expr, carried, body, yields, &lookup, &env.lets,
+                            )
+                        })
+                        .flatten()
+                        .filter(|d| d.has_rounds(lo_expr, hi_expr, 1));
+                    if deal.is_some() {
+                        let zero = l.const_index(blk, 0);
+                        Lower { lanes: 1, ..l }.lane_split_sum(
+                            blk,
+                            env,
+                            var,
+                            (lo, hi),
+                            (zero, step),
+                            (&inits, &tys),
+                            (carried, body, yields),
+                            deal.as_ref(),
+                            what,
+                            line,
+                        )?
+                    } else {
+                        l.carried_loop(
+                            blk,
+                            env,
+                            var,
+                            (lo, hi, step),
+                            &inits,
+                            &tys,
+                            carried,
+                            body,
+                            yields,
+                            what,
+                            line,
+                        )?
+                    }
                 } else {
                     let inner = Lower {
                         in_split: true,
@@ -764,7 +790,7 @@ impl<'c> Lower<'c> {
                             var,
                             (lo, hi),
                             (lane, step),
-                            &zeros,
+                            (&zeros, &tys),
                             (carried, body, yields),
                             deal.as_ref(),
                             what,
@@ -791,7 +817,7 @@ impl<'c> Lower<'c> {
                                 var,
                                 (lo, hi),
                                 (lane, step),
-                                &zeros,
+                                (&zeros, &tys),
                                 (carried, body, yields),
                                 deal.as_ref(),
                                 what,
@@ -1001,7 +1027,29 @@ impl<'c> Lower<'c> {
                 };
                 if !spread {
                     let step = self.const_index(blk, 1);
-                    let v = self.reduce_loop(blk, env, var, (lo, hi, step), init, combine, body)?;
+                    // A warp program's sequential reduction reads contiguous operands in blocks
+                    // too ([`deal`], as one lane).
+                    let lookup = |n: &str| self.buffer(env, n);
+                    let deal = (self.lanes > 1)
+                        .then(|| deal::reduction_deal(var, lo_expr, body, &lookup, &env.lets))
+                        .flatten()
+                        .filter(|d| d.has_rounds(lo_expr, hi_expr, 1));
+                    let v = if deal.is_some() {
+                        let zero = self.const_index(blk, 0);
+                        Lower { lanes: 1, ..*self }.lane_reduction(
+                            blk,
+                            env,
+                            var,
+                            (lo, hi),
+                            (zero, step),
+                            init,
+                            combine,
+                            body,
+                            deal.as_ref(),
+                        )?
+                    } else {
+                        self.reduce_loop(blk, env, var, (lo, hi, step), init, combine, body)?
+                    };
                     return Ok((v, Ty::F32));
                 }
                 let inner = Lower {

@@ -36,6 +36,10 @@
 //!   a buffer an earlier one stored to (a deferred store would not be seen), with at least one
 //!   such operand.
 //!
+//! Sequential loops (a warp program's loops that every lane runs whole, such as a dot product
+//! inside a dealt loop) read their contiguous operands in blocks the same way, as one lane
+//! would: the same iterations in the same order, each block's operands one vector load.
+//!
 //! The choice depends only on the kernel IR, and the host's emulation of the lanes
 //! ([`super::Flavor::HostLanes`]) runs the same blocks lane by lane (with scalar loads), so the
 //! tests that compare it with the plain host build check the deal: every iteration taken
@@ -493,7 +497,7 @@ impl<'c> Lower<'c> {
     }
 
     /// A lane's share of a dealt split sum over `var` in `lo..hi` (`step`: the lanes), the carried
-    /// partials from `zeros`. Blocked (`deal`): its blocks ([`Self::lane_rounds`]), then the
+    /// partials (of types `tys`) from `zeros`; with one lane, a sequential loop's iterations. Blocked (`deal`): its blocks ([`Self::lane_rounds`]), then the
     /// remainder (less than a round) one by one from where the rounds end, plus the lane;
     /// else `lo + lane, lo + lane + lanes, ...`. Returns the lane's partials.
     #[allow(clippy::too_many_arguments)]
@@ -504,13 +508,12 @@ impl<'c> Lower<'c> {
         var: &str,
         (lo, hi): (Value<'c, 'a>, Value<'c, 'a>),
         (lane, step): (Value<'c, 'a>, Value<'c, 'a>),
-        zeros: &[Value<'c, 'a>],
+        (zeros, tys): (&[Value<'c, 'a>], &[Ty]),
         (carried, body, yields): (&[(String, Expr)], &[Stmt], &[Expr]),
         deal: Option<&Deal>,
         what: &str,
         line: &mut usize,
     ) -> R<Vec<Value<'c, 'a>>> {
-        let tys = vec![Ty::F32; zeros.len()];
         let Some(deal) = deal else {
             let from = self.op(blk, "arith.addi", &[lo, lane], self.index, false);
             return self.carried_loop(
@@ -519,7 +522,7 @@ impl<'c> Lower<'c> {
                 var,
                 (from, hi, step),
                 zeros,
-                &tys,
+                tys,
                 carried,
                 body,
                 yields,
@@ -534,12 +537,12 @@ impl<'c> Lower<'c> {
             (lo, hi),
             lane,
             zeros,
-            &tys,
+            tys,
             deal,
             &mut |l, b, e, accs| {
                 let mut e = e.clone();
-                for ((n, _), &v) in carried.iter().zip(accs) {
-                    e.vars.insert(n.clone(), (v, Ty::F32));
+                for (((n, _), &v), &t) in carried.iter().zip(accs).zip(tys) {
+                    e.vars.insert(n.clone(), (v, t));
                 }
                 // The body, its contiguous stores' values kept for the block's vector stores
                 // (GPU); a parallel loop's other statements as they are.
@@ -573,7 +576,7 @@ impl<'c> Lower<'c> {
             var,
             (from, hi, step),
             &partials,
-            &tys,
+            tys,
             carried,
             body,
             yields,
