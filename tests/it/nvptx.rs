@@ -229,7 +229,7 @@ fn gpu_report() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let text = String::from_utf8_lossy(&o.stdout);
     assert!(
-        text.contains("regs") && text.contains("spill st/ld"),
+        text.contains("regs") && text.contains("spill st/ld") && text.contains("KB/program"),
         "{text}"
     );
     for phase in ["prefill total:", "decode total:"] {

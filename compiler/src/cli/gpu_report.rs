@@ -179,12 +179,13 @@ pub fn gpu_report(
             gpu.f32_flops / 1e12
         );
         println!(
-            "{:<64} {:>8} {:>9} {:>12} {:>12} {:>12} {:>17} {:>12}  bound",
+            "{:<64} {:>8} {:>9} {:>12} {:>12} {:>11} {:>12} {:>17} {:>12}  bound",
             "kernel",
             "launches",
             "blocks",
             "MFLOP/launch",
             "MB/launch",
+            "KB/program",
             "roofline µs",
             "scratch MB/launch",
             "scratch µs"
@@ -207,13 +208,17 @@ pub fn gpu_report(
             } else {
                 ("-".into(), "-".into())
             };
+            // What one program (a warp, a block or a thread) moves in sequence: hundreds of KB
+            // per program at few programs bind a kernel by its programs' latency, not by HBM.
+            let programs = r.kernel.programs(rows).max(1) as f64;
             println!(
-                "{:<64} {:>8} {:>9} {:>12.3} {:>12.3} {:>12.2} {:>17} {:>12}  {}",
+                "{:<64} {:>8} {:>9} {:>12.3} {:>12.3} {:>11.1} {:>12.2} {:>17} {:>12}  {}",
                 r.kernel.name,
                 r.launches,
                 r.blocks,
                 r.work.flops / 1e6,
                 r.work.dram_bytes() / 1e6,
+                r.work.dram_bytes() / programs / 1e3,
                 time * 1e6,
                 scratch,
                 scratch_time,

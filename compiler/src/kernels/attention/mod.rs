@@ -180,6 +180,9 @@ pub const MLA_DECODE_HEADS: usize = 32;
 /// attention) is shared between several programs, each reading the group's keys and values.
 pub const GQA_DECODE_HEADS: usize = 16;
 
+/// Latent columns per MLA decode absorb program (`q̃ = W_UK(h)ᵀ q_nope`): one per lane.
+pub const ABSORB_COLS: usize = 32;
+
 /// Decode attention programs per row that the automatic split (`Ctx::decode_splits == 0`)
 /// aims for: about one per SM of an H100/H200 at batch 1.
 pub const DECODE_PROGRAMS: usize = 128;
@@ -643,12 +646,35 @@ pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
     let wrow = |h: Expr, d: Expr| h * i(dn + vd) + d;
     // The queries in latent space, [rows, heads·(r + dr)], once per row and head (not per
     // piece): q̃ = W_UK(h)ᵀ q_nope, one latent column per lane summed in a register (the
-    // lanes read consecutive elements of each row of W_UK), then q_rope.
+    // lanes read consecutive elements of each row of W_UK), then q_rope. One program per
+    // (row, head, block of ABSORB_COLS latent columns), so that a batch-1 step reads W_UK
+    // with many warps; the first block of each head also copies q_rope.
     let lq = r + dr;
     let qt = cx.temp(h_n * lq);
+    let cols = ABSORB_COLS.min(r);
+    let ragged = !r.is_multiple_of(cols);
+    let column = |b: Expr| {
+        let e = pid(2) * i(cols) + b;
+        if ragged {
+            min(e, i(r - 1))
+        } else {
+            e
+        }
+    };
+    let latent = st(
+        "qt",
+        [pid(0), pid(1) * i(lq) + column(v("e"))],
+        sum(
+            "d",
+            i(0),
+            i(dn),
+            ld("q", [pid(0), pid(1) * i(qk) + v("d")])
+                * ld("kv_b", [wrow(pid(1), v("d")), column(v("e"))]),
+        ),
+    );
     let absorb = launch(
-        format!("mla_absorb_h{h_n}_r{r}_nope{dn}_rope{dr}"),
-        vec![Dim::Rows, Dim::N(h_n)],
+        format!("mla_absorb_h{h_n}_r{r}_nope{dn}_rope{dr}_c{cols}"),
+        vec![Dim::Rows, Dim::N(h_n), Dim::N(r.div_ceil(cols))],
         vec![
             (input("q", &act(h_n * qk)), a(ins[0])),
             cx.weight("kv_b", kv_b),
@@ -658,27 +684,24 @@ pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
             for_par(
                 "e",
                 i(0),
-                i(r),
-                vec![st(
-                    "qt",
-                    [pid(0), pid(1) * i(lq) + v("e")],
-                    sum(
-                        "d",
-                        i(0),
-                        i(dn),
-                        ld("q", [pid(0), pid(1) * i(qk) + v("d")])
-                            * ld("kv_b", [wrow(pid(1), v("d")), v("e")]),
-                    ),
-                )],
+                i(cols),
+                vec![if ragged {
+                    if_(lt(pid(2) * i(cols) + v("e"), i(r)), vec![latent])
+                } else {
+                    latent
+                }],
             ),
-            for_par(
-                "e",
-                i(0),
-                i(dr),
-                vec![st(
-                    "qt",
-                    [pid(0), pid(1) * i(lq) + i(r) + v("e")],
-                    ld("q", [pid(0), pid(1) * i(qk) + i(dn) + v("e")]),
+            if_(
+                eq(pid(2), i(0)),
+                vec![for_par(
+                    "e",
+                    i(0),
+                    i(dr),
+                    vec![st(
+                        "qt",
+                        [pid(0), pid(1) * i(lq) + i(r) + v("e")],
+                        ld("q", [pid(0), pid(1) * i(qk) + i(dn) + v("e")]),
+                    )],
                 )],
             ),
         ],
