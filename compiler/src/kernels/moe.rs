@@ -14,11 +14,14 @@ use lamina_ir::spec::RouterKind;
 use super::linear::{col_tiles, decode_cols, prefill_tile, register_tile, row_tiles, BN, CB, RB};
 use super::{act, launch, Bind, Ctx, Launch, Phase, Value};
 
-/// The first index `x < n` of the largest `val` (which reads `x`), as two reductions that a
-/// GPU deals over a warp's lanes: `best_v`, the largest value, then `best_i`, the least index
-/// holding it (`-max(-x)` over the indices whose value equals it), clamped into `0..n` (a NaN
-/// matches nothing: index `n - 1`). Binds `best_v` and `best_i`.
+/// The first index `x < n` of the largest `val` (which reads `x`), NaNs skipped, as two
+/// reductions that a GPU deals over a warp's lanes: `best_v`, the largest value (−∞ when there
+/// is none), then `best_i`, the least index holding it (`-max(-x)` over the indices whose value
+/// equals it), clamped into `0..n`. The same choice as a scan keeping the first `val > best`
+/// from −∞ (index 0 when nothing beats −∞). Binds `best_v` and `best_i`.
 fn argmax(n: usize, val: Expr) -> Vec<Stmt> {
+    // A NaN never wins (`cand > best` is false for it): as −∞ it loses every comparison.
+    let val = select(eq(val.clone(), val.clone()), val, f(f64::NEG_INFINITY));
     let neg_index = select(
         eq(val.clone(), v("best_v")),
         f(0.0) - to_f(v("x")),

@@ -14,8 +14,8 @@
 //!   Within a block the iterations run in order; the lanes' partial results are combined as in
 //!   the plain deal.
 //! - Trips: a loop trip runs up to [`MAX_TRIP_ROUNDS`] rounds, as many as keep the lane's
-//!   contiguous reads within [`TRIP_BYTES`], their loads all issued before the first
-//!   iteration; the rounds left over run one per trip.
+//!   contiguous reads within [`TRIP_BYTES`] (at least one round), their loads all issued
+//!   before the first iteration; the rounds left over run one per trip.
 //! - Loads: each contiguous operand's block is one vector load, 16-byte aligned (one
 //!   `ld.global.v4` or `ld.shared.v4` for 8 bf16 or 4 f32, two for 8 f32), the values then
 //!   extracted for the block's iterations; every other load stays a scalar load per iteration.
@@ -36,9 +36,10 @@
 //!   a buffer an earlier one stored to (a deferred store would not be seen), with at least one
 //!   such operand.
 //!
-//! Sequential loops (a warp program's loops that every lane runs whole, such as a dot product
-//! inside a dealt loop) read their contiguous operands in blocks the same way, as one lane
-//! would: the same iterations in the same order, each block's operands one vector load.
+//! Sequential reductions and carried loops of `let`s (a warp program's loops that every lane
+//! runs whole, such as a dot product inside a dealt loop) read their contiguous operands in
+//! blocks the same way, as one lane would: the same iterations in the same order, each block's
+//! operands one vector load. Sequential loops of stores are not blocked.
 //!
 //! The choice depends only on the kernel IR, and the host's emulation of the lanes
 //! ([`super::Flavor::HostLanes`]) runs the same blocks lane by lane (with scalar loads), so the
@@ -530,6 +531,9 @@ impl<'c> Lower<'c> {
                 line,
             );
         };
+        // Each emitted copy of the body numbers its statements from where the loop starts (the
+        // remainder loop after the blocks advances `line` once).
+        let first_line = *line;
         let (partials, mid) = self.lane_rounds(
             blk,
             env,
@@ -540,6 +544,8 @@ impl<'c> Lower<'c> {
             tys,
             deal,
             &mut |l, b, e, accs| {
+                let mut line = first_line;
+                let line = &mut line;
                 let mut e = e.clone();
                 for (((n, _), &v), &t) in carried.iter().zip(accs).zip(tys) {
                     e.vars.insert(n.clone(), (v, t));
