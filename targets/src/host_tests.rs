@@ -29,6 +29,20 @@ fn norm_kernel(cols: usize) -> Kernel {
     }
 }
 
+/// `ptx` assembled by `ptxas` for `target` (its kernels' resources), or `None` when ptxas is
+/// not installed: a visible skip of `what`, or a failure under `LAMINA_REQUIRE_PTXAS=1`.
+fn assembled(ptx: &str, target: crate::Target, what: &str) -> Option<Vec<crate::nvptx::Resources>> {
+    if crate::nvptx::ptxas_path().is_some() {
+        return Some(crate::nvptx::ptxas(ptx, target).unwrap());
+    }
+    assert!(
+        std::env::var("LAMINA_REQUIRE_PTXAS").as_deref() != Ok("1"),
+        "ptxas required but not found"
+    );
+    eprintln!("SKIPPED: ptxas not installed, {what}'s PTX is not assembled");
+    None
+}
+
 /// Calls `_mlir_<name>` with flat f32 buffers.
 pub(crate) fn call(
     lib: &libloading::Library,
@@ -399,18 +413,11 @@ fn staged_tiles_assemble_for_both_gpus() {
                 assert_eq!(count("wgmma"), 0);
             }
         }
-        if crate::nvptx::ptxas_path().is_some() {
-            let res = crate::nvptx::ptxas(&ptx, target).unwrap();
+        if let Some(res) = assembled(&ptx, target, "the staged kernel") {
             assert_eq!(res.len(), 1);
             assert_eq!(res[0].spill_stores + res[0].spill_loads, 0, "{target}");
             assert_eq!(res[0].shared as usize, shared_bytes(tile), "{target}");
             assert!(res[0].blocks_per_sm(staged::LANES, target) >= 1, "{target}");
-        } else {
-            assert!(
-                std::env::var("LAMINA_REQUIRE_PTXAS").as_deref() != Ok("1"),
-                "ptxas required but not found"
-            );
-            eprintln!("SKIPPED: ptxas not installed, the staged kernel's PTX is not assembled");
         }
     }
 }
@@ -514,20 +521,13 @@ fn mma_tiles_assemble_for_both_gpus() {
         // 2 × 2 MMAs per step (three each for TF32x3).
         let mmas = ptx.lines().filter(|l| l.contains(instr)).count();
         assert!(mmas >= 4, "{target} {kind:?}: {mmas} {instr} in\n{ptx}");
-        if crate::nvptx::ptxas_path().is_some() {
-            let res = crate::nvptx::ptxas(&ptx, target).unwrap();
+        if let Some(res) = assembled(&ptx, target, "the MMA kernel") {
             assert_eq!(res.len(), 1);
             assert_eq!(
                 res[0].spill_stores + res[0].spill_loads,
                 0,
                 "{target}: spills"
             );
-        } else {
-            assert!(
-                std::env::var("LAMINA_REQUIRE_PTXAS").as_deref() != Ok("1"),
-                "ptxas required but not found"
-            );
-            eprintln!("SKIPPED: ptxas not installed, the MMA kernel's PTX is not assembled");
         }
     }
 }
@@ -723,19 +723,12 @@ fn blocked_deal_reads_16_byte_vectors() {
             count("ld.global.b16") + count("ld.global.u16") >= 3,
             "{target}: {ptx}"
         );
-        if crate::nvptx::ptxas_path().is_some() {
-            let res = crate::nvptx::ptxas(&ptx, target).unwrap();
+        if let Some(res) = assembled(&ptx, target, "the blocked kernel") {
             assert_eq!(
                 res[0].spill_stores + res[0].spill_loads,
                 0,
                 "{target}: spills"
             );
-        } else {
-            assert!(
-                std::env::var("LAMINA_REQUIRE_PTXAS").as_deref() != Ok("1"),
-                "ptxas required but not found"
-            );
-            eprintln!("SKIPPED: ptxas not installed, the blocked kernel is not assembled");
         }
     }
 }

@@ -723,7 +723,7 @@ impl<'c> Lower<'c> {
                     let lookup = |n: &str| l.buffer(env, n);
                     let deal = (l.lanes > 1)
                         .then(|| {
-                            deal::split_sum_deal(
+                            deal::carried_deal(
                                 var, lo_expr, carried, body, yields, &lookup, &env.lets,
                             )
                         })
@@ -777,9 +777,7 @@ impl<'c> Lower<'c> {
                     let deal = if carried.is_empty() {
                         deal::parallel_deal(var, lo_expr, body, &lookup, &env.lets)
                     } else {
-                        deal::split_sum_deal(
-                            var, lo_expr, carried, body, yields, &lookup, &env.lets,
-                        )
+                        deal::carried_deal(var, lo_expr, carried, body, yields, &lookup, &env.lets)
                     }
                     .filter(|d| d.has_rounds(lo_expr, hi_expr, l.lanes));
                     let totals = if l.gpu {
@@ -1126,15 +1124,14 @@ impl<'c> Lower<'c> {
             let next = self.op(&inner, combine, &[acc, x], self.f32, true);
             inner.append_operation(scf::r#yield(&[next], self.loc));
         }
-        let region = Region::new();
-        region.append_block(inner);
-        let op = OperationBuilder::new("scf.for", self.loc)
-            .add_operands(&[lo, hi, step, init])
-            .add_results(&[self.f32])
-            .add_regions([region])
-            .build()
-            .map_err(|e| bug(format!("reduction: {e}")))?;
-        Ok(self.append(blk, op))
+        Ok(self.scf_for(
+            blk,
+            (lo, hi, step),
+            &[init],
+            &[self.f32],
+            inner,
+            "reduction",
+        )?[0])
     }
 
     /// A lane's share of a dealt reduction, `var` in `lo, lo + lanes, ... < hi`, combined in
@@ -1156,22 +1153,9 @@ impl<'c> Lower<'c> {
     ) -> R<Value<'c, 'a>> {
         let step = self.lanes as i64;
         let ix = |v: i64| self.const_index(blk, v);
-        let int = |name: &str, a: Value<'c, 'a>, b: Value<'c, 'a>| {
-            self.op(blk, name, &[a, b], self.index, false)
-        };
-        // Whole trips: ⌊max(hi − lo, 0) / (U · lanes)⌋, ending at `mid`.
-        let ahead = self.append(
-            blk,
-            arith::cmpi(self.ctx, CmpiPredicate::Sgt, hi, lo, self.loc),
-        );
-        let span = int("arith.subi", hi, lo);
-        let span = self.append(blk, arith::select(ahead, span, ix(0), self.loc));
+        // Whole trips of U · lanes iterations, ending at `mid`.
+        let mid = self.rounds_end(blk, (lo, hi), REDUCE_UNROLL as i64 * step);
         let trip = ix(REDUCE_UNROLL as i64 * step);
-        let mid = int(
-            "arith.addi",
-            lo,
-            int("arith.muli", int("arith.divui", span, trip), trip),
-        );
         let inner = Block::new(&[(self.index, self.loc), (self.f32, self.loc)]);
         {
             let mut env2: Env<'c, '_> = env.clone();
@@ -1189,15 +1173,14 @@ impl<'c> Lower<'c> {
             }
             inner.append_operation(scf::r#yield(&[acc], self.loc));
         }
-        let region = Region::new();
-        region.append_block(inner);
-        let op = OperationBuilder::new("scf.for", self.loc)
-            .add_operands(&[lo, mid, trip, init])
-            .add_results(&[self.f32])
-            .add_regions([region])
-            .build()
-            .map_err(|e| bug(format!("reduction: {e}")))?;
-        let whole = self.append(blk, op);
+        let whole = self.scf_for(
+            blk,
+            (lo, mid, trip),
+            &[init],
+            &[self.f32],
+            inner,
+            "reduction",
+        )?[0];
         self.reduce_loop(blk, env, var, (mid, hi, ix(step)), whole, combine, body)
     }
 
@@ -1240,12 +1223,27 @@ impl<'c> Lower<'c> {
             }
             inner.append_operation(scf::r#yield(&ys, self.loc));
         }
+        let tys: Vec<Type> = tys.iter().map(|&t| self.ty(t)).collect();
+        self.scf_for(blk, (lo, hi, step), inits, &tys, inner, what)
+    }
+
+    /// `scf.for` over `lo..hi` by `step` with `body` (which takes the induction variable and
+    /// the carried values, of types `tys`), from `inits`. Returns the final carried values.
+    pub(super) fn scf_for<'a>(
+        &self,
+        blk: &'a Block<'c>,
+        (lo, hi, step): (Value<'c, 'a>, Value<'c, 'a>, Value<'c, 'a>),
+        inits: &[Value<'c, 'a>],
+        tys: &[Type<'c>],
+        body: Block<'c>,
+        what: &str,
+    ) -> R<Vec<Value<'c, 'a>>> {
         let region = Region::new();
-        region.append_block(inner);
+        region.append_block(body);
         let op = OperationBuilder::new("scf.for", self.loc)
             .add_operands(&[lo, hi, step])
             .add_operands(inits)
-            .add_results(&tys.iter().map(|&t| self.ty(t)).collect::<Vec<_>>())
+            .add_results(tys)
             .add_regions([region])
             .build()
             .map_err(|e| bug(format!("{what}: scf.for: {e}")))?;
@@ -1267,19 +1265,15 @@ impl<'c> Lower<'c> {
         let zero = self.const_index(blk, 0);
         let lanes = self.const_index(blk, self.lanes as i64);
         let one = self.const_index(blk, 1);
-        let region = Region::new();
-        region.append_block(body);
-        let op = OperationBuilder::new("scf.for", self.loc)
-            .add_operands(&[zero, lanes, one])
-            .add_operands(inits)
-            .add_results(&vec![self.f32; inits.len()])
-            .add_regions([region])
-            .build()
-            .map_err(|e| bug(format!("{what}: lane loop: {e}")))?;
-        let r = blk.append_operation(op);
-        (0..inits.len())
-            .map(|i| r.result(i).map(Into::into).map_err(|e| bug(e.to_string())))
-            .collect()
+        let tys = vec![self.f32; inits.len()];
+        self.scf_for(
+            blk,
+            (zero, lanes, one),
+            inits,
+            &tys,
+            body,
+            &format!("{what}: lane loop"),
+        )
     }
 
     /// An f32's bits (as i32) plus half a TF32 step (2^12): masked to TF32 afterwards, the

@@ -52,10 +52,10 @@ use melior::dialect::{arith, scf};
 use melior::ir::attribute::IntegerAttribute;
 use melior::ir::operation::OperationBuilder;
 use melior::ir::r#type::IntegerType;
-use melior::ir::{Attribute, Block, BlockLike, Identifier, Region, RegionLike, Type, Value};
+use melior::ir::{Attribute, Block, BlockLike, Identifier, Type, Value};
 
 use super::warp_stage::{multiple_of, Lets, Lookup};
-use super::{bug, Env, Lower, Ty, R};
+use super::{bug, BufInfo, Env, Lower, Ty, R};
 
 /// Alignment and width of one vector load.
 const VECTOR_BYTES: usize = 16;
@@ -146,6 +146,24 @@ fn contiguous_at(
         && multiple_of(lo, per, lets, 0)
 }
 
+/// Every load in `e`, outermost first (a load inside another's index after it).
+fn loads<'e>(e: &'e Expr, out: &mut Vec<&'e Expr>) {
+    match e {
+        Expr::Load(_, idx) => {
+            out.push(e);
+            idx.iter().for_each(|x| loads(x, out));
+        }
+        Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => {
+            loads(a, out);
+            loads(b, out);
+        }
+        Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => loads(a, out),
+        Expr::Select(c, a, b) => [c, a, b].into_iter().for_each(|x| loads(x, out)),
+        Expr::Reduce { lo, hi, body, .. } => [lo, hi, body].into_iter().for_each(|x| loads(x, out)),
+        Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => {}
+    }
+}
+
 /// The blocked deal of a loop over `var` from `lo` whose body evaluates `exprs`: the distinct
 /// loads in them that are [`contiguous`] along `var` (in order of appearance), blocks as wide
 /// as the widest vector of them; `None` when there is none.
@@ -157,24 +175,6 @@ pub fn deal<'e>(
     lookup: &Lookup,
     lets: &Lets,
 ) -> Option<Deal<'e>> {
-    fn loads<'e>(e: &'e Expr, out: &mut Vec<&'e Expr>) {
-        match e {
-            Expr::Load(_, idx) => {
-                out.push(e);
-                idx.iter().for_each(|x| loads(x, out));
-            }
-            Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => {
-                loads(a, out);
-                loads(b, out);
-            }
-            Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => loads(a, out),
-            Expr::Select(c, a, b) => [c, a, b].into_iter().for_each(|x| loads(x, out)),
-            Expr::Reduce { lo, hi, body, .. } => {
-                [lo, hi, body].into_iter().for_each(|x| loads(x, out))
-            }
-            Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => {}
-        }
-    }
     let mut all = Vec::new();
     exprs.iter().for_each(|e| loads(e, &mut all));
     let mut out: Vec<&Expr> = Vec::new();
@@ -193,9 +193,9 @@ pub fn deal<'e>(
     })
 }
 
-/// The blocked deal of a dealt split sum over `var` (from `lo`): none unless its body is only
-/// `let`s, without reductions.
-pub fn split_sum_deal<'e>(
+/// The blocked deal of a loop over `var` (from `lo`) carrying values: a dealt split sum, or a
+/// sequential carried loop. None unless its body is only `let`s, without reductions.
+pub fn carried_deal<'e>(
     var: &str,
     lo: &Expr,
     carried: &[(String, Expr)],
@@ -301,16 +301,10 @@ pub fn parallel_deal<'e>(
 
 /// Whether `e` loads from `buf`.
 fn reads_buffer(e: &Expr, buf: &str) -> bool {
-    match e {
-        Expr::Load(b, idx) => b == buf || idx.iter().any(|x| reads_buffer(x, buf)),
-        Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => reads_buffer(a, buf) || reads_buffer(b, buf),
-        Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => reads_buffer(a, buf),
-        Expr::Select(c, a, b) => [c, a, b].into_iter().any(|x| reads_buffer(x, buf)),
-        Expr::Reduce { lo, hi, body, .. } => {
-            [lo, hi, body].into_iter().any(|x| reads_buffer(x, buf))
-        }
-        Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => false,
-    }
+    let mut all = Vec::new();
+    loads(e, &mut all);
+    all.iter()
+        .any(|l| matches!(l, Expr::Load(b, _) if b == buf))
 }
 
 /// One iteration of a blocked loop: given the environment (the loop variable bound) and the
@@ -481,20 +475,9 @@ impl<'c> Lower<'c> {
             }
             inner.append_operation(scf::r#yield(&accs, self.loc));
         }
-        let region = Region::new();
-        region.append_block(inner);
         let trip = self.const_index(blk, rounds as i64 * round);
-        let op = OperationBuilder::new("scf.for", self.loc)
-            .add_operands(&[first, end, trip])
-            .add_operands(inits)
-            .add_results(&tys.iter().map(|&t| self.ty(t)).collect::<Vec<_>>())
-            .add_regions([region])
-            .build()
-            .map_err(|e| bug(format!("blocked deal: scf.for: {e}")))?;
-        let r = blk.append_operation(op);
-        (0..tys.len())
-            .map(|i| r.result(i).map(Into::into).map_err(|e| bug(e.to_string())))
-            .collect()
+        let tys: Vec<Type> = tys.iter().map(|&t| self.ty(t)).collect();
+        self.scf_for(blk, (first, end, trip), inits, &tys, inner, "blocked deal")
     }
 
     /// A lane's share of a dealt split sum over `var` in `lo..hi` (`step`: the lanes), the carried
@@ -651,8 +634,35 @@ impl<'c> Lower<'c> {
         self.op(blk, "arith.addi", &[first, off], self.index, false)
     }
 
+    /// A vector access to `buf[idx]` in `env`: the buffer, the flat index, and the
+    /// `alignment` attribute (16 bytes) every blocked vector access carries.
+    fn vector_at<'a>(
+        &self,
+        blk: &'a Block<'c>,
+        env: &Env<'c, 'a>,
+        buf: &str,
+        idx: &[Expr],
+    ) -> R<(
+        BufInfo<'c, 'a>,
+        Value<'c, 'a>,
+        (Identifier<'c>, Attribute<'c>),
+    )> {
+        let info = env
+            .bufs
+            .get(buf)
+            .cloned()
+            .ok_or_else(|| bug(format!("unknown buffer {buf}")))?;
+        let at = self.linear(blk, env, &info, idx)?;
+        let i64t: Type = IntegerType::new(self.ctx, 64).into();
+        let align = (
+            Identifier::new(self.ctx, "alignment"),
+            IntegerAttribute::new(i64t, VECTOR_BYTES as i64).into(),
+        );
+        Ok((info, at, align))
+    }
+
     /// Writes the values of contiguous `store` for a block's iterations, collected while they
-    /// ran ([`Deferred`]), as one `vector.store` (16-byte aligned) at its index in `env`,
+    /// ran (the step's second result), as one `vector.store` (16-byte aligned) at its index in `env`,
     /// narrowed to bf16 if need be.
     fn vector_store<'a>(
         &self,
@@ -664,12 +674,7 @@ impl<'c> Lower<'c> {
         let Stmt::Store { buf, idx, .. } = store else {
             return Err(bug(format!("blocked deal: {store:?} is not a store")));
         };
-        let info = env
-            .bufs
-            .get(buf)
-            .cloned()
-            .ok_or_else(|| bug(format!("unknown buffer {buf}")))?;
-        let at = self.linear(blk, env, &info, idx)?;
+        let (info, at, align) = self.vector_at(blk, env, buf, idx)?;
         let parse =
             |text: &str| Type::parse(self.ctx, text).ok_or_else(|| bug(format!("type {text}")));
         let n = values.len();
@@ -693,13 +698,9 @@ impl<'c> Lower<'c> {
             }
             Elem::I64 => return Err(bug(format!("blocked deal: vector store of i64 {buf}"))),
         }
-        let i64t: Type = IntegerType::new(self.ctx, 64).into();
         let op = OperationBuilder::new("vector.store", self.loc)
             .add_operands(&[v, info.value, at])
-            .add_attributes(&[(
-                Identifier::new(self.ctx, "alignment"),
-                IntegerAttribute::new(i64t, VECTOR_BYTES as i64).into(),
-            )])
+            .add_attributes(&[align])
             .build()
             .map_err(|e| bug(format!("vector.store of {buf}: {e}")))?;
         blk.append_operation(op);
@@ -718,12 +719,7 @@ impl<'c> Lower<'c> {
         let Expr::Load(buf, idx) = load else {
             return Err(bug(format!("blocked deal: {load:?} is not a load")));
         };
-        let info = env
-            .bufs
-            .get(buf)
-            .cloned()
-            .ok_or_else(|| bug(format!("unknown buffer {buf}")))?;
-        let at = self.linear(blk, env, &info, idx)?;
+        let (info, at, align) = self.vector_at(blk, env, buf, idx)?;
         let parse =
             |text: &str| Type::parse(self.ctx, text).ok_or_else(|| bug(format!("type {text}")));
         let elem = match info.elem {
@@ -733,13 +729,9 @@ impl<'c> Lower<'c> {
         };
         let raw = parse(&format!("vector<{block}x{elem}>"))?;
         let wide = parse(&format!("vector<{block}xf32>"))?;
-        let i64t: Type = IntegerType::new(self.ctx, 64).into();
         let op = OperationBuilder::new("vector.load", self.loc)
             .add_operands(&[info.value, at])
-            .add_attributes(&[(
-                Identifier::new(self.ctx, "alignment"),
-                IntegerAttribute::new(i64t, VECTOR_BYTES as i64).into(),
-            )])
+            .add_attributes(&[align])
             .add_results(&[raw])
             .build()
             .map_err(|e| bug(format!("vector.load of {buf}: {e}")))?;
@@ -884,7 +876,7 @@ mod tests {
         let carried = vec![("s".to_string(), E::F(0.0))];
         let body = vec![Stmt::Let("xc".into(), load.clone())];
         let yields = vec![add(var("s"), mul(var("xc"), var("xc")))];
-        let found = split_sum_deal("c", &E::I(0), &carried, &body, &yields, &lookup, &lets);
+        let found = carried_deal("c", &E::I(0), &carried, &body, &yields, &lookup, &lets);
         assert_eq!(found.map(|d| d.loads), Some(vec![&load]));
         // A store in the body, or nothing carried (a parallel loop): not blocked.
         let stored = vec![Stmt::Store {
@@ -892,10 +884,8 @@ mod tests {
             idx: vec![var("c")],
             value: load.clone(),
         }];
-        assert!(
-            split_sum_deal("c", &E::I(0), &carried, &stored, &yields, &lookup, &lets).is_none()
-        );
-        assert!(split_sum_deal("c", &E::I(0), &[], &body, &[], &lookup, &lets).is_none());
+        assert!(carried_deal("c", &E::I(0), &carried, &stored, &yields, &lookup, &lets).is_none());
+        assert!(carried_deal("c", &E::I(0), &[], &body, &[], &lookup, &lets).is_none());
         // A reduction inside: not blocked.
         let nested = E::Reduce {
             op: lamina_ir::kernel::ReduceOp::Sum,
