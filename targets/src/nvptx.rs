@@ -56,10 +56,17 @@ pub fn shared_limit(target: Target) -> u32 {
     }
 }
 
+/// Whether kernel `k` is a block-cooperative program: a large tensor-core tile
+/// ([`staged_tile`]) or an attention block with its state in registers
+/// ([`attend_block`](crate::mlir::lower::attend::attend_block)), [`staged::LANES`](crate::mlir::lower::staged::LANES) threads each.
+pub fn block_program(k: &Kernel) -> bool {
+    staged_tile(k).is_some() || crate::mlir::lower::attend::attend_block(k).is_some()
+}
+
 /// Threads per block of kernel `k`: a block-cooperative program is exactly one block (its
 /// static shared memory is the block's).
 pub fn block_size(k: &Kernel) -> u32 {
-    if staged_tile(k).is_some() {
+    if block_program(k) {
         crate::mlir::lower::staged::LANES
     } else {
         BLOCK
@@ -67,11 +74,12 @@ pub fn block_size(k: &Kernel) -> u32 {
 }
 
 /// Threads per program of kernel `k`: a block of warps when it is only a large tensor-core
-/// tile ([`staged_tile`]: the block stages the operands in shared memory); a warp when it has
+/// tile ([`staged_tile`]: the block stages the operands in shared memory) or an attention
+/// block ([`block_program`]); a warp when it has
 /// a reduction or a split loop (after tile expansion) for the lanes to share; else one.
 pub fn lanes(k: &Kernel) -> u32 {
     use lamina_ir::kernel::{Expr, Stmt};
-    if staged_tile(k).is_some() {
+    if block_program(k) {
         return crate::mlir::lower::staged::LANES;
     }
     fn block(b: &[Stmt]) -> bool {
@@ -98,8 +106,8 @@ pub fn lanes(k: &Kernel) -> u32 {
             }
             Stmt::If { cond, then } => cond.has_reduce() || block(then),
             Stmt::Local { .. } => false,
-            // Tiles expand into reductions; MMAs are warp instructions.
-            Stmt::Tile(_) | Stmt::Mma(_) => true,
+            // Tiles and attention blocks expand into reductions; MMAs are warp instructions.
+            Stmt::Tile(_) | Stmt::Mma(_) | Stmt::Attend(_) => true,
         })
     }
     if block(&k.body) {
@@ -116,7 +124,7 @@ pub const WARP: u32 = 32;
 /// GPU lowering lays them out), 0 for thread programs.
 fn warp_locals(k: &Kernel) -> usize {
     use lamina_ir::kernel::expand::{dots_on_tensor_cores, expand_tiles};
-    if lanes(k) > 1 {
+    if lanes(k) > 1 && !block_program(k) {
         crate::mlir::lower::local_layout(&expand_tiles(&dots_on_tensor_cores(k))).1
     } else {
         0

@@ -623,9 +623,9 @@ fn decode_tiles_stage_weights_and_cache() {
     }
 }
 
-/// With TF32 products (`--products tf32`) the flash attention and chunked recurrence kernels
-/// (named `_tf32`) issue one TF32 `mma.sync` where the default plan issues three, and still
-/// assemble without spills.
+/// With TF32 products (`--products tf32`) MLA's flash attention and the chunked recurrence
+/// kernels (named `_tf32`) issue one TF32 `mma.sync` where the default plan issues three, and
+/// still assemble without spills.
 #[test]
 fn tf32_products_are_a_third_of_the_mmas() {
     use lamina_compiler::kernels::Phase;
@@ -642,8 +642,9 @@ fn tf32_products_are_a_third_of_the_mmas() {
             let kernels: Vec<_> = p
                 .phase_kernels(Phase::Prefill)
                 .into_iter()
+                // Not GQA's flash blocks: their products are bf16 whatever the option.
                 .filter(|k| {
-                    ["_flash_", "_chunk64_", "_scan64_"]
+                    ["mla_flash_", "_chunk64_", "_scan64_"]
                         .iter()
                         .any(|s| k.name.contains(s))
                 })
@@ -735,10 +736,11 @@ fn decode_attention_reads_the_cache_once_per_kv_head() {
     }
 }
 
-/// Prefill attends flash-style: a warp program per (64 query rows, head), logits and value
-/// products as tensor-core tiles; GQA (Qwen3-Next's 256-wide heads, MiniMax's 128-wide) and
-/// absorbed MLA (Kimi's and DeepSeek-V3's 576-wide latent keys, with the `W_UK`/`W_UV`
-/// products). Decode keeps its split-sequence kernels.
+/// Prefill attends flash-style, a program per (64 query rows, head), logits and value
+/// products on tensor cores: GQA (Qwen3-Next's 256-wide heads, MiniMax's 128-wide) as a block
+/// of 4 warps with its state in registers and bf16 products; absorbed MLA (Kimi's and
+/// DeepSeek-V3's 576-wide latent keys, with the `W_UK`/`W_UV` products) as a warp program
+/// with TF32x3 tiles. Decode keeps its split-sequence kernels.
 #[test]
 fn prefill_attention_is_flash_attention_on_tensor_cores() {
     use lamina_compiler::kernels::attention::FLASH_Q;
@@ -770,6 +772,46 @@ fn prefill_attention_is_flash_attention_on_tensor_cores() {
         assert!(p.schedules[&Phase::Decode]
             .iter()
             .any(|l| l.kernel.name.starts_with(&format!("{family}attend_"))));
-        warps_on_tf32_tensor_cores(&attend[..1]);
+        if family == "gqa_" {
+            flash_blocks_on_bf16_tensor_cores(&attend[..1]);
+        } else {
+            warps_on_tf32_tensor_cores(&attend[..1]);
+        }
+    }
+}
+
+/// Each of `kernels` is a flash-attention block (FlashAttention-2's loop, its state in
+/// registers): one block of 4 warps per program, no scratch, the tiles staged in static
+/// shared memory between block barriers, the products `mma.sync` m16n8k16 bf16, the row
+/// statistics combined by shuffles; on both targets ptxas reports no spills, the planned
+/// shared memory, and at least one block per SM.
+fn flash_blocks_on_bf16_tensor_cores(kernels: &[lamina_ir::kernel::Kernel]) {
+    use lamina_targets::mlir::lower::attend::{self, attend_block};
+    for k in kernels {
+        let a = attend_block(k).unwrap_or_else(|| panic!("{}: not an attention block", k.name));
+        assert_eq!(nvptx::lanes(k), attend::LANES, "{}", k.name);
+        assert_eq!(nvptx::block_size(k), attend::LANES, "{}", k.name);
+        assert_eq!(nvptx::scratch_bytes(k), 0, "{}", k.name);
+        for target in [Target::Sm90a, Target::Sm80] {
+            let (ptx, _) = nvptx::compile_ptx(kernels, target).unwrap();
+            let text = entry(&ptx, &k.name);
+            for op in [
+                "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+                "bar.sync",
+                "shfl.sync.bfly",
+                "st.shared.b32",
+                "ld.shared.b32",
+            ] {
+                assert!(text.contains(op), "{} {target}: no {op}", k.name);
+            }
+            assert!(!text.contains("tf32"), "{} {target}: tf32 products", k.name);
+            if ptxas_or_skip("flash_blocks_on_bf16_tensor_cores") {
+                for r in nvptx::ptxas(&ptx, target).unwrap() {
+                    assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{}", r.kernel);
+                    assert_eq!(r.shared as usize, attend::shared_bytes(a), "{}", r.kernel);
+                    assert!(r.blocks_per_sm(attend::LANES, target) >= 1, "{}", r.kernel);
+                }
+            }
+        }
     }
 }

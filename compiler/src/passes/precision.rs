@@ -143,6 +143,16 @@ impl Uses {
                     }
                     self.stmts(&mma.epilogue, buf);
                 }
+                // Attention reads its parameters as values, not as bf16 product operands.
+                Stmt::Attend(a) => {
+                    for e in [&a.m, &a.keys, &a.tiles.0, &a.tiles.1] {
+                        self.expr(e, buf);
+                    }
+                    for e in [&a.query, &a.key, &a.value, &a.sees] {
+                        self.expr(e, buf);
+                    }
+                    self.stmts(&a.epilogue, buf);
+                }
             }
         }
     }

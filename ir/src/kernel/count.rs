@@ -320,7 +320,48 @@ impl Counter<'_> {
             }
             Stmt::Tile(op) => self.tile(op, times),
             Stmt::Mma(mma) => self.mma(mma, times),
+            Stmt::Attend(a) if a.register_block() => self.attend(a, times),
+            // What a GPU runs when the block is not a register block: the loops, their
+            // state in locals.
+            Stmt::Attend(a) => self.block(&super::expand::expand_attend(a), times),
         }
+    }
+
+    /// As a GPU register block runs it (accumulators in registers, each tile's keys and
+    /// values loaded once for the block): the queries once per block row (per tile when they
+    /// are not [resident](super::Attend::resident_queries)), the keys and values of every
+    /// visited tile, both products over whole tiles and all the block's rows (masked keys
+    /// and clamped rows included), the softmax per logit, the epilogue per valid output
+    /// element.
+    fn attend(&mut self, a: &super::Attend, times: f64) {
+        let (_, m) = self.expr(&a.m, times);
+        let (_, first) = self.expr(&a.tiles.0, times);
+        let (_, end) = self.expr(&a.tiles.1, times);
+        self.expr(&a.keys, times);
+        let tiles = (end.mean - first.mean).max(0.0);
+        let kt = a.key_tile as f64;
+        let keys = tiles * kt;
+        let saved = self.vars.clone();
+        let (rows, qk, vw) = (a.rows as f64, a.qk as f64, a.vw as f64);
+        let span = |lo: f64, hi: f64| (T::I, Iv::iter(Iv::point(lo), Iv::point(hi)));
+        self.vars
+            .insert(a.t.clone(), (T::I, Iv::iter(Iv::point(0.0), m)));
+        self.vars
+            .insert(a.j.clone(), span(first.mean * kt, end.mean * kt));
+        self.vars.insert(a.e.clone(), span(0.0, qk));
+        self.vars.insert(a.d.clone(), span(0.0, vw));
+        let query_passes = if a.resident_queries() { 1.0 } else { tiles };
+        self.expr(&a.query, times * rows * qk * query_passes);
+        self.expr(&a.sees, times * rows);
+        self.expr(&a.key, times * keys * qk);
+        self.expr(&a.value, times * keys * vw);
+        let products = 2.0 * rows * keys * (qk + vw) * times;
+        // Scale, max, exp (with its subtraction), sum per logit.
+        self.work.flops += products + 5.0 * rows * keys * times;
+        self.work.bf16_mma_flops += products;
+        self.vars.insert(a.out.clone(), (T::F, Iv::point(0.0)));
+        self.block(&a.epilogue, times * m.mean * vw);
+        self.vars = saved;
     }
 
     /// As a GPU runs it: each operand element loaded once per tile (rounded to bf16), the

@@ -3,7 +3,7 @@
 //! which kernel builders do not use.
 
 use super::build::*;
-use super::{Expr, Kernel, Mma, MmaKind, Stmt, TileOp, View};
+use super::{Attend, Expr, Kernel, Mma, MmaKind, Stmt, TileOp, View};
 
 /// `k` with every [`Stmt::Tile`] and [`Stmt::Mma`] replaced by loops.
 pub fn expand_all(k: &Kernel) -> Kernel {
@@ -29,6 +29,10 @@ pub fn dots_as_mma(k: &Kernel, kind: MmaKind) -> Kernel {
         Stmt::Mma(m) if m.kind == MmaKind::F32 => Some(vec![Stmt::Mma(Box::new(Mma {
             kind,
             ..(**m).clone()
+        }))]),
+        Stmt::Attend(a) if a.kind == MmaKind::F32 => Some(vec![Stmt::Attend(Box::new(Attend {
+            kind,
+            ..(**a).clone()
         }))]),
         Stmt::Tile(TileOp::Dot {
             out,
@@ -77,19 +81,175 @@ fn dot_tiles(
     )]
 }
 
-/// `k` with every [`Stmt::Tile`] replaced by loops ([`Stmt::Mma`] kept: a GPU lowers it).
+/// `k` with every [`Stmt::Tile`] and [`Stmt::Attend`] replaced by loops ([`Stmt::Mma`] kept: a
+/// GPU lowers it).
 pub fn expand_tiles(k: &Kernel) -> Kernel {
     expand(k, false)
 }
 
-/// Tiles, and with `mma` the MMA tiles, as loops.
+/// Tiles and attention blocks, and with `mma` the MMA tiles, as loops (an attention block's
+/// products become MMA tiles, expanded too with `mma`).
 fn expand(k: &Kernel, mma: bool) -> Kernel {
     let body = rewrite(&k.body, true, &|s| match s {
         Stmt::Tile(op) => Some(tile(op)),
+        Stmt::Attend(a) if mma => Some(rewrite(&expand_attend(a), true, &|s| match s {
+            Stmt::Mma(m) => Some(expand_mma(m)),
+            _ => None,
+        })),
+        Stmt::Attend(a) => Some(expand_attend(a)),
         Stmt::Mma(m) if mma => Some(expand_mma(m)),
         _ => None,
     });
     Kernel { body, ..k.clone() }
+}
+
+/// The attention block as loops: [`attend_loops`], then per valid row `t` and value column
+/// `d` the epilogue with `out = acc[t·vw + d] / l[t]`.
+pub fn expand_attend(a: &Attend) -> Vec<Stmt> {
+    let mut out = attend_loops(a);
+    let mut element = vec![let_(
+        &a.out,
+        ld("acc", [v(&a.t) * i(a.vw) + v(&a.d)]) / ld("l", [v(&a.t)]),
+    )];
+    element.extend(a.epilogue.iter().cloned());
+    out.push(for_par(
+        &a.t,
+        i(0),
+        a.m.clone(),
+        vec![for_(&a.d, i(0), i(a.vw), element)],
+    ));
+    out
+}
+
+/// The loops of an attention block, as f32 locals hold its state: the tile's logits and
+/// probabilities `sc` (`rows × key_tile`), the accumulator `acc` (`rows × vw`), and per block
+/// row the running max `m`, sum `l` and the tile's correction `corr`. Declares them, zeroes
+/// the rows `t < m`, then per key tile: the logits as an MMA tile, the online softmax per row
+/// (probabilities zero past the row's keys and the tile's), the update `acc = corr·acc + P·V`
+/// as an MMA tile. Leaves row `t`'s unnormalised output in `acc[t·vw + d]`, its sum in `l[t]`
+/// and its max in `m[t]`: what an attention whose epilogue needs more than `out` (a split
+/// piece's partial results, MLA's `W_UV` product) builds on.
+pub fn attend_loops(a: &Attend) -> Vec<Stmt> {
+    let (rows, fk, qk, vw) = (a.rows, a.key_tile, a.qk, a.vw);
+    let query = |t: Expr, e: Expr| a.query.substitute(&[(&a.t, t), (&a.e, e)]);
+    let key = |j: Expr, e: Expr| a.key.substitute(&[(&a.j, j), (&a.e, e)]);
+    let value = |j: Expr, d: Expr| a.value.substitute(&[(&a.j, j), (&a.d, d)]);
+    let sees = |t: Expr| a.sees.substitute(&[(&a.t, t)]);
+    let sc = |jj: Expr| ld("sc", [v("t") * i(fk) + jj]);
+    let zero_sc = |lo: Expr| {
+        for_(
+            "jj",
+            lo,
+            i(fk),
+            vec![st("sc", [v("t") * i(fk) + v("jj")], f(0.0))],
+        )
+    };
+    // Key jj of the tile is visible to row t: position j0 + jj < pt.
+    let visible = |jj: Expr| lt(v("j0") + jj, v("pt"));
+    let softmax = vec![
+        let_("pt", sees(v("t"))),
+        if_(
+            lt(v("j0"), v("pt")),
+            vec![
+                let_(
+                    "m2",
+                    max(
+                        ld("m", [v("t")]),
+                        max_over(
+                            "jj",
+                            i(0),
+                            min(v("nb"), v("pt") - v("j0")),
+                            f(a.scale) * sc(v("jj")),
+                        ),
+                    ),
+                ),
+                let_("c", exp(ld("m", [v("t")]) - v("m2"))),
+                // Probabilities; zero past the row's keys and past the tile (the product
+                // below runs over the whole tile).
+                for_(
+                    "jj",
+                    i(0),
+                    v("nb"),
+                    vec![st(
+                        "sc",
+                        [v("t") * i(fk) + v("jj")],
+                        select(
+                            visible(v("jj")),
+                            exp(f(a.scale) * sc(v("jj")) - v("m2")),
+                            f(0.0),
+                        ),
+                    )],
+                ),
+                zero_sc(v("nb")),
+                st(
+                    "l",
+                    [v("t")],
+                    ld("l", [v("t")]) * v("c") + sum("jj", i(0), v("nb"), sc(v("jj"))),
+                ),
+                st("m", [v("t")], v("m2")),
+                st("corr", [v("t")], v("c")),
+            ],
+        ),
+        // No key of the tile is visible: the update adds nothing.
+        if_(
+            ge(v("j0"), v("pt")),
+            vec![zero_sc(i(0)), st("corr", [v("t")], f(1.0))],
+        ),
+    ];
+    let tile = vec![
+        let_("j0", v("jt") * i(fk)),
+        let_("nb", min(i(fk), a.keys.clone() - v("j0"))),
+        mma_tiles(
+            a.kind,
+            a.m.clone(),
+            v("nb"),
+            qk,
+            &query,
+            &|c, e| key(v("j0") + c, e),
+            &|t, c, acc| vec![st("sc", [t * i(fk) + c], acc)],
+        ),
+        for_par("t", i(0), a.m.clone(), softmax),
+        // Keys past the tile's last are clamped to it (their probabilities are zero).
+        mma_tiles(
+            a.kind,
+            a.m.clone(),
+            i(vw),
+            fk,
+            &|t, jj| ld("sc", [t * i(fk) + jj]),
+            &|d, jj| value(min(v("j0") + jj, a.keys.clone() - i(1)), d),
+            &|t, d, acc| {
+                let at = t.clone() * i(vw) + d;
+                vec![st(
+                    "acc",
+                    [at.clone()],
+                    ld("acc", [at]) * ld("corr", [t]) + acc,
+                )]
+            },
+        ),
+    ];
+    vec![
+        local("sc", rows * fk),
+        local("acc", rows * vw),
+        local("m", rows),
+        local("l", rows),
+        local("corr", rows),
+        for_par(
+            "t",
+            i(0),
+            a.m.clone(),
+            vec![
+                for_(
+                    "d",
+                    i(0),
+                    i(vw),
+                    vec![st("acc", [v("t") * i(vw) + v("d")], f(0.0))],
+                ),
+                st("m", [v("t")], f(f64::NEG_INFINITY)),
+                st("l", [v("t")], f(0.0)),
+            ],
+        ),
+        for_("jt", a.tiles.0.clone(), a.tiles.1.clone(), tile),
+    ]
 }
 
 /// `b` with every statement `f` rewrites (`Some`) replaced by the statements it returns,

@@ -210,6 +210,49 @@ impl Expr {
         }
     }
 
+    /// `self` with the variables named in `with` replaced by their expressions, all at once
+    /// (a replacement is not substituted again); a reduction's own variable shadows a
+    /// replacement of the same name inside its body.
+    pub fn substitute(&self, with: &[(&str, Expr)]) -> Expr {
+        let go = |e: &Expr| Box::new(e.substitute(with));
+        match self {
+            Expr::Var(n) => with
+                .iter()
+                .find(|(name, _)| name == n)
+                .map_or_else(|| self.clone(), |(_, e)| e.clone()),
+            Expr::F(_) | Expr::I(_) | Expr::Pid(_) | Expr::Rows => self.clone(),
+            Expr::Load(b, idx) => {
+                Expr::Load(b.clone(), idx.iter().map(|x| x.substitute(with)).collect())
+            }
+            Expr::Bin(op, a, b) => Expr::Bin(*op, go(a), go(b)),
+            Expr::Cmp(op, a, b) => Expr::Cmp(*op, go(a), go(b)),
+            Expr::Un(op, a) => Expr::Un(*op, go(a)),
+            Expr::ToF(a) => Expr::ToF(go(a)),
+            Expr::ToI(a) => Expr::ToI(go(a)),
+            Expr::Select(c, a, b) => Expr::Select(go(c), go(a), go(b)),
+            Expr::Reduce {
+                op,
+                var,
+                lo,
+                hi,
+                body,
+            } => {
+                let inner: Vec<(&str, Expr)> = with
+                    .iter()
+                    .filter(|(name, _)| name != var)
+                    .cloned()
+                    .collect();
+                Expr::Reduce {
+                    op: *op,
+                    var: var.clone(),
+                    lo: go(lo),
+                    hi: go(hi),
+                    body: Box::new(body.substitute(&inner)),
+                }
+            }
+        }
+    }
+
     /// Whether `self` contains a reduction (which a GPU deals over a warp's lanes).
     pub fn has_reduce(&self) -> bool {
         match self {
@@ -264,6 +307,60 @@ pub enum Stmt {
     Tile(TileOp),
     /// A matrix tile on tensor cores (see [`Mma`]).
     Mma(Box<Mma>),
+    /// A block of flash attention: two products per key tile and an online softmax (see
+    /// [`Attend`]).
+    Attend(Box<Attend>),
+}
+
+/// Flash attention for a block of query rows (FlashAttention-2's loop):
+///
+/// for every block row `t < m`: `out(t, d) = Σ_j p(t, j)·value(j, d) / Σ_j p(t, j)` over the
+/// keys `j < min(keys, sees(t))` of the key tiles `tiles.0 .. tiles.1` (each [`Attend::key_tile`]
+/// keys), with `p(t, j) = exp(scale·s(t, j) − max_j scale·s(t, j))` and the logit `s(t, j) =
+/// Σ_(e < qk) query(t, e)·key(j, e)`; then `epilogue` per `(t, d)` with `out` bound.
+///
+/// `query` is read with `t` and `e` bound, `key` with `j` and `e`, `value` with `j` and `d`,
+/// `sees` with `t`; each only for `t < m` and `j < keys`. The products are formed as `kind`
+/// says (with [`MmaKind::Bf16`] the probabilities are rounded to bf16 too, as the second
+/// product's operand), accumulated in f32; the softmax statistics are f32. The keys are
+/// visited tile by tile in order, the running max and sum corrected once per tile, so a host
+/// and a GPU running the same tiles form the same sums. The epilogue has the rules of an
+/// [`Mma`] epilogue (lets, stores and conditionals writing only its element's outputs).
+///
+/// A GPU runs it as one block of warps whose accumulators stay in registers (`lower/attend.rs`
+/// in `lamina-targets`) when the kernel is only `let`s and this statement, else as the loops of
+/// [`expand::attend_loops`] with f32 locals, which is what the host runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attend {
+    pub kind: MmaKind,
+    /// Rows of the block: a multiple of [`Mma::M`].
+    pub rows: usize,
+    /// Valid rows (`m ≤ rows`).
+    pub m: Expr,
+    /// Keys that exist: indices at or past it are never read.
+    pub keys: Expr,
+    /// The key tiles visited, `first .. end`, within the keys: `end ≤ ⌈keys / key_tile⌉`.
+    pub tiles: (Expr, Expr),
+    /// Keys per tile: a multiple of 16.
+    pub key_tile: usize,
+    /// Width of a query and a key row.
+    pub qk: usize,
+    /// Width of a value row (and an output row).
+    pub vw: usize,
+    pub scale: f64,
+    /// Names bound for the block row, the key, the query/key element, the value element and
+    /// the output.
+    pub t: String,
+    pub j: String,
+    pub e: String,
+    pub d: String,
+    pub out: String,
+    pub query: Expr,
+    pub key: Expr,
+    pub value: Expr,
+    /// How many keys row `t` sees (keys `0 .. sees`).
+    pub sees: Expr,
+    pub epilogue: Vec<Stmt>,
 }
 
 /// A product tile on a warp's tensor cores (NVIDIA: `mma.sync`):
@@ -304,6 +401,51 @@ impl Mma {
     /// Row and column multiples of one `mma.sync` (m16n8).
     pub const M: usize = 16;
     pub const N: usize = 8;
+}
+
+impl Attend {
+    /// Rows of a register block: 4 warps of 16.
+    pub const BLOCK_ROWS: usize = 64;
+    /// Keys per tile of a register block.
+    pub const BLOCK_KEY_TILE: usize = 32;
+    /// Most output accumulators a lane of a register block holds (`vw / 2` registers).
+    pub const BLOCK_ACC_REGISTERS: usize = 128;
+    /// Most registers a lane gives its query fragments and accumulators together (`qk / 4 +
+    /// vw / 2`) for the query fragments to stay resident across the key tiles.
+    pub const RESIDENT_REGISTERS: usize = 128;
+    /// Static shared memory (48 KiB) the staged tile of a register block must fit.
+    pub const BLOCK_SHARED_BUDGET: usize = 48 << 10;
+    /// bf16 elements of padding per staged row of a register block.
+    pub const BLOCK_PAD: usize = 8;
+
+    /// Whether a GPU runs this attention as a register block when it is a kernel's whole
+    /// program (after `let`s; `lower/attend.rs` in `lamina-targets`): bf16 products,
+    /// [`Self::BLOCK_ROWS`] rows, key tiles of [`Self::BLOCK_KEY_TILE`], query width a
+    /// multiple of 16, value width a multiple of 8 with its accumulators within
+    /// [`Self::BLOCK_ACC_REGISTERS`], the staged keys and values within
+    /// [`Self::BLOCK_SHARED_BUDGET`]. The cost model counts such blocks as a GPU runs them.
+    pub fn register_block(&self) -> bool {
+        self.kind == MmaKind::Bf16
+            && self.rows == Self::BLOCK_ROWS
+            && self.key_tile == Self::BLOCK_KEY_TILE
+            && self.qk.is_multiple_of(16)
+            && self.vw.is_multiple_of(8)
+            && self.vw / 2 <= Self::BLOCK_ACC_REGISTERS
+            && self.block_shared_bytes() <= Self::BLOCK_SHARED_BUDGET
+    }
+
+    /// Bytes of a register block's staged tile: keys `[key_tile][qk + pad]` and values
+    /// transposed `[vw][key_tile + pad]`, bf16.
+    pub fn block_shared_bytes(&self) -> usize {
+        let pad = Self::BLOCK_PAD;
+        2 * (self.key_tile * (self.qk + pad) + self.vw * (self.key_tile + pad))
+    }
+
+    /// Whether a register block keeps its query fragments in registers across the key tiles
+    /// (else it loads them again for every tile).
+    pub fn resident_queries(&self) -> bool {
+        self.qk / 4 + self.vw / 2 <= Self::RESIDENT_REGISTERS
+    }
 }
 
 /// How an [`Mma`] forms its products.

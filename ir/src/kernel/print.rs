@@ -150,6 +150,44 @@ fn stmt(out: &mut String, s: &Stmt, depth: usize) {
             block(out, &mma.epilogue, depth + 1);
             let _ = writeln!(out, "{pad}}}");
         }
+        Stmt::Attend(a) => {
+            let _ = writeln!(
+                out,
+                "{pad}attend {} {} rows, {} < {}, key tiles {}..{} of {}, {} < {}, scale {}:",
+                a.kind.name(),
+                a.rows,
+                a.t,
+                expr(&a.m),
+                expr(&a.tiles.0),
+                expr(&a.tiles.1),
+                a.key_tile,
+                a.j,
+                expr(&a.keys),
+                expr(&Expr::F(a.scale)),
+            );
+            let inner = "  ".repeat(depth + 1);
+            let _ = writeln!(out, "{inner}sees({}) = {}", a.t, expr(&a.sees));
+            let _ = writeln!(
+                out,
+                "{inner}query({}, {} < {}) = {}",
+                a.t,
+                a.e,
+                a.qk,
+                expr(&a.query)
+            );
+            let _ = writeln!(out, "{inner}key({}, {}) = {}", a.j, a.e, expr(&a.key));
+            let _ = writeln!(
+                out,
+                "{inner}value({}, {} < {}) = {}",
+                a.j,
+                a.d,
+                a.vw,
+                expr(&a.value)
+            );
+            let _ = writeln!(out, "{inner}{} = softmax·value {{", a.out);
+            block(out, &a.epilogue, depth + 2);
+            let _ = writeln!(out, "{inner}}}");
+        }
         Stmt::Tile(op) => {
             let w = |v: &View| format!("{}[off {}, ld {}]", v.buf, expr(&v.off), v.ld);
             let _ = match op {

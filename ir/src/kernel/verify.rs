@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use super::{Access, BinOp, Dim, Elem, Expr, Kernel, Mma, Stmt, TileOp, UnOp, View};
+use super::{Access, Attend, BinOp, Dim, Elem, Expr, Kernel, Mma, Stmt, TileOp, UnOp, View};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ty {
@@ -241,6 +241,7 @@ impl Scope<'_> {
             }
             Stmt::Tile(op) => self.tile(op)?,
             Stmt::Mma(mma) => self.mma(mma).map_err(|m| format!("mma: {m}"))?,
+            Stmt::Attend(a) => self.attend(a).map_err(|m| format!("attend: {m}"))?,
         }
         Ok(())
     }
@@ -283,6 +284,11 @@ impl Scope<'_> {
                 return Err(format!("operand {what} is {t:?}, not f32"));
             }
         }
+        self.epilogue(epilogue, [(i, Ty::Int), (j, Ty::Int), (acc, Ty::F32)])
+    }
+
+    /// An epilogue of lets, stores and conditionals, checked with `bound` bound.
+    fn epilogue(&mut self, epilogue: &[Stmt], bound: [(&String, Ty); 3]) -> Result<(), String> {
         fn plain(b: &[Stmt]) -> bool {
             b.iter().all(|s| match s {
                 Stmt::Let(..) | Stmt::Store { .. } => true,
@@ -294,12 +300,67 @@ impl Scope<'_> {
             return Err("the epilogue may only bind lets, store and branch".into());
         }
         self.push();
-        self.bind(i, Ty::Int);
-        self.bind(j, Ty::Int);
-        self.bind(acc, Ty::F32);
+        for (name, ty) in bound {
+            self.bind(name, ty);
+        }
         self.block(epilogue).map_err(|m| format!("epilogue: {m}"))?;
         self.pop();
         Ok(())
+    }
+
+    /// Block rows and key tiles in MMA multiples, int extents, f32 operands over their own
+    /// indices, an int `sees`, and an epilogue with an MMA epilogue's rules.
+    fn attend(&mut self, a: &Attend) -> Result<(), String> {
+        if a.rows == 0
+            || !a.rows.is_multiple_of(Mma::M)
+            || a.key_tile == 0
+            || !a.key_tile.is_multiple_of(16)
+        {
+            return Err(format!(
+                "{} rows and key tiles of {} (multiples of {} and 16)",
+                a.rows,
+                a.key_tile,
+                Mma::M
+            ));
+        }
+        if a.qk == 0 || a.vw == 0 || !a.vw.is_multiple_of(Mma::N) {
+            return Err(format!(
+                "query width {} and value width {} (at least 1, values a multiple of {})",
+                a.qk,
+                a.vw,
+                Mma::N
+            ));
+        }
+        for (what, e) in [
+            ("valid rows", &a.m),
+            ("keys", &a.keys),
+            ("first tile", &a.tiles.0),
+            ("end tile", &a.tiles.1),
+        ] {
+            if self.expr(e)? != Ty::Int {
+                return Err(format!("the {what} must be an int"));
+            }
+        }
+        for (what, e, idx, want) in [
+            ("query", &a.query, [&a.t, &a.e], Ty::F32),
+            ("key", &a.key, [&a.j, &a.e], Ty::F32),
+            ("value", &a.value, [&a.j, &a.d], Ty::F32),
+            ("sees", &a.sees, [&a.t, &a.t], Ty::Int),
+        ] {
+            self.push();
+            for n in idx {
+                self.bind(n, Ty::Int);
+            }
+            let t = self.expr(e).map_err(|m| format!("{what}: {m}"))?;
+            self.pop();
+            if t != want {
+                return Err(format!("{what} is {t:?}, not {want:?}"));
+            }
+        }
+        self.epilogue(
+            &a.epilogue,
+            [(&a.t, Ty::Int), (&a.d, Ty::Int), (&a.out, Ty::F32)],
+        )
     }
 
     /// Tile operands are f32 locals with int offsets; sizes are ints.

@@ -37,6 +37,7 @@ use melior::Context;
 
 use crate::TargetError;
 
+pub mod attend;
 mod deal;
 mod mma;
 pub mod staged;
@@ -217,19 +218,22 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
         let space = staged::workgroup_space(ctx)?;
         Some(MemRefType::new(l.i8(), &[bytes as i64], None, Some(space)).into())
     } else if staged_program {
-        let tile = staged::staged_tile(k).ok_or_else(|| {
-            bug(format!(
-                "{what}: {} threads per program, but not a block-cooperative tile",
-                l.lanes
-            ))
-        })?;
+        let bytes = match (staged::staged_tile(k), attend::attend_block(k)) {
+            (Some(tile), _) => staged::shared_bytes(tile),
+            (None, Some(a)) => attend::shared_bytes(a),
+            (None, None) => {
+                return Err(bug(format!(
+                    "{what}: {} threads per program, but neither a block-cooperative tile nor an attention block",
+                    l.lanes
+                )))
+            }
+        } as i64;
         if !matches!(flavor, Flavor::Gpu { block, .. } if block == staged::LANES) {
             return Err(bug(format!(
                 "{what}: a block-cooperative program must be its whole block ({} threads)",
                 staged::LANES
             )));
         }
-        let bytes = staged::shared_bytes(tile) as i64;
         let space = staged::workgroup_space(ctx)?;
         Some(MemRefType::new(l.i8(), &[bytes], None, Some(space)).into())
     } else {
@@ -505,7 +509,8 @@ fn collect_locals(b: &[Stmt], out: &mut Vec<(String, Elem, usize)>) {
             }
             Stmt::For { body, .. } => collect_locals(body, out),
             Stmt::If { then, .. } => collect_locals(then, out),
-            Stmt::Let(..) | Stmt::Store { .. } | Stmt::Tile(_) | Stmt::Mma(_) => {}
+            Stmt::Let(..) | Stmt::Store { .. } | Stmt::Tile(_) | Stmt::Mma(_) | Stmt::Attend(_) => {
+            }
         }
     }
 }
@@ -865,6 +870,14 @@ impl<'c> Lower<'c> {
             }
             Stmt::Mma(m) if l.lanes == staged::LANES => l.staged_mma(blk, env, m, what, line)?,
             Stmt::Mma(m) => l.mma(blk, env, m, what, line)?,
+            Stmt::Attend(a) if l.lanes == attend::LANES && l.gpu => {
+                l.attend_block(blk, env, a, what, line)?
+            }
+            Stmt::Attend(_) => {
+                return Err(bug(format!(
+                    "{what}: attention blocks are expanded into loops unless a block of warps runs them"
+                )))
+            }
         }
         Ok(())
     }

@@ -25,6 +25,8 @@ fn prepared(k: &Kernel, flavor: Flavor) -> Result<Kernel, TargetError> {
     use lamina_ir::kernel::expand::{dots_on_tensor_cores, expand_all, expand_tiles};
     verify_kernel(k).map_err(TargetError::Kernel)?;
     let k = match flavor {
+        // An attention block a GPU block runs whole (its state in registers).
+        Flavor::Gpu { .. } if lower::attend::attend_block(k).is_some() => k.clone(),
         Flavor::Gpu { .. } => expand_tiles(&dots_on_tensor_cores(k)),
         Flavor::HostLanes(_) => expand_all(&dots_on_tensor_cores(k)),
         Flavor::Host => expand_all(k),

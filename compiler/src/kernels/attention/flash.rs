@@ -1,14 +1,17 @@
 //! Prefill attention, flash-attention style, for GQA and MLA; and MLA decode.
 //!
-//! One program per ([`FLASH_Q`] query rows, head). The cached keys follow in tiles of
-//! [`FLASH_K`]. Per tile the logits `Q Kᵀ` and the update `acc = corr·acc + P V` are f32 MMA
-//! tiles ([`mma_tiles`]: 3xTF32 on a GPU's tensor cores) whose operands are read where they
-//! lie: the queries from `q` (GQA) or the program's query block (MLA), keys and values from
-//! the cache. Only the tile's logits and probabilities (`sc`), the accumulator and the
-//! per-row softmax statistics are locals. Between the two products, the online softmax per
-//! query row: running max `m` and sum `l`, and the correction `corr` the update applies to the
-//! accumulator. The rows of a prefill launch are consecutive positions of one sequence, so the
-//! last row sees the most keys, `pos[last] + 1`.
+//! One program per ([`FLASH_Q`] query rows, head), one [`Attend`] statement: the cached keys
+//! in tiles of [`FLASH_K`], per tile the logits `Q Kᵀ`, the online softmax per query row
+//! (running max and sum, the correction applied to the accumulator), and the update
+//! `acc = corr·acc + P V`, operands read where they lie: the queries from `q` (GQA) or the
+//! program's query block (MLA), keys and values from the cache. The rows of a prefill launch
+//! are consecutive positions of one sequence, so the last row sees the most keys,
+//! `pos[last] + 1`.
+//!
+//! GQA's statement is the whole program: with tensor cores its products are bf16 and a GPU
+//! runs it as one block with its state in registers (`lower/attend.rs` in `lamina-targets`),
+//! else f32. MLA needs the unnormalised accumulator afterwards (the `W_UV` product), so it
+//! builds on the statement's loops ([`attend_loops`]: f32 locals, 3xTF32 tiles on a GPU).
 //!
 //! MLA decode ([`mla_decode`]) is the same loop with a group of query heads of one decode row
 //! as the block's rows, so its products run on tensor cores too (FlashMLA's design).
@@ -21,7 +24,8 @@
 
 use lamina_ir::graph::{NodeIndex, StateId};
 use lamina_ir::kernel::build::*;
-use lamina_ir::kernel::{Dim, Expr, MmaKind, Stmt};
+use lamina_ir::kernel::expand::attend_loops;
+use lamina_ir::kernel::{Attend, Dim, Expr, MmaKind, Stmt};
 
 use super::{a, gqa_params, mla_params, Ctx, Launch};
 use crate::kernels::{act, launch};
@@ -63,157 +67,50 @@ fn row(t: Expr) -> Expr {
 }
 
 impl Flash<'_> {
-    /// The locals: the tile's logits and probabilities `sc`, the accumulator `acc`, the
-    /// running max `m` and sum `l` and the tile's correction `corr` per block row.
-    fn locals(&self) -> Vec<Stmt> {
-        let (rows, fk, vw) = (self.rows, FLASH_K, self.vw);
-        vec![
-            local("sc", rows * fk),
-            local("acc", rows * vw),
-            local("m", rows),
-            local("l", rows),
-            local("corr", rows),
-        ]
+    /// The program's attention block over key tiles `first..end`, with `m` valid rows and
+    /// `nk` keys, products as `kind`: the closures applied to the variables `t`, `j`, `e`,
+    /// `d` the statement binds.
+    fn attend(&self, kind: MmaKind, (m, nk): (Expr, Expr), (first, end): (Expr, Expr)) -> Attend {
+        Attend {
+            kind,
+            rows: self.rows,
+            m,
+            keys: nk,
+            tiles: (first, end),
+            key_tile: FLASH_K,
+            qk: self.qk,
+            vw: self.vw,
+            scale: self.scale,
+            t: "t".into(),
+            j: "j".into(),
+            e: "e".into(),
+            d: "d".into(),
+            out: "out".into(),
+            query: (self.query)(v("t"), v("e")),
+            key: (self.key)(v("j"), v("e")),
+            value: (self.value)(v("j"), v("d")),
+            sees: (self.sees)(v("t")),
+            epilogue: vec![],
+        }
     }
 
-    /// Per row `t < nq` of the block, the accumulator and the running statistics zeroed.
-    fn zero(&self) -> Stmt {
-        let vw = self.vw;
-        for_par(
-            "t",
-            i(0),
-            v("nq"),
-            vec![
-                for_(
-                    "d",
-                    i(0),
-                    i(vw),
-                    vec![st("acc", [v("t") * i(vw) + v("d")], f(0.0))],
-                ),
-                st("m", [v("t")], f(f64::NEG_INFINITY)),
-                st("l", [v("t")], f(0.0)),
-            ],
-        )
-    }
-
-    /// Prefill: the locals, the block's rows (`r0`, `nq` rows, slot `s`, then the caller's
-    /// `lets`, then `nk` keys), and the accumulators zeroed.
-    fn prologue(&self, lets: Vec<Stmt>) -> Vec<Stmt> {
+    /// Prefill: the block's rows (`r0`, `nq` rows, slot `s`, then the caller's `lets`, then
+    /// `nk` keys).
+    fn prologue(lets: Vec<Stmt>) -> Vec<Stmt> {
         let fq = FLASH_Q;
-        let mut out = self.locals();
-        out.extend([
+        let mut out = vec![
             let_("r0", pid(0) * i(fq)),
             let_("nq", min(i(fq), rows() - v("r0"))),
             let_("s", ld("slot", [v("r0")])),
-        ]);
+        ];
         out.extend(lets);
         out.push(let_("nk", ld("pos", [v("r0") + v("nq") - i(1)]) + i(1)));
-        out.push(self.zero());
         out
     }
 
-    /// Every key tile, `0..⌈nk / FLASH_K⌉`.
-    fn tiles(&self) -> Stmt {
-        self.tiles_in(i(0), (v("nk") + i(FLASH_K - 1)) / i(FLASH_K))
-    }
-
-    /// The loop over key tiles `first..end`: leaves the unnormalised output in
-    /// `acc[t·vw + d]` and the softmax sum in `l[t]`.
-    fn tiles_in(&self, first: Expr, end: Expr) -> Stmt {
-        let (fk, qk, vw) = (FLASH_K, self.qk, self.vw);
-        let sc = |jj: Expr| ld("sc", [v("t") * i(fk) + jj]);
-        let zero_sc = |lo: Expr| {
-            for_(
-                "jj",
-                lo,
-                i(fk),
-                vec![st("sc", [v("t") * i(fk) + v("jj")], f(0.0))],
-            )
-        };
-        // Key jj of the tile is visible to row t: position j0 + jj < pos[t] + 1.
-        let visible = |jj: Expr| lt(v("j0") + jj, v("pt"));
-        let softmax = vec![
-            let_("pt", (self.sees)(v("t"))),
-            if_(
-                lt(v("j0"), v("pt")),
-                vec![
-                    let_(
-                        "m2",
-                        max(
-                            ld("m", [v("t")]),
-                            max_over(
-                                "jj",
-                                i(0),
-                                min(v("nb"), v("pt") - v("j0")),
-                                f(self.scale) * sc(v("jj")),
-                            ),
-                        ),
-                    ),
-                    let_("c", exp(ld("m", [v("t")]) - v("m2"))),
-                    // Probabilities; zero past the row's position and past the tile (the
-                    // product below runs over the whole tile).
-                    for_(
-                        "jj",
-                        i(0),
-                        v("nb"),
-                        vec![st(
-                            "sc",
-                            [v("t") * i(fk) + v("jj")],
-                            select(
-                                visible(v("jj")),
-                                exp(f(self.scale) * sc(v("jj")) - v("m2")),
-                                f(0.0),
-                            ),
-                        )],
-                    ),
-                    zero_sc(v("nb")),
-                    st(
-                        "l",
-                        [v("t")],
-                        ld("l", [v("t")]) * v("c") + sum("jj", i(0), v("nb"), sc(v("jj"))),
-                    ),
-                    st("m", [v("t")], v("m2")),
-                    st("corr", [v("t")], v("c")),
-                ],
-            ),
-            // No key of the tile is visible: the update adds nothing.
-            if_(
-                ge(v("j0"), v("pt")),
-                vec![zero_sc(i(0)), st("corr", [v("t")], f(1.0))],
-            ),
-        ];
-        let tile = vec![
-            let_("j0", v("jt") * i(fk)),
-            let_("nb", min(i(fk), v("nk") - v("j0"))),
-            mma_tiles(
-                MmaKind::F32,
-                v("nq"),
-                v("nb"),
-                qk,
-                self.query,
-                &|c, e| (self.key)(v("j0") + c, e),
-                &|t, c, acc| vec![st("sc", [t * i(fk) + c], acc)],
-            ),
-            for_par("t", i(0), v("nq"), softmax),
-            // Keys past the tile's last are clamped to it (their probabilities are zero).
-            mma_tiles(
-                MmaKind::F32,
-                v("nq"),
-                i(vw),
-                fk,
-                &|t, jj| ld("sc", [t * i(fk) + jj]),
-                &|d, jj| (self.value)(min(v("j0") + jj, v("nk") - i(1)), d),
-                &|t, d, acc| {
-                    let at = t.clone() * i(vw) + d;
-                    vec![st(
-                        "acc",
-                        [at.clone()],
-                        ld("acc", [at]) * ld("corr", [t]) + acc,
-                    )]
-                },
-            ),
-        ];
-        for_("jt", first, end, tile)
+    /// Every key tile of the block's `nk` keys, `0..⌈nk / FLASH_K⌉`.
+    fn all_tiles() -> (Expr, Expr) {
+        (i(0), (v("nk") + i(FLASH_K - 1)) / i(FLASH_K))
     }
 }
 
@@ -241,25 +138,16 @@ pub(super) fn gqa(
         value: &value,
         sees: &causal,
     };
-    let mut body = fl.prologue(vec![let_("kvh", pid(1) / i(hq / hkv))]);
-    body.extend([
-        fl.tiles(),
-        for_par(
-            "t",
-            i(0),
-            v("nq"),
-            vec![for_(
-                "d",
-                i(0),
-                i(vd),
-                vec![st(
-                    "o",
-                    [row(v("t")), pid(1) * i(vd) + v("d")],
-                    ld("acc", [v("t") * i(vd) + v("d")]) / ld("l", [v("t")]),
-                )],
-            )],
-        ),
-    ]);
+    // Bf16 products on tensor cores (FlashAttention's precision), else f32 products.
+    let kind = if cx.tensor_cores {
+        MmaKind::Bf16
+    } else {
+        MmaKind::F32
+    };
+    let mut body = Flash::prologue(vec![let_("kvh", pid(1) / i(hq / hkv))]);
+    let mut block = fl.attend(kind, (v("nq"), v("nk")), Flash::all_tiles());
+    block.epilogue = vec![st("o", [row(v("t")), pid(1) * i(vd) + v("d")], v("out"))];
+    body.push(Stmt::Attend(Box::new(block)));
     launch(
         format!(
             "gqa_flash_h{hq}x{hkv}_d{hd}_v{vd}_q{}_k{}",
@@ -315,7 +203,11 @@ pub(super) fn mla(
         sees: &causal,
     };
     let mut body = vec![local("qt", FLASH_Q * qk)];
-    body.extend(fl.prologue(vec![]));
+    body.extend(Flash::prologue(vec![]));
+    // The attention's state declared and zeroed, its tile loop after the query block.
+    let mut loops = attend_loops(&fl.attend(MmaKind::F32, (v("nq"), v("nk")), Flash::all_tiles()));
+    let tiles = loops.pop().expect("attend_loops ends with the tile loop");
+    body.extend(loops);
     // The query block: q̃ = q_nope·W_UK(h) in its first r columns, q_rope after them.
     body.extend([
         mma_tiles(
@@ -342,7 +234,7 @@ pub(super) fn mla(
                 )],
             )],
         ),
-        fl.tiles(),
+        tiles,
         // o = W_UV(h)·acc / l.
         mma_tiles(
             MmaKind::F32,
@@ -411,13 +303,14 @@ pub(super) fn mla_decode(
         value: &value,
         sees: &sees,
     };
-    let mut body = fl.locals();
-    body.extend([
+    let mut body = vec![
         let_("nq", i(group)),
         let_("nk", ld("pos", [v("rq")]) + i(1)),
-        fl.zero(),
-    ]);
-    let (first, end) = super::tile_range(piece);
-    body.push(fl.tiles_in(first, end));
+    ];
+    body.extend(attend_loops(&fl.attend(
+        MmaKind::F32,
+        (v("nq"), v("nk")),
+        super::tile_range(piece),
+    )));
     body
 }

@@ -907,7 +907,7 @@ impl<'c> Lower<'c> {
 
     /// `bar.sync 0`: every thread of the block arrives; shared and global writes before it are
     /// visible to the block after it.
-    fn block_barrier(&self, body: &Block<'c>) -> R<()> {
+    pub(super) fn block_barrier(&self, body: &Block<'c>) -> R<()> {
         body.append_operation(
             OperationBuilder::new("gpu.barrier", self.loc)
                 .build()

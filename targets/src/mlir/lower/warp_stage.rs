@@ -159,6 +159,16 @@ pub fn lets(k: &Kernel) -> Lets {
                         .for_each(|x| expr(x, out));
                     walk(&m.epilogue, out);
                 }
+                Stmt::Attend(a) => {
+                    for n in [&a.t, &a.j, &a.e, &a.d, &a.out] {
+                        out.other.insert(n.clone());
+                    }
+                    [&a.m, &a.keys, &a.tiles.0, &a.tiles.1]
+                        .into_iter()
+                        .chain([&a.query, &a.key, &a.value, &a.sees])
+                        .for_each(|x| expr(x, out));
+                    walk(&a.epilogue, out);
+                }
                 Stmt::Store { idx, value, .. } => {
                     idx.iter().chain([value]).for_each(|x| expr(x, out));
                 }
