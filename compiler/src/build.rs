@@ -236,7 +236,9 @@ pub fn make_plan(
                 }
                 .into(),
                 layer: s.layer,
-                bytes: shape.iter().product::<usize>() * 4,
+                bytes: shape.iter().product::<usize>()
+                    * crate::kernels::state_elem(s, o.bf16_caches).bytes(),
+                dtype: crate::kernels::state_elem(s, o.bf16_caches).name().into(),
                 shape,
             }
         })

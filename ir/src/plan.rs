@@ -180,9 +180,24 @@ pub struct PoolEntry {
     /// conv, recurrent, kv_cache, mla_latent.
     pub kind: String,
     pub layer: usize,
-    /// `[slots, ...]` f32.
+    /// `[slots, ...]` elements of `dtype`.
     pub shape: Vec<usize>,
     pub bytes: usize,
+    /// Element type: `f32`, or `bf16` for the KV and latent caches of plans built with bf16
+    /// caches (states are always f32).
+    #[serde(default = "f32_name")]
+    pub dtype: String,
+}
+
+impl PoolEntry {
+    /// Bytes of one element: 4 (f32) or 2 (bf16).
+    pub fn elem_bytes(&self) -> usize {
+        if self.dtype == "bf16" {
+            2
+        } else {
+            4
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -293,11 +308,19 @@ impl Plan {
             }
         }
         for (pi, p) in self.pools.iter().enumerate() {
-            let elems: usize = p.shape.iter().product();
-            if p.bytes != elems * 4 {
+            let cache = p.kind == "kv_cache" || p.kind == "mla_latent";
+            let ok = p.dtype == "f32" || (cache && p.dtype == "bf16");
+            if !ok {
                 return Err(format!(
-                    "pools[{pi}] ({}): {} bytes for {elems} elements; states and caches are f32",
-                    p.name, p.bytes
+                    "pools[{pi}] ({}).dtype {:?}: states are f32, caches f32 or bf16",
+                    p.name, p.dtype
+                ));
+            }
+            let elems: usize = p.shape.iter().product();
+            if p.bytes != elems * p.elem_bytes() {
+                return Err(format!(
+                    "pools[{pi}] ({}): {} bytes for {elems} {} elements",
+                    p.name, p.bytes, p.dtype
                 ));
             }
         }

@@ -86,6 +86,14 @@ pub(crate) fn check_shapes(
                         };
                         p.elem == want
                     }
+                    Arg::Pool { index } => {
+                        let want = if plan.pools[*index].dtype == "bf16" {
+                            Elem::Bf16
+                        } else {
+                            Elem::F32
+                        };
+                        p.elem == want
+                    }
                     _ => p.elem == Elem::F32,
                 };
                 // Weights (possibly a read-only file mapping), constants and the row indices

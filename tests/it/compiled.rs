@@ -26,6 +26,11 @@ const TOL: f64 = 1e-5;
 /// f32-vs-f64 difference upstream flips one element's rounding by a bf16 step, the logits move
 /// by up to ~5e-3 (measured over the tiny examples at lengths 1..65).
 const TOL_MMA: f64 = 1e-2;
+/// bf16 caches (f32 arithmetic otherwise) against the reference with its caches rounded alike:
+/// the same flips (an f32 key on the other side of a bf16 midpoint than the f64 one) move a
+/// cached element by one bf16 step now and then (2.4e-5 measured on qwen3-next-tiny at 300
+/// tokens); unrounded caches would be off by ~1e-3.
+const TOL_CACHE: f64 = 1e-4;
 
 fn engine(
     model: &std::path::Path,
@@ -84,6 +89,7 @@ fn model_options(bf16: bool, lanes: u32, splits: usize, mma: bool) -> Options {
         tensor_cores: mma,
         tf32_products: false,
         bf16_handoffs: false,
+        bf16_caches: false,
     }
 }
 
@@ -98,6 +104,8 @@ fn check_model_options(path: &std::path::Path, lens: &[usize], options: Options)
     );
     let tol = if mma || options.tf32_products || options.bf16_handoffs {
         TOL_MMA
+    } else if options.bf16_caches {
+        TOL_CACHE
     } else {
         TOL
     };
@@ -109,6 +117,9 @@ fn check_model_options(path: &std::path::Path, lens: &[usize], options: Options)
     let mut r = Reference::<f64>::new(&m.graph, &w);
     if mma {
         r = r.with_bf16_projection_inputs();
+    }
+    if options.bf16_caches {
+        r = r.with_bf16_caches();
     }
     let v = m.graph.vocab_size;
     let (mut worst_pre, mut worst_dec) = (0f64, 0f64);
@@ -144,7 +155,8 @@ fn check_model_options(path: &std::path::Path, lens: &[usize], options: Options)
     eprintln!(
         "compiled host {}{} vs reference f64, {}: max rel err prefill {worst_pre:.2e}, decode {worst_dec:.2e} (lengths {lens:?})",
         if mma { "tensor-core tiles (bf16 operands)" } else if bf16 { "bf16 weights" } else { "f32" }.to_string()
-            + if options.tf32_products { ", TF32 products" } else { "" },
+            + if options.tf32_products { ", TF32 products" } else { "" }
+            + if options.bf16_caches { ", bf16 caches" } else { "" },
         if lanes > 1 { format!(", {lanes} emulated lanes") } else { String::new() }
             + &if splits > 1 { format!(", decode attention in {splits} pieces") } else { String::new() },
         path.display()
@@ -165,6 +177,28 @@ fn check_model_options(path: &std::path::Path, lens: &[usize], options: Options)
         assert!(
             err > 1e-4,
             "{}: a tensor-core plan within {err:.2e} of f32 arithmetic: were the operands rounded?",
+            path.display()
+        );
+    } else if options.bf16_caches {
+        // The caches' rounding is real: the reference with f32 caches is further away than
+        // the bound (decode reads the rounded cache of the whole prompt).
+        let plain = Reference::<f64>::new(&m.graph, &w);
+        let p = prompt(lens[0], v, 7);
+        let mut sess = plain.new_session();
+        plain.forward(&mut sess, &p, &[]).unwrap();
+        let (want, _) = plain.forward(&mut sess, &[1], &[]).unwrap();
+        e.reset(0).unwrap();
+        e.prefill(0, &p).unwrap();
+        let got: Vec<f64> = e
+            .decode(&[(0, 1)])
+            .unwrap()
+            .iter()
+            .map(|&x| x as f64)
+            .collect();
+        let err = rel_err(&got, &want.data);
+        assert!(
+            err > TOL_CACHE,
+            "{}: a bf16-cache plan within {err:.2e} of f32 caches: were the caches rounded?",
             path.display()
         );
     }
@@ -222,6 +256,7 @@ fn first_divergent_node() {
         tensor_cores: std::env::var("LAMINA_DEBUG_MMA").is_ok(),
         tf32_products: false,
         bf16_handoffs: false,
+        bf16_caches: false,
     };
     let (m, mut e, _dir) = engine(&path, options, 0);
     let mut w = m.weights(0).unwrap();
@@ -283,6 +318,7 @@ fn oracle_families_match_reference_and_oracle_tokens() {
             tensor_cores: false,
             tf32_products: false,
             bf16_handoffs: false,
+            bf16_caches: false,
         };
         let (_, mut e, _dir) = engine(&model, options, 0);
         for len in [7, 33, 100] {
@@ -312,6 +348,7 @@ fn batched_decode_matches_single_runs() {
             tensor_cores: false,
             tf32_products: false,
             bf16_handoffs: false,
+            bf16_caches: false,
         };
         let (m, mut e, _dir) = engine(&path, options, 0);
         let v = m.graph.vocab_size;
@@ -427,6 +464,7 @@ fn tf32_options(lanes: u32) -> Options {
     Options {
         tf32_products: true,
         bf16_handoffs: false,
+        bf16_caches: false,
         ..model_options(true, lanes, 1, false)
     }
 }
@@ -492,6 +530,30 @@ fn bf16_handoffs_match_the_reference() {
     }
 }
 
+/// Plans with bf16 KV and latent caches (GPU builds' default) against the reference with its
+/// caches rounded alike: every example family (GQA, MLA, both with and without a decode
+/// split), prefill in one launch and in two (the second attending to cached bf16 rows), then
+/// decode; f32 arithmetic otherwise, so the f32 bound holds. And with everything a GPU plan
+/// does (bf16 weights, tensor cores, a split decode, lanes emulated) at DESIGN's bound for bf16
+/// operands.
+#[test]
+fn bf16_caches_match_the_reference() {
+    for ex in TINY_EXAMPLES {
+        for splits in [1, 4] {
+            let options = Options {
+                bf16_caches: true,
+                ..model_options(false, 1, splits, false)
+            };
+            check_model_options(&repo().join(ex), &[65, 300], options);
+        }
+        let options = Options {
+            bf16_caches: true,
+            ..model_options(true, 32, 4, true)
+        };
+        check_model_options(&repo().join(ex), &[65], options);
+    }
+}
+
 /// Why TF32 products and bf16 handoffs stay experimental: end to end, some tiny random models
 /// amplify their per-op errors (TF32 at most 5.6e-4, bf16 handoffs 3.1e-3 on every recurrence
 /// and attention output, see `recurrences_and_attention_match_the_reference_op_by_op`) past
@@ -509,6 +571,7 @@ fn reduced_precision_misses_end_to_end() {
     }
     let options = Options {
         bf16_handoffs: true,
+        bf16_caches: false,
         ..model_options(true, 1, 1, false)
     };
     check_model_options(
@@ -553,6 +616,7 @@ fn recurrences_and_attention_match_the_reference_op_by_op() {
                 tensor_cores: false,
                 tf32_products: tf32,
                 bf16_handoffs: bf16h,
+                bf16_caches: false,
             };
             let (m, mut e, _dir) = engine(&path, options, 0);
             let g = &m.graph;
@@ -650,6 +714,7 @@ fn bf16_gemm_operands_change_no_bit() {
             tensor_cores: true,
             tf32_products: false,
             bf16_handoffs: false,
+            bf16_caches: false,
         };
         let m = Model::open(&path).unwrap();
         for (keep, want_bf16) in [(false, true), (true, false)] {
@@ -718,6 +783,7 @@ fn tensor_core_ops_match_the_reference_op_by_op() {
             tensor_cores: true,
             tf32_products: false,
             bf16_handoffs: false,
+            bf16_caches: false,
         };
         let (m, mut e, _dir) = engine(&path, options, 0);
         let w = m.weights(0).unwrap().rounded_to_bf16();

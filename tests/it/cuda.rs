@@ -60,6 +60,7 @@ fn without_a_driver_every_entry_point_says_so() {
         tensor_cores: true,
         tf32_products: false,
         bf16_handoffs: false,
+        bf16_caches: true,
         ..Options::default()
     };
     build(&m, &art, Target::Sm80, gpu, 0).unwrap();
@@ -139,6 +140,7 @@ fn gpu_matches_host(model: &Path) {
         tensor_cores: true,
         tf32_products: false,
         bf16_handoffs: false,
+        bf16_caches: true,
     };
     let m = Model::open(model).unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();

@@ -92,6 +92,7 @@ fn check(spec: &str, len: usize) -> Result<(), TestCaseError> {
         tensor_cores: false,
         tf32_products: false,
         bf16_handoffs: false,
+        bf16_caches: false,
     };
     let art = dir.path().join("artifact");
     build(&m, &art, Target::Host, options, 7)

@@ -44,6 +44,7 @@ fn kernel_text(example: &str) -> String {
         tensor_cores: false,
         tf32_products: false,
         bf16_handoffs: false,
+        bf16_caches: false,
     };
     let (p, _) = lamina_compiler::build::compile_program(&m, options).unwrap();
     let text = p.print();

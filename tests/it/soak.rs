@@ -78,6 +78,7 @@ fn soak_long_decode_neither_leaks_nor_drifts() {
             tensor_cores: false,
             tf32_products: false,
             bf16_handoffs: false,
+            bf16_caches: false,
         };
         let art = artifact(example, options, dir.path());
         let mut e = HostEngine::load(&art, None).unwrap();
@@ -132,6 +133,7 @@ fn soak_staggered_batch_equals_each_sequence_alone() {
         tensor_cores: false,
         tf32_products: false,
         bf16_handoffs: false,
+        bf16_caches: false,
     };
     let art = artifact("kimi-linear-tiny.toml", options, dir.path());
     let v = {

@@ -80,6 +80,7 @@ pub fn bench(a: &BenchArgs) -> CliResult {
             tensor_cores: target != lamina_targets::Target::Host,
             tf32_products: a.products == super::build::Products::Tf32,
             bf16_handoffs: a.handoffs == super::build::Handoffs::Bf16,
+            bf16_caches: target != lamina_targets::Target::Host,
         };
         super::run::cached_build(&a.model, options, a.seed, target)?
     };

@@ -48,6 +48,11 @@ pub struct SizeArgs {
     /// pair; each recurrence op within 1e-2 of the f64 reference, see issue 4).
     #[arg(long, value_enum, default_value = "f32")]
     pub handoffs: Handoffs,
+    /// How the KV and latent caches store keys, values and latents: auto is bf16 for GPU
+    /// targets and tensor-core host plans (half the cache memory and decode's cache reads),
+    /// f32 on the host.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub cache_dtype: WeightDtype,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -117,6 +122,11 @@ impl SizeArgs {
             tensor_cores,
             tf32_products: self.products == Products::Tf32,
             bf16_handoffs: self.handoffs == Handoffs::Bf16,
+            bf16_caches: match self.cache_dtype {
+                WeightDtype::Auto => gpu || tensor_cores,
+                WeightDtype::F32 => false,
+                WeightDtype::Bf16 => true,
+            },
         })
     }
 }

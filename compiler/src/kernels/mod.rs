@@ -103,6 +103,8 @@ pub struct Ctx<'g> {
     pub tensor_cores: bool,
     /// Chunked recurrences hand over bf16 (see `passes::Options::bf16_handoffs`).
     pub bf16_handoffs: bool,
+    /// KV and latent caches hold bf16 (see `passes::Options::bf16_caches`).
+    pub bf16_caches: bool,
     next_temp: std::cell::Cell<usize>,
     /// Per RMSNorm fused into prefill tensor-core projections: the temporary holding its rows'
     /// `1/rms`, computed once for all the projections it feeds.
@@ -128,6 +130,7 @@ impl<'g> Ctx<'g> {
             decode_splits: 1,
             tensor_cores: false,
             bf16_handoffs: false,
+            bf16_caches: false,
             next_temp: std::cell::Cell::new(0),
             norm_inv: Default::default(),
         }
@@ -169,14 +172,30 @@ impl<'g> Ctx<'g> {
 
     /// The pool of state `id` (see [`pool_shape`]).
     pub fn state(&self, local: &str, id: StateId) -> (Param, Bind) {
-        let shape: Vec<Dim> = pool_shape(self.graph.state(id), self.slots, self.context)
+        let decl = self.graph.state(id);
+        let shape: Vec<Dim> = pool_shape(decl, self.slots, self.context)
             .into_iter()
             .map(Dim::N)
             .collect();
         (
-            param(local, Elem::F32, &shape, Access::ReadWrite),
+            param(
+                local,
+                state_elem(decl, self.bf16_caches),
+                &shape,
+                Access::ReadWrite,
+            ),
             Bind::State(id),
         )
+    }
+}
+
+/// The element type of a state's pool: bf16 for the KV and latent caches when `bf16_caches`,
+/// else f32 (recurrent and conv states always: the precision rule).
+pub fn state_elem(s: &StateDecl, bf16_caches: bool) -> Elem {
+    if bf16_caches && s.per_token() {
+        Elem::Bf16
+    } else {
+        Elem::F32
     }
 }
 

@@ -67,6 +67,12 @@ pub struct Options {
     /// activation rule) instead of f32: half the bytes of the memory-bound chunk/scan pair.
     /// Experimental, like `tf32_products`.
     pub bf16_handoffs: bool,
+    /// KV and latent caches store bf16 (the model's dtype, as serving stacks keep them)
+    /// instead of f32: half the cache memory and half the bytes decode attention reads.
+    /// Keys, values and latents are rounded once, when written; attention reads them widened
+    /// to f32 (the GPU's prefill attention blocks round them to bf16 anyway). GPU builds'
+    /// default (`--cache-dtype auto`).
+    pub bf16_caches: bool,
 }
 
 impl Default for Options {
@@ -82,6 +88,7 @@ impl Default for Options {
             tensor_cores: false,
             tf32_products: false,
             bf16_handoffs: false,
+            bf16_caches: false,
         }
     }
 }

@@ -140,22 +140,15 @@ struct Counter<'k> {
 
 /// The estimated work of launching `k` over `rows` rows; ints loaded from buffers lie in
 /// `data` (e.g. `0..context` for positions).
+/// Bytes a launch of `k` for `rows` rows issues to parameter `name` (loads and stores), with
+/// data-dependent bounds as [`launch_work`] takes them.
+pub fn param_bytes(k: &Kernel, rows: usize, data: (f64, f64), name: &str) -> f64 {
+    let c = counted(k, rows, data);
+    c.per_buf.get(name).copied().unwrap_or(0.0) * k.programs(rows) as f64
+}
+
 pub fn launch_work(k: &Kernel, rows: usize, data: (f64, f64)) -> Work {
-    let mut c = Counter {
-        k,
-        rows,
-        data: Iv {
-            data: true,
-            ..Iv::range(data.0, data.1)
-        },
-        vars: HashMap::new(),
-        locals: Default::default(),
-        varying: Vec::new(),
-        lanes: None,
-        work: Work::default(),
-        per_buf: HashMap::new(),
-    };
-    c.block(&k.body, 1.0);
+    let c = counted(k, rows, data);
     let programs = k.programs(rows) as f64;
     let dram_bytes = k
         .params
@@ -175,6 +168,26 @@ pub fn launch_work(k: &Kernel, rows: usize, data: (f64, f64)) -> Work {
         dram_bytes,
         scratch_bytes: c.work.scratch_bytes * programs,
     }
+}
+
+/// One program of `k` counted.
+fn counted<'k>(k: &'k Kernel, rows: usize, data: (f64, f64)) -> Counter<'k> {
+    let mut c = Counter {
+        k,
+        rows,
+        data: Iv {
+            data: true,
+            ..Iv::range(data.0, data.1)
+        },
+        vars: HashMap::new(),
+        locals: Default::default(),
+        varying: Vec::new(),
+        lanes: None,
+        work: Work::default(),
+        per_buf: HashMap::new(),
+    };
+    c.block(&k.body, 1.0);
+    c
 }
 
 impl Counter<'_> {

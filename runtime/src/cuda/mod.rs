@@ -443,7 +443,7 @@ impl CudaEngine {
             }
         }
         for p in &e.plan.pools {
-            let b = Buffer::new(p.shape.iter().product::<usize>() * 4, &p.name)?;
+            let b = Buffer::new(p.shape.iter().product::<usize>() * p.elem_bytes(), &p.name)?;
             // SAFETY: `b` holds that many bytes.
             unsafe { result::memset_d8_sync(b.ptr, 0, b.bytes) }
                 .map_err(cuda(format!("zeroing {}", p.name)))?;
@@ -484,8 +484,9 @@ impl CudaEngine {
                 4
             }
         };
+        let plan_pools = &e.plan.pools;
         check_shapes(&e.plan, dir, &|i| weights[i].bytes / elem_bytes(i), &|i| {
-            pools[i].bytes / 4
+            pools[i].bytes / plan_pools[i].elem_bytes()
         })?;
         // Synchronous copies from pageable memory and memsets return before the device has
         // finished them, and the engine's stream does not wait for the legacy stream.

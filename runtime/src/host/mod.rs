@@ -102,6 +102,12 @@ pub struct HostEngine {
 pub type HostGeneration = Generation;
 
 impl HostEngine {
+    /// Elements (of its dtype) in pool `i`.
+    fn pool_len(&self, i: usize) -> usize {
+        let p = &self.plan.pools[i];
+        p.bytes / p.elem_bytes()
+    }
+
     /// Loads the artifact in `dir`; `weights_dir` overrides where checkpoint files are read.
     pub fn load(dir: &Path, weights_dir: Option<&Path>) -> Result<HostEngine, Error> {
         Self::load_with_progress(dir, weights_dir, false, &|_, _| {})
@@ -152,10 +158,11 @@ impl HostEngine {
         }
         let constants = load_constants(&plan, dir)?;
         let weights = weights::load_all(&plan, weights_dir, allow_weight_mismatch, progress)?;
+        // f32 words holding each pool's bytes (a bf16 cache packs two elements per word).
         let pools = plan
             .pools
             .iter()
-            .map(|p| vec![0f32; p.shape.iter().product()])
+            .map(|p| vec![0f32; p.bytes.div_ceil(4)])
             .collect();
         let arena_bytes = [&plan.prefill, &plan.decode]
             .iter()
@@ -174,7 +181,7 @@ impl HostEngine {
             profile: None,
             prefill_progress: None,
         };
-        check_shapes(&e.plan, dir, &|i| e.weights[i].len(), &|i| e.pools[i].len())?;
+        check_shapes(&e.plan, dir, &|i| e.weights[i].len(), &|i| e.pool_len(i))?;
         Ok(e)
     }
 
@@ -253,7 +260,7 @@ impl HostEngine {
                     },
                     Arg::Pool { index } => View {
                         ptr: self.pools[*index].as_mut_ptr() as *mut u8,
-                        len: self.pools[*index].len(),
+                        len: self.pool_len(*index),
                     },
                     Arg::Const { index } => {
                         let c = &self.plan.constants[*index];
@@ -368,8 +375,12 @@ impl Executor for HostEngine {
 
     fn clear_slot(&mut self, slot: usize) -> Result<(), Error> {
         for (p, pool) in self.plan.pools.iter().zip(&mut self.pools) {
-            let per = pool.len() / p.shape[0];
-            pool[slot * per..(slot + 1) * per].fill(0.0);
+            let per = p.bytes / p.shape[0];
+            // SAFETY: the pool's words hold at least `p.bytes` bytes; any bit pattern of the
+            // f32 words is valid.
+            let bytes =
+                unsafe { std::slice::from_raw_parts_mut(pool.as_mut_ptr() as *mut u8, p.bytes) };
+            bytes[slot * per..(slot + 1) * per].fill(0);
         }
         Ok(())
     }

@@ -54,6 +54,8 @@ pub struct Reference<'g, F> {
     w: Weights<F>,
     /// Projections read their input rounded to bf16 (see [`Reference::with_bf16_projection_inputs`]).
     bf16_projection_inputs: bool,
+    /// The KV and latent caches hold bf16 (see [`Reference::with_bf16_caches`]).
+    bf16_caches: bool,
 }
 
 /// Greedy generation results (the `--logits-out` contract).
@@ -71,6 +73,24 @@ impl<'g, F: Real> Reference<'g, F> {
             graph,
             w: Weights::new(store),
             bf16_projection_inputs: false,
+            bf16_caches: false,
+        }
+    }
+
+    /// The KV and latent caches hold bf16: keys, values, latents and rope keys are rounded to
+    /// bf16 when cached, as in plans built with bf16 caches, and attention reads them so (the
+    /// current rows' too: a compiled prefill writes the cache, then attends over it).
+    pub fn with_bf16_caches(mut self) -> Self {
+        self.bf16_caches = true;
+        self
+    }
+
+    /// `x` as a cache holds it.
+    fn cached(&self, x: &[F]) -> Vec<F> {
+        if self.bf16_caches {
+            x.iter().map(|v| v.bf16_rounded()).collect()
+        } else {
+            x.to_vec()
         }
     }
 
@@ -408,11 +428,12 @@ impl<'g, F: Real> Reference<'g, F> {
                 scale,
                 cache,
             } => {
+                let (k, v) = (self.cached(&ins[1].data), self.cached(&ins[2].data));
                 let c = &mut sess.states[cache.0];
                 mat(attention::gqa(
                     &ins[0].data,
-                    &ins[1].data,
-                    &ins[2].data,
+                    &k,
+                    &v,
                     t_len,
                     sess.pos,
                     *heads,
@@ -433,11 +454,12 @@ impl<'g, F: Real> Reference<'g, F> {
                 kv_b,
                 cache,
             } => {
+                let (latent, k_rope) = (self.cached(&ins[1].data), self.cached(&ins[2].data));
                 let c = &mut sess.states[cache.0];
                 mat(attention::mla(
                     &ins[0].data,
-                    &ins[1].data,
-                    &ins[2].data,
+                    &latent,
+                    &k_rope,
                     t_len,
                     sess.pos,
                     *heads,
