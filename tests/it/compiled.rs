@@ -693,8 +693,9 @@ fn recurrences_and_attention_match_the_reference_op_by_op() {
 }
 
 /// Tensor-core plans store the activations that only GEMMs read (attention and recurrence
-/// outputs before `o_proj`, SwiGLU outputs, the experts' intermediate rows) as bf16; the GEMMs
-/// round their operands to bf16 anyway, so the logits are bit for bit those of the same plan
+/// outputs before `o_proj`, SwiGLU outputs, the experts' intermediate rows) or bf16 prefill
+/// attention reads as its queries (GQA's `q`) as bf16; the GEMMs and the attention round
+/// their operands to bf16 anyway, so the logits are bit for bit those of the same plan
 /// with every activation f32 (`keep_values` plans keep all f32), in prefill (two launches) and
 /// decode. And the plan really is narrower: some activation parameters are bf16.
 #[test]

@@ -67,7 +67,8 @@ impl Pass for WeightPrecision {
 /// `activation-precision` (tensor-core plans): an activation that kernels only ever write, and
 /// read only as a whole `Mma` operand of kind bf16 (a projection's or an expert GEMM's input:
 /// the attention output before `o_proj`, a SwiGLU's output before `down`, the experts'
-/// intermediate rows), is stored as bf16. The readers round it to bf16 anyway, and the store
+/// intermediate rows) or as the queries of a bf16 attention (prefill GQA's `q`), is stored as
+/// bf16. The readers round it to bf16 anyway, and the store
 /// rounds the same way (round to nearest even), so the results are bit for bit the same, at
 /// half the bytes; on sm_90a the staged GEMMs can then copy such operands by `cp.async`. Values
 /// read any other way (a norm, a residual, a router, the logits) stay f32, and plans that keep
@@ -143,12 +144,20 @@ impl Uses {
                     }
                     self.stmts(&mma.epilogue, buf);
                 }
-                // Attention reads its parameters as values, not as bf16 product operands.
+                // A bf16 attention rounds its queries to bf16 as product operands (a GPU packs
+                // them into fragments, the host's loops round them).
                 Stmt::Attend(a) => {
                     for e in [&a.m, &a.keys, &a.tiles.0, &a.tiles.1] {
                         self.expr(e, buf);
                     }
-                    for e in [&a.query, &a.key, &a.value, &a.sees] {
+                    match &a.query {
+                        Expr::Load(b, idx) if b == buf && a.kind == MmaKind::Bf16 => {
+                            self.mma += 1;
+                            idx.iter().for_each(|e| self.expr(e, buf));
+                        }
+                        e => self.expr(e, buf),
+                    }
+                    for e in [&a.key, &a.value, &a.sees] {
                         self.expr(e, buf);
                     }
                     self.stmts(&a.epilogue, buf);
