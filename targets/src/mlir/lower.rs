@@ -1414,30 +1414,43 @@ impl<'c> Lower<'c> {
         x: Value<'c, 'a>,
         combine: &str,
     ) -> R<Value<'c, 'a>> {
+        let offsets: Vec<u32> = std::iter::successors(Some(self.lanes / 2), |o| Some(o / 2))
+            .take_while(|&o| o >= 1)
+            .collect();
+        self.shuffle_combine(blk, x, combine, self.lanes, &offsets)
+    }
+
+    /// `x` combined (`arith.addf` or `arith.maximumf`) with the value of the lane `offset`
+    /// away, for each of `offsets` in turn, by `gpu.shuffle xor` within groups of `width`
+    /// lanes: over the offsets 1, 2, 4, .. up to half a group (in any order), every lane of the
+    /// group ends with the same value, bit for bit (each step combines a pair in both orders, and both operations
+    /// are commutative).
+    pub(super) fn shuffle_combine<'a>(
+        &self,
+        blk: &'a Block<'c>,
+        x: Value<'c, 'a>,
+        combine: &str,
+        width: u32,
+        offsets: &[u32],
+    ) -> R<Value<'c, 'a>> {
         let i32t: Type = IntegerType::new(self.ctx, 32).into();
-        let mode = Attribute::parse(self.ctx, "#gpu<shuffle_mode xor>")
-            .ok_or_else(|| bug("#gpu<shuffle_mode xor> attribute".into()))?;
-        let width = self.append(
-            blk,
-            arith::constant(
-                self.ctx,
-                IntegerAttribute::new(i32t, self.lanes as i64).into(),
-                self.loc,
-            ),
-        );
-        let mut acc = x;
-        let mut offset = self.lanes / 2;
-        while offset >= 1 {
-            let off = self.append(
+        let c = |v: u32| {
+            self.append(
                 blk,
                 arith::constant(
                     self.ctx,
-                    IntegerAttribute::new(i32t, offset as i64).into(),
+                    IntegerAttribute::new(i32t, v as i64).into(),
                     self.loc,
                 ),
-            );
+            )
+        };
+        let mode = Attribute::parse(self.ctx, "#gpu<shuffle_mode xor>")
+            .ok_or_else(|| bug("#gpu<shuffle_mode xor> attribute".into()))?;
+        let width = c(width);
+        let mut acc = x;
+        for &offset in offsets {
             let shuffle = OperationBuilder::new("gpu.shuffle", self.loc)
-                .add_operands(&[acc, off, width])
+                .add_operands(&[acc, c(offset), width])
                 .add_attributes(&[(Identifier::new(self.ctx, "mode"), mode)])
                 .add_results(&[self.f32, self.i1])
                 .build()
@@ -1446,7 +1459,6 @@ impl<'c> Lower<'c> {
             // No fast-math flags: a contraction into one lane's combine would make the lanes'
             // totals differ in the last bit, and the program relies on them being identical.
             acc = self.op(blk, combine, &[acc, other], self.f32, false);
-            offset /= 2;
         }
         Ok(acc)
     }

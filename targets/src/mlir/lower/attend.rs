@@ -26,10 +26,9 @@
 use lamina_ir::kernel::{Attend, Expr, Kernel, Mma, MmaKind, Stmt};
 use melior::dialect::arith::{self, CmpfPredicate};
 use melior::dialect::scf;
-use melior::ir::attribute::IntegerAttribute;
 use melior::ir::operation::OperationBuilder;
 use melior::ir::r#type::IntegerType;
-use melior::ir::{Attribute, Block, BlockLike, Identifier, RegionLike, Type, Value};
+use melior::ir::{Block, BlockLike, Type, Value};
 
 use super::{a_fragment, b_fragment, bug, c_fragment, Env, Lower, Ty, R};
 
@@ -41,6 +40,8 @@ pub const LANES: u32 = (WARPS * 32) as u32;
 pub const ROWS: usize = Attend::BLOCK_ROWS;
 /// Keys per tile.
 pub const KEY_TILE: usize = Attend::BLOCK_KEY_TILE;
+/// Lane offsets of the butterfly over a quad: the 4 lanes holding one accumulator row.
+const QUAD: [u32; 2] = [1, 2];
 /// Padding of a staged row, in bf16 elements (16 bytes).
 const PAD: usize = Attend::BLOCK_PAD;
 
@@ -140,13 +141,10 @@ pub fn value_pair(vw: usize, tid: usize, it: usize) -> (usize, usize) {
     (p % vw, p / vw)
 }
 
-/// Rounds of [`key_pair`] and [`value_pair`] for a tile.
+/// Rounds of [`key_pair`] and [`value_pair`] for a tile (whole for a register block).
 pub fn stage_rounds(a: &Attend) -> (usize, usize) {
     let lanes = LANES as usize;
-    (
-        (KEY_TILE * a.qk / 2).div_ceil(lanes),
-        (KEY_TILE / 2 * a.vw).div_ceil(lanes),
-    )
+    (KEY_TILE * a.qk / 2 / lanes, KEY_TILE / 2 * a.vw / lanes)
 }
 
 impl<'c> Lower<'c> {
@@ -244,41 +242,32 @@ impl<'c> Lower<'c> {
             let j0 = bint("arith.muli", jt, bx(fk));
             // Every warp is done with the previous tile.
             self.block_barrier(&body)?;
-            // Pairs tid, tid + LANES, ... below `count` of a tile: whole rounds in a loop (so
-            // that the staging loads do not all wait in registers at once), then the rest.
+            // Pairs tid, tid + LANES, ... of a tile (as `key_pair` / `value_pair` number them),
+            // whole rounds in a loop so that the staging loads do not all wait in registers at
+            // once. A register block's tiles are whole rounds: 16·qk key pairs (qk a multiple
+            // of 16) and 16·vw value pairs (vw a multiple of 8).
             let staged = |count: usize, f: &dyn Fn(&Block<'c>, Value<'c, '_>) -> R<()>| -> R<()> {
                 let lanes = LANES as usize;
-                let full = count / lanes;
-                if full > 0 {
-                    let round = Block::new(&[(self.index, self.loc)]);
-                    let it: Value = round.argument(0).map_err(|e| bug(e.to_string()))?.into();
-                    let lanes_ix = self.const_index(&round, lanes as i64);
-                    let base = self.op(&round, "arith.muli", &[it, lanes_ix], self.index, false);
-                    let p = self.op(&round, "arith.addi", &[base, tid], self.index, false);
-                    f(&round, p)?;
-                    round.append_operation(scf::r#yield(&[], self.loc));
-                    self.scf_for(&body, (bx(0), bx(full), bx(1)), &[], &[], round, what)?;
+                if !count.is_multiple_of(lanes) {
+                    return Err(bug(format!(
+                        "{what}: {count} pairs per tile, not whole rounds of {lanes}"
+                    )));
                 }
-                if count.is_multiple_of(lanes) {
-                    return Ok(());
-                }
-                let p = bint("arith.addi", tid, bx(full * lanes));
-                let inside = self.append(
+                let round = Block::new(&[(self.index, self.loc)]);
+                let it: Value = round.argument(0).map_err(|e| bug(e.to_string()))?.into();
+                let lanes_ix = self.const_index(&round, lanes as i64);
+                let base = self.op(&round, "arith.muli", &[it, lanes_ix], self.index, false);
+                let p = self.op(&round, "arith.addi", &[base, tid], self.index, false);
+                f(&round, p)?;
+                round.append_operation(scf::r#yield(&[], self.loc));
+                self.scf_for(
                     &body,
-                    arith::cmpi(self.ctx, arith::CmpiPredicate::Ult, p, bx(count), self.loc),
-                );
-                let then = Block::new(&[]);
-                f(&then, p)?;
-                then.append_operation(scf::r#yield(&[], self.loc));
-                let region = melior::ir::Region::new();
-                region.append_block(then);
-                body.append_operation(scf::r#if(
-                    inside,
+                    (bx(0), bx(count / lanes), bx(1)),
                     &[],
-                    region,
-                    melior::ir::Region::new(),
-                    self.loc,
-                ));
+                    &[],
+                    round,
+                    what,
+                )?;
                 Ok(())
             };
             // Keys: `[key][e]`, pairs along e.
@@ -421,7 +410,7 @@ impl<'c> Lower<'c> {
                         mx = fop("arith.maximumf", mx, c[e]);
                     }
                 }
-                let mx = self.quad_combine(&body, mx, "arith.maximumf")?;
+                let mx = self.shuffle_combine(&body, mx, "arith.maximumf", 32, &QUAD)?;
                 // A row that has seen no key yet keeps −∞; its exponents are taken from 0.
                 let none = self.append(
                     &body,
@@ -483,7 +472,7 @@ impl<'c> Lower<'c> {
         let f = self.f32;
         let mut l = Vec::new();
         for h in 0..2 {
-            l.push(self.quad_combine(blk, out[n_acc + 2 + h], "arith.addf")?);
+            l.push(self.shuffle_combine(blk, out[n_acc + 2 + h], "arith.addf", 32, &QUAD)?);
         }
         let values: Vec<Value> = (0..n_acc)
             .map(|i| self.op(blk, "arith.divf", &[out[i], l[(i % 4) / 2]], f, false))
@@ -609,38 +598,6 @@ impl<'c> Lower<'c> {
         }
         Ok(alone.expr(b, &env2, e)?.0)
     }
-
-    /// `x` combined over the 4 lanes of a quad (the lanes holding one accumulator row) by two
-    /// `shfl.xor` steps; all four end with the same value.
-    fn quad_combine<'a>(
-        &self,
-        blk: &'a Block<'c>,
-        x: Value<'c, 'a>,
-        combine: &str,
-    ) -> R<Value<'c, 'a>> {
-        let i32t: Type = IntegerType::new(self.ctx, 32).into();
-        let c = |v: i64| {
-            self.append(
-                blk,
-                arith::constant(self.ctx, IntegerAttribute::new(i32t, v).into(), self.loc),
-            )
-        };
-        let mode = Attribute::parse(self.ctx, "#gpu<shuffle_mode xor>")
-            .ok_or_else(|| bug("#gpu<shuffle_mode xor> attribute".into()))?;
-        let width = c(32);
-        let mut acc = x;
-        for offset in [1, 2] {
-            let shuffle = OperationBuilder::new("gpu.shuffle", self.loc)
-                .add_operands(&[acc, c(offset), width])
-                .add_attributes(&[(Identifier::new(self.ctx, "mode"), mode)])
-                .add_results(&[self.f32, self.i1])
-                .build()
-                .map_err(|e| bug(format!("gpu.shuffle: {e}")))?;
-            let other = self.append(blk, shuffle);
-            acc = self.op(blk, combine, &[acc, other], self.f32, false);
-        }
-        Ok(acc)
-    }
 }
 
 #[cfg(test)]
@@ -658,27 +615,7 @@ mod tests {
             (256, 256),
             (48, 24),
         ] {
-            let a = Attend {
-                kind: MmaKind::Bf16,
-                rows: ROWS,
-                m: Expr::I(1),
-                keys: Expr::I(1),
-                tiles: (Expr::I(0), Expr::I(1)),
-                key_tile: KEY_TILE,
-                qk,
-                vw,
-                scale: 1.0,
-                t: "t".into(),
-                j: "j".into(),
-                e: "e".into(),
-                d: "d".into(),
-                out: "out".into(),
-                query: Expr::F(0.0),
-                key: Expr::F(0.0),
-                value: Expr::F(0.0),
-                sees: Expr::I(1),
-                epilogue: vec![],
-            };
+            let a = attend(qk, vw);
             let (kr, vr) = stage_rounds(&a);
             let mut keys = vec![0; KEY_TILE * qk / 2];
             let mut values = vec![0; KEY_TILE / 2 * vw];
