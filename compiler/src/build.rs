@@ -10,8 +10,8 @@ use lamina_ir::graph::StateKind;
 use lamina_ir::model::{Model, ModelSource};
 use lamina_ir::plan::{
     Arg, ConstEntry, Cost, GpuLaunch, KernelEntry, LaunchEntry, Limits, ModelInfo, Plan, PoolEntry,
-    Schedule, WeightEntry, WeightSource, CONSTANTS_FILE, GPU_ABI, HOST_LIBRARY, PLAN_FILE,
-    PTX_FILE, SCHEMA_VERSION,
+    Schedule, WeightEntry, WeightSource, WorkspaceEntry, CONSTANTS_FILE, GPU_ABI, HOST_LIBRARY,
+    PLAN_FILE, PTX_FILE, SCHEMA_VERSION,
 };
 use lamina_ir::stats::{kind_name, model_stats};
 use lamina_ir::weights::{check_checkpoint, Checkpoint, SourceMap};
@@ -80,6 +80,8 @@ pub fn make_plan(
     let mut constants: Vec<ConstEntry> = Vec::new();
     let mut cindex: HashMap<String, usize> = HashMap::new();
     let mut cdata: Vec<f32> = Vec::new();
+    let mut workspaces: Vec<WorkspaceEntry> = Vec::new();
+    let mut wsindex: HashMap<String, usize> = HashMap::new();
     let source_of = |name: &str| -> Result<WeightSource, Error> {
         let decl = &g.weights[name];
         match &ckpt {
@@ -166,6 +168,26 @@ pub fn make_plan(
                         }
                     }
                     Bind::State(id) => Arg::Pool { index: id.0 },
+                    Bind::Workspace { name, shape, elem } => {
+                        let index = intern(&mut workspaces, &mut wsindex, name, || {
+                            Ok(WorkspaceEntry {
+                                name: name.clone(),
+                                shape: shape.clone(),
+                                bytes: shape.iter().product::<usize>() * elem.bytes(),
+                                dtype: elem.name().into(),
+                            })
+                        })?;
+                        let w = &workspaces[index];
+                        if w.shape != *shape || w.dtype != elem.name() {
+                            return Err(Error::Compile(format!(
+                                "workspace {name} is bound as {:?} {} and as {shape:?} {}",
+                                w.shape,
+                                w.dtype,
+                                elem.name()
+                            )));
+                        }
+                        Arg::Workspace { index }
+                    }
                     Bind::Const(name, data) => Arg::Const {
                         index: intern(&mut constants, &mut cindex, name, || {
                             // Each table starts on 16 bytes (a GPU tile may copy it by
@@ -306,6 +328,7 @@ pub fn make_plan(
         pools,
         weights,
         constants,
+        workspaces,
         cost,
     };
     plan.check().map_err(Error::Compile)?;

@@ -12,7 +12,8 @@ use crate::error::{Error, Result};
 use crate::kernel::{Dim, Param};
 
 /// 2: GPU launch data per kernel, weight dtypes (session 4).
-pub const SCHEMA_VERSION: u32 = 2;
+/// 3: workspaces (`Plan::workspaces`, `Arg::Workspace`).
+pub const SCHEMA_VERSION: u32 = 3;
 pub const PLAN_FILE: &str = "plan.json";
 pub const HOST_LIBRARY: &str = "kernels.so";
 /// The PTX module of an NVPTX artifact (one `.entry` per kernel, named as the kernel).
@@ -32,6 +33,10 @@ pub struct Plan {
     pub pools: Vec<PoolEntry>,
     pub weights: Vec<WeightEntry>,
     pub constants: Vec<ConstEntry>,
+    /// Device buffers shared by the launches of a run, their contents meaningless between
+    /// runs (MLA prefill's decompressed keys and values).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub workspaces: Vec<WorkspaceEntry>,
     /// What the compiler planned to move per decode step (read by `compile-model bench`).
     pub cost: Cost,
 }
@@ -165,6 +170,9 @@ pub enum Arg {
     Pool {
         index: usize,
     },
+    Workspace {
+        index: usize,
+    },
     Const {
         index: usize,
     },
@@ -190,6 +198,30 @@ pub struct PoolEntry {
 }
 
 impl PoolEntry {
+    /// Bytes of one element: 4 (f32) or 2 (bf16).
+    pub fn elem_bytes(&self) -> usize {
+        if self.dtype == "bf16" {
+            2
+        } else {
+            4
+        }
+    }
+}
+
+/// A buffer the launches of one run share (written before it is read within the run), sized
+/// by the plan's limits, not per sequence: unlike a pool it holds nothing between runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceEntry {
+    pub name: String,
+    /// Elements of `dtype`.
+    pub shape: Vec<usize>,
+    pub bytes: usize,
+    /// `f32` or `bf16`.
+    pub dtype: String,
+}
+
+impl WorkspaceEntry {
     /// Bytes of one element: 4 (f32) or 2 (bf16).
     pub fn elem_bytes(&self) -> usize {
         if self.dtype == "bf16" {
@@ -324,6 +356,15 @@ impl Plan {
                 ));
             }
         }
+        for (wi, w) in self.workspaces.iter().enumerate() {
+            let elems: usize = w.shape.iter().product();
+            if !(w.dtype == "f32" || w.dtype == "bf16") || w.bytes != elems * w.elem_bytes() {
+                return Err(format!(
+                    "workspaces[{wi}] ({}): {} bytes of {:?} for shape {:?}",
+                    w.name, w.bytes, w.dtype, w.shape
+                ));
+            }
+        }
         for (ki, k) in self.kernels.iter().enumerate() {
             match (&k.gpu, gpu) {
                 (None, false) => {}
@@ -371,6 +412,7 @@ impl Plan {
                     let ok = match a {
                         Arg::Weight { index } => *index < self.weights.len(),
                         Arg::Pool { index } => *index < self.pools.len(),
+                        Arg::Workspace { index } => *index < self.workspaces.len(),
                         Arg::Const { index } => *index < self.constants.len(),
                         Arg::Arena {
                             offset_per_row,

@@ -71,6 +71,11 @@ pub(crate) fn check_shapes(
                 let have = match a {
                     Arg::Weight { index } => weight_len(*index),
                     Arg::Pool { index } => pool_len(*index),
+                    // Each runtime allocates a workspace's declared bytes.
+                    Arg::Workspace { index } => {
+                        let w = &plan.workspaces[*index];
+                        w.bytes / w.elem_bytes()
+                    }
                     Arg::Const { index } => plan.constants[*index].len,
                     Arg::Arena { bytes_per_row, .. } => bytes_per_row * s.rows / p.elem.bytes(),
                     Arg::Tokens | Arg::Slot | Arg::Pos => s.rows,
@@ -88,6 +93,14 @@ pub(crate) fn check_shapes(
                     }
                     Arg::Pool { index } => {
                         let want = if plan.pools[*index].dtype == "bf16" {
+                            Elem::Bf16
+                        } else {
+                            Elem::F32
+                        };
+                        p.elem == want
+                    }
+                    Arg::Workspace { index } => {
+                        let want = if plan.workspaces[*index].dtype == "bf16" {
                             Elem::Bf16
                         } else {
                             Elem::F32

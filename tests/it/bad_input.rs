@@ -572,7 +572,7 @@ fn bad_artifacts() {
     // Wrong schema version.
     std::fs::write(
         &plan,
-        text.replacen("\"schema_version\": 2", "\"schema_version\": 99", 1),
+        text.replacen("\"schema_version\": 3", "\"schema_version\": 99", 1),
     )
     .unwrap();
     fails(
@@ -593,6 +593,19 @@ fn bad_artifacts() {
         &["run", a, "--tokens", "1,2"],
         &["plan.json", "may be written", "read-only"],
     );
+    // A workspace smaller than its shape (MLA prefill's decompressed keys and values).
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["workspaces"][0]["bytes"] = serde_json::json!(64);
+    std::fs::write(&plan, serde_json::to_string(&v).unwrap()).unwrap();
+    fails(
+        &["run", a, "--tokens", "1,2"],
+        &["plan.json", "workspaces[0]", "mla_kv_"],
+    );
+    // A launch argument naming a workspace the plan does not have.
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["workspaces"] = serde_json::json!([]);
+    std::fs::write(&plan, serde_json::to_string(&v).unwrap()).unwrap();
+    fails(&["run", a, "--tokens", "1,2"], &["plan.json", "out of range"]);
     // Logits outside the arena.
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["decode"]["logits"]["arena"]["offset_per_row"] = serde_json::json!(1u64 << 40);

@@ -647,9 +647,9 @@ fn decode_tiles_stage_weights_and_cache() {
     }
 }
 
-/// With TF32 products (`--products tf32`) MLA's flash attention and the chunked recurrence
-/// kernels (named `_tf32`) issue one TF32 `mma.sync` where the default plan issues three, and
-/// still assemble without spills.
+/// With TF32 products (`--products tf32`) the chunked recurrence kernels (named `_tf32`) issue
+/// one TF32 `mma.sync` where the default plan issues three, and still assemble without spills.
+/// (Prefill flash attention's products are bf16 whatever the option.)
 #[test]
 fn tf32_products_are_a_third_of_the_mmas() {
     use lamina_compiler::kernels::Phase;
@@ -666,12 +666,7 @@ fn tf32_products_are_a_third_of_the_mmas() {
             let kernels: Vec<_> = p
                 .phase_kernels(Phase::Prefill)
                 .into_iter()
-                // Not GQA's flash blocks: their products are bf16 whatever the option.
-                .filter(|k| {
-                    ["mla_flash_", "_chunk64_", "_scan64_"]
-                        .iter()
-                        .any(|s| k.name.contains(s))
-                })
+                .filter(|k| ["_chunk64_", "_scan64_"].iter().any(|s| k.name.contains(s)))
                 .cloned()
                 .collect();
             let (ptx, _) = nvptx::compile_ptx(&kernels, Target::Sm90a).unwrap();
@@ -760,10 +755,11 @@ fn decode_attention_reads_the_cache_once_per_kv_head() {
 }
 
 /// Prefill attends flash-style, a program per (64 query rows, head), logits and value
-/// products on tensor cores: GQA (Qwen3-Next's 256-wide heads, MiniMax's 128-wide) as a block
-/// of 4 warps with its state in registers and bf16 products; absorbed MLA (Kimi's and
-/// DeepSeek-V3's 576-wide latent keys, with the `W_UK`/`W_UV` products) as a warp program
-/// with TF32x3 tiles. Decode keeps its split-sequence kernels.
+/// products on tensor cores, as a block of 4 warps with its state in registers and bf16
+/// products: GQA (Qwen3-Next's 256-wide heads, MiniMax's 128-wide) and MLA (Kimi's and
+/// DeepSeek-V3's 192-deep logits and 128-wide values), whose keys and values an expand kernel
+/// decompresses from the latent cache first as block-cooperative tensor-core tiles. Decode
+/// keeps its split-sequence kernels.
 #[test]
 fn prefill_attention_is_flash_attention_on_tensor_cores() {
     use lamina_compiler::kernels::attention::FLASH_Q;
@@ -777,14 +773,26 @@ fn prefill_attention_is_flash_attention_on_tensor_cores() {
     ] {
         let m = Model::open(&repo().join("examples").join(example)).unwrap();
         let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options()).unwrap();
-        let attend: Vec<_> = p.schedules[&Phase::Prefill]
+        let prefill: Vec<_> = p.schedules[&Phase::Prefill]
             .iter()
             .filter(|l| l.kernel.name.starts_with(family))
             .map(|l| l.kernel.clone())
             .collect();
+        let flash = format!("{family}flash_");
+        let (attend, expand): (Vec<_>, Vec<_>) = prefill
+            .into_iter()
+            .partition(|k| k.name.starts_with(&flash));
         assert!(!attend.is_empty(), "{example}");
+        for k in &expand {
+            assert!(k.name.starts_with("mla_expand_"), "{}", k.name);
+            assert!(
+                lamina_targets::mlir::lower::staged::staged_tile(k).is_some(),
+                "{}: not a block-cooperative tile",
+                k.name
+            );
+        }
+        assert_eq!(expand.len(), attend.len() * usize::from(family == "mla_"));
         for k in &attend {
-            assert!(k.name.starts_with(&format!("{family}flash_")), "{}", k.name);
             assert_eq!(
                 k.grid,
                 vec![Dim::RowBlocks(FLASH_Q), Dim::N(heads)],
@@ -795,11 +803,7 @@ fn prefill_attention_is_flash_attention_on_tensor_cores() {
         assert!(p.schedules[&Phase::Decode]
             .iter()
             .any(|l| l.kernel.name.starts_with(&format!("{family}attend_"))));
-        if family == "gqa_" {
-            flash_blocks_on_bf16_tensor_cores(&attend[..1]);
-        } else {
-            warps_on_tf32_tensor_cores(&attend[..1]);
-        }
+        flash_blocks_on_bf16_tensor_cores(&attend[..1]);
     }
 }
 

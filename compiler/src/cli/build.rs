@@ -273,6 +273,9 @@ fn report_model(m: &Model, path: &Path, options: Options) -> CliResult {
     for (k, (b, n)) in by_kind {
         println!("  {k:<11} {n:>3} layers  {}", bytes(b));
     }
+    for w in &plan.workspaces {
+        println!("workspace {}: {}", w.name, bytes(w.bytes as u64));
+    }
     for (phase, s) in [
         (Phase::Prefill, &plan.prefill),
         (Phase::Decode, &plan.decode),

@@ -68,6 +68,13 @@ pub enum Bind {
         experts: usize,
     },
     State(StateId),
+    /// A workspace `[shape]` of `elem` (see `lamina_ir::plan::WorkspaceEntry`): launches
+    /// binding the same name share one buffer, so the name says the shape.
+    Workspace {
+        name: String,
+        shape: Vec<usize>,
+        elem: Elem,
+    },
     /// A table computed at compile time (rope cos/sin, lightning slopes).
     Const(String, Vec<f32>),
     Tokens,
@@ -167,6 +174,26 @@ impl<'g> Ctx<'g> {
         (
             param(local, Elem::F32, &shape, Access::Read),
             Bind::Weight(name.into()),
+        )
+    }
+
+    /// Workspace `name` (`[shape]` of `elem`), bound to the kernel's parameter `local`.
+    pub fn workspace(
+        &self,
+        local: &str,
+        name: &str,
+        shape: &[usize],
+        elem: Elem,
+        access: Access,
+    ) -> (Param, Bind) {
+        let dims: Vec<Dim> = shape.iter().map(|&d| Dim::N(d)).collect();
+        (
+            param(local, elem, &dims, access),
+            Bind::Workspace {
+                name: name.into(),
+                shape: shape.to_vec(),
+                elem,
+            },
         )
     }
 

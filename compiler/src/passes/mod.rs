@@ -196,6 +196,7 @@ pub fn print_bind(b: &Bind) -> String {
         Bind::Weight(w) => format!("@{w}"),
         Bind::Stacked { prefix, leaf, .. } => format!("@{prefix}.experts.*.{leaf}"),
         Bind::State(s) => format!("#{}", s.0),
+        Bind::Workspace { name, .. } => format!("&{name}"),
         Bind::Const(name, _) => format!("${name}"),
         Bind::Tokens => "tokens".into(),
         Bind::Slot => "slot".into(),

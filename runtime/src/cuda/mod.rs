@@ -314,6 +314,7 @@ pub struct CudaEngine {
     functions: Vec<sys::CUfunction>,
     weights: Vec<Buffer>,
     pools: Vec<Buffer>,
+    workspaces: Vec<Buffer>,
     constants: Buffer,
     arena: Buffer,
     /// Warp programs' locals: the largest `programs · scratch_bytes` of any launch.
@@ -389,6 +390,7 @@ impl CudaEngine {
             functions: Vec::new(),
             weights: Vec::new(),
             pools: Vec::new(),
+            workspaces: Vec::new(),
             constants: Buffer::new(0, "constants")?,
             arena: Buffer::new(0, "arena")?,
             scratch: Buffer::new(0, "scratch")?,
@@ -448,6 +450,10 @@ impl CudaEngine {
             unsafe { result::memset_d8_sync(b.ptr, 0, b.bytes) }
                 .map_err(cuda(format!("zeroing {}", p.name)))?;
             e.pools.push(b);
+        }
+        for w in &e.plan.workspaces {
+            let b = Buffer::new(w.bytes, &w.name)?;
+            e.workspaces.push(b);
         }
         let arena_bytes = [&e.plan.prefill, &e.plan.decode]
             .iter()
@@ -553,15 +559,18 @@ impl CudaEngine {
         self.poison_runs = on;
     }
 
-    /// Fills the arena with `byte` (0xFF makes every f32 a NaN: the GPU tests poison it before
-    /// each run so that an element no kernel wrote cannot pass).
+    /// Fills the arena and the workspaces with `byte` (0xFF makes every f32 and bf16 a NaN:
+    /// the GPU tests poison them before each run so that an element no kernel wrote cannot
+    /// pass).
     pub fn poison_arena(&mut self, byte: u8) -> Result<(), Error> {
         self.device.bind()?;
-        // SAFETY: the arena holds `bytes` bytes; on the engine's stream, so ordered before the
-        // next run's kernels, and finished before returning.
+        // SAFETY: each buffer holds `bytes` bytes; on the engine's stream, so ordered before
+        // the next run's kernels, and finished before returning.
         unsafe {
-            result::memset_d8_async(self.arena.ptr, byte, self.arena.bytes, self.stream)
-                .map_err(cuda("poisoning the arena"))?;
+            for b in std::iter::once(&self.arena).chain(&self.workspaces) {
+                result::memset_d8_async(b.ptr, byte, b.bytes, self.stream)
+                    .map_err(cuda("poisoning the arena"))?;
+            }
             result::stream::synchronize(self.stream).map_err(cuda("poisoning the arena"))
         }
     }
@@ -578,6 +587,7 @@ impl CudaEngine {
                 }
                 Arg::Weight { index } => self.weights[*index].ptr,
                 Arg::Pool { index } => self.pools[*index].ptr,
+                Arg::Workspace { index } => self.workspaces[*index].ptr,
                 Arg::Const { index } => {
                     self.constants.ptr + (self.plan.constants[*index].offset * 4) as u64
                 }

@@ -88,6 +88,8 @@ pub struct HostEngine {
     fns: Vec<KernelFn>,
     weights: Vec<weights::Weight>,
     pools: Vec<Vec<f32>>,
+    /// f32 words holding each workspace's bytes.
+    workspaces: Vec<Vec<f32>>,
     constants: Vec<f32>,
     arena: Aligned,
     /// Next position of each slot.
@@ -164,6 +166,11 @@ impl HostEngine {
             .iter()
             .map(|p| vec![0f32; p.bytes.div_ceil(4)])
             .collect();
+        let workspaces = plan
+            .workspaces
+            .iter()
+            .map(|w| vec![0f32; w.bytes.div_ceil(4)])
+            .collect();
         let arena_bytes = [&plan.prefill, &plan.decode]
             .iter()
             .map(|s| s.arena_bytes_per_row * s.rows)
@@ -177,6 +184,7 @@ impl HostEngine {
             fns,
             weights,
             pools,
+            workspaces,
             constants,
             profile: None,
             prefill_progress: None,
@@ -262,6 +270,13 @@ impl HostEngine {
                         ptr: self.pools[*index].as_mut_ptr() as *mut u8,
                         len: self.pool_len(*index),
                     },
+                    Arg::Workspace { index } => {
+                        let w = &self.plan.workspaces[*index];
+                        View {
+                            ptr: self.workspaces[*index].as_mut_ptr() as *mut u8,
+                            len: w.bytes / w.elem_bytes(),
+                        }
+                    }
                     Arg::Const { index } => {
                         let c = &self.plan.constants[*index];
                         View {

@@ -44,8 +44,57 @@ fn softmax_in_place<F: Real>(s: &mut [F]) {
     }
 }
 
+/// Keys per tile of tensor-core plans' prefill flash attention (the compiler's `FLASH_K`).
+pub const FLASH_KEY_TILE: usize = 32;
+
+/// Query row `q` attending keys `0..n` as a tensor-core plan's prefill flash attention does:
+/// tiles of [`FLASH_KEY_TILE`] keys from key 0, per tile the logits of the bf16-rounded query
+/// and keys, the running max `m`, `c = exp(m_old − m)`, `p = exp(s − m)`, the sum `l = c·l +
+/// Σ p` (p unrounded) and `acc = c·acc + Σ bf16(p)·bf16(v)`; then `acc / l` into `out`.
+#[allow(clippy::too_many_arguments)]
+fn flash_row<'a, F: Real>(
+    q: &[F],
+    n: usize,
+    scale: F,
+    k: &impl Fn(usize) -> &'a [F],
+    v: &impl Fn(usize) -> &'a [F],
+    out: &mut [F],
+) {
+    let b = |x: F| x.bf16_rounded();
+    let q: Vec<F> = q.iter().map(|&x| b(x)).collect();
+    let (mut m, mut l) = (F::neg_infinity(), F::zero());
+    let mut acc = vec![F::zero(); out.len()];
+    for j0 in (0..n).step_by(FLASH_KEY_TILE) {
+        let keys = j0..(j0 + FLASH_KEY_TILE).min(n);
+        let s: Vec<F> = keys
+            .clone()
+            .map(|j| {
+                let kj = k(j);
+                q.iter().zip(kj).fold(F::zero(), |a, (&x, &y)| a + x * b(y)) * scale
+            })
+            .collect();
+        let m2 = s.iter().copied().fold(m, F::max);
+        let c = (m - m2).exp();
+        let p: Vec<F> = s.iter().map(|&x| (x - m2).exp()).collect();
+        l = l * c + p.iter().copied().fold(F::zero(), |a, x| a + x);
+        for x in acc.iter_mut() {
+            *x = *x * c;
+        }
+        for (j, &pj) in keys.zip(&p) {
+            for (x, &vv) in acc.iter_mut().zip(v(j)) {
+                *x = *x + b(pj) * b(vv);
+            }
+        }
+        m = m2;
+    }
+    for (o, &x) in out.iter_mut().zip(&acc) {
+        *o = x / l;
+    }
+}
+
 /// Causal attention of `T` queries at positions `pos0..` over `n_ctx = pos0 + T` cached keys.
-/// `k(j, kvh)` and `v(j, kvh)` give cached key/value rows.
+/// `k(j, kvh)` and `v(j, kvh)` give cached key/value rows. With `flash`, in a tensor-core
+/// plan's prefill arithmetic ([`flash_row`]).
 #[allow(clippy::too_many_arguments)]
 fn attend<'a, F: Real>(
     q: &[F],
@@ -58,6 +107,7 @@ fn attend<'a, F: Real>(
     scale: F,
     k: impl Fn(usize, usize) -> &'a [F],
     v: impl Fn(usize, usize) -> &'a [F],
+    flash: bool,
 ) -> Vec<F> {
     let group = heads / kv_heads;
     let mut o = vec![F::zero(); t_len * heads * v_dim];
@@ -66,6 +116,11 @@ fn attend<'a, F: Real>(
         for h in 0..heads {
             let g = h / group;
             let qh = &q[(t * heads + h) * qk_dim..][..qk_dim];
+            if flash {
+                let oh = &mut o[(t * heads + h) * v_dim..][..v_dim];
+                flash_row(qh, n, scale, &|j| k(j, g), &|j| v(j, g), oh);
+                continue;
+            }
             let mut s: Vec<F> = (0..n).map(|j| dot(qh, k(j, g)) * scale).collect();
             softmax_in_place(&mut s);
             let oh = &mut o[(t * heads + h) * v_dim..][..v_dim];
@@ -94,6 +149,7 @@ pub fn gqa<F: Real>(
     v_dim: usize,
     scale: f64,
     cache: &mut Vec<F>,
+    flash: bool,
 ) -> Vec<F> {
     let kw = kv_heads * head_dim;
     let vw = kv_heads * v_dim;
@@ -114,11 +170,14 @@ pub fn gqa<F: Real>(
         F::of(scale),
         |j, g| &cache[j * entry + g * head_dim..][..head_dim],
         |j, g| &cache[j * entry + kw + g * v_dim..][..v_dim],
+        flash,
     )
 }
 
 /// MLA: appends `[c | k_rope]` per token to the latent cache, expands every cached latent to
 /// per-head keys `[k_nope | k_rope]` and values with `kv_b: [H*(nope+v), r]`, and attends.
+/// With `flash`, the expansion reads the latents rounded to bf16 and rounds its results to
+/// bf16, as a tensor-core plan's expand kernel does, and the attention is [`flash_row`]'s.
 #[allow(clippy::too_many_arguments)]
 pub fn mla<F: Real>(
     q: &[F],
@@ -134,6 +193,7 @@ pub fn mla<F: Real>(
     scale: f64,
     kv_b: &[F],
     cache: &mut Vec<F>,
+    flash: bool,
 ) -> Vec<F> {
     for t in 0..t_len {
         cache.extend_from_slice(&c[t * r..(t + 1) * r]);
@@ -145,19 +205,29 @@ pub fn mla<F: Real>(
     // keys[j][h] = [W_UK(h) c_j | k_rope_j]; values[j][h] = W_UV(h) c_j.
     let mut keys = vec![F::zero(); n * heads * qk];
     let mut vals = vec![F::zero(); n * heads * v_dim];
+    let round = |x: F| if flash { x.bf16_rounded() } else { x };
+    let kv_b: std::borrow::Cow<[F]> = if flash {
+        kv_b.iter().map(|&x| round(x)).collect()
+    } else {
+        kv_b.into()
+    };
+    let mut cj = vec![F::zero(); r];
     for j in 0..n {
-        let cj = &cache[j * entry..][..r];
+        for (x, &y) in cj.iter_mut().zip(&cache[j * entry..][..r]) {
+            *x = round(y);
+        }
         let krj = &cache[j * entry + r..][..rope];
         for h in 0..heads {
             let wk = &kv_b[h * (nope + v_dim) * r..];
+            let w = |d: usize| &wk[d * r..(d + 1) * r];
             let kj = &mut keys[(j * heads + h) * qk..][..qk];
-            for d in 0..nope {
-                kj[d] = dot(&wk[d * r..(d + 1) * r], cj);
+            for (d, x) in kj[..nope].iter_mut().enumerate() {
+                *x = round(dot(w(d), &cj));
             }
             kj[nope..].copy_from_slice(krj);
             let vj = &mut vals[(j * heads + h) * v_dim..][..v_dim];
-            for d in 0..v_dim {
-                vj[d] = dot(&wk[(nope + d) * r..(nope + d + 1) * r], cj);
+            for (d, x) in vj.iter_mut().enumerate() {
+                *x = round(dot(w(nope + d), &cj));
             }
         }
     }
@@ -172,5 +242,6 @@ pub fn mla<F: Real>(
         F::of(scale),
         |j, h| &keys[(j * heads + h) * qk..][..qk],
         |j, h| &vals[(j * heads + h) * v_dim..][..v_dim],
+        flash,
     )
 }

@@ -44,6 +44,8 @@ impl<F: Real> Weights<F> {
 pub struct Session<F> {
     pub pos: usize,
     states: Vec<Vec<F>>,
+    /// The running forward is a decode step ([`Reference::decode_step`]), not a prefill.
+    decoding: bool,
 }
 
 /// Values of named nodes captured during a forward (e.g. `layers.3.ffn_residual`).
@@ -56,6 +58,9 @@ pub struct Reference<'g, F> {
     bf16_projection_inputs: bool,
     /// The KV and latent caches hold bf16 (see [`Reference::with_bf16_caches`]).
     bf16_caches: bool,
+    /// Prefill attention in FlashAttention's bf16 arithmetic (see
+    /// [`Reference::with_bf16_flash_prefill`]).
+    flash_prefill: bool,
 }
 
 /// Greedy generation results (the `--logits-out` contract).
@@ -74,7 +79,19 @@ impl<'g, F: Real> Reference<'g, F> {
             w: Weights::new(store),
             bf16_projection_inputs: false,
             bf16_caches: false,
+            flash_prefill: false,
         }
+    }
+
+    /// Prefill attention (GQA and MLA, not decode steps) computes as tensor-core plans'
+    /// flash attention does ([`attention::FLASH_KEY_TILE`]-key tiles from key 0, an online
+    /// softmax per row, bf16 queries, keys, values and probabilities in the products, f32-style
+    /// accumulation, unrounded softmax sums), and MLA's decompressed keys and values are
+    /// rounded to bf16 as the expand kernel stores them: so that tensor-core plans are checked
+    /// at a tight tolerance rather than at the distance bf16 attention noise drifts a model.
+    pub fn with_bf16_flash_prefill(mut self) -> Self {
+        self.flash_prefill = true;
+        self
     }
 
     /// The KV and latent caches hold bf16: keys, values, latents and rope keys are rounded to
@@ -118,7 +135,17 @@ impl<'g, F: Real> Reference<'g, F> {
                     }
                 })
                 .collect(),
+            decoding: false,
         }
+    }
+
+    /// One decode step of `token` at the session's next position (as a compiled plan's decode
+    /// schedule computes it: no flash prefill arithmetic); returns logits `[1, vocab]`.
+    pub fn decode_step(&self, sess: &mut Session<F>, token: i64) -> Result<Mat<F>, Error> {
+        sess.decoding = true;
+        let out = self.forward(sess, &[token], &[]);
+        sess.decoding = false;
+        Ok(out?.0)
     }
 
     fn check_tokens(&self, tokens: &[i64]) -> Result<(), Error> {
@@ -429,6 +456,7 @@ impl<'g, F: Real> Reference<'g, F> {
                 cache,
             } => {
                 let (k, v) = (self.cached(&ins[1].data), self.cached(&ins[2].data));
+                let flash = self.flash_prefill && !sess.decoding;
                 let c = &mut sess.states[cache.0];
                 mat(attention::gqa(
                     &ins[0].data,
@@ -442,6 +470,7 @@ impl<'g, F: Real> Reference<'g, F> {
                     *v_dim,
                     *scale,
                     c,
+                    flash,
                 ))
             }
             Op::MlaAttention {
@@ -455,6 +484,7 @@ impl<'g, F: Real> Reference<'g, F> {
                 cache,
             } => {
                 let (latent, k_rope) = (self.cached(&ins[1].data), self.cached(&ins[2].data));
+                let flash = self.flash_prefill && !sess.decoding;
                 let c = &mut sess.states[cache.0];
                 mat(attention::mla(
                     &ins[0].data,
@@ -470,6 +500,7 @@ impl<'g, F: Real> Reference<'g, F> {
                     *scale,
                     w.get(kv_b),
                     c,
+                    flash,
                 ))
             }
             Op::Moe {
@@ -502,8 +533,7 @@ impl<'g, F: Real> Reference<'g, F> {
             decode.rows += 1;
             tokens.push(next);
             if step + 1 < max_new {
-                let (l, _) = self.forward(&mut sess, &[next], &[])?;
-                last = l.data;
+                last = self.decode_step(&mut sess, next)?.data;
             }
         }
         Ok(Generation {

@@ -16,7 +16,8 @@ use crate::TargetError;
 
 /// Host: structured control flow and memrefs straight to the LLVM dialect; LLVM's O3 (run by
 /// the execution engine's optimizing transformer, with the host CPU's features) vectorises the
-/// inner loops, whose floating-point ops carry `reassoc, contract`.
+/// inner loops, whose floating-point ops carry `reassoc, contract` (f32 → bf16 roundings are
+/// integer ops already: see `Lower::bf16_bits_host`).
 pub const HOST_PIPELINE: &str = "builtin.module(\
     canonicalize, cse, loop-invariant-code-motion, \
     convert-scf-to-cf, convert-to-llvm, reconcile-unrealized-casts)";

@@ -561,7 +561,9 @@ impl<'c> Lower<'c> {
         match e {
             Elem::F32 => self.f32,
             Elem::I64 => self.i64,
-            Elem::Bf16 => Type::bfloat16(self.ctx),
+            // The host keeps bf16 as its bits ([`Self::bf16_bits_host`]).
+            Elem::Bf16 if self.gpu => Type::bfloat16(self.ctx),
+            Elem::Bf16 => IntegerType::new(self.ctx, 16).into(),
         }
     }
 
@@ -687,10 +689,7 @@ impl<'c> Lower<'c> {
                 }
                 let v = match (info.elem, t) {
                     (Elem::F32, Ty::F32) => v,
-                    (Elem::Bf16, Ty::F32) => {
-                        let bf16 = Type::bfloat16(l.ctx);
-                        l.op(blk, "arith.truncf", &[v], bf16, false)
-                    }
+                    (Elem::Bf16, Ty::F32) => l.to_bf16(blk, v),
                     (Elem::I64, Ty::Int) => l.op(blk, "arith.index_cast", &[v], l.i64, false),
                     _ => return Err(bug(format!("{what}: store of {t:?} into {buf}"))),
                 };
@@ -934,7 +933,10 @@ impl<'c> Lower<'c> {
                 let v = self.append(blk, memref::load(info.value, &[at], self.loc));
                 match info.elem {
                     Elem::F32 => (v, Ty::F32),
-                    Elem::Bf16 => (self.op(blk, "arith.extf", &[v], self.f32, false), Ty::F32),
+                    Elem::Bf16 if self.gpu => {
+                        (self.op(blk, "arith.extf", &[v], self.f32, false), Ty::F32)
+                    }
+                    Elem::Bf16 => (self.widen_bf16_host(blk, v), Ty::F32),
                     Elem::I64 => (
                         self.op(blk, "arith.index_cast", &[v], self.index, false),
                         Ty::Int,
@@ -1315,6 +1317,63 @@ impl<'c> Lower<'c> {
         self.append(blk, arith::select(special, bits, up, self.loc))
     }
 
+    /// The f32 bits of `x` rounded to bf16 (nearest even, a NaN kept a quiet NaN), in the high
+    /// half of an i32 (the low half is garbage): integer ops, for the host. The host never makes
+    /// a bf16 value: its bf16 buffers are i16 bits, widened and rounded by integer ops. LLVM's
+    /// x86 backend calls `__truncsfbf2` for an f32 → bf16 conversion, or for any bf16 value it
+    /// keeps in a register (InstCombine turns a `select` of two widened bf16 loads into one of
+    /// bf16 values), on CPUs without AVX512-BF16, and neither the JIT nor Debian 12's libgcc
+    /// provides it.
+    fn bf16_bits_host<'a>(&self, blk: &'a Block<'c>, x: Value<'c, 'a>) -> Value<'c, 'a> {
+        let i32t: Type = IntegerType::new(self.ctx, 32).into();
+        let c = |v: i64| {
+            self.append(
+                blk,
+                arith::constant(self.ctx, IntegerAttribute::new(i32t, v).into(), self.loc),
+            )
+        };
+        let bits = self.op(blk, "arith.bitcast", &[x], i32t, false);
+        let lsb = self.op(blk, "arith.shrui", &[bits, c(16)], i32t, false);
+        let lsb = self.op(blk, "arith.andi", &[lsb, c(1)], i32t, false);
+        let bias = self.op(blk, "arith.addi", &[lsb, c(0x7fff)], i32t, false);
+        let rounded = self.op(blk, "arith.addi", &[bits, bias], i32t, false);
+        let quiet = self.op(blk, "arith.ori", &[bits, c(0x0040_0000)], i32t, false);
+        let nan = self.append(
+            blk,
+            arith::cmpf(self.ctx, CmpfPredicate::Uno, x, x, self.loc),
+        );
+        self.append(blk, arith::select(nan, quiet, rounded, self.loc))
+    }
+
+    /// `x` (f32) rounded to a bf16 element ([`Self::elem`]): `cvt.rn.bf16.f32` on a GPU, its
+    /// bits by integer ops on the host ([`Self::bf16_bits_host`]).
+    fn to_bf16<'a>(&self, blk: &'a Block<'c>, x: Value<'c, 'a>) -> Value<'c, 'a> {
+        if self.gpu {
+            return self.op(blk, "arith.truncf", &[x], Type::bfloat16(self.ctx), false);
+        }
+        let i32t: Type = IntegerType::new(self.ctx, 32).into();
+        let i16t: Type = IntegerType::new(self.ctx, 16).into();
+        let bits = self.bf16_bits_host(blk, x);
+        let sixteen = self.append(
+            blk,
+            arith::constant(self.ctx, IntegerAttribute::new(i32t, 16).into(), self.loc),
+        );
+        let high = self.op(blk, "arith.shrui", &[bits, sixteen], i32t, false);
+        self.op(blk, "arith.trunci", &[high], i16t, false)
+    }
+
+    /// The f32 value of bf16 bits `b` (i16): exact, on the host.
+    fn widen_bf16_host<'a>(&self, blk: &'a Block<'c>, b: Value<'c, 'a>) -> Value<'c, 'a> {
+        let i32t: Type = IntegerType::new(self.ctx, 32).into();
+        let sixteen = self.append(
+            blk,
+            arith::constant(self.ctx, IntegerAttribute::new(i32t, 16).into(), self.loc),
+        );
+        let wide = self.op(blk, "arith.extui", &[b], i32t, false);
+        let bits = self.op(blk, "arith.shli", &[wide, sixteen], i32t, false);
+        self.op(blk, "arith.bitcast", &[bits], self.f32, false)
+    }
+
     fn unary<'a>(&self, blk: &'a Block<'c>, op: UnOp, x: Value<'c, 'a>, t: Ty) -> Value<'c, 'a> {
         let f = self.f32;
         let m = |name: &str, x: Value<'c, 'a>| {
@@ -1330,9 +1389,23 @@ impl<'c> Lower<'c> {
                 self.op(blk, "arith.subi", &[z, x], self.index, false)
             }
             UnOp::Neg => m("arith.negf", x),
-            UnOp::Bf16 => {
+            UnOp::Bf16 if self.gpu => {
                 let b = self.op(blk, "arith.truncf", &[x], Type::bfloat16(self.ctx), false);
                 self.op(blk, "arith.extf", &[b], f, false)
+            }
+            UnOp::Bf16 => {
+                let i32t: Type = IntegerType::new(self.ctx, 32).into();
+                let bits = self.bf16_bits_host(blk, x);
+                let mask = self.append(
+                    blk,
+                    arith::constant(
+                        self.ctx,
+                        IntegerAttribute::new(i32t, 0xffff_0000u32 as i32 as i64).into(),
+                        self.loc,
+                    ),
+                );
+                let kept = self.op(blk, "arith.andi", &[bits, mask], i32t, false);
+                self.op(blk, "arith.bitcast", &[kept], f, false)
             }
             UnOp::Tf32 | UnOp::Tf32Round => {
                 let i32t: Type = IntegerType::new(self.ctx, 32).into();

@@ -8,27 +8,25 @@
 //! are consecutive positions of one sequence, so the last row sees the most keys,
 //! `pos[last] + 1`.
 //!
-//! GQA's statement is the whole program: with tensor cores its products are bf16 and a GPU
-//! runs it as one block with its state in registers (`lower/attend.rs` in `lamina-targets`),
-//! else f32. MLA needs the unnormalised accumulator afterwards (the `W_UV` product), so it
-//! builds on the statement's loops ([`attend_loops`]: f32 locals, 3xTF32 tiles on a GPU).
+//! The prefill statement is the whole program, normalising `acc / l` into the output: with
+//! tensor cores its products are bf16 and a GPU runs it as one block with its state in
+//! registers (`lower/attend.rs` in `lamina-targets`), else f32. GQA reads its keys and values
+//! from the KV cache; MLA ([`mla`]) from a workspace its expand kernel decompresses from the
+//! latent cache first (the prefill is not absorbed).
 //!
-//! MLA decode ([`mla_decode`]) is the same loop with a group of query heads of one decode row
-//! as the block's rows, so its products run on tensor cores too (FlashMLA's design).
-//!
-//! GQA normalises `acc / l` into the output. MLA attends in the absorbed form, as decode does:
-//! the query block is `[q_nope·W_UK(h) | q_rope]` (a product straight from `q` and `kv_b`),
-//! keys are latent cache rows `[c | k_rope]` shared by every head, values their `c` part, and
-//! the output is `W_UV(h)·acc / l`, a product from the accumulator and `kv_b` stored straight
-//! into `o`.
+//! MLA decode ([`mla_decode`]) is absorbed: the statement's loops ([`attend_loops`]: f32
+//! locals, 3xTF32 tiles on a GPU) with a group of query heads of one decode row as the
+//! block's rows, so its products run on tensor cores too (FlashMLA's design), leaving the
+//! unnormalised latent accumulator for the `W_UV` product.
 
 use lamina_ir::graph::{NodeIndex, StateId};
 use lamina_ir::kernel::build::*;
 use lamina_ir::kernel::expand::attend_loops;
-use lamina_ir::kernel::{Attend, Dim, Expr, MmaKind, Stmt};
+use lamina_ir::kernel::{Access, Attend, Dim, Elem, Expr, MmaKind, Stmt};
 
-use super::{a, gqa_params, mla_params, Ctx, Launch};
-use crate::kernels::{act, launch};
+use super::{a, gqa_params, Bind, Ctx, Launch};
+use crate::kernels::linear::{prefill_tile, MMA_COLS, MMA_ROWS};
+use crate::kernels::{act, launch, rows_i64};
 
 /// Query rows per program of a flash-style prefill attention.
 pub const FLASH_Q: usize = 64;
@@ -161,7 +159,7 @@ pub(super) fn gqa(
     )
 }
 
-/// The shape of an absorbed MLA attention.
+/// The shape of an MLA attention.
 pub(super) struct MlaShape {
     pub heads: usize,
     /// `kv_lora_rank`: the latent width, of keys (with the rope part) and values.
@@ -171,9 +169,20 @@ pub(super) struct MlaShape {
     pub v_dim: usize,
 }
 
-/// MLA prefill in the absorbed form: one flash program per (64 query rows, head) over the
-/// latent cache `[slot, pos, c | k_rope]`, with `W_UK(h)` folded into the queries and `W_UV(h)`
-/// applied to the latent output, both as MMA tiles reading `kv_b` in place.
+/// MLA prefill, not absorbed (as FlashMLA's and vLLM's prefill: a prefill has as many queries
+/// as keys, so attending in the `rank + rope` latent space would cost 3.4× the products of
+/// Kimi Linear's `nope + rope` heads). Two launches after the latent cache write:
+///
+/// 1. `mla_expand`: every cached position `j < nk` of the sequence decompressed once,
+///    `kv[j, h·(nope + v) + x] = c_j · kv_b[h·(nope + v) + x]` (head h's `k_nope` then `v`: the
+///    rows of `kv_b`), one GEMM over the latent cache into a workspace of `context` rows (bf16
+///    with tensor cores), a [`prefill_tile`](crate::kernels::linear::prefill_tile) MMA tile per
+///    program; tiles past `nk` do nothing.
+/// 2. `mla_flash`: GQA-style flash attention per (64 query rows, head): queries `q`, keys
+///    `[k_nope(h) | k_rope]` (the rope part shared by every head, from the cache), values
+///    `v(h)`, normalised into `o`. With tensor cores its products are bf16, and Kimi Linear's
+///    and DeepSeek-V3's heads (192-deep logits, 128-wide values) run as a GPU register block.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn mla(
     cx: &Ctx,
     n: NodeIndex,
@@ -182,95 +191,114 @@ pub(super) fn mla(
     scale: f64,
     kv_b: &str,
     cache: StateId,
-) -> Launch {
-    let (r, dn, dr, vd) = (sh.rank, sh.nope, sh.rope, sh.v_dim);
-    let (qk, qw) = (r + dr, dn + dr);
-    // Row `d` of head h's W_UK (d < dn) or W_UV (dn ≤ d), `r` wide.
-    let wrow = |d: Expr| pid(1) * i(dn + vd) + d;
-    // Column `e` of the head's q (q_nope then q_rope) for block row `t`.
-    let q = |t: Expr, e: Expr| ld("q", [row(t), pid(1) * i(qw) + e]);
-    let query = |t: Expr, e: Expr| ld("qt", [t * i(qk) + e]);
-    let key = |j: Expr, e: Expr| ld("cache", [v("s"), j, e]);
-    let value = |j: Expr, d: Expr| ld("cache", [v("s"), j, d]);
+) -> Vec<Launch> {
+    let (h, r, dn, dr, vd) = (sh.heads, sh.rank, sh.nope, sh.rope, sh.v_dim);
+    let (qk, hw) = (dn + dr, dn + vd);
+    let width = h * hw;
+    let elem = if cx.tensor_cores {
+        Elem::Bf16
+    } else {
+        Elem::F32
+    };
+    let kv_name = format!("mla_kv_{}x{width}_{}", cx.context, elem.name());
+    let kv = |access| cx.workspace("kv", &kv_name, &[cx.context, width], elem, access);
+    // The sequence's slot and key count: the rows of a prefill launch are consecutive
+    // positions of one sequence, the last sees the most keys.
+    let sequence = || {
+        vec![
+            let_("s", ld("slot", [i(0)])),
+            let_("nk", ld("pos", [rows() - i(1)]) + i(1)),
+        ]
+    };
+
+    let (tr, tc) = if cx.tensor_cores {
+        prefill_tile(r)
+    } else {
+        (MMA_ROWS, MMA_COLS)
+    };
+    let mut tile = mma(
+        [tr, tc, r],
+        min(i(tr), v("nk") - v("j0")),
+        min(i(tc), i(width) - v("n0")),
+        ld("cache", [v("s"), v("j0") + v("mi"), v("k")]),
+        ld("kv_b", [v("n0") + v("mj"), v("k")]),
+        vec![st("kv", [v("j0") + v("mi"), v("n0") + v("mj")], v("acc"))],
+    );
+    if !cx.tensor_cores {
+        if let Stmt::Mma(m) = &mut tile {
+            m.kind = MmaKind::F32;
+        }
+    }
+    let mut body = vec![let_("n0", pid(0) * i(tc)), let_("j0", pid(1) * i(tr))];
+    body.extend(sequence());
+    body.push(if_(lt(v("j0"), v("nk")), vec![tile]));
+    let expand = launch(
+        format!("mla_expand_h{h}_r{r}_nope{dn}_v{vd}_{tr}x{tc}"),
+        vec![Dim::N(width.div_ceil(tc)), Dim::N(cx.context.div_ceil(tr))],
+        vec![
+            cx.weight("kv_b", kv_b),
+            cx.state("cache", cache),
+            (rows_i64("slot"), Bind::Slot),
+            (rows_i64("pos"), Bind::Pos),
+            kv(Access::Write),
+        ],
+        body,
+        vec![n],
+        cx.graph,
+    );
+
+    // Key element e of head pid(1): k_nope from the workspace, then the shared k_rope from
+    // the cache (both indices clamped: a select evaluates both loads).
+    let query = |t: Expr, e: Expr| ld("q", [row(t), pid(1) * i(qk) + e]);
+    let key = |j: Expr, e: Expr| {
+        select(
+            lt(e.clone(), i(dn)),
+            ld(
+                "kv",
+                [j.clone(), pid(1) * i(hw) + min(e.clone(), i(dn - 1))],
+            ),
+            ld("cache", [v("s"), j, i(r) + max(e - i(dn), i(0))]),
+        )
+    };
+    let value = |j: Expr, d: Expr| ld("kv", [j, pid(1) * i(hw) + i(dn) + d]);
     let fl = Flash {
         rows: FLASH_Q,
         qk,
-        vw: r,
+        vw: vd,
         scale,
         query: &query,
         key: &key,
         value: &value,
         sees: &causal,
     };
-    let mut body = vec![local("qt", FLASH_Q * qk)];
-    body.extend(Flash::prologue(vec![]));
-    // The attention's state declared and zeroed, its tile loop after the query block.
-    let mut loops = attend_loops(&fl.attend(MmaKind::F32, (v("nq"), v("nk")), Flash::all_tiles()));
-    let tiles = loops.pop().expect("attend_loops ends with the tile loop");
-    body.extend(loops);
-    // The query block: q̃ = q_nope·W_UK(h) in its first r columns, q_rope after them.
-    body.extend([
-        mma_tiles(
-            MmaKind::F32,
-            v("nq"),
-            i(r),
-            dn,
-            &q,
-            &|c, d| ld("kv_b", [wrow(d), c]),
-            &|t, c, acc| vec![st("qt", [t * i(qk) + c], acc)],
-        ),
-        for_par(
-            "t",
-            i(0),
-            v("nq"),
-            vec![for_(
-                "e",
-                i(0),
-                i(dr),
-                vec![st(
-                    "qt",
-                    [v("t") * i(qk) + i(r) + v("e")],
-                    q(v("t"), i(dn) + v("e")),
-                )],
-            )],
-        ),
-        tiles,
-        // o = W_UV(h)·acc / l.
-        mma_tiles(
-            MmaKind::F32,
-            v("nq"),
-            i(vd),
-            r,
-            &|t, c| ld("acc", [t * i(r) + c]),
-            &|d, c| ld("kv_b", [wrow(i(dn) + d), c]),
-            &|t, d, acc| {
-                vec![st(
-                    "o",
-                    [row(t.clone()), pid(1) * i(vd) + d],
-                    acc / ld("l", [t]),
-                )]
-            },
-        ),
-    ]);
-    let h = sh.heads;
-    launch(
+    let kind = if cx.tensor_cores {
+        MmaKind::Bf16
+    } else {
+        MmaKind::F32
+    };
+    let mut body = Flash::prologue(vec![]);
+    let mut block = fl.attend(kind, (v("nq"), v("nk")), Flash::all_tiles());
+    block.epilogue = vec![st("o", [row(v("t")), pid(1) * i(vd) + v("d")], v("out"))];
+    body.push(Stmt::Attend(Box::new(block)));
+    let attend = launch(
         format!(
-            "mla_flash_h{h}_r{r}_nope{dn}_rope{dr}_v{vd}_q{}_k{}",
+            "mla_flash_h{h}_nope{dn}_rope{dr}_v{vd}_q{}_k{}",
             FLASH_Q, FLASH_K
         ),
         vec![Dim::RowBlocks(FLASH_Q), Dim::N(h)],
-        mla_params(
-            cx,
-            ins,
-            h * qw,
-            kv_b,
-            cache,
+        vec![
+            (input("q", &act(h * qk)), a(ins[0])),
+            kv(Access::Read),
+            cx.state("cache", cache),
+            (rows_i64("slot"), Bind::Slot),
+            (rows_i64("pos"), Bind::Pos),
             (output("o", &act(h * vd)), a(n)),
-        ),
+        ],
         body,
         vec![n],
         cx.graph,
-    )
+    );
+    vec![expand, attend]
 }
 
 /// MLA decode, flash-style over the latent cache: the program's block rows are a group of

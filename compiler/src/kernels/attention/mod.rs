@@ -2,9 +2,10 @@
 //!
 //! Attention is the cache write (`[slots, context, entry]` pool, one program per row) and the
 //! attend kernel; decode adds the combine of a split attend, and MLA decode the absorb kernel
-//! before the attend. MLA attends in the absorbed form: `q̃ = W_UKᵀ q_nope` against
+//! before the attend. MLA decode attends in the absorbed form: `q̃ = W_UKᵀ q_nope` against
 //! the latent cache, the latent-space output mapped back with `W_UV`, so keys and values are
-//! never expanded.
+//! never expanded; MLA prefill expands them once per launch into a workspace and attends per
+//! head as GQA does (with as many queries as keys, that is the cheaper form).
 //!
 //! Prefill is flash-attention style ([`flash`], GQA and MLA): 64 query rows per program, the
 //! logits and the value products of each 32-key tile as MMA tiles (tensor cores on a GPU).
@@ -578,27 +579,8 @@ fn gqa_params(
     ]
 }
 
-/// The parameters of an MLA prefill attend kernel: the queries (`q_cols` wide), `kv_b` (W_UK
-/// and W_UV), the latent cache, the rows' slots and positions, then `out`.
-fn mla_params(
-    cx: &Ctx,
-    ins: &[NodeIndex],
-    q_cols: usize,
-    kv_b: &str,
-    cache: lamina_ir::graph::StateId,
-    out: (lamina_ir::kernel::Param, Bind),
-) -> Vec<(lamina_ir::kernel::Param, Bind)> {
-    vec![
-        (input("q", &act(q_cols)), a(ins[0])),
-        cx.weight("kv_b", kv_b),
-        cx.state("cache", cache),
-        (rows_i64("slot"), Bind::Slot),
-        (rows_i64("pos"), Bind::Pos),
-        out,
-    ]
-}
-
-/// MLA (absorbed): returns the latent cache write and the attend launch(es). Decode: one
+/// MLA: returns the latent cache write and the attend launch(es). Prefill: the keys and
+/// values decompressed, then flash attention ([`flash::mla`]). Decode (absorbed): one
 /// program per (row, group of up to [`MLA_DECODE_HEADS`] heads[, piece]), FlashMLA-style:
 /// the group's heads share each latent cache row `[c | k_rope]` as their key and its `c` as
 /// their value, read once per group.
@@ -634,7 +616,9 @@ pub fn mla(cx: &Ctx, n: NodeIndex, ins: &[NodeIndex]) -> Vec<Launch> {
         v_dim: vd,
     };
     if cx.phase == Phase::Prefill {
-        return vec![write, flash::mla(cx, n, ins, &shape, *scale, kv_b, *cache)];
+        let mut launches = vec![write];
+        launches.extend(flash::mla(cx, n, ins, &shape, *scale, kv_b, *cache));
+        return launches;
     }
     // Program (row, head group pid(1)[, piece]) of `group` heads; its head g is
     // pid(1)·group + g. Row `d` of head h's W_UK (d < dn) or W_UV (dn ≤ d), `r` wide:
