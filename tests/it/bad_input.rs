@@ -605,7 +605,10 @@ fn bad_artifacts() {
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["workspaces"] = serde_json::json!([]);
     std::fs::write(&plan, serde_json::to_string(&v).unwrap()).unwrap();
-    fails(&["run", a, "--tokens", "1,2"], &["plan.json", "out of range"]);
+    fails(
+        &["run", a, "--tokens", "1,2"],
+        &["plan.json", "out of range"],
+    );
     // Logits outside the arena.
     let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
     v["decode"]["logits"]["arena"]["offset_per_row"] = serde_json::json!(1u64 << 40);

@@ -36,7 +36,8 @@ pub struct SizeArgs {
     /// GPU targets; on the host, `on` runs the same arithmetic as loops.
     #[arg(long, value_enum, default_value = "auto")]
     pub tensor_cores: Switch,
-    /// How attention and the chunked recurrences form their f32 products on tensor cores: f32
+    /// How attention and the chunked recurrences form their f32 products on tensor cores
+    /// (tensor-core plans' prefill attention is bf16 flash attention either way): f32
     /// (3xTF32 on GPUs, ~2^-20 relative; exact on the host) or tf32 (experimental: one TF32
     /// MMA, operands rounded to 10 mantissa bits, a third of the work; the host rounds alike;
     /// each recurrence and attention op within 6e-4 of the f64 reference, but end to end the

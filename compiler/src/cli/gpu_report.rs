@@ -125,6 +125,24 @@ pub fn gpu_report(
             gpu.name
         );
     }
+    // Workspaces (shared by the launches of a run, not per sequence).
+    let mut workspaces = BTreeMap::new();
+    for launches in p.schedules.values() {
+        for l in launches {
+            for b in &l.args {
+                if let crate::kernels::Bind::Workspace { name, shape, elem } = b {
+                    let bytes = shape.iter().product::<usize>() * elem.bytes();
+                    workspaces.insert(name.clone(), bytes);
+                }
+            }
+        }
+    }
+    for (name, bytes) in &workspaces {
+        println!(
+            "workspace {name}: {:.1} MiB (`--max-context` rows)",
+            *bytes as f64 / (1 << 20) as f64
+        );
+    }
     // Decode attends the positions the plan holds: `--context` beyond `--max-context` would
     // price keys that the plan's caches and split pieces do not have.
     if context > options.max_context {
