@@ -432,9 +432,15 @@ pub fn build_with_progress(
     let codegen = match target {
         Target::Host => {
             let library = tmp.path().join(HOST_LIBRARY);
-            let flavor = match options.host_lanes {
-                0 | 1 => lamina_targets::mlir::Flavor::Host,
-                n => lamina_targets::mlir::Flavor::HostLanes(n),
+            let flavor = match (options.host_lanes, options.strict_fp) {
+                (0 | 1, false) => lamina_targets::mlir::Flavor::Host,
+                (0 | 1, true) => lamina_targets::mlir::Flavor::HostStrict,
+                (n, false) => lamina_targets::mlir::Flavor::HostLanes(n),
+                (n, true) => {
+                    return Err(Error::Compile(format!(
+                        "strict f32 arithmetic needs host_lanes 1, not {n}"
+                    )))
+                }
             };
             lamina_targets::host::build_library_with_progress(&kernels, &library, flavor, progress)
                 .map_err(|e| Error::Compile(e.to_string()))?

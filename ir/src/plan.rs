@@ -245,6 +245,13 @@ pub struct WeightEntry {
     pub dtype: String,
 }
 
+/// Bytes of a `shape` of `elem_bytes` elements, `None` past `usize` (an edited plan).
+fn byte_size(shape: &[usize], elem_bytes: usize) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(elem_bytes, |acc, &d| acc.checked_mul(d))
+}
+
 fn f32_name() -> String {
     "f32".into()
 }
@@ -348,17 +355,17 @@ impl Plan {
                     p.name, p.dtype
                 ));
             }
-            let elems: usize = p.shape.iter().product();
-            if p.bytes != elems * p.elem_bytes() {
+            let bytes = byte_size(&p.shape, p.elem_bytes());
+            if bytes != Some(p.bytes) {
                 return Err(format!(
-                    "pools[{pi}] ({}): {} bytes for {elems} {} elements",
-                    p.name, p.bytes, p.dtype
+                    "pools[{pi}] ({}): {} bytes for shape {:?} of {}",
+                    p.name, p.bytes, p.shape, p.dtype
                 ));
             }
         }
         for (wi, w) in self.workspaces.iter().enumerate() {
-            let elems: usize = w.shape.iter().product();
-            if !(w.dtype == "f32" || w.dtype == "bf16") || w.bytes != elems * w.elem_bytes() {
+            let bytes = byte_size(&w.shape, w.elem_bytes());
+            if !(w.dtype == "f32" || w.dtype == "bf16") || bytes != Some(w.bytes) {
                 return Err(format!(
                     "workspaces[{wi}] ({}): {} bytes of {:?} for shape {:?}",
                     w.name, w.bytes, w.dtype, w.shape

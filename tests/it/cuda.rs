@@ -61,6 +61,7 @@ fn without_a_driver_every_entry_point_says_so() {
         tf32_products: false,
         bf16_handoffs: false,
         bf16_caches: true,
+        strict_fp: false,
         ..Options::default()
     };
     build(&m, &art, Target::Sm80, gpu, 0).unwrap();
@@ -141,6 +142,7 @@ fn gpu_matches_host(model: &Path) {
         tf32_products: false,
         bf16_handoffs: false,
         bf16_caches: true,
+        strict_fp: false,
     };
     let m = Model::open(model).unwrap_or_else(|e| panic!("{e}"));
     let dir = tempfile::tempdir().unwrap();

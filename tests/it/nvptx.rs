@@ -22,6 +22,7 @@ fn gpu_options() -> lamina_compiler::passes::Options {
         tf32_products: false,
         bf16_handoffs: false,
         bf16_caches: true,
+        strict_fp: false,
         ..Default::default()
     }
 }

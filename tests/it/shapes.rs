@@ -93,6 +93,7 @@ fn check(spec: &str, len: usize) -> Result<(), TestCaseError> {
         tf32_products: false,
         bf16_handoffs: false,
         bf16_caches: false,
+        strict_fp: false,
     };
     let art = dir.path().join("artifact");
     build(&m, &art, Target::Host, options, 7)

@@ -45,6 +45,7 @@ fn kernel_text(example: &str) -> String {
         tf32_products: false,
         bf16_handoffs: false,
         bf16_caches: false,
+        strict_fp: false,
     };
     let (p, _) = lamina_compiler::build::compile_program(&m, options).unwrap();
     let text = p.print();

@@ -79,6 +79,7 @@ fn soak_long_decode_neither_leaks_nor_drifts() {
             tf32_products: false,
             bf16_handoffs: false,
             bf16_caches: false,
+            strict_fp: false,
         };
         let art = artifact(example, options, dir.path());
         let mut e = HostEngine::load(&art, None).unwrap();
@@ -134,6 +135,7 @@ fn soak_staggered_batch_equals_each_sequence_alone() {
         tf32_products: false,
         bf16_handoffs: false,
         bf16_caches: false,
+        strict_fp: false,
     };
     let art = artifact("kimi-linear-tiny.toml", options, dir.path());
     let v = {

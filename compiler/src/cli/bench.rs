@@ -81,6 +81,7 @@ pub fn bench(a: &BenchArgs) -> CliResult {
             tf32_products: a.products == super::build::Products::Tf32,
             bf16_handoffs: a.handoffs == super::build::Handoffs::Bf16,
             bf16_caches: target != lamina_targets::Target::Host,
+            strict_fp: false,
         };
         super::run::cached_build(&a.model, options, a.seed, target)?
     };

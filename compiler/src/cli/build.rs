@@ -128,6 +128,7 @@ impl SizeArgs {
                 WeightDtype::F32 => false,
                 WeightDtype::Bf16 => true,
             },
+            strict_fp: false,
         })
     }
 }

@@ -73,6 +73,10 @@ pub struct Options {
     /// to f32 (the GPU's prefill attention blocks round them to bf16 anyway). GPU builds'
     /// default (`--cache-dtype auto`).
     pub bf16_caches: bool,
+    /// Host plans compute f32 without `reassoc, contract` (`Flavor::HostStrict`): sums in
+    /// program order, no fused multiply-adds. Slower; for comparing two plans bit for bit.
+    /// Needs `host_lanes` 1; GPU targets ignore it.
+    pub strict_fp: bool,
 }
 
 impl Default for Options {
@@ -89,6 +93,7 @@ impl Default for Options {
             tf32_products: false,
             bf16_handoffs: false,
             bf16_caches: false,
+            strict_fp: false,
         }
     }
 }

@@ -6,7 +6,7 @@
 //! capability 9.0; an sm_80 plan runs on 8.0 and newer, the driver JIT-compiling its PTX),
 //! loads the PTX module once, uploads the weights in the plan's dtypes (bf16 for GPU plans,
 //! through the host executor's loader: casts, stacked experts), zeroes the pools and allocates
-//! one arena and the row-index buffers. A run walks the launch list on one stream: program `p`
+//! the workspaces, one arena and the row-index buffers. A run walks the launch list on one stream: program `p`
 //! of a kernel is threads `p·lanes ..< (p + 1)·lanes` (one, a warp, or a whole block for a
 //! staged tile) of a 1-d grid of `⌈programs · lanes / block⌉` blocks, with one device pointer
 //! per buffer, the scratch pointer, then `rows` (the launch contract in
@@ -552,8 +552,8 @@ impl CudaEngine {
         Ok(())
     }
 
-    /// With `on`, the arena is filled with NaN (0xFF bytes) before every prefill piece and
-    /// decode step, so that an element no kernel of that run wrote turns the logits NaN, which
+    /// With `on`, the arena and the workspaces are filled with NaN (0xFF bytes) before every
+    /// prefill piece and decode step, so that an element no kernel of that run wrote turns the logits NaN, which
     /// the run refuses.
     pub fn poison_every_run(&mut self, on: bool) {
         self.poison_runs = on;

@@ -60,6 +60,11 @@ const TF32_MASK: i64 = -8192;
 pub enum Flavor {
     /// A loop over a range of programs, called from host threads.
     Host,
+    /// As [`Flavor::Host`], its f32 arithmetic without `reassoc, contract`: every sum in
+    /// program order, no fused multiply-adds, whatever LLVM vectorises. Slower; for tests that
+    /// compare two plans bit for bit (LLVM's reassociation of a reduction depends on the rest
+    /// of its loop body, so two kernels computing the same sum may round it differently).
+    HostStrict,
     /// `lanes` consecutive GPU threads per program (1, a warp's 32, or a whole block for a
     /// block-cooperative tile: [`staged`]), `block` threads per block; `wgmma`: staged tiles
     /// use sm_90a's warpgroup MMAs (else `mma.sync`). With several lanes, every lane runs the
@@ -162,13 +167,20 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
         f32: Type::float32(ctx),
         i64: IntegerType::new(ctx, 64).into(),
         i1: IntegerType::new(ctx, 1).into(),
-        fastmath: Attribute::parse(ctx, "#arith.fastmath<reassoc,contract>")
-            .ok_or_else(|| bug("fastmath attribute".into()))?,
+        fastmath: Attribute::parse(
+            ctx,
+            if flavor == Flavor::HostStrict {
+                "#arith.fastmath<none>"
+            } else {
+                "#arith.fastmath<reassoc,contract>"
+            },
+        )
+        .ok_or_else(|| bug("fastmath attribute".into()))?,
         loc,
         gpu: matches!(flavor, Flavor::Gpu { .. }),
         wgmma: matches!(flavor, Flavor::Gpu { wgmma: true, .. }),
         lanes: match flavor {
-            Flavor::Host => 1,
+            Flavor::Host | Flavor::HostStrict => 1,
             Flavor::Gpu { lanes, .. } | Flavor::HostLanes(lanes) => lanes.max(1),
         },
         in_split: false,
@@ -405,7 +417,7 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
     region.append_block(body);
     let fregion = Region::new();
     match flavor {
-        Flavor::Host | Flavor::HostLanes(_) => {
+        Flavor::Host | Flavor::HostStrict | Flavor::HostLanes(_) => {
             let (lo, hi) = (arg(n + 1)?, arg(n + 2)?);
             let one = l.const_index(&entry, 1);
             entry.append_operation(scf::r#for(lo, hi, one, region, loc));

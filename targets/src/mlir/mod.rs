@@ -29,7 +29,7 @@ fn prepared(k: &Kernel, flavor: Flavor) -> Result<Kernel, TargetError> {
         Flavor::Gpu { .. } if lower::attend::attend_block(k).is_some() => k.clone(),
         Flavor::Gpu { .. } => expand_tiles(&dots_on_tensor_cores(k)),
         Flavor::HostLanes(_) => expand_all(&dots_on_tensor_cores(k)),
-        Flavor::Host => expand_all(k),
+        Flavor::Host | Flavor::HostStrict => expand_all(k),
     };
     verify_kernel(&k).map_err(TargetError::Kernel)?;
     Ok(k)

@@ -3,8 +3,9 @@
 //! One program per ([`FLASH_Q`] query rows, head), one [`Attend`] statement: the cached keys
 //! in tiles of [`FLASH_K`], per tile the logits `Q Kᵀ`, the online softmax per query row
 //! (running max and sum, the correction applied to the accumulator), and the update
-//! `acc = corr·acc + P V`, operands read where they lie: the queries from `q` (GQA) or the
-//! program's query block (MLA), keys and values from the cache. The rows of a prefill launch
+//! `acc = corr·acc + P V`, operands read where they lie: the queries from `q`, keys and values
+//! from the KV cache (GQA) or the expand kernel's workspace and the latent cache's rope part
+//! (MLA). The rows of a prefill launch
 //! are consecutive positions of one sequence, so the last row sees the most keys,
 //! `pos[last] + 1`.
 //!
