@@ -193,7 +193,11 @@ fn gpu_artifact() {
         .unwrap();
     let mut bad = plan.clone();
     bad.pools[cache].bytes *= 2;
-    assert!(bad.check().unwrap_err().contains("bf16 elements"));
+    let err = bad.check().unwrap_err();
+    assert!(
+        err.contains("bytes for shape") && err.contains("of bf16"),
+        "{err}"
+    );
 }
 
 /// `ir --stage ptx|mlir --target` prints each stage; `--stage ptx` needs a GPU target.
