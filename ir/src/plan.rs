@@ -9,7 +9,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::kernel::{Dim, Param};
+use crate::kernel::{Dim, Elem, Param};
 
 /// 2: GPU launch data per kernel, weight dtypes (session 4).
 /// 3: workspaces (`Plan::workspaces`, `Arg::Workspace`).
@@ -197,14 +197,20 @@ pub struct PoolEntry {
     pub dtype: String,
 }
 
+/// The element type a plan's `dtype` field names: `bf16`, else f32 (`Plan::check` refuses
+/// other names where they matter).
+pub fn dtype_elem(dtype: &str) -> Elem {
+    if dtype == "bf16" {
+        Elem::Bf16
+    } else {
+        Elem::F32
+    }
+}
+
 impl PoolEntry {
     /// Bytes of one element: 4 (f32) or 2 (bf16).
     pub fn elem_bytes(&self) -> usize {
-        if self.dtype == "bf16" {
-            2
-        } else {
-            4
-        }
+        dtype_elem(&self.dtype).bytes()
     }
 }
 
@@ -224,11 +230,7 @@ pub struct WorkspaceEntry {
 impl WorkspaceEntry {
     /// Bytes of one element: 4 (f32) or 2 (bf16).
     pub fn elem_bytes(&self) -> usize {
-        if self.dtype == "bf16" {
-            2
-        } else {
-            4
-        }
+        dtype_elem(&self.dtype).bytes()
     }
 }
 

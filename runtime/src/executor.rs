@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use lamina_ir::kernel::{Access, Elem};
-use lamina_ir::plan::{Arg, Plan};
+use lamina_ir::plan::{dtype_elem, Arg, Plan};
 use lamina_ir::Error;
 
 /// Time spent in one kernel over the launches of one phase (see [`Executor::profile`]).
@@ -83,29 +83,10 @@ pub(crate) fn check_shapes(
                 let elem_ok = match a {
                     Arg::Tokens | Arg::Slot | Arg::Pos => p.elem == Elem::I64,
                     Arg::Arena { .. } => true,
-                    Arg::Weight { index } => {
-                        let want = if plan.weights[*index].dtype == "bf16" {
-                            Elem::Bf16
-                        } else {
-                            Elem::F32
-                        };
-                        p.elem == want
-                    }
-                    Arg::Pool { index } => {
-                        let want = if plan.pools[*index].dtype == "bf16" {
-                            Elem::Bf16
-                        } else {
-                            Elem::F32
-                        };
-                        p.elem == want
-                    }
+                    Arg::Weight { index } => p.elem == dtype_elem(&plan.weights[*index].dtype),
+                    Arg::Pool { index } => p.elem == dtype_elem(&plan.pools[*index].dtype),
                     Arg::Workspace { index } => {
-                        let want = if plan.workspaces[*index].dtype == "bf16" {
-                            Elem::Bf16
-                        } else {
-                            Elem::F32
-                        };
-                        p.elem == want
+                        p.elem == dtype_elem(&plan.workspaces[*index].dtype)
                     }
                     _ => p.elem == Elem::F32,
                 };

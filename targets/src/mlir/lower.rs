@@ -623,6 +623,14 @@ impl<'c> Lower<'c> {
         )
     }
 
+    fn const_i32<'a>(&self, blk: &'a Block<'c>, v: i64) -> Value<'c, 'a> {
+        let i32t: Type = IntegerType::new(self.ctx, 32).into();
+        self.append(
+            blk,
+            arith::constant(self.ctx, IntegerAttribute::new(i32t, v).into(), self.loc),
+        )
+    }
+
     fn const_f32<'a>(&self, blk: &'a Block<'c>, v: f64) -> Value<'c, 'a> {
         self.append(
             blk,
@@ -1338,12 +1346,7 @@ impl<'c> Lower<'c> {
     /// provides it.
     fn bf16_bits_host<'a>(&self, blk: &'a Block<'c>, x: Value<'c, 'a>) -> Value<'c, 'a> {
         let i32t: Type = IntegerType::new(self.ctx, 32).into();
-        let c = |v: i64| {
-            self.append(
-                blk,
-                arith::constant(self.ctx, IntegerAttribute::new(i32t, v).into(), self.loc),
-            )
-        };
+        let c = |v: i64| self.const_i32(blk, v);
         let bits = self.op(blk, "arith.bitcast", &[x], i32t, false);
         let lsb = self.op(blk, "arith.shrui", &[bits, c(16)], i32t, false);
         let lsb = self.op(blk, "arith.andi", &[lsb, c(1)], i32t, false);
@@ -1366,23 +1369,27 @@ impl<'c> Lower<'c> {
         let i32t: Type = IntegerType::new(self.ctx, 32).into();
         let i16t: Type = IntegerType::new(self.ctx, 16).into();
         let bits = self.bf16_bits_host(blk, x);
-        let sixteen = self.append(
+        let high = self.op(
             blk,
-            arith::constant(self.ctx, IntegerAttribute::new(i32t, 16).into(), self.loc),
+            "arith.shrui",
+            &[bits, self.const_i32(blk, 16)],
+            i32t,
+            false,
         );
-        let high = self.op(blk, "arith.shrui", &[bits, sixteen], i32t, false);
         self.op(blk, "arith.trunci", &[high], i16t, false)
     }
 
     /// The f32 value of bf16 bits `b` (i16): exact, on the host.
     fn widen_bf16_host<'a>(&self, blk: &'a Block<'c>, b: Value<'c, 'a>) -> Value<'c, 'a> {
         let i32t: Type = IntegerType::new(self.ctx, 32).into();
-        let sixteen = self.append(
-            blk,
-            arith::constant(self.ctx, IntegerAttribute::new(i32t, 16).into(), self.loc),
-        );
         let wide = self.op(blk, "arith.extui", &[b], i32t, false);
-        let bits = self.op(blk, "arith.shli", &[wide, sixteen], i32t, false);
+        let bits = self.op(
+            blk,
+            "arith.shli",
+            &[wide, self.const_i32(blk, 16)],
+            i32t,
+            false,
+        );
         self.op(blk, "arith.bitcast", &[bits], self.f32, false)
     }
 
@@ -1408,14 +1415,7 @@ impl<'c> Lower<'c> {
             UnOp::Bf16 => {
                 let i32t: Type = IntegerType::new(self.ctx, 32).into();
                 let bits = self.bf16_bits_host(blk, x);
-                let mask = self.append(
-                    blk,
-                    arith::constant(
-                        self.ctx,
-                        IntegerAttribute::new(i32t, 0xffff_0000u32 as i32 as i64).into(),
-                        self.loc,
-                    ),
-                );
+                let mask = self.const_i32(blk, 0xffff_0000u32 as i32 as i64);
                 let kept = self.op(blk, "arith.andi", &[bits, mask], i32t, false);
                 self.op(blk, "arith.bitcast", &[kept], f, false)
             }

@@ -55,6 +55,16 @@ struct Flash<'a> {
     sees: &'a dyn Fn(Expr) -> Expr,
 }
 
+/// How prefill attention and MLA's expand form their products: bf16 on tensor cores
+/// (FlashAttention's precision), else f32.
+fn products(cx: &Ctx) -> MmaKind {
+    if cx.tensor_cores {
+        MmaKind::Bf16
+    } else {
+        MmaKind::F32
+    }
+}
+
 /// Prefill: block row `t` (position `pos[r0 + t]`) sees the keys up to its own position.
 fn causal(t: Expr) -> Expr {
     ld("pos", [row(t)]) + i(1)
@@ -137,14 +147,8 @@ pub(super) fn gqa(
         value: &value,
         sees: &causal,
     };
-    // Bf16 products on tensor cores (FlashAttention's precision), else f32 products.
-    let kind = if cx.tensor_cores {
-        MmaKind::Bf16
-    } else {
-        MmaKind::F32
-    };
     let mut body = Flash::prologue(vec![let_("kvh", pid(1) / i(hq / hkv))]);
-    let mut block = fl.attend(kind, (v("nq"), v("nk")), Flash::all_tiles());
+    let mut block = fl.attend(products(cx), (v("nq"), v("nk")), Flash::all_tiles());
     block.epilogue = vec![st("o", [row(v("t")), pid(1) * i(vd) + v("d")], v("out"))];
     body.push(Stmt::Attend(Box::new(block)));
     launch(
@@ -203,14 +207,6 @@ pub(super) fn mla(
     };
     let kv_name = format!("mla_kv_{}x{width}_{}", cx.context, elem.name());
     let kv = |access| cx.workspace("kv", &kv_name, &[cx.context, width], elem, access);
-    // The sequence's slot and key count: the rows of a prefill launch are consecutive
-    // positions of one sequence, the last sees the most keys.
-    let sequence = || {
-        vec![
-            let_("s", ld("slot", [i(0)])),
-            let_("nk", ld("pos", [rows() - i(1)]) + i(1)),
-        ]
-    };
 
     let (tr, tc) = if cx.tensor_cores {
         prefill_tile(r)
@@ -225,14 +221,18 @@ pub(super) fn mla(
         ld("kv_b", [v("n0") + v("mj"), v("k")]),
         vec![st("kv", [v("j0") + v("mi"), v("n0") + v("mj")], v("acc"))],
     );
-    if !cx.tensor_cores {
-        if let Stmt::Mma(m) = &mut tile {
-            m.kind = MmaKind::F32;
-        }
+    if let Stmt::Mma(m) = &mut tile {
+        m.kind = products(cx);
     }
-    let mut body = vec![let_("n0", pid(0) * i(tc)), let_("j0", pid(1) * i(tr))];
-    body.extend(sequence());
-    body.push(if_(lt(v("j0"), v("nk")), vec![tile]));
+    let body = vec![
+        let_("n0", pid(0) * i(tc)),
+        let_("j0", pid(1) * i(tr)),
+        // The sequence's slot and key count: the rows of a prefill launch are consecutive
+        // positions of one sequence, the last sees the most keys.
+        let_("s", ld("slot", [i(0)])),
+        let_("nk", ld("pos", [rows() - i(1)]) + i(1)),
+        if_(lt(v("j0"), v("nk")), vec![tile]),
+    ];
     let expand = launch(
         format!("mla_expand_h{h}_r{r}_nope{dn}_v{vd}_{tr}x{tc}"),
         vec![Dim::N(width.div_ceil(tc)), Dim::N(cx.context.div_ceil(tr))],
@@ -272,13 +272,8 @@ pub(super) fn mla(
         value: &value,
         sees: &causal,
     };
-    let kind = if cx.tensor_cores {
-        MmaKind::Bf16
-    } else {
-        MmaKind::F32
-    };
     let mut body = Flash::prologue(vec![]);
-    let mut block = fl.attend(kind, (v("nq"), v("nk")), Flash::all_tiles());
+    let mut block = fl.attend(products(cx), (v("nq"), v("nk")), Flash::all_tiles());
     block.epilogue = vec![st("o", [row(v("t")), pid(1) * i(vd) + v("d")], v("out"))];
     body.push(Stmt::Attend(Box::new(block)));
     let attend = launch(
