@@ -8,6 +8,11 @@ DEMO ?= examples/kimi-linear-tiny.toml
 ORACLE ?= tests/fixtures/oracle/kimi_linear/model
 # The tests build the CUDA executor too (it needs no CUDA to build; GPU tests skip visibly).
 CUDA_FEATURES := --features lamina-compiler/cuda
+# The tests compile the tiny models many times over (options, lanes, modes): host kernels
+# compiled once are taken from this kernel cache (keyed by their MLIR, LLVM and the CPU; see
+# targets/src/cache.rs). A clean checkout starts it empty, so every distinct kernel still
+# compiles once per run.
+KERNEL_CACHE ?= $(CURDIR)/target/kernel-cache
 
 .PHONY: demo test bootstrap fmt
 
@@ -38,7 +43,7 @@ test: bootstrap
 	$(CARGO) clippy --workspace --all-targets -q -- -D warnings
 	$(CARGO) clippy --workspace --all-targets -q $(CUDA_FEATURES) -- -D warnings
 	@mkdir -p target
-	set -o pipefail; LAMINA_REQUIRE_PTXAS=1 $(CARGO) test --workspace -q $(CUDA_FEATURES) 2>&1 | tee target/test-output.log
+	set -o pipefail; LAMINA_REQUIRE_PTXAS=1 LAMINA_KERNEL_CACHE=$(KERNEL_CACHE) $(CARGO) test --workspace -q $(CUDA_FEATURES) 2>&1 | tee target/test-output.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "tests: %d passed, %d failed\n", p, f}' target/test-output.log
 
 fmt:

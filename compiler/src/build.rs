@@ -10,8 +10,8 @@ use lamina_ir::graph::StateKind;
 use lamina_ir::model::{Model, ModelSource};
 use lamina_ir::plan::{
     Arg, ConstEntry, Cost, GpuLaunch, KernelEntry, LaunchEntry, Limits, ModelInfo, Plan, PoolEntry,
-    Schedule, WeightEntry, WeightSource, WorkspaceEntry, CONSTANTS_FILE, GPU_ABI, HOST_LIBRARY,
-    PLAN_FILE, PTX_FILE, SCHEMA_VERSION,
+    Schedule, WeightEntry, WeightSource, WorkspaceEntry, CONSTANTS_FILE, CUBIN_FILE, GPU_ABI,
+    HOST_LIBRARY, PLAN_FILE, PTX_FILE, SCHEMA_VERSION,
 };
 use lamina_ir::stats::{kind_name, model_stats};
 use lamina_ir::weights::{check_checkpoint, Checkpoint, SourceMap};
@@ -27,6 +27,9 @@ pub struct BuildReport {
     pub plan: Plan,
     pub pass_times: PassTimes,
     pub codegen: lamina_targets::host::HostTimings,
+    /// GPU targets: the bytes of the cubin `ptxas` assembled and how long it took (`None`
+    /// without `ptxas`: the artifact holds only PTX, which the driver compiles at load).
+    pub cubin: Option<(usize, Duration)>,
     pub total: Duration,
 }
 
@@ -429,6 +432,7 @@ pub fn build_with_progress(
         let path = tmp.path().join(name);
         std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))
     };
+    let mut cubin = None;
     let codegen = match target {
         Target::Host => {
             let library = tmp.path().join(HOST_LIBRARY);
@@ -442,15 +446,45 @@ pub fn build_with_progress(
                     )))
                 }
             };
-            lamina_targets::host::build_library_with_progress(&kernels, &library, flavor, progress)
-                .map_err(|e| Error::Compile(e.to_string()))?
+            let cache = lamina_targets::cache::KernelCache::from_env();
+            let t = lamina_targets::host::build_library_with_progress(
+                &kernels,
+                &library,
+                flavor,
+                cache.as_ref(),
+                progress,
+            )
+            .map_err(|e| Error::Compile(e.to_string()))?;
+            for e in &t.cache_errors {
+                tracing::warn!("{e}");
+            }
+            t
         }
         Target::Sm80 | Target::Sm90a => {
             progress(0, kernels.len());
             let (ptx, t) = lamina_targets::nvptx::compile_ptx(&kernels, target)
                 .map_err(|e| Error::Compile(e.to_string()))?;
-            progress(kernels.len(), kernels.len());
             write(PTX_FILE, ptx.as_bytes())?;
+            // Ahead of time down to the machine code: the cubin spares every process that
+            // loads the artifact the driver's PTX JIT (seconds to minutes for a large model).
+            cubin = match lamina_targets::nvptx::ptxas_path() {
+                Some(_) => {
+                    let start = Instant::now();
+                    let (bytes, _) = lamina_targets::nvptx::assemble(&ptx, target)
+                        .map_err(|e| Error::Compile(e.to_string()))?;
+                    write(CUBIN_FILE, &bytes)?;
+                    Some((bytes.len(), start.elapsed()))
+                }
+                None => {
+                    tracing::warn!(
+                        "ptxas not found (scripts/bootstrap installs it; or set LAMINA_PTXAS): \
+                         the artifact holds only {PTX_FILE}, which the CUDA driver compiles \
+                         each time a process loads it"
+                    );
+                    None
+                }
+            };
+            progress(kernels.len(), kernels.len());
             lamina_targets::host::HostTimings {
                 lower: t.lower,
                 passes: t.passes,
@@ -478,6 +512,7 @@ pub fn build_with_progress(
         plan,
         pass_times,
         codegen,
+        cubin,
         total: start.elapsed(),
     })
 }

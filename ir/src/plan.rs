@@ -18,6 +18,9 @@ pub const PLAN_FILE: &str = "plan.json";
 pub const HOST_LIBRARY: &str = "kernels.so";
 /// The PTX module of an NVPTX artifact (one `.entry` per kernel, named as the kernel).
 pub const PTX_FILE: &str = "kernels.ptx";
+/// The same kernels assembled by `ptxas` for the plan's target (an ELF cubin), when the build
+/// found `ptxas`: loading it needs no driver JIT. Optional: the PTX alone runs too.
+pub const CUBIN_FILE: &str = "kernels.cubin";
 pub const CONSTANTS_FILE: &str = "constants.bin";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

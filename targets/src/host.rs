@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use lamina_ir::kernel::Kernel;
 use melior::ExecutionEngine;
 
+use crate::cache::KernelCache;
 use crate::mlir::context::HOST_PIPELINE;
 use crate::mlir::{host_module, Flavor, MlirContext};
 use crate::TargetError;
@@ -36,21 +37,30 @@ pub struct HostTimings {
     pub link: Duration,
     /// Lowering, MLIR passes and LLVM of each kernel, in the kernel list's order.
     pub per_kernel: Vec<(String, Duration)>,
+    /// Kernels whose object came from the kernel cache.
+    pub cached: usize,
+    /// Kernel cache entries that could not be written (the build itself succeeded).
+    pub cache_errors: Vec<String>,
 }
+
+/// LLVM's optimisation level for host kernels.
+const OPT_LEVEL: usize = 3;
 
 /// Compiles `kernels` into the shared library `out` (written in place: callers put it in a
 /// temporary directory that they rename when the whole artifact is complete).
 pub fn build_library(kernels: &[Kernel], out: &Path) -> Result<HostTimings, TargetError> {
-    build_library_with_progress(kernels, out, Flavor::Host, &|_, _| {})
+    build_library_with_progress(kernels, out, Flavor::Host, None, &|_, _| {})
 }
 
 /// [`build_library`], calling `progress(done, total)` as kernels finish (from the workers).
 /// `flavor` is [`Flavor::Host`], or [`Flavor::HostLanes`] to run split loops and reductions
-/// lane by lane as a GPU would (tests).
+/// lane by lane as a GPU would (tests). With a `cache`, kernels compiled before come from it
+/// and new ones go into it.
 pub fn build_library_with_progress(
     kernels: &[Kernel],
     out: &Path,
     flavor: Flavor,
+    cache: Option<&KernelCache>,
     progress: &(dyn Fn(usize, usize) + Sync),
 ) -> Result<HostTimings, TargetError> {
     for k in kernels {
@@ -84,7 +94,7 @@ pub fn build_library_with_progress(
                             return Ok(done);
                         }
                         let k = std::slice::from_ref(&kernels[i]);
-                        done.push((i, compile_object(&cx, k, &objs[i], flavor)?));
+                        done.push((i, compile_object(&cx, k, &objs[i], flavor, cache)?));
                         finished.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         progress(
                             finished.load(std::sync::atomic::Ordering::Relaxed),
@@ -111,6 +121,8 @@ pub fn build_library_with_progress(
                     t.lower += k.lower;
                     t.passes += k.passes;
                     t.llvm += k.llvm;
+                    t.cached += k.cached;
+                    t.cache_errors.extend(k.cache_errors);
                     per_kernel[i] = k.lower + k.passes + k.llvm;
                 }
             }
@@ -156,22 +168,29 @@ fn compile_object(
     kernels: &[Kernel],
     obj: &Path,
     flavor: Flavor,
+    cache: Option<&KernelCache>,
 ) -> Result<HostTimings, TargetError> {
     let mut t = HostTimings::default();
     let start = Instant::now();
     let mut module = host_module(cx, kernels, flavor)?;
+    let key = cache.map(|c| c.key(&module.as_operation().to_string(), HOST_PIPELINE, OPT_LEVEL));
     t.lower = start.elapsed();
+    if let (Some(c), Some(key)) = (cache, &key) {
+        if c.fetch(key, obj) {
+            t.cached = 1;
+            return Ok(t);
+        }
+    }
     let start = Instant::now();
     cx.run_pipeline(&mut module, HOST_PIPELINE, "host lowering")?;
     t.passes = start.elapsed();
     let start = Instant::now();
-    // Creating an engine initialises LLVM's native target (a global registry that is not
-    // thread-safe); compile workers, and concurrent builds in one process, take turns here.
-    static ENGINE: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let engine = {
-        let _one = ENGINE.lock().unwrap_or_else(|e| e.into_inner());
-        ExecutionEngine::new(&module, 3, &[], true, true)
-    };
+    // Creating the engine translates the module to LLVM IR and runs the O3 pipeline on it
+    // (most of the compile time); looking a symbol up below generates the machine code.
+    // Engines are independent: MLIR initialises LLVM's native target once per process
+    // (`mlirExecutionEngineCreate`'s thread-safe static), and each worker has its own context,
+    // so workers, and concurrent builds in one process, create engines in parallel.
+    let engine = ExecutionEngine::new(&module, OPT_LEVEL, &[], true, true);
     // Looking a symbol up makes the JIT compile the module; only then is there an object.
     for k in kernels {
         if engine.lookup(&symbol(&k.name)).is_null() {
@@ -194,5 +213,10 @@ fn compile_object(
         )));
     }
     t.llvm = start.elapsed();
+    if let (Some(c), Some(key)) = (cache, &key) {
+        if let Err(e) = c.store(key, obj) {
+            t.cache_errors.push(e);
+        }
+    }
     Ok(t)
 }

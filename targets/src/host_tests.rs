@@ -7,9 +7,13 @@ use lamina_ir::kernel::{Dim, Elem, Expr, Kernel};
 use crate::host::{build_library, symbol};
 
 fn norm_kernel(cols: usize) -> Kernel {
+    named_norm_kernel("norm", cols)
+}
+
+fn named_norm_kernel(name: &str, cols: usize) -> Kernel {
     let x = |c: &str| ld("x", [pid(0), v(c)]);
     Kernel {
-        name: "norm".into(),
+        name: name.into(),
         nodes: vec!["test.norm".into()],
         grid: vec![Dim::Rows],
         params: vec![
@@ -86,7 +90,47 @@ fn norm_kernel_runs_from_a_shared_library() {
     let dir = tempfile::tempdir().unwrap();
     let so = dir.path().join("kernels.so");
     build_library(&[norm_kernel(37)], &so).unwrap();
-    let lib = unsafe { libloading::Library::new(&so) }.unwrap();
+    check_norm(&so, "norm");
+}
+
+/// A second library with one kernel in common takes that kernel's object from the cache,
+/// compiles the other, and runs.
+#[test]
+fn kernel_cache_serves_kernels_compiled_before() {
+    use crate::cache::KernelCache;
+    use crate::host::build_library_with_progress;
+    use crate::mlir::Flavor;
+    let dir = tempfile::tempdir().unwrap();
+    let cache = KernelCache::new(dir.path().join("cache"));
+    let build = |kernels: &[Kernel], so: &str| {
+        let so = dir.path().join(so);
+        let t = build_library_with_progress(kernels, &so, Flavor::Host, Some(&cache), &|_, _| {})
+            .unwrap();
+        assert!(t.cache_errors.is_empty(), "{:?}", t.cache_errors);
+        (so, t.cached)
+    };
+    let (_, cached) = build(
+        &[named_norm_kernel("norm", 37), named_norm_kernel("wide", 41)],
+        "a.so",
+    );
+    assert_eq!(cached, 0);
+    let (so, cached) = build(
+        &[
+            named_norm_kernel("other", 29),
+            named_norm_kernel("norm", 37),
+        ],
+        "b.so",
+    );
+    assert_eq!(cached, 1, "norm compiled before, other not");
+    check_norm(&so, "norm");
+    // The same kernel under another name is another object.
+    let (_, cached) = build(&[named_norm_kernel("renamed", 37)], "c.so");
+    assert_eq!(cached, 0);
+}
+
+/// Runs the 37-column norm kernel `name` of library `so` against f32 arithmetic.
+fn check_norm(so: &std::path::Path, name: &str) {
+    let lib = unsafe { libloading::Library::new(so) }.unwrap();
     let rows = 5;
     let mut x: Vec<f32> = (0..rows * 37)
         .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
@@ -94,7 +138,7 @@ fn norm_kernel_runs_from_a_shared_library() {
     let mut y = vec![f32::NAN; rows * 37];
     call(
         &lib,
-        "norm",
+        name,
         &mut [&mut x, &mut y],
         rows as i64,
         0,
@@ -476,7 +520,7 @@ fn check_mma_tile(kind: lamina_ir::kernel::MmaKind, depth: usize, tol: f64) {
     for flavor in [Flavor::Host, Flavor::HostLanes(32)] {
         let dir = tempfile::tempdir().unwrap();
         let so = dir.path().join("kernels.so");
-        build_library_with_progress(std::slice::from_ref(&kernel), &so, flavor, &|_, _| {})
+        build_library_with_progress(std::slice::from_ref(&kernel), &so, flavor, None, &|_, _| {})
             .unwrap();
         let lib = unsafe { libloading::Library::new(&so) }.unwrap();
         let mut y = vec![f32::NAN; rows * cols];
@@ -655,8 +699,14 @@ fn blocked_deal_takes_every_iteration_once() {
         for flavor in [Flavor::Host, Flavor::HostLanes(32)] {
             let dir = tempfile::tempdir().unwrap();
             let so = dir.path().join("kernels.so");
-            build_library_with_progress(std::slice::from_ref(&kernel), &so, flavor, &|_, _| {})
-                .unwrap();
+            build_library_with_progress(
+                std::slice::from_ref(&kernel),
+                &so,
+                flavor,
+                None,
+                &|_, _| {},
+            )
+            .unwrap();
             let lib = unsafe { libloading::Library::new(&so) }.unwrap();
             let (mut x, mut w) = (x.clone(), w.clone());
             let mut y = vec![f32::NAN; rows * 8];

@@ -5,6 +5,7 @@
 //! - [`host`]: x86-64 shared libraries of kernels (MLIR → LLVM → object → `kernels.so`);
 //! - [`nvptx`]: PTX for sm_80 and sm_90a (MLIR gpu/NVVM → LLVM NVPTX), checked with `ptxas`.
 
+pub mod cache;
 pub mod host;
 pub mod mlir;
 pub mod nvptx;

@@ -314,6 +314,13 @@ pub fn ptxas_path() -> Option<PathBuf> {
 /// Assembles `ptx` for `target` with `ptxas -v` and returns every kernel's resources. Errors
 /// carry ptxas's own messages.
 pub fn ptxas(ptx: &str, target: Target) -> Result<Vec<Resources>, TargetError> {
+    assemble(ptx, target).map(|(_, resources)| resources)
+}
+
+/// Assembles `ptx` for `target` with `ptxas -v`: the cubin (SASS for the target's chip, what
+/// a GPU artifact ships beside its PTX so that loading it needs no driver JIT) and every
+/// kernel's resources. Errors carry ptxas's own messages.
+pub fn assemble(ptx: &str, target: Target) -> Result<(Vec<u8>, Vec<Resources>), TargetError> {
     let (chip, _) = target
         .nvptx()
         .ok_or_else(|| TargetError::Unavailable(format!("{target} is not an NVPTX target")))?;
@@ -324,28 +331,40 @@ pub fn ptxas(ptx: &str, target: Target) -> Result<Vec<Resources>, TargetError> {
     })?;
     let dir = tempfile_dir()?;
     let input = dir.join("kernels.ptx");
-    std::fs::write(&input, ptx)
-        .map_err(|e| TargetError::Link(format!("{}: {e}", input.display())))?;
-    let output = Command::new(&exe)
-        .arg(format!("-arch={chip}"))
-        .arg("-v")
-        .arg("-warn-spills")
-        .arg(&input)
-        .arg("-o")
-        .arg(dir.join("kernels.cubin"))
-        .output()
-        .map_err(|e| TargetError::Link(format!("running {}: {e}", exe.display())));
+    let cubin = dir.join("kernels.cubin");
+    let run = || -> Result<(Vec<u8>, Vec<Resources>), TargetError> {
+        std::fs::write(&input, ptx)
+            .map_err(|e| TargetError::Link(format!("{}: {e}", input.display())))?;
+        let output = Command::new(&exe)
+            .arg(format!("-arch={chip}"))
+            .arg("-v")
+            .arg("-warn-spills")
+            .arg(&input)
+            .arg("-o")
+            .arg(&cubin)
+            .output()
+            .map_err(|e| TargetError::Link(format!("running {}: {e}", exe.display())))?;
+        let log = String::from_utf8_lossy(&output.stderr).into_owned()
+            + &String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            return Err(TargetError::Link(format!(
+                "ptxas -arch={chip} rejected the PTX: {}",
+                log.trim()
+            )));
+        }
+        let bytes = std::fs::read(&cubin)
+            .map_err(|e| TargetError::Link(format!("ptxas's output {}: {e}", cubin.display())))?;
+        if !bytes.starts_with(b"\x7fELF") {
+            return Err(TargetError::Link(format!(
+                "ptxas -arch={chip} wrote {} bytes that are not an ELF cubin",
+                bytes.len()
+            )));
+        }
+        Ok((bytes, parse_ptxas(&log)))
+    };
+    let r = run();
     let _ = std::fs::remove_dir_all(&dir);
-    let output = output?;
-    let log = String::from_utf8_lossy(&output.stderr).into_owned()
-        + &String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        return Err(TargetError::Link(format!(
-            "ptxas -arch={chip} rejected the PTX: {}",
-            log.trim()
-        )));
-    }
-    Ok(parse_ptxas(&log))
+    r
 }
 
 fn tempfile_dir() -> Result<PathBuf, TargetError> {

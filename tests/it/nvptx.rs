@@ -122,8 +122,9 @@ fn cli(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-/// `build --target sm_90a` writes the plan with each kernel's launch contract and the PTX, no
-/// host library; the host executor refuses it with a clear error.
+/// `build --target sm_90a` writes the plan with each kernel's launch contract, the PTX and the
+/// cubin `ptxas` assembles from it (when ptxas is installed), no host library; the host
+/// executor refuses it with a clear error.
 #[test]
 fn gpu_artifact() {
     let dir = tempfile::tempdir().unwrap();
@@ -142,6 +143,22 @@ fn gpu_artifact() {
     let ptx = std::fs::read_to_string(out.join(lamina_ir::plan::PTX_FILE)).unwrap();
     let plan = lamina_ir::plan::Plan::load(&out).unwrap();
     assert_eq!(plan.target, "sm_90a");
+    // The cubin: an ELF image for sm_90a with every kernel's entry symbol.
+    let cubin = std::fs::read(out.join(lamina_ir::plan::CUBIN_FILE));
+    match (cubin, lamina_targets::nvptx::ptxas_path()) {
+        (Ok(cubin), Some(_)) => {
+            assert!(cubin.starts_with(b"\x7fELF"), "kernels.cubin is not ELF");
+            let has = |s: &str| cubin.windows(s.len()).any(|w| w == s.as_bytes());
+            for k in &plan.kernels {
+                assert!(has(&k.symbol), "no {} in kernels.cubin", k.symbol);
+            }
+        }
+        (Err(e), Some(p)) => panic!("{} found, but no kernels.cubin: {e}", p.display()),
+        (Ok(_), None) => panic!("a kernels.cubin without ptxas"),
+        (Err(_), None) => {
+            ptxas_or_skip("gpu_artifact's cubin");
+        }
+    }
     for k in &plan.kernels {
         let g = k
             .gpu

@@ -182,11 +182,25 @@ pub fn build_cmd(a: &BuildArgs) -> CliResult {
     tracing::info!("  mlir-passes          {:>9.3} ms", ms(c.passes));
     tracing::info!("  llvm-O3+object       {:>9.3} ms", ms(c.llvm));
     tracing::info!("  link                 {:>9.3} ms", ms(c.link));
+    if let Some(cache) = lamina_targets::cache::KernelCache::from_env() {
+        tracing::info!(
+            "kernel cache {}: {} of {} kernels compiled before",
+            cache.dir().display(),
+            c.cached,
+            c.per_kernel.len()
+        );
+    }
     let mut per = c.per_kernel.clone();
     per.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
     tracing::debug!("per kernel (lower + MLIR passes + LLVM):");
     for (name, t) in per {
         tracing::debug!("  {:>9.3} ms  {name}", ms(t));
+    }
+    if let Some((bytes, t)) = r.cubin {
+        tracing::info!(
+            "ptxas                  {:>9.3} ms ({bytes} bytes of cubin)",
+            ms(t)
+        );
     }
     println!(
         "wrote {} ({} kernels, {} prefill / {} decode launches) in {:.2} s",

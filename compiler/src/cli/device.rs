@@ -77,9 +77,10 @@ mod cuda {
         allow_weight_mismatch: bool,
         progress: &dyn Fn(usize, usize),
     ) -> Result<Box<dyn Executor>, String> {
-        CudaEngine::load_with_progress(artifact, weights, allow_weight_mismatch, progress)
-            .map(|e| Box::new(e) as Box<dyn Executor>)
-            .map_err(|e| e.to_string())
+        let e = CudaEngine::load_with_progress(artifact, weights, allow_weight_mismatch, progress)
+            .map_err(|e| e.to_string())?;
+        tracing::info!("kernels loaded from the {}", e.image);
+        Ok(Box::new(e) as Box<dyn Executor>)
     }
 
     pub fn copy_bandwidth(bytes: usize) -> Result<(String, f64), String> {

@@ -68,7 +68,9 @@ compile-model ir examples/kimi-linear-tiny.toml --stage graph --format svg > kim
     },
     /// Compile a model into an artifact directory (plan.json + kernels).
     #[command(
-        after_help = "Example:\n  compile-model build examples/kimi-linear-tiny.toml --target host -o out/kimi -v"
+        after_help = "Example:\n  compile-model build examples/kimi-linear-tiny.toml --target host -o out/kimi -v\n\n\
+                      With LAMINA_KERNEL_CACHE=DIR, host kernels compiled before (same MLIR, LLVM \
+                      and CPU) are taken from DIR and new ones kept there."
     )]
     Build(build::BuildArgs),
     /// Print what a model costs to serve (memory, bytes and FLOPs per token, roofline on a

@@ -298,10 +298,11 @@ fn bench(a: &BenchArgs) -> Result<(), String> {
         }
         let prefill = t.elapsed().as_secs_f64();
         println!(
-            "RESULT prefill {name} batch {batch} prompt {}: {:.3} ms, {:.0} tokens/s (load {load:.1} s)",
+            "RESULT prefill {name} batch {batch} prompt {}: {:.3} ms, {:.0} tokens/s (load {load:.1} s, {})",
             a.prompt_len,
             prefill * 1e3,
-            (batch * a.prompt_len) as f64 / prefill
+            (batch * a.prompt_len) as f64 / prefill,
+            e.image
         );
     }
     let bw = copy_bandwidth(a.copy_mib << 20).map_err(err)?;

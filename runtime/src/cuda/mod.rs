@@ -19,10 +19,11 @@
 //! `scripts/gpu-check` runs the tests that compare it with the host executor.
 
 use std::ffi::{c_void, CString};
+use std::fmt;
 use std::path::Path;
 
 use cudarc::driver::{result, sys};
-use lamina_ir::plan::{Arg, Plan, Schedule, PTX_FILE};
+use lamina_ir::plan::{Arg, Plan, Schedule, CUBIN_FILE, PTX_FILE};
 use lamina_ir::Error;
 
 use crate::executor::{bad_plan, check_finite, check_shapes, load_constants, Executor};
@@ -135,6 +136,17 @@ impl Device {
         }
     }
 
+    /// Whether this device runs `target`'s machine code as it is: SASS runs on the same major
+    /// architecture at the same or a later minor revision, arch-specific (`a`) SASS only on
+    /// its own.
+    pub fn runs_cubin(&self, target: &str) -> bool {
+        match target {
+            "sm_90a" => self.capability == (9, 0),
+            "sm_80" => self.capability.0 == 8,
+            _ => false,
+        }
+    }
+
     /// Whether a plan for `target` runs here (or why not).
     pub fn check_target(&self, target: &str) -> Result<(), String> {
         let (major, minor) = self.capability;
@@ -162,6 +174,46 @@ impl Drop for Device {
     }
 }
 
+/// Which form of an artifact's kernels a process loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelImage {
+    /// `kernels.cubin`: machine code assembled at build time, loaded without a JIT.
+    Cubin,
+    /// `kernels.ptx`, compiled by the driver's JIT at load (no cubin in the artifact, or one
+    /// for another architecture than this device's).
+    Ptx,
+}
+
+impl fmt::Display for KernelImage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            KernelImage::Cubin => "cubin (assembled at build time)",
+            KernelImage::Ptx => "PTX (driver JIT at load)",
+        })
+    }
+}
+
+/// Loads the artifact's kernels (the caller unloads the module): its cubin when it has one
+/// that `device` runs natively, else its PTX.
+fn load_kernels(
+    dir: &Path,
+    target: &str,
+    device: &Device,
+) -> Result<(sys::CUmodule, KernelImage), Error> {
+    let cubin = dir.join(CUBIN_FILE);
+    if cubin.exists() && device.runs_cubin(target) {
+        let bytes = std::fs::read(&cubin).map_err(|e| Error::io(&cubin, e))?;
+        if !bytes.starts_with(b"\x7fELF") {
+            return Err(Error::Io {
+                path: cubin.display().to_string(),
+                msg: "is not an ELF cubin".into(),
+            });
+        }
+        return load_image(&bytes, &cubin, "cubin").map(|m| (m, KernelImage::Cubin));
+    }
+    load_ptx(dir).map(|m| (m, KernelImage::Ptx))
+}
+
 /// Loads the artifact's PTX module (the caller unloads it), with the driver JIT's error log
 /// in the error.
 fn load_ptx(dir: &Path) -> Result<sys::CUmodule, Error> {
@@ -171,6 +223,12 @@ fn load_ptx(dir: &Path) -> Result<sys::CUmodule, Error> {
         path: path.display().to_string(),
         msg: "contains a NUL byte: not PTX".into(),
     })?;
+    load_image(ptx.as_bytes_with_nul(), &path, "driver PTX JIT")
+}
+
+/// `cuModuleLoadDataEx` of `image` (NUL-terminated PTX, or a cubin) read from `path`, with the
+/// driver's error log in the error.
+fn load_image(image: &[u8], path: &Path, what: &str) -> Result<sys::CUmodule, Error> {
     let mut log = vec![0u8; 16 << 10];
     let mut options = [
         sys::CUjit_option::CU_JIT_ERROR_LOG_BUFFER,
@@ -178,12 +236,13 @@ fn load_ptx(dir: &Path) -> Result<sys::CUmodule, Error> {
     ];
     let mut values = [log.as_mut_ptr() as *mut c_void, log.len() as *mut c_void];
     let mut module = std::mem::MaybeUninit::uninit();
-    // SAFETY: a NUL-terminated PTX image; options and values are parallel arrays that outlive
-    // the call; the log buffer's size is passed by value, as the driver API expects.
+    // SAFETY: a complete image (PTX NUL-terminated by the caller); options and values are
+    // parallel arrays that outlive the call; the log buffer's size is passed by value, as the
+    // driver API expects.
     let r = unsafe {
         sys::cuModuleLoadDataEx(
             module.as_mut_ptr(),
-            ptx.as_ptr() as *const c_void,
+            image.as_ptr() as *const c_void,
             options.len() as u32,
             options.as_mut_ptr(),
             values.as_mut_ptr(),
@@ -198,9 +257,9 @@ fn load_ptx(dir: &Path) -> Result<sys::CUmodule, Error> {
                 .trim()
                 .replace('\n', "; ");
             let what = if jit.is_empty() {
-                format!("loading {} (driver PTX JIT)", path.display())
+                format!("loading {} ({what})", path.display())
             } else {
-                format!("loading {} (driver PTX JIT: {jit})", path.display())
+                format!("loading {} ({what}: {jit})", path.display())
             };
             Err(cuda(what)(e))
         }
@@ -309,6 +368,8 @@ pub fn copy_bandwidth(bytes: usize) -> Result<f64, Error> {
 
 pub struct CudaEngine {
     pub plan: Plan,
+    /// What was loaded: the artifact's cubin, or its PTX through the driver's JIT.
+    pub image: KernelImage,
     stream: sys::CUstream,
     module: sys::CUmodule,
     functions: Vec<sys::CUfunction>,
@@ -373,7 +434,7 @@ impl CudaEngine {
         device
             .check_target(&plan.target)
             .map_err(|m| bad_plan(dir, m))?;
-        let module = load_ptx(dir)?;
+        let (module, image) = load_kernels(dir, &plan.target, &device)?;
         let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
             .map_err(cuda("cuStreamCreate"));
         let stream = match stream {
@@ -385,6 +446,7 @@ impl CudaEngine {
             }
         };
         let mut e = CudaEngine {
+            image,
             pos: vec![0; plan.limits.max_batch],
             graphs: (0..plan.limits.max_batch).map(|_| None).collect(),
             functions: Vec::new(),
@@ -872,7 +934,7 @@ pub fn bench_kernel(
         .gpu
         .clone()
         .ok_or_else(|| bad_plan(dir, format!("kernel {} has no launch data", k.name)))?;
-    let module = load_ptx(dir)?;
+    let (module, _) = load_kernels(dir, &plan.target, &device)?;
     let timed = (|| -> Result<KernelBench, Error> {
         let get = |n: &str| {
             let c = CString::new(n).map_err(|_| bad_plan(dir, format!("bad symbol {n}")))?;
