@@ -227,12 +227,12 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
         ]);
     }
     if channel {
-        body.extend([
-            local("mqk", c_n * c_n),
-            local("qt", c_n * dk),
-            local("kt", c_n * dk),
-            local("kb", c_n * c_n / SUB * dk),
-        ]);
+        // One sub-chunk's rescaled rows and the keys before it (see step 4).
+        body.extend([local("mqk", c_n * c_n), local("qt", SUB * dk)]);
+        if delta {
+            body.push(local("kt", SUB * dk));
+        }
+        body.push(local("kb", (c_n - SUB) * dk));
     }
     body.extend([
         let_("c0", pid(0) * i(c_n)),
@@ -400,68 +400,62 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
         } else {
             vec![("mqk", "qs")]
         };
-        // Rows rescaled against their sub-chunk start, and for every sub-chunk start r0 the
-        // earlier keys rescaled against it: kb[b][s] = k_s ⊙ e^(G_r0 − G_s), s < r0.
-        body.push(for_par(
-            "t",
-            i(0),
-            v("l"),
-            vec![
-                let_("t0", (v("t") / i(SUB)) * i(SUB)),
-                for_(
+        // Off-diagonal blocks, one sub-chunk b ≥ 1 (rows r0 .. r0 + SUB) at a time: its rows
+        // rescaled against its start, qt[y] = q_(r0+y) ⊙ e^(G_(r0+y) − G_r0) (kt likewise),
+        // the keys before it rescaled against the same start, kb[s] = k_s ⊙ e^(G_r0 − G_s)
+        // (s < r0), then one dot per matrix. Scratch for one sub-chunk, not the chunk's four.
+        let mut block = vec![
+            let_("r0", v("b") * i(SUB)),
+            for_par(
+                "x",
+                i(0),
+                v("r0"),
+                vec![for_(
                     "c",
                     i(0),
                     i(dk),
-                    [
-                        vec![let_(
-                            "e",
-                            exp(gl("G", v("t"), v("c")) - gl("G", v("t0"), v("c"))),
-                        )],
-                        scaled_copies(dk, [("qs", "qt"), ("ks", "kt")], "e"),
-                    ]
-                    .concat(),
-                ),
-            ],
-        ));
-        body.push(for_(
-            "b",
-            i(1),
-            (v("l") + i(SUB - 1)) / i(SUB),
-            vec![
-                let_("r0", v("b") * i(SUB)),
-                for_par(
-                    "x",
-                    i(0),
-                    v("r0"),
-                    vec![for_(
-                        "c",
-                        i(0),
-                        i(dk),
-                        vec![st(
-                            "kb",
-                            [(v("b") * i(c_n) + v("x")) * i(dk) + v("c")],
-                            at("ks", v("x"), v("c"))
-                                * exp(gl("G", v("r0"), v("c")) - gl("G", v("x"), v("c"))),
-                        )],
+                    vec![st(
+                        "kb",
+                        [v("x") * i(dk) + v("c")],
+                        at("ks", v("x"), v("c"))
+                            * exp(gl("G", v("r0"), v("c")) - gl("G", v("x"), v("c"))),
                     )],
-                ),
-            ],
+                )],
+            ),
+        ];
+        let rows = || min(i(SUB), v("l") - v("r0"));
+        let t = || v("r0") + v("y");
+        let mut rescale = vec![let_(
+            "e",
+            exp(gl("G", t(), v("c")) - gl("G", v("r0"), v("c"))),
+        )];
+        for (_, x) in &mats {
+            let scaled = if *x == "qs" { "qt" } else { "kt" };
+            rescale.push(st(
+                scaled,
+                [v("y") * i(dk) + v("c")],
+                at(x, t(), v("c")) * v("e"),
+            ));
+        }
+        block.push(for_par(
+            "y",
+            i(0),
+            rows(),
+            vec![for_("c", i(0), i(dk), rescale)],
         ));
-        // Off-diagonal blocks: the rows of sub-chunk b against the keys before it, one dot
-        // each; diagonal blocks pairwise.
-        let mut cross = vec![let_("r0", v("b") * i(SUB))];
         let mut diag = Vec::new();
         for (m, x) in &mats {
             let scaled = if *x == "qs" { "qt" } else { "kt" };
-            cross.push(dot(
+            block.push(dot(
                 view(m, v("r0") * i(c_n), c_n),
-                view(scaled, v("r0") * i(dk), dk),
-                view("kb", v("b") * i(c_n * dk), dk),
-                min(i(SUB), v("l") - v("r0")),
+                view(scaled, i(0), dk),
+                view("kb", i(0), dk),
+                rows(),
                 v("r0"),
                 dk,
                 false,
             ));
+            // Diagonal blocks pairwise.
             diag.push(st(
                 m,
                 [v("t") * i(c_n) + v("x")],
@@ -475,7 +469,7 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
                 ),
             ));
         }
-        body.push(for_("b", i(1), (v("l") + i(SUB - 1)) / i(SUB), cross));
+        body.push(for_("b", i(1), (v("l") + i(SUB - 1)) / i(SUB), block));
         body.push(for_par(
             "t",
             i(0),
@@ -885,14 +879,4 @@ fn conv_commit(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape) -> Launch {
         convs,
         cx.graph,
     )
-}
-
-/// `to[t, c] = from[t, c] · factor` for each `(from, to)` pair of `[C, dk]` locals, inside
-/// the caller's `t`, `c` loops.
-fn scaled_copies(dk: usize, pairs: [(&str, &str); 2], factor: &str) -> Vec<Stmt> {
-    let idx = || v("t") * i(dk) + v("c");
-    pairs
-        .iter()
-        .map(|(from, to)| st(to, [idx()], ld(from, [idx()]) * v(factor)))
-        .collect()
 }
