@@ -10,8 +10,8 @@ ORACLE ?= tests/fixtures/oracle/kimi_linear/model
 CUDA_FEATURES := --features lamina-compiler/cuda
 # The tests compile the tiny models many times over (options, lanes, modes): host kernels
 # compiled once are taken from this kernel cache (keyed by their MLIR, LLVM and the CPU; see
-# targets/src/cache.rs). A clean checkout starts it empty, so every distinct kernel still
-# compiles once per run.
+# targets/src/cache.rs). A clean checkout (CI) starts it empty, so every distinct kernel still
+# compiles once there; locally it lasts across runs (remove target/kernel-cache to start over).
 KERNEL_CACHE ?= $(CURDIR)/target/kernel-cache
 
 .PHONY: demo test bootstrap fmt

@@ -75,10 +75,15 @@ impl KernelCache {
         self.dir.join(format!("{key}.o"))
     }
 
-    /// Copies the object of `key` to `dest`; false when there is none (or it cannot be read,
-    /// which compiles the kernel again).
+    /// Copies the object of `key` to `dest`; false when there is none, or it cannot be read
+    /// or is not an ELF object (the kernel compiles again, and `dest` is removed).
     pub fn fetch(&self, key: &str, dest: &Path) -> bool {
-        std::fs::copy(self.entry(key), dest).is_ok_and(|n| n > 0)
+        let ok = std::fs::copy(self.entry(key), dest).is_ok()
+            && std::fs::read(dest).is_ok_and(|b| b.starts_with(b"\x7fELF"));
+        if !ok {
+            let _ = std::fs::remove_file(dest);
+        }
+        ok
     }
 
     /// Keeps the object at `obj` as the entry of `key`.
@@ -87,26 +92,22 @@ impl KernelCache {
             format!("kernel cache {}: {what}: {e}", self.dir.display())
         };
         std::fs::create_dir_all(&self.dir).map_err(|e| fail("creating it", e))?;
-        let tmp = tempfile_in(&self.dir).map_err(|e| fail("a temporary file", e))?;
-        std::fs::copy(obj, &tmp).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            fail("writing an entry", e)
-        })?;
-        std::fs::rename(&tmp, self.entry(key)).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            fail("renaming an entry into place", e)
-        })
+        // A uniquely named temporary file in the directory (never a `.o`, so never read),
+        // written in full and synced, then renamed into place: readers see a whole entry or
+        // none. The temporary is removed if anything fails.
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(&self.dir)
+            .map_err(|e| fail("a temporary file", e))?;
+        let mut src = std::fs::File::open(obj).map_err(|e| fail("reading the object", e))?;
+        std::io::copy(&mut src, tmp.as_file_mut()).map_err(|e| fail("writing an entry", e))?;
+        tmp.as_file()
+            .sync_all()
+            .map_err(|e| fail("writing an entry", e))?;
+        tmp.persist(self.entry(key))
+            .map(|_| ())
+            .map_err(|e| fail("renaming an entry into place", e.error))
     }
-}
-
-/// A fresh file name in `dir` for an entry being written (never a `.o`, so never read).
-fn tempfile_in(dir: &Path) -> std::io::Result<PathBuf> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let path = dir.join(format!(".tmp-{}-{n}", std::process::id()));
-    std::fs::File::create(&path)?;
-    Ok(path)
 }
 
 extern "C" {
@@ -166,12 +167,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let c = KernelCache::new(dir.path().join("cache"));
         let obj = dir.path().join("k.o");
-        std::fs::write(&obj, b"object bytes").unwrap();
+        std::fs::write(&obj, b"\x7fELF object bytes").unwrap();
         let out = dir.path().join("out.o");
         assert!(!c.fetch("abc", &out));
         c.store("abc", &obj).unwrap();
         assert!(c.fetch("abc", &out));
-        assert_eq!(std::fs::read(&out).unwrap(), b"object bytes");
+        assert_eq!(std::fs::read(&out).unwrap(), b"\x7fELF object bytes");
+        // An entry that is not an object is a miss, and leaves nothing behind.
+        std::fs::write(c.dir().join("bad.o"), b"truncated").unwrap();
+        let out2 = dir.path().join("out2.o");
+        assert!(!c.fetch("bad", &out2));
+        assert!(!out2.exists());
+        std::fs::remove_file(c.dir().join("bad.o")).unwrap();
         // Only entries are left behind.
         let names: Vec<_> = std::fs::read_dir(c.dir())
             .unwrap()

@@ -122,7 +122,12 @@ pub fn build_library_with_progress(
                     t.passes += k.passes;
                     t.llvm += k.llvm;
                     t.cached += k.cached;
-                    t.cache_errors.extend(k.cache_errors);
+                    for e in k.cache_errors {
+                        // One line per distinct problem, not one per kernel.
+                        if !t.cache_errors.contains(&e) {
+                            t.cache_errors.push(e);
+                        }
+                    }
                     per_kernel[i] = k.lower + k.passes + k.llvm;
                 }
             }

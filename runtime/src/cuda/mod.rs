@@ -1,10 +1,12 @@
-//! The CUDA executor (feature `cuda`): runs NVPTX plans (`plan.json` + `kernels.ptx`) through
+//! The CUDA executor (feature `cuda`): runs NVPTX plans (`plan.json`, `kernels.ptx` and, when
+//! the build had `ptxas`, `kernels.cubin`) through
 //! the CUDA driver API, which cudarc loads at run time: the executor builds everywhere, and on
 //! a machine without a driver every entry point returns "no CUDA driver found".
 //!
 //! Loading checks the device against the plan's target (an sm_90a plan needs compute
 //! capability 9.0; an sm_80 plan runs on 8.0 and newer, the driver JIT-compiling its PTX),
-//! loads the PTX module once, uploads the weights in the plan's dtypes (bf16 for GPU plans,
+//! loads the kernels once (the cubin when the device runs its architecture natively and the
+//! driver takes it: no JIT; else the PTX, which the driver compiles), uploads the weights in the plan's dtypes (bf16 for GPU plans,
 //! through the host executor's loader: casts, stacked experts), zeroes the pools and allocates
 //! the workspaces, one arena and the row-index buffers. A run walks the launch list on one stream: program `p`
 //! of a kernel is threads `p·lanes ..< (p + 1)·lanes` (one, a warp, or a whole block for a
@@ -175,43 +177,63 @@ impl Drop for Device {
 }
 
 /// Which form of an artifact's kernels a process loaded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelImage {
     /// `kernels.cubin`: machine code assembled at build time, loaded without a JIT.
     Cubin,
-    /// `kernels.ptx`, compiled by the driver's JIT at load (no cubin in the artifact, or one
-    /// for another architecture than this device's).
+    /// `kernels.ptx`, compiled by the driver's JIT at load: the artifact has no cubin, or one
+    /// for another architecture than this device's.
     Ptx,
+    /// `kernels.ptx` because the driver refused the cubin (why): typically a cubin from a
+    /// newer CUDA toolkit than the driver supports. The PTX targets an older ISA.
+    PtxNotCubin(String),
+}
+
+impl KernelImage {
+    /// The artifact file the kernels came from.
+    pub fn file(&self) -> &'static str {
+        match self {
+            KernelImage::Cubin => CUBIN_FILE,
+            _ => PTX_FILE,
+        }
+    }
 }
 
 impl fmt::Display for KernelImage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            KernelImage::Cubin => "cubin (assembled at build time)",
-            KernelImage::Ptx => "PTX (driver JIT at load)",
-        })
+        match self {
+            KernelImage::Cubin => write!(f, "{CUBIN_FILE} (assembled at build time, no JIT)"),
+            KernelImage::Ptx => write!(f, "{PTX_FILE} (driver JIT at load)"),
+            KernelImage::PtxNotCubin(why) => write!(
+                f,
+                "{PTX_FILE} (driver JIT at load; the driver refused {CUBIN_FILE}: {why})"
+            ),
+        }
     }
 }
 
 /// Loads the artifact's kernels (the caller unloads the module): its cubin when it has one
-/// that `device` runs natively, else its PTX.
+/// that `device` runs natively, else, or when the driver refuses the cubin, its PTX.
 fn load_kernels(
     dir: &Path,
     target: &str,
     device: &Device,
 ) -> Result<(sys::CUmodule, KernelImage), Error> {
     let cubin = dir.join(CUBIN_FILE);
-    if cubin.exists() && device.runs_cubin(target) {
-        let bytes = std::fs::read(&cubin).map_err(|e| Error::io(&cubin, e))?;
-        if !bytes.starts_with(b"\x7fELF") {
-            return Err(Error::Io {
-                path: cubin.display().to_string(),
-                msg: "is not an ELF cubin".into(),
-            });
-        }
-        return load_image(&bytes, &cubin, "cubin").map(|m| (m, KernelImage::Cubin));
+    if !(cubin.exists() && device.runs_cubin(target)) {
+        return load_ptx(dir).map(|m| (m, KernelImage::Ptx));
     }
-    load_ptx(dir).map(|m| (m, KernelImage::Ptx))
+    let bytes = std::fs::read(&cubin).map_err(|e| Error::io(&cubin, e))?;
+    if !bytes.starts_with(b"\x7fELF") {
+        return Err(Error::Io {
+            path: cubin.display().to_string(),
+            msg: "is not an ELF cubin".into(),
+        });
+    }
+    match load_image(&bytes, &cubin, "cubin") {
+        Ok(m) => Ok((m, KernelImage::Cubin)),
+        Err(refused) => load_ptx(dir).map(|m| (m, KernelImage::PtxNotCubin(refused.to_string()))),
+    }
 }
 
 /// Loads the artifact's PTX module (the caller unloads it), with the driver JIT's error log
@@ -478,9 +500,13 @@ impl CudaEngine {
                 )
             })?;
             // SAFETY: the module is loaded.
-            let f = unsafe { result::module::get_function(e.module, name) }.map_err(cuda(
-                format!("kernel {} (entry {}) in {PTX_FILE}", k.name, k.symbol),
-            ))?;
+            let f =
+                unsafe { result::module::get_function(e.module, name) }.map_err(cuda(format!(
+                    "kernel {} (entry {}) in {}",
+                    k.name,
+                    k.symbol,
+                    e.image.file()
+                )))?;
             if k.gpu.is_none() {
                 return Err(bad_plan(
                     dir,
@@ -934,13 +960,13 @@ pub fn bench_kernel(
         .gpu
         .clone()
         .ok_or_else(|| bad_plan(dir, format!("kernel {} has no launch data", k.name)))?;
-    let (module, _) = load_kernels(dir, &plan.target, &device)?;
+    let (module, image) = load_kernels(dir, &plan.target, &device)?;
     let timed = (|| -> Result<KernelBench, Error> {
         let get = |n: &str| {
             let c = CString::new(n).map_err(|_| bad_plan(dir, format!("bad symbol {n}")))?;
             // SAFETY: the module is loaded.
             unsafe { result::module::get_function(module, c) }
-                .map_err(cuda(format!("kernel {n} in {PTX_FILE}")))
+                .map_err(cuda(format!("kernel {n} in {}", image.file())))
         };
         let f = get(&k.symbol)?;
         let fill = get(&plan.kernels[fill_k].symbol)?;

@@ -41,10 +41,56 @@ pub struct MlirContext {
     diagnostics: Rc<RefCell<Vec<String>>>,
 }
 
+extern "C" {
+    // LLVM's C API (linked with MLIR).
+    fn LLVMInitializeNVPTXTargetInfo();
+    fn LLVMInitializeNVPTXTarget();
+    fn LLVMInitializeNVPTXTargetMC();
+    fn LLVMInitializeNVPTXAsmPrinter();
+    #[cfg(target_arch = "x86_64")]
+    fn LLVMInitializeX86TargetInfo();
+    #[cfg(target_arch = "x86_64")]
+    fn LLVMInitializeX86Target();
+    #[cfg(target_arch = "x86_64")]
+    fn LLVMInitializeX86TargetMC();
+    #[cfg(target_arch = "x86_64")]
+    fn LLVMInitializeX86AsmPrinter();
+    #[cfg(target_arch = "x86_64")]
+    fn LLVMInitializeX86AsmParser();
+}
+
+/// Registers the LLVM targets the builds use, once, before any build runs. LLVM's target
+/// registry is an unsynchronised list that MLIR's execution engine (the host target) and its
+/// NVVM serialisation (the GPU targets) each fill on first use from their own once-guards; a
+/// host build and a GPU build starting together in one process (the tests, a future parallel
+/// CLI) could race on it. Registered here first, later registrations find each target
+/// present and return.
+fn init_llvm_targets() {
+    // SAFETY: LLVM's target initialisers take no arguments and are idempotent; this runs once
+    // (inside a `Once`), before any other thread of this crate touches LLVM.
+    unsafe {
+        LLVMInitializeNVPTXTargetInfo();
+        LLVMInitializeNVPTXTarget();
+        LLVMInitializeNVPTXTargetMC();
+        LLVMInitializeNVPTXAsmPrinter();
+        #[cfg(target_arch = "x86_64")]
+        {
+            LLVMInitializeX86TargetInfo();
+            LLVMInitializeX86Target();
+            LLVMInitializeX86TargetMC();
+            LLVMInitializeX86AsmPrinter();
+            LLVMInitializeX86AsmParser();
+        }
+    }
+}
+
 impl MlirContext {
     pub fn new() -> Self {
         static PASSES: Once = Once::new();
-        PASSES.call_once(melior::utility::register_all_passes);
+        PASSES.call_once(|| {
+            melior::utility::register_all_passes();
+            init_llvm_targets();
+        });
         let registry = DialectRegistry::new();
         register_all_dialects(&registry);
         let context = Context::new();
