@@ -20,6 +20,9 @@ pub enum TargetError {
     Mlir(String),
     #[error("linking the kernel library failed: {0}")]
     Link(String),
+    /// `ptxas` could not assemble the PTX (or not be run).
+    #[error("assembling the PTX: {0}")]
+    Assemble(String),
     #[error("{0}")]
     Unavailable(String),
 }

@@ -334,7 +334,7 @@ pub fn assemble(ptx: &str, target: Target) -> Result<(Vec<u8>, Vec<Resources>), 
     let cubin = dir.join("kernels.cubin");
     let run = || -> Result<(Vec<u8>, Vec<Resources>), TargetError> {
         std::fs::write(&input, ptx)
-            .map_err(|e| TargetError::Link(format!("{}: {e}", input.display())))?;
+            .map_err(|e| TargetError::Assemble(format!("{}: {e}", input.display())))?;
         let output = Command::new(&exe)
             .arg(format!("-arch={chip}"))
             .arg("-v")
@@ -343,19 +343,20 @@ pub fn assemble(ptx: &str, target: Target) -> Result<(Vec<u8>, Vec<Resources>), 
             .arg("-o")
             .arg(&cubin)
             .output()
-            .map_err(|e| TargetError::Link(format!("running {}: {e}", exe.display())))?;
+            .map_err(|e| TargetError::Assemble(format!("running {}: {e}", exe.display())))?;
         let log = String::from_utf8_lossy(&output.stderr).into_owned()
             + &String::from_utf8_lossy(&output.stdout);
         if !output.status.success() {
-            return Err(TargetError::Link(format!(
+            return Err(TargetError::Assemble(format!(
                 "ptxas -arch={chip} rejected the PTX: {}",
                 log.trim()
             )));
         }
-        let bytes = std::fs::read(&cubin)
-            .map_err(|e| TargetError::Link(format!("ptxas's output {}: {e}", cubin.display())))?;
+        let bytes = std::fs::read(&cubin).map_err(|e| {
+            TargetError::Assemble(format!("ptxas's output {}: {e}", cubin.display()))
+        })?;
         if !bytes.starts_with(b"\x7fELF") {
-            return Err(TargetError::Link(format!(
+            return Err(TargetError::Assemble(format!(
                 "ptxas -arch={chip} wrote {} bytes that are not an ELF cubin",
                 bytes.len()
             )));

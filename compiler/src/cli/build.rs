@@ -177,7 +177,12 @@ pub fn build_cmd(a: &BuildArgs) -> CliResult {
         tracing::info!("pass {name:<18} {:>9.3} ms", ms(*t));
     }
     let c = &r.codegen;
-    tracing::info!("codegen (CPU time over all kernels and both workers)");
+    let codegen = if r.plan.target == "host" {
+        "codegen (CPU time over all kernels and both workers)"
+    } else {
+        "codegen (one GPU module, one thread)"
+    };
+    tracing::info!("{codegen}");
     tracing::info!("  lower-to-mlir        {:>9.3} ms", ms(c.lower));
     tracing::info!("  mlir-passes          {:>9.3} ms", ms(c.passes));
     tracing::info!("  llvm-O3+object       {:>9.3} ms", ms(c.llvm));
