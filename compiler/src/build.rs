@@ -30,6 +30,8 @@ pub struct BuildReport {
     /// GPU targets: the bytes of the cubin `ptxas` assembled and how long it took (`None`
     /// without `ptxas`: the artifact holds only PTX, which the driver compiles at load).
     pub cubin: Option<(usize, Duration)>,
+    /// Host targets: the kernel cache the build used (`LAMINA_KERNEL_CACHE`), if any.
+    pub kernel_cache: Option<PathBuf>,
     pub total: Duration,
 }
 
@@ -433,6 +435,7 @@ pub fn build_with_progress(
         std::fs::write(&path, bytes).map_err(|e| Error::io(&path, e))
     };
     let mut cubin = None;
+    let mut kernel_cache = None;
     let codegen = match target {
         Target::Host => {
             let library = tmp.path().join(HOST_LIBRARY);
@@ -458,6 +461,7 @@ pub fn build_with_progress(
             for e in &t.cache_errors {
                 tracing::warn!("{e}");
             }
+            kernel_cache = cache.map(|c| c.dir().to_path_buf());
             t
         }
         Target::Sm80 | Target::Sm90a => {
@@ -467,15 +471,13 @@ pub fn build_with_progress(
             write(PTX_FILE, ptx.as_bytes())?;
             // Ahead of time down to the machine code: the cubin spares every process that
             // loads the artifact the driver's PTX JIT (seconds to minutes for a large model).
-            cubin = match lamina_targets::nvptx::ptxas_path() {
-                Some(_) => {
-                    let start = Instant::now();
-                    let (bytes, _) = lamina_targets::nvptx::assemble(&ptx, target)
-                        .map_err(|e| Error::Compile(e.to_string()))?;
+            let start = Instant::now();
+            cubin = match lamina_targets::nvptx::assemble(&ptx, target) {
+                Ok((bytes, _)) => {
                     write(CUBIN_FILE, &bytes)?;
                     Some((bytes.len(), start.elapsed()))
                 }
-                None => {
+                Err(lamina_targets::TargetError::Unavailable(_)) => {
                     tracing::warn!(
                         "ptxas not found (scripts/bootstrap installs it; or set LAMINA_PTXAS): \
                          the artifact holds only {PTX_FILE}, which the CUDA driver compiles \
@@ -483,6 +485,7 @@ pub fn build_with_progress(
                     );
                     None
                 }
+                Err(e) => return Err(Error::Compile(e.to_string())),
             };
             progress(kernels.len(), kernels.len());
             lamina_targets::host::HostTimings {
@@ -513,6 +516,7 @@ pub fn build_with_progress(
         pass_times,
         codegen,
         cubin,
+        kernel_cache,
         total: start.elapsed(),
     })
 }

@@ -78,8 +78,10 @@ impl KernelCache {
     /// Copies the object of `key` to `dest`; false when there is none, or it cannot be read
     /// or is not an ELF object (the kernel compiles again, and `dest` is removed).
     pub fn fetch(&self, key: &str, dest: &Path) -> bool {
-        let ok = std::fs::copy(self.entry(key), dest).is_ok()
-            && std::fs::read(dest).is_ok_and(|b| b.starts_with(b"\x7fELF"));
+        let Ok(bytes) = std::fs::read(self.entry(key)) else {
+            return false;
+        };
+        let ok = bytes.starts_with(b"\x7fELF") && std::fs::write(dest, &bytes).is_ok();
         if !ok {
             let _ = std::fs::remove_file(dest);
         }

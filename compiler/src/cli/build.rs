@@ -187,10 +187,16 @@ pub fn build_cmd(a: &BuildArgs) -> CliResult {
     tracing::info!("  mlir-passes          {:>9.3} ms", ms(c.passes));
     tracing::info!("  llvm-O3+object       {:>9.3} ms", ms(c.llvm));
     tracing::info!("  link                 {:>9.3} ms", ms(c.link));
-    if let Some(cache) = lamina_targets::cache::KernelCache::from_env() {
+    if let Some((bytes, t)) = r.cubin {
+        tracing::info!(
+            "  ptxas                {:>9.3} ms ({bytes} bytes of cubin)",
+            ms(t)
+        );
+    }
+    if let Some(dir) = &r.kernel_cache {
         tracing::info!(
             "kernel cache {}: {} of {} kernels compiled before",
-            cache.dir().display(),
+            dir.display(),
             c.cached,
             c.per_kernel.len()
         );
@@ -200,12 +206,6 @@ pub fn build_cmd(a: &BuildArgs) -> CliResult {
     tracing::debug!("per kernel (lower + MLIR passes + LLVM):");
     for (name, t) in per {
         tracing::debug!("  {:>9.3} ms  {name}", ms(t));
-    }
-    if let Some((bytes, t)) = r.cubin {
-        tracing::info!(
-            "ptxas                  {:>9.3} ms ({bytes} bytes of cubin)",
-            ms(t)
-        );
     }
     println!(
         "wrote {} ({} kernels, {} prefill / {} decode launches) in {:.2} s",

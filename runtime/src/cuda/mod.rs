@@ -1,21 +1,21 @@
 //! The CUDA executor (feature `cuda`): runs NVPTX plans (`plan.json`, `kernels.ptx` and, when
-//! the build had `ptxas`, `kernels.cubin`) through
-//! the CUDA driver API, which cudarc loads at run time: the executor builds everywhere, and on
-//! a machine without a driver every entry point returns "no CUDA driver found".
+//! the build had `ptxas`, `kernels.cubin`) through the CUDA driver API, which cudarc loads at
+//! run time: the executor builds everywhere, and on a machine without a driver every entry
+//! point returns "no CUDA driver found".
 //!
 //! Loading checks the device against the plan's target (an sm_90a plan needs compute
-//! capability 9.0; an sm_80 plan runs on 8.0 and newer, the driver JIT-compiling its PTX),
-//! loads the kernels once (the cubin when the device runs its architecture natively and the
-//! driver takes it: no JIT; else the PTX, which the driver compiles), uploads the weights in the plan's dtypes (bf16 for GPU plans,
-//! through the host executor's loader: casts, stacked experts), zeroes the pools and allocates
-//! the workspaces, one arena and the row-index buffers. A run walks the launch list on one stream: program `p`
-//! of a kernel is threads `p·lanes ..< (p + 1)·lanes` (one, a warp, or a whole block for a
-//! staged tile) of a 1-d grid of `⌈programs · lanes / block⌉` blocks, with one device pointer
-//! per buffer, the scratch pointer, then `rows` (the launch contract in
-//! [`lamina_ir::plan::GpuLaunch`]). Decode steps are captured into a CUDA graph
-//! per batch size on first use and replayed after (the row indices are copied in before the
-//! graph). `LAMINA_CUDA_SYNC=1` runs every launch eagerly and synchronises after each, so
-//! that a faulting kernel is named.
+//! capability 9.0; an sm_80 plan runs on 8.0 and newer), loads the kernels once (the cubin
+//! when the device runs its architecture natively and the driver takes it: no JIT; else the
+//! PTX, which the driver compiles), uploads the weights in the plan's dtypes (bf16 for GPU
+//! plans, through the host executor's loader: casts, stacked experts), zeroes the pools and
+//! allocates the workspaces, one arena and the row-index buffers. A run walks the launch list
+//! on one stream: program `p` of a kernel is threads `p·lanes ..< (p + 1)·lanes` (one, a warp,
+//! or a whole block for a staged tile) of a 1-d grid of `⌈programs · lanes / block⌉` blocks,
+//! with one device pointer per buffer, the scratch pointer, then `rows` (the launch contract in
+//! [`lamina_ir::plan::GpuLaunch`]). Decode steps are captured into a CUDA graph per batch size
+//! on first use and replayed after (the row indices are copied in before the graph).
+//! `LAMINA_CUDA_SYNC=1` runs every launch eagerly and synchronises after each, so that a
+//! faulting kernel is named.
 //!
 //! Unverified without a GPU: everything past "no CUDA driver found" has only been compiled;
 //! `scripts/gpu-check` runs the tests that compare it with the host executor.
@@ -641,8 +641,8 @@ impl CudaEngine {
     }
 
     /// With `on`, the arena and the workspaces are filled with NaN (0xFF bytes) before every
-    /// prefill piece and decode step, so that an element no kernel of that run wrote turns the logits NaN, which
-    /// the run refuses.
+    /// prefill piece and decode step, so that an element no kernel of that run wrote turns the
+    /// logits NaN, which the run refuses.
     pub fn poison_every_run(&mut self, on: bool) {
         self.poison_runs = on;
     }

@@ -395,10 +395,11 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
             }));
         }
     } else {
-        let mats: Vec<(&str, &str)> = if delta {
-            vec![("mqk", "qs"), ("mkk", "ks")]
+        // (matrix, its row operand, that operand's rescaled sub-chunk copy)
+        let mats: Vec<(&str, &str, &str)> = if delta {
+            vec![("mqk", "qs", "qt"), ("mkk", "ks", "kt")]
         } else {
-            vec![("mqk", "qs")]
+            vec![("mqk", "qs", "qt")]
         };
         // Off-diagonal blocks, one sub-chunk b ≥ 1 (rows r0 .. r0 + SUB) at a time: its rows
         // rescaled against its start, qt[y] = q_(r0+y) ⊙ e^(G_(r0+y) − G_r0) (kt likewise),
@@ -429,8 +430,7 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
             "e",
             exp(gl("G", t(), v("c")) - gl("G", v("r0"), v("c"))),
         )];
-        for (_, x) in &mats {
-            let scaled = if *x == "qs" { "qt" } else { "kt" };
+        for (_, x, scaled) in &mats {
             rescale.push(st(
                 scaled,
                 [v("y") * i(dk) + v("c")],
@@ -444,8 +444,7 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
             vec![for_("c", i(0), i(dk), rescale)],
         ));
         let mut diag = Vec::new();
-        for (m, x) in &mats {
-            let scaled = if *x == "qs" { "qt" } else { "kt" };
+        for (m, x, scaled) in &mats {
             block.push(dot(
                 view(m, v("r0") * i(c_n), c_n),
                 view(scaled, i(0), dk),
