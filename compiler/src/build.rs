@@ -320,10 +320,11 @@ pub fn make_plan(
                 grid: k.grid.clone(),
                 params: k.params.clone(),
                 gpu: (target != Target::Host).then(|| GpuLaunch {
-                    block: lamina_targets::nvptx::block_size(k),
+                    block: lamina_targets::nvptx::block_size(k, target),
                     lanes: lamina_targets::nvptx::lanes(k),
-                    scratch_bytes: lamina_targets::nvptx::scratch_bytes(k) as u64,
-                    dynamic_shared_bytes: 0,
+                    scratch_bytes: lamina_targets::nvptx::scratch_bytes(k, target) as u64,
+                    dynamic_shared_bytes: lamina_targets::nvptx::dynamic_shared_bytes(k, target)
+                        as u32,
                     abi: GPU_ABI.into(),
                 }),
             })

@@ -110,7 +110,7 @@ pub struct KernelEntry {
 /// The launch contract of one GPU kernel.
 ///
 /// Blocks: `⌈programs(rows) · lanes / block⌉` along x, exactly `block` threads each (a multiple
-/// of `lanes`; kernels size their static shared memory for it); program `p` is threads `p · lanes ..< (p + 1) · lanes` of the grid, counted
+/// of `lanes`; kernels size their shared memory for it); program `p` is threads `p · lanes ..< (p + 1) · lanes` of the grid, counted
 /// `blockIdx.x · block + threadIdx.x` (threads past the last program return at once).
 /// Parameters (`abi = "ptr-per-buffer+scratch+rows"`): one `.u64` device pointer per entry of
 /// the kernel's `params`, in order, then the scratch pointer, then `rows`, all `.u64`. Program
@@ -125,6 +125,9 @@ pub struct GpuLaunch {
     /// Scratch bytes per program (a warp program's locals, unless they fit the block's shared
     /// memory: then 0).
     pub scratch_bytes: u64,
+    /// Dynamic shared memory per block: warp programs whose locals are too large for static
+    /// shared memory keep them there, a slice per warp. The runtime opts each such function
+    /// into it (the driver's default ceiling is 48 KiB) and refuses a device that allows less.
     pub dynamic_shared_bytes: u32,
     pub abi: String,
 }
@@ -132,6 +135,9 @@ pub struct GpuLaunch {
 /// The kernel of GPU plans that fills a bf16 tensor with uniform values on the device
 /// (`out: bf16[R]`, `p: f32[4] = [seed, centre, half-width, 0]`), for full-size benchmarks.
 pub const FILL_KERNEL: &str = "fill_uniform_bf16";
+
+/// Most dynamic shared memory a block may opt into on any supported GPU (sm_90: 227 KiB).
+pub const MAX_DYNAMIC_SHARED: u32 = 227 << 10;
 
 /// The only GPU parameter layout so far (see [`GpuLaunch`]).
 pub const GPU_ABI: &str = "ptr-per-buffer+scratch+rows";
@@ -399,6 +405,12 @@ impl Plan {
                         return Err(format!(
                             "kernels[{ki}].gpu: block {} must be 1..=1024 and a multiple of lanes {}, abi {:?} must be {GPU_ABI:?}",
                             g.block, g.lanes, g.abi
+                        ));
+                    }
+                    if g.dynamic_shared_bytes > MAX_DYNAMIC_SHARED {
+                        return Err(format!(
+                            "kernels[{ki}].gpu: dynamic_shared_bytes {} is over {MAX_DYNAMIC_SHARED}, the most any supported GPU gives a block",
+                            g.dynamic_shared_bytes
                         ));
                     }
                 }

@@ -461,7 +461,10 @@ fn staged_tiles_assemble_for_both_gpus() {
             assert_eq!(res.len(), 1);
             assert_eq!(res[0].spill_stores + res[0].spill_loads, 0, "{target}");
             assert_eq!(res[0].shared as usize, shared_bytes(tile), "{target}");
-            assert!(res[0].blocks_per_sm(staged::LANES, target) >= 1, "{target}");
+            assert!(
+                res[0].blocks_per_sm(staged::LANES, 0, target) >= 1,
+                "{target}"
+            );
         }
     }
 }

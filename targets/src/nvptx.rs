@@ -10,16 +10,18 @@
 //! slice of the block's static shared memory per warp by `cp.async`
 //! ([`warp_staging_bytes`], [`crate::mlir::lower::warp_stage`]: flash attention's queries and
 //! keys, the chunked recurrences' tiles, MLA decode's queries and latent rows, split-K
-//! projections' weights). It keeps its locals in the block's static shared memory too, a
-//! slice per warp, when the block's fit [`SHARED_LOCALS_BUDGET`] ([`locals_in_shared`]: GQA decode
-//! attention, the decode recurrent steps, split-K norms, routers), else in a scratch buffer, one
-//! copy per program ([`scratch_bytes`] each, at `program · scratch_bytes`: flash attention, MLA
-//! decode attention, the chunked recurrences); its lanes write them alike between warp barriers. A thread program keeps them
-//! in local memory.
+//! projections' weights). It keeps its locals in shared memory too, a slice per warp
+//! ([`warp_layout`]): static when 4 warps' fit [`SHARED_LOCALS_BUDGET`] (GQA decode attention,
+//! the decode recurrent steps, split-K norms, routers); dynamic, 2 or 4 warps to a block, when
+//! they fit [`dynamic_shared_budget`] (the chunked scans, MiniMax's chunk kernel and MLA decode
+//! attention on sm_90a); else in a scratch buffer, one copy per program ([`scratch_bytes`]
+//! each, at `program · scratch_bytes`: the delta rule's chunk kernels); its lanes write them
+//! alike between warp barriers. A thread program keeps them in local memory.
 //! Every buffer is one `.u64` pointer parameter (bare-pointer convention) in the kernel's
-//! parameter order, then the scratch pointer, then `rows`, all `.u64`; shared memory is static
-//! (declared by the kernel, at most 48 KiB), none dynamic. The runtime reads all of this from the plan
-//! ([`lamina_ir::plan::GpuLaunch`]).
+//! parameter order, then the scratch pointer, then `rows`, all `.u64`. Static shared memory is
+//! declared by the kernel (at most 48 KiB); dynamic shared memory is the module's one
+//! `.extern .shared` array, sized by the launch ([`dynamic_shared_bytes`], opted into by the
+//! runtime). The runtime reads all of this from the plan ([`lamina_ir::plan::GpuLaunch`]).
 //!
 //! Not yet here (issue 4's remaining work): TMA and swizzled layouts on sm_90a (the staged
 //! tiles copy with `cp.async` on both targets), bf16 activations.
@@ -63,13 +65,14 @@ pub fn block_program(k: &Kernel) -> bool {
     staged_tile(k).is_some() || crate::mlir::lower::attend::attend_block(k).is_some()
 }
 
-/// Threads per block of kernel `k`: a block-cooperative program is exactly one block (its
-/// static shared memory is the block's).
-pub fn block_size(k: &Kernel) -> u32 {
+/// Threads per block of kernel `k` on `target`: a block-cooperative program is exactly one
+/// block (its static shared memory is the block's); a warp program has its layout's warps
+/// ([`warp_layout`]); others [`BLOCK`].
+pub fn block_size(k: &Kernel, target: Target) -> u32 {
     if block_program(k) {
         crate::mlir::lower::staged::LANES
     } else {
-        BLOCK
+        warp_layout(k, target).map_or(BLOCK, |l| l.warps * WARP)
     }
 }
 
@@ -120,8 +123,134 @@ pub fn lanes(k: &Kernel) -> u32 {
 /// Threads of a warp: the lanes of a program that shares its reductions.
 pub const WARP: u32 = 32;
 
+/// Most static shared memory a block of warp programs gives its locals and MMA staging: the
+/// static limit (48 KiB, no opt-in), so a block of [`BLOCK`] threads keeps its 4 warps' locals
+/// in shared memory when each has at most 12 KiB.
+pub const SHARED_LOCALS_BUDGET: usize = 48 << 10;
+
+/// Most dynamic shared memory a block of warp programs may take for locals too large for
+/// [`SHARED_LOCALS_BUDGET`] (the driver's opt-in maximum per block): 227 KiB on sm_90a; for
+/// sm_80 plans 99 KiB, the opt-in maximum of sm_86 and sm_89, since an sm_80 plan also runs on
+/// those (the A100's own is 163 KiB).
+pub fn dynamic_shared_budget(target: Target) -> usize {
+    match target {
+        Target::Sm90a => lamina_ir::plan::MAX_DYNAMIC_SHARED as usize,
+        _ => 99 << 10,
+    }
+}
+
+/// Where a warp program keeps its locals.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalsIn {
+    /// A slice per warp of the block's static shared memory (the block's fit
+    /// [`SHARED_LOCALS_BUDGET`]).
+    StaticShared,
+    /// A slice per warp of the block's dynamic shared memory, opted into at load (the block's
+    /// fit [`dynamic_shared_budget`] but not the static budget).
+    DynamicShared,
+    /// The program's slice of the scratch buffer (global memory, cached).
+    Scratch,
+}
+
+/// How a warp program is laid out in its block: warps per block, where its locals live and
+/// the bytes of each warp's MMA staging area ([`warp_staging_bytes`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WarpLayout {
+    pub warps: u32,
+    pub locals: LocalsIn,
+    pub staging: usize,
+}
+
+impl WarpLayout {
+    /// Shared-memory bytes of each warp's slice: its locals when they live there, then its
+    /// staging area, rounded to 16 bytes.
+    pub fn slice_bytes(&self, locals: usize) -> usize {
+        let locals = if self.locals == LocalsIn::Scratch {
+            0
+        } else {
+            locals
+        };
+        (locals + self.staging).next_multiple_of(16)
+    }
+}
+
+/// Most warps per block of a warp program with dynamic shared locals, and the fewest: a block
+/// of one warp would leave three of the SM's four schedulers without work, so locals that only
+/// fit one warp per block stay in the scratch buffer.
+const DYNAMIC_WARPS: [u32; 2] = [(BLOCK / WARP), 2];
+
+/// The layout of warp program `k` (`None` for block-cooperative and thread programs):
+/// - locals that fit [`SHARED_LOCALS_BUDGET`] four warps to a block live in static shared
+///   memory, with staging in what is left of each warp's quarter;
+/// - else, locals that fit [`dynamic_shared_budget`] with 4 or 2 warps to a block, each with
+///   the staging it would have with its locals in scratch (as many stages as a quarter of the
+///   static budget holds), live in dynamic shared memory (without the staging, a warp's
+///   fragment loads from global memory cost registers: the sm_80 Kimi-Linear scan spilled),
+///   with the block size that keeps the most warps resident on an SM by shared memory (4 on a
+///   tie): 2-warp blocks of 33 KiB slices fit 3 to an sm_90 SM, 6 warps, where 4-warp blocks
+///   fit 1;
+/// - else they stay in the scratch buffer, 4 warps to a block, each staging in its quarter of
+///   the static budget.
+pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
+    use crate::mlir::lower::warp_stage::{kernel_stage_bytes, stages, MIN_STAGES};
+    use lamina_ir::kernel::expand::{dots_on_tensor_cores, expand_tiles};
+    if lanes(k) != WARP || block_program(k) {
+        return None;
+    }
+    let expanded = expand_tiles(&dots_on_tensor_cores(k));
+    let locals = crate::mlir::lower::local_layout(&expanded).1;
+    let quarter = SHARED_LOCALS_BUDGET / (BLOCK / WARP) as usize;
+    // Stages of the largest tile that fit `area` bytes (0 when fewer than the minimum do).
+    let staging = |area: usize, locals_global: bool| {
+        let stage = kernel_stage_bytes(&expanded, locals_global);
+        let n = stages(area / 16 * 16, stage);
+        if stage > 0 && n >= MIN_STAGES {
+            n * stage
+        } else {
+            0
+        }
+    };
+    let warps = BLOCK / WARP;
+    if locals > 0 && locals * warps as usize <= SHARED_LOCALS_BUDGET {
+        return Some(WarpLayout {
+            warps,
+            locals: LocalsIn::StaticShared,
+            staging: staging(quarter.saturating_sub(locals), false),
+        });
+    }
+    if locals > 0 {
+        let budget = dynamic_shared_budget(target);
+        let staged = staging(quarter, false);
+        let resident = |l: &WarpLayout| {
+            let block = l.slice_bytes(locals) * l.warps as usize;
+            (block <= budget)
+                .then(|| shared_per_sm(target) as usize / (block + 1024) * l.warps as usize)
+        };
+        let best = DYNAMIC_WARPS
+            .into_iter()
+            .map(|warps| WarpLayout {
+                warps,
+                locals: LocalsIn::DynamicShared,
+                staging: staged,
+            })
+            .filter_map(|l| resident(&l).map(|r| (r, l)))
+            .fold(None::<(usize, WarpLayout)>, |best, (r, l)| match best {
+                Some((b, _)) if b >= r => best,
+                _ => Some((r, l)),
+            });
+        if let Some((_, l)) = best {
+            return Some(l);
+        }
+    }
+    Some(WarpLayout {
+        warps,
+        locals: LocalsIn::Scratch,
+        staging: staging(quarter, true),
+    })
+}
+
 /// Bytes of the locals of a program of `k` of several lanes (one copy per program, as the
-/// GPU lowering lays them out), 0 for thread programs.
+/// GPU lowering lays them out), 0 for thread programs and block-cooperative programs.
 fn warp_locals(k: &Kernel) -> usize {
     use lamina_ir::kernel::expand::{dots_on_tensor_cores, expand_tiles};
     if lanes(k) > 1 && !block_program(k) {
@@ -131,26 +260,30 @@ fn warp_locals(k: &Kernel) -> usize {
     }
 }
 
-/// Most static shared memory a block of warp programs gives its locals and MMA staging: the
-/// static limit (48 KiB, no opt-in), so a block of [`BLOCK`] threads keeps its 4 warps' locals
-/// in shared memory when each has at most 12 KiB.
-pub const SHARED_LOCALS_BUDGET: usize = 48 << 10;
-
-/// Whether warp program `k` keeps its locals in the block's shared memory (a slice per warp):
-/// when the block's warps' locals fit [`SHARED_LOCALS_BUDGET`]. Larger locals stay in the
-/// scratch buffer ([`scratch_bytes`]).
-pub fn locals_in_shared(k: &Kernel) -> bool {
-    let per = warp_locals(k);
-    lanes(k) == WARP && per > 0 && per * (BLOCK / WARP) as usize <= SHARED_LOCALS_BUDGET
+/// Whether warp program `k` keeps its locals in the block's shared memory (a slice per warp,
+/// static or dynamic: [`warp_layout`]). Larger locals stay in the scratch buffer
+/// ([`scratch_bytes`]).
+pub fn locals_in_shared(k: &Kernel, target: Target) -> bool {
+    warp_layout(k, target).is_some_and(|l| l.locals != LocalsIn::Scratch)
 }
 
 /// Scratch bytes per program of kernel `k`: its locals when it is a warp program whose locals
 /// are not in shared memory, else 0.
-pub fn scratch_bytes(k: &Kernel) -> usize {
-    if locals_in_shared(k) {
-        0
-    } else {
-        warp_locals(k)
+pub fn scratch_bytes(k: &Kernel, target: Target) -> usize {
+    match warp_layout(k, target) {
+        Some(l) if l.locals == LocalsIn::Scratch => warp_locals(k),
+        _ => 0,
+    }
+}
+
+/// Bytes of dynamic shared memory a block of `k` is launched with (the plan's
+/// `dynamic_shared_bytes`): the warps' slices when the locals live there, else 0.
+pub fn dynamic_shared_bytes(k: &Kernel, target: Target) -> usize {
+    match warp_layout(k, target) {
+        Some(l) if l.locals == LocalsIn::DynamicShared => {
+            l.slice_bytes(warp_locals(k)) * l.warps as usize
+        }
+        _ => 0,
     }
 }
 
@@ -159,38 +292,23 @@ pub const SCRATCH_BUDGET: usize = 16 << 20;
 
 /// How kernel `k` is mapped onto `target`: staged tiles use `wgmma` on sm_90a.
 pub fn flavor(k: &Kernel, target: Target) -> crate::mlir::Flavor {
+    let layout = warp_layout(k, target);
     crate::mlir::Flavor::Gpu {
-        block: block_size(k),
+        block: block_size(k, target),
         lanes: lanes(k),
         wgmma: target == Target::Sm90a,
-        shared_locals: locals_in_shared(k),
-        staging: warp_staging_bytes(k),
+        shared_locals: layout.map(|l| l.locals),
+        staging: layout.map_or(0, |l| l.staging),
     }
 }
 
 /// Bytes of each warp's slice of shared memory that stage its MMA operands through `cp.async`
 /// ([`crate::mlir::lower::warp_stage`]): as many stages of its largest tile as fit (2 to 4)
-/// beside its locals (if they live in shared memory) in a quarter of
-/// [`SHARED_LOCALS_BUDGET`]; 0 when not even 2 fit, and the fragments are loaded straight
-/// from the operands.
-pub fn warp_staging_bytes(k: &Kernel) -> usize {
-    use lamina_ir::kernel::expand::{dots_on_tensor_cores, expand_tiles};
-    if lanes(k) != WARP {
-        return 0;
-    }
-    let shared = locals_in_shared(k);
-    let expanded = expand_tiles(&dots_on_tensor_cores(k));
-    use crate::mlir::lower::warp_stage::{kernel_stage_bytes, stages, MIN_STAGES};
-    let stage = kernel_stage_bytes(&expanded, !shared);
-    let locals = if shared { warp_locals(k) } else { 0 };
-    // Each warp's share of the budget, less its locals (its slice is rounded to 16 bytes).
-    let area = (SHARED_LOCALS_BUDGET / (BLOCK / WARP) as usize).saturating_sub(locals) / 16 * 16;
-    let n = stages(area, stage);
-    if stage > 0 && n >= MIN_STAGES {
-        n * stage
-    } else {
-        0
-    }
+/// beside its locals (if they live in static shared memory) in a quarter of
+/// [`SHARED_LOCALS_BUDGET`]; 0 when not even 2 fit (or dynamic shared locals leave no room,
+/// [`warp_layout`]), and the fragments are loaded straight from the operands.
+pub fn warp_staging_bytes(k: &Kernel, target: Target) -> usize {
+    warp_layout(k, target).map_or(0, |l| l.staging)
 }
 
 /// How long a PTX compilation took.
@@ -206,11 +324,11 @@ pub fn compile_ptx(
     target: Target,
 ) -> Result<(String, PtxTimings), TargetError> {
     for k in kernels {
-        if scratch_bytes(k) > SCRATCH_BUDGET {
+        if scratch_bytes(k, target) > SCRATCH_BUDGET {
             return Err(TargetError::Kernel(format!(
                 "{}: {} bytes of per-program scratch, over the budget of {SCRATCH_BUDGET}",
                 k.name,
-                scratch_bytes(k)
+                scratch_bytes(k, target)
             )));
         }
         if lanes(k) == 1 && k.local_bytes() > LOCAL_BUDGET {
@@ -271,16 +389,17 @@ pub struct Resources {
 }
 
 impl Resources {
-    /// Blocks of `block` threads resident on one SM of `target`: the fewest that its registers
-    /// (ignoring the allocation granularity, which can only lower it by one warp's worth), its
-    /// shared memory (each block's static bytes plus the 1 KiB the driver reserves), its
-    /// 2048 threads and its 32 blocks allow.
-    pub fn blocks_per_sm(&self, block: u32, target: Target) -> u32 {
+    /// Blocks of `block` threads launched with `dynamic` bytes of dynamic shared memory
+    /// resident on one SM of `target`: the fewest that its registers (ignoring the allocation
+    /// granularity, which can only lower it by one warp's worth), its shared memory (each
+    /// block's static and dynamic bytes plus the 1 KiB the driver reserves), its 2048 threads
+    /// and its 32 blocks allow.
+    pub fn blocks_per_sm(&self, block: u32, dynamic: u32, target: Target) -> u32 {
         let by_registers = match self.registers {
             0 => u32::MAX,
             r => REGISTERS_PER_SM / (r * block.max(1)),
         };
-        let by_shared = match self.shared {
+        let by_shared = match self.shared + dynamic {
             0 => u32::MAX,
             s => shared_per_sm(target) / (s + 1024),
         };
@@ -454,14 +573,16 @@ ptxas info    : Used 10 registers, used 0 barriers, 376 bytes cmem[0]\n";
             ("add_1", 10, 0)
         );
         // 10 registers would allow 51 blocks of 128 threads: the SM's 2048 threads allow 16.
-        assert_eq!(r[1].blocks_per_sm(128, Target::Sm90a), 16);
-        assert_eq!(r[0].blocks_per_sm(128, Target::Sm90a), 12);
+        assert_eq!(r[1].blocks_per_sm(128, 0, Target::Sm90a), 16);
+        assert_eq!(r[0].blocks_per_sm(128, 0, Target::Sm90a), 12);
         // 48 KiB of shared memory per block: 4 fit an sm_90 SM's 228 KiB, 3 an sm_80's 164.
         let shared = Resources {
             shared: 48 << 10,
             ..r[1].clone()
         };
-        assert_eq!(shared.blocks_per_sm(128, Target::Sm90a), 4);
-        assert_eq!(shared.blocks_per_sm(128, Target::Sm80), 3);
+        assert_eq!(shared.blocks_per_sm(128, 0, Target::Sm90a), 4);
+        assert_eq!(shared.blocks_per_sm(128, 0, Target::Sm80), 3);
+        // Dynamic shared memory counts alike: 48 KiB static and 64 KiB dynamic, 2 per sm_90 SM.
+        assert_eq!(shared.blocks_per_sm(128, 64 << 10, Target::Sm90a), 2);
     }
 }

@@ -64,7 +64,8 @@ fn assembles(example: &str) {
                 .iter()
                 .find(|r| r.kernel == k.name)
                 .unwrap_or_else(|| panic!("{example} {target}: ptxas reports no {}", k.name));
-            let block = nvptx::block_size(k);
+            let block = nvptx::block_size(k, target);
+            let dynamic = nvptx::dynamic_shared_bytes(k, target) as u32;
             assert_eq!(
                 (r.spill_stores, r.spill_loads),
                 (0, 0),
@@ -72,16 +73,16 @@ fn assembles(example: &str) {
                 k.name
             );
             assert!(
-                r.registers > 0 && r.blocks_per_sm(block, target) >= 1,
-                "{example} {target} {}: {} registers × {block} threads or {} B of shared \
-                 memory exceed an SM",
+                r.registers > 0 && r.blocks_per_sm(block, dynamic, target) >= 1,
+                "{example} {target} {}: {} registers × {block} threads or {} + {dynamic} B of \
+                 shared memory exceed an SM",
                 k.name,
                 r.registers,
                 r.shared
             );
             assert!(
-                r.shared <= nvptx::shared_limit(target),
-                "{example} {target} {}: {} bytes of shared memory",
+                r.shared + dynamic <= nvptx::shared_limit(target),
+                "{example} {target} {}: {} + {dynamic} bytes of shared memory",
                 k.name,
                 r.shared
             );
@@ -184,6 +185,49 @@ fn gpu_artifact() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains("sm_90a") && err.contains("host"), "{err}");
+    // The chunked recurrence's kernels keep their locals in dynamic shared memory: the plan
+    // records the bytes (and the block the slices were laid out for), the PTX addresses the
+    // module's external shared array.
+    let dynamic: Vec<_> = plan
+        .kernels
+        .iter()
+        .filter(|k| k.gpu.as_ref().unwrap().dynamic_shared_bytes > 0)
+        .collect();
+    assert!(
+        dynamic.iter().any(|k| k.name.contains("_scan64_")),
+        "no scan kernel with dynamic shared memory"
+    );
+    assert!(ptx.contains(".extern .shared .align 16 .b8 lamina_dynamic_shared[];"));
+    for k in &dynamic {
+        let g = k.gpu.as_ref().unwrap();
+        assert_eq!((g.lanes, g.scratch_bytes), (32, 0), "{}", k.name);
+        assert!(
+            g.block == 64 || g.block == 128,
+            "{}: block {}",
+            k.name,
+            g.block
+        );
+        assert!(
+            g.dynamic_shared_bytes > 48 << 10
+                && g.dynamic_shared_bytes <= lamina_ir::plan::MAX_DYNAMIC_SHARED,
+            "{}: {}",
+            k.name,
+            g.dynamic_shared_bytes
+        );
+        assert!(
+            entry(&ptx, &k.symbol).contains("lamina_dynamic_shared"),
+            "{}",
+            k.name
+        );
+    }
+    let mut bad = plan.clone();
+    let at = plan
+        .kernels
+        .iter()
+        .position(|k| k.name == dynamic[0].name)
+        .unwrap();
+    bad.kernels[at].gpu.as_mut().unwrap().dynamic_shared_bytes = 228 << 10;
+    assert!(bad.check().unwrap_err().contains("dynamic_shared_bytes"));
     // A host plan carrying GPU launch data is refused by the plan check.
     let mut bad = plan.clone();
     bad.target = "host".into();
@@ -476,7 +520,12 @@ fn prefill_gemms_are_block_cooperative() {
                 Phase::Prefill => {
                     assert!(staged_tile(k).is_some(), "{} is not staged", k.name);
                     assert_eq!(nvptx::lanes(k), staged::LANES, "{}", k.name);
-                    assert_eq!(nvptx::block_size(k), staged::LANES, "{}", k.name);
+                    assert_eq!(
+                        nvptx::block_size(k, Target::Sm90a),
+                        staged::LANES,
+                        "{}",
+                        k.name
+                    );
                     if !staged_kernels
                         .iter()
                         .any(|s: &lamina_ir::kernel::Kernel| s.name == k.name)
@@ -549,6 +598,34 @@ fn chunked_recurrences_are_chunk_parallel_on_tensor_cores() {
             "{example}"
         );
         assert!(!prefill.iter().any(|l| l.kernel.name.contains("_chunked")));
+        // The scan's locals (the state columns, u, the output block and the staged keys: 48 KiB
+        // a warp) live in dynamic shared memory on sm_90a, 2 warps to a block; an sm_80 plan's
+        // 99 KiB does not hold 2 with their staging, so they stay in the scratch buffer.
+        use nvptx::LocalsIn;
+        let layout = |k, target| nvptx::warp_layout(k, target).unwrap();
+        let s90 = layout(&scan, Target::Sm90a);
+        assert_eq!(
+            (s90.locals, s90.warps),
+            (LocalsIn::DynamicShared, 2),
+            "{example}"
+        );
+        assert_eq!(nvptx::scratch_bytes(&scan, Target::Sm90a), 0, "{example}");
+        assert_eq!(
+            layout(&scan, Target::Sm80).locals,
+            LocalsIn::Scratch,
+            "{example}"
+        );
+        // The chunk kernels' locals are larger: MiniMax's (fixed decay, no solve) fit 2 warps
+        // on sm_90a; the delta rule's (164 and 254 KB) stay in the scratch buffer.
+        assert_eq!(
+            layout(&chunk, Target::Sm90a).locals,
+            if example.starts_with("minimax") {
+                LocalsIn::DynamicShared
+            } else {
+                LocalsIn::Scratch
+            },
+            "{example}"
+        );
         warps_on_tf32_tensor_cores(&[chunk, scan]);
     }
 }
@@ -580,8 +657,10 @@ fn entry<'p>(ptx: &'p str, name: &str) -> &'p str {
 
 /// Each of `kernels` is a warp program whose tensor-core tiles copy operands into the warp's
 /// slice of shared memory with `cp.async` (2 to 4 stages: `wait_group 1..3` in the loop),
-/// its locals in the scratch buffer; ptxas: the block's static shared memory is its 4 warps'
-/// staging areas, no spills, at least one block per SM. Returns the PTX for `target`.
+/// unless every operand is a local already in shared memory (MiniMax's chunk kernel on sm_90a);
+/// ptxas: with its locals in the scratch buffer the block's static shared memory is its 4
+/// warps' staging areas, with its locals in dynamic shared memory there is no static shared
+/// memory; no spills, at least one block per SM. Returns the PTX for `target`.
 fn warps_stage_through_shared_memory(
     kernels: &[lamina_ir::kernel::Kernel],
     target: Target,
@@ -589,7 +668,8 @@ fn warps_stage_through_shared_memory(
     for k in kernels {
         assert_eq!(nvptx::lanes(k), nvptx::WARP, "{}", k.name);
         assert!(
-            nvptx::warp_staging_bytes(k) > 0,
+            nvptx::warp_staging_bytes(k, target) > 0
+                || nvptx::warp_layout(k, target).unwrap().locals == nvptx::LocalsIn::DynamicShared,
             "{}: nothing staged",
             k.name
         );
@@ -597,6 +677,12 @@ fn warps_stage_through_shared_memory(
     let (ptx, _) = nvptx::compile_ptx(kernels, target).unwrap();
     for k in kernels {
         let text = entry(&ptx, &k.name);
+        if nvptx::warp_staging_bytes(k, target) == 0 {
+            // Operands in shared memory: fragments read from there, nothing copied.
+            assert!(text.contains("ld.shared"), "{} {target}", k.name);
+            assert!(!text.contains("cp.async"), "{} {target}", k.name);
+            continue;
+        }
         for op in ["cp.async.ca.shared.global", "bar.warp.sync"] {
             assert!(text.contains(op), "{} {target}: no {op}", k.name);
         }
@@ -611,15 +697,30 @@ fn warps_stage_through_shared_memory(
         for r in nvptx::ptxas(&ptx, target).unwrap() {
             let k = kernels.iter().find(|k| k.name == r.kernel).unwrap();
             assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{}", r.kernel);
-            assert!(r.blocks_per_sm(nvptx::BLOCK, target) >= 1, "{}", r.kernel);
-            if !nvptx::locals_in_shared(k) {
-                let warps = (nvptx::BLOCK / nvptx::WARP) as usize;
-                assert_eq!(
+            let dynamic = nvptx::dynamic_shared_bytes(k, target);
+            let block = nvptx::block_size(k, target);
+            assert!(
+                r.blocks_per_sm(block, dynamic as u32, target) >= 1,
+                "{}",
+                r.kernel
+            );
+            let warps = (block / nvptx::WARP) as usize;
+            match nvptx::warp_layout(k, target).unwrap().locals {
+                nvptx::LocalsIn::Scratch => assert_eq!(
                     r.shared as usize,
-                    warps * nvptx::warp_staging_bytes(k),
+                    warps * nvptx::warp_staging_bytes(k, target),
                     "{}",
                     r.kernel
-                );
+                ),
+                nvptx::LocalsIn::DynamicShared => {
+                    assert_eq!(r.shared, 0, "{}", r.kernel);
+                    assert!(
+                        dynamic > warps * nvptx::warp_staging_bytes(k, target),
+                        "{}",
+                        r.kernel
+                    );
+                }
+                nvptx::LocalsIn::StaticShared => {}
             }
         }
     }
@@ -654,16 +755,27 @@ fn decode_tiles_stage_weights_and_cache() {
     ];
     // The projection's thin weight slabs (16 rows) get the deepest pipeline: 4 stages, 3 slabs
     // in flight; the MLA tile's 32 + 32 rows, 2.
+    // The MLA tile's locals (64 KiB of latent accumulators and more per warp) stay in the
+    // scratch buffer on sm_80; on sm_90a 2 warps' fit a block's dynamic shared memory.
     use lamina_targets::mlir::lower::warp_stage::{MAX_STAGES, MIN_STAGES, ROW_BYTES};
-    assert_eq!(
-        nvptx::warp_staging_bytes(&kernels[1]),
-        MAX_STAGES * 16 * ROW_BYTES
-    );
-    assert_eq!(
-        nvptx::warp_staging_bytes(&kernels[0]),
-        MIN_STAGES * 64 * ROW_BYTES
-    );
     for target in [Target::Sm80, Target::Sm90a] {
+        assert_eq!(
+            nvptx::warp_staging_bytes(&kernels[1], target),
+            MAX_STAGES * 16 * ROW_BYTES
+        );
+        assert_eq!(
+            nvptx::warp_staging_bytes(&kernels[0], target),
+            MIN_STAGES * 64 * ROW_BYTES
+        );
+        let layout = nvptx::warp_layout(&kernels[0], target).unwrap();
+        assert_eq!(
+            (layout.locals, layout.warps),
+            match target {
+                Target::Sm90a => (nvptx::LocalsIn::DynamicShared, 2),
+                _ => (nvptx::LocalsIn::Scratch, 4),
+            },
+            "{target}"
+        );
         let ptx = warps_stage_through_shared_memory(&kernels, target);
         assert!(entry(&ptx, &kernels[1].name).contains("cp.async.wait_group \t3;"));
     }
@@ -748,14 +860,30 @@ fn decode_attention_reads_the_cache_once_per_kv_head() {
         if family == "mla_attend_" {
             assert_eq!(k.grid[1], Dim::N(readers), "{}", k.name);
         }
-        // GQA's locals (the group's accumulators and logits) fit the block's shared memory;
-        // MLA's 32 heads' latent accumulators (64 KiB) stay in the scratch buffer.
-        assert_eq!(
-            (nvptx::locals_in_shared(k), nvptx::scratch_bytes(k) == 0),
-            (family == "gqa_attend_", family == "gqa_attend_"),
-            "{}",
-            k.name
-        );
+        // GQA's locals (the group's accumulators and logits) fit the block's static shared
+        // memory; MLA's 32 heads' latent accumulators (64 KiB) stay in the scratch buffer on
+        // sm_80 and fit dynamic shared memory, 2 warps to a block, on sm_90a.
+        for target in [Target::Sm80, Target::Sm90a] {
+            let expect = match (family, target) {
+                ("gqa_attend_", _) => nvptx::LocalsIn::StaticShared,
+                (_, Target::Sm90a) => nvptx::LocalsIn::DynamicShared,
+                _ => nvptx::LocalsIn::Scratch,
+            };
+            let layout = nvptx::warp_layout(k, target).unwrap();
+            assert_eq!(layout.locals, expect, "{} {target}", k.name);
+            assert_eq!(
+                (
+                    nvptx::locals_in_shared(k, target),
+                    nvptx::scratch_bytes(k, target) == 0
+                ),
+                (
+                    expect != nvptx::LocalsIn::Scratch,
+                    expect != nvptx::LocalsIn::Scratch
+                ),
+                "{} {target}",
+                k.name
+            );
+        }
         let loads = param_bytes(k, 1, (0.0, context as f64), "cache");
         let ratio = loads / attended;
         assert!(
@@ -839,9 +967,9 @@ fn flash_blocks_on_bf16_tensor_cores(kernels: &[lamina_ir::kernel::Kernel]) {
     for k in kernels {
         let a = attend_block(k).unwrap_or_else(|| panic!("{}: not an attention block", k.name));
         assert_eq!(nvptx::lanes(k), attend::LANES, "{}", k.name);
-        assert_eq!(nvptx::block_size(k), attend::LANES, "{}", k.name);
-        assert_eq!(nvptx::scratch_bytes(k), 0, "{}", k.name);
         for target in [Target::Sm90a, Target::Sm80] {
+            assert_eq!(nvptx::block_size(k, target), attend::LANES, "{}", k.name);
+            assert_eq!(nvptx::scratch_bytes(k, target), 0, "{}", k.name);
             let (ptx, _) = nvptx::compile_ptx(kernels, target).unwrap();
             let text = entry(&ptx, &k.name);
             for op in [
@@ -858,7 +986,11 @@ fn flash_blocks_on_bf16_tensor_cores(kernels: &[lamina_ir::kernel::Kernel]) {
                 for r in nvptx::ptxas(&ptx, target).unwrap() {
                     assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{}", r.kernel);
                     assert_eq!(r.shared as usize, attend::shared_bytes(a), "{}", r.kernel);
-                    assert!(r.blocks_per_sm(attend::LANES, target) >= 1, "{}", r.kernel);
+                    assert!(
+                        r.blocks_per_sm(attend::LANES, 0, target) >= 1,
+                        "{}",
+                        r.kernel
+                    );
                 }
             }
         }

@@ -68,8 +68,10 @@ pub fn gpu_report(
     println!(
         "{target} kernels: one program per block of {} warps (prefill projections: tiles staged in \
          static shared memory by cp.async), per warp (kernels with reductions; their tensor-core tiles \
-         stage aligned global operands in the warp's slice of static shared memory by cp.async) or \
-         per thread, {} threads per block, no dynamic shared memory; weights bf16, state f32, activations f32 but those only GEMMs read (bf16, `_bf16<param>`); \
+         stage aligned global operands in the warp's slice of static shared memory by cp.async; \
+         locals too large for static shared memory in dynamic shared memory, 2 or 4 warps to a \
+         block, smem marked *, else in the scratch buffer) or per thread, {} threads per block \
+         otherwise; weights bf16, state f32, activations f32 but those only GEMMs read (bf16, `_bf16<param>`); \
          projections (linear_mma_*) on tensor cores with bf16 operands: {}",
         staged::LANES / nvptx::WARP,
         nvptx::BLOCK,
@@ -79,7 +81,7 @@ pub fn gpu_report(
         }
     );
     println!(
-        "{:<64} {:>5} {:>5} {:>8} {:>11} {:>6} {:>7} {:>9} {:>10}",
+        "{:<64} {:>5} {:>5} {:>8} {:>11} {:>8} {:>7} {:>9} {:>10}",
         "kernel",
         "lanes",
         "regs",
@@ -97,18 +99,24 @@ pub fn gpu_report(
     for k in &kernels {
         match resources.get(&k.name) {
             Some(r) => {
+                let dynamic = nvptx::dynamic_shared_bytes(k, target) as u32;
+                let smem = if dynamic > 0 {
+                    format!("{}*", r.shared + dynamic)
+                } else {
+                    r.shared.to_string()
+                };
                 println!(
-                    "{:<64} {:>5} {:>5} {:>8} {:>5}/{:<5} {:>6} {:>7} {:>9.2} {:>10}",
+                    "{:<64} {:>5} {:>5} {:>8} {:>5}/{:<5} {:>8} {:>7} {:>9.2} {:>10}",
                     k.name,
                     nvptx::lanes(k),
                     r.registers,
                     r.stack,
                     r.spill_stores,
                     r.spill_loads,
-                    r.shared,
-                    r.blocks_per_sm(nvptx::block_size(k), target),
+                    smem,
+                    r.blocks_per_sm(nvptx::block_size(k, target), dynamic, target),
                     reserve(r.stack) / 1e9,
-                    nvptx::scratch_bytes(k)
+                    nvptx::scratch_bytes(k, target)
                 );
                 if reserve(r.stack) > 0.1 * gpu.memory as f64 {
                     heavy.push(k.name.as_str());
@@ -179,7 +187,7 @@ pub fn gpu_report(
                 kernel: k,
                 launches: 0,
                 blocks: (k.programs(rows) * nvptx::lanes(k) as usize)
-                    .div_ceil(nvptx::block_size(k) as usize),
+                    .div_ceil(nvptx::block_size(k, target) as usize),
                 work: launch_work(k, rows, data),
             });
             e.launches += 1;
@@ -218,7 +226,7 @@ pub fn gpu_report(
             // scratch: its traffic per launch, and
             // the time it takes over all launches (as the roofline column) if none of it stays
             // in L1/L2 (an upper bound).
-            let (scratch, scratch_time) = if nvptx::scratch_bytes(r.kernel) > 0 {
+            let (scratch, scratch_time) = if nvptx::scratch_bytes(r.kernel, target) > 0 {
                 let s = r.work.scratch_bytes;
                 let time = r.launches as f64 * s / gpu.bandwidth;
                 scratch_t += time;

@@ -76,6 +76,8 @@ pub struct Device {
     pub capability: (i32, i32),
     pub memory: usize,
     pub multiprocessors: i32,
+    /// Most shared memory one block may opt into (static and dynamic together), bytes.
+    pub shared_optin: usize,
     cu: sys::CUdevice,
     ctx: sys::CUcontext,
 }
@@ -104,6 +106,7 @@ impl Device {
             attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
         );
         let multiprocessors = attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?;
+        let shared_optin = attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as usize;
         let name = result::device::get_name(cu).map_err(cuda("cuDeviceGetName"))?;
         // SAFETY: valid device handle.
         let memory = unsafe { result::device::total_mem(cu) }.map_err(cuda("cuDeviceTotalMem"))?;
@@ -116,6 +119,7 @@ impl Device {
             capability,
             memory,
             multiprocessors,
+            shared_optin,
             cu,
             ctx,
         };
@@ -507,11 +511,37 @@ impl CudaEngine {
                     k.symbol,
                     e.image.file()
                 )))?;
-            if k.gpu.is_none() {
+            let Some(g) = &k.gpu else {
                 return Err(bad_plan(
                     dir,
                     format!("kernel {} has no gpu launch data", k.name),
                 ));
+            };
+            // Dynamic shared memory over the default 48 KiB must be opted into per function.
+            if g.dynamic_shared_bytes > 0 {
+                let bytes = g.dynamic_shared_bytes as usize;
+                if bytes > e.device.shared_optin {
+                    return Err(Error::Device(format!(
+                        "kernel {} needs {bytes} bytes of dynamic shared memory per block, but {} \
+                         allows at most {} (plan {})",
+                        k.name,
+                        e.device.name,
+                        e.device.shared_optin,
+                        dir.display()
+                    )));
+                }
+                // SAFETY: `f` was just taken from the loaded module.
+                unsafe {
+                    result::function::set_function_attribute(
+                        f,
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        bytes as i32,
+                    )
+                }
+                .map_err(cuda(format!(
+                    "kernel {}: opting into {bytes} bytes of dynamic shared memory",
+                    k.name
+                )))?;
             }
             e.functions.push(f);
         }

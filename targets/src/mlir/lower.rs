@@ -16,9 +16,8 @@
 //!
 //! Buffers are flat memrefs indexed with constant row-major strides; locals are stack
 //! allocations made once at function entry (GPU thread programs: per-thread local memory; GPU
-//! warp programs: a slice of the block's static shared memory per warp when the block's
-//! locals fit [`crate::nvptx::SHARED_LOCALS_BUDGET`], else a slice of the scratch buffer per
-//! program). Every operation
+//! warp programs: a slice of the block's static or dynamic shared memory per warp, or a slice
+//! of the scratch buffer per program, as [`crate::nvptx::warp_layout`] decides). Every operation
 //! carries a location naming the kernel, its graph nodes and the statement, so diagnostics
 //! point back at the source.
 
@@ -49,6 +48,10 @@ pub use mma::{a_fragment, b_fragment, c_fragment};
 /// kernel's own strides and never checked against it.
 pub const GPU_EXTENT: i64 = 1 << 40;
 
+/// The GPU module's external shared array that kernels with dynamic shared memory address
+/// (declared by [`super::gpu_module`]).
+pub const DYNAMIC_SHARED: &str = "lamina_dynamic_shared";
+
 /// Iterations per trip of a lane's share of a dealt GPU reduction ([`Lower::unrolled_reduce`]).
 pub const REDUCE_UNROLL: usize = 8;
 
@@ -73,15 +76,16 @@ pub enum Flavor {
     /// or in blocks of contiguous iterations read by vector loads: [`deal`]) and whose partial
     /// results are combined by a butterfly of warp shuffles, so that every lane holds the same
     /// total after them.
-    /// `shared_locals`: a warp program's locals live in the block's static shared memory (one
-    /// slice per warp) instead of the scratch buffer. `staging`: bytes of each warp's slice
+    /// `shared_locals`: where a warp program's locals live (`None` for other programs): a
+    /// slice per warp of the block's static or dynamic shared memory, or the scratch buffer
+    /// ([`crate::nvptx::warp_layout`]). `staging`: bytes of each warp's slice
     /// that stage its MMA operands ([`warp_stage`]; 0: fragments are loaded from the operands
     /// directly).
     Gpu {
         block: u32,
         lanes: u32,
         wgmma: bool,
-        shared_locals: bool,
+        shared_locals: Option<crate::nvptx::LocalsIn>,
         staging: usize,
     },
     /// The host frame, with split loops and reductions run as `lanes` lanes would on a GPU:
@@ -200,7 +204,10 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
     // Locals, sized for their largest use.
     let (layout, per_program) = local_layout(k);
     // A warp program's slice of the block's shared memory: its locals (when they live there),
-    // then its MMA staging area; (bytes per warp, bytes of locals).
+    // then its MMA staging area; (bytes per warp, bytes of locals). Dynamic shared memory
+    // (sized by the launch) holds the slices when the locals were placed there.
+    use crate::nvptx::LocalsIn;
+    let mut dynamic_shared = false;
     let warp_slice = match flavor {
         Flavor::Gpu {
             block,
@@ -209,10 +216,17 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
             staging,
             ..
         } if lanes == crate::nvptx::WARP => {
-            let locals = if shared_locals { per_program } else { 0 };
+            let locals = match shared_locals {
+                Some(LocalsIn::StaticShared) => per_program,
+                Some(LocalsIn::DynamicShared) => {
+                    dynamic_shared = true;
+                    per_program
+                }
+                Some(LocalsIn::Scratch) | None => 0,
+            };
             let per_warp = (locals + staging).next_multiple_of(16);
             let bytes = per_warp * (block / lanes) as usize;
-            if bytes > crate::nvptx::SHARED_LOCALS_BUDGET {
+            if !dynamic_shared && bytes > crate::nvptx::SHARED_LOCALS_BUDGET {
                 return Err(bug(format!(
                     "{what}: {bytes} bytes of locals and staging per block, over the shared budget of {}",
                     crate::nvptx::SHARED_LOCALS_BUDGET
@@ -226,7 +240,9 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
     // A block-cooperative program: its shared memory, a workgroup attribution (an entry-block
     // argument after the function's); or a warp program's slices, likewise.
     let staged_program = l.gpu && l.lanes == staged::LANES;
-    let shared: Option<Type> = if let Some((_, bytes, _)) = warp_slice {
+    let shared: Option<Type> = if dynamic_shared {
+        None
+    } else if let Some((_, bytes, _)) = warp_slice {
         let space = staged::workgroup_space(ctx)?;
         Some(MemRefType::new(l.i8(), &[bytes as i64], None, Some(space)).into())
     } else if staged_program {
@@ -262,6 +278,25 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
             .map_err(|e| bug(format!("argument {i}: {e}")))
     };
     let rows = arg(if l.gpu { n + 1 } else { n })?;
+    // The warp slices' shared memory: the workgroup attribution, or the dynamic shared memory.
+    let warp_smem = match warp_slice {
+        Some(_) if dynamic_shared => {
+            let space = staged::workgroup_space(ctx)?;
+            let ty = MemRefType::new(l.i8(), &[0], None, Some(space));
+            let op = OperationBuilder::new("memref.get_global", loc)
+                .add_attributes(&[(
+                    Identifier::new(ctx, "name"),
+                    Attribute::parse(ctx, &format!("@{DYNAMIC_SHARED}"))
+                        .ok_or_else(|| bug("dynamic shared symbol".into()))?,
+                )])
+                .add_results(&[ty.into()])
+                .build()
+                .map_err(|e| bug(format!("{what}: memref.get_global: {e}")))?;
+            Some(l.append(&entry, op))
+        }
+        Some(_) => Some(arg(n + 2)?),
+        None => None,
+    };
     let mut bufs = HashMap::new();
     for (i, p) in k.params.iter().enumerate() {
         let mut strides = vec![1usize; p.shape.len()];
@@ -326,7 +361,10 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
         _ => None,
     };
     let (space, source) = if shared_locals {
-        (Some(staged::workgroup_space(ctx)?), arg(n + 2)?)
+        (
+            Some(staged::workgroup_space(ctx)?),
+            warp_smem.ok_or_else(|| bug(format!("{what}: shared locals without a slice")))?,
+        )
     } else {
         (None, arg(n)?)
     };
@@ -335,7 +373,7 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
             let locals = warp_slice.map_or(0, |(_, _, locals)| locals);
             let off = l.const_index(&entry, locals as i64);
             Some((
-                arg(n + 2)?,
+                warp_smem.ok_or_else(|| bug(format!("{what}: staging without a slice")))?,
                 l.op(&entry, "arith.addi", &[base, off], l.index, false),
                 staging,
             ))
@@ -436,7 +474,7 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
         // No `known_block_size`: its `.maxntid` makes ptxas trade registers for local-memory
         // spills in the chunked kernels. The block size must be the plan's nonetheless: a
         // block-cooperative tile is exactly one block, and a warp program with shared locals
-        // finds its slice at `(threadIdx.x / 32) · per_program` of a static array sized for
+        // finds its slice at `(threadIdx.x / 32) · per_program` of shared memory sized for
         // the plan's block (more threads would address past it).
         Flavor::Gpu { .. } => {
             let mut total = l.const_index(&entry, 1);

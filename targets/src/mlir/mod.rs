@@ -69,9 +69,30 @@ pub fn gpu_module<'c>(
     let (chip, features) = target
         .nvptx()
         .ok_or_else(|| TargetError::Unavailable(format!("{target} is not an NVPTX target")))?;
+    // Kernels with dynamic shared memory address it through one external, zero-sized,
+    // 16-byte aligned shared array (PTX `.extern .shared .align 16 .b8 NAME[]`): the upstream
+    // `gpu.dynamic_shared_memory` lowering declares an internal one that LLVM demotes into a
+    // 1-byte static variable of the function.
+    let dynamic = kernels.iter().any(|k| {
+        matches!(
+            flavor(k),
+            Flavor::Gpu {
+                shared_locals: Some(crate::nvptx::LocalsIn::DynamicShared),
+                ..
+            }
+        )
+    });
+    let global = if dynamic {
+        format!(
+            "memref.global \"public\" @{} : memref<0xi8, #gpu.address_space<workgroup>> {{alignment = 16 : i64}}\n",
+            lower::DYNAMIC_SHARED
+        )
+    } else {
+        String::new()
+    };
     let text = format!(
         "module attributes {{gpu.container_module}} {{\n\
-         gpu.module @kernels [#nvvm.target<chip = \"{chip}\", features = \"{features}\", O = 3>] {{\n}}\n}}"
+         gpu.module @kernels [#nvvm.target<chip = \"{chip}\", features = \"{features}\", O = 3>] {{\n{global}}}\n}}"
     );
     let module = Module::parse(&cx.context, &text).ok_or_else(|| {
         TargetError::Mlir(format!("gpu.module skeleton: {}", cx.take_diagnostics()))
