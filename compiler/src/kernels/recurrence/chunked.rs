@@ -32,8 +32,9 @@
 //! (`mma_tiles`; both 3xTF32 tensor-core tiles on a GPU, loops on the host): the cumulative
 //! log-decay is a `cumsum`; the off-diagonal sub-chunk blocks (per-channel decay) are `dot`s;
 //! `T` is a `trisolve` on the identity (C columns, not dk + dv); the products `X Kᵀ` (scalar
-//! decay) and `[W | U] = T β [k ⊙ e^G | v]` are MMA tiles whose epilogues apply the decay and
-//! β and store the handoff directly, and the scan's products per chunk are MMA tiles reading
+//! decay, their epilogues applying the decay), `W = T β (k ⊙ e^G)` and `U = T β v` (their
+//! right-hand sides staged transposed in the locals q and k leave free) are MMA tiles whose
+//! epilogues store the handoff directly, and the scan's products per chunk are MMA tiles reading
 //! the handoff where it lies, but for `k ⊙ e^(G_L − G)`, staged transposed so that the host
 //! can vectorise the state update's sum over the chunk (the state columns, `u`, the output
 //! block and that copy are per-program scratch).
@@ -84,11 +85,6 @@ impl Shape {
             channel,
             w: if channel { rec.dk } else { 1 },
         }
-    }
-
-    /// Columns of `[W | U]` per token (the delta rule).
-    fn rhs_cols(&self) -> usize {
-        self.dk + self.dv
     }
 }
 
@@ -205,7 +201,6 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
     let rec = &sh.rec;
     let (dk, dv, w, c_n) = (sh.dk, sh.dv, sh.w, CHUNK);
     let (delta, channel) = (sh.delta, sh.channel);
-    let nr = sh.rhs_cols();
     let wc = |c: Expr| if channel { c } else { i(0) };
     let gl = |name: &str, t: Expr, c: Expr| ld(name, [t * i(w) + wc(c)]);
     let at = |name: &str, t: Expr, c: Expr| ld(name, [t * i(dk) + c]);
@@ -213,16 +208,17 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
     let r = || r_of(v("t"));
     let last = || v("l") - i(1);
 
+    // With the delta rule, `qs` and `ks` are reused once their rows are no longer needed for
+    // the products' right-hand sides, transposed (step 5): `ks` is sized for either.
     let mut body = vec![
         local("qs", c_n * dk),
-        local("ks", c_n * dk),
+        local("ks", c_n * if delta { dk.max(dv) } else { dk }),
         local("G", c_n * w),
     ];
     if delta {
         body.extend([
             local("bt", c_n),
             local("mkk", c_n * c_n),
-            local("rhst", nr * c_n),
             local("tm", c_n * c_n),
         ]);
     }
@@ -303,8 +299,8 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
     body.push(for_par("t", i(0), v("l"), gates));
     body.push(cumsum(view("G", i(0), w), v("l"), w));
 
-    // 3. Handed on: e^G_L (in the chunk's first row), q ⊙ e^G, k ⊙ e^(G_L − G); for the
-    //    delta rule β [k ⊙ e^G | v] transposed (what T multiplies), else U = v.
+    // 3. Handed on: e^G_L (in the chunk's first row), q ⊙ e^G, k ⊙ e^(G_L − G); without the
+    //    delta rule U = v.
     body.push(for_par(
         "e",
         i(0),
@@ -316,7 +312,7 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
         )],
     ));
     let hc = || v("h") * i(dk) + v("c");
-    let mut decayed = vec![
+    let decayed = vec![
         let_("ge", exp(gl("G", v("t"), v("c")))),
         st("qg", [r(), hc()], at("qs", v("t"), v("c")) * v("ge")),
         st(
@@ -325,46 +321,17 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
             at("ks", v("t"), v("c")) * exp(gl("G", last(), v("c")) - gl("G", v("t"), v("c"))),
         ),
     ];
-    if delta {
-        decayed.push(st(
-            "rhst",
-            [v("c") * i(c_n) + v("t")],
-            ld("bt", [v("t")]) * at("ks", v("t"), v("c")) * v("ge"),
-        ));
-    }
     let hj = || v("h") * i(dv) + v("j");
-    let vt = io.conv_prefill("v", r(), hj());
-    let values = if delta {
-        st(
-            "rhst",
-            [(i(dk) + v("j")) * i(c_n) + v("t")],
-            ld("bt", [v("t")]) * vt,
-        )
-    } else {
-        st("u", [r(), hj()], vt)
-    };
-    body.push(for_par(
-        "t",
-        i(0),
-        v("l"),
-        vec![
-            for_("c", i(0), i(dk), decayed),
-            for_("j", i(0), i(dv), vec![values]),
-        ],
-    ));
-    if delta {
-        // The right-hand side's columns past the chunk are zero (the product below runs over
-        // the whole chunk).
-        body.push(for_par(
-            "q",
+    let mut per_token = vec![for_("c", i(0), i(dk), decayed)];
+    if !delta {
+        per_token.push(for_(
+            "j",
             i(0),
-            i(nr * c_n),
-            vec![if_(
-                ge(rem(v("q"), i(c_n)), v("l")),
-                vec![st("rhst", [v("q")], f(0.0))],
-            )],
+            i(dv),
+            vec![st("u", [r(), hj()], io.conv_prefill("v", r(), hj()))],
         ));
     }
+    body.push(for_par("t", i(0), v("l"), per_token));
 
     // 4. The decay-weighted products M_qk (s ≤ t) and, for the delta rule, M_kk (s < t).
     if !channel {
@@ -516,8 +483,14 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
     }
 
     // 5. Delta rule: T = (I + L)⁻¹ (the solve reads L's strictly lower part) by forward
-    //    substitution on the identity, then [W | U] = T β [k ⊙ e^G | v] as one product
-    //    (tensor cores on a GPU) stored straight into the handoff.
+    //    substitution on the identity, then W = T β (k ⊙ e^G) and U = T β v as products
+    //    (tensor cores on a GPU) stored straight into the handoff. Their right-hand sides are
+    //    staged transposed (rows of both operands contiguous along the chunk, which the host
+    //    vectorises), zero past the chunk's end (the products run over the whole chunk), in
+    //    the locals whose rows are no longer read: `qs` (q is dead once M_qk is formed) takes
+    //    (β k ⊙ e^G)ᵀ, then `ks` (k is dead once that is formed) takes (β v)ᵀ. This keeps the
+    //    program's locals at q, k and two C × C tiles (Qwen3-Next: 96.5 KiB), which lets a GPU
+    //    hold two programs' in a block's shared memory.
     if delta {
         body.push(for_par(
             "q",
@@ -535,30 +508,43 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
             v("l"),
             c_n,
         ));
-        body.push(mma_tiles(
-            MmaKind::F32,
-            v("l"),
-            i(nr),
-            c_n,
-            &|t, x| ld("tm", [t * i(c_n) + x]),
-            &|c, x| ld("rhst", [c * i(c_n) + x]),
-            &|t, c, acc| {
+        // Element q of a transposed right-hand side: column q / C, chunk row x = q mod C
+        // (clamped into the chunk, where it is read; zero past it).
+        let x = || v("x");
+        let xc = || min(x(), last());
+        let transposed = |buf: &str, width: usize, value: Expr| {
+            for_par(
+                "q",
+                i(0),
+                i(width * c_n),
                 vec![
-                    if_(
-                        lt(c.clone(), i(dk)),
-                        vec![st(
-                            "w",
-                            [r_of(t.clone()), v("h") * i(dk) + c.clone()],
-                            acc.clone(),
-                        )],
-                    ),
-                    if_(
-                        ge(c.clone(), i(dk)),
-                        vec![st("u", [r_of(t), v("h") * i(dv) + c - i(dk)], acc)],
-                    ),
-                ]
-            },
+                    let_("x", rem(v("q"), i(c_n))),
+                    let_("c", v("q") / i(c_n)),
+                    st(buf, [v("q")], select(lt(x(), v("l")), value, f(0.0))),
+                ],
+            )
+        };
+        body.push(transposed(
+            "qs",
+            dk,
+            ld("bt", [xc()]) * at("ks", xc(), v("c")) * exp(gl("G", xc(), v("c"))),
         ));
+        body.push(transposed(
+            "ks",
+            dv,
+            ld("bt", [xc()]) * io.conv_prefill("v", r_of(xc()), v("h") * i(dv) + v("c")),
+        ));
+        for (out, rhs, width) in [("w", "qs", dk), ("u", "ks", dv)] {
+            body.push(mma_tiles(
+                MmaKind::F32,
+                v("l"),
+                i(width),
+                c_n,
+                &|t, x| ld("tm", [t * i(c_n) + x]),
+                &|c, x| ld(rhs, [c * i(c_n) + x]),
+                &|t, c, acc| vec![st(out, [r_of(t), v("h") * i(width) + c], acc)],
+            ));
+        }
     }
 
     // Everything but the state, the output and its norm; then the handoff.
