@@ -5,17 +5,19 @@
 //! for a kernel that is one large tensor-core tile (the prefill projections, staged through
 //! shared memory: [`crate::mlir::lower::staged`]), a warp for kernels with reductions or split
 //! loops, whose iterations the lanes share (coalesced rows, a shuffle butterfly to combine),
-//! one thread otherwise — [`BLOCK`] threads per block, `⌈programs · lanes / block⌉` blocks
-//! along x. A warp program's tensor-core tiles stage their aligned global operands through a
-//! slice of the block's static shared memory per warp by `cp.async`
+//! one thread otherwise — [`BLOCK`] threads per block (64 for warp programs laid out 2 warps
+//! to a block, [`warp_layout`]), `⌈programs · lanes / block⌉` blocks along x. A warp
+//! program's tensor-core tiles stage their aligned global operands through its warp's slice of
+//! the block's shared memory by `cp.async`
 //! ([`warp_staging_bytes`], [`crate::mlir::lower::warp_stage`]: flash attention's queries and
 //! keys, the chunked recurrences' tiles, MLA decode's queries and latent rows, split-K
 //! projections' weights). It keeps its locals in shared memory too, a slice per warp
 //! ([`warp_layout`]): static when 4 warps' fit [`SHARED_LOCALS_BUDGET`] (GQA decode attention,
 //! the decode recurrent steps, split-K norms, routers); dynamic, 2 or 4 warps to a block, when
 //! they fit [`dynamic_shared_budget`] (the chunked scans, MiniMax's chunk kernel and MLA decode
-//! attention on sm_90a); else in a scratch buffer, one copy per program ([`scratch_bytes`]
-//! each, at `program · scratch_bytes`: the delta rule's chunk kernels); its lanes write them
+//! attention on sm_90a; Qwen3-Next's chunk kernel too); else in a scratch buffer, one copy per
+//! program ([`scratch_bytes`] each, at `program · scratch_bytes`: Kimi-Linear's chunk kernel,
+//! and most of these on sm_80); its lanes write them
 //! alike between warp barriers. A thread program keeps them in local memory.
 //! Every buffer is one `.u64` pointer parameter (bare-pointer convention) in the kernel's
 //! parameter order, then the scratch pointer, then `rows`, all `.u64`. Static shared memory is
@@ -40,7 +42,8 @@ use crate::mlir::lower::staged::staged_tile;
 use crate::mlir::{gpu_module, MlirContext};
 use crate::{Target, TargetError};
 
-/// Threads per block of every kernel in this lowering.
+/// Threads per block of every kernel in this lowering but warp programs whose locals take
+/// 2-warp blocks of dynamic shared memory ([`warp_layout`]).
 pub const BLOCK: u32 = 128;
 
 /// Most bytes of per-program locals: the architectural per-thread local-memory limit of
@@ -183,8 +186,9 @@ const DYNAMIC_WARPS: [u32; 2] = [(BLOCK / WARP), 2];
 /// - locals that fit [`SHARED_LOCALS_BUDGET`] four warps to a block live in static shared
 ///   memory, with staging in what is left of each warp's quarter;
 /// - else, locals that fit [`dynamic_shared_budget`] with 4 or 2 warps to a block, each with
-///   the staging it would have with its locals in scratch (as many stages as a quarter of the
-///   static budget holds), live in dynamic shared memory (without the staging, a warp's
+///   as many stages of its global operands as a quarter of the static budget holds (what it
+///   would have with its locals in scratch, less the locals themselves, which need no
+///   staging there), live in dynamic shared memory (without the staging, a warp's
 ///   fragment loads from global memory cost registers: the sm_80 Kimi-Linear scan spilled),
 ///   with the block size that keeps the most warps resident on an SM by shared memory (4 on a
 ///   tie): 2-warp blocks of 33 KiB slices fit 3 to an sm_90 SM, 6 warps, where 4-warp blocks

@@ -68,7 +68,7 @@ pub fn gpu_report(
     println!(
         "{target} kernels: one program per block of {} warps (prefill projections: tiles staged in \
          static shared memory by cp.async), per warp (kernels with reductions; their tensor-core tiles \
-         stage aligned global operands in the warp's slice of static shared memory by cp.async; \
+         stage aligned global operands in the warp's slice of shared memory by cp.async; \
          locals too large for static shared memory in dynamic shared memory, 2 or 4 warps to a \
          block, smem marked *, else in the scratch buffer) or per thread, {} threads per block \
          otherwise; weights bf16, state f32, activations f32 but those only GEMMs read (bf16, `_bf16<param>`); \

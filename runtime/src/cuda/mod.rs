@@ -25,7 +25,7 @@ use std::fmt;
 use std::path::Path;
 
 use cudarc::driver::{result, sys};
-use lamina_ir::plan::{Arg, Plan, Schedule, CUBIN_FILE, PTX_FILE};
+use lamina_ir::plan::{Arg, GpuLaunch, Plan, Schedule, CUBIN_FILE, PTX_FILE};
 use lamina_ir::Error;
 
 use crate::executor::{bad_plan, check_finite, check_shapes, load_constants, Executor};
@@ -214,6 +214,53 @@ impl fmt::Display for KernelImage {
             ),
         }
     }
+}
+
+/// Lets function `f` (kernel `name`) launch with its plan's dynamic shared memory: above the
+/// driver's default 48 KiB a function must opt in. Refuses a device whose per-block opt-in
+/// maximum is smaller than the kernel's static and dynamic shared memory together.
+///
+/// # Safety
+/// `f` is a function of a loaded module.
+unsafe fn opt_in_dynamic_shared(
+    f: sys::CUfunction,
+    g: &GpuLaunch,
+    device: &Device,
+    name: &str,
+) -> Result<(), Error> {
+    if g.dynamic_shared_bytes == 0 {
+        return Ok(());
+    }
+    let dynamic = g.dynamic_shared_bytes as usize;
+    // SAFETY: `f` is valid (the caller's contract).
+    let fixed = unsafe {
+        result::function::get_function_attribute(
+            f,
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+        )
+    }
+    .map_err(cuda(format!(
+        "kernel {name}: reading its static shared memory"
+    )))?
+    .max(0) as usize;
+    if fixed + dynamic > device.shared_optin {
+        return Err(Error::Device(format!(
+            "kernel {name} needs {fixed} bytes of static and {dynamic} of dynamic shared memory \
+             per block, but {} allows a block at most {}",
+            device.name, device.shared_optin
+        )));
+    }
+    // SAFETY: as above.
+    unsafe {
+        result::function::set_function_attribute(
+            f,
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            dynamic as i32,
+        )
+    }
+    .map_err(cuda(format!(
+        "kernel {name}: opting into {dynamic} bytes of dynamic shared memory"
+    )))
 }
 
 /// Loads the artifact's kernels (the caller unloads the module): its cubin when it has one
@@ -517,32 +564,8 @@ impl CudaEngine {
                     format!("kernel {} has no gpu launch data", k.name),
                 ));
             };
-            // Dynamic shared memory over the default 48 KiB must be opted into per function.
-            if g.dynamic_shared_bytes > 0 {
-                let bytes = g.dynamic_shared_bytes as usize;
-                if bytes > e.device.shared_optin {
-                    return Err(Error::Device(format!(
-                        "kernel {} needs {bytes} bytes of dynamic shared memory per block, but {} \
-                         allows at most {} (plan {})",
-                        k.name,
-                        e.device.name,
-                        e.device.shared_optin,
-                        dir.display()
-                    )));
-                }
-                // SAFETY: `f` was just taken from the loaded module.
-                unsafe {
-                    result::function::set_function_attribute(
-                        f,
-                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        bytes as i32,
-                    )
-                }
-                .map_err(cuda(format!(
-                    "kernel {}: opting into {bytes} bytes of dynamic shared memory",
-                    k.name
-                )))?;
-            }
+            // SAFETY: `f` was just taken from the loaded module.
+            unsafe { opt_in_dynamic_shared(f, g, &e.device, &k.name) }?;
             e.functions.push(f);
         }
         e.constants = Buffer::upload(&load_constants(&e.plan, dir)?, "constants")?;
@@ -999,6 +1022,8 @@ pub fn bench_kernel(
                 .map_err(cuda(format!("kernel {n} in {}", image.file())))
         };
         let f = get(&k.symbol)?;
+        // SAFETY: `f` was just taken from the loaded module.
+        unsafe { opt_in_dynamic_shared(f, &g, &device, &k.name) }?;
         let fill = get(&plan.kernels[fill_k].symbol)?;
         let (fill_block, fill_lanes) = plan.kernels[fill_k]
             .gpu
@@ -1061,7 +1086,7 @@ pub fn bench_kernel(
                     f,
                     (blocks, 1, 1),
                     (g.block, 1, 1),
-                    0,
+                    g.dynamic_shared_bytes,
                     result::stream::null(),
                     ptrs,
                 )

@@ -226,10 +226,14 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
             };
             let per_warp = (locals + staging).next_multiple_of(16);
             let bytes = per_warp * (block / lanes) as usize;
-            if !dynamic_shared && bytes > crate::nvptx::SHARED_LOCALS_BUDGET {
+            let budget = if dynamic_shared {
+                lamina_ir::plan::MAX_DYNAMIC_SHARED as usize
+            } else {
+                crate::nvptx::SHARED_LOCALS_BUDGET
+            };
+            if bytes > budget {
                 return Err(bug(format!(
-                    "{what}: {bytes} bytes of locals and staging per block, over the shared budget of {}",
-                    crate::nvptx::SHARED_LOCALS_BUDGET
+                    "{what}: {bytes} bytes of locals and staging per block, over the shared budget of {budget}"
                 )));
             }
             (per_warp > 0).then_some((per_warp, bytes, locals))

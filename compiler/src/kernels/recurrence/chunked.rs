@@ -37,7 +37,8 @@
 //! epilogues store the handoff directly, and the scan's products per chunk are MMA tiles reading
 //! the handoff where it lies, but for `k ⊙ e^(G_L − G)`, staged transposed so that the host
 //! can vectorise the state update's sum over the chunk (the state columns, `u`, the output
-//! block and that copy are per-program scratch).
+//! block and that copy are per-program locals: in a GPU's shared memory where they fit,
+//! `lamina_targets::nvptx::warp_layout`).
 //!
 //! Per-channel decay cannot be factored out of the products. Within a diagonal sub-chunk the
 //! factors are formed pairwise; across sub-chunks both sides are rescaled against the query
