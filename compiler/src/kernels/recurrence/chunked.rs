@@ -57,6 +57,12 @@ pub const CHUNK: usize = 64;
 pub const SUB: usize = 16;
 /// State (value) columns per program of the scan.
 pub const SCAN_COLS: usize = 16;
+/// Row stride (elements) of a chunk-long operand staged transposed (a column of the chunk per
+/// row): [`CHUNK`] plus 4, so that rows stay 16-byte aligned (`cp.async`) and a GPU's MMA
+/// fragment reads (8 rows × 4 consecutive elements per instruction) fall in 32 distinct
+/// shared-memory banks, where a stride of 64 puts 4 rows in each bank. The copies are dealt
+/// along the columns, so they read their sources' rows in order.
+pub const TRANSPOSED_LD: usize = CHUNK + 4;
 
 /// The recurrence's sizes and kind.
 struct Shape {
@@ -211,9 +217,10 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
 
     // With the delta rule, `qs` and `ks` are reused once their rows are no longer needed for
     // the products' right-hand sides, transposed (step 5): `ks` is sized for either.
+    let ldt = TRANSPOSED_LD;
     let mut body = vec![
-        local("qs", c_n * dk),
-        local("ks", c_n * if delta { dk.max(dv) } else { dk }),
+        local("qs", if delta { dk * ldt } else { c_n * dk }),
+        local("ks", if delta { dk.max(dv) * ldt } else { c_n * dk }),
         local("G", c_n * w),
     ];
     if delta {
@@ -509,19 +516,23 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
             v("l"),
             c_n,
         ));
-        // Element q of a transposed right-hand side: column q / C, chunk row x = q mod C
-        // (clamped into the chunk, where it is read; zero past it).
+        // Element (x, c) of a right-hand side, chunk row x (clamped into the chunk, where it
+        // is read; zero past it) and column c, stored at row c of the transpose.
         let x = || v("x");
         let xc = || min(x(), last());
         let transposed = |buf: &str, width: usize, value: Expr| {
             for_par(
                 "q",
                 i(0),
-                i(width * c_n),
+                i(c_n * width),
                 vec![
-                    let_("x", rem(v("q"), i(c_n))),
-                    let_("c", v("q") / i(c_n)),
-                    st(buf, [v("q")], select(lt(x(), v("l")), value, f(0.0))),
+                    let_("x", v("q") / i(width)),
+                    let_("c", rem(v("q"), i(width))),
+                    st(
+                        buf,
+                        [v("c") * i(ldt) + x()],
+                        select(lt(x(), v("l")), value, f(0.0)),
+                    ),
                 ],
             )
         };
@@ -542,7 +553,7 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
                 i(width),
                 c_n,
                 &|t, x| ld("tm", [t * i(c_n) + x]),
-                &|c, x| ld(rhs, [c * i(c_n) + x]),
+                &|c, x| ld(rhs, [c * i(ldt) + x]),
                 &|t, c, acc| vec![st(out, [r_of(t), v("h") * i(width) + c], acc)],
             ));
         }
@@ -699,15 +710,16 @@ fn scan(
     // S ← e^G_L ⊙ S + (K ⊙ e^(G_L − G))ᵀ u, as Sᵀ[jj, c] = Sᵀ[jj, c]·e^G_L[c] + Σ_x ut[jj, x]
     // kd[x, c]. `kd` is staged transposed (zero past the chunk): read in place, the sum over
     // the chunk's keys would stride across rows, which the host cannot vectorise.
+    let ldt = TRANSPOSED_LD;
     chunk.push(for_par(
         "q",
         i(0),
-        i(dk * c_n),
+        i(c_n * dk),
         with(
-            rc("c", "x", c_n),
+            rc("x", "c", dk),
             st(
                 "kdt",
-                [v("q")],
+                [v("c") * i(ldt) + v("x")],
                 select(
                     lt(v("x"), v("l")),
                     ld("kd", [row(min(v("x"), last())), hk(v("c"))]),
@@ -722,7 +734,7 @@ fn scan(
         i(dk),
         c_n,
         &|jj, x| ld("ut", [jj * i(c_n) + x]),
-        &|c, x| ld("kdt", [c * i(c_n) + x]),
+        &|c, x| ld("kdt", [c * i(TRANSPOSED_LD) + x]),
         &|jj, c, acc| {
             let q = jj * i(dk) + c.clone();
             vec![st(
@@ -737,7 +749,7 @@ fn scan(
         local("sl", bv * dk),
         local("ut", bv * c_n),
         local("ol", c_n * bv),
-        local("kdt", dk * c_n),
+        local("kdt", dk * TRANSPOSED_LD),
         let_("h", pid(0)),
         let_("j0", pid(1) * i(bv)),
         let_("s", ld("slot", [i(0)])),
