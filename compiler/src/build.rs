@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use lamina_ir::graph::StateKind;
 use lamina_ir::model::{Model, ModelSource};
 use lamina_ir::plan::{
-    Arg, ConstEntry, Cost, GpuLaunch, KernelEntry, LaunchEntry, Limits, ModelInfo, Plan, PoolEntry,
-    Schedule, WeightEntry, WeightSource, WorkspaceEntry, CONSTANTS_FILE, CUBIN_FILE, GPU_ABI,
-    HOST_LIBRARY, PLAN_FILE, PTX_FILE, SCHEMA_VERSION,
+    Arg, ConstEntry, Cost, KernelEntry, LaunchEntry, Limits, ModelInfo, Plan, PoolEntry, Schedule,
+    WeightEntry, WeightSource, WorkspaceEntry, CONSTANTS_FILE, CUBIN_FILE, HOST_LIBRARY, PLAN_FILE,
+    PTX_FILE, SCHEMA_VERSION,
 };
 use lamina_ir::stats::{kind_name, model_stats};
 use lamina_ir::weights::{check_checkpoint, Checkpoint, SourceMap};
@@ -319,14 +319,7 @@ pub fn make_plan(
                 },
                 grid: k.grid.clone(),
                 params: k.params.clone(),
-                gpu: (target != Target::Host).then(|| GpuLaunch {
-                    block: lamina_targets::nvptx::block_size(k, target),
-                    lanes: lamina_targets::nvptx::lanes(k),
-                    scratch_bytes: lamina_targets::nvptx::scratch_bytes(k, target) as u64,
-                    dynamic_shared_bytes: lamina_targets::nvptx::dynamic_shared_bytes(k, target)
-                        as u32,
-                    abi: GPU_ABI.into(),
-                }),
+                gpu: (target != Target::Host).then(|| lamina_targets::nvptx::gpu_launch(k, target)),
             })
             .collect(),
         prefill,

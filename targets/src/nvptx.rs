@@ -75,7 +75,7 @@ pub fn block_size(k: &Kernel, target: Target) -> u32 {
     if block_program(k) {
         crate::mlir::lower::staged::LANES
     } else {
-        warp_layout(k, target).map_or(BLOCK, |l| l.warps * WARP)
+        warp_layout(k, target).map_or(BLOCK, |l| l.block())
     }
 }
 
@@ -155,25 +155,48 @@ pub enum LocalsIn {
     Scratch,
 }
 
-/// How a warp program is laid out in its block: warps per block, where its locals live and
-/// the bytes of each warp's MMA staging area ([`warp_staging_bytes`]).
+/// How a warp program is laid out in its block: warps per block, where its locals live, their
+/// bytes per program (as the GPU lowering lays them out) and the bytes of each warp's MMA
+/// staging area ([`warp_staging_bytes`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WarpLayout {
     pub warps: u32,
     pub locals: LocalsIn,
+    pub locals_bytes: usize,
     pub staging: usize,
 }
 
 impl WarpLayout {
+    /// Threads per block.
+    pub fn block(&self) -> u32 {
+        self.warps * WARP
+    }
+
     /// Shared-memory bytes of each warp's slice: its locals when they live there, then its
     /// staging area, rounded to 16 bytes.
-    pub fn slice_bytes(&self, locals: usize) -> usize {
+    pub fn slice_bytes(&self) -> usize {
         let locals = if self.locals == LocalsIn::Scratch {
             0
         } else {
-            locals
+            self.locals_bytes
         };
         (locals + self.staging).next_multiple_of(16)
+    }
+
+    /// Scratch bytes per program: the locals when they live in the scratch buffer.
+    pub fn scratch_bytes(&self) -> usize {
+        match self.locals {
+            LocalsIn::Scratch => self.locals_bytes,
+            _ => 0,
+        }
+    }
+
+    /// Dynamic shared memory per block: the warps' slices when the locals live there.
+    pub fn dynamic_shared_bytes(&self) -> usize {
+        match self.locals {
+            LocalsIn::DynamicShared => self.slice_bytes() * self.warps as usize,
+            _ => 0,
+        }
     }
 }
 
@@ -219,6 +242,7 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
         return Some(WarpLayout {
             warps,
             locals: LocalsIn::StaticShared,
+            locals_bytes: locals,
             staging: staging(quarter.saturating_sub(locals), false),
         });
     }
@@ -226,7 +250,7 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
         let budget = dynamic_shared_budget(target);
         let staged = staging(quarter, false);
         let resident = |l: &WarpLayout| {
-            let block = l.slice_bytes(locals) * l.warps as usize;
+            let block = l.slice_bytes() * l.warps as usize;
             (block <= budget)
                 .then(|| shared_per_sm(target) as usize / (block + 1024) * l.warps as usize)
         };
@@ -235,6 +259,7 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
             .map(|warps| WarpLayout {
                 warps,
                 locals: LocalsIn::DynamicShared,
+                locals_bytes: locals,
                 staging: staged,
             })
             .filter_map(|l| resident(&l).map(|r| (r, l)))
@@ -249,19 +274,9 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
     Some(WarpLayout {
         warps,
         locals: LocalsIn::Scratch,
+        locals_bytes: locals,
         staging: staging(quarter, true),
     })
-}
-
-/// Bytes of the locals of a program of `k` of several lanes (one copy per program, as the
-/// GPU lowering lays them out), 0 for thread programs and block-cooperative programs.
-fn warp_locals(k: &Kernel) -> usize {
-    use lamina_ir::kernel::expand::{dots_on_tensor_cores, expand_tiles};
-    if lanes(k) > 1 && !block_program(k) {
-        crate::mlir::lower::local_layout(&expand_tiles(&dots_on_tensor_cores(k))).1
-    } else {
-        0
-    }
 }
 
 /// Whether warp program `k` keeps its locals in the block's shared memory (a slice per warp,
@@ -274,20 +289,25 @@ pub fn locals_in_shared(k: &Kernel, target: Target) -> bool {
 /// Scratch bytes per program of kernel `k`: its locals when it is a warp program whose locals
 /// are not in shared memory, else 0.
 pub fn scratch_bytes(k: &Kernel, target: Target) -> usize {
-    match warp_layout(k, target) {
-        Some(l) if l.locals == LocalsIn::Scratch => warp_locals(k),
-        _ => 0,
-    }
+    warp_layout(k, target).map_or(0, |l| l.scratch_bytes())
 }
 
 /// Bytes of dynamic shared memory a block of `k` is launched with (the plan's
 /// `dynamic_shared_bytes`): the warps' slices when the locals live there, else 0.
 pub fn dynamic_shared_bytes(k: &Kernel, target: Target) -> usize {
-    match warp_layout(k, target) {
-        Some(l) if l.locals == LocalsIn::DynamicShared => {
-            l.slice_bytes(warp_locals(k)) * l.warps as usize
-        }
-        _ => 0,
+    warp_layout(k, target).map_or(0, |l| l.dynamic_shared_bytes())
+}
+
+/// The launch contract of kernel `k` on `target` that the plan records (one layout decision
+/// for the block, the scratch and the dynamic shared memory).
+pub fn gpu_launch(k: &Kernel, target: Target) -> lamina_ir::plan::GpuLaunch {
+    let layout = warp_layout(k, target);
+    lamina_ir::plan::GpuLaunch {
+        block: layout.map_or_else(|| block_size(k, target), |l| l.block()),
+        lanes: lanes(k),
+        scratch_bytes: layout.map_or(0, |l| l.scratch_bytes()) as u64,
+        dynamic_shared_bytes: layout.map_or(0, |l| l.dynamic_shared_bytes()) as u32,
+        abi: lamina_ir::plan::GPU_ABI.into(),
     }
 }
 
@@ -298,7 +318,10 @@ pub const SCRATCH_BUDGET: usize = 16 << 20;
 pub fn flavor(k: &Kernel, target: Target) -> crate::mlir::Flavor {
     let layout = warp_layout(k, target);
     crate::mlir::Flavor::Gpu {
-        block: block_size(k, target),
+        block: match layout {
+            Some(l) => l.block(),
+            None => block_size(k, target),
+        },
         lanes: lanes(k),
         wgmma: target == Target::Sm90a,
         shared_locals: layout.map(|l| l.locals),
@@ -309,8 +332,8 @@ pub fn flavor(k: &Kernel, target: Target) -> crate::mlir::Flavor {
 /// Bytes of each warp's slice of shared memory that stage its MMA operands through `cp.async`
 /// ([`crate::mlir::lower::warp_stage`]): as many stages of its largest tile as fit (2 to 4)
 /// beside its locals (if they live in static shared memory) in a quarter of
-/// [`SHARED_LOCALS_BUDGET`]; 0 when not even 2 fit (or dynamic shared locals leave no room,
-/// [`warp_layout`]), and the fragments are loaded straight from the operands.
+/// [`SHARED_LOCALS_BUDGET`] ([`warp_layout`]); 0 when not even 2 fit or no operand is staged
+/// from global memory, and the fragments are loaded straight from the operands.
 pub fn warp_staging_bytes(k: &Kernel, target: Target) -> usize {
     warp_layout(k, target).map_or(0, |l| l.staging)
 }

@@ -99,7 +99,8 @@ pub fn gpu_report(
     for k in &kernels {
         match resources.get(&k.name) {
             Some(r) => {
-                let dynamic = nvptx::dynamic_shared_bytes(k, target) as u32;
+                let launch = nvptx::gpu_launch(k, target);
+                let dynamic = launch.dynamic_shared_bytes;
                 let smem = if dynamic > 0 {
                     format!("{}*", r.shared + dynamic)
                 } else {
@@ -114,9 +115,9 @@ pub fn gpu_report(
                     r.spill_stores,
                     r.spill_loads,
                     smem,
-                    r.blocks_per_sm(nvptx::block_size(k, target), dynamic, target),
+                    r.blocks_per_sm(launch.block, dynamic, target),
                     reserve(r.stack) / 1e9,
-                    nvptx::scratch_bytes(k, target)
+                    launch.scratch_bytes
                 );
                 if reserve(r.stack) > 0.1 * gpu.memory as f64 {
                     heavy.push(k.name.as_str());

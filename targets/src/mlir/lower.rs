@@ -207,7 +207,14 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
     // then its MMA staging area; (bytes per warp, bytes of locals). Dynamic shared memory
     // (sized by the launch) holds the slices when the locals were placed there.
     use crate::nvptx::LocalsIn;
-    let mut dynamic_shared = false;
+    let dynamic_shared = matches!(
+        flavor,
+        Flavor::Gpu {
+            lanes: crate::nvptx::WARP,
+            shared_locals: Some(LocalsIn::DynamicShared),
+            ..
+        }
+    );
     let warp_slice = match flavor {
         Flavor::Gpu {
             block,
@@ -217,11 +224,7 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
             ..
         } if lanes == crate::nvptx::WARP => {
             let locals = match shared_locals {
-                Some(LocalsIn::StaticShared) => per_program,
-                Some(LocalsIn::DynamicShared) => {
-                    dynamic_shared = true;
-                    per_program
-                }
+                Some(LocalsIn::StaticShared | LocalsIn::DynamicShared) => per_program,
                 Some(LocalsIn::Scratch) | None => 0,
             };
             let per_warp = (locals + staging).next_multiple_of(16);

@@ -73,9 +73,10 @@ pub fn gpu_module<'c>(
     // 16-byte aligned shared array (PTX `.extern .shared .align 16 .b8 NAME[]`): the upstream
     // `gpu.dynamic_shared_memory` lowering declares an internal one that LLVM demotes into a
     // 1-byte static variable of the function.
-    let dynamic = kernels.iter().any(|k| {
+    let flavors: Vec<Flavor> = kernels.iter().map(flavor).collect();
+    let dynamic = flavors.iter().any(|f| {
         matches!(
-            flavor(k),
+            f,
             Flavor::Gpu {
                 shared_locals: Some(crate::nvptx::LocalsIn::DynamicShared),
                 ..
@@ -106,8 +107,8 @@ pub fn gpu_module<'c>(
         let block_ref = region
             .first_block()
             .ok_or_else(|| TargetError::Mlir("gpu.module has no body".into()))?;
-        for k in kernels {
-            lower::lower_kernel(&cx.context, &block_ref, &prepared(k, flavor(k))?, flavor(k))?;
+        for (k, &f) in kernels.iter().zip(&flavors) {
+            lower::lower_kernel(&cx.context, &block_ref, &prepared(k, f)?, f)?;
         }
     }
     cx.verify(&module, "GPU kernel module")?;

@@ -216,7 +216,8 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
     let last = || v("l") - i(1);
 
     // With the delta rule, `qs` and `ks` are reused once their rows are no longer needed for
-    // the products' right-hand sides, transposed (step 5): `ks` is sized for either.
+    // the products' right-hand sides, transposed with rows of TRANSPOSED_LD ≥ C (step 5): each
+    // is sized for both uses.
     let ldt = TRANSPOSED_LD;
     let mut body = vec![
         local("qs", if delta { dk * ldt } else { c_n * dk }),
@@ -497,7 +498,7 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
     //    vectorises), zero past the chunk's end (the products run over the whole chunk), in
     //    the locals whose rows are no longer read: `qs` (q is dead once M_qk is formed) takes
     //    (β k ⊙ e^G)ᵀ, then `ks` (k is dead once that is formed) takes (β v)ᵀ. This keeps the
-    //    program's locals at q, k and two C × C tiles (Qwen3-Next: 96.5 KiB), which lets a GPU
+    //    program's locals at q, k and two C × C tiles (Qwen3-Next: 100 KiB), which lets a GPU
     //    hold two programs' in a block's shared memory.
     if delta {
         body.push(for_par(
@@ -710,7 +711,6 @@ fn scan(
     // S ← e^G_L ⊙ S + (K ⊙ e^(G_L − G))ᵀ u, as Sᵀ[jj, c] = Sᵀ[jj, c]·e^G_L[c] + Σ_x ut[jj, x]
     // kd[x, c]. `kd` is staged transposed (zero past the chunk): read in place, the sum over
     // the chunk's keys would stride across rows, which the host cannot vectorise.
-    let ldt = TRANSPOSED_LD;
     chunk.push(for_par(
         "q",
         i(0),
@@ -719,7 +719,7 @@ fn scan(
             rc("x", "c", dk),
             st(
                 "kdt",
-                [v("c") * i(ldt) + v("x")],
+                [v("c") * i(TRANSPOSED_LD) + v("x")],
                 select(
                     lt(v("x"), v("l")),
                     ld("kd", [row(min(v("x"), last())), hk(v("c"))]),
