@@ -14,10 +14,10 @@
 //! projections' weights). It keeps its locals in shared memory too, a slice per warp
 //! ([`warp_layout`]): static when 4 warps' fit [`SHARED_LOCALS_BUDGET`] (GQA decode attention,
 //! the decode recurrent steps, split-K norms, routers); dynamic, 2 or 4 warps to a block, when
-//! they fit [`dynamic_shared_budget`] (the chunked scans, MiniMax's chunk kernel and MLA decode
-//! attention on sm_90a; Qwen3-Next's chunk kernel too); else in a scratch buffer, one copy per
-//! program ([`scratch_bytes`] each, at `program · scratch_bytes`: Kimi-Linear's chunk kernel,
-//! and most of these on sm_80); its lanes write them
+//! they fit [`dynamic_shared_budget`] (on sm_90a the chunked recurrences' chunk kernels and
+//! scans, and MLA decode attention); else in a scratch buffer, one copy per program
+//! ([`scratch_bytes`] each, at `program · scratch_bytes`: most of these on sm_80); its lanes
+//! write them
 //! alike between warp barriers. A thread program keeps them in local memory.
 //! Every buffer is one `.u64` pointer parameter (bare-pointer convention) in the kernel's
 //! parameter order, then the scratch pointer, then `rows`, all `.u64`. Static shared memory is

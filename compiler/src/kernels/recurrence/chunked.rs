@@ -33,7 +33,7 @@
 //! log-decay is a `cumsum`; the off-diagonal sub-chunk blocks (per-channel decay) are `dot`s;
 //! `T` is a `trisolve` on the identity (C columns, not dk + dv); the products `X Kᵀ` (scalar
 //! decay, their epilogues applying the decay), `W = T β (k ⊙ e^G)` and `U = T β v` (their
-//! right-hand sides staged transposed in the locals q and k leave free) are MMA tiles whose
+//! right-hand sides staged transposed, [`RHS_COLS`] columns at a time) are MMA tiles whose
 //! epilogues store the handoff directly, and the scan's products per chunk are MMA tiles reading
 //! the handoff where it lies, but for `k ⊙ e^(G_L − G)`, staged transposed so that the host
 //! can vectorise the state update's sum over the chunk (the state columns, `u`, the output
@@ -43,10 +43,14 @@
 //! Per-channel decay cannot be factored out of the products. Within a diagonal sub-chunk the
 //! factors are formed pairwise; across sub-chunks both sides are rescaled against the query
 //! row's sub-chunk start `r`: `e^(G_t − r) e^(r − G_s)`, each exponent ≤ 0 (no overflow).
+//!
+//! The chunk program's buffers share locals where their lifetimes do not overlap (`Part`), so
+//! that two programs' locals fit a GPU block's shared memory: Kimi-Linear's 108.25 KiB,
+//! Qwen3-Next's 64.5 KiB, MiniMax's 64 KiB.
 
 use lamina_ir::graph::{Decay, NodeIndex, Op, Recurrence, Update};
 use lamina_ir::kernel::build::*;
-use lamina_ir::kernel::{Dim, Elem, Expr, MmaKind, Param, Stmt};
+use lamina_ir::kernel::{Dim, Elem, Expr, MmaKind, Param, Stmt, View};
 
 use super::{update_name, Operands, CONV_CHANNELS};
 use crate::kernels::{act, launch, tile, Bind, Ctx, Launch, Value};
@@ -203,7 +207,58 @@ fn temp_param(name: &str, width: usize, t: Value, write: bool) -> (Param, Bind) 
     (p, Bind::Act(t))
 }
 
+/// Columns of a product's right-hand side staged (transposed) at a time: one MMA tile's width.
+const RHS_COLS: usize = lamina_ir::kernel::expand::DOT_TILE;
+
+/// Where one of the chunk program's buffers lives: element `at` of local `local`. Buffers whose
+/// lifetimes do not overlap share a local, declared at the largest size its uses need: that is
+/// what keeps a program's locals small enough for two to share a GPU block's shared memory.
+#[derive(Clone, Copy)]
+struct Part {
+    local: &'static str,
+    at: usize,
+}
+
+impl Part {
+    const fn of(local: &'static str, at: usize) -> Part {
+        Part { local, at }
+    }
+
+    fn idx(self, idx: Expr) -> Expr {
+        if self.at == 0 {
+            idx
+        } else {
+            i(self.at) + idx
+        }
+    }
+
+    fn ld(self, idx: Expr) -> Expr {
+        ld(self.local, [self.idx(idx)])
+    }
+
+    fn st(self, idx: Expr, value: Expr) -> Stmt {
+        st(self.local, [self.idx(idx)], value)
+    }
+
+    fn view(self, off: Expr, ld: usize) -> View {
+        view(self.local, self.idx(off), ld)
+    }
+}
+
 /// Step 1: one program per (chunk, value head).
+///
+/// Its buffers, by lifetime (`Part`s of fewer locals; Kimi-Linear's sizes, dk = dv = 128):
+/// - `ks` (32 KiB), the chunk's keys, and `G` (32 KiB per channel, 256 B per head), the
+///   cumulative log-decay: read until the products' right-hand sides are formed;
+/// - scalar decay: `qs` (32 KiB), the queries until `M_qk` is formed, then `M_kk` and `T`
+///   side by side, then the right-hand-side blocks where `M_kk` was;
+/// - per-channel decay: the queries are loaded a sub-chunk at a time (`M_qk` rows are
+///   formed and handed on per sub-chunk), so `sub` holds that sub-chunk's rescaled rows of q
+///   and k (16 KiB), then `T`; `blk` the rescaled keys of one earlier sub-chunk and the
+///   sub-chunk's `M_qk` rows (12 KiB), then the right-hand-side blocks; `mkk` (16 KiB) is
+///   built across the sub-chunks.
+///
+/// Kimi-Linear's program holds 108 KiB, Qwen3-Next's 64.5 KiB.
 fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> Launch {
     let rec = &sh.rec;
     let (dk, dv, w, c_n) = (sh.dk, sh.dv, sh.w, CHUNK);
@@ -214,30 +269,42 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
     let r_of = |t: Expr| v("c0") + t;
     let r = || r_of(v("t"));
     let last = || v("l") - i(1);
-
-    // With the delta rule, `qs` and `ks` are reused once their rows are no longer needed for
-    // the products' right-hand sides, transposed with rows of TRANSPOSED_LD ≥ C (step 5): each
-    // is sized for both uses.
     let ldt = TRANSPOSED_LD;
-    let mut body = vec![
-        local("qs", if delta { dk * ldt } else { c_n * dk }),
-        local("ks", if delta { dk.max(dv) * ldt } else { c_n * dk }),
-        local("G", c_n * w),
-    ];
-    if delta {
-        body.extend([
-            local("bt", c_n),
-            local("mkk", c_n * c_n),
-            local("tm", c_n * c_n),
-        ]);
-    }
+    let rhs_len = RHS_COLS * ldt;
+
+    let ks = Part::of("ks", 0);
+    let (mkk, tm, rhs) = if channel {
+        (Part::of("mkk", 0), Part::of("sub", 0), Part::of("blk", 0))
+    } else {
+        (
+            Part::of("qs", 0),
+            Part::of("qs", c_n * c_n),
+            Part::of("qs", 0),
+        )
+    };
+    // Per-channel decay: a sub-chunk's rescaled query and key rows, the rescaled keys of one
+    // earlier sub-chunk, and the sub-chunk's M_qk rows.
+    let (qt, kt) = (Part::of("sub", 0), Part::of("sub", SUB * dk));
+    let (kb, mqr) = (Part::of("blk", 0), Part::of("blk", SUB * dk));
+
+    let mut body = vec![local("ks", c_n * dk), local("G", c_n * w)];
     if channel {
-        // One sub-chunk's rescaled rows and the keys before it (see step 4).
-        body.extend([local("mqk", c_n * c_n), local("qt", SUB * dk)]);
+        let sub = if delta {
+            (2 * SUB * dk).max(c_n * c_n)
+        } else {
+            SUB * dk
+        };
+        let blk = (SUB * (dk + c_n)).max(if delta { rhs_len } else { 0 });
+        body.extend([local("sub", sub), local("blk", blk)]);
         if delta {
-            body.push(local("kt", SUB * dk));
+            body.push(local("mkk", c_n * c_n));
         }
-        body.push(local("kb", (c_n - SUB) * dk));
+    } else {
+        let qs = (c_n * dk).max(if delta { 2 * c_n * c_n } else { 0 });
+        body.push(local("qs", qs));
+    }
+    if delta {
+        body.push(local("bt", c_n));
     }
     body.extend([
         let_("c0", pid(0) * i(c_n)),
@@ -249,26 +316,29 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
         body.push(let_("s", ld("slot", [i(0)])));
     }
 
-    // 1. The chunk's q (scaled) and k of the key head (convolved and L2-normalised when
-    //    fused): tokens are independent, so the lanes of a warp take one each.
-    let mut load: Vec<Stmt> = Vec::new();
-    for (buf, local_buf, eps, scale) in [("q", "qs", io.l2_q, rec.scale), ("k", "ks", io.l2_k, 1.0)]
-    {
-        let at = |c: Expr| ld(local_buf, [v("t") * i(dk) + c]);
-        load.push(for_(
+    // 1. The chunk's k and (scalar decay) q of the key head, scaled, convolved and
+    //    L2-normalised when fused: tokens are independent, so the lanes of a warp take one
+    //    each. Token `t`'s row of `buf` into row `y` of `dst`.
+    let load = |buf: &str, dst: Part, y: Expr, t: Expr| {
+        let (eps, scale) = if buf == "q" {
+            (io.l2_q, rec.scale)
+        } else {
+            (io.l2_k, 1.0)
+        };
+        let at = |c: Expr| dst.ld(y.clone() * i(dk) + c);
+        let mut s = vec![for_(
             "c",
             i(0),
             i(dk),
-            vec![st(
-                local_buf,
-                [v("t") * i(dk) + v("c")],
-                io.conv_prefill(buf, r(), v("kh") * i(dk) + v("c")),
+            vec![dst.st(
+                y.clone() * i(dk) + v("c"),
+                io.conv_prefill(buf, r_of(t.clone()), v("kh") * i(dk) + v("c")),
             )],
-        ));
+        )];
         let mut scale_by = if scale != 1.0 { Some(f(scale)) } else { None };
         if let Some(e) = eps {
             let inv = format!("inv_{buf}");
-            load.push(let_(
+            s.push(let_(
                 &inv,
                 rsqrt(sum("c", i(0), i(dk), at(v("c")) * at(v("c"))) + f(e)),
             ));
@@ -278,15 +348,20 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
             });
         }
         if let Some(sc) = scale_by {
-            load.push(for_(
+            s.push(for_(
                 "c",
                 i(0),
                 i(dk),
-                vec![st(local_buf, [v("t") * i(dk) + v("c")], at(v("c")) * sc)],
+                vec![dst.st(y.clone() * i(dk) + v("c"), at(v("c")) * sc)],
             ));
         }
+        s
+    };
+    let mut rows_in = load("k", ks, v("t"), v("t"));
+    if !channel {
+        rows_in.extend(load("q", Part::of("qs", 0), v("t"), v("t")));
     }
-    body.push(for_par("t", i(0), v("l"), load));
+    body.push(for_par("t", i(0), v("l"), rows_in));
 
     // 2. β and the cumulative log-decay of the value head.
     let mut gates: Vec<Stmt> = Vec::new();
@@ -308,8 +383,9 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
     body.push(for_par("t", i(0), v("l"), gates));
     body.push(cumsum(view("G", i(0), w), v("l"), w));
 
-    // 3. Handed on: e^G_L (in the chunk's first row), q ⊙ e^G, k ⊙ e^(G_L − G); without the
-    //    delta rule U = v.
+    // 3. Handed on: e^G_L (in the chunk's first row), k ⊙ e^(G_L − G), q ⊙ e^G (per-channel
+    //    decay: in step 4, as each sub-chunk's queries are loaded); without the delta rule
+    //    U = v.
     body.push(for_par(
         "e",
         i(0),
@@ -321,15 +397,18 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
         )],
     ));
     let hc = || v("h") * i(dk) + v("c");
-    let decayed = vec![
-        let_("ge", exp(gl("G", v("t"), v("c")))),
-        st("qg", [r(), hc()], at("qs", v("t"), v("c")) * v("ge")),
-        st(
-            "kd",
+    let mut decayed = vec![st(
+        "kd",
+        [r(), hc()],
+        at("ks", v("t"), v("c")) * exp(gl("G", last(), v("c")) - gl("G", v("t"), v("c"))),
+    )];
+    if !channel {
+        decayed.push(st(
+            "qg",
             [r(), hc()],
-            at("ks", v("t"), v("c")) * exp(gl("G", last(), v("c")) - gl("G", v("t"), v("c"))),
-        ),
-    ];
+            at("qs", v("t"), v("c")) * exp(gl("G", v("t"), v("c"))),
+        ));
+    }
     let hj = || v("h") * i(dv) + v("j");
     let mut per_token = vec![for_("c", i(0), i(dk), decayed)];
     if !delta {
@@ -342,11 +421,11 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
     }
     body.push(for_par("t", i(0), v("l"), per_token));
 
-    // 4. The decay-weighted products M_qk (s ≤ t) and, for the delta rule, M_kk (s < t).
+    // 4. The decay-weighted products M_qk (s ≤ t, handed on) and, for the delta rule, M_kk
+    //    (s < t, kept as L = diag(β) M_kk).
     if !channel {
-        // M = (X Kᵀ) ⊙ e^(G_t − G_s) on the causal part, in the products' epilogues: M_qk
-        // (s ≤ t) handed on, M_kk (s < t) kept as L = diag(β) M_kk. `store(t, s, m)` writes
-        // the kept elements.
+        // M = (X Kᵀ) ⊙ e^(G_t − G_s) on the causal part, in the products' epilogues;
+        // `store(t, s, m)` writes the kept elements. M_kk goes where q was.
         let causal =
             |x: &str, keep: fn(Expr, Expr) -> Expr, store: &dyn Fn(Expr, Expr, Expr) -> Stmt| {
                 mma_tiles(
@@ -367,110 +446,15 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
         }));
         if delta {
             body.push(causal("ks", lt, &|t, s, m| {
-                st("mkk", [t.clone() * i(c_n) + s], ld("bt", [t]) * m)
+                mkk.st(t.clone() * i(c_n) + s, ld("bt", [t]) * m)
             }));
         }
     } else {
-        // (matrix, its row operand, that operand's rescaled sub-chunk copy)
-        let mats: Vec<(&str, &str, &str)> = if delta {
-            vec![("mqk", "qs", "qt"), ("mkk", "ks", "kt")]
-        } else {
-            vec![("mqk", "qs", "qt")]
-        };
-        // Off-diagonal blocks, one sub-chunk b ≥ 1 (rows r0 .. r0 + SUB) at a time: its rows
-        // rescaled against its start, qt[y] = q_(r0+y) ⊙ e^(G_(r0+y) − G_r0) (kt likewise),
-        // the keys before it rescaled against the same start, kb[s] = k_s ⊙ e^(G_r0 − G_s)
-        // (s < r0), then one dot per matrix. Scratch for one sub-chunk, not the chunk's four.
-        let mut block = vec![
-            let_("r0", v("b") * i(SUB)),
-            for_par(
-                "x",
-                i(0),
-                v("r0"),
-                vec![for_(
-                    "c",
-                    i(0),
-                    i(dk),
-                    vec![st(
-                        "kb",
-                        [v("x") * i(dk) + v("c")],
-                        at("ks", v("x"), v("c"))
-                            * exp(gl("G", v("r0"), v("c")) - gl("G", v("x"), v("c"))),
-                    )],
-                )],
-            ),
-        ];
-        let rows = || min(i(SUB), v("l") - v("r0"));
-        let t = || v("r0") + v("y");
-        let mut rescale = vec![let_(
-            "e",
-            exp(gl("G", t(), v("c")) - gl("G", v("r0"), v("c"))),
-        )];
-        for (_, x, scaled) in &mats {
-            rescale.push(st(
-                scaled,
-                [v("y") * i(dk) + v("c")],
-                at(x, t(), v("c")) * v("e"),
-            ));
-        }
-        block.push(for_par(
-            "y",
+        body.push(for_(
+            "b",
             i(0),
-            rows(),
-            vec![for_("c", i(0), i(dk), rescale)],
-        ));
-        let mut diag = Vec::new();
-        for (m, x, scaled) in &mats {
-            block.push(dot(
-                view(m, v("r0") * i(c_n), c_n),
-                view(scaled, i(0), dk),
-                view("kb", i(0), dk),
-                rows(),
-                v("r0"),
-                dk,
-                false,
-            ));
-            // Diagonal blocks pairwise.
-            diag.push(st(
-                m,
-                [v("t") * i(c_n) + v("x")],
-                sum(
-                    "c",
-                    i(0),
-                    i(dk),
-                    at(x, v("t"), v("c"))
-                        * at("ks", v("x"), v("c"))
-                        * exp(gl("G", v("t"), v("c")) - gl("G", v("x"), v("c"))),
-                ),
-            ));
-        }
-        body.push(for_("b", i(1), (v("l") + i(SUB - 1)) / i(SUB), block));
-        body.push(for_par(
-            "t",
-            i(0),
-            v("l"),
-            vec![
-                let_("t0", (v("t") / i(SUB)) * i(SUB)),
-                for_("x", v("t0"), v("t") + i(1), diag),
-            ],
-        ));
-    }
-    if channel {
-        // M_qk's causal rows handed on; L = diag(β) M_kk.
-        body.push(for_par(
-            "t",
-            i(0),
-            v("l"),
-            vec![for_(
-                "x",
-                i(0),
-                v("t") + i(1),
-                vec![st(
-                    "mq",
-                    [r(), v("h") * i(c_n) + v("x")],
-                    ld("mqk", [v("t") * i(c_n) + v("x")]),
-                )],
-            )],
+            (v("l") + i(SUB - 1)) / i(SUB),
+            channel_block(sh, &load, [qt, kt, kb, mqr, mkk]),
         ));
         if delta {
             body.push(for_par(
@@ -481,10 +465,9 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
                     "x",
                     i(0),
                     v("t"),
-                    vec![st(
-                        "mkk",
-                        [v("t") * i(c_n) + v("x")],
-                        ld("bt", [v("t")]) * ld("mkk", [v("t") * i(c_n) + v("x")]),
+                    vec![mkk.st(
+                        v("t") * i(c_n) + v("x"),
+                        ld("bt", [v("t")]) * mkk.ld(v("t") * i(c_n) + v("x")),
                     )],
                 )],
             ));
@@ -493,69 +476,66 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
 
     // 5. Delta rule: T = (I + L)⁻¹ (the solve reads L's strictly lower part) by forward
     //    substitution on the identity, then W = T β (k ⊙ e^G) and U = T β v as products
-    //    (tensor cores on a GPU) stored straight into the handoff. Their right-hand sides are
-    //    staged transposed (rows of both operands contiguous along the chunk, which the host
-    //    vectorises), zero past the chunk's end (the products run over the whole chunk), in
-    //    the locals whose rows are no longer read: `qs` (q is dead once M_qk is formed) takes
-    //    (β k ⊙ e^G)ᵀ, then `ks` (k is dead once that is formed) takes (β v)ᵀ. This keeps the
-    //    program's locals at q, k and two C × C tiles (Qwen3-Next: 100 KiB), which lets a GPU
-    //    hold two programs' in a block's shared memory.
+    //    (tensor cores on a GPU) stored straight into the handoff, [`RHS_COLS`] columns at a
+    //    time: each block of a right-hand side is staged transposed (rows of both operands
+    //    contiguous along the chunk, which the host vectorises) and zero past the chunk's end
+    //    (the products run over the whole chunk), where M_kk was (scalar decay) or in `blk`.
     if delta {
         body.push(for_par(
             "q",
             i(0),
             i(c_n * c_n),
-            vec![st(
-                "tm",
-                [v("q")],
+            vec![tm.st(
+                v("q"),
                 select(eq(v("q") / i(c_n), rem(v("q"), i(c_n))), f(1.0), f(0.0)),
             )],
         ));
         body.push(trisolve(
-            view("mkk", i(0), c_n),
-            view("tm", i(0), c_n),
+            mkk.view(i(0), c_n),
+            tm.view(i(0), c_n),
             v("l"),
             c_n,
         ));
-        // Element (x, c) of a right-hand side, chunk row x (clamped into the chunk, where it
-        // is read; zero past it) and column c, stored at row c of the transpose.
-        let x = || v("x");
-        let xc = || min(x(), last());
-        let transposed = |buf: &str, width: usize, value: Expr| {
-            for_par(
-                "q",
-                i(0),
-                i(c_n * width),
-                vec![
-                    let_("x", v("q") / i(width)),
-                    let_("c", rem(v("q"), i(width))),
-                    st(
-                        buf,
-                        [v("c") * i(ldt) + x()],
-                        select(lt(x(), v("l")), value, f(0.0)),
-                    ),
-                ],
-            )
-        };
-        body.push(transposed(
-            "qs",
-            dk,
-            ld("bt", [xc()]) * at("ks", xc(), v("c")) * exp(gl("G", xc(), v("c"))),
-        ));
-        body.push(transposed(
-            "ks",
-            dv,
-            ld("bt", [xc()]) * io.conv_prefill("v", r_of(xc()), v("h") * i(dv) + v("c")),
-        ));
-        for (out, rhs, width) in [("w", "qs", dk), ("u", "ks", dv)] {
-            body.push(mma_tiles(
+        // Element (x, col) of a right-hand side, chunk row x (clamped into the chunk, where it
+        // is read; zero past it), stored at row col − cb·RHS_COLS of the block.
+        let xc = || min(v("x"), last());
+        let col = || v("cb") * i(RHS_COLS) + v("c");
+        let w_rhs = ld("bt", [xc()]) * at("ks", xc(), col()) * exp(gl("G", xc(), col()));
+        let u_rhs = ld("bt", [xc()]) * io.conv_prefill("v", r_of(xc()), v("h") * i(dv) + col());
+        for (out, width, value) in [("w", dk, w_rhs), ("u", dv, u_rhs)] {
+            let mut stage = vec![
+                let_("x", v("q") / i(RHS_COLS)),
+                let_("c", rem(v("q"), i(RHS_COLS))),
+            ];
+            let store = rhs.st(
+                v("c") * i(ldt) + v("x"),
+                select(lt(v("x"), v("l")), value, f(0.0)),
+            );
+            stage.push(if width % RHS_COLS == 0 {
+                store
+            } else {
+                if_(lt(col(), i(width)), vec![store])
+            });
+            let product = mma_tiles(
                 MmaKind::F32,
                 v("l"),
-                i(width),
+                min(i(RHS_COLS), i(width) - v("cb") * i(RHS_COLS)),
                 c_n,
-                &|t, x| ld("tm", [t * i(c_n) + x]),
-                &|c, x| ld(rhs, [c * i(ldt) + x]),
-                &|t, c, acc| vec![st(out, [r_of(t), v("h") * i(width) + c], acc)],
+                &|t, x| tm.ld(t * i(c_n) + x),
+                &|c, x| rhs.ld(c * i(ldt) + x),
+                &|t, c, acc| {
+                    vec![st(
+                        out,
+                        [r_of(t), v("h") * i(width) + v("cb") * i(RHS_COLS) + c],
+                        acc,
+                    )]
+                },
+            );
+            body.push(for_(
+                "cb",
+                i(0),
+                i(width.div_ceil(RHS_COLS)),
+                vec![for_par("q", i(0), i(c_n * RHS_COLS), stage), product],
             ));
         }
     }
@@ -589,6 +569,148 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
         nodes,
         cx.graph,
     )
+}
+
+/// Step 4 of [`chunks`] with per-channel decay, which cannot be factored out of the products:
+/// the body of the loop over the chunk's sub-chunks `b` (rows `r0 .. r0 + SUB`), forming
+/// their rows of `M_qk` (handed on) and of `M_kk` (kept in `mkk`):
+/// - the sub-chunk's queries are loaded into `qt`, and `q ⊙ e^G` handed on;
+/// - the diagonal block pairwise, `Σ_c q_tc k_sc e^(G_tc − G_sc)` for `s ≤ t` in the
+///   sub-chunk (and `k_t` likewise, `s < t`, sharing the factors);
+/// - the off-diagonal blocks against each earlier sub-chunk `a`: the rows rescaled against the
+///   sub-chunk's start, `qt[y] = q_(r0+y) ⊙ e^(G_(r0+y) − G_r0)` (in place; `kt` likewise),
+///   the keys of sub-chunk `a` against the same start, `kb[x] = k_s ⊙ e^(G_r0 − G_s)` (`s`
+///   = `a·SUB + x < r0`), then one dot per matrix. Every exponent is ≤ 0 (no overflow).
+fn channel_block(
+    sh: &Shape,
+    load: &dyn Fn(&str, Part, Expr, Expr) -> Vec<Stmt>,
+    [qt, kt, kb, mqr, mkk]: [Part; 5],
+) -> Vec<Stmt> {
+    let (dk, c_n, delta) = (sh.dk, CHUNK, sh.delta);
+    let g = |t: Expr, c: Expr| ld("G", [t * i(dk) + c]);
+    let k = |t: Expr, c: Expr| ld("ks", [t * i(dk) + c]);
+    let t = || v("r0") + v("y");
+    let rows = || min(i(SUB), v("l") - v("r0"));
+    let mut block = vec![let_("r0", v("b") * i(SUB))];
+
+    let mut queries = load("q", qt, v("y"), t());
+    queries.push(for_(
+        "c",
+        i(0),
+        i(dk),
+        vec![st(
+            "qg",
+            [v("c0") + t(), v("h") * i(dk) + v("c")],
+            qt.ld(v("y") * i(dk) + v("c")) * exp(g(t(), v("c"))),
+        )],
+    ));
+    block.push(for_par("y", i(0), rows(), queries));
+
+    // The diagonal block, a pair (y, x) of its rows per iteration.
+    let s = || v("r0") + v("x");
+    let e = || exp(g(t(), v("c")) - g(s(), v("c")));
+    let q_at = || qt.ld(v("y") * i(dk) + v("c"));
+    let mq_at = mqr.idx(v("y") * i(c_n) + s());
+    let mut pair = vec![let_("y", v("p") / i(SUB)), let_("x", rem(v("p"), i(SUB)))];
+    let kept = if delta {
+        vec![
+            for_carry(
+                "c",
+                i(0),
+                i(dk),
+                vec![("aq", f(0.0)), ("ak", f(0.0))],
+                vec![let_("ks_e", k(s(), v("c")) * e())],
+                vec![
+                    v("aq") + q_at() * v("ks_e"),
+                    v("ak") + k(t(), v("c")) * v("ks_e"),
+                ],
+            ),
+            st(mqr.local, [mq_at], v("aq")),
+            if_(
+                lt(v("x"), v("y")),
+                vec![mkk.st(t() * i(c_n) + s(), v("ak"))],
+            ),
+        ]
+    } else {
+        vec![st(
+            mqr.local,
+            [mq_at],
+            sum("c", i(0), i(dk), q_at() * k(s(), v("c")) * e()),
+        )]
+    };
+    pair.push(if_(lt(v("y"), rows()), vec![if_(le(v("x"), v("y")), kept)]));
+    block.push(for_par("p", i(0), i(SUB * SUB), pair));
+
+    // The rows rescaled against the sub-chunk's start.
+    let mut rescale = vec![
+        let_("e", exp(g(t(), v("c")) - g(v("r0"), v("c")))),
+        qt.st(v("y") * i(dk) + v("c"), q_at() * v("e")),
+    ];
+    if delta {
+        rescale.push(kt.st(v("y") * i(dk) + v("c"), k(t(), v("c")) * v("e")));
+    }
+    block.push(for_par(
+        "y",
+        i(0),
+        rows(),
+        vec![for_("c", i(0), i(dk), rescale)],
+    ));
+
+    // Against each earlier sub-chunk.
+    let a0 = || v("a") * i(SUB);
+    let mut earlier = vec![for_par(
+        "x",
+        i(0),
+        i(SUB),
+        vec![for_(
+            "c",
+            i(0),
+            i(dk),
+            vec![kb.st(
+                v("x") * i(dk) + v("c"),
+                k(a0() + v("x"), v("c")) * exp(g(v("r0"), v("c")) - g(a0() + v("x"), v("c"))),
+            )],
+        )],
+    )];
+    earlier.push(dot(
+        mqr.view(a0(), c_n),
+        qt.view(i(0), dk),
+        kb.view(i(0), dk),
+        rows(),
+        i(SUB),
+        dk,
+        false,
+    ));
+    if delta {
+        earlier.push(dot(
+            mkk.view(v("r0") * i(c_n) + a0(), c_n),
+            kt.view(i(0), dk),
+            kb.view(i(0), dk),
+            rows(),
+            i(SUB),
+            dk,
+            false,
+        ));
+    }
+    block.push(for_("a", i(0), v("b"), earlier));
+
+    // The sub-chunk's causal rows of M_qk handed on.
+    block.push(for_par(
+        "y",
+        i(0),
+        rows(),
+        vec![for_(
+            "x",
+            i(0),
+            t() + i(1),
+            vec![st(
+                "mq",
+                [v("c0") + t(), v("h") * i(c_n) + v("x")],
+                mqr.ld(v("y") * i(c_n) + v("x")),
+            )],
+        )],
+    ));
+    block
 }
 
 /// Step 2: one program per (value head, [`SCAN_COLS`] state columns), over the chunks in
