@@ -959,9 +959,11 @@ fn prefill_attention_is_flash_attention_on_tensor_cores() {
 
 /// Each of `kernels` is a flash-attention block (FlashAttention-2's loop, its state in
 /// registers): one block of 4 warps per program, no scratch, the tiles staged in static
-/// shared memory between block barriers, the products `mma.sync` m16n8k16 bf16, the row
-/// statistics combined by shuffles; on both targets ptxas reports no spills, the planned
-/// shared memory, and at least one block per SM.
+/// shared memory between block barriers, the row statistics combined by shuffles; the products
+/// `mma.sync` m16n8k16 bf16 on sm_80 (fragments loaded from shared memory), on sm_90a
+/// `wgmma` m64nNk16 with the queries and probabilities from registers and the keys and values
+/// read through descriptors (after `fence.proxy.async`), and no `mma.sync`; on both targets
+/// ptxas reports no spills, the planned shared memory, and at least one block per SM.
 fn flash_blocks_on_bf16_tensor_cores(kernels: &[lamina_ir::kernel::Kernel]) {
     use lamina_targets::mlir::lower::attend::{self, attend_block};
     for k in kernels {
@@ -972,14 +974,32 @@ fn flash_blocks_on_bf16_tensor_cores(kernels: &[lamina_ir::kernel::Kernel]) {
             assert_eq!(nvptx::scratch_bytes(k, target), 0, "{}", k.name);
             let (ptx, _) = nvptx::compile_ptx(kernels, target).unwrap();
             let text = entry(&ptx, &k.name);
-            for op in [
-                "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
-                "bar.sync",
-                "shfl.sync.bfly",
-                "st.shared.b32",
-                "ld.shared.b32",
-            ] {
-                assert!(text.contains(op), "{} {target}: no {op}", k.name);
+            let sync = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32";
+            let wgmma = [
+                format!(
+                    "wgmma.mma_async.sync.aligned.m64n{}k16.f32.bf16.bf16",
+                    attend::KEY_TILE
+                ),
+                format!("wgmma.mma_async.sync.aligned.m64n{}k16.f32.bf16.bf16", a.vw),
+                "wgmma.wait_group.sync.aligned 0".into(),
+                "fence.proxy.async.shared::cta".into(),
+            ];
+            let products = match target {
+                Target::Sm90a => {
+                    assert!(!text.contains(sync), "{} {target}: mma.sync", k.name);
+                    wgmma.to_vec()
+                }
+                _ => {
+                    assert!(!text.contains("wgmma"), "{} {target}: wgmma", k.name);
+                    vec![sync.into(), "ld.shared.b32".into()]
+                }
+            };
+            for op in ["bar.sync", "shfl.sync.bfly", "st.shared.b32"]
+                .map(String::from)
+                .into_iter()
+                .chain(products)
+            {
+                assert!(text.contains(&op), "{} {target}: no {op}", k.name);
             }
             assert!(!text.contains("tf32"), "{} {target}: tf32 products", k.name);
             if ptxas_or_skip("flash_blocks_on_bf16_tensor_cores") {

@@ -47,6 +47,7 @@ pub fn ir(
         );
         match stage {
             Stage::Kernel => {
+                print!("{}", p.print_launches(ph));
                 for k in &kernels {
                     println!("{}", print_kernel(k));
                 }

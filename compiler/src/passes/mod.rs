@@ -151,6 +151,17 @@ impl<'g> Program<'g> {
         Ok(())
     }
 
+    /// The launch list of `phase`, one comment line per launch: its index, kernel and
+    /// arguments (`%n` graph values, `%tmpN` temporaries, `@` weights, `#` layer states).
+    pub fn print_launches(&self, phase: Phase) -> String {
+        let mut out = String::new();
+        for (i, l) in self.schedules.get(&phase).into_iter().flatten().enumerate() {
+            let args: Vec<String> = l.args.iter().map(print_bind).collect();
+            let _ = writeln!(out, "//   {i:3}: {}({})", l.kernel.name, args.join(", "));
+        }
+        out
+    }
+
     /// Text form for dumps: the graph before lowering, then per phase the launch list and
     /// the distinct kernels.
     pub fn print(&self) -> String {
@@ -166,10 +177,7 @@ impl<'g> Program<'g> {
                 phase.name(),
                 launches.len()
             );
-            for (i, l) in launches.iter().enumerate() {
-                let args: Vec<String> = l.args.iter().map(print_bind).collect();
-                let _ = writeln!(out, "//   {i:3}: {}({})", l.kernel.name, args.join(", "));
-            }
+            out += &self.print_launches(*phase);
             if let Some(m) = self.memory.get(phase) {
                 let _ = writeln!(
                     out,

@@ -668,6 +668,17 @@ impl<'c> Lower<'c> {
         )
     }
 
+    fn const_i64<'a>(&self, blk: &'a Block<'c>, v: i64) -> Value<'c, 'a> {
+        self.append(
+            blk,
+            arith::constant(
+                self.ctx,
+                IntegerAttribute::new(self.i64, v).into(),
+                self.loc,
+            ),
+        )
+    }
+
     fn const_i32<'a>(&self, blk: &'a Block<'c>, v: i64) -> Value<'c, 'a> {
         let i32t: Type = IntegerType::new(self.ctx, 32).into();
         self.append(

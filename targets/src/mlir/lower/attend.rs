@@ -1,5 +1,6 @@
 //! A block of flash attention ([`Stmt::Attend`]) as one GPU block: FlashAttention-2's loop on
-//! `mma.sync` m16n8k16 bf16 tensor cores, the running state in registers.
+//! `mma.sync` m16n8k16 bf16 tensor cores (sm_80) or warpgroup `wgmma` (sm_90a), the running
+//! state in registers.
 //!
 //! - The block is [`WARPS`] warps; warp `w` owns block rows `16w .. 16w + 16`. Each lane
 //!   holds its rows' query fragments (bf16 pairs, loaded once), its part of the output
@@ -17,6 +18,13 @@
 //!   fragments are 32-bit loads from the transposed tile.
 //! - After the last tile each lane's partial sums are combined over its quad, and the
 //!   epilogue runs per output element on the lane holding it, with `out = acc / l`.
+//! - On sm_90a ([`wgmma_shapes`]) the block is one warpgroup and both products are `wgmma`
+//!   m64nNk16 ([`Lower::wgmma_rs`]): the A operands stay in registers (the query fragments and
+//!   the packed probabilities above: a warpgroup's m64 A fragment is its warps' m16 fragments
+//!   stacked), the B operands (the keys, the transposed values) are staged as K-major core
+//!   matrices ([`core_pair`]: a warp's stores fill 32 consecutive words) and read through
+//!   shared-memory descriptors after `fence.proxy.async`, and the accumulators come back in
+//!   the m16n8 C layout per warp, so the softmax in registers is the same code.
 //!
 //! The host runs the same statement as the loops of `expand::attend_loops` (the same tiles,
 //! the same bf16 roundings of the queries, keys, values and probabilities), which is what the
@@ -26,10 +34,12 @@
 use lamina_ir::kernel::{Attend, Expr, Kernel, Mma, MmaKind, Stmt};
 use melior::dialect::arith::{self, CmpfPredicate};
 use melior::dialect::scf;
+use melior::ir::attribute::StringAttribute;
 use melior::ir::operation::OperationBuilder;
 use melior::ir::r#type::IntegerType;
-use melior::ir::{Block, BlockLike, Type, Value};
+use melior::ir::{Attribute, Block, BlockLike, Identifier, Type, Value};
 
+use super::staged::{CORE_LBO, WGMMA_M};
 use super::{a_fragment, b_fragment, bug, c_fragment, Env, Lower, Ty, R};
 
 /// Warps of a block; each owns 16 of the block's rows.
@@ -127,6 +137,14 @@ type LaneKeys<'c, 'b> = (
     Value<'c, 'b>,
 );
 
+/// A step of the logits: its first element along the depth, the query fragments if already
+/// loaded, and the staged keys' shared address when the step is a `wgmma`.
+type LogitsStep<'c, 'q, 'b> = (
+    Value<'c, 'b>,
+    Option<&'q [Value<'c, 'b>]>,
+    Option<Value<'c, 'b>>,
+);
+
 /// `(key, element pair)` of the key pair thread `tid` stages in round `it`: consecutive
 /// threads take consecutive pairs of one key row (coalesced loads).
 pub fn key_pair(qk: usize, tid: usize, it: usize) -> (usize, usize) {
@@ -139,6 +157,29 @@ pub fn key_pair(qk: usize, tid: usize, it: usize) -> (usize, usize) {
 pub fn value_pair(vw: usize, tid: usize, it: usize) -> (usize, usize) {
     let p = it * LANES as usize + tid;
     (p % vw, p / vw)
+}
+
+/// Whether the block's products can run as sm_90a `wgmma` ([`Lower::wgmma_rs`]): the block's
+/// rows are one m64 warpgroup tile, the keys 16-deep steps, the values whole 8-column groups
+/// of at most 256 (the widest `wgmma`).
+pub fn wgmma_shapes(a: &Attend) -> bool {
+    ROWS == WGMMA_M && a.qk.is_multiple_of(16) && a.vw.is_multiple_of(8) && a.vw <= 256
+}
+
+/// `(row, pair)` staged at word `p` of an operand of `depth`-element rows laid out as `wgmma`
+/// reads it (sm_90a): K-major core matrices of 8 rows × 8 elements, each 128 contiguous bytes
+/// (a row's 16 bytes after another's), [`CORE_LBO`] apart along the depth and [`core_sbo`]
+/// apart from one 8-row group to the next. Word `p` is thread `p`'s (mod the block) in a
+/// staging round, so a warp's 32 stores fill 32 consecutive words: distinct banks.
+pub fn core_pair(depth: usize, p: usize) -> (usize, usize) {
+    let (core, w) = (p / 32, p % 32);
+    let cores = depth / 8;
+    ((core / cores) * 8 + w / 4, (core % cores) * 4 + w % 4)
+}
+
+/// Bytes from one 8-row group of core matrices to the next, for `depth`-element rows.
+pub fn core_sbo(depth: usize) -> usize {
+    depth / 8 * CORE_LBO
 }
 
 /// Rounds of [`key_pair`] and [`value_pair`] for a tile (whole for a register block).
@@ -175,6 +216,14 @@ impl<'c> Lower<'c> {
         let i32t: Type = IntegerType::new(self.ctx, 32).into();
         let (qk, vw, fk) = (a.qk, a.vw, KEY_TILE);
         let (kld, vld) = (key_ld(a), VALUE_LD);
+        // sm_90a: the products as warpgroup MMAs reading the staged tiles through descriptors
+        // (the keys' at the start of the shared memory, the values' after them).
+        let wg = self.wgmma && wgmma_shapes(a);
+        let key_addr = if wg {
+            Some(self.shared_address(blk, smem, what)?)
+        } else {
+            None
+        };
         let warp = int("arith.divui", tid, ix(32));
         let lane = int("arith.remui", tid, ix(32));
         let g = int("arith.divui", lane, ix(4));
@@ -270,26 +319,28 @@ impl<'c> Lower<'c> {
                 )?;
                 Ok(())
             };
-            // Keys: `[key][e]`, pairs along e.
+            // Keys: `[key][e]`, pairs along e (for `wgmma`: core matrices, [`core_pair`]).
             {
                 staged(fk * qk / 2, &|b, p| {
                     let bx = |v: usize| self.const_index(b, v as i64);
                     let int = |name: &str, x: Value<'c, '_>, y: Value<'c, '_>| {
                         self.op(b, name, &[x, y], self.index, false)
                     };
-                    let key = int("arith.divui", p, bx(qk / 2));
-                    let pair = int("arith.remui", p, bx(qk / 2));
+                    let (key, pair, at) = if wg {
+                        let (key, pair) = self.core_pair_at(b, p, qk);
+                        (key, pair, p)
+                    } else {
+                        let key = int("arith.divui", p, bx(qk / 2));
+                        let pair = int("arith.remui", p, bx(qk / 2));
+                        let at = int("arith.muli", key, bx(key_word(a, 1, 0)));
+                        (key, pair, int("arith.addi", at, pair))
+                    };
                     let j = int("arith.minsi", int("arith.addi", j0, key), last_key);
                     let e = int("arith.muli", pair, bx(2));
                     let e1 = int("arith.addi", e, bx(1));
                     let lo = self.eval_at(b, env, &a.key, &[(&a.j, j), (&a.e, e)])?;
                     let hi = self.eval_at(b, env, &a.key, &[(&a.j, j), (&a.e, e1)])?;
                     let x = self.pack_bf16(b, lo, hi);
-                    let at = int(
-                        "arith.addi",
-                        int("arith.muli", key, bx(key_word(a, 1, 0))),
-                        pair,
-                    );
                     let st = OperationBuilder::new("memref.store", self.loc)
                         .add_operands(&[x, k_view, at])
                         .build()
@@ -298,26 +349,28 @@ impl<'c> Lower<'c> {
                     Ok(())
                 })?;
             }
-            // Values transposed: `[d][key]`, pairs along the keys.
+            // Values transposed: `[d][key]`, pairs along the keys (likewise).
             {
                 staged(fk / 2 * vw, &|b, p| {
                     let bx = |v: usize| self.const_index(b, v as i64);
                     let int = |name: &str, x: Value<'c, '_>, y: Value<'c, '_>| {
                         self.op(b, name, &[x, y], self.index, false)
                     };
-                    let d = int("arith.remui", p, bx(vw));
-                    let pair = int("arith.divui", p, bx(vw));
+                    let (d, pair, at) = if wg {
+                        let (d, pair) = self.core_pair_at(b, p, fk);
+                        (d, pair, p)
+                    } else {
+                        let d = int("arith.remui", p, bx(vw));
+                        let pair = int("arith.divui", p, bx(vw));
+                        let at = int("arith.muli", d, bx(value_word(1, 0)));
+                        (d, pair, int("arith.addi", at, pair))
+                    };
                     let j = int("arith.addi", j0, int("arith.muli", pair, bx(2)));
                     let ja = int("arith.minsi", j, last_key);
                     let jb = int("arith.minsi", int("arith.addi", j, bx(1)), last_key);
                     let lo = self.eval_at(b, env, &a.value, &[(&a.j, ja), (&a.d, d)])?;
                     let hi = self.eval_at(b, env, &a.value, &[(&a.j, jb), (&a.d, d)])?;
                     let x = self.pack_bf16(b, lo, hi);
-                    let at = int(
-                        "arith.addi",
-                        int("arith.muli", d, bx(value_word(1, 0))),
-                        pair,
-                    );
                     let st = OperationBuilder::new("memref.store", self.loc)
                         .add_operands(&[x, v_view, at])
                         .build()
@@ -326,7 +379,10 @@ impl<'c> Lower<'c> {
                     Ok(())
                 })?;
             }
-            // The tile is staged.
+            // The tile is staged (and visible to the tensor cores' reads).
+            if wg {
+                self.fence_proxy_async(&body)?;
+            }
             self.block_barrier(&body)?;
             let load = |view: Value<'c, '_>, at: Value<'c, '_>| -> R<Value> {
                 let op = OperationBuilder::new("memref.load", self.loc)
@@ -347,10 +403,26 @@ impl<'c> Lower<'c> {
             let lane = (rows, two_t, key_base, k_view);
             let zero = self.const_f32(&body, 0.0);
             let mut flat = vec![zero; fk / 8 * 4];
-            if resident {
+            if let (Some(addr), true) = (key_addr, resident) {
+                // One chain of warpgroup MMAs over the whole depth.
+                let steps: Vec<_> = q
+                    .iter()
+                    .enumerate()
+                    .map(|(ks, qa)| {
+                        let at = self.const_i64(&body, (ks * 2 * CORE_LBO) as i64);
+                        let at = self.op(&body, "arith.addi", &[addr, at], self.i64, false);
+                        (
+                            qa.as_slice(),
+                            self.wgmma_descriptor(&body, at, core_sbo(qk)),
+                        )
+                    })
+                    .collect();
+                flat = self.wgmma_rs(&body, fk, &flat, &steps, what)?;
+            } else if resident {
                 for (ks, qa) in q.iter().enumerate() {
                     let e0 = bx(ks * 16);
-                    flat = self.logits_step(&body, env, a, lane, e0, Some(qa), &flat, what)?;
+                    let step = (e0, Some(qa.as_slice()), None);
+                    flat = self.logits_step(&body, env, a, lane, step, &flat, what)?;
                 }
             } else {
                 // One 16-deep step per iteration: its query fragments are loaded just
@@ -366,7 +438,8 @@ impl<'c> Lower<'c> {
                             .map_err(|e| bug(e.to_string()))
                     })
                     .collect::<R<_>>()?;
-                let next = self.logits_step(&step, env, a, lane, e0, None, &carried, what)?;
+                let at = (e0, None, key_addr);
+                let next = self.logits_step(&step, env, a, lane, at, &carried, what)?;
                 step.append_operation(scf::r#yield(&next, self.loc));
                 let tys = vec![f; flat.len()];
                 flat = self.scf_for(&body, (bx(0), bx(qk), bx(16)), &flat, &tys, step, what)?;
@@ -444,13 +517,30 @@ impl<'c> Lower<'c> {
                         .collect()
                 })
                 .collect();
-            // acc += P V: value column group dn per accumulator.
+            // acc += P V: value column group dn per accumulator; on sm_90a one chain of
+            // warpgroup MMAs over the tile's keys, the values' descriptors after the keys.
+            if let Some(addr) = key_addr {
+                let steps: Vec<_> = p
+                    .iter()
+                    .enumerate()
+                    .map(|(kk, pa)| {
+                        let off = fk * kld * 2 + kk * 2 * CORE_LBO;
+                        let at = self.const_i64(&body, off as i64);
+                        let at = self.op(&body, "arith.addi", &[addr, at], self.i64, false);
+                        (
+                            pa.as_slice(),
+                            self.wgmma_descriptor(&body, at, core_sbo(fk)),
+                        )
+                    })
+                    .collect();
+                acc = self.wgmma_rs(&body, vw, &acc, &steps, what)?;
+            }
             let value_base = bint(
                 "arith.addi",
                 bint("arith.muli", g, bx(value_word(1, 0))),
                 tq,
             );
-            for dn in 0..vw / 8 {
+            for dn in (0..vw / 8).filter(|_| !wg) {
                 let mut c: Vec<Value> = acc[dn * 4..dn * 4 + 4].to_vec();
                 for (kk, pa) in p.iter().enumerate() {
                     let mut b = Vec::new();
@@ -508,7 +598,8 @@ impl<'c> Lower<'c> {
 
     /// The logits of one 16-deep step starting at element `e0`: the lane's 4 accumulators of
     /// each 8-key group (`s`, flat) plus the products of the step's query fragments (`qa`, or
-    /// evaluated here) and the staged keys' B fragments.
+    /// evaluated here) and the staged keys' B fragments, or with `key_addr` (the staged keys'
+    /// shared address, sm_90a) one warpgroup MMA reading the keys through a descriptor.
     #[allow(clippy::too_many_arguments)]
     fn logits_step<'b>(
         &self,
@@ -516,8 +607,7 @@ impl<'c> Lower<'c> {
         env: &Env<'c, 'b>,
         a: &Attend,
         (rows, two_t, key_base, k_view): LaneKeys<'c, 'b>,
-        e0: Value<'c, 'b>,
-        qa: Option<&[Value<'c, 'b>]>,
+        (e0, qa, key_addr): LogitsStep<'c, '_, 'b>,
         s: &[Value<'c, 'b>],
         what: &str,
     ) -> R<Vec<Value<'c, 'b>>> {
@@ -530,6 +620,15 @@ impl<'c> Lower<'c> {
                 &loaded
             }
         };
+        if let Some(addr) = key_addr {
+            // e0 elements along the depth: e0 / 8 core matrices of 128 bytes.
+            let e0 = self.op(b, "arith.index_cast", &[e0], self.i64, false);
+            let bytes = self.const_i64(b, (CORE_LBO / 8) as i64);
+            let off = self.op(b, "arith.muli", &[e0, bytes], self.i64, false);
+            let at = self.op(b, "arith.addi", &[addr, off], self.i64, false);
+            let desc = self.wgmma_descriptor(b, at, core_sbo(a.qk));
+            return self.wgmma_rs(b, KEY_TILE, s, &[(qa, desc)], what);
+        }
         let attrs = self.mma_attrs(MmaKind::Bf16)?;
         let two = self.const_index(b, 2);
         let step_words = self.op(b, "arith.divui", &[e0, two], self.index, false);
@@ -551,6 +650,94 @@ impl<'c> Lower<'c> {
             out.extend(self.mma_sync(b, &attrs, qa, &regs, c, what)?);
         }
         Ok(out)
+    }
+
+    /// [`core_pair`] of word `p` of a `depth`-deep operand, as index values.
+    fn core_pair_at<'b>(
+        &self,
+        b: &'b Block<'c>,
+        p: Value<'c, '_>,
+        depth: usize,
+    ) -> (Value<'c, 'b>, Value<'c, 'b>) {
+        let bx = |v: usize| self.const_index(b, v as i64);
+        let int = |name: &str, x: Value<'c, '_>, y: Value<'c, '_>| {
+            self.op(b, name, &[x, y], self.index, false)
+        };
+        let (core, w) = (int("arith.divui", p, bx(32)), int("arith.remui", p, bx(32)));
+        let cores = bx(depth / 8);
+        let group = int("arith.muli", int("arith.divui", core, cores), bx(8));
+        let row = int("arith.addi", group, int("arith.divui", w, bx(4)));
+        let first = int("arith.muli", int("arith.remui", core, cores), bx(4));
+        (row, int("arith.addi", first, int("arith.remui", w, bx(4))))
+    }
+
+    /// A warpgroup's `acc + Σ_s A_s B_s` by `wgmma.mma_async` m64n`n`k16 (bf16 operands, f32
+    /// accumulators), one step per `(a, b)` of `steps`: A from registers (the lane's 4 bf16
+    /// pairs of the m16n8k16 A fragment of its warp's 16 rows: a warpgroup's m64 A fragment is
+    /// its 4 warps' stacked), B (`n` × 16, K-major) through the shared-memory descriptor `b`.
+    /// `acc`: the lane's `n / 2` accumulators, in the order of `n / 8` m16n8 C fragments
+    /// (the m64nN accumulator layout per warp). One inline-asm statement: `wgmma.fence`, the
+    /// chained MMAs, commit and wait, so the outputs are complete when it returns.
+    pub(super) fn wgmma_rs<'b>(
+        &self,
+        body: &'b Block<'c>,
+        n: usize,
+        acc: &[Value<'c, '_>],
+        steps: &[(&[Value<'c, '_>], Value<'c, '_>)],
+        what: &str,
+    ) -> R<Vec<Value<'c, 'b>>> {
+        let na = acc.len();
+        if na != n / 2 || steps.iter().any(|(a, _)| a.len() != 4) {
+            return Err(bug(format!(
+                "{what}: wgmma m64n{n}k16 takes {} accumulators and 4 A registers a step",
+                n / 2
+            )));
+        }
+        let (first_a, first_desc) = (2 * na, 2 * na + 4 * steps.len());
+        let one = first_desc + steps.len();
+        let d: Vec<String> = (0..na).map(|i| format!("${i}")).collect();
+        let mut asm =
+            format!("{{\n.reg .pred p;\nsetp.ne.b32 p, ${one}, 0;\nwgmma.fence.sync.aligned;\n");
+        for s in 0..steps.len() {
+            let r: Vec<String> = (0..4)
+                .map(|i| format!("${}", first_a + 4 * s + i))
+                .collect();
+            asm += &format!(
+                "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{}}}, {{{}}}, ${}, p, 1, 1, 0;\n",
+                d.join(", "),
+                r.join(", "),
+                first_desc + s
+            );
+        }
+        asm += "wgmma.commit_group.sync.aligned;\nwgmma.wait_group.sync.aligned 0;\n}";
+        let mut constraints: Vec<String> = vec!["=f".into(); na];
+        constraints.extend((0..na).map(|i| i.to_string()));
+        constraints.extend(vec!["r".to_string(); 4 * steps.len()]);
+        constraints.extend(vec!["l".to_string(); steps.len()]);
+        constraints.extend(["r".to_string(), "~{memory}".to_string()]);
+        let mut operands: Vec<Value> = acc.to_vec();
+        operands.extend(steps.iter().flat_map(|(a, _)| a.iter().copied()));
+        operands.extend(steps.iter().map(|(_, b)| *b));
+        operands.push(self.const_i32(body, 1));
+        let fields = vec!["f32"; na].join(", ");
+        let result = melior::ir::Type::parse(self.ctx, &format!("!llvm.struct<({fields})>"))
+            .ok_or_else(|| bug("wgmma result type".into()))?;
+        let attr = |k: &str, v: Attribute<'c>| (Identifier::new(self.ctx, k), v);
+        let op = OperationBuilder::new("llvm.inline_asm", self.loc)
+            .add_operands(&operands)
+            .add_attributes(&[
+                attr("asm_string", StringAttribute::new(self.ctx, &asm).into()),
+                attr(
+                    "constraints",
+                    StringAttribute::new(self.ctx, &constraints.join(",")).into(),
+                ),
+                attr("has_side_effects", Attribute::unit(self.ctx)),
+            ])
+            .add_results(&[result])
+            .build()
+            .map_err(|e| bug(format!("{what}: wgmma inline asm: {e}")))?;
+        let d = self.append(body, op);
+        (0..na).map(|e| self.extract(body, d, e)).collect()
     }
 
     /// The A fragments of the queries' 16-deep step starting at element `e0` for the lane's
@@ -708,40 +895,46 @@ mod tests {
             let k: Vec<Vec<f32>> = (0..nk).map(|_| (0..qk).map(|_| rnd()).collect()).collect();
             let v: Vec<Vec<f32>> = (0..nk).map(|_| (0..vw).map(|_| rnd()).collect()).collect();
             let scale = 1.0 / (qk as f32).sqrt() * 2.0;
-            let got = simulate(&a, scale, (&q, &k, &v), &sees, tiles);
-            let (mut err, mut norm) = (0f64, 0f64);
-            for t in 0..m {
-                let keys = tiles.0 * KEY_TILE..(tiles.1 * KEY_TILE).min(nk).min(sees[t]);
-                let logit = |j: usize| {
-                    (0..qk)
-                        .map(|e| round(q[t][e]) as f64 * round(k[j][e]) as f64)
-                        .sum::<f64>()
-                        * scale as f64
-                };
-                let top = keys.clone().map(logit).fold(f64::NEG_INFINITY, f64::max);
-                let p: Vec<(usize, f64)> = keys.map(|j| (j, (logit(j) - top).exp())).collect();
-                let sum: f64 = p.iter().map(|(_, p)| p).sum();
-                for d in 0..vw {
-                    let g = got[t][d].expect("every valid output element is written") as f64;
-                    if p.is_empty() {
-                        assert!(g.is_nan(), "{qk}x{vw}: row {t} sees no key but gave {g}");
-                        continue;
+            // As sm_80 runs it, then as sm_90a (warpgroup MMAs) where the shapes allow.
+            for wgmma in [false, true]
+                .into_iter()
+                .filter(|&w| !w || wgmma_shapes(&a))
+            {
+                let got = simulate(&a, scale, (&q, &k, &v), &sees, tiles, wgmma);
+                let (mut err, mut norm) = (0f64, 0f64);
+                for t in 0..m {
+                    let keys = tiles.0 * KEY_TILE..(tiles.1 * KEY_TILE).min(nk).min(sees[t]);
+                    let logit = |j: usize| {
+                        (0..qk)
+                            .map(|e| round(q[t][e]) as f64 * round(k[j][e]) as f64)
+                            .sum::<f64>()
+                            * scale as f64
+                    };
+                    let top = keys.clone().map(logit).fold(f64::NEG_INFINITY, f64::max);
+                    let p: Vec<(usize, f64)> = keys.map(|j| (j, (logit(j) - top).exp())).collect();
+                    let sum: f64 = p.iter().map(|(_, p)| p).sum();
+                    for d in 0..vw {
+                        let g = got[t][d].expect("every valid output element is written") as f64;
+                        if p.is_empty() {
+                            assert!(g.is_nan(), "{qk}x{vw}: row {t} sees no key but gave {g}");
+                            continue;
+                        }
+                        let want = p
+                            .iter()
+                            .map(|&(j, p)| p * round(v[j][d]) as f64)
+                            .sum::<f64>();
+                        let want = want / sum;
+                        assert!(g.is_finite(), "{qk}x{vw}: row {t} column {d} is {g}");
+                        err += (g - want).powi(2);
+                        norm += want * want;
                     }
-                    let want = p
-                        .iter()
-                        .map(|&(j, p)| p * round(v[j][d]) as f64)
-                        .sum::<f64>();
-                    let want = want / sum;
-                    assert!(g.is_finite(), "{qk}x{vw}: row {t} column {d} is {g}");
-                    err += (g - want).powi(2);
-                    norm += want * want;
                 }
+                let rel = (err / norm).sqrt();
+                assert!(
+                    rel < 1e-2,
+                    "{qk}x{vw} m {m} nk {nk} wgmma {wgmma}: relative error {rel:.3e}"
+                );
             }
-            let rel = (err / norm).sqrt();
-            assert!(
-                rel < 1e-2,
-                "{qk}x{vw} m {m} nk {nk}: relative error {rel:.3e}"
-            );
         }
     }
 
@@ -820,6 +1013,34 @@ mod tests {
     /// Rows of a matrix.
     type Rows<'m> = &'m [Vec<f32>];
 
+    /// What a `wgmma` reading B (N × 16, K-major) through the descriptor of 16-deep step
+    /// `step` of an operand of `depth`-element rows staged as [`core_pair`] lays it out gives
+    /// the m16n8k16 B-fragment register `reg` of lane `(g, t)` for 8-row group `group`: the
+    /// elements at the descriptor's addresses (PTX ISA, shared-memory matrix layout: start
+    /// `step · 2 · LBO`, row `n` of the group at `(n / 8) · SBO + (n % 8) · 16` bytes, depth
+    /// `k` at `(k / 8) · LBO + (k % 8) · 2`), packed as the fragment holds them.
+    fn descriptor_read(
+        words: &[u32],
+        depth: usize,
+        (group, step): (usize, usize),
+        (g, t): (usize, usize),
+        reg: usize,
+    ) -> u32 {
+        let half_at = |byte: usize| (words[byte / 4] >> (16 * ((byte % 4) / 2))) & 0xffff;
+        let mut w = 0;
+        for h in 0..2 {
+            let (col, k) = b_fragment(MmaKind::Bf16, g, t, reg, h);
+            let n = group * 8 + col;
+            let byte = step * 2 * CORE_LBO
+                + (n / 8) * core_sbo(depth)
+                + (n % 8) * 16
+                + (k / 8) * CORE_LBO
+                + (k % 8) * 2;
+            w |= half_at(byte) << (16 * h);
+        }
+        w
+    }
+
     /// The block run lane by lane: `out[t][d]` for the valid rows (`None`: never written).
     #[allow(clippy::needless_range_loop)]
     fn simulate(
@@ -828,6 +1049,7 @@ mod tests {
         (q, k, v): (Rows, Rows, Rows),
         sees: &[usize],
         (first, end): (usize, usize),
+        wgmma: bool,
     ) -> Vec<Vec<Option<f32>>> {
         let (qk, vw, m, nk) = (a.qk, a.vw, q.len(), k.len());
         let (groups, steps) = (KEY_TILE / 8, KEY_TILE / 16);
@@ -860,7 +1082,19 @@ mod tests {
                 let (kr, vr) = stage_rounds(a);
                 let mut kw = vec![0u32; KEY_TILE * key_ld(a) / 2];
                 let mut vwd = vec![0u32; vw * VALUE_LD / 2];
-                for tid in 0..LANES as usize {
+                // sm_90a: word p of a staging round is thread p's, in core-matrix layout.
+                for p in (0..KEY_TILE * qk / 2).filter(|_| wgmma) {
+                    let (key, pair) = core_pair(qk, p);
+                    let j = (j0 + key).min(nk - 1);
+                    kw[p] = pack(k[j][2 * pair], k[j][2 * pair + 1]);
+                }
+                for p in (0..KEY_TILE / 2 * vw).filter(|_| wgmma) {
+                    let (d, pair) = core_pair(KEY_TILE, p);
+                    let ja = (j0 + 2 * pair).min(nk - 1);
+                    let jb = (j0 + 2 * pair + 1).min(nk - 1);
+                    vwd[p] = pack(v[ja][d], v[jb][d]);
+                }
+                for tid in (0..LANES as usize).filter(|_| !wgmma) {
                     for it in 0..kr {
                         let (key, pair) = key_pair(qk, tid, it);
                         if key < KEY_TILE {
@@ -883,7 +1117,13 @@ mod tests {
                         let b: Vec<[u32; 2]> = lanes
                             .iter()
                             .map(|&gt| {
-                                [0, 1].map(|reg| kw[key_fragment_word(a, gt, nt, ks * 16, reg)])
+                                [0, 1].map(|reg| {
+                                    if wgmma {
+                                        descriptor_read(&kw, qk, (nt, ks), gt, reg)
+                                    } else {
+                                        kw[key_fragment_word(a, gt, nt, ks * 16, reg)]
+                                    }
+                                })
                             })
                             .collect();
                         *c = mma(qa, &b, c);
@@ -948,7 +1188,15 @@ mod tests {
                     for (kk, pk) in p.iter().enumerate() {
                         let b: Vec<[u32; 2]> = lanes
                             .iter()
-                            .map(|&gt| [0, 1].map(|reg| vwd[value_fragment_word(gt, dn, kk, reg)]))
+                            .map(|&gt| {
+                                [0, 1].map(|reg| {
+                                    if wgmma {
+                                        descriptor_read(&vwd, KEY_TILE, (dn, kk), gt, reg)
+                                    } else {
+                                        vwd[value_fragment_word(gt, dn, kk, reg)]
+                                    }
+                                })
+                            })
                             .collect();
                         *c = mma(pk, &b, c);
                     }

@@ -80,11 +80,18 @@ pub fn slab_offset(layout: Layout, row: usize, k: usize) -> usize {
     }
 }
 
-/// A `wgmma` shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format"): start
-/// address `>> 4` in bits 0–13, leading-dimension byte offset `>> 4` in 16–29, stride-dimension
-/// byte offset `>> 4` in 32–45, base offset 0, no swizzle (bits 62–63 zero).
+/// A `wgmma` shared-memory matrix descriptor (PTX ISA, "Matrix Descriptor Format") of a staged
+/// slab: [`strided_descriptor`] with rows of core matrices [`CORE_SBO`] apart.
 pub fn descriptor(address: u64) -> u64 {
-    ((address >> 4) & 0x3FFF) | (((CORE_LBO as u64) >> 4) << 16) | (((CORE_SBO as u64) >> 4) << 32)
+    strided_descriptor(address, CORE_SBO)
+}
+
+/// A `wgmma` shared-memory matrix descriptor of K-major core matrices without swizzle: start
+/// address `>> 4` in bits 0–13, leading-dimension byte offset (between core matrices adjacent
+/// along the depth, [`CORE_LBO`]) `>> 4` in 16–29, stride-dimension byte offset (between 8-row
+/// groups, `sbo`) `>> 4` in 32–45, base offset 0, no swizzle (bits 62–63 zero).
+pub fn strided_descriptor(address: u64, sbo: usize) -> u64 {
+    ((address >> 4) & 0x3FFF) | (((CORE_LBO as u64) >> 4) << 16) | (((sbo as u64) >> 4) << 32)
 }
 
 /// The tile of `k` when it runs as a block-cooperative program: a body of `let`s without
@@ -540,15 +547,7 @@ impl<'c> Lower<'c> {
             self.op(body, name, &[x, y], i64t, false)
         };
         // The shared-window address of the stage.
-        let base = self.append(
-            body,
-            OperationBuilder::new("memref.extract_aligned_pointer_as_index", self.loc)
-                .add_operands(&[smem])
-                .add_results(&[self.index])
-                .build()
-                .map_err(|e| bug(format!("{what}: shared address: {e}")))?,
-        );
-        let base = self.op(body, "arith.index_cast", &[base], i64t, false);
+        let base = self.shared_address(body, smem, what)?;
         let stage = self.op(body, "arith.index_cast", &[stage], i64t, false);
         let base = long("arith.addi", base, stage);
         let fields = c64(descriptor(0));
@@ -605,6 +604,51 @@ impl<'c> Lower<'c> {
         Ok(acc)
     }
 
+    /// The shared-window address of `smem`'s first byte, as an i64 (the start address field of
+    /// a `wgmma` descriptor).
+    pub(super) fn shared_address<'b>(
+        &self,
+        body: &'b Block<'c>,
+        smem: Value<'c, '_>,
+        what: &str,
+    ) -> R<Value<'c, 'b>> {
+        let base = self.append(
+            body,
+            OperationBuilder::new("memref.extract_aligned_pointer_as_index", self.loc)
+                .add_operands(&[smem])
+                .add_results(&[self.index])
+                .build()
+                .map_err(|e| bug(format!("{what}: shared address: {e}")))?,
+        );
+        Ok(self.op(body, "arith.index_cast", &[base], self.i64, false))
+    }
+
+    /// The `wgmma` descriptor of K-major core matrices starting at shared-window address
+    /// `addr` (i64), 8-row groups `sbo` bytes apart ([`strided_descriptor`]).
+    pub(super) fn wgmma_descriptor<'b>(
+        &self,
+        body: &'b Block<'c>,
+        addr: Value<'c, '_>,
+        sbo: usize,
+    ) -> Value<'c, 'b> {
+        let i64t = self.i64;
+        let c64 = |v: u64| {
+            self.append(
+                body,
+                melior::dialect::arith::constant(
+                    self.ctx,
+                    IntegerAttribute::new(i64t, v as i64).into(),
+                    self.loc,
+                ),
+            )
+        };
+        let long = |name: &str, x: Value<'c, '_>, y: Value<'c, '_>| {
+            self.op(body, name, &[x, y], i64t, false)
+        };
+        let start = long("arith.andi", long("arith.shrui", addr, c64(4)), c64(0x3FFF));
+        long("arith.ori", start, c64(strided_descriptor(0, sbo)))
+    }
+
     /// An NVVM op without operands or results.
     fn nvvm(
         &self,
@@ -623,7 +667,7 @@ impl<'c> Lower<'c> {
 
     /// `fence.proxy.async.shared::cta`: this thread's generic-proxy writes to shared memory
     /// (stores, `cp.async`) become visible to the async proxy (`wgmma` operand reads).
-    fn fence_proxy_async(&self, body: &Block<'c>) -> R<()> {
+    pub(super) fn fence_proxy_async(&self, body: &Block<'c>) -> R<()> {
         let parse = |t: &str| {
             Attribute::parse(self.ctx, t).ok_or_else(|| bug(format!("fence attribute {t}")))
         };
