@@ -713,8 +713,11 @@ fn recurrences_and_attention_match_the_reference_op_by_op() {
 /// attention reads as its queries (GQA's and MLA's `q`) as bf16; the GEMMs and the attention round
 /// their operands to bf16 anyway, so the logits are bit for bit those of the same plan
 /// with every activation f32 (`keep_values` plans keep all f32), in prefill (two launches) and
-/// decode. And the plan really is narrower: some activation parameters are bf16. Both plans
-/// compute strictly (`strict_fp`): with `reassoc` LLVM may vectorise a consumer's sum
+/// decode. And the plan really is narrower: some activation parameters are bf16. Likewise the
+/// decode projections split over their depth: in the first plan the kernels reading a
+/// projection element-wise add its partial products themselves (`fold-splitk-sums`), in the
+/// `keep_values` plan a `splitk_sum` launch adds them first; the same f32 sums, so no bit
+/// differs either. Both plans compute strictly (`strict_fp`): with `reassoc` LLVM may vectorise a consumer's sum
 /// differently when it widens bf16 than when it rounds f32 (on an AVX2 CPU the logits then
 /// differ by up to 2.5e-3 on qwen3-next-tiny, bf16 flips amplified by the layers).
 #[test]
@@ -748,6 +751,23 @@ fn bf16_gemm_operands_change_no_bit() {
                     .count();
                 assert_eq!(narrow > 0, want_bf16, "{ex} {phase:?} keep_values {keep}");
             }
+            // Split-K sums folded into their readers (not with keep_values, whose values all
+            // stay inspectable).
+            let folded = p.schedules[&Phase::Decode]
+                .iter()
+                .filter(|l| {
+                    l.args.iter().zip(&l.kernel.params).any(|(b, q)| {
+                        matches!(b, Bind::Act(lamina_compiler::kernels::Value::Temp(..)))
+                            && q.access == lamina_ir::kernel::Access::Read
+                    }) && l.kernel.name.contains("_sum")
+                        && !l.kernel.name.starts_with("splitk_sum")
+                })
+                .count();
+            assert_eq!(
+                folded > 0,
+                want_bf16,
+                "{ex}: {folded} launches add split-K pieces"
+            );
         }
         let (_, mut narrow, _d1) = engine(&path, options(false), 0);
         let (_, mut wide, _d2) = engine(&path, options(true), 0);

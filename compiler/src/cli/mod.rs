@@ -141,6 +141,14 @@ pub enum Precision {
 pub type CliResult = Result<(), String>;
 
 pub fn main() -> ExitCode {
+    // Output piped into a reader that stops early (`compile-model ir ... | head`) ends the
+    // process quietly, as for other Unix tools, instead of a panic of `print!` on EPIPE
+    // (Rust ignores SIGPIPE by default).
+    #[cfg(unix)]
+    // SAFETY: called first, before any thread exists; restores the default disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     ui::init(cli.verbose, cli.quiet);
     let result = match cli.cmd {

@@ -6,19 +6,22 @@
 //! 2. `fuse`: which nodes are computed inside another node's kernel ([`fuse`]);
 //! 3. `lower-to-kernels`: per phase, every unfused op (with what it absorbs) to kernel
 //!    launches ([`crate::kernels`]);
-//! 4. `weight-precision`: weights read as bf16 when the build asks for it ([`precision`]);
-//! 5. `activation-precision`: in tensor-core plans, activations that are only ever GEMM
+//! 4. `fold-splitk-sums`: split-K projections' partial products added by the kernels that
+//!    read them element-wise, instead of by a launch of their own ([`splitk`]);
+//! 5. `weight-precision`: weights read as bf16 when the build asks for it ([`precision`]);
+//! 6. `activation-precision`: in tensor-core plans, activations that are only ever GEMM
 //!    operands stored as bf16 ([`precision::ActivationPrecision`]);
-//! 6. `product-precision`: with TF32 products, attention's and the recurrences' f32 products
+//! 7. `product-precision`: with TF32 products, attention's and the recurrences' f32 products
 //!    as TF32 MMA tiles ([`precision::ProductPrecision`]);
-//! 7. `dedupe-kernels`: identical kernels (same signature) shared by every launch;
-//! 8. `plan-memory`: liveness-based arena offsets for every activation, per phase.
+//! 8. `dedupe-kernels`: identical kernels (same signature) shared by every launch;
+//! 9. `plan-memory`: liveness-based arena offsets for every activation, per phase.
 
 pub mod dedupe;
 pub mod fuse;
 pub mod lower;
 pub mod memory;
 pub mod precision;
+pub mod splitk;
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -228,6 +231,7 @@ pub fn pipeline() -> Vec<Box<dyn Pass>> {
         Box::new(VerifyGraph),
         Box::new(fuse::Fuse),
         Box::new(lower::LowerToKernels),
+        Box::new(splitk::FoldSplitkSums),
         Box::new(precision::WeightPrecision),
         Box::new(precision::ActivationPrecision),
         Box::new(precision::ProductPrecision),
