@@ -714,10 +714,10 @@ fn recurrences_and_attention_match_the_reference_op_by_op() {
 /// their operands to bf16 anyway, so the logits are bit for bit those of the same plan
 /// with every activation f32 (`keep_values` plans keep all f32), in prefill (two launches) and
 /// decode. And the plan really is narrower: some activation parameters are bf16. Likewise the
-/// decode projections split over their depth: in the first plan the kernels reading a
-/// projection element-wise add its partial products themselves (`fold-splitk-sums`), in the
-/// `keep_values` plan a `splitk_sum` launch adds them first; the same f32 sums, so no bit
-/// differs either. Both plans compute strictly (`strict_fp`): with `reassoc` LLVM may vectorise a consumer's sum
+/// row-wise maps (`inline-maps`): in the first plan the kernels reading a map's output
+/// element-wise compute it themselves (the decode projections split over their depth: the
+/// sums of their partial products; residual adds, gates), in the `keep_values` plan the map
+/// is a launch of its own; the same f32 operations, so no bit differs either. Both plans compute strictly (`strict_fp`): with `reassoc` LLVM may vectorise a consumer's sum
 /// differently when it widens bf16 than when it rounds f32 (on an AVX2 CPU the logits then
 /// differ by up to 2.5e-3 on qwen3-next-tiny, bf16 flips amplified by the layers).
 #[test]
@@ -751,7 +751,7 @@ fn bf16_gemm_operands_change_no_bit() {
                     .count();
                 assert_eq!(narrow > 0, want_bf16, "{ex} {phase:?} keep_values {keep}");
             }
-            // Split-K sums folded into their readers (not with keep_values, whose values all
+            // Split-K sums inlined into their readers (not with keep_values, whose values all
             // stay inspectable).
             let folded = p.schedules[&Phase::Decode]
                 .iter()

@@ -1016,3 +1016,62 @@ fn flash_blocks_on_bf16_tensor_cores(kernels: &[lamina_ir::kernel::Kernel]) {
         }
     }
 }
+
+/// A GPU decode step launches no kernel just to add a split-K projection's pieces or a
+/// residual: the kernels reading those row-wise maps element-wise compute them
+/// (`inline-maps`). What keeps a launch of its own is read by a GEMM (the low-rank gates'
+/// first projection, the residual stream) or by a kernel that would recompute it too often
+/// (MLA's query absorption reads each query element 16 times).
+/// Kimi-Linear-48B: 858 launches a step before the pass, 625 with it.
+#[test]
+fn decode_steps_inline_row_maps() {
+    use lamina_compiler::kernels::{Bind, Phase};
+    let m = Model::open(&repo().join("examples/kimi-linear-48b-a3b.toml")).unwrap();
+    let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options()).unwrap();
+    let decode = &p.schedules[&Phase::Decode];
+    assert_eq!(decode.len(), 625);
+    // The adds left are the shared experts' residual adds, which took in their split-K sum
+    // (and so are not inlined in turn: no chains).
+    for l in decode.iter().filter(|l| l.kernel.name.starts_with("add_")) {
+        assert!(l.kernel.name.ends_with("_sum8"), "{}", l.kernel.name);
+    }
+    // Every split-K sum left (plain or with a residual) is read by a GEMM, or feeds several
+    // kernels (the residual stream), or a norm that would read it more than 4 times a row.
+    for (i, l) in decode.iter().enumerate() {
+        if !l.kernel.name.starts_with("splitk_sum") {
+            continue;
+        }
+        let out = l.args.last().unwrap();
+        let readers: Vec<_> = decode[i + 1..]
+            .iter()
+            .filter(|r| {
+                r.args
+                    .iter()
+                    .zip(&r.kernel.params)
+                    .any(|(b, q)| b == out && q.access == lamina_ir::kernel::Access::Read)
+            })
+            .collect();
+        assert!(matches!(out, Bind::Act(_)), "{}", l.kernel.name);
+        let rereads = |r: &lamina_compiler::kernels::Launch| {
+            use lamina_compiler::passes::inline_maps::MAX_READS_PER_ELEMENT;
+            let (q, _) = r
+                .kernel
+                .params
+                .iter()
+                .zip(&r.args)
+                .find(|(_, b)| *b == out)
+                .unwrap();
+            let bytes = lamina_ir::kernel::count::param_bytes(&r.kernel, 4, (0.0, 1.0), &q.name);
+            bytes / (q.numel(4) * q.elem.bytes()) as f64 > MAX_READS_PER_ELEMENT
+        };
+        assert!(
+            readers.len() > 2
+                || readers
+                    .iter()
+                    .any(|r| r.kernel.name.contains("linear_mma") || rereads(r)),
+            "{} read by {:?}",
+            l.kernel.name,
+            readers.iter().map(|r| &r.kernel.name).collect::<Vec<_>>()
+        );
+    }
+}

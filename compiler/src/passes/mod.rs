@@ -6,8 +6,9 @@
 //! 2. `fuse`: which nodes are computed inside another node's kernel ([`fuse`]);
 //! 3. `lower-to-kernels`: per phase, every unfused op (with what it absorbs) to kernel
 //!    launches ([`crate::kernels`]);
-//! 4. `fold-splitk-sums`: split-K projections' partial products added by the kernels that
-//!    read them element-wise, instead of by a launch of their own ([`splitk`]);
+//! 4. `inline-maps`: row-wise maps (activations, gates, residual adds, split-K projections'
+//!    sums) computed by the kernels that read their outputs element-wise, instead of by
+//!    launches of their own ([`inline_maps`]);
 //! 5. `weight-precision`: weights read as bf16 when the build asks for it ([`precision`]);
 //! 6. `activation-precision`: in tensor-core plans, activations that are only ever GEMM
 //!    operands stored as bf16 ([`precision::ActivationPrecision`]);
@@ -18,10 +19,10 @@
 
 pub mod dedupe;
 pub mod fuse;
+pub mod inline_maps;
 pub mod lower;
 pub mod memory;
 pub mod precision;
-pub mod splitk;
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -231,7 +232,7 @@ pub fn pipeline() -> Vec<Box<dyn Pass>> {
         Box::new(VerifyGraph),
         Box::new(fuse::Fuse),
         Box::new(lower::LowerToKernels),
-        Box::new(splitk::FoldSplitkSums),
+        Box::new(inline_maps::InlineMaps),
         Box::new(precision::WeightPrecision),
         Box::new(precision::ActivationPrecision),
         Box::new(precision::ProductPrecision),

@@ -1,0 +1,478 @@
+//! `inline-maps`: a row-wise map (`y[r, c] = f(row r's inputs at column c)`: element-wise
+//! activations, gates, residual adds, and the sums of split-K projections' partial products)
+//! is computed by the kernels that read its output element-wise, instead of by a launch of
+//! its own.
+//!
+//! A producer qualifies when its program is one parallel column loop storing `y[pid0, c] =
+//! value`, `value` reading its row's inputs (activations and weights, no pool or workspace) and
+//! nothing that depends on the program's column block. A consumer qualifies when it reads `y`
+//! only through plain loads `y[r, c]` (not as an MMA operand, an attention block's input or a
+//! tile operation's view, which stage or vectorise plain loads), at most
+//! [`MAX_READS_PER_ELEMENT`] times per element, and never writes it. The fold happens when
+//! every launch reading `y` qualifies (at most [`MAX_CONSUMERS`] of them, each computing the
+//! elements it reads) and `y` is not the program's output: the producer's inputs become the
+//! consumer's parameters (named `<param>_<input>`) and every `y[r, c]` the producer's `value`
+//! at row `r`, column `c`. The consumer then computes the same f32 operations in the same
+//! order as the two launches did, so the logits do not change (bit for bit with `strict_fp`:
+//! `compiled::bf16_gemm_operands_change_no_bit`). A consumer that took in a map is not
+//! inlined in turn: a chain of maps (the residual stream's adds, layer after layer) would be
+//! recomputed whole by every reader.
+//!
+//! This is what removes most decode launches of split-K projections' sums (decode GEMMs with
+//! too few column blocks to fill the GPU split their depth, `kernels::linear`) and of the
+//! residual adds after an MoE layer's shared expert: at batch 1 a decode step is some hundreds
+//! of launches (Kimi-Linear-48B: 858 before this pass), each a few microseconds of launch and
+//! drain on a GPU.
+
+use lamina_ir::kernel::count::param_bytes;
+use lamina_ir::kernel::{Access, Dim, Expr, Kernel, Stmt};
+use lamina_ir::Error;
+
+use super::{Pass, Program};
+use crate::kernels::{Bind, Launch, Value};
+
+/// Most launches that may each compute a map's elements.
+pub const MAX_CONSUMERS: usize = 2;
+/// Most loads of one element of a map's output by one consumer (an RMSNorm reads its row
+/// three times, a decode recurrence step its gates 4 times at batch 4); more would recompute
+/// the map too often (a GEMV's programs each read the whole input row).
+pub const MAX_READS_PER_ELEMENT: f64 = 4.0;
+/// Largest producer expression inlined (expression nodes).
+pub const MAX_VALUE_NODES: usize = 64;
+
+pub struct InlineMaps;
+
+impl Pass for InlineMaps {
+    fn name(&self) -> &'static str {
+        "inline-maps"
+    }
+
+    fn run(&self, p: &mut Program) -> Result<(), Error> {
+        // Debug builds that keep every value keep the maps' outputs too.
+        if p.options.keep_values {
+            return Ok(());
+        }
+        let output = Value::Node(p.graph.output);
+        let rows = p.options.max_batch.max(1);
+        for launches in p.schedules.values_mut() {
+            // Launches that computed a map inside: not inlined in turn, so that a chain of
+            // maps (a residual stream's adds, layer after layer) is not recomputed whole.
+            let mut absorbed = vec![false; launches.len()];
+            let mut i = 0;
+            while i < launches.len() {
+                if !absorbed[i] && fold(launches, i, output, rows, &mut absorbed) {
+                    launches.remove(i);
+                    absorbed.remove(i);
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A row-wise map: `out[pid0, var] = value` for the columns of a parallel split loop over
+/// `var`, `value` reading only its own row (`pid0`) of row-indexed parameters and not
+/// depending on `pid1`.
+pub struct Map<'k> {
+    pub out: &'k str,
+    pub var: &'k str,
+    pub value: &'k Expr,
+}
+
+/// `k` as a [`Map`], if it is one.
+pub fn map_of(k: &Kernel) -> Option<Map<'_>> {
+    let [Stmt::For {
+        var,
+        carried,
+        body,
+        split: true,
+        ..
+    }] = &k.body[..]
+    else {
+        return None;
+    };
+    let [Stmt::Store { buf, idx, value }] = &body[..] else {
+        return None;
+    };
+    let column = matches!(&idx[..], [Expr::Pid(0), Expr::Var(c)] if c == var);
+    let writes: Vec<_> = k
+        .params
+        .iter()
+        .filter(|p| p.access != Access::Read)
+        .collect();
+    let one_output = matches!(&writes[..], [p] if p.name == *buf && p.shape.len() == 2);
+    let row_wise = |name: &str, idx: &[Expr]| {
+        let rows = k
+            .param(name)
+            .is_some_and(|p| p.shape.first() == Some(&Dim::Rows));
+        !rows || idx.first() == Some(&Expr::Pid(0))
+    };
+    (carried.is_empty()
+        && column
+        && one_output
+        && size(value) <= MAX_VALUE_NODES
+        && pure(value, var, &mut Vec::new(), &row_wise))
+    .then_some(Map {
+        out: buf,
+        var,
+        value,
+    })
+}
+
+/// Whether `e` reads only variable `var` (and its own reductions' variables, `bound`), no
+/// `pid1`, and its loads are `row_wise`.
+fn pure(
+    e: &Expr,
+    var: &str,
+    bound: &mut Vec<String>,
+    row_wise: &dyn Fn(&str, &[Expr]) -> bool,
+) -> bool {
+    match e {
+        Expr::F(_) | Expr::I(_) | Expr::Rows | Expr::Pid(0) => true,
+        Expr::Pid(_) => false,
+        Expr::Var(n) => n == var || bound.contains(n),
+        Expr::Load(b, idx) => row_wise(b, idx) && idx.iter().all(|i| pure(i, var, bound, row_wise)),
+        Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => {
+            pure(a, var, bound, row_wise) && pure(b, var, bound, row_wise)
+        }
+        Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => pure(a, var, bound, row_wise),
+        Expr::Select(c, a, b) => {
+            pure(c, var, bound, row_wise)
+                && pure(a, var, bound, row_wise)
+                && pure(b, var, bound, row_wise)
+        }
+        Expr::Reduce {
+            var: v,
+            lo,
+            hi,
+            body,
+            ..
+        } => {
+            if !(pure(lo, var, bound, row_wise) && pure(hi, var, bound, row_wise)) {
+                return false;
+            }
+            bound.push(v.clone());
+            let ok = pure(body, var, bound, row_wise);
+            bound.pop();
+            ok
+        }
+    }
+}
+
+/// Expression nodes of `e`.
+fn size(e: &Expr) -> usize {
+    1 + match e {
+        Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => 0,
+        Expr::Load(_, idx) => idx.iter().map(size).sum(),
+        Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => size(a) + size(b),
+        Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => size(a),
+        Expr::Select(c, a, b) => size(c) + size(a) + size(b),
+        Expr::Reduce { lo, hi, body, .. } => size(lo) + size(hi) + size(body),
+    }
+}
+
+/// Folds launch `i` into the launches reading its output, if it is a [`Map`] they can all
+/// take; returns whether it did (launch `i` is then to be removed).
+fn fold(
+    launches: &mut [Launch],
+    i: usize,
+    output: Value,
+    rows: usize,
+    absorbed: &mut [bool],
+) -> bool {
+    let producer = launches[i].clone();
+    let Some(map) = map_of(&producer.kernel) else {
+        return false;
+    };
+    let at_out = producer
+        .kernel
+        .params
+        .iter()
+        .position(|p| p.name == map.out)
+        .expect("a map stores to a parameter");
+    let Bind::Act(y) = producer.args[at_out] else {
+        return false;
+    };
+    let n = producer.kernel.params[at_out].shape.clone();
+    // Inputs: activations, weights and constants only (nothing another launch may change).
+    let inputs: Vec<_> = producer
+        .kernel
+        .params
+        .iter()
+        .zip(&producer.args)
+        .filter(|(p, _)| p.name != map.out)
+        .collect();
+    if y == output
+        || !inputs.iter().all(|(_, b)| {
+            matches!(
+                b,
+                Bind::Act(_) | Bind::Weight(_) | Bind::Stacked { .. } | Bind::Const(..)
+            )
+        })
+    {
+        return false;
+    }
+    // Every (launch, parameter) reading y.
+    let mut uses = Vec::new();
+    for (j, l) in launches.iter().enumerate().filter(|&(j, _)| j != i) {
+        for (param, bind) in l.kernel.params.iter().zip(&l.args) {
+            if *bind == Bind::Act(y) {
+                uses.push((j, param.name.clone()));
+            }
+        }
+    }
+    let consumers: std::collections::BTreeSet<usize> = uses.iter().map(|(j, _)| *j).collect();
+    let eligible = !uses.is_empty()
+        && consumers.len() <= MAX_CONSUMERS
+        && uses.iter().all(|(j, x)| {
+            let k = &launches[*j].kernel;
+            let p = k.param(x).expect("bound parameters exist");
+            let elems = p.numel(rows) as f64;
+            let reads = param_bytes(k, rows, (0.0, 1.0), x) / (elems * p.elem.bytes() as f64);
+            *j > i
+                && p.access == Access::Read
+                && p.shape == n
+                && k.body.iter().all(|s| loads_only(s, x))
+                && reads <= MAX_READS_PER_ELEMENT
+                && inputs
+                    .iter()
+                    .all(|(q, _)| k.param(&format!("{x}_{}", q.name)).is_none())
+        });
+    if !eligible {
+        return false;
+    }
+    let tag = tag(&producer.kernel.name);
+    for (j, x) in uses {
+        absorbed[j] = true;
+        let l = &mut launches[j];
+        // The producer's value in the consumer's names: its inputs `x_<input>`, its
+        // reductions' variables `x_<var>` (no capture of the consumer's variables).
+        let renamed = rename(
+            map.value,
+            &x,
+            &inputs
+                .iter()
+                .map(|(q, _)| q.name.as_str())
+                .collect::<Vec<_>>(),
+        );
+        let at = l.kernel.params.iter().position(|p| p.name == x).unwrap();
+        l.kernel.params.remove(at);
+        l.args.remove(at);
+        for (k, (q, b)) in inputs.iter().enumerate() {
+            let mut q = (*q).clone();
+            q.name = format!("{x}_{}", q.name);
+            q.access = Access::Read;
+            l.kernel.params.insert(at + k, q);
+            l.args.insert(at + k, (*b).clone());
+        }
+        l.kernel.body = l
+            .kernel
+            .body
+            .iter()
+            .map(|s| map_stmt(s, &|e| inline(e, &x, &renamed, map.var)))
+            .collect();
+        let suffix = format!("_{tag}");
+        if !l.kernel.name.ends_with(&suffix) {
+            l.kernel.name += &suffix;
+        }
+        for node in &producer.kernel.nodes {
+            if !l.kernel.nodes.contains(node) {
+                l.kernel.nodes.push(node.clone());
+            }
+        }
+        l.nodes.extend(producer.nodes.iter().copied());
+    }
+    true
+}
+
+/// A short name for a folded producer in its consumers' names: `sum8` for
+/// `splitk_sum8_2304_residual`, else the first word (`add`, `silu`, `swiglu`).
+fn tag(name: &str) -> String {
+    match name.strip_prefix("splitk_") {
+        Some(rest) => rest.split('_').next().unwrap_or(rest).to_string(),
+        None => name.split('_').next().unwrap_or(name).to_string(),
+    }
+}
+
+/// `value` with the loads of `inputs` reading `<x>_<input>` and every reduction variable `v`
+/// named `<x>_<v>`.
+fn rename(value: &Expr, x: &str, inputs: &[&str]) -> Expr {
+    let go = |e: &Expr| Box::new(rename(e, x, inputs));
+    match value {
+        Expr::Load(b, idx) => Expr::Load(
+            if inputs.contains(&b.as_str()) {
+                format!("{x}_{b}")
+            } else {
+                b.clone()
+            },
+            idx.iter().map(|i| *go(i)).collect(),
+        ),
+        Expr::Reduce {
+            op,
+            var,
+            lo,
+            hi,
+            body,
+        } => Expr::Reduce {
+            op: *op,
+            var: format!("{x}_{var}"),
+            lo: go(lo),
+            hi: go(hi),
+            body: Box::new(rename(
+                &body.substitute(&[(var.as_str(), Expr::Var(format!("{x}_{var}")))]),
+                x,
+                inputs,
+            )),
+        },
+        Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => value.clone(),
+        Expr::Bin(op, a, b) => Expr::Bin(*op, go(a), go(b)),
+        Expr::Cmp(op, a, b) => Expr::Cmp(*op, go(a), go(b)),
+        Expr::Un(op, a) => Expr::Un(*op, go(a)),
+        Expr::ToF(a) => Expr::ToF(go(a)),
+        Expr::ToI(a) => Expr::ToI(go(a)),
+        Expr::Select(c, a, b) => Expr::Select(go(c), go(a), go(b)),
+    }
+}
+
+/// `e` with every load `x[r, c]` replaced by `value` at row `r` (its `pid0`) and column `c`
+/// (its variable `var`).
+fn inline(e: &Expr, x: &str, value: &Expr, var: &str) -> Expr {
+    let go = |e: &Expr| Box::new(inline(e, x, value, var));
+    match e {
+        Expr::Load(b, idx) => {
+            let idx: Vec<Expr> = idx.iter().map(|i| *go(i)).collect();
+            if b != x {
+                return Expr::Load(b.clone(), idx);
+            }
+            at_row(&value.substitute(&[(var, idx[1].clone())]), &idx[0])
+        }
+        Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => e.clone(),
+        Expr::Bin(op, a, b) => Expr::Bin(*op, go(a), go(b)),
+        Expr::Cmp(op, a, b) => Expr::Cmp(*op, go(a), go(b)),
+        Expr::Un(op, a) => Expr::Un(*op, go(a)),
+        Expr::ToF(a) => Expr::ToF(go(a)),
+        Expr::ToI(a) => Expr::ToI(go(a)),
+        Expr::Select(c, a, b) => Expr::Select(go(c), go(a), go(b)),
+        Expr::Reduce {
+            op,
+            var: v,
+            lo,
+            hi,
+            body,
+        } => Expr::Reduce {
+            op: *op,
+            var: v.clone(),
+            lo: go(lo),
+            hi: go(hi),
+            body: go(body),
+        },
+    }
+}
+
+/// `e` (a map's value) with its row, `pid0`, replaced by `row`.
+fn at_row(e: &Expr, row: &Expr) -> Expr {
+    let go = |e: &Expr| Box::new(at_row(e, row));
+    match e {
+        Expr::Pid(0) => row.clone(),
+        Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => e.clone(),
+        Expr::Load(b, idx) => Expr::Load(b.clone(), idx.iter().map(|i| *go(i)).collect()),
+        Expr::Bin(op, a, b) => Expr::Bin(*op, go(a), go(b)),
+        Expr::Cmp(op, a, b) => Expr::Cmp(*op, go(a), go(b)),
+        Expr::Un(op, a) => Expr::Un(*op, go(a)),
+        Expr::ToF(a) => Expr::ToF(go(a)),
+        Expr::ToI(a) => Expr::ToI(go(a)),
+        Expr::Select(c, a, b) => Expr::Select(go(c), go(a), go(b)),
+        Expr::Reduce {
+            op,
+            var,
+            lo,
+            hi,
+            body,
+        } => Expr::Reduce {
+            op: *op,
+            var: var.clone(),
+            lo: go(lo),
+            hi: go(hi),
+            body: go(body),
+        },
+    }
+}
+
+/// Whether `s` reads buffer `x` only through two-index loads in plain statements and never
+/// stores to it.
+fn loads_only(s: &Stmt, x: &str) -> bool {
+    let e = |e: &Expr| expr_loads_only(e, x);
+    match s {
+        Stmt::Let(_, v) => e(v),
+        Stmt::Local { name, .. } => name != x,
+        Stmt::Store { buf, idx, value } => buf != x && idx.iter().all(e) && e(value),
+        Stmt::For {
+            lo,
+            hi,
+            carried,
+            body,
+            yields,
+            ..
+        } => {
+            e(lo)
+                && e(hi)
+                && carried.iter().all(|(_, v)| e(v))
+                && yields.iter().all(e)
+                && body.iter().all(|s| loads_only(s, x))
+        }
+        Stmt::If { cond, then } => e(cond) && then.iter().all(|s| loads_only(s, x)),
+        // Staged and vectorised operands: not mentioning x at all.
+        Stmt::Tile(_) | Stmt::Mma(_) | Stmt::Attend(_) => {
+            !format!("{s:?}").contains(&format!("{x:?}"))
+        }
+    }
+}
+
+fn expr_loads_only(e: &Expr, x: &str) -> bool {
+    let go = |e: &Expr| expr_loads_only(e, x);
+    match e {
+        Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => true,
+        Expr::Load(b, idx) => (b != x || idx.len() == 2) && idx.iter().all(go),
+        Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => go(a) && go(b),
+        Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => go(a),
+        Expr::Select(c, a, b) => go(c) && go(a) && go(b),
+        Expr::Reduce { lo, hi, body, .. } => go(lo) && go(hi) && go(body),
+    }
+}
+
+/// `s` with `f` applied to each of its expressions (plain statements; [`loads_only`] keeps the
+/// others from reading the folded buffer, so they are left as they are).
+fn map_stmt(s: &Stmt, f: &dyn Fn(&Expr) -> Expr) -> Stmt {
+    match s {
+        Stmt::Let(n, v) => Stmt::Let(n.clone(), f(v)),
+        Stmt::Store { buf, idx, value } => Stmt::Store {
+            buf: buf.clone(),
+            idx: idx.iter().map(f).collect(),
+            value: f(value),
+        },
+        Stmt::For {
+            var,
+            lo,
+            hi,
+            carried,
+            body,
+            yields,
+            split,
+        } => Stmt::For {
+            var: var.clone(),
+            lo: f(lo),
+            hi: f(hi),
+            carried: carried.iter().map(|(n, v)| (n.clone(), f(v))).collect(),
+            body: body.iter().map(|s| map_stmt(s, f)).collect(),
+            yields: yields.iter().map(f).collect(),
+            split: *split,
+        },
+        Stmt::If { cond, then } => Stmt::If {
+            cond: f(cond),
+            then: then.iter().map(|s| map_stmt(s, f)).collect(),
+        },
+        Stmt::Local { .. } | Stmt::Tile(_) | Stmt::Mma(_) | Stmt::Attend(_) => s.clone(),
+    }
+}
