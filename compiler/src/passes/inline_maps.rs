@@ -12,9 +12,11 @@
 //! every launch reading `y` qualifies (at most [`MAX_CONSUMERS`] of them, each computing the
 //! elements it reads) and `y` is not the program's output: the producer's inputs become the
 //! consumer's parameters (named `<param>_<input>`) and every `y[r, c]` the producer's `value`
-//! at row `r`, column `c`. The consumer then computes the same f32 operations in the same
-//! order as the two launches did, so the logits do not change (bit for bit with `strict_fp`:
-//! `compiled::bf16_gemm_operands_change_no_bit`). A consumer that took in a map is not
+//! at row `r`, column `c`. The consumer then computes the same f32 operations as the two
+//! launches did: on the host in the same order, so with `strict_fp` the logits do not change by
+//! a bit (`compiled::bf16_gemm_operands_change_no_bit`); a GPU warp program may deal a split-K
+//! sum inlined outside its column loop over its lanes, adding the pieces in another order
+//! (a few ulps). A consumer that took in a map is not
 //! inlined in turn: a chain of maps (the residual stream's adds, layer after layer) would be
 //! recomputed whole by every reader.
 //!
@@ -25,7 +27,7 @@
 //! drain on a GPU.
 
 use lamina_ir::kernel::count::param_bytes;
-use lamina_ir::kernel::{Access, Dim, Expr, Kernel, Stmt};
+use lamina_ir::kernel::{Access, Dim, Elem, Expr, Kernel, Stmt};
 use lamina_ir::Error;
 
 use super::{Pass, Program};
@@ -53,8 +55,13 @@ impl Pass for InlineMaps {
             return Ok(());
         }
         let output = Value::Node(p.graph.output);
-        let rows = p.options.max_batch.max(1);
-        for launches in p.schedules.values_mut() {
+        for (phase, launches) in p.schedules.iter_mut() {
+            // The cost model's row count: the phase's rows per launch.
+            let rows = match phase {
+                crate::kernels::Phase::Prefill => p.options.max_prefill_rows,
+                crate::kernels::Phase::Decode => p.options.max_batch,
+            }
+            .max(1);
             // Launches that computed a map inside: not inlined in turn, so that a chain of
             // maps (a residual stream's adds, layer after layer) is not recomputed whole.
             let mut absorbed = vec![false; launches.len()];
@@ -102,7 +109,17 @@ pub fn map_of(k: &Kernel) -> Option<Map<'_>> {
         .iter()
         .filter(|p| p.access != Access::Read)
         .collect();
-    let one_output = matches!(&writes[..], [p] if p.name == *buf && p.shape.len() == 2);
+    // One f32 output, only written (an inlined value skips the store's rounding), one row a
+    // program (`pid0`), every column of the program's range computed from inputs alone.
+    let one_output = matches!(&writes[..], [p] if p.name == *buf
+        && p.access == Access::Write
+        && p.elem == Elem::F32
+        && p.shape.len() == 2
+        && p.shape[0] == Dim::Rows);
+    let (Stmt::For { lo, hi, .. }, Some(Dim::Rows)) = (&k.body[0], k.grid.first()) else {
+        return None;
+    };
+    let range = !mentions_pid0(lo) && !mentions_pid0(hi);
     let row_wise = |name: &str, idx: &[Expr]| {
         let rows = k
             .param(name)
@@ -112,6 +129,8 @@ pub fn map_of(k: &Kernel) -> Option<Map<'_>> {
     (carried.is_empty()
         && column
         && one_output
+        && range
+        && !loads(value, buf)
         && size(value) <= MAX_VALUE_NODES
         && pure(value, var, &mut Vec::new(), &row_wise))
     .then_some(Map {
@@ -157,6 +176,46 @@ fn pure(
             let ok = pure(body, var, bound, row_wise);
             bound.pop();
             ok
+        }
+    }
+}
+
+/// Whether `e` reads `pid0`.
+fn mentions_pid0(e: &Expr) -> bool {
+    let mut found = false;
+    visit(e, &mut |e| found |= matches!(e, Expr::Pid(0)));
+    found
+}
+
+/// Whether `e` loads from `buf`.
+fn loads(e: &Expr, buf: &str) -> bool {
+    let mut found = false;
+    visit(e, &mut |e| {
+        found |= matches!(e, Expr::Load(b, _) if b == buf)
+    });
+    found
+}
+
+/// `f` on `e` and every expression inside it.
+fn visit(e: &Expr, f: &mut dyn FnMut(&Expr)) {
+    f(e);
+    match e {
+        Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => {}
+        Expr::Load(_, idx) => idx.iter().for_each(|i| visit(i, f)),
+        Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => {
+            visit(a, f);
+            visit(b, f);
+        }
+        Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => visit(a, f),
+        Expr::Select(c, a, b) => {
+            visit(c, f);
+            visit(a, f);
+            visit(b, f);
+        }
+        Expr::Reduce { lo, hi, body, .. } => {
+            visit(lo, f);
+            visit(hi, f);
+            visit(body, f);
         }
     }
 }
@@ -224,6 +283,19 @@ fn fold(
         }
     }
     let consumers: std::collections::BTreeSet<usize> = uses.iter().map(|(j, _)| *j).collect();
+    let last = consumers.iter().copied().max().unwrap_or(i);
+    // The names the fold adds to a consumer: its parameters `<x>_<input>` and the value's
+    // reduction variables `<x>_<var>`.
+    let mut reductions = Vec::new();
+    visit(map.value, &mut |e| {
+        if let Expr::Reduce { var, .. } = e {
+            reductions.push(var.clone());
+        }
+    });
+    let added = |x: &str| -> Vec<String> {
+        let names = inputs.iter().map(|(q, _)| &q.name).chain(&reductions);
+        names.map(|n| format!("{x}_{n}")).collect()
+    };
     let eligible = !uses.is_empty()
         && consumers.len() <= MAX_CONSUMERS
         && uses.iter().all(|(j, x)| {
@@ -231,14 +303,21 @@ fn fold(
             let p = k.param(x).expect("bound parameters exist");
             let elems = p.numel(rows) as f64;
             let reads = param_bytes(k, rows, (0.0, 1.0), x) / (elems * p.elem.bytes() as f64);
+            // Every name the kernel mentions, quoted (params, locals, variables, tiles).
+            let text = format!("{k:?}");
             *j > i
                 && p.access == Access::Read
+                && p.elem == Elem::F32
                 && p.shape == n
                 && k.body.iter().all(|s| loads_only(s, x))
                 && reads <= MAX_READS_PER_ELEMENT
-                && inputs
-                    .iter()
-                    .all(|(q, _)| k.param(&format!("{x}_{}", q.name)).is_none())
+                && added(x).iter().all(|n| !text.contains(&format!("{n:?}")))
+        })
+        // The inputs are read at the consumers' launch instead: nothing in between writes them.
+        && launches[i + 1..=last].iter().all(|l| {
+            l.kernel.params.iter().zip(&l.args).all(|(q, b)| {
+                q.access == Access::Read || !inputs.iter().any(|(_, ib)| *ib == b)
+            })
         });
     if !eligible {
         return false;
@@ -282,7 +361,11 @@ fn fold(
                 l.kernel.nodes.push(node.clone());
             }
         }
-        l.nodes.extend(producer.nodes.iter().copied());
+        for node in &producer.nodes {
+            if !l.nodes.contains(node) {
+                l.nodes.push(*node);
+            }
+        }
     }
     true
 }
@@ -346,7 +429,7 @@ fn inline(e: &Expr, x: &str, value: &Expr, var: &str) -> Expr {
             if b != x {
                 return Expr::Load(b.clone(), idx);
             }
-            at_row(&value.substitute(&[(var, idx[1].clone())]), &idx[0])
+            at(value, var, (&idx[0], &idx[1]))
         }
         Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => e.clone(),
         Expr::Bin(op, a, b) => Expr::Bin(*op, go(a), go(b)),
@@ -371,11 +454,13 @@ fn inline(e: &Expr, x: &str, value: &Expr, var: &str) -> Expr {
     }
 }
 
-/// `e` (a map's value) with its row, `pid0`, replaced by `row`.
-fn at_row(e: &Expr, row: &Expr) -> Expr {
-    let go = |e: &Expr| Box::new(at_row(e, row));
+/// `e` (a map's value) at row `row` and column `col`: its `pid0` and its column variable `var`
+/// replaced at once (neither replacement is substituted again).
+fn at(e: &Expr, var: &str, (row, col): (&Expr, &Expr)) -> Expr {
+    let go = |e: &Expr| Box::new(at(e, var, (row, col)));
     match e {
         Expr::Pid(0) => row.clone(),
+        Expr::Var(v) if v == var => col.clone(),
         Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => e.clone(),
         Expr::Load(b, idx) => Expr::Load(b.clone(), idx.iter().map(|i| *go(i)).collect()),
         Expr::Bin(op, a, b) => Expr::Bin(*op, go(a), go(b)),
@@ -474,5 +559,84 @@ fn map_stmt(s: &Stmt, f: &dyn Fn(&Expr) -> Expr) -> Stmt {
             then: then.iter().map(|s| map_stmt(s, f)).collect(),
         },
         Stmt::Local { .. } | Stmt::Tile(_) | Stmt::Mma(_) | Stmt::Attend(_) => s.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lamina_ir::kernel::build::*;
+
+    fn row(cols: usize) -> [Dim; 2] {
+        [Dim::Rows, Dim::N(cols)]
+    }
+
+    /// `y[pid0, c] = value` over the columns of block `pid1`, with inputs `a` and `b`.
+    fn map(value: Expr) -> Kernel {
+        Kernel {
+            name: "add_8".into(),
+            nodes: vec![],
+            grid: vec![Dim::Rows, Dim::N(1)],
+            params: vec![
+                input("a", &row(8)),
+                input("b", &row(8)),
+                output("y", &row(8)),
+            ],
+            body: vec![for_par(
+                "c",
+                pid(1) * i(8),
+                i(8),
+                vec![st("y", [pid(0), v("c")], value)],
+            )],
+        }
+    }
+
+    #[test]
+    fn maps_are_one_row_wise_store() {
+        let sum = ld("a", [pid(0), v("c")]) + sum("s", i(0), i(2), ld("b", [pid(0), v("s")]));
+        assert!(map_of(&map(sum)).is_some());
+        // Another row, the column block, the map's own output, a read-write output: no.
+        assert!(map_of(&map(ld("a", [pid(0) + i(1), v("c")]))).is_none());
+        assert!(map_of(&map(ld("a", [pid(0), v("c")]) * to_f(pid(1)))).is_none());
+        assert!(map_of(&map(ld("y", [pid(0), v("c")]))).is_none());
+        let mut rw = map(ld("a", [pid(0), v("c")]));
+        rw.params[2].access = Access::ReadWrite;
+        assert!(map_of(&rw).is_none());
+        let mut narrow = map(ld("a", [pid(0), v("c")]));
+        narrow.params[2].elem = Elem::Bf16;
+        assert!(map_of(&narrow).is_none());
+    }
+
+    /// The value at (row, column) replaces `pid0` and the column variable at once: a consumer
+    /// column that mentions `pid0`, or a row that mentions a variable named like the map's
+    /// column, stays as the consumer wrote it.
+    #[test]
+    fn values_are_placed_at_the_consumers_element() {
+        let value = ld("x_a", [pid(0), v("c")]) + ld("x_b", [pid(0), v("c")]);
+        let consumer = ld("x", [v("c"), pid(0) * i(8) + v("e")]);
+        let got = inline(&consumer, "x", &value, "c");
+        let col = pid(0) * i(8) + v("e");
+        let want = ld("x_a", [v("c"), col.clone()]) + ld("x_b", [v("c"), col]);
+        assert_eq!(got, want);
+    }
+
+    /// A reduction in the value is renamed after the consumer's parameter, so it captures none
+    /// of the consumer's variables.
+    #[test]
+    fn reductions_are_renamed() {
+        let value = sum(
+            "s",
+            i(0),
+            i(4),
+            ld("part", [pid(0), v("s") * i(8) + v("c")]),
+        );
+        let renamed = rename(&value, "q", &["part"]);
+        let want = sum(
+            "q_s",
+            i(0),
+            i(4),
+            ld("q_part", [pid(0), v("q_s") * i(8) + v("c")]),
+        );
+        assert_eq!(renamed, want);
     }
 }
