@@ -148,20 +148,10 @@ fn pure(
     bound: &mut Vec<String>,
     row_wise: &dyn Fn(&str, &[Expr]) -> bool,
 ) -> bool {
-    match e {
-        Expr::F(_) | Expr::I(_) | Expr::Rows | Expr::Pid(0) => true,
-        Expr::Pid(_) => false,
+    let here = match e {
+        Expr::Pid(p) => *p == 0,
         Expr::Var(n) => n == var || bound.contains(n),
-        Expr::Load(b, idx) => row_wise(b, idx) && idx.iter().all(|i| pure(i, var, bound, row_wise)),
-        Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => {
-            pure(a, var, bound, row_wise) && pure(b, var, bound, row_wise)
-        }
-        Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => pure(a, var, bound, row_wise),
-        Expr::Select(c, a, b) => {
-            pure(c, var, bound, row_wise)
-                && pure(a, var, bound, row_wise)
-                && pure(b, var, bound, row_wise)
-        }
+        Expr::Load(b, idx) => row_wise(b, idx),
         Expr::Reduce {
             var: v,
             lo,
@@ -175,9 +165,14 @@ fn pure(
             bound.push(v.clone());
             let ok = pure(body, var, bound, row_wise);
             bound.pop();
-            ok
+            return ok;
         }
-    }
+        _ => true,
+    };
+    here && e
+        .children()
+        .into_iter()
+        .all(|c| pure(c, var, bound, row_wise))
 }
 
 /// Whether `e` reads `pid0`.
@@ -199,37 +194,14 @@ fn loads(e: &Expr, buf: &str) -> bool {
 /// `f` on `e` and every expression inside it.
 fn visit(e: &Expr, f: &mut dyn FnMut(&Expr)) {
     f(e);
-    match e {
-        Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => {}
-        Expr::Load(_, idx) => idx.iter().for_each(|i| visit(i, f)),
-        Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => {
-            visit(a, f);
-            visit(b, f);
-        }
-        Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => visit(a, f),
-        Expr::Select(c, a, b) => {
-            visit(c, f);
-            visit(a, f);
-            visit(b, f);
-        }
-        Expr::Reduce { lo, hi, body, .. } => {
-            visit(lo, f);
-            visit(hi, f);
-            visit(body, f);
-        }
+    for c in e.children() {
+        visit(c, f);
     }
 }
 
 /// Expression nodes of `e`.
 fn size(e: &Expr) -> usize {
-    1 + match e {
-        Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => 0,
-        Expr::Load(_, idx) => idx.iter().map(size).sum(),
-        Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => size(a) + size(b),
-        Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => size(a),
-        Expr::Select(c, a, b) => size(c) + size(a) + size(b),
-        Expr::Reduce { lo, hi, body, .. } => size(lo) + size(hi) + size(body),
-    }
+    1 + e.children().into_iter().map(size).sum::<usize>()
 }
 
 /// Folds launch `i` into the launches reading its output, if it is a [`Map`] they can all
@@ -241,10 +213,11 @@ fn fold(
     rows: usize,
     absorbed: &mut [bool],
 ) -> bool {
-    let producer = launches[i].clone();
-    let Some(map) = map_of(&producer.kernel) else {
+    if map_of(&launches[i].kernel).is_none() {
         return false;
-    };
+    }
+    let producer = launches[i].clone();
+    let map = map_of(&producer.kernel).expect("a map");
     let at_out = producer
         .kernel
         .params
@@ -382,15 +355,10 @@ fn tag(name: &str) -> String {
 /// `value` with the loads of `inputs` reading `<x>_<input>` and every reduction variable `v`
 /// named `<x>_<v>`.
 fn rename(value: &Expr, x: &str, inputs: &[&str]) -> Expr {
-    let go = |e: &Expr| Box::new(rename(e, x, inputs));
     match value {
-        Expr::Load(b, idx) => Expr::Load(
-            if inputs.contains(&b.as_str()) {
-                format!("{x}_{b}")
-            } else {
-                b.clone()
-            },
-            idx.iter().map(|i| *go(i)).collect(),
+        Expr::Load(b, idx) if inputs.contains(&b.as_str()) => Expr::Load(
+            format!("{x}_{b}"),
+            idx.iter().map(|i| rename(i, x, inputs)).collect(),
         ),
         Expr::Reduce {
             op,
@@ -398,90 +366,38 @@ fn rename(value: &Expr, x: &str, inputs: &[&str]) -> Expr {
             lo,
             hi,
             body,
-        } => Expr::Reduce {
-            op: *op,
-            var: format!("{x}_{var}"),
-            lo: go(lo),
-            hi: go(hi),
-            body: Box::new(rename(
-                &body.substitute(&[(var.as_str(), Expr::Var(format!("{x}_{var}")))]),
-                x,
-                inputs,
-            )),
-        },
-        Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => value.clone(),
-        Expr::Bin(op, a, b) => Expr::Bin(*op, go(a), go(b)),
-        Expr::Cmp(op, a, b) => Expr::Cmp(*op, go(a), go(b)),
-        Expr::Un(op, a) => Expr::Un(*op, go(a)),
-        Expr::ToF(a) => Expr::ToF(go(a)),
-        Expr::ToI(a) => Expr::ToI(go(a)),
-        Expr::Select(c, a, b) => Expr::Select(go(c), go(a), go(b)),
+        } => {
+            let named = format!("{x}_{var}");
+            let body = body.substitute(&[(var.as_str(), Expr::Var(named.clone()))]);
+            Expr::Reduce {
+                op: *op,
+                var: named,
+                lo: Box::new(rename(lo, x, inputs)),
+                hi: Box::new(rename(hi, x, inputs)),
+                body: Box::new(rename(&body, x, inputs)),
+            }
+        }
+        _ => value.map_children(&mut |c| rename(c, x, inputs)),
     }
 }
 
 /// `e` with every load `x[r, c]` replaced by `value` at row `r` (its `pid0`) and column `c`
 /// (its variable `var`).
 fn inline(e: &Expr, x: &str, value: &Expr, var: &str) -> Expr {
-    let go = |e: &Expr| Box::new(inline(e, x, value, var));
-    match e {
-        Expr::Load(b, idx) => {
-            let idx: Vec<Expr> = idx.iter().map(|i| *go(i)).collect();
-            if b != x {
-                return Expr::Load(b.clone(), idx);
-            }
-            at(value, var, (&idx[0], &idx[1]))
-        }
-        Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => e.clone(),
-        Expr::Bin(op, a, b) => Expr::Bin(*op, go(a), go(b)),
-        Expr::Cmp(op, a, b) => Expr::Cmp(*op, go(a), go(b)),
-        Expr::Un(op, a) => Expr::Un(*op, go(a)),
-        Expr::ToF(a) => Expr::ToF(go(a)),
-        Expr::ToI(a) => Expr::ToI(go(a)),
-        Expr::Select(c, a, b) => Expr::Select(go(c), go(a), go(b)),
-        Expr::Reduce {
-            op,
-            var: v,
-            lo,
-            hi,
-            body,
-        } => Expr::Reduce {
-            op: *op,
-            var: v.clone(),
-            lo: go(lo),
-            hi: go(hi),
-            body: go(body),
-        },
+    let e = e.map_children(&mut |c| inline(c, x, value, var));
+    match &e {
+        Expr::Load(b, idx) if b == x => at(value, var, (&idx[0], &idx[1])),
+        _ => e,
     }
 }
 
 /// `e` (a map's value) at row `row` and column `col`: its `pid0` and its column variable `var`
 /// replaced at once (neither replacement is substituted again).
 fn at(e: &Expr, var: &str, (row, col): (&Expr, &Expr)) -> Expr {
-    let go = |e: &Expr| Box::new(at(e, var, (row, col)));
     match e {
         Expr::Pid(0) => row.clone(),
         Expr::Var(v) if v == var => col.clone(),
-        Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => e.clone(),
-        Expr::Load(b, idx) => Expr::Load(b.clone(), idx.iter().map(|i| *go(i)).collect()),
-        Expr::Bin(op, a, b) => Expr::Bin(*op, go(a), go(b)),
-        Expr::Cmp(op, a, b) => Expr::Cmp(*op, go(a), go(b)),
-        Expr::Un(op, a) => Expr::Un(*op, go(a)),
-        Expr::ToF(a) => Expr::ToF(go(a)),
-        Expr::ToI(a) => Expr::ToI(go(a)),
-        Expr::Select(c, a, b) => Expr::Select(go(c), go(a), go(b)),
-        Expr::Reduce {
-            op,
-            var,
-            lo,
-            hi,
-            body,
-        } => Expr::Reduce {
-            op: *op,
-            var: var.clone(),
-            lo: go(lo),
-            hi: go(hi),
-            body: go(body),
-        },
+        _ => e.map_children(&mut |c| at(c, var, (row, col))),
     }
 }
 
@@ -516,15 +432,11 @@ fn loads_only(s: &Stmt, x: &str) -> bool {
 }
 
 fn expr_loads_only(e: &Expr, x: &str) -> bool {
-    let go = |e: &Expr| expr_loads_only(e, x);
-    match e {
-        Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => true,
-        Expr::Load(b, idx) => (b != x || idx.len() == 2) && idx.iter().all(go),
-        Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => go(a) && go(b),
-        Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => go(a),
-        Expr::Select(c, a, b) => go(c) && go(a) && go(b),
-        Expr::Reduce { lo, hi, body, .. } => go(lo) && go(hi) && go(body),
-    }
+    let mut ok = true;
+    visit(e, &mut |e| {
+        ok &= !matches!(e, Expr::Load(b, idx) if b == x && idx.len() != 2)
+    });
+    ok
 }
 
 /// `s` with `f` applied to each of its expressions (plain statements; [`loads_only`] keeps the

@@ -195,6 +195,48 @@ pub enum Expr {
 }
 
 impl Expr {
+    /// The expressions directly inside `self`: a load's indices, operands, a reduction's
+    /// bounds and body.
+    pub fn children(&self) -> Vec<&Expr> {
+        match self {
+            Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => vec![],
+            Expr::Load(_, idx) => idx.iter().collect(),
+            Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => vec![a, b],
+            Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => vec![a],
+            Expr::Select(c, a, b) => vec![c, a, b],
+            Expr::Reduce { lo, hi, body, .. } => vec![lo, hi, body],
+        }
+    }
+
+    /// `self` with each of its [`children`](Expr::children) replaced by `f` of it, the rest of
+    /// the node (operators, buffer, reduction variable) kept.
+    pub fn map_children(&self, f: &mut dyn FnMut(&Expr) -> Expr) -> Expr {
+        let mut go = |e: &Expr| Box::new(f(e));
+        match self {
+            Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => self.clone(),
+            Expr::Load(b, idx) => Expr::Load(b.clone(), idx.iter().map(|i| *go(i)).collect()),
+            Expr::Bin(op, a, b) => Expr::Bin(*op, go(a), go(b)),
+            Expr::Cmp(op, a, b) => Expr::Cmp(*op, go(a), go(b)),
+            Expr::Un(op, a) => Expr::Un(*op, go(a)),
+            Expr::ToF(a) => Expr::ToF(go(a)),
+            Expr::ToI(a) => Expr::ToI(go(a)),
+            Expr::Select(c, a, b) => Expr::Select(go(c), go(a), go(b)),
+            Expr::Reduce {
+                op,
+                var,
+                lo,
+                hi,
+                body,
+            } => Expr::Reduce {
+                op: *op,
+                var: var.clone(),
+                lo: go(lo),
+                hi: go(hi),
+                body: go(body),
+            },
+        }
+    }
+
     /// Whether `self` reads variable `name` (anywhere, reduction bounds and bodies included).
     pub fn reads(&self, name: &str) -> bool {
         match self {

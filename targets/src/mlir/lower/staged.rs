@@ -533,16 +533,6 @@ impl<'c> Lower<'c> {
         what: &str,
     ) -> R<Vec<Value<'c, 'b>>> {
         let i64t = self.i64;
-        let c64 = |v: u64| {
-            self.append(
-                body,
-                melior::dialect::arith::constant(
-                    self.ctx,
-                    IntegerAttribute::new(i64t, v as i64).into(),
-                    self.loc,
-                ),
-            )
-        };
         let long = |name: &str, x: Value<'c, '_>, y: Value<'c, '_>| {
             self.op(body, name, &[x, y], i64t, false)
         };
@@ -550,11 +540,9 @@ impl<'c> Lower<'c> {
         let base = self.shared_address(body, smem, what)?;
         let stage = self.op(body, "arith.index_cast", &[stage], i64t, false);
         let base = long("arith.addi", base, stage);
-        let fields = c64(descriptor(0));
         let desc = |offset: usize| {
-            let addr = long("arith.addi", base, c64(offset as u64));
-            let start = long("arith.andi", long("arith.shrui", addr, c64(4)), c64(0x3FFF));
-            long("arith.ori", start, fields)
+            let addr = long("arith.addi", base, self.const_i64(body, offset as i64));
+            self.wgmma_descriptor(body, addr, CORE_SBO)
         };
         let attrs: Vec<(Identifier, Attribute)> = [
             (
