@@ -768,6 +768,13 @@ fn bf16_gemm_operands_change_no_bit() {
                 want_bf16,
                 "{ex}: {folded} launches add split-K pieces"
             );
+            // Sibling launches fused (horizontal fusion, also not with keep_values): the
+            // comparison below checks the fused kernels bit for bit.
+            let fused = p.schedules[&Phase::Decode]
+                .iter()
+                .filter(|l| l.kernel.name.starts_with("group") || l.kernel.name.contains("_x"))
+                .count();
+            assert_eq!(fused > 0, want_bf16, "{ex}: {fused} fused sibling launches");
         }
         let (_, mut narrow, _d1) = engine(&path, options(false), 0);
         let (_, mut wide, _d2) = engine(&path, options(true), 0);

@@ -253,11 +253,12 @@ pub fn gpu_report(
             );
         }
         println!(
-            "{} total: {:.2} GFLOP, {:.3} GB, roofline {:.1} µs; warp programs' scratch traffic \
+            "{} total: {} launches, {:.2} GFLOP, {:.3} GB, roofline {:.1} µs; warp programs' scratch traffic \
              {:.1} µs more if it all reached HBM (an upper bound: a program's scratch that fits \
              L1 with its neighbours on the SM, scratch B × programs per SM above, moves at L1 \
              speed; locals staged in shared memory or registers remove it)",
             phase.name(),
+            p.schedules[&phase].len(),
             flops / 1e9,
             bytes / 1e9,
             t * 1e6,

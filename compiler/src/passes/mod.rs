@@ -14,8 +14,11 @@
 //!    operands stored as bf16 ([`precision::ActivationPrecision`]);
 //! 7. `product-precision`: with TF32 products, attention's and the recurrences' f32 products
 //!    as TF32 MMA tiles ([`precision::ProductPrecision`]);
-//! 8. `dedupe-kernels`: identical kernels (same signature) shared by every launch;
-//! 9. `plan-memory`: liveness-based arena offsets for every activation, per phase.
+//! 8. `fuse-siblings`: independent launches reading the same activation (q, k, v, gate
+//!    projections; gate and up; a router and its shared expert) as one launch of one kernel,
+//!    their programs side by side ([`siblings`]);
+//! 9. `dedupe-kernels`: identical kernels (same signature) shared by every launch;
+//! 10. `plan-memory`: liveness-based arena offsets for every activation, per phase.
 
 pub mod dedupe;
 pub mod fuse;
@@ -23,6 +26,7 @@ pub mod inline_maps;
 pub mod lower;
 pub mod memory;
 pub mod precision;
+pub mod siblings;
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -236,6 +240,7 @@ pub fn pipeline() -> Vec<Box<dyn Pass>> {
         Box::new(precision::WeightPrecision),
         Box::new(precision::ActivationPrecision),
         Box::new(precision::ProductPrecision),
+        Box::new(siblings::FuseSiblings),
         Box::new(dedupe::DedupeKernels),
         Box::new(memory::PlanMemory),
     ]

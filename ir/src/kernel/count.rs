@@ -136,6 +136,9 @@ struct Counter<'k> {
     work: Work,
     /// Bytes issued per parameter, per program.
     per_buf: HashMap<String, f64>,
+    /// Program ids known to lie in a narrower range than their grid axis (inside `if pidN <
+    /// c` and the like: a horizontally fused kernel's members).
+    pids: HashMap<usize, Iv>,
 }
 
 /// The estimated work of launching `k` over `rows` rows; ints loaded from buffers lie in
@@ -185,6 +188,7 @@ fn counted<'k>(k: &'k Kernel, rows: usize, data: (f64, f64)) -> Counter<'k> {
         lanes: None,
         work: Work::default(),
         per_buf: HashMap::new(),
+        pids: HashMap::new(),
     };
     c.block(&k.body, 1.0);
     c
@@ -305,6 +309,21 @@ impl Counter<'_> {
                 self.lanes = scope.1;
             }
             Stmt::If { cond, then } => {
+                // `if pidN < c` and the like: the programs taking the branch are a share of the
+                // axis, and inside it the id lies in the narrower range.
+                if let Some((a, inside)) = self.pid_range(cond) {
+                    let all = self.pid(a);
+                    let p = (inside.hi - inside.lo + 1.0).max(0.0) / (all.hi - all.lo + 1.0);
+                    let saved = self.pids.insert(a, inside);
+                    let scope = self.varying.len();
+                    self.block(then, times * p);
+                    self.varying.truncate(scope);
+                    match saved {
+                        Some(iv) => self.pids.insert(a, iv),
+                        None => self.pids.remove(&a),
+                    };
+                    return;
+                }
                 let (_, p) = self.expr(cond, times);
                 // Inside `if x < y` (y data), x lies below y's mean.
                 let refined = match cond {
@@ -448,6 +467,37 @@ impl Counter<'_> {
     }
 
     /// The interval of int `e`, counting no work.
+    /// The range of program id `a`: its grid axis, or narrower inside a branch on it.
+    fn pid(&self, a: usize) -> Iv {
+        self.pids.get(&a).copied().unwrap_or_else(|| {
+            let ext = self.k.grid.get(a).map_or(1, |d: &Dim| d.eval(self.rows));
+            Iv::range(0.0, ext.saturating_sub(1) as f64)
+        })
+    }
+
+    /// For a condition `pidN op c` (a constant `c`): `N` and the ids within the current range
+    /// that satisfy it (an empty range has `hi < lo`).
+    fn pid_range(&self, cond: &Expr) -> Option<(usize, Iv)> {
+        use super::CmpOp::*;
+        let Expr::Cmp(op, a, b) = cond else {
+            return None;
+        };
+        let (Expr::Pid(axis), Expr::I(c)) = (&**a, &**b) else {
+            return None;
+        };
+        let r = self.pid(*axis);
+        let c = *c as f64;
+        let (lo, hi) = match op {
+            Lt => (r.lo, r.hi.min(c - 1.0)),
+            Le => (r.lo, r.hi.min(c)),
+            Gt => (r.lo.max(c + 1.0), r.hi),
+            Ge => (r.lo.max(c), r.hi),
+            Eq => (r.lo.max(c), r.hi.min(c)),
+            Ne => return None,
+        };
+        Some((*axis, Iv::range(lo, hi)))
+    }
+
     fn expr_quiet(&mut self, e: &Expr) -> Option<Iv> {
         let (t, iv) = self.expr(e, 0.0);
         (t == T::I).then_some(iv)
@@ -459,10 +509,7 @@ impl Counter<'_> {
             Expr::F(_) => (T::F, zero),
             Expr::I(v) => (T::I, Iv::point(*v as f64)),
             Expr::Var(n) => self.vars.get(n).copied().unwrap_or((T::F, zero)),
-            Expr::Pid(a) => {
-                let ext = self.k.grid.get(*a).map_or(1, |d: &Dim| d.eval(self.rows));
-                (T::I, Iv::range(0.0, ext.saturating_sub(1) as f64))
-            }
+            Expr::Pid(a) => (T::I, self.pid(*a)),
             Expr::Rows => (T::I, Iv::point(self.rows as f64)),
             Expr::Load(b, idx) => {
                 for i in idx {

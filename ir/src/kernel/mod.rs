@@ -354,6 +354,108 @@ pub enum Stmt {
     Attend(Box<Attend>),
 }
 
+impl Stmt {
+    /// `self` with `f` applied to each of its expressions (bounds, indices, values,
+    /// conditions, carried and yielded values, tile views' offsets and sizes, MMA and
+    /// attention operands and sizes), in nested statements and epilogues too, and every buffer
+    /// name it stores to or declares (stores, locals, tile views) passed through `buf`. `f`
+    /// gets whole expressions and rewrites inside them itself (loads' buffer names included),
+    /// e.g. with [`Expr::map_children`]; variable names bound by the statement are kept.
+    pub fn rewrite(&self, f: &mut dyn FnMut(&Expr) -> Expr, buf: &dyn Fn(&str) -> String) -> Stmt {
+        let block = |b: &[Stmt], f: &mut dyn FnMut(&Expr) -> Expr| -> Vec<Stmt> {
+            b.iter().map(|s| s.rewrite(f, buf)).collect()
+        };
+        let view = |v: &View, f: &mut dyn FnMut(&Expr) -> Expr| View {
+            buf: buf(&v.buf),
+            off: f(&v.off),
+            ld: v.ld,
+        };
+        match self {
+            Stmt::Let(n, e) => Stmt::Let(n.clone(), f(e)),
+            Stmt::Local { name, elem, len } => Stmt::Local {
+                name: buf(name),
+                elem: *elem,
+                len: *len,
+            },
+            Stmt::Store { buf: b, idx, value } => Stmt::Store {
+                buf: buf(b),
+                idx: idx.iter().map(&mut *f).collect(),
+                value: f(value),
+            },
+            Stmt::For {
+                var,
+                lo,
+                hi,
+                carried,
+                body,
+                yields,
+                split,
+            } => Stmt::For {
+                var: var.clone(),
+                lo: f(lo),
+                hi: f(hi),
+                carried: carried.iter().map(|(n, e)| (n.clone(), f(e))).collect(),
+                body: block(body, f),
+                yields: yields.iter().map(&mut *f).collect(),
+                split: *split,
+            },
+            Stmt::If { cond, then } => Stmt::If {
+                cond: f(cond),
+                then: block(then, f),
+            },
+            Stmt::Tile(op) => Stmt::Tile(match op {
+                TileOp::Dot {
+                    out,
+                    a,
+                    b,
+                    m,
+                    n,
+                    depth,
+                    accumulate,
+                } => TileOp::Dot {
+                    out: view(out, f),
+                    a: view(a, f),
+                    b: view(b, f),
+                    m: f(m),
+                    n: f(n),
+                    depth: *depth,
+                    accumulate: *accumulate,
+                },
+                TileOp::Cumsum { x, rows, cols } => TileOp::Cumsum {
+                    x: view(x, f),
+                    rows: f(rows),
+                    cols: *cols,
+                },
+                TileOp::TriSolve { l, x, n, cols } => TileOp::TriSolve {
+                    l: view(l, f),
+                    x: view(x, f),
+                    n: f(n),
+                    cols: *cols,
+                },
+            }),
+            Stmt::Mma(mma) => Stmt::Mma(Box::new(Mma {
+                m: f(&mma.m),
+                n: f(&mma.n),
+                a: f(&mma.a),
+                b: f(&mma.b),
+                epilogue: block(&mma.epilogue, f),
+                ..(**mma).clone()
+            })),
+            Stmt::Attend(a) => Stmt::Attend(Box::new(Attend {
+                m: f(&a.m),
+                keys: f(&a.keys),
+                tiles: (f(&a.tiles.0), f(&a.tiles.1)),
+                query: f(&a.query),
+                key: f(&a.key),
+                value: f(&a.value),
+                sees: f(&a.sees),
+                epilogue: block(&a.epilogue, f),
+                ..(**a).clone()
+            })),
+        }
+    }
+}
+
 /// Flash attention for a block of query rows (FlashAttention-2's loop):
 ///
 /// for every block row `t < m`: `out(t, d) = Σ_j p(t, j)·value(j, d) / Σ_j p(t, j)` over the

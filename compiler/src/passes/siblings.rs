@@ -1,0 +1,547 @@
+//! `fuse-siblings`: horizontal fusion. Independent launches that read the same activation
+//! (the q, k, v, gate and beta projections of one normed input; an FFN's gate and up
+//! projections; an MoE router and its shared expert's projections) become one launch of one
+//! kernel whose programs are the members' programs side by side.
+//!
+//! The fused kernel's grid is `[Σ programs of the members' constant axes, the row axes]`: the
+//! members' row axes (`R`, `⌈R / b⌉`) must agree and stay as they are; their constant axes are
+//! laid end to end along `pid0`. Member `m` runs in the programs `off_m ≤ pid0 < off_m + P_m`
+//! (`if pid0 ≥ off_m { if pid0 < off_m + P_m { ... } }`), its own program ids recomputed from
+//! `pid0 − off_m` (its first constant axis fastest) in `let`s named `_m<m>_pid<axis>`. No
+//! program is idle: unlike a grid padded to the largest member, a fused launch of a
+//! `4096 × 2304` and a `32 × 2304` projection has exactly their programs.
+//!
+//! A launch joins a group led by an earlier launch when:
+//! - it reads an activation the leader reads, or runs the same kernel (the split-K sums and
+//!   second projections of a KDA layer's forget and output gates);
+//! - it commutes with every launch from the leader up to it (no buffer one writes and the
+//!   other reads or writes), so it may run at the leader's place, concurrently with the group;
+//! - its program is of the same kind (a thread, or a warp, never a block-cooperative tile or
+//!   attention block: `lamina_targets::nvptx::lanes`), and the fused kernel keeps every
+//!   member's layout on both GPU targets (warps per block, where the locals live, MMA staging);
+//! - its row axes equal the leader's.
+//!
+//! Parameters bound to the same buffer with the same type and read-only are shared; the others
+//! keep their names, suffixed `_<m>` when taken. Locals of the same name and size are shared
+//! (one member runs per program), others renamed. Every member computes exactly what its own
+//! launch did, so plans with and without this pass agree bit for bit (`compiled::` tests).
+//!
+//! At batch-1 decode, where each launch is a few microseconds of launch and drain on a GPU,
+//! this takes Kimi-Linear-48B's decode step from 625 launches to fewer than 480.
+
+use std::collections::{BTreeSet, HashMap};
+
+use lamina_ir::kernel::verify::verify_kernel;
+use lamina_ir::kernel::{Access, Dim, Elem, Expr, Kernel, Param, Stmt};
+use lamina_ir::Error;
+use lamina_targets::nvptx;
+use lamina_targets::Target;
+
+use super::{Pass, Program};
+use crate::kernels::{Bind, Launch};
+
+/// Most launches fused into one.
+pub const MAX_MEMBERS: usize = 8;
+/// How far after a leader (in launches) a sibling is looked for.
+pub const WINDOW: usize = 16;
+
+pub struct FuseSiblings;
+
+impl Pass for FuseSiblings {
+    fn name(&self) -> &'static str {
+        "fuse-siblings"
+    }
+
+    fn run(&self, p: &mut Program) -> Result<(), Error> {
+        // Debug builds that keep every value keep one launch per node too.
+        if p.options.keep_values {
+            return Ok(());
+        }
+        for launches in p.schedules.values_mut() {
+            fuse_siblings(launches);
+        }
+        Ok(())
+    }
+}
+
+/// Fuses the sibling groups of one launch list, each at its leader's place.
+pub fn fuse_siblings(launches: &mut Vec<Launch>) {
+    let mut i = 0;
+    while i < launches.len() {
+        if let Some((members, fused)) = group(launches, i) {
+            for &j in members[1..].iter().rev() {
+                launches.remove(j);
+            }
+            launches[i] = fused;
+        }
+        i += 1;
+    }
+}
+
+/// How a kernel's programs map to threads (`nvptx::lanes`): only programs of one kind share a
+/// kernel.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Thread,
+    Warp,
+}
+
+fn kind(k: &Kernel) -> Option<Kind> {
+    if nvptx::block_program(k) {
+        return None;
+    }
+    match nvptx::lanes(k) {
+        1 => Some(Kind::Thread),
+        nvptx::WARP => Some(Kind::Warp),
+        _ => None,
+    }
+}
+
+/// Whether an axis depends on the rows.
+fn row_axis(d: &Dim) -> bool {
+    matches!(d, Dim::Rows | Dim::RowBlocks(_))
+}
+
+fn row_axes(k: &Kernel) -> Vec<Dim> {
+    k.grid.iter().copied().filter(row_axis).collect()
+}
+
+/// Programs along the constant axes.
+fn constant_programs(k: &Kernel) -> usize {
+    k.grid
+        .iter()
+        .filter(|d| !row_axis(d))
+        .map(|d| d.eval(0))
+        .product()
+}
+
+/// The buffers launch `l` reads and writes.
+fn accesses(l: &Launch) -> (Vec<&Bind>, Vec<&Bind>) {
+    let (mut reads, mut writes) = (Vec::new(), Vec::new());
+    for (p, b) in l.kernel.params.iter().zip(&l.args) {
+        if p.access != Access::Write {
+            reads.push(b);
+        }
+        if p.access != Access::Read {
+            writes.push(b);
+        }
+    }
+    (reads, writes)
+}
+
+/// Whether `a` and `b` may run in either order, or at once: neither writes what the other
+/// reads or writes.
+fn commute(a: &Launch, b: &Launch) -> bool {
+    let (ra, wa) = accesses(a);
+    let (rb, wb) = accesses(b);
+    !wa.iter().any(|x| rb.contains(x) || wb.contains(x)) && !wb.iter().any(|x| ra.contains(x))
+}
+
+/// The group led by launch `i` (its indices, `i` first) and its fused launch, when at least one
+/// sibling joins.
+fn group(launches: &[Launch], i: usize) -> Option<(Vec<usize>, Launch)> {
+    let leader = &launches[i];
+    let lead_kind = kind(&leader.kernel)?;
+    let rows = row_axes(&leader.kernel);
+    let (lead_reads, _) = accesses(leader);
+    let shared: Vec<&Bind> = lead_reads
+        .into_iter()
+        .filter(|b| matches!(b, Bind::Act(_)))
+        .collect();
+    let mut members = vec![i];
+    let mut fused: Option<Launch> = None;
+    for j in i + 1..launches.len().min(i + 1 + WINDOW) {
+        if members.len() == MAX_MEMBERS {
+            break;
+        }
+        let l = &launches[j];
+        let same_kernel = || {
+            l.kernel.name == leader.kernel.name && l.kernel.signature() == leader.kernel.signature()
+        };
+        let sibling = kind(&l.kernel) == Some(lead_kind)
+            && row_axes(&l.kernel) == rows
+            && (accesses(l).0.iter().any(|b| shared.contains(b)) || same_kernel())
+            && launches[i..j].iter().all(|x| commute(x, l));
+        if !sibling {
+            continue;
+        }
+        let mut with: Vec<&Launch> = members.iter().map(|&m| &launches[m]).collect();
+        with.push(l);
+        if let Some(f) = fuse(&with).filter(|f| keeps_layouts(&f.kernel, &with, lead_kind)) {
+            members.push(j);
+            fused = Some(f);
+        }
+    }
+    fused.map(|f| (members, f))
+}
+
+/// Whether the fused kernel is of the members' kind and, for warps, keeps each member's layout
+/// on both GPU targets: warps per block, where the locals live, at least its MMA staging.
+fn keeps_layouts(fused: &Kernel, members: &[&Launch], k: Kind) -> bool {
+    if kind(fused) != Some(k) {
+        return false;
+    }
+    [Target::Sm80, Target::Sm90a].into_iter().all(|t| {
+        let f = nvptx::warp_layout(fused, t);
+        members
+            .iter()
+            .all(|m| match (f, nvptx::warp_layout(&m.kernel, t)) {
+                (None, None) => true,
+                (Some(f), Some(m)) => {
+                    f.warps == m.warps && f.locals == m.locals && f.staging >= m.staging
+                }
+                _ => false,
+            })
+    })
+}
+
+/// One launch running `members`' programs side by side (see the module docs); `None` when the
+/// result does not verify.
+fn fuse(members: &[&Launch]) -> Option<Launch> {
+    let rows = row_axes(&members[0].kernel);
+    let mut params: Vec<Param> = Vec::new();
+    let mut args: Vec<Bind> = Vec::new();
+    // Locals declared so far: name → (elem, len).
+    let mut locals: HashMap<String, (Elem, usize)> = HashMap::new();
+    let mut body = Vec::new();
+    let total: usize = members.iter().map(|m| constant_programs(&m.kernel)).sum();
+    let mut off = 0;
+    for (m, launch) in members.iter().enumerate() {
+        let k = &launch.kernel;
+        let text = format!("{k:?}");
+        let mut names: HashMap<String, String> = HashMap::new();
+        for (p, b) in k.params.iter().zip(&launch.args) {
+            let same = params.iter().zip(&args).find(|(q, c)| {
+                *c == b
+                    && q.elem == p.elem
+                    && q.shape == p.shape
+                    && q.access == Access::Read
+                    && p.access == Access::Read
+            });
+            let name = match same {
+                Some((q, _)) => q.name.clone(),
+                None => {
+                    let name = fresh(&p.name, m, |n| {
+                        params.iter().any(|q| q.name == n) || locals.contains_key(n)
+                    });
+                    params.push(Param {
+                        name: name.clone(),
+                        ..p.clone()
+                    });
+                    args.push(b.clone());
+                    name
+                }
+            };
+            names.insert(p.name.clone(), name);
+        }
+        let mut declared = Vec::new();
+        collect_locals(&k.body, &mut declared);
+        for (name, elem, len) in declared {
+            let new = match locals.get(&name) {
+                Some(&(e, l)) if (e, l) == (elem, len) => name.clone(),
+                None if !params.iter().any(|q| q.name == name) => name.clone(),
+                _ => fresh(&name, m, |n| {
+                    params.iter().any(|q| q.name == n) || locals.contains_key(n)
+                }),
+            };
+            locals.insert(new.clone(), (elem, len));
+            names.insert(name, new);
+        }
+        // The member's program ids from pid0 − off (its first constant axis fastest) and the
+        // row axes after pid0.
+        let local = match off {
+            0 => Expr::Pid(0),
+            _ => Expr::Bin(
+                lamina_ir::kernel::BinOp::Sub,
+                Box::new(Expr::Pid(0)),
+                Box::new(Expr::I(off as i64)),
+            ),
+        };
+        let mut lets = Vec::new();
+        let mut pids: Vec<Expr> = Vec::new();
+        let (mut stride, mut row) = (1usize, 0usize);
+        for (axis, d) in k.grid.iter().enumerate() {
+            if row_axis(d) {
+                row += 1;
+                pids.push(Expr::Pid(row));
+                continue;
+            }
+            let n = d.eval(0);
+            let value = match (stride, n) {
+                (_, 1) => Expr::I(0),
+                (1, _) if stride * n == constant_programs(k) => local.clone(),
+                (1, _) => rem(local.clone(), n),
+                _ if stride * n == constant_programs(k) => div(local.clone(), stride),
+                _ => rem(div(local.clone(), stride), n),
+            };
+            stride *= n;
+            let name = format!("_m{m}_pid{axis}");
+            if text.contains(&format!("{name:?}")) {
+                return None;
+            }
+            lets.push(Stmt::Let(name.clone(), value));
+            pids.push(Expr::Var(name));
+        }
+        let rename = |n: &str| names.get(n).cloned().unwrap_or_else(|| n.to_string());
+        let mut f = |e: &Expr| rewrite(e, &pids, &rename);
+        let mut then = lets;
+        then.extend(k.body.iter().map(|s| s.rewrite(&mut f, &rename)));
+        let programs = constant_programs(k);
+        if off + programs < total {
+            then = vec![Stmt::If {
+                cond: cmp(lamina_ir::kernel::CmpOp::Lt, off + programs),
+                then,
+            }];
+        }
+        if off > 0 {
+            then = vec![Stmt::If {
+                cond: cmp(lamina_ir::kernel::CmpOp::Ge, off),
+                then,
+            }];
+        }
+        body.extend(then);
+        off += programs;
+    }
+    let mut grid = vec![Dim::N(total)];
+    grid.extend(rows);
+    let mut nodes: Vec<String> = Vec::new();
+    let mut graph_nodes = Vec::new();
+    for l in members {
+        for n in &l.kernel.nodes {
+            if !nodes.contains(n) {
+                nodes.push(n.clone());
+            }
+        }
+        for n in &l.nodes {
+            if !graph_nodes.contains(n) {
+                graph_nodes.push(*n);
+            }
+        }
+    }
+    let kernel = Kernel {
+        name: name(members),
+        nodes,
+        grid,
+        params,
+        body,
+    };
+    verify_kernel(&kernel).ok()?;
+    Some(Launch {
+        kernel,
+        args,
+        nodes: graph_nodes,
+    })
+}
+
+/// `<name>_x<n>` for a group of one kernel, else `group<n>_<leader's name>`.
+fn name(members: &[&Launch]) -> String {
+    let first = &members[0].kernel;
+    let names: BTreeSet<&str> = members.iter().map(|m| m.kernel.name.as_str()).collect();
+    if names.len() == 1 {
+        format!("{}_x{}", first.name, members.len())
+    } else {
+        format!("group{}_{}", members.len(), first.name)
+    }
+}
+
+/// `base` if `taken` says it is free, else `base_<m>` (`base_<m>_2`, ...).
+fn fresh(base: &str, m: usize, taken: impl Fn(&str) -> bool) -> String {
+    if !taken(base) {
+        return base.to_string();
+    }
+    let mut name = format!("{base}_{m}");
+    let mut n = 2;
+    while taken(&name) {
+        name = format!("{base}_{m}_{n}");
+        n += 1;
+    }
+    name
+}
+
+/// `e` with program ids replaced by `pids` and loaded buffers renamed.
+fn rewrite(e: &Expr, pids: &[Expr], rename: &dyn Fn(&str) -> String) -> Expr {
+    match e {
+        Expr::Pid(a) => pids[*a].clone(),
+        Expr::Load(b, idx) => Expr::Load(
+            rename(b),
+            idx.iter().map(|i| rewrite(i, pids, rename)).collect(),
+        ),
+        _ => e.map_children(&mut |c| rewrite(c, pids, rename)),
+    }
+}
+
+fn rem(a: Expr, n: usize) -> Expr {
+    Expr::Bin(
+        lamina_ir::kernel::BinOp::Rem,
+        Box::new(a),
+        Box::new(Expr::I(n as i64)),
+    )
+}
+
+fn div(a: Expr, n: usize) -> Expr {
+    Expr::Bin(
+        lamina_ir::kernel::BinOp::Div,
+        Box::new(a),
+        Box::new(Expr::I(n as i64)),
+    )
+}
+
+fn cmp(op: lamina_ir::kernel::CmpOp, c: usize) -> Expr {
+    Expr::Cmp(op, Box::new(Expr::Pid(0)), Box::new(Expr::I(c as i64)))
+}
+
+/// Every local declared in `b`: name, element, length.
+fn collect_locals(b: &[Stmt], out: &mut Vec<(String, Elem, usize)>) {
+    for s in b {
+        match s {
+            Stmt::Local { name, elem, len } => {
+                if !out.iter().any(|(n, ..)| n == name) {
+                    out.push((name.clone(), *elem, *len));
+                }
+            }
+            Stmt::For { body, .. } | Stmt::If { then: body, .. } => collect_locals(body, out),
+            Stmt::Mma(m) => collect_locals(&m.epilogue, out),
+            Stmt::Attend(a) => collect_locals(&a.epilogue, out),
+            Stmt::Let(..) | Stmt::Store { .. } | Stmt::Tile(_) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::Value;
+    use lamina_ir::kernel::build::*;
+    use lamina_ir::kernel::count::launch_work;
+
+    fn act(t: usize) -> Bind {
+        Bind::Act(Value::Temp(t, 8))
+    }
+
+    /// `y[r, c] = Σ_k x[r, k]·w[c, k]` for the 8 columns `c` of program `(pid0, pid1)` (a
+    /// `4 × cols` weight, column blocks along pid0, two depth halves along pid1 adding into
+    /// separate outputs), rows along `pid2` in blocks of 2: a warp program (its sums are split).
+    fn gemv(cols: usize, x: usize, y: usize) -> Launch {
+        let k = Kernel {
+            name: format!("gemv_{cols}"),
+            nodes: vec![],
+            grid: vec![Dim::N(cols / 8), Dim::N(2), Dim::RowBlocks(2)],
+            params: vec![
+                input("x", &[Dim::Rows, Dim::N(4)]),
+                input("w", &[Dim::N(cols), Dim::N(4)]),
+                output("y", &[Dim::Rows, Dim::N(2 * cols)]),
+            ],
+            body: vec![
+                let_("c0", pid(0) * i(8)),
+                let_("k0", pid(1) * i(2)),
+                for_(
+                    "r",
+                    pid(2) * i(2),
+                    min(pid(2) * i(2) + i(2), rows()),
+                    vec![for_(
+                        "c",
+                        i(0),
+                        i(8),
+                        vec![st(
+                            "y",
+                            [v("r"), pid(1) * i(cols) + v("c0") + v("c")],
+                            sum(
+                                "k",
+                                v("k0"),
+                                v("k0") + i(2),
+                                ld("x", [v("r"), v("k")]) * ld("w", [v("c0") + v("c"), v("k")]),
+                            ),
+                        )],
+                    )],
+                ),
+            ],
+        };
+        Launch {
+            args: vec![act(x), Bind::Weight(format!("w{cols}")), act(y)],
+            kernel: k,
+            nodes: vec![],
+        }
+    }
+
+    #[test]
+    fn siblings_of_one_input_run_side_by_side() {
+        let (a, b) = (gemv(16, 0, 1), gemv(32, 0, 2));
+        let (p, q) = (a.kernel.programs(5), b.kernel.programs(5));
+        let (members, fused) = group(&[a.clone(), b.clone()], 0).expect("a group");
+        assert_eq!(members, [0, 1]);
+        let k = &fused.kernel;
+        assert_eq!(k.name, "group2_gemv_16");
+        // Programs end to end along pid0, the row blocks kept.
+        assert_eq!(k.grid, [Dim::N(2 * 2 + 4 * 2), Dim::RowBlocks(2)]);
+        assert_eq!(k.programs(5), p + q);
+        // The shared input is one parameter; the others keep their names, suffixed when taken.
+        let names: Vec<&str> = k.params.iter().map(|p| p.name.as_str()).collect();
+        assert_eq!(names, ["x", "w", "y", "w_1", "y_1"]);
+        assert_eq!(
+            fused.args,
+            [act(0), a.args[1].clone(), act(1), b.args[1].clone(), act(2)]
+        );
+        // Member 1's program ids from pid0 − 4, its first axis fastest.
+        let text = lamina_ir::kernel::print::print_kernel(k);
+        assert!(text.contains("let _m1_pid0 = ((pid0 - 4) % 4)"), "{text}");
+        assert!(text.contains("let _m1_pid1 = ((pid0 - 4) / 4)"), "{text}");
+        assert!(text.contains("let _m0_pid0 = (pid0 % 2)"), "{text}");
+        // The cost model counts each member's programs once: the fused launch costs what the
+        // two did.
+        for rows in [1, 5] {
+            let (wa, wb, wf) = (
+                launch_work(&a.kernel, rows, (0.0, 1.0)),
+                launch_work(&b.kernel, rows, (0.0, 1.0)),
+                launch_work(k, rows, (0.0, 1.0)),
+            );
+            assert!((wf.flops - wa.flops - wb.flops).abs() < 1e-6, "{rows}");
+            assert!((wf.load_bytes - wa.load_bytes - wb.load_bytes).abs() < 1e-6);
+            assert!((wf.store_bytes - wa.store_bytes - wb.store_bytes).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn only_commuting_launches_join() {
+        // b reads what a writes: no group.
+        let (a, b) = (gemv(16, 0, 1), gemv(16, 1, 2));
+        assert!(group(&[a.clone(), b], 0).is_none());
+        // c reads what the launch between writes: it stays after it; d moves past it.
+        let between = gemv(16, 1, 3);
+        let c = gemv(32, 3, 4);
+        let d = gemv(32, 0, 5);
+        let (members, _) = group(&[a.clone(), between, c, d], 0).unwrap();
+        assert_eq!(members, [0, 3]);
+        // e overwrites what the launch between reads: it may not run before it.
+        let e = gemv(32, 0, 1);
+        assert!(group(&[gemv(16, 0, 6), gemv(8, 1, 3), e], 0).is_none());
+        // The same kernel with no input in common joins too (independent split-K sums).
+        let (members, fused) = group(&[a, gemv(16, 7, 8)], 0).unwrap();
+        assert_eq!(members, [0, 1]);
+        assert_eq!(fused.kernel.name, "gemv_16_x2");
+    }
+
+    #[test]
+    fn programs_of_different_kinds_stay_apart() {
+        // A thread program (no reduction, no split loop) does not join a warp program.
+        let mut t = gemv(16, 0, 9);
+        t.kernel.body = vec![st("y", [pid(2), pid(0)], ld("x", [pid(2), i(0)]))];
+        assert!(group(&[gemv(16, 0, 1), t.clone()], 0).is_none());
+        // Nor one with other row axes.
+        let mut rows = gemv(32, 0, 2);
+        rows.kernel.grid[2] = Dim::Rows;
+        assert!(group(&[gemv(16, 0, 1), rows], 0).is_none());
+    }
+
+    #[test]
+    fn the_pass_moves_members_to_the_leader() {
+        let mut launches = vec![
+            gemv(16, 0, 1),
+            gemv(16, 1, 3),
+            gemv(32, 0, 2),
+            gemv(8, 3, 4),
+        ];
+        fuse_siblings(&mut launches);
+        let names: Vec<&str> = launches.iter().map(|l| l.kernel.name.as_str()).collect();
+        assert_eq!(names, ["group2_gemv_16", "gemv_16", "gemv_8"]);
+    }
+}
