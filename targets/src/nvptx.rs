@@ -6,7 +6,10 @@
 //! shared memory: [`crate::mlir::lower::staged`]), a warp for kernels with reductions or split
 //! loops, whose iterations the lanes share (coalesced rows, a shuffle butterfly to combine),
 //! one thread otherwise — [`BLOCK`] threads per block (64 for warp programs laid out 2 warps
-//! to a block, [`warp_layout`]), `⌈programs · lanes / block⌉` blocks along x. A warp
+//! to a block, [`warp_layout`]), `⌈programs · lanes / block⌉` blocks along x. The chunked
+//! recurrences' scans, whose few programs each walk all the chunks, are programs of
+//! [`PROGRAM_WARPS`] warps, one to a block ([`program_warps`]): their tensor-core tiles are
+//! dealt to the warps. A warp
 //! program's tensor-core tiles stage their aligned global operands through its warp's slice of
 //! the block's shared memory by `cp.async`
 //! ([`warp_staging_bytes`], [`crate::mlir::lower::warp_stage`]: flash attention's queries and
@@ -160,9 +163,14 @@ pub enum LocalsIn {
 /// staging area ([`warp_staging_bytes`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WarpLayout {
+    /// Warps per block.
     pub warps: u32,
+    /// Warps per program: 1, or [`PROGRAM_WARPS`] for a program whose tensor-core tiles its
+    /// warps share ([`program_warps`]).
+    pub program_warps: u32,
     pub locals: LocalsIn,
     pub locals_bytes: usize,
+    /// Bytes of each warp's staging area.
     pub staging: usize,
 }
 
@@ -172,15 +180,20 @@ impl WarpLayout {
         self.warps * WARP
     }
 
-    /// Shared-memory bytes of each warp's slice: its locals when they live there, then its
-    /// staging area, rounded to 16 bytes.
+    /// Threads per program.
+    pub fn program_threads(&self) -> u32 {
+        self.program_warps * WARP
+    }
+
+    /// Shared-memory bytes of each program's slice: its locals when they live there, then its
+    /// warps' staging areas, rounded to 16 bytes.
     pub fn slice_bytes(&self) -> usize {
         let locals = if self.locals == LocalsIn::Scratch {
             0
         } else {
             self.locals_bytes
         };
-        (locals + self.staging).next_multiple_of(16)
+        (locals + self.program_warps as usize * self.staging).next_multiple_of(16)
     }
 
     /// Scratch bytes per program: the locals when they live in the scratch buffer.
@@ -191,10 +204,12 @@ impl WarpLayout {
         }
     }
 
-    /// Dynamic shared memory per block: the warps' slices when the locals live there.
+    /// Dynamic shared memory per block: the programs' slices when the locals live there.
     pub fn dynamic_shared_bytes(&self) -> usize {
         match self.locals {
-            LocalsIn::DynamicShared => self.slice_bytes() * self.warps as usize,
+            LocalsIn::DynamicShared => {
+                self.slice_bytes() * (self.warps / self.program_warps) as usize
+            }
             _ => 0,
         }
     }
@@ -238,9 +253,37 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
         }
     };
     let warps = BLOCK / WARP;
+    if program_warps(&expanded) > 1 {
+        // One program to a block, its warps sharing its locals and each staging its own tiles:
+        // static shared memory when it all fits, else dynamic, else the locals in scratch.
+        let staged = staging(quarter, false);
+        let layout = |locals_in| WarpLayout {
+            warps: PROGRAM_WARPS,
+            program_warps: PROGRAM_WARPS,
+            locals: locals_in,
+            locals_bytes: locals,
+            staging: if locals_in == LocalsIn::Scratch {
+                staging(quarter, true)
+            } else {
+                staged
+            },
+        };
+        return [LocalsIn::StaticShared, LocalsIn::DynamicShared]
+            .into_iter()
+            .map(layout)
+            .find(|l| {
+                let budget = match l.locals {
+                    LocalsIn::StaticShared => SHARED_LOCALS_BUDGET,
+                    _ => dynamic_shared_budget(target),
+                };
+                l.slice_bytes() <= budget
+            })
+            .or(Some(layout(LocalsIn::Scratch)));
+    }
     if locals > 0 && locals * warps as usize <= SHARED_LOCALS_BUDGET {
         return Some(WarpLayout {
             warps,
+            program_warps: 1,
             locals: LocalsIn::StaticShared,
             locals_bytes: locals,
             staging: staging(quarter.saturating_sub(locals), false),
@@ -258,6 +301,7 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
             .into_iter()
             .map(|warps| WarpLayout {
                 warps,
+                program_warps: 1,
                 locals: LocalsIn::DynamicShared,
                 locals_bytes: locals,
                 staging: staged,
@@ -273,10 +317,54 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
     }
     Some(WarpLayout {
         warps,
+        program_warps: 1,
         locals: LocalsIn::Scratch,
         locals_bytes: locals,
         staging: staging(quarter, true),
     })
+}
+
+/// Warps of a program that deals its tensor-core tiles to its warps ([`program_warps`]).
+pub const PROGRAM_WARPS: u32 = 4;
+
+/// Warps per program of warp program `k` (prepared for a GPU: tiles expanded): [`PROGRAM_WARPS`]
+/// when its programs do not grow with the rows (a grid of constant axes: the chunked
+/// recurrences' scans, one program per head and state block, each a sequential walk over the
+/// chunks, whose latency bounds the phase) and every tensor-core tile is in a split tile loop
+/// (independent tiles, `build::mma_tiles`), which its warps share; else 1. Such a program's
+/// warps deal its parallel split loops over all their lanes, each warp runs its sums and
+/// reductions over its own 32 lanes (the same arithmetic as a one-warp program), and the
+/// warps meet at a block barrier wherever a one-warp program has a warp barrier.
+pub fn program_warps(k: &Kernel) -> u32 {
+    use lamina_ir::kernel::{Dim, Stmt};
+    /// Tiles in split tile loops only (`None` if a tile is elsewhere), and how many loops.
+    fn tiles(b: &[Stmt], in_tiles: bool) -> Option<usize> {
+        let mut n = 0;
+        for s in b {
+            n += match s {
+                Stmt::For {
+                    split: true,
+                    carried,
+                    body,
+                    ..
+                } if carried.is_empty() && crate::mlir::lower::tile_loop(body) => {
+                    tiles(body, true)?;
+                    1
+                }
+                Stmt::For { body, .. } | Stmt::If { then: body, .. } => tiles(body, in_tiles)?,
+                Stmt::Mma(_) if !in_tiles => return None,
+                Stmt::Attend(_) | Stmt::Tile(_) => return None,
+                _ => 0,
+            };
+        }
+        Some(n)
+    }
+    let constant_grid = k.grid.iter().all(|d| matches!(d, Dim::N(_)));
+    if lanes(k) == WARP && !block_program(k) && constant_grid && tiles(&k.body, false) > Some(0) {
+        PROGRAM_WARPS
+    } else {
+        1
+    }
 }
 
 /// Whether warp program `k` keeps its locals in the block's shared memory (a slice per warp,
@@ -304,11 +392,17 @@ pub fn gpu_launch(k: &Kernel, target: Target) -> lamina_ir::plan::GpuLaunch {
     let layout = warp_layout(k, target);
     lamina_ir::plan::GpuLaunch {
         block: layout.map_or_else(|| block_size(k, target), |l| l.block()),
-        lanes: lanes(k),
+        lanes: program_threads(k, target),
         scratch_bytes: layout.map_or(0, |l| l.scratch_bytes()) as u64,
         dynamic_shared_bytes: layout.map_or(0, |l| l.dynamic_shared_bytes()) as u32,
         abi: lamina_ir::plan::GPU_ABI.into(),
     }
+}
+
+/// Threads per program of `k` on `target`: [`lanes`], times the warps of a program of
+/// several warps ([`program_warps`]).
+pub fn program_threads(k: &Kernel, target: Target) -> u32 {
+    warp_layout(k, target).map_or_else(|| lanes(k), |l| l.program_threads())
 }
 
 /// Most scratch bytes one program may use.
@@ -323,6 +417,7 @@ pub fn flavor(k: &Kernel, target: Target) -> crate::mlir::Flavor {
             None => block_size(k, target),
         },
         lanes: lanes(k),
+        warps: layout.map_or(1, |l| l.program_warps),
         wgmma: target == Target::Sm90a,
         shared_locals: layout.map(|l| l.locals),
         staging: layout.map_or(0, |l| l.staging),

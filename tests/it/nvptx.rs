@@ -200,7 +200,9 @@ fn gpu_artifact() {
     assert!(ptx.contains(".extern .shared .align 16 .b8 lamina_dynamic_shared[];"));
     for k in &dynamic {
         let g = k.gpu.as_ref().unwrap();
-        assert_eq!((g.lanes, g.scratch_bytes), (32, 0), "{}", k.name);
+        // Scans are programs of 4 warps, one to a block; other warp programs one warp each.
+        let lanes = if k.name.contains("_scan64_") { 128 } else { 32 };
+        assert_eq!((g.lanes, g.scratch_bytes), (lanes, 0), "{}", k.name);
         assert!(
             g.block == 64 || g.block == 128,
             "{}: block {}",
@@ -599,22 +601,19 @@ fn chunked_recurrences_are_chunk_parallel_on_tensor_cores() {
         );
         assert!(!prefill.iter().any(|l| l.kernel.name.contains("_chunked")));
         // The scan's locals (the state columns, u, the output block and the staged keys: 48 KiB
-        // a warp) live in dynamic shared memory on sm_90a, 2 warps to a block; an sm_80 plan's
-        // 99 KiB does not hold 2 with their staging, so they stay in the scratch buffer.
+        // a program) and its 4 warps' staging areas live in dynamic shared memory, one program
+        // of 4 warps to a block, on both targets ([`scans_deal_their_tiles_to_four_warps`]).
         use nvptx::LocalsIn;
         let layout = |k, target| nvptx::warp_layout(k, target).unwrap();
-        let s90 = layout(&scan, Target::Sm90a);
-        assert_eq!(
-            (s90.locals, s90.warps),
-            (LocalsIn::DynamicShared, 2),
-            "{example}"
-        );
-        assert_eq!(nvptx::scratch_bytes(&scan, Target::Sm90a), 0, "{example}");
-        assert_eq!(
-            layout(&scan, Target::Sm80).locals,
-            LocalsIn::Scratch,
-            "{example}"
-        );
+        for target in [Target::Sm80, Target::Sm90a] {
+            let s = layout(&scan, target);
+            assert_eq!(
+                (s.locals, s.warps, s.program_warps),
+                (LocalsIn::DynamicShared, 4, 4),
+                "{example} {target}"
+            );
+            assert_eq!(nvptx::scratch_bytes(&scan, target), 0, "{example}");
+        }
         // The chunk kernels' locals are larger, but buffers whose lifetimes do not overlap
         // share one local: MiniMax's (fixed decay, no solve, 64 KiB), Qwen3-Next's (scalar
         // decay, 64.5 KiB) and Kimi-Linear's (per-channel decay, products one 16-row sub-chunk
@@ -1159,6 +1158,82 @@ fn decode_steps_fuse_sibling_launches() {
         let (ptx, _) = nvptx::compile_ptx(&kernels, target).unwrap();
         for r in nvptx::ptxas(&ptx, target).unwrap() {
             assert_eq!(r.spill_stores + r.spill_loads, 0, "{target:?} {}", r.kernel);
+        }
+    }
+}
+
+/// The chunked recurrences' scans (one program per head and 16-row state block, walking the
+/// chunks in order, so their latency bounds the prefill) are programs of 4 warps on both
+/// targets: the tiles of each product are dealt to the warps (`build::mma_tiles`' split tile
+/// loop), the parallel copies to all 128 lanes, and the warps meet at block barriers
+/// (`bar.sync 0`) where a one-warp program has warp barriers; inside their own tiles the warps
+/// keep warp barriers. One program to a block, its locals and the 4 warps' staging areas in
+/// shared memory (on sm_80 too, where one-warp scans kept their locals in scratch), no spills.
+/// The chunk kernels, whose programs grow with the rows, stay one warp a program.
+#[test]
+fn scans_deal_their_tiles_to_four_warps() {
+    use lamina_compiler::kernels::Phase;
+    if !ptxas_or_skip("scans_deal_their_tiles_to_four_warps") {
+        return;
+    }
+    for example in [
+        "qwen3-next-80b-a3b.toml",
+        "kimi-linear-48b-a3b.toml",
+        "minimax-text-01.toml",
+    ] {
+        let m = Model::open(&repo().join("examples").join(example)).unwrap();
+        let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options()).unwrap();
+        let prefill = p.phase_kernels(Phase::Prefill);
+        let scans: Vec<_> = prefill
+            .iter()
+            .filter(|k| k.name.contains("_scan"))
+            .map(|k| (*k).clone())
+            .collect();
+        assert_eq!(scans.len(), 1, "{example}");
+        for k in prefill.iter().filter(|k| k.name.contains("_chunk")) {
+            for target in [Target::Sm80, Target::Sm90a] {
+                let layout = nvptx::warp_layout(k, target).unwrap();
+                assert_eq!(layout.program_warps, 1, "{example} {}", k.name);
+            }
+        }
+        for target in [Target::Sm80, Target::Sm90a] {
+            let k = &scans[0];
+            let layout = nvptx::warp_layout(k, target).unwrap();
+            assert_eq!(
+                (layout.program_warps, layout.warps),
+                (4, 4),
+                "{example} {target}"
+            );
+            assert_ne!(
+                layout.locals,
+                nvptx::LocalsIn::Scratch,
+                "{example} {target}"
+            );
+            let launch = nvptx::gpu_launch(k, target);
+            assert_eq!(
+                (launch.block, launch.lanes),
+                (128, 128),
+                "{example} {target}"
+            );
+            assert_eq!(launch.scratch_bytes, 0, "{example} {target}");
+            let (ptx, _) = nvptx::compile_ptx(&scans, target).unwrap();
+            let body = entry(&ptx, &k.name);
+            assert!(
+                body.contains("bar.sync \t0;"),
+                "{example} {target}: no block barrier"
+            );
+            assert!(
+                body.contains("bar.warp.sync"),
+                "{example} {target}: no warp barrier"
+            );
+            for r in nvptx::ptxas(&ptx, target).unwrap() {
+                assert_eq!(r.spill_stores + r.spill_loads, 0, "{example} {target}");
+                let dynamic = launch.dynamic_shared_bytes;
+                assert!(
+                    r.blocks_per_sm(128, dynamic, target) >= 1,
+                    "{example} {target}"
+                );
+            }
         }
     }
 }

@@ -109,7 +109,7 @@ pub fn gpu_report(
                 println!(
                     "{:<64} {:>5} {:>5} {:>8} {:>5}/{:<5} {:>8} {:>7} {:>9.2} {:>10}",
                     k.name,
-                    nvptx::lanes(k),
+                    launch.lanes,
                     r.registers,
                     r.stack,
                     r.spill_stores,
@@ -187,7 +187,7 @@ pub fn gpu_report(
             let e = rows_by.entry(k.name.as_str()).or_insert_with(|| KernelRow {
                 kernel: k,
                 launches: 0,
-                blocks: (k.programs(rows) * nvptx::lanes(k) as usize)
+                blocks: (k.programs(rows) * nvptx::program_threads(k, target) as usize)
                     .div_ceil(nvptx::block_size(k, target) as usize),
                 work: launch_work(k, rows, data),
             });

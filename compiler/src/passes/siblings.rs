@@ -3,11 +3,13 @@
 //! projections; an MoE router and its shared expert's projections) become one launch of one
 //! kernel whose programs are the members' programs side by side.
 //!
-//! The fused kernel's grid is `[Σ programs of the members' constant axes, the row axes]`: the
-//! members' row axes (`R`, `⌈R / b⌉`) must agree and stay as they are; their constant axes are
-//! laid end to end along `pid0`. Member `m` runs in the programs `off_m ≤ pid0 < off_m + P_m`
+//! The fused kernel's grid is `[Σ programs of the members' constant axes, the row axes]` (or
+//! the row axes first, when the members' come first): the members' row axes (`R`, `⌈R / b⌉`)
+//! must agree and stay as they are; their constant axes are laid end to end along one axis,
+//! `pid0` say. Member `m` runs in the programs `off_m ≤ pid0 < off_m + P_m`
 //! (`if pid0 ≥ off_m { if pid0 < off_m + P_m { ... } }`), its own program ids recomputed from
-//! `pid0 − off_m` (its first constant axis fastest) in `let`s named `_m<m>_pid<axis>`. No
+//! `pid0 − off_m` (its last axis fastest, as the GPU numbers programs, so its programs keep
+//! their order) in `let`s named `_m<m>_pid<axis>`. No
 //! program is idle: unlike a grid padded to the largest member, a fused launch of a
 //! `4096 × 2304` and a `32 × 2304` projection has exactly their programs.
 //!
@@ -87,7 +89,8 @@ enum Kind {
 }
 
 fn kind(k: &Kernel) -> Option<Kind> {
-    if nvptx::block_program(k) {
+    // Attention blocks a GPU runs as loops declare locals of their own (`expand::attend_loops`).
+    if nvptx::block_program(k) || format!("{:?}", k.body).contains("Attend(") {
         return None;
     }
     match nvptx::lanes(k) {
@@ -104,6 +107,22 @@ fn row_axis(d: &Dim) -> bool {
 
 fn row_axes(k: &Kernel) -> Vec<Dim> {
     k.grid.iter().copied().filter(row_axis).collect()
+}
+
+/// Whether the row axes come first (`grid(R, 8)`: consecutive programs are a row's column
+/// blocks) rather than last (`grid(256, 4, ⌈R/32⌉)`, or only rows, or none); `None` when they
+/// lie between constant axes. The GPU numbers programs with the last axis fastest: the fused
+/// grid keeps each member's order.
+fn rows_first(k: &Kernel) -> Option<bool> {
+    let rows = k.grid.iter().filter(|d| row_axis(d)).count();
+    let n = k.grid.len();
+    if rows == 0 || rows == n || k.grid[n - rows..].iter().all(row_axis) {
+        Some(false)
+    } else if k.grid[..rows].iter().all(row_axis) {
+        Some(true)
+    } else {
+        None
+    }
 }
 
 /// Programs along the constant axes.
@@ -160,6 +179,8 @@ fn group(launches: &[Launch], i: usize) -> Option<(Vec<usize>, Launch)> {
         };
         let sibling = kind(&l.kernel) == Some(lead_kind)
             && row_axes(&l.kernel) == rows
+            && rows_first(&l.kernel).is_some()
+            && rows_first(&l.kernel) == rows_first(&leader.kernel)
             && (accesses(l).0.iter().any(|b| shared.contains(b)) || same_kernel())
             && launches[i..j].iter().all(|x| commute(x, l));
         if !sibling {
@@ -175,10 +196,17 @@ fn group(launches: &[Launch], i: usize) -> Option<(Vec<usize>, Launch)> {
     fused.map(|f| (members, f))
 }
 
-/// Whether the fused kernel is of the members' kind and, for warps, keeps each member's layout
-/// on both GPU targets: warps per block, where the locals live, at least its MMA staging.
+/// Whether the fused kernel is of the members' kind, keeps each member's layout on both GPU
+/// targets (warps per block and program, where the locals live, at least its MMA staging), and
+/// has the locals of its largest member, give or take 1 KiB (locals of one name and size are
+/// shared: a program runs one member; more would grow every program's scratch or stack).
 fn keeps_layouts(fused: &Kernel, members: &[&Launch], k: Kind) -> bool {
     if kind(fused) != Some(k) {
+        return false;
+    }
+    let bytes = |k: &Kernel| lamina_targets::mlir::lower::local_layout(k).1;
+    let largest = members.iter().map(|m| bytes(&m.kernel)).max().unwrap_or(0);
+    if bytes(fused) > largest + 1024 {
         return false;
     }
     [Target::Sm80, Target::Sm90a].into_iter().all(|t| {
@@ -188,7 +216,10 @@ fn keeps_layouts(fused: &Kernel, members: &[&Launch], k: Kind) -> bool {
             .all(|m| match (f, nvptx::warp_layout(&m.kernel, t)) {
                 (None, None) => true,
                 (Some(f), Some(m)) => {
-                    f.warps == m.warps && f.locals == m.locals && f.staging >= m.staging
+                    f.warps == m.warps
+                        && f.program_warps == m.program_warps
+                        && f.locals == m.locals
+                        && f.staging >= m.staging
                 }
                 _ => false,
             })
@@ -199,6 +230,13 @@ fn keeps_layouts(fused: &Kernel, members: &[&Launch], k: Kind) -> bool {
 /// result does not verify.
 fn fuse(members: &[&Launch]) -> Option<Launch> {
     let rows = row_axes(&members[0].kernel);
+    // The axis of the members' programs laid end to end: before the row axes, or after them
+    // when they come first.
+    let flat = match rows_first(&members[0].kernel)? {
+        true => rows.len(),
+        false => 0,
+    };
+    let row_pid = |r: usize| if flat == 0 { r + 1 } else { r };
     let mut params: Vec<Param> = Vec::new();
     let mut args: Vec<Bind> = Vec::new();
     // Locals declared so far: name → (elem, len).
@@ -247,40 +285,41 @@ fn fuse(members: &[&Launch]) -> Option<Launch> {
             locals.insert(new.clone(), (elem, len));
             names.insert(name, new);
         }
-        // The member's program ids from pid0 − off (its first constant axis fastest) and the
-        // row axes after pid0.
-        let local = match off {
-            0 => Expr::Pid(0),
+        // The member's program ids: its constant axes from `pid_flat − off` (its last axis
+        // fastest, as the GPU numbers programs), its row axes the fused kernel's.
+        let at = match off {
+            0 => Expr::Pid(flat),
             _ => Expr::Bin(
                 lamina_ir::kernel::BinOp::Sub,
-                Box::new(Expr::Pid(0)),
+                Box::new(Expr::Pid(flat)),
                 Box::new(Expr::I(off as i64)),
             ),
         };
+        let all = constant_programs(k);
         let mut lets = Vec::new();
-        let mut pids: Vec<Expr> = Vec::new();
-        let (mut stride, mut row) = (1usize, 0usize);
-        for (axis, d) in k.grid.iter().enumerate() {
+        let mut pids: Vec<Expr> = vec![Expr::I(0); k.grid.len()];
+        let (mut stride, mut row) = (1usize, k.grid.iter().filter(|d| row_axis(d)).count());
+        for (axis, d) in k.grid.iter().enumerate().rev() {
             if row_axis(d) {
-                row += 1;
-                pids.push(Expr::Pid(row));
+                row -= 1;
+                pids[axis] = Expr::Pid(row_pid(row));
                 continue;
             }
             let n = d.eval(0);
             let value = match (stride, n) {
                 (_, 1) => Expr::I(0),
-                (1, _) if stride * n == constant_programs(k) => local.clone(),
-                (1, _) => rem(local.clone(), n),
-                _ if stride * n == constant_programs(k) => div(local.clone(), stride),
-                _ => rem(div(local.clone(), stride), n),
+                (1, _) if n == all => at.clone(),
+                (1, _) => rem(at.clone(), n),
+                _ if stride * n == all => div(at.clone(), stride),
+                _ => rem(div(at.clone(), stride), n),
             };
             stride *= n;
             let name = format!("_m{m}_pid{axis}");
             if text.contains(&format!("{name:?}")) {
                 return None;
             }
-            lets.push(Stmt::Let(name.clone(), value));
-            pids.push(Expr::Var(name));
+            lets.insert(0, Stmt::Let(name.clone(), value));
+            pids[axis] = Expr::Var(name);
         }
         let rename = |n: &str| names.get(n).cloned().unwrap_or_else(|| n.to_string());
         let mut f = |e: &Expr| rewrite(e, &pids, &rename);
@@ -289,21 +328,21 @@ fn fuse(members: &[&Launch]) -> Option<Launch> {
         let programs = constant_programs(k);
         if off + programs < total {
             then = vec![Stmt::If {
-                cond: cmp(lamina_ir::kernel::CmpOp::Lt, off + programs),
+                cond: cmp(lamina_ir::kernel::CmpOp::Lt, flat, off + programs),
                 then,
             }];
         }
         if off > 0 {
             then = vec![Stmt::If {
-                cond: cmp(lamina_ir::kernel::CmpOp::Ge, off),
+                cond: cmp(lamina_ir::kernel::CmpOp::Ge, flat, off),
                 then,
             }];
         }
         body.extend(then);
         off += programs;
     }
-    let mut grid = vec![Dim::N(total)];
-    grid.extend(rows);
+    let mut grid = rows;
+    grid.insert(flat, Dim::N(total));
     let mut nodes: Vec<String> = Vec::new();
     let mut graph_nodes = Vec::new();
     for l in members {
@@ -386,8 +425,8 @@ fn div(a: Expr, n: usize) -> Expr {
     )
 }
 
-fn cmp(op: lamina_ir::kernel::CmpOp, c: usize) -> Expr {
-    Expr::Cmp(op, Box::new(Expr::Pid(0)), Box::new(Expr::I(c as i64)))
+fn cmp(op: lamina_ir::kernel::CmpOp, axis: usize, c: usize) -> Expr {
+    Expr::Cmp(op, Box::new(Expr::Pid(axis)), Box::new(Expr::I(c as i64)))
 }
 
 /// Every local declared in `b`: name, element, length.
@@ -481,11 +520,12 @@ mod tests {
             fused.args,
             [act(0), a.args[1].clone(), act(1), b.args[1].clone(), act(2)]
         );
-        // Member 1's program ids from pid0 − 4, its first axis fastest.
+        // Member 1's program ids from pid0 − 4, its last axis fastest (as the GPU numbers
+        // programs: each member's keep their order).
         let text = lamina_ir::kernel::print::print_kernel(k);
-        assert!(text.contains("let _m1_pid0 = ((pid0 - 4) % 4)"), "{text}");
-        assert!(text.contains("let _m1_pid1 = ((pid0 - 4) / 4)"), "{text}");
-        assert!(text.contains("let _m0_pid0 = (pid0 % 2)"), "{text}");
+        assert!(text.contains("let _m1_pid0 = ((pid0 - 4) / 2)"), "{text}");
+        assert!(text.contains("let _m1_pid1 = ((pid0 - 4) % 2)"), "{text}");
+        assert!(text.contains("let _m0_pid0 = (pid0 / 2)"), "{text}");
         // The cost model counts each member's programs once: the fused launch costs what the
         // two did.
         for rows in [1, 5] {
@@ -530,6 +570,62 @@ mod tests {
         let mut rows = gemv(32, 0, 2);
         rows.kernel.grid[2] = Dim::Rows;
         assert!(group(&[gemv(16, 0, 1), rows], 0).is_none());
+    }
+
+    /// Row axes that come first stay first: the members' programs are laid end to end along
+    /// the last axis, consecutive programs a row's column blocks as before.
+    #[test]
+    fn rows_first_grids_keep_their_order() {
+        let row_major = |cols: usize, x: usize, y: usize| {
+            let mut l = gemv(cols, x, y);
+            l.kernel.grid = vec![Dim::Rows, Dim::N(cols / 8)];
+            l.kernel.body = vec![for_par(
+                "c",
+                pid(1) * i(8),
+                pid(1) * i(8) + i(8),
+                vec![st(
+                    "y",
+                    [pid(0), v("c")],
+                    ld("x", [pid(0), super::rem(v("c"), 4)]),
+                )],
+            )];
+            l
+        };
+        let (_, fused) = group(&[row_major(16, 0, 1), row_major(32, 0, 2)], 0).unwrap();
+        let k = &fused.kernel;
+        assert_eq!(k.grid, [Dim::Rows, Dim::N(2 + 4)]);
+        let text = lamina_ir::kernel::print::print_kernel(k);
+        assert!(text.contains("if (pid1 >= 2)"), "{text}");
+        assert!(text.contains("let _m1_pid1 = (pid1 - 2)"), "{text}");
+        assert!(text.contains("y_1[pid0, c]"), "{text}");
+        // Row axes between constant axes: no fusion.
+        let mut mid = gemv(16, 0, 1);
+        mid.kernel.grid = vec![Dim::N(2), Dim::RowBlocks(2), Dim::N(2)];
+        assert!(group(&[mid.clone(), mid], 0).is_none());
+    }
+
+    /// A member's locals are not added to every program of a larger member: a fused kernel
+    /// with more locals than its largest member (beyond 1 KiB) is not made.
+    #[test]
+    fn locals_do_not_grow() {
+        let with_local = |name: &str, len: usize, x: usize, y: usize| {
+            let mut l = gemv(16, x, y);
+            l.kernel.body.insert(0, local(name, len));
+            l.kernel.body.push(st(name, [i(0)], f(0.0)));
+            l
+        };
+        // The same local in both: shared.
+        assert!(group(
+            &[with_local("t", 4096, 0, 1), with_local("t", 4096, 0, 2)],
+            0
+        )
+        .is_some());
+        // Two different 4 KiB locals: 8 KiB a program, not fused.
+        assert!(group(
+            &[with_local("t", 1024, 0, 1), with_local("u", 1024, 0, 2)],
+            0
+        )
+        .is_none());
     }
 
     #[test]

@@ -311,7 +311,9 @@ pub fn mma(
 }
 
 /// An `m × n` product as a grid of [`DOT_TILE`](super::expand::DOT_TILE)² MMA tiles of
-/// `kind` (uniform loops over the grid: every lane of a warp runs them alike). Per output row
+/// `kind` (one split loop over the tiles, `_t`, row blocks outer: a GPU program of several
+/// warps deals the tiles to its warps, a one-warp program and the host run them in order; each
+/// tile is a whole warp's, its lanes run it alike). Per output row
 /// `r` and column `c` of the whole product: `acc = Σ_(k < depth) a(r, k)·b(c, k)`, then
 /// `epilogue(r, c, acc)`, which may write only element `(r, c)`'s outputs. `a` is evaluated
 /// only for `r < m` and `b` only for `c < n` (see [`Mma`]). The grid and tile variables start
@@ -342,11 +344,18 @@ pub fn mma_tiles(
         b: b(c.clone(), v("_mk")),
         epilogue: epilogue(r, c, v("_acc")),
     }));
-    for_(
-        "_mb",
+    // One split loop over the tiles, row blocks outer: the tiles are independent (each writes
+    // its own elements), so a GPU program of several warps deals them to its warps.
+    let nb = (n + i(t - 1)) / i(t);
+    for_par(
+        "_t",
         i(0),
-        (m + i(t - 1)) / i(t),
-        vec![for_("_nb", i(0), (n + i(t - 1)) / i(t), vec![tile])],
+        (m + i(t - 1)) / i(t) * nb.clone(),
+        vec![
+            let_("_mb", v("_t") / nb.clone()),
+            let_("_nb", v("_t") - v("_mb") * nb),
+            tile,
+        ],
     )
 }
 

@@ -25,7 +25,9 @@ pub fn dots_on_tensor_cores(k: &Kernel) -> Kernel {
 /// [`dots_on_tensor_cores`] with the products formed as `kind` ([`MmaKind::Tf32x3`] or
 /// [`MmaKind::Tf32`]).
 pub fn dots_as_mma(k: &Kernel, kind: MmaKind) -> Kernel {
-    let body = rewrite(&k.body, false, &|s| match s {
+    // f32 tiles wherever they are (split tile loops too, `build::mma_tiles`); `dot`s outside
+    // split loops (a lane's iterations cannot share a warp's MMA).
+    let body = rewrite(&k.body, true, &|s| match s {
         Stmt::Mma(m) if m.kind == MmaKind::F32 => Some(vec![Stmt::Mma(Box::new(Mma {
             kind,
             ..(**m).clone()
@@ -34,6 +36,9 @@ pub fn dots_as_mma(k: &Kernel, kind: MmaKind) -> Kernel {
             kind,
             ..(**a).clone()
         }))]),
+        _ => None,
+    });
+    let body = rewrite(&body, false, &|s| match s {
         Stmt::Tile(TileOp::Dot {
             out,
             a,

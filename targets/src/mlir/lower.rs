@@ -84,6 +84,10 @@ pub enum Flavor {
     Gpu {
         block: u32,
         lanes: u32,
+        /// Warps per program (1, or [`crate::nvptx::PROGRAM_WARPS`]: one program to a block,
+        /// its split tile loops dealt to its warps, its parallel split loops to all their
+        /// lanes; sums and reductions per warp, over `lanes`; block barriers for warp barriers).
+        warps: u32,
         wgmma: bool,
         shared_locals: Option<crate::nvptx::LocalsIn>,
         staging: usize,
@@ -119,8 +123,11 @@ struct Env<'c, 'a> {
     bufs: HashMap<String, BufInfo<'c, 'a>>,
     pids: Vec<Value<'c, 'a>>,
     rows: Value<'c, 'a>,
-    /// This thread's lane in its program (GPU programs of several lanes).
+    /// This thread's lane in its program (GPU programs of several lanes; in its warp for a
+    /// program of several warps).
     lane: Option<Value<'c, 'a>>,
+    /// This thread's warp in its program (programs of several warps).
+    warp: Option<Value<'c, 'a>>,
     /// The block's shared memory (block-cooperative programs, [`staged`]).
     smem: Option<Value<'c, 'a>>,
     /// A warp program's MMA staging: the block's shared memory, the byte offset of this warp's
@@ -144,10 +151,16 @@ struct Lower<'c> {
     gpu: bool,
     /// Staged tiles on warpgroup MMAs (sm_90a).
     wgmma: bool,
-    /// Threads per program (1 on the host).
+    /// Threads per program (1 on the host), or per warp of a program of several warps: the
+    /// lanes its sums and reductions are dealt to.
     lanes: u32,
+    /// Warps per program (GPU warp programs: [`Flavor::Gpu`]).
+    warps: u32,
     /// Inside a split loop or reduction: lanes already differ, nothing more is split.
     in_split: bool,
+    /// Inside a split tile loop of a program of several warps: each warp runs its own tiles,
+    /// so barriers are the warp's.
+    in_tiles: bool,
 }
 
 type R<T> = Result<T, TargetError>;
@@ -187,7 +200,12 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
             Flavor::Host | Flavor::HostStrict => 1,
             Flavor::Gpu { lanes, .. } | Flavor::HostLanes(lanes) => lanes.max(1),
         },
+        warps: match flavor {
+            Flavor::Gpu { warps, .. } => warps.max(1),
+            _ => 1,
+        },
         in_split: false,
+        in_tiles: false,
     };
     let mut arg_types = Vec::new();
     for p in &k.params {
@@ -219,6 +237,7 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
         Flavor::Gpu {
             block,
             lanes,
+            warps,
             shared_locals,
             staging,
             ..
@@ -227,8 +246,14 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
                 Some(LocalsIn::StaticShared | LocalsIn::DynamicShared) => per_program,
                 Some(LocalsIn::Scratch) | None => 0,
             };
-            let per_warp = (locals + staging).next_multiple_of(16);
-            let bytes = per_warp * (block / lanes) as usize;
+            // A program's slice: its locals, then each of its warps' staging areas.
+            let per_warp = (locals + warps as usize * staging).next_multiple_of(16);
+            if warps > 1 && block != lanes * warps {
+                return Err(bug(format!(
+                    "{what}: a program of {warps} warps must be its whole block, not {block} threads"
+                )));
+            }
+            let bytes = per_warp * (block / (lanes * warps)) as usize;
             let budget = if dynamic_shared {
                 lamina_ir::plan::MAX_DYNAMIC_SHARED as usize
             } else {
@@ -335,7 +360,8 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
         let thread = l.op(&entry, "arith.addi", &[base, tid], l.index, false);
         if l.lanes > 1 {
             let lanes = l.const_index(&entry, l.lanes as i64);
-            let p = l.op(&entry, "arith.divui", &[thread, lanes], l.index, false);
+            let threads = l.const_index(&entry, (l.lanes * l.warps) as i64);
+            let p = l.op(&entry, "arith.divui", &[thread, threads], l.index, false);
             let lane = l.op(&entry, "arith.remui", &[thread, lanes], l.index, false);
             Some((p, Some(lane)))
         } else {
@@ -349,13 +375,25 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
     // program (per-lane local memory would be reserved for every resident thread), which all
     // lanes write alike between warp barriers: the warp's slice of the block's shared memory,
     // or the program's slice of the scratch buffer.
+    // The program's slot in its block, and (programs of several warps) the thread's warp in
+    // its program.
+    let warp_in_program = match gpu_pid {
+        Some((_, Some(_))) if l.warps > 1 => {
+            let tid = l.gpu_index(&entry, "gpu.thread_id")?;
+            let lanes = l.const_index(&entry, l.lanes as i64);
+            let w = l.op(&entry, "arith.divui", &[tid, lanes], l.index, false);
+            let warps = l.const_index(&entry, l.warps as i64);
+            Some(l.op(&entry, "arith.remui", &[w, warps], l.index, false))
+        }
+        _ => None,
+    };
     let warp_base = match (gpu_pid, warp_slice) {
         (Some((_, Some(_))), Some((per_warp, _, _))) => {
             let tid = l.gpu_index(&entry, "gpu.thread_id")?;
-            let lanes = l.const_index(&entry, l.lanes as i64);
-            let warp = l.op(&entry, "arith.divui", &[tid, lanes], l.index, false);
+            let threads = l.const_index(&entry, (l.lanes * l.warps) as i64);
+            let slot = l.op(&entry, "arith.divui", &[tid, threads], l.index, false);
             let size = l.const_index(&entry, per_warp as i64);
-            Some(l.op(&entry, "arith.muli", &[warp, size], l.index, false))
+            Some(l.op(&entry, "arith.muli", &[slot, size], l.index, false))
         }
         _ => None,
     };
@@ -379,9 +417,16 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
         (Some(base), Flavor::Gpu { staging, .. }) if staging > 0 => {
             let locals = warp_slice.map_or(0, |(_, _, locals)| locals);
             let off = l.const_index(&entry, locals as i64);
+            let mut at = l.op(&entry, "arith.addi", &[base, off], l.index, false);
+            // Each warp of a program stages its own tiles.
+            if let Some(w) = warp_in_program {
+                let size = l.const_index(&entry, staging as i64);
+                let skip = l.op(&entry, "arith.muli", &[w, size], l.index, false);
+                at = l.op(&entry, "arith.addi", &[at, skip], l.index, false);
+            }
             Some((
                 warp_smem.ok_or_else(|| bug(format!("{what}: staging without a slice")))?,
-                l.op(&entry, "arith.addi", &[base, off], l.index, false),
+                at,
                 staging,
             ))
         }
@@ -436,6 +481,7 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
             pids: Vec::new(),
             rows,
             lane,
+            warp: warp_in_program,
             smem: match shared {
                 Some(_) if staged_program => Some(arg(n + 2)?),
                 _ => None,
@@ -534,6 +580,15 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
         }
     }
     Ok(())
+}
+
+/// Whether a split loop's body is a tile loop's: `let`s and tensor-core tiles only (at least
+/// one), as `build::mma_tiles` makes them.
+pub fn tile_loop(body: &[Stmt]) -> bool {
+    body.iter().any(|s| matches!(s, Stmt::Mma(_)))
+        && body
+            .iter()
+            .all(|s| matches!(s, Stmt::Let(..) | Stmt::Mma(_)))
 }
 
 /// Every local of `k` (after tile expansion) with its byte offset in a program's copy
@@ -793,6 +848,39 @@ impl<'c> Lower<'c> {
                     tys.push(t);
                 }
                 let starts = inits.clone();
+                // A split tile loop (independent tensor-core tiles, `build::mma_tiles`): a warp
+                // program runs its tiles in order; a program of several warps deals them to its
+                // warps (tile `t` to warp `t mod warps`), block barriers around.
+                if *split && carried.is_empty() && l.gpu && l.lanes > 1 && !l.in_split && tile_loop(body) {
+                    let (start, step, inner) = match env.warp {
+                        Some(w) if l.warps > 1 => {
+                            l.warp_sync(blk);
+                            (
+                                l.op(blk, "arith.addi", &[lo, w], l.index, false),
+                                l.const_index(blk, l.warps as i64),
+                                Lower { in_tiles: true, ..l },
+                            )
+                        }
+                        _ => (lo, l.const_index(blk, 1), Lower { ..l }),
+                    };
+                    inner.carried_loop(
+                        blk,
+                        env,
+                        var,
+                        (start, hi, step),
+                        &[],
+                        &[],
+                        carried,
+                        body,
+                        yields,
+                        what,
+                        line,
+                    )?;
+                    if l.warps > 1 {
+                        l.warp_sync(blk);
+                    }
+                    return Ok(());
+                }
                 // A split sum over the lanes: each lane takes its share of the iterations (lo + j,
                 // lo + j + lanes, ..., or blocks: [`deal`]) from zero partials; the totals are
                 // added to the initial values after.
@@ -839,6 +927,17 @@ impl<'c> Lower<'c> {
                         )?
                     }
                 } else {
+                    // A program of several warps deals a parallel loop to all their lanes (a sum
+                    // stays each warp's, as in a one-warp program).
+                    let all = carried.is_empty() && l.warps > 1;
+                    let l = if all {
+                        Lower {
+                            lanes: l.lanes * l.warps,
+                            ..l
+                        }
+                    } else {
+                        l
+                    };
                     let inner = Lower {
                         in_split: true,
                         ..l
@@ -861,7 +960,14 @@ impl<'c> Lower<'c> {
                     }
                     .filter(|d| d.has_rounds(lo_expr, hi_expr, l.lanes));
                     let totals = if l.gpu {
-                        let lane = env.lane.ok_or_else(|| bug(format!("{what}: no lane id")))?;
+                        let mut lane =
+                            env.lane.ok_or_else(|| bug(format!("{what}: no lane id")))?;
+                        if all {
+                            let w = env.warp.ok_or_else(|| bug(format!("{what}: no warp id")))?;
+                            let lanes = l.const_index(blk, crate::nvptx::WARP as i64);
+                            let first = l.op(blk, "arith.muli", &[w, lanes], l.index, false);
+                            lane = l.op(blk, "arith.addi", &[first, lane], l.index, false);
+                        }
                         let partials = inner.lane_split_sum(
                             blk,
                             env,
@@ -1531,8 +1637,18 @@ impl<'c> Lower<'c> {
         }
     }
 
-    /// `bar.warp.sync` over the full warp (a barrier and a memory fence among its lanes).
+    /// `bar.warp.sync` over the full warp (a barrier and a memory fence among its lanes); in a
+    /// program of several warps (one to a block), outside its warps' own tiles, `bar.sync 0`
+    /// over the block.
     fn warp_sync(&self, blk: &Block<'c>) {
+        if self.warps > 1 && !self.in_tiles {
+            blk.append_operation(
+                OperationBuilder::new("gpu.barrier", self.loc)
+                    .build()
+                    .expect("valid gpu.barrier"),
+            );
+            return;
+        }
         let i32t: Type = IntegerType::new(self.ctx, 32).into();
         let all = self.append(
             blk,
