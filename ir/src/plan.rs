@@ -120,13 +120,14 @@ pub struct KernelEntry {
 pub struct GpuLaunch {
     pub block: u32,
     /// Threads per program (1; 32: a warp sharing the program's reductions; or the whole
-    /// block: a block-cooperative tile).
+    /// block: a block-cooperative tile, or a program of 4 warps dealing its tensor-core tiles
+    /// to them, the chunked recurrences' scans).
     pub lanes: u32,
     /// Scratch bytes per program (a warp program's locals, unless they fit the block's shared
     /// memory: then 0).
     pub scratch_bytes: u64,
     /// Dynamic shared memory per block: warp programs whose locals are too large for static
-    /// shared memory keep them there, a slice per warp. The runtime opts each such function
+    /// shared memory keep them there, a slice per program. The runtime opts each such function
     /// into it (the driver's default ceiling is 48 KiB) and refuses a device that allows less.
     pub dynamic_shared_bytes: u32,
     pub abi: String,

@@ -14,7 +14,7 @@
 //! the block's shared memory by `cp.async`
 //! ([`warp_staging_bytes`], [`crate::mlir::lower::warp_stage`]: flash attention's queries and
 //! keys, the chunked recurrences' tiles, MLA decode's queries and latent rows, split-K
-//! projections' weights). It keeps its locals in shared memory too, a slice per warp
+//! projections' weights). It keeps its locals in shared memory too, a slice per program
 //! ([`warp_layout`]): static when 4 warps' fit [`SHARED_LOCALS_BUDGET`] (GQA decode attention,
 //! the decode recurrent steps, split-K norms, routers); dynamic, 2 or 4 warps to a block, when
 //! they fit [`dynamic_shared_budget`] (on sm_90a the chunked recurrences' chunk kernels and
@@ -367,7 +367,7 @@ pub fn program_warps(k: &Kernel) -> u32 {
     }
 }
 
-/// Whether warp program `k` keeps its locals in the block's shared memory (a slice per warp,
+/// Whether warp program `k` keeps its locals in the block's shared memory (a slice per program,
 /// static or dynamic: [`warp_layout`]). Larger locals stay in the scratch buffer
 /// ([`scratch_bytes`]).
 pub fn locals_in_shared(k: &Kernel, target: Target) -> bool {

@@ -70,7 +70,8 @@ pub fn gpu_report(
          static shared memory by cp.async), per warp (kernels with reductions; their tensor-core tiles \
          stage aligned global operands in the warp's slice of shared memory by cp.async; \
          locals too large for static shared memory in dynamic shared memory, 2 or 4 warps to a \
-         block, smem marked *, else in the scratch buffer) or per thread, {} threads per block \
+         block, smem marked *, else in the scratch buffer; the recurrences' scans: 4 warps a \
+         program, their tiles dealt to the warps) or per thread, {} threads per block \
          otherwise; weights bf16, state f32, activations f32 but those only GEMMs read (bf16, `_bf16<param>`); \
          projections (linear_mma_*) on tensor cores with bf16 operands: {}",
         staged::LANES / nvptx::WARP,

@@ -90,7 +90,14 @@ enum Kind {
 
 fn kind(k: &Kernel) -> Option<Kind> {
     // Attention blocks a GPU runs as loops declare locals of their own (`expand::attend_loops`).
-    if nvptx::block_program(k) || format!("{:?}", k.body).contains("Attend(") {
+    fn attends(b: &[Stmt]) -> bool {
+        b.iter().any(|s| match s {
+            Stmt::Attend(_) => true,
+            Stmt::For { body, .. } | Stmt::If { then: body, .. } => attends(body),
+            _ => false,
+        })
+    }
+    if nvptx::block_program(k) || attends(&k.body) {
         return None;
     }
     match nvptx::lanes(k) {

@@ -173,6 +173,36 @@ pub fn launch_work(k: &Kernel, rows: usize, data: (f64, f64)) -> Work {
     }
 }
 
+/// A tile loop's grid, as `build::mma_tiles` writes it: `for t in 0..(rows · cols) split {
+/// let mb = t / cols; let nb = t − mb · cols; tiles }`: `(rows, cols, mb, nb)`.
+fn tile_grid<'b>(
+    var: &str,
+    hi: &'b Expr,
+    body: &'b [Stmt],
+) -> Option<(&'b Expr, &'b Expr, &'b str, &'b str)> {
+    use super::BinOp::{Div, Mul, Sub};
+    let Expr::Bin(Mul, rows, cols) = hi else {
+        return None;
+    };
+    let [Stmt::Let(mb, Expr::Bin(Div, t, c1)), Stmt::Let(nb, Expr::Bin(Sub, t2, prod)), rest @ ..] =
+        body
+    else {
+        return None;
+    };
+    let is_var = |e: &Expr| matches!(e, Expr::Var(v) if v == var);
+    let tiles_only = !rest.is_empty()
+        && rest
+            .iter()
+            .all(|s| matches!(s, Stmt::Mma(_) | Stmt::Let(..)));
+    let nb_ok = matches!(&**prod, Expr::Bin(Mul, m, c2) if matches!(&**m, Expr::Var(v) if v == mb) && **c2 == **cols);
+    (is_var(t) && is_var(t2) && **c1 == **cols && nb_ok && tiles_only).then_some((
+        &**rows,
+        &**cols,
+        mb.as_str(),
+        nb.as_str(),
+    ))
+}
+
 /// One program of `k` counted.
 fn counted<'k>(k: &'k Kernel, rows: usize, data: (f64, f64)) -> Counter<'k> {
     let mut c = Counter {
@@ -237,6 +267,30 @@ impl Counter<'_> {
                 if let Some(b) = self.elem_bytes(buf, idx, times) {
                     self.work.store_bytes += b;
                     *self.per_buf.entry(buf.clone()).or_default() += b;
+                }
+            }
+            // A tile loop (`build::mma_tiles`: one split loop over the tiles, each a warp's,
+            // not a lane's): counted as the row blocks × column blocks it enumerates, each tile
+            // at its own block.
+            Stmt::For {
+                var,
+                lo,
+                hi,
+                carried,
+                body,
+                split: true,
+                ..
+            } if carried.is_empty() && tile_grid(var, hi, body).is_some() => {
+                let (rows, cols, mb, nb) = tile_grid(var, hi, body).expect("a tile grid");
+                self.expr(lo, times);
+                let zero = Iv::point(0.0);
+                let (_, r) = self.expr(rows, times);
+                let (_, c) = self.expr(cols, times);
+                let trips = Iv::trips(zero, r) * Iv::trips(zero, c);
+                self.vars.insert(mb.to_string(), (T::I, Iv::iter(zero, r)));
+                self.vars.insert(nb.to_string(), (T::I, Iv::iter(zero, c)));
+                for s in &body[2..] {
+                    self.stmt(s, times * trips);
                 }
             }
             Stmt::For {
@@ -754,6 +808,55 @@ mod tests {
         let w = launch_work(&k, 1, (0.0, 100.0));
         // 50 trips × (one add in the body + one accumulate).
         assert_eq!(w.flops, 100.0);
+    }
+
+    /// A tile loop (`mma_tiles`: one split loop over the tiles) costs what the row-block ×
+    /// column-block loops it enumerates cost: the tiles are a warp's each, not lanes, and each
+    /// tile is counted at its own block (a causal product's ragged last blocks included).
+    #[test]
+    fn tile_loops_count_as_their_grid() {
+        let a = |r: Expr, k: Expr| ld("a", [r * i(16) + k]);
+        let b = |c: Expr, k: Expr| ld("b", [c * i(16) + k]);
+        let epi = |r: Expr, c: Expr, acc: Expr| {
+            vec![if_(
+                le(c.clone(), r.clone()),
+                vec![st("y", [r * i(48) + c], acc * ld("g", [i(0)]))],
+            )]
+        };
+        let flat = crate::kernel::build::mma_tiles(MmaKind::F32, i(48), i(40), 16, &a, &b, &epi);
+        // The same tiles as nested loops.
+        let Stmt::For { body, .. } = &flat else {
+            unreachable!()
+        };
+        let tile = body[2].clone();
+        let t = super::super::expand::DOT_TILE;
+        let nested = for_(
+            "_mb",
+            i(0),
+            (i(48) + i(t - 1)) / i(t),
+            vec![for_("_nb", i(0), (i(40) + i(t - 1)) / i(t), vec![tile])],
+        );
+        let kernel = |s: Stmt| Kernel {
+            name: "tiles".into(),
+            nodes: vec![],
+            grid: vec![Dim::N(1)],
+            params: vec![
+                param("a", vec![Dim::N(48 * 16)], Access::Read),
+                param("b", vec![Dim::N(40 * 16)], Access::Read),
+                param("g", vec![Dim::N(1)], Access::Read),
+                param("y", vec![Dim::N(48 * 48)], Access::Write),
+            ],
+            body: vec![s],
+        };
+        let (wf, wn) = (
+            launch_work(&kernel(flat), 1, (0.0, 0.0)),
+            launch_work(&kernel(nested), 1, (0.0, 0.0)),
+        );
+        assert!(wn.tf32x3_flops > 0.0);
+        assert_eq!(wf.tf32x3_flops, wn.tf32x3_flops);
+        assert_eq!(wf.flops, wn.flops);
+        assert_eq!(wf.load_bytes, wn.load_bytes);
+        assert_eq!(wf.store_bytes, wn.store_bytes);
     }
 
     #[test]

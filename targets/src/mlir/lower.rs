@@ -527,8 +527,8 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
         // No `known_block_size`: its `.maxntid` makes ptxas trade registers for local-memory
         // spills in the chunked kernels. The block size must be the plan's nonetheless: a
         // block-cooperative tile is exactly one block, and a warp program with shared locals
-        // finds its slice at `(threadIdx.x / 32) · per_program` of shared memory sized for
-        // the plan's block (more threads would address past it).
+        // finds its slice at `(threadIdx.x / threads per program) · slice` of shared memory
+        // sized for the plan's block (more threads would address past it).
         Flavor::Gpu { .. } => {
             let mut total = l.const_index(&entry, 1);
             for &d in &k.grid {
