@@ -1167,7 +1167,8 @@ fn decode_steps_fuse_sibling_launches() {
 /// targets: the tiles of each product are dealt to the warps (`build::mma_tiles`' split tile
 /// loop), the parallel copies to all 128 lanes, and the warps meet at block barriers
 /// (`bar.sync 0`) where a one-warp program has warp barriers; inside their own tiles the warps
-/// keep warp barriers. One program to a block, its locals and the 4 warps' staging areas in
+/// keep warp barriers; the products over the 16 state rows are 16-row or 16-column tiles.
+/// One program to a block, its locals and the 4 warps' staging areas in
 /// shared memory (on sm_80 too, where one-warp scans kept their locals in scratch), no spills.
 /// The chunk kernels, whose programs grow with the rows, stay one warp a program.
 #[test]
@@ -1190,6 +1191,14 @@ fn scans_deal_their_tiles_to_four_warps() {
             .map(|k| (*k).clone())
             .collect();
         assert_eq!(scans.len(), 1, "{example}");
+        // The products over the 16 state rows are 16-row (or 16-column) tiles: a 32-wide tile
+        // would multiply as much padding as data.
+        let text = lamina_ir::kernel::print::print_kernel(&scans[0]);
+        assert!(!text.contains("32x32 tile"), "{example}: {text}");
+        assert!(
+            text.contains("16x32 tile") && text.contains("32x16 tile"),
+            "{example}"
+        );
         for k in prefill.iter().filter(|k| k.name.contains("_chunk")) {
             for target in [Target::Sm80, Target::Sm90a] {
                 let layout = nvptx::warp_layout(k, target).unwrap();

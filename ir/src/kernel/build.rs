@@ -310,10 +310,12 @@ pub fn mma(
     }))
 }
 
-/// An `m × n` product as a grid of [`DOT_TILE`](super::expand::DOT_TILE)² MMA tiles of
-/// `kind` (one split loop over the tiles, `_t`, row blocks outer: a GPU program of several
-/// warps deals the tiles to its warps, a one-warp program and the host run them in order; each
-/// tile is a whole warp's, its lanes run it alike). Per output row
+/// An `m × n` product as a grid of MMA tiles of `kind`, [`DOT_TILE`](super::expand::DOT_TILE)
+/// rows and columns, or [`Mma::M`] along a side that is a constant of at most [`Mma::M`] (a scan's
+/// 16 state rows: a 32-wide tile would multiply as much padding as data). One split loop over
+/// the tiles, `_t`, row blocks outer: a GPU program of several warps deals the tiles to its
+/// warps, a one-warp program and the host run them in order; each tile is a whole warp's, its
+/// lanes run it alike. Per output row
 /// `r` and column `c` of the whole product: `acc = Σ_(k < depth) a(r, k)·b(c, k)`, then
 /// `epilogue(r, c, acc)`, which may write only element `(r, c)`'s outputs. `a` is evaluated
 /// only for `r < m` and `b` only for `c < n` (see [`Mma`]). The grid and tile variables start
@@ -327,14 +329,18 @@ pub fn mma_tiles(
     b: &dyn Fn(Expr, Expr) -> Expr,
     epilogue: &dyn Fn(Expr, Expr, Expr) -> Vec<Stmt>,
 ) -> Stmt {
-    let t = super::expand::DOT_TILE;
-    let (r, c) = (v("_mb") * i(t) + v("_mi"), v("_nb") * i(t) + v("_mj"));
+    let side = |e: &Expr| match e {
+        Expr::I(x) if (1..=Mma::M as i64).contains(x) => Mma::M,
+        _ => super::expand::DOT_TILE,
+    };
+    let (tr, tc) = (side(&m), side(&n));
+    let (r, c) = (v("_mb") * i(tr) + v("_mi"), v("_nb") * i(tc) + v("_mj"));
     let tile = Stmt::Mma(Box::new(Mma {
         kind,
-        rows: t,
-        cols: t,
-        m: min(i(t), m.clone() - v("_mb") * i(t)),
-        n: min(i(t), n.clone() - v("_nb") * i(t)),
+        rows: tr,
+        cols: tc,
+        m: min(i(tr), m.clone() - v("_mb") * i(tr)),
+        n: min(i(tc), n.clone() - v("_nb") * i(tc)),
         depth,
         i: "_mi".into(),
         j: "_mj".into(),
@@ -346,11 +352,11 @@ pub fn mma_tiles(
     }));
     // One split loop over the tiles, row blocks outer: the tiles are independent (each writes
     // its own elements), so a GPU program of several warps deals them to its warps.
-    let nb = (n + i(t - 1)) / i(t);
+    let nb = (n + i(tc - 1)) / i(tc);
     for_par(
         "_t",
         i(0),
-        (m + i(t - 1)) / i(t) * nb.clone(),
+        (m + i(tr - 1)) / i(tr) * nb.clone(),
         vec![
             let_("_mb", v("_t") / nb.clone()),
             let_("_nb", v("_t") - v("_mb") * nb),
