@@ -7,9 +7,9 @@
 //! loops, whose iterations the lanes share (coalesced rows, a shuffle butterfly to combine),
 //! one thread otherwise — [`BLOCK`] threads per block (64 for warp programs laid out 2 warps
 //! to a block, [`warp_layout`]), `⌈programs · lanes / block⌉` blocks along x. The chunked
-//! recurrences' scans, whose few programs each walk all the chunks, are programs of
-//! [`PROGRAM_WARPS`] warps, one to a block ([`program_warps`]): their tensor-core tiles are
-//! dealt to the warps. A warp
+//! recurrences' scans, whose few programs each walk all the chunks, and on sm_90a their chunk
+//! kernels and MLA decode attention, are programs of [`PROGRAM_WARPS`] warps, one to a block
+//! ([`program_warps`]): their tensor-core tiles are dealt to the warps. A warp
 //! program's tensor-core tiles stage their aligned global operands through its warp's slice of
 //! the block's shared memory by `cp.async`
 //! ([`warp_staging_bytes`], [`crate::mlir::lower::warp_stage`]: flash attention's queries and
@@ -233,6 +233,13 @@ const DYNAMIC_WARPS: [u32; 2] = [(BLOCK / WARP), 2];
 ///   fit 1;
 /// - else they stay in the scratch buffer, 4 warps to a block, each staging in its quarter of
 ///   the static budget.
+///
+/// A program whose tensor-core tiles are all in split tile loops may instead be one program of
+/// [`PROGRAM_WARPS`] warps to a block, the warps sharing one copy of its locals (static, else
+/// dynamic shared memory, else scratch) and each with its own staging area: always for a grid of
+/// constant axes (the scans), else when its locals then stay in shared memory and at least as
+/// many warps fit an SM by shared memory (sm_90a: the chunk kernels, 2 warps an SM as one-warp
+/// programs, 8 or 12 as 4-warp programs; MLA decode attention).
 pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
     use crate::mlir::lower::warp_stage::{kernel_stage_bytes, stages, MIN_STAGES};
     use lamina_ir::kernel::expand::{dots_on_tensor_cores, expand_tiles};
@@ -253,7 +260,8 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
         }
     };
     let warps = BLOCK / WARP;
-    if program_warps(&expanded) > 1 {
+    let one = one_warp_layout(locals, warps, target, &staging);
+    if tile_program(&expanded) {
         // One program to a block, its warps sharing its locals and each staging its own tiles:
         // static shared memory when it all fits, else dynamic, else the locals in scratch.
         let staged = staging(quarter, false);
@@ -268,7 +276,7 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
                 staged
             },
         };
-        return [LocalsIn::StaticShared, LocalsIn::DynamicShared]
+        let four = [LocalsIn::StaticShared, LocalsIn::DynamicShared]
             .into_iter()
             .map(layout)
             .find(|l| {
@@ -278,16 +286,52 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
                 };
                 l.slice_bytes() <= budget
             })
-            .or(Some(layout(LocalsIn::Scratch)));
+            .unwrap_or_else(|| layout(LocalsIn::Scratch));
+        // A grid of constant axes (the scans: few programs, each walking every chunk) takes 4
+        // warps a program whatever; others when their locals stay in shared memory and at
+        // least as many warps fit an SM as with one warp a program.
+        let constant_grid = expanded
+            .grid
+            .iter()
+            .all(|d| matches!(d, lamina_ir::kernel::Dim::N(_)));
+        if constant_grid
+            || (four.locals != LocalsIn::Scratch
+                && resident_warps(&four, target) >= resident_warps(&one, target))
+        {
+            return Some(four);
+        }
     }
+    Some(one)
+}
+
+/// Warps of an SM's resident blocks by shared memory (at most 64).
+fn resident_warps(l: &WarpLayout, target: Target) -> usize {
+    let block = match l.locals {
+        LocalsIn::Scratch => {
+            l.program_warps as usize * l.staging * (l.warps / l.program_warps) as usize
+        }
+        _ => l.slice_bytes() * (l.warps / l.program_warps) as usize,
+    };
+    let blocks = shared_per_sm(target) as usize / (block + 1024);
+    (blocks * l.warps as usize).min(64)
+}
+
+/// The layout of a warp program of one warp a program (see [`warp_layout`]).
+fn one_warp_layout(
+    locals: usize,
+    warps: u32,
+    target: Target,
+    staging: &dyn Fn(usize, bool) -> usize,
+) -> WarpLayout {
+    let quarter = SHARED_LOCALS_BUDGET / (BLOCK / WARP) as usize;
     if locals > 0 && locals * warps as usize <= SHARED_LOCALS_BUDGET {
-        return Some(WarpLayout {
+        return WarpLayout {
             warps,
             program_warps: 1,
             locals: LocalsIn::StaticShared,
             locals_bytes: locals,
             staging: staging(quarter.saturating_sub(locals), false),
-        });
+        };
     }
     if locals > 0 {
         let budget = dynamic_shared_budget(target);
@@ -312,32 +356,30 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
                 _ => Some((r, l)),
             });
         if let Some((_, l)) = best {
-            return Some(l);
+            return l;
         }
     }
-    Some(WarpLayout {
+    WarpLayout {
         warps,
         program_warps: 1,
         locals: LocalsIn::Scratch,
         locals_bytes: locals,
         staging: staging(quarter, true),
-    })
+    }
 }
 
 /// Warps of a program that deals its tensor-core tiles to its warps ([`program_warps`]).
 pub const PROGRAM_WARPS: u32 = 4;
 
-/// Warps per program of warp program `k` (prepared for a GPU: tiles expanded): [`PROGRAM_WARPS`]
-/// when its programs do not grow with the rows (a grid of constant axes: the chunked
-/// recurrences' scans, one program per head and state block, each a sequential walk over the
-/// chunks, whose latency bounds the phase) and every tensor-core tile is in a split tile loop
-/// (independent tiles, `build::mma_tiles`), which its warps share; else 1. Such a program's
+/// Whether warp program `k` (prepared for a GPU: tiles expanded) can be a program of several
+/// warps: every tensor-core tile is in a split tile loop (independent tiles,
+/// `build::mma_tiles`), which its warps share, and there is at least one. Such a program's
 /// warps deal its parallel split loops over all their lanes, each warp runs its sums and
 /// reductions over its own 32 lanes (the same arithmetic as a one-warp program), and the
 /// warps meet at a block barrier wherever a one-warp program has a warp barrier.
-pub fn program_warps(k: &Kernel) -> u32 {
-    use lamina_ir::kernel::{Dim, Stmt};
-    /// Tiles in split tile loops only (`None` if a tile is elsewhere), and how many loops.
+fn tile_program(k: &Kernel) -> bool {
+    use lamina_ir::kernel::Stmt;
+    /// Tile loops (`None` if a tile is elsewhere).
     fn tiles(b: &[Stmt], in_tiles: bool) -> Option<usize> {
         let mut n = 0;
         for s in b {
@@ -359,12 +401,16 @@ pub fn program_warps(k: &Kernel) -> u32 {
         }
         Some(n)
     }
-    let constant_grid = k.grid.iter().all(|d| matches!(d, Dim::N(_)));
-    if lanes(k) == WARP && !block_program(k) && constant_grid && tiles(&k.body, false) > Some(0) {
-        PROGRAM_WARPS
-    } else {
-        1
-    }
+    lanes(k) == WARP && !block_program(k) && tiles(&k.body, false) > Some(0)
+}
+
+/// Warps per program of kernel `k` on `target` ([`warp_layout`]): [`PROGRAM_WARPS`] for the
+/// chunked recurrences' scans (a grid of constant axes, whose few programs each walk every
+/// chunk, so their latency bounds the phase), and for other programs of tile loops whose
+/// locals stay in shared memory with at least as many warps resident per SM (the chunk kernels
+/// and decode attention, where the 4 warps share one copy of the locals); else 1.
+pub fn program_warps(k: &Kernel, target: Target) -> u32 {
+    warp_layout(k, target).map_or(1, |l| l.program_warps)
 }
 
 /// Whether warp program `k` keeps its locals in the block's shared memory (a slice per program,
