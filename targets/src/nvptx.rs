@@ -7,9 +7,9 @@
 //! loops, whose iterations the lanes share (coalesced rows, a shuffle butterfly to combine),
 //! one thread otherwise — [`BLOCK`] threads per block (64 for warp programs laid out 2 warps
 //! to a block, [`warp_layout`]), `⌈programs · lanes / block⌉` blocks along x. The chunked
-//! recurrences' scans, whose few programs each walk all the chunks, and on sm_90a their chunk
-//! kernels and MLA decode attention, are programs of [`PROGRAM_WARPS`] warps, one to a block
-//! ([`program_warps`]): their tensor-core tiles are dealt to the warps. A warp
+//! recurrences' scans, whose few programs each walk all the chunks (and on sm_90a MiniMax's
+//! chunk kernel), are programs of [`PROGRAM_WARPS`] warps, one to a block ([`program_warps`]):
+//! their tensor-core tiles are dealt to the warps. A warp
 //! program's tensor-core tiles stage their aligned global operands through its warp's slice of
 //! the block's shared memory by `cp.async`
 //! ([`warp_staging_bytes`], [`crate::mlir::lower::warp_stage`]: flash attention's queries and
@@ -238,8 +238,9 @@ const DYNAMIC_WARPS: [u32; 2] = [(BLOCK / WARP), 2];
 /// [`PROGRAM_WARPS`] warps to a block, the warps sharing one copy of its locals (static, else
 /// dynamic shared memory, else scratch) and each with its own staging area: always for a grid of
 /// constant axes (the scans), else when its locals then stay in shared memory and at least as
-/// many warps fit an SM by shared memory (sm_90a: the chunk kernels, 2 warps an SM as one-warp
-/// programs, 8 or 12 as 4-warp programs; MLA decode attention).
+/// many warps fit an SM by shared memory (sm_90a: MiniMax's chunk kernel, 2 warps an SM as
+/// one-warp programs, 12 as 4-warp programs). The delta rules' chunk kernels (their in-place
+/// triangular solve) and MLA decode attention store outside split loops: one warp each.
 pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
     use crate::mlir::lower::warp_stage::{kernel_stage_bytes, stages, MIN_STAGES};
     use lamina_ir::kernel::expand::{dots_on_tensor_cores, expand_tiles};
@@ -373,7 +374,8 @@ pub const PROGRAM_WARPS: u32 = 4;
 
 /// Whether warp program `k` (prepared for a GPU: tiles expanded) can be a program of several
 /// warps: every tensor-core tile is in a split tile loop (independent tiles,
-/// `build::mma_tiles`), which its warps share, and there is at least one. Such a program's
+/// `build::mma_tiles`), which its warps share, and there is at least one; and it stores only in
+/// split loops and tiles (a store elsewhere costs two block barriers). Such a program's
 /// warps deal its parallel split loops over all their lanes, each warp runs its sums and
 /// reductions over its own 32 lanes (the same arithmetic as a one-warp program), and the
 /// warps meet at a block barrier wherever a one-warp program has a warp barrier.
@@ -401,14 +403,29 @@ fn tile_program(k: &Kernel) -> bool {
         }
         Some(n)
     }
-    lanes(k) == WARP && !block_program(k) && tiles(&k.body, false) > Some(0)
+    /// Stores outside split loops and tiles: every warp makes them, between two block
+    /// barriers each (an in-place triangular solve is thousands of them a program).
+    fn program_stores(b: &[Stmt]) -> bool {
+        b.iter().any(|s| match s {
+            Stmt::Store { .. } => true,
+            Stmt::For {
+                split: false, body, ..
+            }
+            | Stmt::If { then: body, .. } => program_stores(body),
+            _ => false,
+        })
+    }
+    lanes(k) == WARP
+        && !block_program(k)
+        && tiles(&k.body, false) > Some(0)
+        && !program_stores(&k.body)
 }
 
 /// Warps per program of kernel `k` on `target` ([`warp_layout`]): [`PROGRAM_WARPS`] for the
 /// chunked recurrences' scans (a grid of constant axes, whose few programs each walk every
 /// chunk, so their latency bounds the phase), and for other programs of tile loops whose
-/// locals stay in shared memory with at least as many warps resident per SM (the chunk kernels
-/// and decode attention, where the 4 warps share one copy of the locals); else 1.
+/// locals stay in shared memory with at least as many warps resident per SM (MiniMax's chunk
+/// kernel on sm_90a, where the 4 warps share one copy of the locals); else 1.
 pub fn program_warps(k: &Kernel, target: Target) -> u32 {
     warp_layout(k, target).map_or(1, |l| l.program_warps)
 }
