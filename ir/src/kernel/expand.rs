@@ -3,7 +3,7 @@
 //! which kernel builders do not use.
 
 use super::build::*;
-use super::{Attend, Expr, Kernel, Mma, MmaKind, Stmt, TileOp, View};
+use super::{Attend, BinOp, Expr, Kernel, Mma, MmaKind, Stmt, TileOp, View};
 
 /// `k` with every [`Stmt::Tile`] and [`Stmt::Mma`] replaced by loops.
 pub fn expand_all(k: &Kernel) -> Kernel {
@@ -321,6 +321,56 @@ fn expand_mma(m: &Mma) -> Vec<Stmt> {
 }
 
 /// Element `(r, c)` of a view.
+/// Whether a triangular solve's `l` (read strictly below the diagonal, rows `< n`) may share
+/// elements with its `x` (rows `< n`, `cols` columns): when they are views of one buffer, unless
+/// constant offsets and a constant bound on `n` (`n` is a constant or a `min` with one) place
+/// them apart, as in a chunk kernel that keeps `M_kk` and `T` in one local.
+fn solve_overlaps(l: &View, x: &View, n: &Expr, cols: usize) -> bool {
+    if l.buf != x.buf {
+        return false;
+    }
+    let (Some(lo), Some(xo), Some(rows)) = (constant(&l.off), constant(&x.off), bound(n)) else {
+        return true;
+    };
+    if rows <= 0 {
+        return false;
+    }
+    // Elements [start, end) each view touches.
+    let l_end = lo + (rows - 1) * l.ld as i64 + (rows - 1);
+    let x_end = xo + (rows - 1) * x.ld as i64 + cols as i64;
+    !(l_end <= xo || x_end <= lo)
+}
+
+/// `e`'s value when it is made of integer constants.
+fn constant(e: &Expr) -> Option<i64> {
+    match e {
+        Expr::I(c) => Some(*c),
+        Expr::Bin(op, a, b) => {
+            let (a, b) = (constant(a)?, constant(b)?);
+            match op {
+                BinOp::Add => a.checked_add(b),
+                BinOp::Sub => a.checked_sub(b),
+                BinOp::Mul => a.checked_mul(b),
+                BinOp::Min => Some(a.min(b)),
+                BinOp::Max => Some(a.max(b)),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// An upper bound on `e`: a constant, or the least bound of a `min`'s operands.
+fn bound(e: &Expr) -> Option<i64> {
+    match e {
+        Expr::Bin(BinOp::Min, a, b) => match (bound(a), bound(b)) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, y) => x.or(y),
+        },
+        _ => constant(e),
+    }
+}
+
 fn at(w: &View, r: Expr, c: Expr) -> Expr {
     ld(&w.buf, [w.off.clone() + r * i(w.ld) + c])
 }
@@ -391,7 +441,11 @@ fn tile(op: &TileOp) -> Vec<Stmt> {
             "_ti",
             i(0),
             n.clone(),
-            vec![(if l.buf != x.buf { for_par } else { for_ })(
+            vec![(if !solve_overlaps(l, x, n, *cols) {
+                for_par
+            } else {
+                for_
+            })(
                 "_tc",
                 i(0),
                 i(*cols),
@@ -409,5 +463,52 @@ fn tile(op: &TileOp) -> Vec<Stmt> {
                 )],
             )],
         )],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split_columns(l: View, x: View, n: Expr) -> bool {
+        let solve = tile(&TileOp::TriSolve { l, x, n, cols: 64 });
+        let [Stmt::For { body, .. }] = &solve[..] else {
+            panic!("a row loop")
+        };
+        matches!(&body[..], [Stmt::For { split: true, .. }])
+    }
+
+    /// A triangular solve's columns are solved in parallel unless `l` may overlap `x`: two
+    /// views of one local far enough apart for the bound on the rows (a chunk kernel's `M_kk`
+    /// and `T`) do not.
+    #[test]
+    fn solves_of_disjoint_views_split_their_columns() {
+        let rows = || min(i(64), v("l"));
+        assert!(split_columns(
+            view("a", i(0), 64),
+            view("b", i(0), 64),
+            v("l")
+        ));
+        assert!(split_columns(
+            view("q", i(0), 64),
+            view("q", i(4096) + i(0), 64),
+            rows()
+        ));
+        // One element of overlap, an unbounded row count, a variable offset: in order.
+        assert!(!split_columns(
+            view("q", i(0), 64),
+            view("q", i(4031), 64),
+            rows()
+        ));
+        assert!(!split_columns(
+            view("q", i(0), 64),
+            view("q", i(4096), 64),
+            v("l")
+        ));
+        assert!(!split_columns(
+            view("q", v("o"), 64),
+            view("q", i(4096), 64),
+            rows()
+        ));
     }
 }

@@ -490,10 +490,12 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
                 select(eq(v("q") / i(c_n), rem(v("q"), i(c_n))), f(1.0), f(0.0)),
             )],
         ));
+        // `l` is at most a chunk: the bound tells the expansion that M_kk and T, one local
+        // apart with scalar decay, do not overlap (so the columns are solved in parallel).
         body.push(trisolve(
             mkk.view(i(0), c_n),
             tm.view(i(0), c_n),
-            v("l"),
+            min(i(c_n), v("l")),
             c_n,
         ));
         // Element (x, col) of a right-hand side, chunk row x (clamped into the chunk, where it
