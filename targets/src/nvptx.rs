@@ -7,9 +7,8 @@
 //! loops, whose iterations the lanes share (coalesced rows, a shuffle butterfly to combine),
 //! one thread otherwise — [`BLOCK`] threads per block (64 for warp programs laid out 2 warps
 //! to a block, [`warp_layout`]), `⌈programs · lanes / block⌉` blocks along x. The chunked
-//! recurrences' scans, whose few programs each walk all the chunks (and on sm_90a MiniMax's
-//! and Qwen3-Next's chunk kernels), are programs of [`PROGRAM_WARPS`] warps, one to a block
-//! ([`program_warps`]):
+//! recurrences' scans, whose few programs each walk all the chunks (and on sm_90a their chunk
+//! kernels), are programs of [`PROGRAM_WARPS`] warps, one to a block ([`program_warps`]):
 //! their tensor-core tiles are dealt to the warps. A warp
 //! program's tensor-core tiles stage their aligned global operands through its warp's slice of
 //! the block's shared memory by `cp.async`
@@ -239,10 +238,9 @@ const DYNAMIC_WARPS: [u32; 2] = [(BLOCK / WARP), 2];
 /// [`PROGRAM_WARPS`] warps to a block, the warps sharing one copy of its locals (static, else
 /// dynamic shared memory, else scratch) and each with its own staging area: always for a grid of
 /// constant axes (the scans), else when its locals then stay in shared memory and at least as
-/// many warps fit an SM by shared memory (sm_90a: MiniMax's and Qwen3-Next's chunk kernels, 2
-/// warps an SM as one-warp programs, 12 as 4-warp programs). Kimi-Linear's chunk kernel (its
-/// sub-chunk dots write the local they read) and MLA decode attention store outside split
-/// loops: one warp each.
+/// many warps fit an SM by shared memory (sm_90a: the chunk kernels, 2 warps an SM as one-warp
+/// programs, 8 to 12 as 4-warp programs). MLA decode attention stores outside split loops: one
+/// warp.
 pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
     use crate::mlir::lower::warp_stage::{kernel_stage_bytes, stages, MIN_STAGES};
     use lamina_ir::kernel::expand::{dots_on_tensor_cores, expand_tiles};
@@ -426,9 +424,8 @@ fn tile_program(k: &Kernel) -> bool {
 /// Warps per program of kernel `k` on `target` ([`warp_layout`]): [`PROGRAM_WARPS`] for the
 /// chunked recurrences' scans (a grid of constant axes, whose few programs each walk every
 /// chunk, so their latency bounds the phase), and for other programs of tile loops whose
-/// locals stay in shared memory with at least as many warps resident per SM (MiniMax's and
-/// Qwen3-Next's chunk kernels on sm_90a, where the 4 warps share one copy of the locals); else
-/// 1.
+/// locals stay in shared memory with at least as many warps resident per SM (the chunk
+/// kernels on sm_90a, where the 4 warps share one copy of the locals); else 1.
 pub fn program_warps(k: &Kernel, target: Target) -> u32 {
     warp_layout(k, target).map_or(1, |l| l.program_warps)
 }

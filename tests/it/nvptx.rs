@@ -618,20 +618,15 @@ fn chunked_recurrences_are_chunk_parallel_on_tensor_cores() {
         // share one local: MiniMax's (fixed decay, no solve, 64 KiB), Qwen3-Next's (scalar
         // decay, 64.5 KiB) and Kimi-Linear's (per-channel decay, products one 16-row sub-chunk
         // at a time, 108.25 KiB) all fit dynamic shared memory on sm_90a, nothing in the
-        // scratch buffer. MiniMax's and Qwen3-Next's are programs of 4 warps sharing one copy
-        // (3 blocks, 12 warps an SM; Qwen3-Next's M_kk and T, one local apart, are solved
-        // column-parallel); Kimi-Linear's sub-chunk dots write the local they read, stores
-        // outside split loops (a block barrier pair each with 4 warps), so its stay one warp,
-        // 2 to a block.
+        // scratch buffer, as programs of 4 warps sharing one copy (3 blocks an SM, 12 warps, for
+        // MiniMax and Qwen3-Next, 2 blocks, 8 warps, for Kimi-Linear; one-warp programs fit 2):
+        // Qwen3-Next's M_kk and T, one local apart, are solved column-parallel, and Kimi-Linear's
+        // sub-chunk dots, which write past what they read of the same local, are MMA tiles, so
+        // none stores outside split loops and tiles.
         let c90 = layout(&chunk, Target::Sm90a);
-        let want = if example.starts_with("kimi") {
-            (2, 1)
-        } else {
-            (4, 4)
-        };
         assert_eq!(
             (c90.locals, c90.warps, c90.program_warps),
-            (LocalsIn::DynamicShared, want.0, want.1),
+            (LocalsIn::DynamicShared, 4, 4),
             "{example}"
         );
         assert_eq!(nvptx::scratch_bytes(&chunk, Target::Sm90a), 0, "{example}");
@@ -1181,8 +1176,8 @@ fn decode_steps_fuse_sibling_launches() {
 /// keep warp barriers; the products over the 16 state rows are 16-row or 16-column tiles.
 /// One program to a block, its locals and the 4 warps' staging areas in
 /// shared memory (on sm_80 too, where one-warp scans kept their locals in scratch), no spills.
-/// MiniMax's and Qwen3-Next's chunk kernels are programs of 4 warps on sm_90a too (locals in
-/// shared memory, more warps an SM); Kimi-Linear's, which stores outside split loops, is not.
+/// The chunk kernels are programs of 4 warps on sm_90a too (locals in shared memory, more warps
+/// an SM).
 #[test]
 fn scans_deal_their_tiles_to_four_warps() {
     use lamina_compiler::kernels::Phase;
@@ -1213,12 +1208,10 @@ fn scans_deal_their_tiles_to_four_warps() {
         );
         // The chunk kernels take 4 warps a program where their locals then stay in shared
         // memory with at least as many warps an SM and they store only in split loops and tiles
-        // (sm_90a MiniMax and Qwen3-Next), else one (Kimi's aliased dots; sm_80: locals in
-        // scratch).
+        // (sm_90a), else one (sm_80: locals in scratch).
         for k in prefill.iter().filter(|k| k.name.contains("_chunk")) {
             let warps = |target| nvptx::warp_layout(k, target).unwrap().program_warps;
-            let sm90 = if example.starts_with("kimi") { 1 } else { 4 };
-            assert_eq!(warps(Target::Sm90a), sm90, "{example} {}", k.name);
+            assert_eq!(warps(Target::Sm90a), 4, "{example} {}", k.name);
             assert_eq!(warps(Target::Sm80), 1, "{example} {}", k.name);
         }
         for target in [Target::Sm80, Target::Sm90a] {

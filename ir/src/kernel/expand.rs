@@ -38,21 +38,105 @@ pub fn dots_as_mma(k: &Kernel, kind: MmaKind) -> Kernel {
         }))]),
         _ => None,
     });
-    let body = rewrite(&body, false, &|s| match s {
-        Stmt::Tile(TileOp::Dot {
-            out,
-            a,
-            b,
-            m,
-            n,
-            depth,
-            accumulate,
-        }) if out.buf != a.buf && out.buf != b.buf => {
-            Some(dot_tiles(kind, out, a, b, m, n, *depth, *accumulate))
-        }
-        _ => None,
-    });
+    let body = dots_in(&body, &mut Vec::new(), kind);
     Kernel { body, ..k.clone() }
+}
+
+/// `b` with its `dot`s outside split loops as MMA tiles of `kind`, those whose output does not
+/// overlap an operand: a different buffer, or, for an operand in the output's buffer, one that
+/// ends before the output begins. `lows` holds lower bounds of the enclosing sequential loops'
+/// variables (their constant starts), which place an output at `2048 + 16·a` past an operand
+/// at `0..2048` (Kimi-Linear's sub-chunk products).
+fn dots_in(b: &[Stmt], lows: &mut Vec<(String, i64)>, kind: MmaKind) -> Vec<Stmt> {
+    let mut out = Vec::new();
+    for s in b {
+        match s {
+            Stmt::Tile(TileOp::Dot {
+                out: o,
+                a,
+                b,
+                m,
+                n,
+                depth,
+                accumulate,
+            }) if dot_apart(o, (a, m), (b, n), *depth, lows) => {
+                out.extend(dot_tiles(kind, o, a, b, m, n, *depth, *accumulate))
+            }
+            Stmt::For {
+                var,
+                lo,
+                hi,
+                carried,
+                body,
+                yields,
+                split: false,
+            } => {
+                let mark = lows.len();
+                if let Some(c) = constant(lo).filter(|c| *c >= 0) {
+                    lows.push((var.clone(), c));
+                }
+                let body = dots_in(body, lows, kind);
+                lows.truncate(mark);
+                out.push(Stmt::For {
+                    var: var.clone(),
+                    lo: lo.clone(),
+                    hi: hi.clone(),
+                    carried: carried.clone(),
+                    body,
+                    yields: yields.clone(),
+                    split: false,
+                });
+            }
+            Stmt::If { cond, then } => out.push(Stmt::If {
+                cond: cond.clone(),
+                then: dots_in(then, lows, kind),
+            }),
+            // A `let` of a bounded name hides the bound (for the rest of the block).
+            Stmt::Let(name, _) => {
+                lows.retain(|(v, _)| v != name);
+                out.push(s.clone());
+            }
+            other => out.push(other.clone()),
+        }
+    }
+    out
+}
+
+/// Whether a `dot` writing `out` reads no element of it: each operand (a view and its row
+/// count) in another buffer, or ending, at its last row's last element read, before `out`'s
+/// lowest offset.
+fn dot_apart(
+    out: &View,
+    a: (&View, &Expr),
+    b: (&View, &Expr),
+    depth: usize,
+    lows: &[(String, i64)],
+) -> bool {
+    [a, b].into_iter().all(|(op, rows)| {
+        if op.buf != out.buf {
+            return true;
+        }
+        let (Some(start), Some(rows), Some(low)) =
+            (constant(&op.off), bound(rows), lower(&out.off, lows))
+        else {
+            return false;
+        };
+        rows <= 0 || start + (rows - 1) * op.ld as i64 + depth as i64 <= low
+    })
+}
+
+/// A lower bound on `e`: constants, variables with a bound in `lows`, sums, and products of
+/// non-negative bounds.
+fn lower(e: &Expr, lows: &[(String, i64)]) -> Option<i64> {
+    match e {
+        Expr::Var(v) => lows.iter().rev().find(|(n, _)| n == v).map(|(_, c)| *c),
+        Expr::Bin(BinOp::Add, a, b) => lower(a, lows)?.checked_add(lower(b, lows)?),
+        Expr::Bin(BinOp::Mul, a, b) => {
+            let (x, y) = (lower(a, lows)?, lower(b, lows)?);
+            (x >= 0 && y >= 0).then(|| x.checked_mul(y)).flatten()
+        }
+        _ => constant(e),
+    }
 }
 
 /// `out (+)= a bᵀ` over `m × n` as a grid of MMA tiles (uniform loops: every lane of a warp
@@ -476,6 +560,61 @@ mod tests {
             panic!("a row loop")
         };
         matches!(&body[..], [Stmt::For { split: true, .. }])
+    }
+
+    fn kernel(body: Vec<Stmt>) -> Kernel {
+        Kernel {
+            name: "k".into(),
+            nodes: vec![],
+            grid: vec![super::super::Dim::N(1)],
+            params: vec![],
+            body,
+        }
+    }
+
+    /// A `dot` whose output shares a buffer with an operand becomes MMA tiles when the operand
+    /// ends before the output begins, by the bounds of the loops around it; else it stays a
+    /// `dot` (expanded as sequential loops).
+    #[test]
+    fn dots_writing_past_their_operand_become_tiles() {
+        let dot_at = |out_off: Expr, rows: Expr| {
+            dot(
+                view("blk", out_off, 64),
+                view("sub", i(0), 128),
+                view("blk", i(0), 128),
+                rows,
+                i(16),
+                128,
+                false,
+            )
+        };
+        let tiles = |s: Stmt| {
+            let k = dots_on_tensor_cores(&kernel(vec![for_("a", i(0), i(4), vec![s])]));
+            let Stmt::For { body, .. } = &k.body[0] else {
+                panic!("the loop")
+            };
+            !matches!(&body[0], Stmt::Tile(_))
+        };
+        // Rows 0..16 of a 128-wide operand end at 2048: an output at 2048 + 16a is past them.
+        assert!(tiles(dot_at(i(2048) + v("a") * i(16), min(i(16), v("l")))));
+        // One element lower, or below the operand, or a variable without a bound: a `dot`.
+        assert!(!tiles(dot_at(i(2047) + v("a") * i(16), min(i(16), v("l")))));
+        assert!(!tiles(dot_at(i(0), min(i(16), v("l")))));
+        assert!(!tiles(dot_at(i(2048) + v("z") * i(16), min(i(16), v("l")))));
+        // A let of the loop's name hides its bound.
+        let k = dots_on_tensor_cores(&kernel(vec![for_(
+            "a",
+            i(0),
+            i(4),
+            vec![
+                let_("a", i(0) - i(64)),
+                dot_at(i(2048) + v("a") * i(16), i(16)),
+            ],
+        )]));
+        let Stmt::For { body, .. } = &k.body[0] else {
+            panic!("the loop")
+        };
+        assert!(matches!(&body[1], Stmt::Tile(_)));
     }
 
     /// A triangular solve's columns are solved in parallel unless `l` may overlap `x`: two
