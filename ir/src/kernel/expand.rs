@@ -44,10 +44,13 @@ pub fn dots_as_mma(k: &Kernel, kind: MmaKind) -> Kernel {
 
 /// `b` with its `dot`s outside split loops as MMA tiles of `kind`, those whose output does not
 /// overlap an operand: a different buffer, or, for an operand in the output's buffer, one that
-/// ends before the output begins. `lows` holds lower bounds of the enclosing sequential loops'
-/// variables (their constant starts), which place an output at `2048 + 16·a` past an operand
-/// at `0..2048` (Kimi-Linear's sub-chunk products).
-fn dots_in(b: &[Stmt], lows: &mut Vec<(String, i64)>, kind: MmaKind) -> Vec<Stmt> {
+/// ends before the output begins. `lows` binds names in scope, innermost last: the enclosing
+/// sequential loops' variables to their constant non-negative starts (lower bounds), and any
+/// other binding of a name (a loop with another start, a carried value, a `let`) to `None`,
+/// which hides an outer bound. The bounds place an output at `2048 + 16·a` past an operand at
+/// `0..2048` (Kimi-Linear's sub-chunk products).
+fn dots_in(b: &[Stmt], lows: &mut Vec<(String, Option<i64>)>, kind: MmaKind) -> Vec<Stmt> {
+    let mark = lows.len();
     let mut out = Vec::new();
     for s in b {
         match s {
@@ -71,12 +74,13 @@ fn dots_in(b: &[Stmt], lows: &mut Vec<(String, i64)>, kind: MmaKind) -> Vec<Stmt
                 yields,
                 split: false,
             } => {
-                let mark = lows.len();
-                if let Some(c) = constant(lo).filter(|c| *c >= 0) {
-                    lows.push((var.clone(), c));
-                }
+                let inner = lows.len();
+                lows.push((var.clone(), constant(lo).filter(|c| *c >= 0)));
+                lows.extend(carried.iter().map(|(n, _)| (n.clone(), None)));
                 let body = dots_in(body, lows, kind);
-                lows.truncate(mark);
+                lows.truncate(inner);
+                // Carried values stay bound after the loop.
+                lows.extend(carried.iter().map(|(n, _)| (n.clone(), None)));
                 out.push(Stmt::For {
                     var: var.clone(),
                     lo: lo.clone(),
@@ -91,14 +95,14 @@ fn dots_in(b: &[Stmt], lows: &mut Vec<(String, i64)>, kind: MmaKind) -> Vec<Stmt
                 cond: cond.clone(),
                 then: dots_in(then, lows, kind),
             }),
-            // A `let` of a bounded name hides the bound (for the rest of the block).
             Stmt::Let(name, _) => {
-                lows.retain(|(v, _)| v != name);
+                lows.push((name.clone(), None));
                 out.push(s.clone());
             }
             other => out.push(other.clone()),
         }
     }
+    lows.truncate(mark);
     out
 }
 
@@ -110,7 +114,7 @@ fn dot_apart(
     a: (&View, &Expr),
     b: (&View, &Expr),
     depth: usize,
-    lows: &[(String, i64)],
+    lows: &[(String, Option<i64>)],
 ) -> bool {
     [a, b].into_iter().all(|(op, rows)| {
         if op.buf != out.buf {
@@ -127,9 +131,9 @@ fn dot_apart(
 
 /// A lower bound on `e`: constants, variables with a bound in `lows`, sums, and products of
 /// non-negative bounds.
-fn lower(e: &Expr, lows: &[(String, i64)]) -> Option<i64> {
+fn lower(e: &Expr, lows: &[(String, Option<i64>)]) -> Option<i64> {
     match e {
-        Expr::Var(v) => lows.iter().rev().find(|(n, _)| n == v).map(|(_, c)| *c),
+        Expr::Var(v) => lows.iter().rev().find(|(n, _)| n == v)?.1,
         Expr::Bin(BinOp::Add, a, b) => lower(a, lows)?.checked_add(lower(b, lows)?),
         Expr::Bin(BinOp::Mul, a, b) => {
             let (x, y) = (lower(a, lows)?, lower(b, lows)?);
@@ -615,6 +619,33 @@ mod tests {
             panic!("the loop")
         };
         assert!(matches!(&body[1], Stmt::Tile(_)));
+        // So do an inner loop of the same name from a negative start, a carried value of the
+        // name (inside its loop and after it), and nothing leaks out of an inner block.
+        let still_a_dot = |body: Vec<Stmt>| {
+            let k = dots_on_tensor_cores(&kernel(vec![for_("a", i(0), i(4), body)]));
+            format!("{:?}", k.body).contains("Tile(Dot")
+        };
+        let d = || dot_at(i(2048) + v("a") * i(16), i(16));
+        assert!(!still_a_dot(vec![d()]));
+        assert!(still_a_dot(vec![for_("a", i(0) - i(64), i(0), vec![d()])]));
+        let carry = |body: Vec<Stmt>| {
+            for_carry(
+                "s",
+                i(0),
+                i(1),
+                vec![("a", i(0) - i(64))],
+                body,
+                vec![v("a")],
+            )
+        };
+        assert!(still_a_dot(vec![carry(vec![d()])]));
+        assert!(still_a_dot(vec![carry(vec![]), d()]));
+        let leak = kernel(vec![
+            let_("b", i(0) - i(64)),
+            for_("b", i(0), i(1), vec![let_("a", i(0))]),
+            dot_at(i(2048) + v("b") * i(16), i(16)),
+        ]);
+        assert!(format!("{:?}", dots_on_tensor_cores(&leak).body).contains("Tile(Dot"));
     }
 
     /// A triangular solve's columns are solved in parallel unless `l` may overlap `x`: two
