@@ -207,11 +207,14 @@ impl WarpLayout {
     /// Dynamic shared memory per block: the programs' slices when the locals live there.
     pub fn dynamic_shared_bytes(&self) -> usize {
         match self.locals {
-            LocalsIn::DynamicShared => {
-                self.slice_bytes() * (self.warps / self.program_warps) as usize
-            }
+            LocalsIn::DynamicShared => self.block_shared_bytes(),
             _ => 0,
         }
+    }
+
+    /// Shared memory of a block (static or dynamic): its programs' slices.
+    pub fn block_shared_bytes(&self) -> usize {
+        self.slice_bytes() * (self.warps / self.program_warps) as usize
     }
 }
 
@@ -307,13 +310,7 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
 
 /// Warps of an SM's resident blocks by shared memory (at most 64).
 fn resident_warps(l: &WarpLayout, target: Target) -> usize {
-    let block = match l.locals {
-        LocalsIn::Scratch => {
-            l.program_warps as usize * l.staging * (l.warps / l.program_warps) as usize
-        }
-        _ => l.slice_bytes() * (l.warps / l.program_warps) as usize,
-    };
-    let blocks = shared_per_sm(target) as usize / (block + 1024);
+    let blocks = shared_per_sm(target) as usize / (l.block_shared_bytes() + 1024);
     (blocks * l.warps as usize).min(64)
 }
 
@@ -337,11 +334,8 @@ fn one_warp_layout(
     if locals > 0 {
         let budget = dynamic_shared_budget(target);
         let staged = staging(quarter, false);
-        let resident = |l: &WarpLayout| {
-            let block = l.slice_bytes() * l.warps as usize;
-            (block <= budget)
-                .then(|| shared_per_sm(target) as usize / (block + 1024) * l.warps as usize)
-        };
+        let resident =
+            |l: &WarpLayout| (l.block_shared_bytes() <= budget).then(|| resident_warps(l, target));
         let best = DYNAMIC_WARPS
             .into_iter()
             .map(|warps| WarpLayout {

@@ -323,7 +323,11 @@ fn fold(
             .kernel
             .body
             .iter()
-            .map(|s| map_stmt(s, &|e| inline(e, &x, &renamed, map.var)))
+            .map(|s| {
+                s.rewrite(&mut |e| inline(e, &x, &renamed, map.var), &|b| {
+                    b.to_string()
+                })
+            })
             .collect();
         let suffix = format!("_{tag}");
         if !l.kernel.name.ends_with(&suffix) {
@@ -437,41 +441,6 @@ fn expr_loads_only(e: &Expr, x: &str) -> bool {
         ok &= !matches!(e, Expr::Load(b, idx) if b == x && idx.len() != 2)
     });
     ok
-}
-
-/// `s` with `f` applied to each of its expressions (plain statements; [`loads_only`] keeps the
-/// others from reading the folded buffer, so they are left as they are).
-fn map_stmt(s: &Stmt, f: &dyn Fn(&Expr) -> Expr) -> Stmt {
-    match s {
-        Stmt::Let(n, v) => Stmt::Let(n.clone(), f(v)),
-        Stmt::Store { buf, idx, value } => Stmt::Store {
-            buf: buf.clone(),
-            idx: idx.iter().map(f).collect(),
-            value: f(value),
-        },
-        Stmt::For {
-            var,
-            lo,
-            hi,
-            carried,
-            body,
-            yields,
-            split,
-        } => Stmt::For {
-            var: var.clone(),
-            lo: f(lo),
-            hi: f(hi),
-            carried: carried.iter().map(|(n, v)| (n.clone(), f(v))).collect(),
-            body: body.iter().map(|s| map_stmt(s, f)).collect(),
-            yields: yields.iter().map(f).collect(),
-            split: *split,
-        },
-        Stmt::If { cond, then } => Stmt::If {
-            cond: f(cond),
-            then: then.iter().map(|s| map_stmt(s, f)).collect(),
-        },
-        Stmt::Local { .. } | Stmt::Tile(_) | Stmt::Mma(_) | Stmt::Attend(_) => s.clone(),
-    }
 }
 
 #[cfg(test)]

@@ -33,6 +33,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use lamina_ir::kernel::build::{ge, i, lt, pid, rem};
 use lamina_ir::kernel::verify::verify_kernel;
 use lamina_ir::kernel::{Access, Dim, Elem, Expr, Kernel, Param, Stmt};
 use lamina_ir::Error;
@@ -295,12 +296,8 @@ fn fuse(members: &[&Launch]) -> Option<Launch> {
         // The member's program ids: its constant axes from `pid_flat − off` (its last axis
         // fastest, as the GPU numbers programs), its row axes the fused kernel's.
         let at = match off {
-            0 => Expr::Pid(flat),
-            _ => Expr::Bin(
-                lamina_ir::kernel::BinOp::Sub,
-                Box::new(Expr::Pid(flat)),
-                Box::new(Expr::I(off as i64)),
-            ),
+            0 => pid(flat),
+            _ => pid(flat) - i(off),
         };
         let all = constant_programs(k);
         let mut lets = Vec::new();
@@ -314,11 +311,11 @@ fn fuse(members: &[&Launch]) -> Option<Launch> {
             }
             let n = d.eval(0);
             let value = match (stride, n) {
-                (_, 1) => Expr::I(0),
+                (_, 1) => i(0),
                 (1, _) if n == all => at.clone(),
-                (1, _) => rem(at.clone(), n),
-                _ if stride * n == all => div(at.clone(), stride),
-                _ => rem(div(at.clone(), stride), n),
+                (1, _) => rem(at.clone(), i(n)),
+                _ if stride * n == all => at.clone() / i(stride),
+                _ => rem(at.clone() / i(stride), i(n)),
             };
             stride *= n;
             let name = format!("_m{m}_pid{axis}");
@@ -332,21 +329,20 @@ fn fuse(members: &[&Launch]) -> Option<Launch> {
         let mut f = |e: &Expr| rewrite(e, &pids, &rename);
         let mut then = lets;
         then.extend(k.body.iter().map(|s| s.rewrite(&mut f, &rename)));
-        let programs = constant_programs(k);
-        if off + programs < total {
+        if off + all < total {
             then = vec![Stmt::If {
-                cond: cmp(lamina_ir::kernel::CmpOp::Lt, flat, off + programs),
+                cond: lt(pid(flat), i(off + all)),
                 then,
             }];
         }
         if off > 0 {
             then = vec![Stmt::If {
-                cond: cmp(lamina_ir::kernel::CmpOp::Ge, flat, off),
+                cond: ge(pid(flat), i(off)),
                 then,
             }];
         }
         body.extend(then);
-        off += programs;
+        off += all;
     }
     let mut grid = rows;
     grid.insert(flat, Dim::N(total));
@@ -414,26 +410,6 @@ fn rewrite(e: &Expr, pids: &[Expr], rename: &dyn Fn(&str) -> String) -> Expr {
         ),
         _ => e.map_children(&mut |c| rewrite(c, pids, rename)),
     }
-}
-
-fn rem(a: Expr, n: usize) -> Expr {
-    Expr::Bin(
-        lamina_ir::kernel::BinOp::Rem,
-        Box::new(a),
-        Box::new(Expr::I(n as i64)),
-    )
-}
-
-fn div(a: Expr, n: usize) -> Expr {
-    Expr::Bin(
-        lamina_ir::kernel::BinOp::Div,
-        Box::new(a),
-        Box::new(Expr::I(n as i64)),
-    )
-}
-
-fn cmp(op: lamina_ir::kernel::CmpOp, axis: usize, c: usize) -> Expr {
-    Expr::Cmp(op, Box::new(Expr::Pid(axis)), Box::new(Expr::I(c as i64)))
 }
 
 /// Every local declared in `b`: name, element, length.
@@ -593,7 +569,7 @@ mod tests {
                 vec![st(
                     "y",
                     [pid(0), v("c")],
-                    ld("x", [pid(0), super::rem(v("c"), 4)]),
+                    ld("x", [pid(0), rem(v("c"), i(4))]),
                 )],
             )];
             l

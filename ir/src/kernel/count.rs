@@ -194,7 +194,8 @@ fn tile_grid<'b>(
         && rest
             .iter()
             .all(|s| matches!(s, Stmt::Mma(_) | Stmt::Let(..)));
-    let nb_ok = matches!(&**prod, Expr::Bin(Mul, m, c2) if matches!(&**m, Expr::Var(v) if v == mb) && **c2 == **cols);
+    let is_mb = |e: &Expr| matches!(e, Expr::Var(v) if v == mb);
+    let nb_ok = matches!(&**prod, Expr::Bin(Mul, m, c2) if is_mb(m) && **c2 == **cols);
     (is_var(t) && is_var(t2) && **c1 == **cols && nb_ok && tiles_only).then_some((
         &**rows,
         &**cols,

@@ -239,39 +239,18 @@ impl Expr {
 
     /// Whether `self` reads variable `name` (anywhere, reduction bounds and bodies included).
     pub fn reads(&self, name: &str) -> bool {
-        match self {
-            Expr::Var(n) => n == name,
-            Expr::F(_) | Expr::I(_) | Expr::Pid(_) | Expr::Rows => false,
-            Expr::Load(_, idx) => idx.iter().any(|i| i.reads(name)),
-            Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => a.reads(name) || b.reads(name),
-            Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => a.reads(name),
-            Expr::Select(c, a, b) => c.reads(name) || a.reads(name) || b.reads(name),
-            Expr::Reduce { lo, hi, body, .. } => {
-                lo.reads(name) || hi.reads(name) || body.reads(name)
-            }
-        }
+        matches!(self, Expr::Var(n) if n == name) || self.children().iter().any(|c| c.reads(name))
     }
 
     /// `self` with the variables named in `with` replaced by their expressions, all at once
     /// (a replacement is not substituted again); a reduction's own variable shadows a
     /// replacement of the same name inside its body.
     pub fn substitute(&self, with: &[(&str, Expr)]) -> Expr {
-        let go = |e: &Expr| Box::new(e.substitute(with));
         match self {
             Expr::Var(n) => with
                 .iter()
                 .find(|(name, _)| name == n)
                 .map_or_else(|| self.clone(), |(_, e)| e.clone()),
-            Expr::F(_) | Expr::I(_) | Expr::Pid(_) | Expr::Rows => self.clone(),
-            Expr::Load(b, idx) => {
-                Expr::Load(b.clone(), idx.iter().map(|x| x.substitute(with)).collect())
-            }
-            Expr::Bin(op, a, b) => Expr::Bin(*op, go(a), go(b)),
-            Expr::Cmp(op, a, b) => Expr::Cmp(*op, go(a), go(b)),
-            Expr::Un(op, a) => Expr::Un(*op, go(a)),
-            Expr::ToF(a) => Expr::ToF(go(a)),
-            Expr::ToI(a) => Expr::ToI(go(a)),
-            Expr::Select(c, a, b) => Expr::Select(go(c), go(a), go(b)),
             Expr::Reduce {
                 op,
                 var,
@@ -287,24 +266,18 @@ impl Expr {
                 Expr::Reduce {
                     op: *op,
                     var: var.clone(),
-                    lo: go(lo),
-                    hi: go(hi),
+                    lo: Box::new(lo.substitute(with)),
+                    hi: Box::new(hi.substitute(with)),
                     body: Box::new(body.substitute(&inner)),
                 }
             }
+            _ => self.map_children(&mut |c| c.substitute(with)),
         }
     }
 
     /// Whether `self` contains a reduction (which a GPU deals over a warp's lanes).
     pub fn has_reduce(&self) -> bool {
-        match self {
-            Expr::Reduce { .. } => true,
-            Expr::F(_) | Expr::I(_) | Expr::Var(_) | Expr::Pid(_) | Expr::Rows => false,
-            Expr::Load(_, idx) => idx.iter().any(Expr::has_reduce),
-            Expr::Bin(_, a, b) | Expr::Cmp(_, a, b) => a.has_reduce() || b.has_reduce(),
-            Expr::Un(_, a) | Expr::ToF(a) | Expr::ToI(a) => a.has_reduce(),
-            Expr::Select(c, a, b) => c.has_reduce() || a.has_reduce() || b.has_reduce(),
-        }
+        matches!(self, Expr::Reduce { .. }) || self.children().iter().any(|c| c.has_reduce())
     }
 }
 

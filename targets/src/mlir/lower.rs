@@ -222,8 +222,8 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
     // Locals, sized for their largest use.
     let (layout, per_program) = local_layout(k);
     // A warp program's slice of the block's shared memory: its locals (when they live there),
-    // then its MMA staging area; (bytes per warp, bytes of locals). Dynamic shared memory
-    // (sized by the launch) holds the slices when the locals were placed there.
+    // then its warps' MMA staging areas; (bytes per slice, per block, of locals). Dynamic
+    // shared memory (sized by the launch) holds the slices when the locals were placed there.
     use crate::nvptx::LocalsIn;
     let dynamic_shared = matches!(
         flavor,
@@ -247,13 +247,13 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
                 Some(LocalsIn::Scratch) | None => 0,
             };
             // A program's slice: its locals, then each of its warps' staging areas.
-            let per_warp = (locals + warps as usize * staging).next_multiple_of(16);
+            let per_slice = (locals + warps as usize * staging).next_multiple_of(16);
             if warps > 1 && block != lanes * warps {
                 return Err(bug(format!(
                     "{what}: a program of {warps} warps must be its whole block, not {block} threads"
                 )));
             }
-            let bytes = per_warp * (block / (lanes * warps)) as usize;
+            let bytes = per_slice * (block / (lanes * warps)) as usize;
             let budget = if dynamic_shared {
                 lamina_ir::plan::MAX_DYNAMIC_SHARED as usize
             } else {
@@ -264,7 +264,7 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
                     "{what}: {bytes} bytes of locals and staging per block, over the shared budget of {budget}"
                 )));
             }
-            (per_warp > 0).then_some((per_warp, bytes, locals))
+            (per_slice > 0).then_some((per_slice, bytes, locals))
         }
         _ => None,
     };
@@ -388,11 +388,11 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
         _ => None,
     };
     let warp_base = match (gpu_pid, warp_slice) {
-        (Some((_, Some(_))), Some((per_warp, _, _))) => {
+        (Some((_, Some(_))), Some((per_slice, _, _))) => {
             let tid = l.gpu_index(&entry, "gpu.thread_id")?;
             let threads = l.const_index(&entry, (l.lanes * l.warps) as i64);
             let slot = l.op(&entry, "arith.divui", &[tid, threads], l.index, false);
-            let size = l.const_index(&entry, per_warp as i64);
+            let size = l.const_index(&entry, per_slice as i64);
             Some(l.op(&entry, "arith.muli", &[slot, size], l.index, false))
         }
         _ => None,
