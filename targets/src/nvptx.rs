@@ -172,6 +172,10 @@ pub struct WarpLayout {
     pub locals_bytes: usize,
     /// Bytes of each warp's staging area.
     pub staging: usize,
+    /// Bytes of the program's warpgroup staging area (after its warps'): the B operands of
+    /// its `wgmma` tiles, a slab of the depth at a time ([`crate::mlir::lower::group`]); 0
+    /// when its tiles all run on `mma.sync`.
+    pub group_staging: usize,
 }
 
 impl WarpLayout {
@@ -186,14 +190,26 @@ impl WarpLayout {
     }
 
     /// Shared-memory bytes of each program's slice: its locals when they live there, then its
-    /// warps' staging areas, rounded to 16 bytes.
+    /// warps' staging areas and its warpgroup staging area, rounded to 16 bytes.
     pub fn slice_bytes(&self) -> usize {
         let locals = if self.locals == LocalsIn::Scratch {
             0
         } else {
             self.locals_bytes
         };
-        (locals + self.program_warps as usize * self.staging).next_multiple_of(16)
+        (self.group_offset(locals) + self.group_staging).next_multiple_of(16)
+    }
+
+    /// Byte offset in a program's slice of its warpgroup staging area, after `locals` bytes
+    /// of locals and its warps' staging areas (1 KiB aligned, as `wgmma` descriptors want
+    /// their operands at least 16-byte aligned and bank rows start there).
+    pub fn group_offset(&self, locals: usize) -> usize {
+        let end = locals + self.program_warps as usize * self.staging;
+        if self.group_staging > 0 {
+            end.next_multiple_of(128)
+        } else {
+            end
+        }
     }
 
     /// Scratch bytes per program: the locals when they live in the scratch buffer.
@@ -279,6 +295,7 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
             } else {
                 staged
             },
+            group_staging: 0,
         };
         let four = [LocalsIn::StaticShared, LocalsIn::DynamicShared]
             .into_iter()
@@ -302,10 +319,50 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
             || (four.locals != LocalsIn::Scratch
                 && resident_warps(&four, target) >= resident_warps(&one, target))
         {
-            return Some(four);
+            return Some(with_group_staging(&expanded, four, target));
         }
     }
     Some(one)
+}
+
+/// `four` (a program of [`PROGRAM_WARPS`] warps) with a warpgroup staging area for its
+/// `wgmma` tiles on sm_90a ([`crate::mlir::lower::group`]): the largest of 4, 8 and 16 KiB (or
+/// the most its largest tile stages, its whole depth) that keeps the block within its shared
+/// budget and as many warps resident per SM as without it; at least one depth step of its
+/// widest tile. Without room even for that, its tiles stay on `mma.sync`.
+fn with_group_staging(k: &Kernel, four: WarpLayout, target: Target) -> WarpLayout {
+    use crate::mlir::lower::group;
+    let Some((least, most)) = group::staging_bounds(k).filter(|_| target == Target::Sm90a) else {
+        return four;
+    };
+    // Static shared locals that no longer fit with the area move to dynamic shared memory.
+    let with = |bytes: usize| {
+        let mut l = WarpLayout {
+            group_staging: bytes,
+            ..four
+        };
+        if l.locals == LocalsIn::StaticShared && l.slice_bytes() > SHARED_LOCALS_BUDGET {
+            l.locals = LocalsIn::DynamicShared;
+        }
+        let budget = match l.locals {
+            LocalsIn::DynamicShared => dynamic_shared_budget(target),
+            _ => SHARED_LOCALS_BUDGET,
+        };
+        (l.slice_bytes() <= budget).then_some(l)
+    };
+    let resident = resident_warps(&four, target);
+    let sizes = [16 << 10, 8 << 10, 4 << 10]
+        .into_iter()
+        .map(|b: usize| b.min(most))
+        .filter(|&b| b >= least);
+    for bytes in sizes.chain([least]) {
+        if let Some(l) = with(bytes) {
+            if resident_warps(&l, target) >= resident || bytes == least {
+                return l;
+            }
+        }
+    }
+    four
 }
 
 /// Warps of an SM's resident blocks by shared memory (at most 64).
@@ -329,6 +386,7 @@ fn one_warp_layout(
             locals: LocalsIn::StaticShared,
             locals_bytes: locals,
             staging: staging(quarter.saturating_sub(locals), false),
+            group_staging: 0,
         };
     }
     if locals > 0 {
@@ -344,6 +402,7 @@ fn one_warp_layout(
                 locals: LocalsIn::DynamicShared,
                 locals_bytes: locals,
                 staging: staged,
+                group_staging: 0,
             })
             .filter_map(|l| resident(&l).map(|r| (r, l)))
             .fold(None::<(usize, WarpLayout)>, |best, (r, l)| match best {
@@ -360,6 +419,7 @@ fn one_warp_layout(
         locals: LocalsIn::Scratch,
         locals_bytes: locals,
         staging: staging(quarter, true),
+        group_staging: 0,
     }
 }
 
@@ -478,6 +538,7 @@ pub fn flavor(k: &Kernel, target: Target) -> crate::mlir::Flavor {
         wgmma: target == Target::Sm90a,
         shared_locals: layout.map(|l| l.locals),
         staging: layout.map_or(0, |l| l.staging),
+        group_staging: layout.map_or(0, |l| l.group_staging),
     }
 }
 

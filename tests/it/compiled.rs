@@ -88,6 +88,7 @@ fn model_options(bf16: bool, lanes: u32, splits: usize, mma: bool) -> Options {
         decode_splits: splits,
         tensor_cores: mma,
         tf32_products: false,
+        warpgroup_tiles: false,
         bf16_handoffs: false,
         bf16_caches: false,
         strict_fp: false,
@@ -245,6 +246,7 @@ fn first_divergent_node() {
         decode_splits: 1,
         tensor_cores: std::env::var("LAMINA_DEBUG_MMA").is_ok(),
         tf32_products: false,
+        warpgroup_tiles: false,
         bf16_handoffs: false,
         bf16_caches: false,
         strict_fp: false,
@@ -308,6 +310,7 @@ fn oracle_families_match_reference_and_oracle_tokens() {
             decode_splits: 1,
             tensor_cores: false,
             tf32_products: false,
+            warpgroup_tiles: false,
             bf16_handoffs: false,
             bf16_caches: false,
             strict_fp: false,
@@ -339,6 +342,7 @@ fn batched_decode_matches_single_runs() {
             decode_splits: 1,
             tensor_cores: false,
             tf32_products: false,
+            warpgroup_tiles: false,
             bf16_handoffs: false,
             bf16_caches: false,
             strict_fp: false,
@@ -527,9 +531,9 @@ fn bf16_handoffs_match_the_reference() {
 /// Plans with bf16 KV and latent caches (GPU builds' default) against the reference with its
 /// caches rounded alike: every example family (GQA, MLA, both with and without a decode
 /// split), prefill in one launch and in two (the second attending to cached bf16 rows), then
-/// decode; f32 arithmetic otherwise, so the f32 bound holds. And with everything a GPU plan
-/// does (bf16 weights, tensor cores, a split decode, lanes emulated) at DESIGN's bound for bf16
-/// operands.
+/// decode; f32 arithmetic otherwise, so the f32 bound holds. And with everything an sm_90a
+/// plan does (bf16 weights, tensor cores, a split decode, lanes emulated, warpgroup tiles) at
+/// DESIGN's bound for bf16 operands.
 #[test]
 fn bf16_caches_match_the_reference() {
     for ex in TINY_EXAMPLES {
@@ -544,9 +548,28 @@ fn bf16_caches_match_the_reference() {
         let options = Options {
             bf16_caches: true,
             strict_fp: false,
+            warpgroup_tiles: true,
             ..model_options(true, 32, 4, true)
         };
         check_model_options(&repo().join(ex), &[65], options);
+    }
+}
+
+/// sm_90a's tiles of the chunked recurrences' products (64 rows, `Options::warpgroup_tiles`,
+/// run as `wgmma` there) as the host runs them: against the reference at f32's bound for the
+/// linear-attention examples, prefill of one token, one chunk and a token (a second, one-row
+/// chunk), two chunks and a ragged third, and two launches (256 + 44 rows), then decode; and
+/// with split loops run lane by lane as the GPU's warps do.
+#[test]
+fn warpgroup_tiles_match_the_reference() {
+    for ex in &TINY_EXAMPLES[..3] {
+        for lanes in [1, 32] {
+            let options = Options {
+                warpgroup_tiles: true,
+                ..model_options(false, lanes, 1, false)
+            };
+            check_model_options(&repo().join(ex), &[1, 65, 150, 300], options);
+        }
     }
 }
 
@@ -627,6 +650,7 @@ fn recurrences_and_attention_match_the_reference_op_by_op() {
                 decode_splits: 1,
                 tensor_cores: mma,
                 tf32_products: tf32,
+                warpgroup_tiles: false,
                 bf16_handoffs: bf16h,
                 bf16_caches: false,
                 strict_fp: false,
@@ -736,6 +760,7 @@ fn bf16_gemm_operands_change_no_bit() {
             decode_splits: 1,
             tensor_cores: true,
             tf32_products: false,
+            warpgroup_tiles: false,
             bf16_handoffs: false,
             bf16_caches: false,
             strict_fp: true,
@@ -835,6 +860,7 @@ fn tensor_core_ops_match_the_reference_op_by_op() {
             decode_splits: 1,
             tensor_cores: true,
             tf32_products: false,
+            warpgroup_tiles: false,
             bf16_handoffs: false,
             bf16_caches: false,
             strict_fp: false,

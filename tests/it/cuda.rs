@@ -140,6 +140,7 @@ fn gpu_matches_host(model: &Path) {
         decode_splits: 8,
         tensor_cores: true,
         tf32_products: false,
+        warpgroup_tiles: target == Target::Sm90a,
         bf16_handoffs: false,
         bf16_caches: true,
         strict_fp: false,

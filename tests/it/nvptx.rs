@@ -12,14 +12,16 @@ use lamina_targets::Target;
 
 use crate::common::repo;
 
-/// Build options of a GPU plan: bf16 weights (the rule of GPU targets), decode attention in 8
-/// pieces, projections on tensor cores, bf16 caches (what `build --target` does by default).
-fn gpu_options() -> lamina_compiler::passes::Options {
+/// Build options of a GPU plan for `target`: bf16 weights (the rule of GPU targets), decode
+/// attention in 8 pieces, projections on tensor cores, bf16 caches, on sm_90a the chunked
+/// recurrences' products as warpgroup tiles (what `build --target` does by default).
+fn gpu_options(target: Target) -> lamina_compiler::passes::Options {
     lamina_compiler::passes::Options {
         weights_bf16: true,
         decode_splits: 8,
         tensor_cores: true,
         tf32_products: false,
+        warpgroup_tiles: target == Target::Sm90a,
         bf16_handoffs: false,
         bf16_caches: true,
         strict_fp: false,
@@ -45,9 +47,9 @@ fn ptxas_or_skip(what: &str) -> bool {
 /// assembles the PTX, and checks each kernel's resources.
 fn assembles(example: &str) {
     let m = Model::open(&repo().join("examples").join(example)).unwrap();
-    let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options()).unwrap();
-    let kernels: Vec<_> = p.kernels().into_iter().cloned().collect();
     for target in [Target::Sm80, Target::Sm90a] {
+        let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options(target)).unwrap();
+        let kernels: Vec<_> = p.kernels().into_iter().cloned().collect();
         let (ptx, _) = nvptx::compile_ptx(&kernels, target)
             .unwrap_or_else(|e| panic!("{example} {target}: {e}"));
         let (chip, _) = target.nvptx().unwrap();
@@ -341,7 +343,7 @@ fn gpu_report() {
 /// GPU MLIR and PTX of the tiny examples, reviewed with `cargo insta review`.
 fn gpu_text(file: &str, target: Target, ptx: bool) -> String {
     let m = Model::open(&repo().join("examples").join(file)).unwrap();
-    let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options()).unwrap();
+    let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options(target)).unwrap();
     let kernels: Vec<_> = p.kernels().into_iter().cloned().collect();
     if ptx {
         let (text, _) = nvptx::compile_ptx(&kernels, target).unwrap();
@@ -498,7 +500,7 @@ fn prefill_gemms_are_block_cooperative() {
     use lamina_compiler::kernels::Phase;
     use lamina_targets::mlir::lower::staged::{self, staged_tile};
     let m = Model::open(&repo().join("examples/kimi-linear-tiny.toml")).unwrap();
-    let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options()).unwrap();
+    let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options(Target::Sm90a)).unwrap();
     let gemm = |name: &str| name.contains("linear_mma_") || name.starts_with("moe_mma_");
     fn depth(body: &[lamina_ir::kernel::Stmt]) -> usize {
         use lamina_ir::kernel::Stmt;
@@ -578,7 +580,8 @@ fn chunked_recurrences_are_chunk_parallel_on_tensor_cores() {
         ("minimax-text-01.toml", 64, 128),
     ] {
         let m = Model::open(&repo().join("examples").join(example)).unwrap();
-        let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options()).unwrap();
+        let (p, _) =
+            lamina_compiler::build::compile_program(&m, gpu_options(Target::Sm90a)).unwrap();
         let prefill = &p.schedules[&Phase::Prefill];
         let find = |part: &str| {
             prefill
@@ -630,15 +633,73 @@ fn chunked_recurrences_are_chunk_parallel_on_tensor_cores() {
             "{example}"
         );
         assert_eq!(nvptx::scratch_bytes(&chunk, Target::Sm90a), 0, "{example}");
-        warps_on_tf32_tensor_cores(&[chunk, scan]);
+        warpgroups_on_tf32_tensor_cores(&[chunk, scan]);
+        // sm_80 plans keep warp tiles on `mma.sync`.
+        let (p80, _) =
+            lamina_compiler::build::compile_program(&m, gpu_options(Target::Sm80)).unwrap();
+        let kernels: Vec<_> = p80
+            .phase_kernels(Phase::Prefill)
+            .into_iter()
+            .filter(|k| ["_chunk64_", "_scan64_"].iter().any(|s| k.name.contains(s)))
+            .cloned()
+            .collect();
+        assert_eq!(kernels.len(), 2, "{example}");
+        warps_on_tf32_tensor_cores(&kernels, Target::Sm80);
     }
 }
 
-/// Each of `kernels` is a warp program with 3xTF32 `mma.sync` in its sm_90a PTX, staging
+/// Each of `kernels` (built for sm_90a: the chunked recurrences' products as 64-row warpgroup
+/// tiles) is a program of 4 warps that runs those tiles as `wgmma` m64nNk8 TF32: A from
+/// registers, B staged in the program's warpgroup staging area and read through descriptors
+/// after `fence.proxy.async`, waited for before the area is reused; ptxas: no spills, at least
+/// 2 blocks (8 warps) per SM.
+fn warpgroups_on_tf32_tensor_cores(kernels: &[lamina_ir::kernel::Kernel]) {
+    use lamina_targets::mlir::lower::group;
+    let target = Target::Sm90a;
+    let (ptx, _) = nvptx::compile_ptx(kernels, target).unwrap();
+    for k in kernels {
+        let layout = nvptx::warp_layout(k, target).unwrap();
+        assert_eq!((layout.program_warps, layout.warps), (4, 4), "{}", k.name);
+        let (least, most) = group::staging_bounds(&lamina_ir::kernel::expand::expand_tiles(
+            &lamina_ir::kernel::expand::dots_on_tensor_cores(k),
+        ))
+        .unwrap_or_else(|| panic!("{}: no warpgroup tiles", k.name));
+        assert!(
+            (least..=most).contains(&layout.group_staging),
+            "{}: {} bytes of warpgroup staging, not in {least}..={most}",
+            k.name,
+            layout.group_staging
+        );
+        let text = entry(&ptx, &k.name);
+        for op in [
+            "k8.f32.tf32.tf32",
+            "wgmma.mma_async.sync.aligned.m64n",
+            "wgmma.fence.sync.aligned",
+            "wgmma.wait_group.sync.aligned 0",
+            "fence.proxy.async.shared::cta",
+        ] {
+            assert!(text.contains(op), "{}: no {op}", k.name);
+        }
+    }
+    if ptxas_or_skip("warpgroups_on_tf32_tensor_cores") {
+        for r in nvptx::ptxas(&ptx, target).unwrap() {
+            let k = kernels.iter().find(|k| k.name == r.kernel).unwrap();
+            assert_eq!((r.spill_stores, r.spill_loads), (0, 0), "{}", r.kernel);
+            let launch = nvptx::gpu_launch(k, target);
+            assert!(
+                r.blocks_per_sm(launch.block, launch.dynamic_shared_bytes, target) >= 2,
+                "{}: {r:?}",
+                r.kernel
+            );
+        }
+    }
+}
+
+/// Each of `kernels` is a warp program with 3xTF32 `mma.sync` in its PTX for `target`, staging
 /// its operands through shared memory ([`warps_stage_through_shared_memory`]); ptxas: no
 /// spills, at least one block per SM.
-fn warps_on_tf32_tensor_cores(kernels: &[lamina_ir::kernel::Kernel]) {
-    let ptx = warps_stage_through_shared_memory(kernels, Target::Sm90a);
+fn warps_on_tf32_tensor_cores(kernels: &[lamina_ir::kernel::Kernel], target: Target) {
+    let ptx = warps_stage_through_shared_memory(kernels, target);
     for k in kernels {
         assert!(
             entry(&ptx, &k.name).contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"),
@@ -742,7 +803,7 @@ fn decode_tiles_stage_weights_and_cache() {
         max_batch: 1,
         max_context: 4096,
         decode_splits: 0,
-        ..gpu_options()
+        ..gpu_options(Target::Sm90a)
     };
     let (p, _) = lamina_compiler::build::compile_program(&m, options).unwrap();
     let decode = p.phase_kernels(Phase::Decode);
@@ -788,8 +849,9 @@ fn decode_tiles_stage_weights_and_cache() {
 }
 
 /// With TF32 products (`--products tf32`) the chunked recurrence kernels (named `_tf32`) issue
-/// one TF32 `mma.sync` where the default plan issues three, and still assemble without spills.
-/// (Prefill flash attention's products are bf16 whatever the option.)
+/// one TF32 `mma.sync` where the default plan issues three (sm_80 plans: warp tiles), and still
+/// assemble without spills; on sm_90a their warpgroup tiles are single TF32 `wgmma`s. (Prefill
+/// flash attention's products are bf16 whatever the option.)
 #[test]
 fn tf32_products_are_a_third_of_the_mmas() {
     use lamina_compiler::kernels::Phase;
@@ -800,7 +862,7 @@ fn tf32_products_are_a_third_of_the_mmas() {
             let options = lamina_compiler::passes::Options {
                 tf32_products: tf32,
                 bf16_handoffs: false,
-                ..gpu_options()
+                ..gpu_options(Target::Sm80)
             };
             let (p, _) = lamina_compiler::build::compile_program(&m, options).unwrap();
             let kernels: Vec<_> = p
@@ -809,7 +871,7 @@ fn tf32_products_are_a_third_of_the_mmas() {
                 .filter(|k| ["_chunk64_", "_scan64_"].iter().any(|s| k.name.contains(s)))
                 .cloned()
                 .collect();
-            let (ptx, _) = nvptx::compile_ptx(&kernels, Target::Sm90a).unwrap();
+            let (ptx, _) = nvptx::compile_ptx(&kernels, Target::Sm80).unwrap();
             (kernels, ptx.matches(instr).count())
         };
         let ((plain, three), (tf32, one)) = (hot(false), hot(true));
@@ -819,7 +881,20 @@ fn tf32_products_are_a_third_of_the_mmas() {
             one > 0 && three == 3 * one,
             "{example}: {three} vs {one} tf32 MMAs"
         );
-        warps_on_tf32_tensor_cores(&tf32);
+        warps_on_tf32_tensor_cores(&tf32, Target::Sm80);
+        let options = lamina_compiler::passes::Options {
+            tf32_products: true,
+            bf16_handoffs: false,
+            ..gpu_options(Target::Sm90a)
+        };
+        let (p, _) = lamina_compiler::build::compile_program(&m, options).unwrap();
+        let kernels: Vec<_> = p
+            .phase_kernels(Phase::Prefill)
+            .into_iter()
+            .filter(|k| ["_chunk64_", "_scan64_"].iter().any(|s| k.name.contains(s)))
+            .cloned()
+            .collect();
+        warpgroups_on_tf32_tensor_cores(&kernels);
     }
 }
 
@@ -849,7 +924,7 @@ fn decode_attention_reads_the_cache_once_per_kv_head() {
             max_batch: 1,
             max_context: context,
             decode_splits: 0,
-            ..gpu_options()
+            ..gpu_options(Target::Sm90a)
         };
         let (p, _) = lamina_compiler::build::compile_program(&m, options).unwrap();
         let k = p
@@ -928,7 +1003,8 @@ fn prefill_attention_is_flash_attention_on_tensor_cores() {
         ("deepseek-v3.toml", "mla_", 128),
     ] {
         let m = Model::open(&repo().join("examples").join(example)).unwrap();
-        let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options()).unwrap();
+        let (p, _) =
+            lamina_compiler::build::compile_program(&m, gpu_options(Target::Sm90a)).unwrap();
         let prefill: Vec<_> = p.schedules[&Phase::Prefill]
             .iter()
             .filter(|l| l.kernel.name.starts_with(family))
@@ -1034,7 +1110,7 @@ fn flash_blocks_on_bf16_tensor_cores(kernels: &[lamina_ir::kernel::Kernel]) {
 fn decode_steps_inline_row_maps() {
     use lamina_compiler::kernels::{Bind, Phase};
     let m = Model::open(&repo().join("examples/kimi-linear-48b-a3b.toml")).unwrap();
-    let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options()).unwrap();
+    let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options(Target::Sm90a)).unwrap();
     let decode = &p.schedules[&Phase::Decode];
     assert_eq!(decode.len(), 444);
     // The adds left are the shared experts' residual adds, which took in their split-K sum
@@ -1096,12 +1172,13 @@ fn decode_steps_fuse_sibling_launches() {
     use lamina_compiler::passes::{pipeline, run_pipeline, Program};
     use lamina_ir::kernel::count::launch_work;
     let m = Model::open(&repo().join("examples/kimi-linear-48b-a3b.toml")).unwrap();
-    let (fused, _) = lamina_compiler::build::compile_program(&m, gpu_options()).unwrap();
+    let (fused, _) =
+        lamina_compiler::build::compile_program(&m, gpu_options(Target::Sm90a)).unwrap();
     let passes: Vec<_> = pipeline()
         .into_iter()
         .filter(|p| p.name() != "fuse-siblings")
         .collect();
-    let mut apart = Program::new(&m.graph, gpu_options());
+    let mut apart = Program::new(&m.graph, gpu_options(Target::Sm90a));
     run_pipeline(&mut apart, &passes).unwrap();
     for (phase, rows) in [(Phase::Decode, 1), (Phase::Prefill, 512)] {
         let work = |p: &Program| {
@@ -1190,31 +1267,33 @@ fn scans_deal_their_tiles_to_four_warps() {
         "minimax-text-01.toml",
     ] {
         let m = Model::open(&repo().join("examples").join(example)).unwrap();
-        let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options()).unwrap();
-        let prefill = p.phase_kernels(Phase::Prefill);
-        let scans: Vec<_> = prefill
-            .iter()
-            .filter(|k| k.name.contains("_scan"))
-            .map(|k| (*k).clone())
-            .collect();
-        assert_eq!(scans.len(), 1, "{example}");
-        // The products over the 16 state rows are 16-row (or 16-column) tiles: a 32-wide tile
-        // would multiply as much padding as data.
-        let text = lamina_ir::kernel::print::print_kernel(&scans[0]);
-        assert!(!text.contains("32x32 tile"), "{example}: {text}");
-        assert!(
-            text.contains("16x32 tile") && text.contains("32x16 tile"),
-            "{example}"
-        );
-        // The chunk kernels take 4 warps a program where their locals then stay in shared
-        // memory with at least as many warps an SM and they store only in split loops and tiles
-        // (sm_90a), else one (sm_80: locals in scratch).
-        for k in prefill.iter().filter(|k| k.name.contains("_chunk")) {
-            let warps = |target| nvptx::warp_layout(k, target).unwrap().program_warps;
-            assert_eq!(warps(Target::Sm90a), 4, "{example} {}", k.name);
-            assert_eq!(warps(Target::Sm80), 1, "{example} {}", k.name);
-        }
         for target in [Target::Sm80, Target::Sm90a] {
+            let (p, _) = lamina_compiler::build::compile_program(&m, gpu_options(target)).unwrap();
+            let prefill = p.phase_kernels(Phase::Prefill);
+            let scans: Vec<_> = prefill
+                .iter()
+                .filter(|k| k.name.contains("_scan"))
+                .map(|k| (*k).clone())
+                .collect();
+            assert_eq!(scans.len(), 1, "{example}");
+            // The products over the 16 state rows are 16-row (or 16-column) tiles: a 32-wide
+            // tile would multiply as much padding as data. Those over the chunk's rows are
+            // 32-row warp tiles on sm_80 and 64-row warpgroup tiles on sm_90a.
+            let text = lamina_ir::kernel::print::print_kernel(&scans[0]);
+            assert!(!text.contains("32x32 tile"), "{example}: {text}");
+            let rows = if target == Target::Sm90a { 64 } else { 32 };
+            assert!(
+                text.contains("16x32 tile") && text.contains(&format!("{rows}x16 tile")),
+                "{example} {target}"
+            );
+            // The chunk kernels take 4 warps a program where their locals then stay in shared
+            // memory with at least as many warps an SM and they store only in split loops and
+            // tiles (sm_90a), else one (sm_80: locals in scratch).
+            for k in prefill.iter().filter(|k| k.name.contains("_chunk")) {
+                let warps = nvptx::warp_layout(k, target).unwrap().program_warps;
+                let want = if target == Target::Sm90a { 4 } else { 1 };
+                assert_eq!(warps, want, "{example} {target} {}", k.name);
+            }
             let k = &scans[0];
             let layout = nvptx::warp_layout(k, target).unwrap();
             assert_eq!(

@@ -91,6 +91,7 @@ fn check(spec: &str, len: usize) -> Result<(), TestCaseError> {
         decode_splits: 1,
         tensor_cores: false,
         tf32_products: false,
+        warpgroup_tiles: false,
         bf16_handoffs: false,
         bf16_caches: false,
         strict_fp: false,

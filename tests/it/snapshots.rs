@@ -43,6 +43,7 @@ fn kernel_text(example: &str) -> String {
         decode_splits: 1,
         tensor_cores: false,
         tf32_products: false,
+        warpgroup_tiles: false,
         bf16_handoffs: false,
         bf16_caches: false,
         strict_fp: false,

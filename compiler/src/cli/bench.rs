@@ -79,6 +79,7 @@ pub fn bench(a: &BenchArgs) -> CliResult {
             decode_splits: usize::from(target == lamina_targets::Target::Host),
             tensor_cores: target != lamina_targets::Target::Host,
             tf32_products: a.products == super::build::Products::Tf32,
+            warpgroup_tiles: target == lamina_targets::Target::Sm90a,
             bf16_handoffs: a.handoffs == super::build::Handoffs::Bf16,
             bf16_caches: target != lamina_targets::Target::Host,
             strict_fp: false,

@@ -122,6 +122,7 @@ impl SizeArgs {
             },
             tensor_cores,
             tf32_products: self.products == Products::Tf32,
+            warpgroup_tiles: target == Target::Sm90a,
             bf16_handoffs: self.handoffs == Handoffs::Bf16,
             bf16_caches: match self.cache_dtype {
                 WeightDtype::Auto => gpu || tensor_cores,

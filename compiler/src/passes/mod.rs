@@ -70,6 +70,10 @@ pub struct Options {
     /// (~2^-20): a third of the tensor-core work. Experimental: end to end within DESIGN's
     /// bf16-operand bound on some tiny models only (`compiled::tf32_products_*` tests).
     pub tf32_products: bool,
+    /// The chunked recurrences' products as tiles of 64 rows (`build::Tiling::Warpgroup`),
+    /// which sm_90a programs of four warps run as `wgmma` m64nNk8; else tiles of 32 for one
+    /// warp. sm_90a builds' default; the host runs the same tiles (tests compare them).
+    pub warpgroup_tiles: bool,
     /// The chunked recurrences hand their per-chunk products (`W`, `U`, `q ⊙ e^G`,
     /// `k ⊙ e^(G_L − G)`, `M_qk`) and raw outputs from kernel to kernel as bf16 (the issue's
     /// activation rule) instead of f32: half the bytes of the memory-bound chunk/scan pair.
@@ -99,6 +103,7 @@ impl Default for Options {
             decode_splits: 1,
             tensor_cores: false,
             tf32_products: false,
+            warpgroup_tiles: false,
             bf16_handoffs: false,
             bf16_caches: false,
             strict_fp: false,

@@ -310,18 +310,59 @@ pub fn mma(
     }))
 }
 
-/// An `m × n` product as a grid of MMA tiles of `kind`, [`DOT_TILE`](super::expand::DOT_TILE)
-/// rows and columns, or [`Mma::M`] along a side that is a constant of at most [`Mma::M`] (a scan's
-/// 16 state rows: a 32-wide tile would multiply as much padding as data). One split loop over
-/// the tiles, `_t`, row blocks outer: a GPU program of several warps deals the tiles to its
-/// warps, a one-warp program and the host run them in order; each tile is a whole warp's, its
-/// lanes run it alike. Per output row
-/// `r` and column `c` of the whole product: `acc = Σ_(k < depth) a(r, k)·b(c, k)`, then
-/// `epilogue(r, c, acc)`, which may write only element `(r, c)`'s outputs. `a` is evaluated
-/// only for `r < m` and `b` only for `c < n` (see [`Mma`]). The grid and tile variables start
-/// with `_`.
+/// How [`mma_tiles`] cuts a product into tiles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tiling {
+    /// Tiles of one warp: [`DOT_TILE`](super::expand::DOT_TILE) rows and columns, or
+    /// [`Mma::M`] along a side that is a constant of at most [`Mma::M`] (a scan's 16 state
+    /// rows: a 32-wide tile would multiply as much padding as data).
+    #[default]
+    Warp,
+    /// Tiles of a warpgroup (sm_90a `wgmma` m64nN): [`Mma::WARPGROUP_ROWS`] rows, and columns
+    /// the least of 16, 32 and 64 that covers the side's upper bound (a `min` of a constant
+    /// bounds it); a product of at most [`Mma::M`] rows (a constant) keeps warp tiles. A
+    /// program of four warps runs a tile of 64 rows as one `wgmma` per depth step, other tiles as
+    /// `mma.sync`, one warp each.
+    Warpgroup,
+}
+
+impl Tiling {
+    /// Rows and columns of the tiles of an `m × n` product.
+    pub fn tile(self, m: &Expr, n: &Expr) -> (usize, usize) {
+        let small = |e: &Expr| matches!(e, Expr::I(x) if (1..=Mma::M as i64).contains(x));
+        let warp = |e: &Expr| {
+            if small(e) {
+                Mma::M
+            } else {
+                super::expand::DOT_TILE
+            }
+        };
+        match self {
+            Tiling::Warpgroup if !small(m) => {
+                let cols = match super::expand::bound(n) {
+                    Some(b) if b <= 16 => 16,
+                    Some(b) if b <= 32 => 32,
+                    _ => 64,
+                };
+                (Mma::WARPGROUP_ROWS, cols)
+            }
+            Tiling::Warp | Tiling::Warpgroup => (warp(m), warp(n)),
+        }
+    }
+}
+
+/// An `m × n` product as a grid of MMA tiles of `kind`, shaped as `tiling` says. One split
+/// loop over the tiles, `_t`, row blocks outer: a GPU program of several warps deals warp
+/// tiles to its warps and runs warpgroup tiles with all of them, a one-warp program and the
+/// host run them in order; each tile is a whole warp's (or warpgroup's), its lanes run it
+/// alike. Per output row `r` and column `c` of the whole product: `acc = Σ_(k < depth)
+/// a(r, k)·b(c, k)`, then `epilogue(r, c, acc)`, which may write only element `(r, c)`'s
+/// outputs. `a` is evaluated only for `r < m` and `b` only for `c < n` (see [`Mma`]). The
+/// grid and tile variables start with `_`.
+#[allow(clippy::too_many_arguments)]
 pub fn mma_tiles(
     kind: MmaKind,
+    tiling: Tiling,
     m: Expr,
     n: Expr,
     depth: usize,
@@ -329,11 +370,7 @@ pub fn mma_tiles(
     b: &dyn Fn(Expr, Expr) -> Expr,
     epilogue: &dyn Fn(Expr, Expr, Expr) -> Vec<Stmt>,
 ) -> Stmt {
-    let side = |e: &Expr| match e {
-        Expr::I(x) if (1..=Mma::M as i64).contains(x) => Mma::M,
-        _ => super::expand::DOT_TILE,
-    };
-    let (tr, tc) = (side(&m), side(&n));
+    let (tr, tc) = tiling.tile(&m, &n);
     let (r, c) = (v("_mb") * i(tr) + v("_mi"), v("_nb") * i(tc) + v("_mj"));
     let tile = Stmt::Mma(Box::new(Mma {
         kind,

@@ -824,7 +824,16 @@ mod tests {
                 vec![st("y", [r * i(48) + c], acc * ld("g", [i(0)]))],
             )]
         };
-        let flat = crate::kernel::build::mma_tiles(MmaKind::F32, i(48), i(40), 16, &a, &b, &epi);
+        let flat = crate::kernel::build::mma_tiles(
+            MmaKind::F32,
+            crate::kernel::build::Tiling::Warp,
+            i(48),
+            i(40),
+            16,
+            &a,
+            &b,
+            &epi,
+        );
         // The same tiles as nested loops.
         let Stmt::For { body, .. } = &flat else {
             unreachable!()

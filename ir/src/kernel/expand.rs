@@ -158,6 +158,7 @@ fn dot_tiles(
 ) -> Vec<Stmt> {
     vec![mma_tiles(
         kind,
+        Tiling::Warp,
         m.clone(),
         n.clone(),
         depth,
@@ -294,6 +295,7 @@ pub fn attend_loops(a: &Attend) -> Vec<Stmt> {
         let_("nb", min(i(fk), a.keys.clone() - v("j0"))),
         mma_tiles(
             a.kind,
+            Tiling::Warp,
             a.m.clone(),
             v("nb"),
             qk,
@@ -305,6 +307,7 @@ pub fn attend_loops(a: &Attend) -> Vec<Stmt> {
         // Keys past the tile's last are clamped to it (their probabilities are zero).
         mma_tiles(
             a.kind,
+            Tiling::Warp,
             a.m.clone(),
             i(vw),
             fk,
@@ -449,7 +452,7 @@ fn constant(e: &Expr) -> Option<i64> {
 }
 
 /// An upper bound on `e`: a constant, or the least bound of a `min`'s operands.
-fn bound(e: &Expr) -> Option<i64> {
+pub(crate) fn bound(e: &Expr) -> Option<i64> {
     match e {
         Expr::Bin(BinOp::Min, a, b) => match (bound(a), bound(b)) {
             (Some(x), Some(y)) => Some(x.min(y)),

@@ -518,6 +518,8 @@ impl Mma {
     /// Row and column multiples of one `mma.sync` (m16n8).
     pub const M: usize = 16;
     pub const N: usize = 8;
+    /// Rows of a warpgroup tile (sm_90a `wgmma` m64nN: 16 rows per warp of four).
+    pub const WARPGROUP_ROWS: usize = 64;
 }
 
 impl Attend {

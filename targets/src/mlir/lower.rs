@@ -38,6 +38,7 @@ use crate::TargetError;
 
 pub mod attend;
 mod deal;
+pub mod group;
 mod mma;
 pub mod staged;
 pub mod warp_stage;
@@ -91,6 +92,9 @@ pub enum Flavor {
         wgmma: bool,
         shared_locals: Option<crate::nvptx::LocalsIn>,
         staging: usize,
+        /// Bytes of a program's warpgroup staging area ([`group`]: the B operands of its
+        /// `wgmma` tiles; 0: every tile runs on `mma.sync`).
+        group_staging: usize,
     },
     /// The host frame, with split loops and reductions run as `lanes` lanes would on a GPU:
     /// lane by lane (each lane's iterations as the GPU deals them), partials added in lane
@@ -133,6 +137,9 @@ struct Env<'c, 'a> {
     /// A warp program's MMA staging: the block's shared memory, the byte offset of this warp's
     /// staging area in it, and the area's bytes ([`warp_stage`]).
     warp_stage: Option<(Value<'c, 'a>, Value<'c, 'a>, usize)>,
+    /// A program's warpgroup staging area: the block's shared memory, the byte offset of the
+    /// area in it, and its bytes ([`group`]).
+    group_stage: Option<(Value<'c, 'a>, Value<'c, 'a>, usize)>,
     /// The kernel's `let` definitions (alignment proofs of staged operands).
     lets: std::rc::Rc<warp_stage::Lets>,
     /// Inside a lane's block of a blocked deal ([`deal`]): the values of this iteration's
@@ -240,14 +247,24 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
             warps,
             shared_locals,
             staging,
+            group_staging,
             ..
         } if lanes == crate::nvptx::WARP => {
             let locals = match shared_locals {
                 Some(LocalsIn::StaticShared | LocalsIn::DynamicShared) => per_program,
                 Some(LocalsIn::Scratch) | None => 0,
             };
-            // A program's slice: its locals, then each of its warps' staging areas.
-            let per_slice = (locals + warps as usize * staging).next_multiple_of(16);
+            // A program's slice: its locals, then each of its warps' staging areas, then its
+            // warpgroup staging area (`WarpLayout::slice_bytes`).
+            let layout = crate::nvptx::WarpLayout {
+                warps: block / lanes,
+                program_warps: warps,
+                locals: LocalsIn::Scratch,
+                locals_bytes: 0,
+                staging,
+                group_staging,
+            };
+            let per_slice = (layout.group_offset(locals) + group_staging).next_multiple_of(16);
             if warps > 1 && block != lanes * warps {
                 return Err(bug(format!(
                     "{what}: a program of {warps} warps must be its whole block, not {block} threads"
@@ -432,6 +449,36 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
         }
         _ => None,
     };
+    let group_stage = match (warp_base, flavor) {
+        (
+            Some(base),
+            Flavor::Gpu {
+                block,
+                lanes,
+                warps,
+                staging,
+                group_staging,
+                ..
+            },
+        ) if group_staging > 0 => {
+            let locals = warp_slice.map_or(0, |(_, _, locals)| locals);
+            let layout = crate::nvptx::WarpLayout {
+                warps: block / lanes,
+                program_warps: warps,
+                locals: LocalsIn::Scratch,
+                locals_bytes: 0,
+                staging,
+                group_staging,
+            };
+            let off = l.const_index(&entry, layout.group_offset(locals) as i64);
+            Some((
+                warp_smem.ok_or_else(|| bug(format!("{what}: group staging without a slice")))?,
+                l.op(&entry, "arith.addi", &[base, off], l.index, false),
+                group_staging,
+            ))
+        }
+        _ => None,
+    };
     for (name, elem, len, offset) in &layout {
         let ty = MemRefType::new(l.elem(*elem), &[*len as i64], None, space);
         let value: Value = match scratch_base {
@@ -487,6 +534,7 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
                 _ => None,
             },
             warp_stage,
+            group_stage,
             lets: std::rc::Rc::new(warp_stage::lets(k)),
             blocked: None,
         };
@@ -850,9 +898,18 @@ impl<'c> Lower<'c> {
                 let starts = inits.clone();
                 // A split tile loop (independent tensor-core tiles, `build::mma_tiles`): a warp
                 // program runs its tiles in order; a program of several warps deals them to its
-                // warps (tile `t` to warp `t mod warps`), block barriers around.
+                // warps (tile `t` to warp `t mod warps`), block barriers around, or runs them
+                // in order with all its warps when they are warpgroup tiles.
                 if *split && carried.is_empty() && l.gpu && l.lanes > 1 && !l.in_split && tile_loop(body) {
+                    // Warpgroup tiles (sm_90a `wgmma`, [`group`]) are each all the warps'.
+                    let group = l.wgmma
+                        && l.warps > 1
+                        && env.group_stage.is_some()
+                        && body
+                            .iter()
+                            .any(|s| matches!(s, Stmt::Mma(m) if group::group_tile(m)));
                     let (start, step, inner) = match env.warp {
+                        Some(_) if group => (lo, l.const_index(blk, 1), Lower { ..l }),
                         Some(w) if l.warps > 1 => {
                             l.warp_sync(blk);
                             (

@@ -430,6 +430,7 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
             |x: &str, keep: fn(Expr, Expr) -> Expr, store: &dyn Fn(Expr, Expr, Expr) -> Stmt| {
                 mma_tiles(
                     MmaKind::F32,
+                    cx.tiling(),
                     v("l"),
                     v("l"),
                     dk,
@@ -520,6 +521,7 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
             });
             let product = mma_tiles(
                 MmaKind::F32,
+                cx.tiling(),
                 v("l"),
                 min(i(RHS_COLS), i(width) - v("cb") * i(RHS_COLS)),
                 c_n,
@@ -757,6 +759,7 @@ fn scan(
         chunk.extend([
             mma_tiles(
                 MmaKind::F32,
+                cx.tiling(),
                 i(bv),
                 v("l"),
                 dk,
@@ -803,6 +806,7 @@ fn scan(
     chunk.extend([
         mma_tiles(
             MmaKind::F32,
+            cx.tiling(),
             v("l"),
             i(bv),
             dk,
@@ -812,6 +816,7 @@ fn scan(
         ),
         mma_tiles(
             MmaKind::F32,
+            cx.tiling(),
             v("l"),
             i(bv),
             c_n,
@@ -854,6 +859,7 @@ fn scan(
     ));
     chunk.push(mma_tiles(
         MmaKind::F32,
+        cx.tiling(),
         i(bv),
         i(dk),
         c_n,

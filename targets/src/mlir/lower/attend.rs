@@ -417,7 +417,7 @@ impl<'c> Lower<'c> {
                         )
                     })
                     .collect();
-                flat = self.wgmma_rs(&body, fk, &flat, &steps, what)?;
+                flat = self.wgmma_rs(&body, MmaKind::Bf16, fk, &flat, &steps, what)?;
             } else if resident {
                 for (ks, qa) in q.iter().enumerate() {
                     let e0 = bx(ks * 16);
@@ -533,7 +533,7 @@ impl<'c> Lower<'c> {
                         )
                     })
                     .collect();
-                acc = self.wgmma_rs(&body, vw, &acc, &steps, what)?;
+                acc = self.wgmma_rs(&body, MmaKind::Bf16, vw, &acc, &steps, what)?;
             }
             let value_base = bint(
                 "arith.addi",
@@ -627,7 +627,7 @@ impl<'c> Lower<'c> {
             let off = self.op(b, "arith.muli", &[e0, bytes], self.i64, false);
             let at = self.op(b, "arith.addi", &[addr, off], self.i64, false);
             let desc = self.wgmma_descriptor(b, at, core_sbo(a.qk));
-            return self.wgmma_rs(b, KEY_TILE, s, &[(qa, desc)], what);
+            return self.wgmma_rs(b, MmaKind::Bf16, KEY_TILE, s, &[(qa, desc)], what);
         }
         let attrs = self.mma_attrs(MmaKind::Bf16)?;
         let two = self.const_index(b, 2);
@@ -653,7 +653,7 @@ impl<'c> Lower<'c> {
     }
 
     /// [`core_pair`] of word `p` of a `depth`-deep operand, as index values.
-    fn core_pair_at<'b>(
+    pub(super) fn core_pair_at<'b>(
         &self,
         b: &'b Block<'c>,
         p: Value<'c, '_>,
@@ -671,25 +671,36 @@ impl<'c> Lower<'c> {
         (row, int("arith.addi", first, int("arith.remui", w, bx(4))))
     }
 
-    /// A warpgroup's `acc + Σ_s A_s B_s` by `wgmma.mma_async` m64n`n`k16 (bf16 operands, f32
-    /// accumulators), one step per `(a, b)` of `steps`: A from registers (the lane's 4 bf16
-    /// pairs of the m16n8k16 A fragment of its warp's 16 rows: a warpgroup's m64 A fragment is
-    /// its 4 warps' stacked), B (`n` × 16, K-major) through the shared-memory descriptor `b`.
+    /// A warpgroup's `acc + Σ_s A_s B_s` by `wgmma.mma_async` m64n`n` (f32 accumulators), one
+    /// step per `(a, b)` of `steps`: A from registers (the lane's 4 registers of the m16n8
+    /// A fragment of its warp's 16 rows: a warpgroup's m64 A fragment is its 4 warps'
+    /// stacked), B (`n` × the step's depth, K-major) through the shared-memory descriptor
+    /// `b`. `kind`: [`MmaKind::Bf16`], k16 steps of bf16 pairs; the TF32 kinds, k8 steps of
+    /// one TF32 a register (B read as TF32: the low 13 mantissa bits ignored).
     /// `acc`: the lane's `n / 2` accumulators, in the order of `n / 8` m16n8 C fragments
     /// (the m64nN accumulator layout per warp). One inline-asm statement: `wgmma.fence`, the
     /// chained MMAs, commit and wait, so the outputs are complete when it returns.
     pub(super) fn wgmma_rs<'b>(
         &self,
         body: &'b Block<'c>,
+        kind: MmaKind,
         n: usize,
         acc: &[Value<'c, '_>],
         steps: &[(&[Value<'c, '_>], Value<'c, '_>)],
         what: &str,
     ) -> R<Vec<Value<'c, 'b>>> {
         let na = acc.len();
+        // Shape, operand types, and the immediates after the scale-d predicate (scale A and B,
+        // and for 16-bit types B's transpose: none, B is K-major).
+        let (shape, types, imms) = match kind {
+            MmaKind::Bf16 => (format!("m64n{n}k16"), "f32.bf16.bf16", "1, 1, 0"),
+            MmaKind::Tf32x3 | MmaKind::Tf32 | MmaKind::F32 => {
+                (format!("m64n{n}k8"), "f32.tf32.tf32", "1, 1")
+            }
+        };
         if na != n / 2 || steps.iter().any(|(a, _)| a.len() != 4) {
             return Err(bug(format!(
-                "{what}: wgmma m64n{n}k16 takes {} accumulators and 4 A registers a step",
+                "{what}: wgmma {shape} takes {} accumulators and 4 A registers a step",
                 n / 2
             )));
         }
@@ -703,7 +714,7 @@ impl<'c> Lower<'c> {
                 .map(|i| format!("${}", first_a + 4 * s + i))
                 .collect();
             asm += &format!(
-                "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.bf16.bf16 {{{}}}, {{{}}}, ${}, p, 1, 1, 0;\n",
+                "wgmma.mma_async.sync.aligned.{shape}.{types} {{{}}}, {{{}}}, ${}, p, {imms};\n",
                 d.join(", "),
                 r.join(", "),
                 first_desc + s

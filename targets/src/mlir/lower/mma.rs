@@ -86,6 +86,10 @@ impl<'c> Lower<'c> {
                 "{what}: an mma tile needs a whole warp (GPU program of 32 lanes, outside split loops)"
             )));
         }
+        // In a program of several warps, a tile not dealt to one warp is all of theirs.
+        if self.warps > 1 && !self.in_tiles {
+            return self.group_mma(blk, env, mma, what, line);
+        }
         let lane = env
             .lane
             .ok_or_else(|| bug(format!("{what}: mma: no lane id")))?;
