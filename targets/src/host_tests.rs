@@ -579,6 +579,73 @@ fn mma_tiles_assemble_for_both_gpus() {
     }
 }
 
+/// A 64-row TF32 tile (a warpgroup tile) that one warp runs is lowered as its 32-row blocks
+/// ([`crate::mlir::lower::row_blocks`]): the blocks compute what the whole tile does (the
+/// host runs both forms; rows 0..70, so the last program's second block is partial and a
+/// third program has no second block), and the one-warp sm_90a program assembles as `mma.sync`
+/// without spills.
+#[test]
+fn warpgroup_tiles_in_one_warp_run_in_row_blocks() {
+    use crate::host::build_library_with_progress;
+    use crate::mlir::Flavor;
+    use crate::Target;
+    use lamina_ir::kernel::{Elem, MmaKind, Stmt};
+    let (rows, cols, depth) = (70usize, 24usize, 37usize);
+    let whole = sized_mma_kernel([64, 64], cols, depth, MmaKind::F32, Elem::F32);
+    let split = {
+        let mut k = whole.clone();
+        let last = k.body.pop().unwrap();
+        let Stmt::Mma(tile) = &last else {
+            panic!("no tile")
+        };
+        k.body
+            .extend(crate::mlir::lower::row_blocks(tile).expect("a 64-row f32 tile splits"));
+        k
+    };
+    lamina_ir::kernel::verify::verify_kernel(&split).unwrap();
+    let x: Vec<f32> = (0..rows * depth)
+        .map(|p| ((p * 7919) % 1013) as f32 / 377.0 - 1.3)
+        .collect();
+    let w: Vec<f32> = (0..cols * depth)
+        .map(|p| ((p * 104729) % 997) as f32 / 411.0 - 1.1)
+        .collect();
+    let bias: Vec<f32> = (0..cols).map(|c| c as f32 / 8.0).collect();
+    let run = |k: &Kernel| {
+        let dir = tempfile::tempdir().unwrap();
+        let so = dir.path().join("kernels.so");
+        build_library_with_progress(
+            std::slice::from_ref(k),
+            &so,
+            Flavor::HostStrict,
+            None,
+            &|_, _| {},
+        )
+        .unwrap();
+        let lib = unsafe { libloading::Library::new(&so) }.unwrap();
+        let (mut x, mut w, mut bias) = (x.clone(), w.clone(), bias.clone());
+        let mut y = vec![f32::NAN; rows * cols];
+        call(
+            &lib,
+            "mma_tile",
+            &mut [&mut x, &mut w, &mut bias, &mut y],
+            rows as i64,
+            0,
+            rows.div_ceil(64) as i64,
+        );
+        y
+    };
+    let (a, b) = (run(&whole), run(&split));
+    assert!(a.iter().all(|v| v.is_finite()));
+    assert_eq!(a, b);
+    let (ptx, _) = crate::nvptx::compile_ptx(std::slice::from_ref(&whole), Target::Sm90a).unwrap();
+    assert_eq!(crate::nvptx::program_warps(&whole, Target::Sm90a), 1);
+    assert!(ptx.contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"));
+    assert!(!ptx.contains("wgmma"));
+    if let Some(res) = assembled(&ptx, Target::Sm90a, "a one-warp warpgroup tile") {
+        assert_eq!(res[0].spill_stores + res[0].spill_loads, 0, "spills");
+    }
+}
+
 /// A warp's share of a dealt reduction that reads nothing contiguously (here a strided row)
 /// runs [`crate::mlir::lower::REDUCE_UNROLL`] iterations per trip, each one's load issued
 /// before the first add (so the warp keeps that many loads in flight per lane), then the

@@ -201,8 +201,9 @@ impl WarpLayout {
     }
 
     /// Byte offset in a program's slice of its warpgroup staging area, after `locals` bytes
-    /// of locals and its warps' staging areas (1 KiB aligned, as `wgmma` descriptors want
-    /// their operands at least 16-byte aligned and bank rows start there).
+    /// of locals and its warps' staging areas, rounded up to 128 bytes (a core matrix) from
+    /// the slice's start: 16-byte aligned in shared memory, as `wgmma` descriptors without
+    /// swizzle need (a swizzled layout would need 512 to 1024).
     pub fn group_offset(&self, locals: usize) -> usize {
         let end = locals + self.program_warps as usize * self.staging;
         if self.group_staging > 0 {
@@ -269,9 +270,10 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
     let expanded = expand_tiles(&dots_on_tensor_cores(k));
     let locals = crate::mlir::lower::local_layout(&expanded).1;
     let quarter = SHARED_LOCALS_BUDGET / (BLOCK / WARP) as usize;
-    // Stages of the largest tile that fit `area` bytes (0 when fewer than the minimum do).
-    let staging = |area: usize, locals_global: bool| {
-        let stage = kernel_stage_bytes(&expanded, locals_global);
+    // Stages of the largest tile that fit `area` bytes (0 when fewer than the minimum do); with
+    // `groups_apart`, of the largest but warpgroup tiles (which stage in their own area).
+    let staging_of = |area: usize, locals_global: bool, groups_apart: bool| {
+        let stage = kernel_stage_bytes(&expanded, locals_global, groups_apart);
         let n = stages(area / 16 * 16, stage);
         if stage > 0 && n >= MIN_STAGES {
             n * stage
@@ -279,11 +281,16 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
             0
         }
     };
+    let staging = |area: usize, locals_global: bool| staging_of(area, locals_global, false);
     let warps = BLOCK / WARP;
     let one = one_warp_layout(locals, warps, target, &staging);
     if tile_program(&expanded) {
-        // One program to a block, its warps sharing its locals and each staging its own tiles:
-        // static shared memory when it all fits, else dynamic, else the locals in scratch.
+        // One program to a block, its warps sharing its locals and each staging its own tiles
+        // (but sm_90a's warpgroup tiles, [`with_group_staging`]): static shared memory when it
+        // all fits, else dynamic, else the locals in scratch.
+        let groups = target == Target::Sm90a
+            && crate::mlir::lower::group::staging_bounds(&expanded).is_some();
+        let staging = |area: usize, locals_global: bool| staging_of(area, locals_global, groups);
         let staged = staging(quarter, false);
         let layout = |locals_in| WarpLayout {
             warps: PROGRAM_WARPS,

@@ -189,7 +189,20 @@ fn gpu_artifact() {
     assert!(err.contains("sm_90a") && err.contains("host"), "{err}");
     // The chunked recurrence's kernels keep their locals in dynamic shared memory: the plan
     // records the bytes (and the block the slices were laid out for), the PTX addresses the
-    // module's external shared array.
+    // module's external shared array. (The tiny model's fit static shared memory on sm_90a,
+    // where the scans' warpgroup tiles need no per-warp staging: this checks its sm_80 plan.)
+    let out = dir.path().join("b");
+    let o = cli(&[
+        "build",
+        example.to_str().unwrap(),
+        "--target",
+        "sm_80",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ptx = std::fs::read_to_string(out.join(lamina_ir::plan::PTX_FILE)).unwrap();
+    let plan = lamina_ir::plan::Plan::load(&out).unwrap();
     let dynamic: Vec<_> = plan
         .kernels
         .iter()
@@ -1247,10 +1260,11 @@ fn decode_steps_fuse_sibling_launches() {
 
 /// The chunked recurrences' scans (one program per head and 16-row state block, walking the
 /// chunks in order, so their latency bounds the prefill) are programs of 4 warps on both
-/// targets: the tiles of each product are dealt to the warps (`build::mma_tiles`' split tile
-/// loop), the parallel copies to all 128 lanes, and the warps meet at block barriers
-/// (`bar.sync 0`) where a one-warp program has warp barriers; inside their own tiles the warps
-/// keep warp barriers; the products over the 16 state rows are 16-row or 16-column tiles.
+/// targets: on sm_80 the tiles of each product are dealt to the warps (`build::mma_tiles`'
+/// split tile loop), on sm_90a each is a warpgroup tile (`wgmma`, all 4 warps); the parallel
+/// copies go to all 128 lanes, and the warps meet at block barriers (`bar.sync 0`) where a
+/// one-warp program has warp barriers; inside their own tiles sm_80's warps keep warp
+/// barriers; the products' columns are the 16 state columns (16-column tiles).
 /// One program to a block, its locals and the 4 warps' staging areas in
 /// shared memory (on sm_80 too, where one-warp scans kept their locals in scratch), no spills.
 /// The chunk kernels are programs of 4 warps on sm_90a too (locals in shared memory, more warps
@@ -1276,15 +1290,17 @@ fn scans_deal_their_tiles_to_four_warps() {
                 .map(|k| (*k).clone())
                 .collect();
             assert_eq!(scans.len(), 1, "{example}");
-            // The products over the 16 state rows are 16-row (or 16-column) tiles: a 32-wide
-            // tile would multiply as much padding as data. Those over the chunk's rows are
-            // 32-row warp tiles on sm_80 and 64-row warpgroup tiles on sm_90a.
+            // Every product has the 16 state columns as its columns, 16-column tiles (a 32-wide
+            // tile would multiply as much padding as data), and the chunk's rows or the key
+            // width as its rows: 32-row warp tiles on sm_80, 64-row warpgroup tiles on sm_90a.
             let text = lamina_ir::kernel::print::print_kernel(&scans[0]);
-            assert!(!text.contains("32x32 tile"), "{example}: {text}");
             let rows = if target == Target::Sm90a { 64 } else { 32 };
-            assert!(
-                text.contains("16x32 tile") && text.contains(&format!("{rows}x16 tile")),
-                "{example} {target}"
+            let tiles: Vec<_> = text.match_indices(" tile, ").collect();
+            assert!(!tiles.is_empty(), "{example} {target}");
+            assert_eq!(
+                text.matches(&format!("{rows}x16 tile")).count(),
+                tiles.len(),
+                "{example} {target}: {text}"
             );
             // The chunk kernels take 4 warps a program where their locals then stay in shared
             // memory with at least as many warps an SM and they store only in split loops and
@@ -1319,10 +1335,16 @@ fn scans_deal_their_tiles_to_four_warps() {
                 body.contains("bar.sync \t0;"),
                 "{example} {target}: no block barrier"
             );
-            assert!(
-                body.contains("bar.warp.sync"),
-                "{example} {target}: no warp barrier"
-            );
+            // sm_80: warp tiles with warp barriers inside; sm_90a: warpgroup tiles alone.
+            if target == Target::Sm90a {
+                assert!(body.contains("k8.f32.tf32.tf32"), "{example} {target}");
+                assert!(!body.contains("mma.sync"), "{example} {target}");
+            } else {
+                assert!(
+                    body.contains("bar.warp.sync"),
+                    "{example} {target}: no warp barrier"
+                );
+            }
             for r in nvptx::ptxas(&ptx, target).unwrap() {
                 assert_eq!(r.spill_stores + r.spill_loads, 0, "{example} {target}");
                 let dynamic = launch.dynamic_shared_bytes;

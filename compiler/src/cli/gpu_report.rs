@@ -71,10 +71,17 @@ pub fn gpu_report(
          stage aligned global operands in the warp's slice of shared memory by cp.async; \
          locals too large for static shared memory in dynamic shared memory, 2 or 4 warps to a \
          block, smem marked *, else in the scratch buffer; the recurrences' scans: 4 warps a \
-         program, their tiles dealt to the warps) or per thread, {} threads per block \
+         program, {}) or per thread, {} threads per block \
          otherwise; weights bf16, state f32, activations f32 but those only GEMMs read (bf16, `_bf16<param>`); \
          projections (linear_mma_*) on tensor cores with bf16 operands: {}",
         staged::LANES / nvptx::WARP,
+        match target {
+            Target::Sm90a => {
+                "as the chunk kernels; their 64-row f32 products as 3xTF32 wgmma m64nNk8, B \
+                 staged in a warpgroup area"
+            }
+            _ => "their tiles (3xTF32 mma.sync m16n8k8) dealt to the warps",
+        },
         nvptx::BLOCK,
         match target {
             Target::Sm90a => "prefill wgmma m64n64k16 from shared memory, decode mma.sync m16n8k16",

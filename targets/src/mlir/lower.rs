@@ -40,6 +40,8 @@ pub mod attend;
 mod deal;
 pub mod group;
 mod mma;
+#[cfg(test)]
+pub(crate) use mma::row_blocks;
 pub mod staged;
 pub mod warp_stage;
 pub use mma::{a_fragment, b_fragment, c_fragment};

@@ -753,19 +753,20 @@ fn scan(
         let_("l", min(i(c_n), rows() - v("c0"))),
     ];
     // u = U − W S (delta rule) or U, transposed: ut[jj, x], zero past the chunk (the products
-    // below run over the whole chunk).
+    // below run over the whole chunk). Every product has the chunk's rows or the key width
+    // as its rows and the state columns as its columns: 64-row warpgroup tiles on sm_90a.
     let u_at = |jj: Expr, x: Expr| ld("u", [row(x), hv(jj)]);
     if sh.delta {
         chunk.extend([
             mma_tiles(
                 MmaKind::F32,
                 cx.tiling(),
-                i(bv),
                 v("l"),
+                i(bv),
                 dk,
-                &|jj, c| ld("sl", [jj * i(dk) + c]),
                 &|x, c| ld("w", [row(x), hk(c)]),
-                &|jj, x, acc| {
+                &|jj, c| ld("sl", [jj * i(dk) + c]),
+                &|x, jj, acc| {
                     vec![st(
                         "ut",
                         [jj.clone() * i(c_n) + x.clone()],
@@ -860,12 +861,12 @@ fn scan(
     chunk.push(mma_tiles(
         MmaKind::F32,
         cx.tiling(),
-        i(bv),
         i(dk),
+        i(bv),
         c_n,
-        &|jj, x| ld("ut", [jj * i(c_n) + x]),
         &|c, x| ld("kdt", [c * i(TRANSPOSED_LD) + x]),
-        &|jj, c, acc| {
+        &|jj, x| ld("ut", [jj * i(c_n) + x]),
+        &|c, jj, acc| {
             let q = jj * i(dk) + c.clone();
             vec![st(
                 "sl",

@@ -360,6 +360,17 @@ mod tests {
         }
     }
 
+    /// The lowering maps staging words with the attention blocks' `core_pair` of twice the
+    /// slab (a TF32 core matrix is a bf16 one's shape in 32-bit words): the same as [`word`].
+    #[test]
+    fn staging_words_are_attention_core_pairs() {
+        for slab in [8, 16, 24, 32] {
+            for p in 0..64 * slab {
+                assert_eq!(super::super::attend::core_pair(2 * slab, p), word(slab, p));
+            }
+        }
+    }
+
     /// Each warp's lanes hold its 16 rows' A fragment of one 8-deep step once: rows 16w + g
     /// (+ 8), depth t (+ 4).
     #[test]

@@ -58,6 +58,47 @@ pub fn a_fragment(kind: MmaKind, g: usize, t: usize, reg: usize, h: usize) -> (u
     )
 }
 
+/// Rows of the tiles a warp runs whole: taller TF32 tiles (warpgroup tiles, 64 rows) run
+/// as blocks of this many rows ([`row_blocks`]).
+const WARP_ROWS: usize = lamina_ir::kernel::expand::DOT_TILE;
+
+/// A TF32 tile of more than [`WARP_ROWS`] rows as its blocks of [`WARP_ROWS`] rows, each
+/// `if (32b < m) { mma … }` with the block's row `i` read as `i + 32b` in the operand and the
+/// epilogue; `None` for other tiles (and when the epilogue rebinds the row's name).
+pub(crate) fn row_blocks(mma: &Mma) -> Option<Vec<lamina_ir::kernel::Stmt>> {
+    use lamina_ir::kernel::build::{i, lt, min, v};
+    use lamina_ir::kernel::Stmt;
+    fn binds(b: &[Stmt], name: &str) -> bool {
+        b.iter().any(|s| match s {
+            Stmt::Let(n, _) => n == name,
+            Stmt::If { then, .. } => binds(then, name),
+            _ => false,
+        })
+    }
+    if mma.rows <= WARP_ROWS || mma.kind == MmaKind::Bf16 || binds(&mma.epilogue, &mma.i) {
+        return None;
+    }
+    let blocks = (0..mma.rows.div_ceil(WARP_ROWS)).map(|b| {
+        let shift = [(mma.i.as_str(), v(&mma.i) + i(b * WARP_ROWS))];
+        let block = Mma {
+            rows: WARP_ROWS,
+            m: min(i(WARP_ROWS), mma.m.clone() - i(b * WARP_ROWS)),
+            a: mma.a.substitute(&shift),
+            epilogue: mma
+                .epilogue
+                .iter()
+                .map(|s| s.rewrite(&mut |e| e.substitute(&shift), &|n| n.to_string()))
+                .collect(),
+            ..mma.clone()
+        };
+        Stmt::If {
+            cond: lt(i(b * WARP_ROWS), mma.m.clone()),
+            then: vec![Stmt::Mma(Box::new(block))],
+        }
+    });
+    Some(blocks.collect())
+}
+
 /// `(column, k)` of B-fragment register `reg` (0..2), element `h`: column `g`, register 1 half
 /// the depth further along `k`.
 pub fn b_fragment(kind: MmaKind, g: usize, t: usize, reg: usize, h: usize) -> (usize, usize) {
@@ -89,6 +130,13 @@ impl<'c> Lower<'c> {
         // In a program of several warps, a tile not dealt to one warp is all of theirs.
         if self.warps > 1 && !self.in_tiles {
             return self.group_mma(blk, env, mma, what, line);
+        }
+        // A warpgroup tile that one warp runs (a one-warp program, or one without a warpgroup
+        // staging area): its 32-row blocks one after the other, as warp tiles (a 64-row TF32x3
+        // tile's fragments and accumulators would not fit a lane's registers).
+        if let Some(blocks) = row_blocks(mma) {
+            let mut env2 = env.clone();
+            return self.block(blk, &mut env2, &blocks, what, line);
         }
         let lane = env
             .lane

@@ -262,8 +262,9 @@ pub fn stages(area: usize, stage: usize) -> usize {
 
 /// Shared-memory bytes of one stage of the largest MMA of a warp program of `k` (tiles
 /// expanded, products on tensor cores); `locals_global`: its locals live in the scratch buffer
-/// (so they can be staged), rather than in shared memory.
-pub fn kernel_stage_bytes(k: &Kernel, locals_global: bool) -> usize {
+/// (so they can be staged), rather than in shared memory; `groups_apart`: warpgroup tiles
+/// ([`super::group`]) have their own staging area and are left out.
+pub fn kernel_stage_bytes(k: &Kernel, locals_global: bool, groups_apart: bool) -> usize {
     let locals = if locals_global {
         super::local_layout(k).0
     } else {
@@ -288,7 +289,9 @@ pub fn kernel_stage_bytes(k: &Kernel, locals_global: bool) -> usize {
     let lets = lets(k);
     let mut most = 0;
     visit_mmas(&k.body, &mut |m| {
-        most = most.max(stage_bytes(m, &lookup, &lets))
+        if !(groups_apart && super::group::group_tile(m)) {
+            most = most.max(stage_bytes(m, &lookup, &lets))
+        }
     });
     most
 }
