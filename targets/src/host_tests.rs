@@ -646,6 +646,61 @@ fn warpgroup_tiles_in_one_warp_run_in_row_blocks() {
     }
 }
 
+/// A program of 4 warps on sm_90a whose locals leave no room for a warpgroup staging area: its
+/// 64-row tiles are dealt to the warps as 32-row blocks, and the warps' `cp.async` staging is
+/// sized for them (not for the other tiles alone); it lowers and assembles without spills.
+#[test]
+fn warpgroup_tiles_without_an_area_are_dealt() {
+    use crate::nvptx::{self, LocalsIn};
+    use crate::Target;
+    use lamina_ir::kernel::MmaKind;
+    let (rows, cols, depth) = (128usize, 64usize, 128usize);
+    let big = (nvptx::dynamic_shared_budget(Target::Sm90a) - (2 << 10)) / 4;
+    let tile = mma_tiles(
+        MmaKind::F32,
+        Tiling::Warpgroup,
+        i(rows),
+        i(cols),
+        depth,
+        &|r, k| ld("x", [r, k]),
+        &|c, k| ld("w", [c, k]),
+        &|r, c, acc| {
+            vec![st(
+                "y",
+                [r.clone(), c.clone()],
+                acc + ld("buf", [r * i(cols) + c]),
+            )]
+        },
+    );
+    let kernel = Kernel {
+        name: "no_group_area".into(),
+        nodes: vec![],
+        grid: vec![Dim::N(1)],
+        params: vec![
+            input("x", &[Dim::N(rows), Dim::N(depth)]),
+            input("w", &[Dim::N(cols), Dim::N(depth)]),
+            output("y", &[Dim::N(rows), Dim::N(cols)]),
+        ],
+        body: vec![
+            local("buf", big),
+            for_par("q", i(0), i(big), vec![st("buf", [v("q")], f(0.5))]),
+            tile,
+        ],
+    };
+    let layout = nvptx::warp_layout(&kernel, Target::Sm90a).unwrap();
+    assert_eq!(layout.program_warps, 4);
+    assert_eq!(layout.group_staging, 0, "{layout:?}");
+    if layout.locals == LocalsIn::Scratch {
+        assert!(layout.staging > 0, "{layout:?}");
+    }
+    let (ptx, _) = nvptx::compile_ptx(std::slice::from_ref(&kernel), Target::Sm90a).unwrap();
+    assert!(!ptx.contains("wgmma"));
+    assert!(ptx.contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"));
+    if let Some(res) = assembled(&ptx, Target::Sm90a, "a warpgroup tile without an area") {
+        assert_eq!(res[0].spill_stores + res[0].spill_loads, 0, "spills");
+    }
+}
+
 /// A warp's share of a dealt reduction that reads nothing contiguously (here a strided row)
 /// runs [`crate::mlir::lower::REDUCE_UNROLL`] iterations per trip, each one's load issued
 /// before the first add (so the warp keeps that many loads in flight per lane), then the

@@ -290,31 +290,34 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
         // all fits, else dynamic, else the locals in scratch.
         let groups = target == Target::Sm90a
             && crate::mlir::lower::group::staging_bounds(&expanded).is_some();
-        let staging = |area: usize, locals_global: bool| staging_of(area, locals_global, groups);
-        let staged = staging(quarter, false);
-        let layout = |locals_in| WarpLayout {
-            warps: PROGRAM_WARPS,
-            program_warps: PROGRAM_WARPS,
-            locals: locals_in,
-            locals_bytes: locals,
-            staging: if locals_in == LocalsIn::Scratch {
-                staging(quarter, true)
-            } else {
-                staged
-            },
-            group_staging: 0,
+        let four = |groups: bool| {
+            let staging =
+                |area: usize, locals_global: bool| staging_of(area, locals_global, groups);
+            let staged = staging(quarter, false);
+            let layout = |locals_in| WarpLayout {
+                warps: PROGRAM_WARPS,
+                program_warps: PROGRAM_WARPS,
+                locals: locals_in,
+                locals_bytes: locals,
+                staging: if locals_in == LocalsIn::Scratch {
+                    staging(quarter, true)
+                } else {
+                    staged
+                },
+                group_staging: 0,
+            };
+            [LocalsIn::StaticShared, LocalsIn::DynamicShared]
+                .into_iter()
+                .map(layout)
+                .find(|l| {
+                    let budget = match l.locals {
+                        LocalsIn::StaticShared => SHARED_LOCALS_BUDGET,
+                        _ => dynamic_shared_budget(target),
+                    };
+                    l.slice_bytes() <= budget
+                })
+                .unwrap_or_else(|| layout(LocalsIn::Scratch))
         };
-        let four = [LocalsIn::StaticShared, LocalsIn::DynamicShared]
-            .into_iter()
-            .map(layout)
-            .find(|l| {
-                let budget = match l.locals {
-                    LocalsIn::StaticShared => SHARED_LOCALS_BUDGET,
-                    _ => dynamic_shared_budget(target),
-                };
-                l.slice_bytes() <= budget
-            })
-            .unwrap_or_else(|| layout(LocalsIn::Scratch));
         // A grid of constant axes (the scans: few programs, each walking every chunk) takes 4
         // warps a program whatever; others when their locals stay in shared memory and at
         // least as many warps fit an SM as with one warp a program.
@@ -322,11 +325,23 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
             .grid
             .iter()
             .all(|d| matches!(d, lamina_ir::kernel::Dim::N(_)));
-        if constant_grid
-            || (four.locals != LocalsIn::Scratch
-                && resident_warps(&four, target) >= resident_warps(&one, target))
-        {
-            return Some(with_group_staging(&expanded, four, target));
+        let takes = |l: &WarpLayout| {
+            constant_grid
+                || (l.locals != LocalsIn::Scratch
+                    && resident_warps(l, target) >= resident_warps(&one, target))
+        };
+        let apart = four(groups);
+        if takes(&apart) {
+            let l = with_group_staging(&expanded, apart, target);
+            if !groups || l.group_staging > 0 {
+                return Some(l);
+            }
+            // No room for a warpgroup area: the warpgroup tiles are dealt to the warps (as
+            // their 32-row blocks), so the warps' staging is sized for them too.
+            let l = four(false);
+            if takes(&l) {
+                return Some(l);
+            }
         }
     }
     Some(one)

@@ -320,7 +320,7 @@ pub enum Tiling {
     Warp,
     /// Tiles of a warpgroup (sm_90a `wgmma` m64nN): [`Mma::WARPGROUP_ROWS`] rows, and columns
     /// the least of 16, 32 and 64 that covers the side's upper bound (a `min` of a constant
-    /// bounds it); a product of at most [`Mma::M`] rows (a constant) keeps warp tiles. A
+    /// bounds it); a product of at most 32 rows (a constant bound) keeps warp tiles. A
     /// program of four warps runs a tile of 64 rows as one `wgmma` per depth step, other tiles as
     /// `mma.sync`, one warp each.
     Warpgroup,
@@ -338,7 +338,8 @@ impl Tiling {
             }
         };
         match self {
-            Tiling::Warpgroup if !small(m) => {
+            // Up to 32 rows (a constant bound) would be half padding or more as 64.
+            Tiling::Warpgroup if super::expand::bound(m).is_none_or(|b| b > 32) => {
                 let cols = match super::expand::bound(n) {
                     Some(b) if b <= 16 => 16,
                     Some(b) if b <= 32 => 32,

@@ -337,18 +337,21 @@ impl<'c> Lower<'c> {
         (!info.shared).then(|| (info.elem, info.strides.clone()))
     }
 
-    /// The operands of `mma` this warp program stages, when it has staging memory and at least
-    /// one operand qualifies.
+    /// The operands of `mma` this warp program stages, when it has staging memory, at least
+    /// one operand qualifies, and [`MIN_STAGES`] of them fit the area (else the fragments are
+    /// loaded from the operands directly).
     pub(super) fn warp_staged<'x>(
         &self,
         env: &Env<'c, '_>,
         mma: &'x Mma,
     ) -> Option<[Option<Stageable<'x>>; 2]> {
-        env.warp_stage?;
+        let (_, _, area) = env.warp_stage?;
         let lookup = |n: &str| self.global_buffer(env, n);
         let a = stageable(mma, &mma.a, &lookup, &env.lets);
         let b = stageable(mma, &mma.b, &lookup, &env.lets);
-        (a.is_some() || b.is_some()).then_some([a, b])
+        let stage =
+            (usize::from(a.is_some()) * mma.rows + usize::from(b.is_some()) * mma.cols) * ROW_BYTES;
+        (stage > 0 && stages(area, stage) >= MIN_STAGES).then_some([a, b])
     }
 
     /// Lowers `mma` for a warp program with the operands `copies` staged (see the module docs).
