@@ -648,17 +648,23 @@ fn chunked_recurrences_are_chunk_parallel_on_tensor_cores() {
         assert_eq!(nvptx::scratch_bytes(&chunk, Target::Sm90a), 0, "{example}");
         warpgroups_on_tf32_tensor_cores(&[chunk, scan]);
         // sm_80 plans keep warp tiles on `mma.sync`.
-        let (p80, _) =
-            lamina_compiler::build::compile_program(&m, gpu_options(Target::Sm80)).unwrap();
-        let kernels: Vec<_> = p80
-            .phase_kernels(Phase::Prefill)
-            .into_iter()
-            .filter(|k| ["_chunk64_", "_scan64_"].iter().any(|s| k.name.contains(s)))
-            .cloned()
-            .collect();
+        let kernels = chunked_recurrence_kernels(&m, gpu_options(Target::Sm80));
         assert_eq!(kernels.len(), 2, "{example}");
         warps_on_tf32_tensor_cores(&kernels, Target::Sm80);
     }
+}
+
+/// The chunked recurrences' prefill chunk and scan kernels of `m` built with `options`.
+fn chunked_recurrence_kernels(
+    m: &Model,
+    options: lamina_compiler::passes::Options,
+) -> Vec<lamina_ir::kernel::Kernel> {
+    let (p, _) = lamina_compiler::build::compile_program(m, options).unwrap();
+    p.phase_kernels(lamina_compiler::kernels::Phase::Prefill)
+        .into_iter()
+        .filter(|k| ["_chunk64_", "_scan64_"].iter().any(|s| k.name.contains(s)))
+        .cloned()
+        .collect()
 }
 
 /// Each of `kernels` (built for sm_90a: the chunked recurrences' products as 64-row warpgroup
@@ -867,7 +873,6 @@ fn decode_tiles_stage_weights_and_cache() {
 /// flash attention's products are bf16 whatever the option.)
 #[test]
 fn tf32_products_are_a_third_of_the_mmas() {
-    use lamina_compiler::kernels::Phase;
     let instr = "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32";
     for example in ["qwen3-next-80b-a3b.toml", "kimi-linear-48b-a3b.toml"] {
         let m = Model::open(&repo().join("examples").join(example)).unwrap();
@@ -877,13 +882,7 @@ fn tf32_products_are_a_third_of_the_mmas() {
                 bf16_handoffs: false,
                 ..gpu_options(Target::Sm80)
             };
-            let (p, _) = lamina_compiler::build::compile_program(&m, options).unwrap();
-            let kernels: Vec<_> = p
-                .phase_kernels(Phase::Prefill)
-                .into_iter()
-                .filter(|k| ["_chunk64_", "_scan64_"].iter().any(|s| k.name.contains(s)))
-                .cloned()
-                .collect();
+            let kernels = chunked_recurrence_kernels(&m, options);
             let (ptx, _) = nvptx::compile_ptx(&kernels, Target::Sm80).unwrap();
             (kernels, ptx.matches(instr).count())
         };
@@ -900,14 +899,7 @@ fn tf32_products_are_a_third_of_the_mmas() {
             bf16_handoffs: false,
             ..gpu_options(Target::Sm90a)
         };
-        let (p, _) = lamina_compiler::build::compile_program(&m, options).unwrap();
-        let kernels: Vec<_> = p
-            .phase_kernels(Phase::Prefill)
-            .into_iter()
-            .filter(|k| ["_chunk64_", "_scan64_"].iter().any(|s| k.name.contains(s)))
-            .cloned()
-            .collect();
-        warpgroups_on_tf32_tensor_cores(&kernels);
+        warpgroups_on_tf32_tensor_cores(&chunked_recurrence_kernels(&m, options));
     }
 }
 

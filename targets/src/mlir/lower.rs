@@ -266,7 +266,8 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
                 staging,
                 group_staging,
             };
-            let per_slice = (layout.group_offset(locals) + group_staging).next_multiple_of(16);
+            let group_at = layout.group_offset(locals);
+            let per_slice = (group_at + group_staging).next_multiple_of(16);
             if warps > 1 && block != lanes * warps {
                 return Err(bug(format!(
                     "{what}: a program of {warps} warps must be its whole block, not {block} threads"
@@ -283,17 +284,17 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
                     "{what}: {bytes} bytes of locals and staging per block, over the shared budget of {budget}"
                 )));
             }
-            (per_slice > 0).then_some((per_slice, bytes, locals))
+            (per_slice > 0).then_some((per_slice, bytes, locals, group_at))
         }
         _ => None,
     };
-    let shared_locals = warp_slice.is_some_and(|(_, _, locals)| locals > 0);
+    let shared_locals = warp_slice.is_some_and(|(_, _, locals, _)| locals > 0);
     // A block-cooperative program: its shared memory, a workgroup attribution (an entry-block
     // argument after the function's); or a warp program's slices, likewise.
     let staged_program = l.gpu && l.lanes == staged::LANES;
     let shared: Option<Type> = if dynamic_shared {
         None
-    } else if let Some((_, bytes, _)) = warp_slice {
+    } else if let Some((_, bytes, _, _)) = warp_slice {
         let space = staged::workgroup_space(ctx)?;
         Some(MemRefType::new(l.i8(), &[bytes as i64], None, Some(space)).into())
     } else if staged_program {
@@ -407,7 +408,7 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
         _ => None,
     };
     let warp_base = match (gpu_pid, warp_slice) {
-        (Some((_, Some(_))), Some((per_slice, _, _))) => {
+        (Some((_, Some(_))), Some((per_slice, _, _, _))) => {
             let tid = l.gpu_index(&entry, "gpu.thread_id")?;
             let threads = l.const_index(&entry, (l.lanes * l.warps) as i64);
             let slot = l.op(&entry, "arith.divui", &[tid, threads], l.index, false);
@@ -434,7 +435,7 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
     };
     let warp_stage = match (warp_base, flavor) {
         (Some(base), Flavor::Gpu { staging, .. }) if staging > 0 => {
-            let locals = warp_slice.map_or(0, |(_, _, locals)| locals);
+            let locals = warp_slice.map_or(0, |(_, _, locals, _)| locals);
             let off = l.const_index(&entry, locals as i64);
             let mut at = l.op(&entry, "arith.addi", &[base, off], l.index, false);
             // Each warp of a program stages its own tiles.
@@ -451,28 +452,11 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
         }
         _ => None,
     };
-    let group_stage = match (warp_base, flavor) {
-        (
-            Some(base),
-            Flavor::Gpu {
-                block,
-                lanes,
-                warps,
-                staging,
-                group_staging,
-                ..
-            },
-        ) if group_staging > 0 => {
-            let locals = warp_slice.map_or(0, |(_, _, locals)| locals);
-            let layout = crate::nvptx::WarpLayout {
-                warps: block / lanes,
-                program_warps: warps,
-                locals: LocalsIn::Scratch,
-                locals_bytes: 0,
-                staging,
-                group_staging,
-            };
-            let off = l.const_index(&entry, layout.group_offset(locals) as i64);
+    let group_stage = match (warp_base, warp_slice, flavor) {
+        (Some(base), Some((_, _, _, group_at)), Flavor::Gpu { group_staging, .. })
+            if group_staging > 0 =>
+        {
+            let off = l.const_index(&entry, group_at as i64);
             Some((
                 warp_smem.ok_or_else(|| bug(format!("{what}: group staging without a slice")))?,
                 l.op(&entry, "arith.addi", &[base, off], l.index, false),
