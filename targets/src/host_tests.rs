@@ -484,6 +484,20 @@ fn mma_tiles_compute_rounded_products_exactly() {
     }
 }
 
+/// Inputs of [`sized_mma_kernel`]: `x` `[rows, depth]` and `w` `[cols, depth]` of mixed signs
+/// that no short period repeats, and `bias` `[cols]`.
+fn mma_inputs(rows: usize, cols: usize, depth: usize) -> [Vec<f32>; 3] {
+    [
+        (0..rows * depth)
+            .map(|p| ((p * 7919) % 1013) as f32 / 377.0 - 1.3)
+            .collect(),
+        (0..cols * depth)
+            .map(|p| ((p * 104729) % 997) as f32 / 411.0 - 1.1)
+            .collect(),
+        (0..cols).map(|c| c as f32 / 8.0).collect(),
+    ]
+}
+
 fn check_mma_tile(kind: lamina_ir::kernel::MmaKind, depth: usize, tol: f64) {
     use crate::host::build_library_with_progress;
     use crate::mlir::Flavor;
@@ -491,13 +505,7 @@ fn check_mma_tile(kind: lamina_ir::kernel::MmaKind, depth: usize, tol: f64) {
     let (rows, cols) = (45usize, 21usize);
     let kernel = mma_kernel(cols, depth, kind);
     lamina_ir::kernel::verify::verify_kernel(&kernel).unwrap();
-    let mut x: Vec<f32> = (0..rows * depth)
-        .map(|p| ((p * 7919) % 1013) as f32 / 377.0 - 1.3)
-        .collect();
-    let mut w: Vec<f32> = (0..cols * depth)
-        .map(|p| ((p * 104729) % 997) as f32 / 411.0 - 1.1)
-        .collect();
-    let mut bias: Vec<f32> = (0..cols).map(|c| c as f32 / 8.0).collect();
+    let [mut x, mut w, mut bias] = mma_inputs(rows, cols, depth);
     let bf = |v: f32| match kind {
         MmaKind::Bf16 => half::bf16::from_f32(v).to_f32() as f64,
         MmaKind::Tf32x3 | MmaKind::F32 => v as f64,
@@ -603,13 +611,7 @@ fn warpgroup_tiles_in_one_warp_run_in_row_blocks() {
         k
     };
     lamina_ir::kernel::verify::verify_kernel(&split).unwrap();
-    let x: Vec<f32> = (0..rows * depth)
-        .map(|p| ((p * 7919) % 1013) as f32 / 377.0 - 1.3)
-        .collect();
-    let w: Vec<f32> = (0..cols * depth)
-        .map(|p| ((p * 104729) % 997) as f32 / 411.0 - 1.1)
-        .collect();
-    let bias: Vec<f32> = (0..cols).map(|c| c as f32 / 8.0).collect();
+    let [x, w, bias] = mma_inputs(rows, cols, depth);
     let run = |k: &Kernel| {
         let dir = tempfile::tempdir().unwrap();
         let so = dir.path().join("kernels.so");

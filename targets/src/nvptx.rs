@@ -201,16 +201,12 @@ impl WarpLayout {
     }
 
     /// Byte offset in a program's slice of its warpgroup staging area, after `locals` bytes
-    /// of locals and its warps' staging areas, rounded up to 128 bytes (a core matrix) from
-    /// the slice's start: 16-byte aligned in shared memory, as `wgmma` descriptors without
-    /// swizzle need (a swizzled layout would need 512 to 1024).
+    /// of locals and its warps' staging areas ([`group_area_at`]).
     pub fn group_offset(&self, locals: usize) -> usize {
-        let end = locals + self.program_warps as usize * self.staging;
-        if self.group_staging > 0 {
-            end.next_multiple_of(128)
-        } else {
-            end
-        }
+        group_area_at(
+            locals + self.program_warps as usize * self.staging,
+            self.group_staging,
+        )
     }
 
     /// Scratch bytes per program: the locals when they live in the scratch buffer.
@@ -232,6 +228,18 @@ impl WarpLayout {
     /// Shared memory of a block (static or dynamic): its programs' slices.
     pub fn block_shared_bytes(&self) -> usize {
         self.slice_bytes() * (self.warps / self.program_warps) as usize
+    }
+}
+
+/// Where a program's warpgroup staging area of `group_staging` bytes starts in its slice, after
+/// `end` bytes of locals and warp staging: rounded up to 128 bytes (a core matrix) from the
+/// slice's start when there is an area, which keeps it 16-byte aligned in shared memory, as
+/// `wgmma` descriptors without swizzle need (a swizzled layout would need 512 to 1024).
+pub fn group_area_at(end: usize, group_staging: usize) -> usize {
+    if group_staging > 0 {
+        end.next_multiple_of(128)
+    } else {
+        end
     }
 }
 
@@ -288,8 +296,9 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
         // One program to a block, its warps sharing its locals and each staging its own tiles
         // (but sm_90a's warpgroup tiles, [`with_group_staging`]): static shared memory when it
         // all fits, else dynamic, else the locals in scratch.
-        let groups = target == Target::Sm90a
-            && crate::mlir::lower::group::staging_bounds(&expanded).is_some();
+        let bounds = (target == Target::Sm90a)
+            .then(|| crate::mlir::lower::group::staging_bounds(&expanded))
+            .flatten();
         let four = |groups: bool| {
             let staging =
                 |area: usize, locals_global: bool| staging_of(area, locals_global, groups);
@@ -330,10 +339,12 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
                 || (l.locals != LocalsIn::Scratch
                     && resident_warps(l, target) >= resident_warps(&one, target))
         };
-        let apart = four(groups);
+        let apart = four(bounds.is_some());
         if takes(&apart) {
-            let l = with_group_staging(&expanded, apart, target);
-            if !groups || l.group_staging > 0 {
+            let Some(bounds) = bounds else {
+                return Some(apart);
+            };
+            if let Some(l) = with_group_staging(bounds, apart, target) {
                 return Some(l);
             }
             // No room for a warpgroup area: the warpgroup tiles are dealt to the warps (as
@@ -348,15 +359,16 @@ pub fn warp_layout(k: &Kernel, target: Target) -> Option<WarpLayout> {
 }
 
 /// `four` (a program of [`PROGRAM_WARPS`] warps) with a warpgroup staging area for its
-/// `wgmma` tiles on sm_90a ([`crate::mlir::lower::group`]): the largest of 4, 8 and 16 KiB (or
-/// the most its largest tile stages, its whole depth) that keeps the block within its shared
-/// budget and as many warps resident per SM as without it; at least one depth step of its
-/// widest tile. Without room even for that, its tiles stay on `mma.sync`.
-fn with_group_staging(k: &Kernel, four: WarpLayout, target: Target) -> WarpLayout {
-    use crate::mlir::lower::group;
-    let Some((least, most)) = group::staging_bounds(k).filter(|_| target == Target::Sm90a) else {
-        return four;
-    };
+/// `wgmma` tiles on sm_90a ([`crate::mlir::lower::group`]), `(least, most)` bytes as
+/// `group::staging_bounds` says: the largest of 16, 8 and 4 KiB (at most `most`) that keeps
+/// the block within its shared budget and as many warps resident per SM as without it, else
+/// `least` (one depth step of its widest tile) if that fits the budget; `None` if not even that
+/// does.
+fn with_group_staging(
+    (least, most): (usize, usize),
+    four: WarpLayout,
+    target: Target,
+) -> Option<WarpLayout> {
     // Static shared locals that no longer fit with the area move to dynamic shared memory.
     let with = |bytes: usize| {
         let mut l = WarpLayout {
@@ -373,18 +385,13 @@ fn with_group_staging(k: &Kernel, four: WarpLayout, target: Target) -> WarpLayou
         (l.slice_bytes() <= budget).then_some(l)
     };
     let resident = resident_warps(&four, target);
-    let sizes = [16 << 10, 8 << 10, 4 << 10]
+    [16 << 10, 8 << 10, 4 << 10]
         .into_iter()
         .map(|b: usize| b.min(most))
-        .filter(|&b| b >= least);
-    for bytes in sizes.chain([least]) {
-        if let Some(l) = with(bytes) {
-            if resident_warps(&l, target) >= resident || bytes == least {
-                return l;
-            }
-        }
-    }
-    four
+        .filter(|&b| b >= least)
+        .filter_map(with)
+        .find(|l| resident_warps(l, target) >= resident)
+        .or_else(|| with(least))
 }
 
 /// Warps of an SM's resident blocks by shared memory (at most 64).

@@ -110,9 +110,9 @@ pub struct Ctx<'g> {
     pub tensor_cores: bool,
     /// Chunked recurrences hand over bf16 (see `passes::Options::bf16_handoffs`).
     pub bf16_handoffs: bool,
-    /// The chunked recurrences' products as warpgroup tiles (see
-    /// `passes::Options::warpgroup_tiles`).
-    pub warpgroup_tiles: bool,
+    /// How the chunked recurrences cut their products into tensor-core tiles (warpgroup
+    /// tiles with `passes::Options::warpgroup_tiles`).
+    pub tiling: lamina_ir::kernel::build::Tiling,
     /// KV and latent caches hold bf16 (see `passes::Options::bf16_caches`).
     pub bf16_caches: bool,
     next_temp: std::cell::Cell<usize>,
@@ -139,7 +139,7 @@ impl<'g> Ctx<'g> {
             context,
             decode_splits: 1,
             tensor_cores: false,
-            warpgroup_tiles: false,
+            tiling: Default::default(),
             bf16_handoffs: false,
             bf16_caches: false,
             next_temp: std::cell::Cell::new(0),
@@ -156,15 +156,6 @@ impl<'g> Ctx<'g> {
         let v = self.temp(1);
         self.norm_inv.borrow_mut().insert(nm, v);
         (v, true)
-    }
-
-    /// How the chunked recurrences cut their products into tensor-core tiles.
-    pub fn tiling(&self) -> lamina_ir::kernel::build::Tiling {
-        if self.warpgroup_tiles {
-            lamina_ir::kernel::build::Tiling::Warpgroup
-        } else {
-            lamina_ir::kernel::build::Tiling::Warp
-        }
     }
 
     pub fn temp(&self, cols: usize) -> Value {

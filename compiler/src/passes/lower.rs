@@ -35,7 +35,9 @@ impl Pass for LowerToKernels {
             cx.decode_splits = o.decode_splits;
             cx.tensor_cores = o.tensor_cores;
             cx.bf16_handoffs = o.bf16_handoffs;
-            cx.warpgroup_tiles = o.warpgroup_tiles;
+            if o.warpgroup_tiles {
+                cx.tiling = lamina_ir::kernel::build::Tiling::Warpgroup;
+            }
             cx.bf16_caches = o.bf16_caches;
             let mut launches = Vec::new();
             for n in p.graph.schedule() {

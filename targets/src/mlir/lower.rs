@@ -258,15 +258,8 @@ pub fn lower_kernel<'c>(ctx: &'c Context, into: &Block<'c>, k: &Kernel, flavor: 
             };
             // A program's slice: its locals, then each of its warps' staging areas, then its
             // warpgroup staging area (`WarpLayout::slice_bytes`).
-            let layout = crate::nvptx::WarpLayout {
-                warps: block / lanes,
-                program_warps: warps,
-                locals: LocalsIn::Scratch,
-                locals_bytes: 0,
-                staging,
-                group_staging,
-            };
-            let group_at = layout.group_offset(locals);
+            let group_at =
+                crate::nvptx::group_area_at(locals + warps as usize * staging, group_staging);
             let per_slice = (group_at + group_staging).next_multiple_of(16);
             if warps > 1 && block != lanes * warps {
                 return Err(bug(format!(
@@ -895,8 +888,7 @@ impl<'c> Lower<'c> {
                             .iter()
                             .any(|s| matches!(s, Stmt::Mma(m) if group::group_tile(m)));
                     let (start, step, inner) = match env.warp {
-                        Some(_) if group => (lo, l.const_index(blk, 1), Lower { ..l }),
-                        Some(w) if l.warps > 1 => {
+                        Some(w) if l.warps > 1 && !group => {
                             l.warp_sync(blk);
                             (
                                 l.op(blk, "arith.addi", &[lo, w], l.index, false),

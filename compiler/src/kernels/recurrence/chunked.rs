@@ -430,7 +430,7 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
             |x: &str, keep: fn(Expr, Expr) -> Expr, store: &dyn Fn(Expr, Expr, Expr) -> Stmt| {
                 mma_tiles(
                     MmaKind::F32,
-                    cx.tiling(),
+                    cx.tiling,
                     v("l"),
                     v("l"),
                     dk,
@@ -521,7 +521,7 @@ fn chunks(cx: &Ctx, n: NodeIndex, io: &Operands, sh: &Shape, hand: &Handoff) -> 
             });
             let product = mma_tiles(
                 MmaKind::F32,
-                cx.tiling(),
+                cx.tiling,
                 v("l"),
                 min(i(RHS_COLS), i(width) - v("cb") * i(RHS_COLS)),
                 c_n,
@@ -760,7 +760,7 @@ fn scan(
         chunk.extend([
             mma_tiles(
                 MmaKind::F32,
-                cx.tiling(),
+                cx.tiling,
                 v("l"),
                 i(bv),
                 dk,
@@ -807,7 +807,7 @@ fn scan(
     chunk.extend([
         mma_tiles(
             MmaKind::F32,
-            cx.tiling(),
+            cx.tiling,
             v("l"),
             i(bv),
             dk,
@@ -817,7 +817,7 @@ fn scan(
         ),
         mma_tiles(
             MmaKind::F32,
-            cx.tiling(),
+            cx.tiling,
             v("l"),
             i(bv),
             c_n,
@@ -860,7 +860,7 @@ fn scan(
     ));
     chunk.push(mma_tiles(
         MmaKind::F32,
-        cx.tiling(),
+        cx.tiling,
         i(dk),
         i(bv),
         c_n,

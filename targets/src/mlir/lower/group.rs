@@ -10,8 +10,8 @@
 //!   fragments stacked), split into a TF32 head and tail as `mma.sync` tiles do.
 //! - B goes through shared memory, a slab of the depth at a time: the program's 128 threads
 //!   evaluate the slab's elements of `b`, split them, and store head and tail as two copies
-//!   of K-major core matrices (8 columns × 4 depth elements, 128 contiguous bytes; [`word`])
-//!   in the program's warpgroup staging area
+//!   of K-major core matrices (8 columns × 4 depth elements, 128 contiguous bytes; words in
+//!   `attend::core_pair`'s order) in the program's warpgroup staging area
 //!   ([`WarpLayout::group_staging`](crate::nvptx::WarpLayout)). After `fence.proxy.async` and
 //!   a block barrier, the slab's steps run as one chain of `wgmma`s, three per 8-deep step
 //!   (`lo·hi`, `hi·lo`, `hi·hi`, small terms first, as `mma.sync` tiles), each reading B
@@ -111,16 +111,6 @@ pub fn staging_bounds(k: &Kernel) -> Option<(usize, usize)> {
     Some((least, most))
 }
 
-/// `(column, k)` of word `p` of a slab `slab` deep staged as K-major core matrices: 32 words a
-/// core matrix (8 columns × 4 depth elements, a column's 4 words contiguous), the slab's
-/// `slab / 4` core matrices of 8 columns one after another along the depth, then the next 8
-/// columns. Consecutive threads store consecutive words.
-pub fn word(slab: usize, p: usize) -> (usize, usize) {
-    let (core, w) = (p / 32, p % 32);
-    let along = slab / 4;
-    (core / along * 8 + w / 4, core % along * 4 + w % 4)
-}
-
 impl<'c> Lower<'c> {
     /// Lowers warpgroup tile `mma` for a program of four warps (`env.lane` and `env.warp`
     /// bound, its warpgroup staging area in `env.group_stage`); see the module comment.
@@ -153,11 +143,7 @@ impl<'c> Lower<'c> {
                 mma.cols
             ))
         })?;
-        let kind = if mma.kind == MmaKind::F32 {
-            MmaKind::Tf32x3
-        } else {
-            mma.kind
-        };
+        let kind = mma.kind;
         let ix = |v: usize| self.const_index(blk, v as i64);
         let int = |name: &str, x: Value<'c, 'a>, y: Value<'c, 'a>| {
             self.op(blk, name, &[x, y], self.index, false)
@@ -205,7 +191,8 @@ impl<'c> Lower<'c> {
             for round in 0..words.div_ceil(THREADS) {
                 let p = bint("arith.addi", tid, bx(round * THREADS));
                 let store = |sb: &Block<'c>| -> R<()> {
-                    // A TF32 core matrix is a bf16 one's shape in words ([`word`]).
+                    // Word p's (column, k): a TF32 core matrix is a bf16 one's shape in
+                    // 32-bit words, so the attention blocks' pairs of a twice-as-deep slab.
                     let (col, k) = self.core_pair_at(sb, p, 2 * slab);
                     let col = self.op(sb, "arith.minui", &[col, n_last], self.index, false);
                     let k = self.op(sb, "arith.addi", &[k0, k], self.index, false);
@@ -338,15 +325,16 @@ mod tests {
         }
     }
 
-    /// Every (column, k) of a slab is one word, and each 8-column group's core matrices are
-    /// the descriptor's: word `(j, k)` at byte `(j / 8)·SBO + (k / 4)·128 + (j % 8)·16 +
-    /// (k % 4)·4`, SBO = slab / 4 core matrices.
+    /// Every (column, k) of a slab is one word of the staging ([`attend::core_pair`] of twice
+    /// the slab, as the lowering maps them), at the byte the descriptor addresses: `(j / 8)·SBO
+    /// + (k / 4)·128 + (j % 8)·16 + (k % 4)·4`, SBO = slab / 4 core matrices.
     #[test]
     fn staged_words_are_k_major_core_matrices() {
-        for (cols, slab) in [(8, 8), (16, 32), (64, 16), (32, 128)] {
+        use super::super::attend;
+        for (cols, slab) in [(8, 8), (16, 32), (64, 16), (32, 128), (64, 24)] {
             let mut seen = vec![0u8; cols * slab];
             for p in 0..cols * slab {
-                let (j, k) = word(slab, p);
+                let (j, k) = attend::core_pair(2 * slab, p);
                 assert!(
                     j < cols && k < slab,
                     "{cols}x{slab}: word {p} at ({j}, {k})"
@@ -357,17 +345,6 @@ mod tests {
                 assert_eq!(byte, 4 * p, "{cols}x{slab}: ({j}, {k})");
             }
             assert!(seen.iter().all(|&x| x == 1), "{cols}x{slab}");
-        }
-    }
-
-    /// The lowering maps staging words with the attention blocks' `core_pair` of twice the
-    /// slab (a TF32 core matrix is a bf16 one's shape in 32-bit words): the same as [`word`].
-    #[test]
-    fn staging_words_are_attention_core_pairs() {
-        for slab in [8, 16, 24, 32] {
-            for p in 0..64 * slab {
-                assert_eq!(super::super::attend::core_pair(2 * slab, p), word(slab, p));
-            }
         }
     }
 
